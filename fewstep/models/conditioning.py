@@ -1,0 +1,95 @@
+"""What a denoiser is conditioned on, as one batched container (DESIGN §3, "Conditioning").
+
+Fields are optional; each backbone adapter reads the ones its model takes. Batched fields have the batch as their
+first dimension; ``txt_ids``/``img_ids`` (Flux) and ``extra`` entries named in ``unbatched`` are shared.
+Prompt encoding with a pipeline's own encoders lives in ``fewstep.models.prompts``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_UNBATCHED = ("txt_ids", "img_ids")
+
+
+@dataclass
+class Conditioning:
+    prompt_embeds: Tensor | None = None  # [b, L, D] text tokens (SD1.5/SDXL/SD3/Flux)
+    pooled_prompt_embeds: Tensor | None = None  # [b, D] (SDXL text_embeds, SD3/Flux pooled)
+    time_ids: Tensor | None = None  # [b, 6] SDXL micro-conditioning
+    class_labels: Tensor | None = None  # [b] long, class-conditional models (null class for CFG)
+    guidance: Tensor | None = None  # [b] guidance-embedding input (Flux-dev style distilled guidance)
+    timestep_cond: Tensor | None = None  # [b, d] LCM guidance-scale embedding
+    txt_ids: Tensor | None = None  # [L, 3] Flux, shared across the batch
+    img_ids: Tensor | None = None  # [h·w, 3] Flux, shared across the batch
+    extra: dict[str, Any] = field(default_factory=dict)  # custom teachers: passed through as keyword arguments
+
+    def _map(self, fn_batched: Any, fn_shared: Any = None) -> Conditioning:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "extra":
+                out["extra"] = {k: fn_batched(t) if isinstance(t, Tensor) else t for k, t in v.items()}
+            elif v is None:
+                out[f.name] = None
+            elif f.name in _UNBATCHED:
+                out[f.name] = fn_shared(v) if fn_shared else v
+            else:
+                out[f.name] = fn_batched(v)
+        return Conditioning(**out)
+
+    @property
+    def batch_size(self) -> int | None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor) and f.name not in _UNBATCHED:
+                return v.shape[0]
+        return None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Move to a device; floating tensors also to ``dtype`` (labels and ids keep theirs)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+        return self._map(move, move)
+
+    def index(self, idx: Tensor | slice | int) -> Conditioning:
+        return self._map(lambda t: t[idx])
+
+    def repeat(self, n: int) -> Conditioning:
+        """Repeat every batched field ``n`` times along the batch (``repeat_interleave``)."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def detach(self) -> Conditioning:
+        return self._map(lambda t: t.detach(), lambda t: t.detach())
+
+    def replace(self, **changes: Any) -> Conditioning:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        """Concatenate along the batch (e.g. ``[uncond, cond]`` for one 2B CFG forward)."""
+        first = items[0]
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(first):
+            vals = [getattr(c, f.name) for c in items]
+            if f.name == "extra":
+                out["extra"] = {
+                    k: torch.cat([c.extra[k] for c in items]) if isinstance(v, Tensor) else v
+                    for k, v in first.extra.items()
+                }
+            elif all(v is None for v in vals):
+                out[f.name] = None
+            elif any(v is None for v in vals):
+                raise ValueError(f"Cannot batch conditionings where only some have {f.name!r}.")
+            elif f.name in _UNBATCHED:
+                out[f.name] = vals[0]
+            else:
+                out[f.name] = torch.cat(vals)
+        return Conditioning(**out)

@@ -1,0 +1,80 @@
+"""``Denoiser``: one backbone seen through the canonical parameterisation (DESIGN §3, STYLE 2).
+
+A backbone adapter (registered by name in ``BACKBONES``) knows one model family's call signature and output type:
+``adapter(backbone, x, timestep, cond) -> raw output`` with ``timestep = schedule.model_timestep(τ)``. The
+``Denoiser`` adds the schedule and prediction type, and converts the raw output to ``Prediction(x0, eps)``.
+Adapters for diffusers families live in ``fewstep.models.backbones``; a custom module uses ``"custom"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.noise.convert import Prediction, check_prediction_type, to_x0_eps
+from fewstep.noise.schedules import Schedule
+from fewstep.registry import Registry
+
+BackboneAdapter = Callable[[nn.Module, Tensor, Tensor, Conditioning], Tensor]
+BACKBONES: Registry[BackboneAdapter] = Registry("backbone adapter")
+
+
+@BACKBONES.register("custom")
+def custom_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """A user's module called as ``module(x, timestep, **cond.extra)`` (plus ``class_labels`` if given)."""
+    kwargs = dict(cond.extra)
+    if cond.class_labels is not None:
+        kwargs["class_labels"] = cond.class_labels
+    return backbone(x, timestep, **kwargs)
+
+
+class Denoiser(nn.Module):
+    """``denoise(x_τ, τ, cond) -> Prediction(x0, eps)`` for any registered backbone.
+
+    Args:
+        backbone: the network (a diffusers model or any ``nn.Module``).
+        schedule: the noise schedule it was trained with (``fewstep.noise``).
+        prediction_type: what the backbone outputs (``epsilon``, ``sample``, ``v_prediction``, ``flow``, ``trigflow``).
+        adapter: a name in ``BACKBONES`` or a callable ``(backbone, x, timestep, cond) -> output``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        schedule: Schedule,
+        prediction_type: str,
+        adapter: str | BackboneAdapter = "custom",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.schedule = schedule
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.adapter_name = adapter if isinstance(adapter, str) else getattr(adapter, "__name__", "callable")
+        self._adapter = BACKBONES.get(adapter) if isinstance(adapter, str) else adapter
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    def raw(self, x: Tensor, tau: Tensor, cond: Conditioning) -> Tensor:
+        """The backbone's native output at ``(x_τ, τ)``; ``τ`` is ``[b]`` (a scalar is broadcast)."""
+        tau = torch.as_tensor(tau, dtype=torch.float32, device=x.device)
+        if tau.ndim == 0:
+            tau = tau.expand(x.shape[0])
+        timestep = self.schedule.model_timestep(tau).to(x.device)
+        return self._adapter(self.backbone, x.to(self.dtype), timestep, cond)
+
+    def to_prediction(self, raw: Tensor, x: Tensor, tau: Tensor) -> Prediction:
+        tau = torch.as_tensor(tau, dtype=torch.float32, device=x.device)
+        if tau.ndim == 0:
+            tau = tau.expand(x.shape[0])
+        return to_x0_eps(raw, x, self.schedule.alpha(tau), self.schedule.sigma(tau), self.prediction_type)
+
+    def forward(self, x: Tensor, tau: Tensor, cond: Conditioning) -> Prediction:
+        return self.to_prediction(self.raw(x, tau, cond), x, tau)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter_name!r}, schedule={self.schedule.kind!r}, prediction={self.prediction_type!r}"

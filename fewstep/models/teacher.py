@@ -1,0 +1,136 @@
+"""``Teacher``: a frozen ``Denoiser`` plus classifier-free guidance in one convention, and multi-step sampling.
+
+Guidance convention (ALGORITHMS §1.4, Imagen): ``ŷ = ŷ_∅ + w·(ŷ_c − ŷ_∅)``; ``w = 1`` is no guidance. It is applied
+once, on raw backbone outputs (exact because every conversion is affine with identical coefficients for both
+branches). LCM's ``ω`` is ``w − 1``; objectives that sample ω convert at their edge.
+
+A LoRA student shares its base with the teacher: the teacher's ``view`` is a context that disables the adapters,
+so no second copy of the base exists (``Student.lora``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.denoiser import BackboneAdapter, Denoiser
+from fewstep.noise.convert import Prediction, _bcast
+from fewstep.noise.schedules import Schedule
+
+GUIDANCE_CONVENTION = "imagen: cfg = uncond + w * (cond - uncond); w = 1 disables guidance"
+
+
+class Teacher:
+    """A frozen denoiser with CFG.
+
+    Args:
+        denoiser: the wrapped backbone (frozen here: ``eval()`` and ``requires_grad_(False)``).
+        guidance_scale: default ``w`` for ``predict`` and ``sample``.
+        pipeline: the diffusers pipeline it came from, if any (VAE, encoders, scheduler, export).
+        null_cond: the unconditional ``Conditioning`` for one sample (batch 1), repeated as needed.
+        family: the backbone family name (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``unet2d``, ``custom``).
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        guidance_scale: float = 1.0,
+        pipeline: Any = None,
+        null_cond: Conditioning | None = None,
+        family: str = "custom",
+    ) -> None:
+        self.denoiser = denoiser
+        self.guidance_scale = guidance_scale
+        self.pipeline = pipeline
+        self.null_cond = null_cond
+        self.family = family
+        self.view: Callable[[], AbstractContextManager] = nullcontext
+        denoiser.eval()
+        denoiser.requires_grad_(False)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        schedule: Schedule,
+        prediction_type: str,
+        adapter: str | BackboneAdapter = "custom",
+        guidance_scale: float = 1.0,
+        null_cond: Conditioning | None = None,
+    ) -> Teacher:
+        """A custom teacher from any module: ``module(x, timestep, **cond.extra)`` by default (DESIGN §3)."""
+        return cls(Denoiser(module, schedule, prediction_type, adapter), guidance_scale, None, null_cond, "custom")
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.denoiser.schedule
+
+    def uncond_like(self, cond: Conditioning) -> Conditioning | None:
+        """The null conditioning repeated to ``cond``'s batch size (``None`` if the teacher has none)."""
+        if self.null_cond is None:
+            return None
+        b = cond.batch_size or 1
+        device = next((v.device for v in vars(cond).values() if isinstance(v, Tensor)), None)
+        null = self.null_cond.repeat(b).to(device)
+        # Per-sample inputs that are not "the prompt" are shared between branches (SDXL time_ids, Flux guidance).
+        return null.replace(time_ids=cond.time_ids, guidance=cond.guidance, timestep_cond=cond.timestep_cond)
+
+    def raw(
+        self,
+        x: Tensor,
+        tau: Tensor,
+        cond: Conditioning,
+        uncond: Conditioning | None = None,
+        guidance_scale: float | Tensor | None = None,
+    ) -> Tensor:
+        """Guided raw output. ``guidance_scale`` may be a ``[b]`` tensor (a different w per sample)."""
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        tau = torch.as_tensor(tau, dtype=torch.float32, device=x.device)
+        tau = tau.expand(x.shape[0]) if tau.ndim == 0 else tau
+        no_cfg = not isinstance(w, Tensor) and w == 1.0
+        with torch.no_grad(), self.view():
+            if no_cfg:
+                return self.denoiser.raw(x, tau, cond).float()
+            uncond = uncond if uncond is not None else self.uncond_like(cond)
+            if uncond is None:
+                raise ValueError("Guidance w != 1 needs an unconditional input: pass `uncond` or set `null_cond`.")
+            both = self.denoiser.raw(torch.cat([x, x]), torch.cat([tau, tau]), Conditioning.cat([uncond, cond]))
+            out_u, out_c = both.float().chunk(2)
+            return out_u + _bcast(torch.as_tensor(w, dtype=torch.float32), out_u) * (out_c - out_u)
+
+    def predict(
+        self,
+        x: Tensor,
+        tau: Tensor,
+        cond: Conditioning,
+        uncond: Conditioning | None = None,
+        guidance_scale: float | Tensor | None = None,
+    ) -> Prediction:
+        """Guided ``(x̂0, ε̂)`` at ``(x_τ, τ)``, under ``no_grad`` with the teacher view active."""
+        raw = self.raw(x, tau, cond, uncond, guidance_scale)
+        return self.denoiser.to_prediction(raw, x.float(), tau)
+
+    def sample(
+        self,
+        noise: Tensor,
+        cond: Conditioning,
+        taus: Tensor,
+        uncond: Conditioning | None = None,
+        guidance_scale: float | Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Deterministic multi-step sampling (DDIM for VP, Euler for flow) over the τ levels ``taus``.
+
+        ``taus`` holds ``num_steps + 1`` levels from the start to the end (see ``fewstep.solvers.samplers`` for
+        the grids that reproduce each diffusers scheduler).
+        """
+        from fewstep.solvers.samplers import sample_ddim
+
+        return sample_ddim(
+            lambda x, t: self.predict(x, t, cond, uncond, guidance_scale), self.schedule, noise, taus, progress
+        )

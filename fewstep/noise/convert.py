@@ -1,0 +1,90 @@
+"""Conversions between prediction types (ALGORITHMS §1.2). Pure fp32 functions of ``(output, x_τ, α, σ)``.
+
+Every conversion is affine in the network output, so classifier-free guidance may be applied to raw outputs
+before converting (§1.4 linearity). Prediction types:
+
+* ``epsilon``: ε̂
+* ``sample``: x̂0
+* ``v_prediction``: ``v = α·ε − σ·x0`` (needs α² + σ² = 1; equals TrigFlow F with α = cos u)
+* ``flow``: rectified-flow velocity with diffusers' sign, ``u = ε − x0`` (= dx/ds)
+* ``trigflow``: ``F = cos u·z − sin u·x0`` with σ_d = 1 (the same formula as ``v_prediction``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow", "trigflow")
+
+
+@dataclass
+class Prediction:
+    """A denoiser's answer in the canonical parameterisation: clean estimate and noise estimate, both ``[b, ...]``."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+def _bcast(coef: Tensor, like: Tensor) -> Tensor:
+    coef = torch.as_tensor(coef, dtype=torch.float32, device=like.device)
+    return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"Prediction type {prediction_type!r} is not supported; supported are {', '.join(PREDICTION_TYPES)}."
+        )
+    return prediction_type
+
+
+def to_x0_eps(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Prediction:
+    """Convert a raw network output to ``(x̂0, ε̂)``.
+
+    Args:
+        output: network output ``[b, ...]`` in ``prediction_type``.
+        x: the noisy input ``x_τ`` ``[b, ...]``.
+        alpha, sigma: ``α(τ)``, ``σ(τ)`` of shape ``[b]`` (or broadcastable).
+        prediction_type: one of ``PREDICTION_TYPES``.
+    """
+    out, x = output.float(), x.float()
+    a, s = _bcast(alpha, x), _bcast(sigma, x)
+    if prediction_type == "epsilon":
+        return Prediction(x0=(x - s * out) / a, eps=out)
+    if prediction_type == "sample":
+        return Prediction(x0=out, eps=(x - a * out) / s)
+    if prediction_type in ("v_prediction", "trigflow"):
+        return Prediction(x0=a * x - s * out, eps=s * x + a * out)
+    if prediction_type == "flow":  # x = (1-s)x0 + s·ε, u = ε − x0, with α = 1 − s and σ = s
+        return Prediction(x0=x - s * out, eps=x + a * out)
+    check_prediction_type(prediction_type)
+    raise AssertionError("unreachable")
+
+
+def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """The network output that corresponds to ``(x0, ε)`` at level ``(α, σ)``: the regression target of each type."""
+    x0, eps = x0.float(), eps.float()
+    a, s = _bcast(alpha, x0), _bcast(sigma, x0)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    if prediction_type in ("v_prediction", "trigflow"):
+        return a * eps - s * x0
+    if prediction_type == "flow":
+        return eps - x0
+    check_prediction_type(prediction_type)
+    raise AssertionError("unreachable")
+
+
+def velocity(pred: Prediction, d_alpha: Tensor, d_sigma: Tensor) -> Tensor:
+    """Probability-flow ODE velocity ``dx/dτ = α'(τ)·x̂0 + σ'(τ)·ε̂`` (§1.2)."""
+    return _bcast(d_alpha, pred.x0) * pred.x0 + _bcast(d_sigma, pred.eps) * pred.eps
+
+
+def score(pred: Prediction, sigma: Tensor) -> Tensor:
+    """Tweedie score ``∇ log p_τ(x) ≈ −ε̂ / σ``."""
+    return -pred.eps / _bcast(sigma, pred.eps)
