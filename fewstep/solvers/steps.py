@@ -41,7 +41,7 @@ def renoise_step(schedule: Schedule, x0: Tensor, tau_to: Tensor | float, noise: 
 def transition_coeffs(
     schedule: Schedule, tau_s: Tensor | float, tau_t: Tensor | float, like: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``p(x_t | x_s) = N(α_{t|s}·x_s, σ²_{t|s}·I)`` for ``t ≥ s``: returns ``(α_{t|s}, σ_{t|s})`` broadcast to ``like``.
+    """``p(x_t | x_s) = N(α_{t|s}·x_s, σ²_{t|s}·I)`` for ``t ≥ s``: ``(α_{t|s}, σ_{t|s})`` shaped like ``like``.
 
     ``α_{t|s} = α_t / α_s``, ``σ²_{t|s} = σ_t² − α²_{t|s}·σ_s²`` (ALGORITHMS §1.3.4).
     """
