@@ -254,7 +254,8 @@ class EDMSchedule:
     kind: str = field(default="edm", init=False)
 
     def _s(self, tau: Tensor) -> Tensor:
-        return torch.tan(_f32(tau) * (math.pi / 2)).clamp(max=self.sigma_max)
+        tau_max = math.atan(self.sigma_max) / (math.pi / 2)  # clip before tan: tan(π/2) overflows to -2e7 in fp32
+        return torch.tan(_f32(tau).clamp(0, tau_max) * (math.pi / 2))
 
     def alpha(self, tau: Tensor) -> Tensor:
         return torch.ones_like(_f32(tau))
