@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up .venv (if needed) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh dev,eval
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
