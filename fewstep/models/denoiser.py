@@ -52,6 +52,8 @@ class Denoiser(nn.Module):
         self.backbone = backbone
         self.schedule = schedule
         self.prediction_type = check_prediction_type(prediction_type)
+        if isinstance(adapter, str) and adapter not in BACKBONES:
+            import fewstep.models.backbones  # noqa: F401  (registers the diffusers adapters on first use)
         self.adapter_name = adapter if isinstance(adapter, str) else getattr(adapter, "__name__", "callable")
         self._adapter = BACKBONES.get(adapter) if isinstance(adapter, str) else adapter
 

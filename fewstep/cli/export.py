@@ -1,0 +1,29 @@
+"""``fewstep export RUN_DIR --out DIR``: LoRA / merged pipeline / kohya keys as the run's recipe asks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        parents=parents,
+        help="export a trained student for diffusers",
+        description="Export the newest checkpoint of a training run (its output_dir) into DIR.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (the recipe's output_dir)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the exported files")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist; give the output_dir of a training run")
+    from fewstep.export import export_run  # lazy: loads torch and diffusers
+
+    out = export_run(run_dir, Path(args.out))
+    print(f"exported to {out}")
+    return 0

@@ -1,0 +1,34 @@
+"""``fewstep train RECIPE [key=value ...] [--dry-run]``; also ``accelerate launch -m fewstep train RECIPE``."""
+
+from __future__ import annotations
+
+import argparse
+
+from fewstep.cli.validate import OVERRIDES_HELP
+from fewstep.config.load import dump_recipe, load_recipe
+
+
+def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        parents=parents,
+        help="distill a student from a recipe",
+        description="Train from a recipe (a .yaml path or a shipped name) with optional key=value overrides. "
+        "For several GPUs or processes: accelerate launch -m fewstep train RECIPE.",
+    )
+    parser.add_argument("recipe", metavar="RECIPE", help="a recipe file or a shipped name (see `fewstep recipes`)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe as YAML and exit")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(dump_recipe(recipe), end="")
+        return 0
+    from fewstep.train.loop import train  # lazy: torch, diffusers and accelerate load only when training
+
+    run_dir = train(recipe)
+    print(f"run directory: {run_dir}")
+    return 0

@@ -1,0 +1,278 @@
+"""The recipe schema (DESIGN §6): typed blocks, every key read, unknown keys rejected (``extra="forbid"``).
+
+The ``objective`` block is looked up in ``fewstep.objectives.OBJECTIVES`` by its ``name`` and validated into that
+objective's own ``Config``, so ``recipe.objective`` is the objective's typed config.
+
+Use ``fewstep.config.validate_recipe`` / ``load_recipe`` to get every error at once as a ``RecipeError``;
+``Recipe.model_validate`` works too and raises pydantic's ``ValidationError``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from fewstep.config.errors import MISSING, RecipeIssue, did_you_mean, issue, issues_from_validation, raise_issues
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class TeacherConfig(BaseModel):
+    """What to distill. ``pretrained``: hub id, local dir, ``tiny:<family>`` or ``fewstep:<asset>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pretrained: str = Field(min_length=1)
+    family: Literal["auto", "sd15", "sdxl", "sd3", "flux", "unet2d"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    guidance_scale: float = Field(1.0, ge=0.0)  # Imagen convention: cfg = uncond + w·(cond − uncond), w = 1 is off
+    revision: str | None = None
+    variant: str | None = None
+
+
+class LoraBlock(BaseModel):
+    """LoRA adapter shape. ``alpha=None`` means ``alpha = rank`` (scale 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: PositiveInt = 64
+    alpha: PositiveFloat | None = None
+    target_modules: list[str] | None = Field(None, min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class StudentConfig(BaseModel):
+    """``kind: lora`` (adapters on the frozen teacher base) or ``kind: full`` (a trainable copy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["lora", "full"] = "lora"
+    lora: LoraBlock | None = None  # filled with defaults for kind: lora; must stay unset for kind: full
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _lora_matches_kind(self) -> StudentConfig:
+        if self.kind == "lora" and self.lora is None:
+            self.lora = LoraBlock()
+        elif self.kind == "full" and self.lora is not None:
+            raise_issues(
+                [
+                    issue(
+                        "lora",
+                        "only applies to kind: lora",
+                        self.lora.model_dump(),
+                        hint=("Remove the lora block (override: student.lora=null) or set student.kind=lora."),
+                    )
+                ]
+            )
+        return self
+
+
+class DataConfig(BaseModel):
+    """Training data: the digits set, an image folder (images + metadata.jsonl) or a prompt list / file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["digits", "image_folder", "prompts"]
+    path: str | None = Field(None, min_length=1)
+    prompts: list[str] | None = Field(None, min_length=1)
+    resolution: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    num_workers: int = Field(0, ge=0)
+    shuffle: bool = True
+    caption_column: str = Field("text", min_length=1)
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataConfig:
+        issues: list[RecipeIssue] = []
+        if self.source == "image_folder":
+            if self.path is None:
+                issues.append(
+                    issue(
+                        "path",
+                        "required for source: image_folder",
+                        hint=("Set data.path to a folder of images with a metadata.jsonl (file_name, text)."),
+                    )
+                )
+            if self.resolution is None:
+                issues.append(
+                    issue(
+                        "resolution",
+                        "required for source: image_folder",
+                        hint=("Set data.resolution to the image size fed to the teacher (e.g. 512 for SD1.5)."),
+                    )
+                )
+            if self.prompts is not None:
+                issues.append(
+                    issue(
+                        "prompts",
+                        "not used with source: image_folder",
+                        self.prompts,
+                        hint=("Captions come from data.caption_column in metadata.jsonl; remove data.prompts."),
+                    )
+                )
+        elif self.source == "prompts":
+            if (self.path is None) == (self.prompts is None):
+                given = {"prompts": self.prompts, "path": self.path} if self.path else MISSING
+                issues.append(
+                    issue(
+                        "prompts",
+                        "source: prompts needs exactly one of data.prompts or data.path",
+                        given,
+                        hint=(
+                            "Give a list (data.prompts: [...]) or a text file with one prompt "
+                            "per line (data.path), not both."
+                        ),
+                    )
+                )
+        else:  # digits: the dataset ships with scikit-learn
+            for key in ("path", "prompts"):
+                if getattr(self, key) is not None:
+                    issues.append(
+                        issue(key, "not used with source: digits", getattr(self, key), hint=f"Remove data.{key}.")
+                    )
+        raise_issues(issues)
+        return self
+
+
+class OptimConfig(BaseModel):
+    """AdamW and its learning-rate schedule; ``group_lr`` overrides ``lr`` per trainable group name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: PositiveFloat = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0.0)
+    eps: PositiveFloat = 1e-8
+    grad_clip: PositiveFloat | None = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+    group_lr: dict[str, PositiveFloat] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _warmup_is_used(self) -> OptimConfig:
+        if self.lr_scheduler == "constant" and self.warmup_steps > 0:
+            raise_issues(
+                [
+                    issue(
+                        "warmup_steps",
+                        "is ignored by lr_scheduler: constant",
+                        self.warmup_steps,
+                        hint="Use lr_scheduler: constant_with_warmup, or set warmup_steps: 0.",
+                    )
+                ]
+            )
+        return self
+
+
+class TrainConfig(BaseModel):
+    """The training loop. ``resume``: ``auto`` (newest complete checkpoint), ``never``, or a checkpoint path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: PositiveInt = 1000
+    gradient_accumulation_steps: PositiveInt = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = Field(0, ge=0)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    checkpoint_every: PositiveInt = 500
+    keep_last: PositiveInt = 3
+    resume: str = Field("auto", min_length=1)
+    log_every: PositiveInt = 10
+    sample_every: PositiveInt | None = 500
+    sample_steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    num_sample_images: PositiveInt = 16
+    max_nonfinite: int = Field(10, ge=0)
+    progress: bool = True
+
+
+class EvalConfig(BaseModel):
+    """Periodic evaluation: every ``every_steps`` (None = only when asked), at each student step count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every_steps: PositiveInt | None = None
+    steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    num_samples: PositiveInt = 256
+
+
+class ExportConfig(BaseModel):
+    """Which artifacts ``fewstep export`` writes: diffusers LoRA, a merged pipeline, ComfyUI/kohya LoRA keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora: bool = True
+    merged: bool = False
+    kohya: bool = False
+
+
+class Recipe(BaseModel):
+    """A whole recipe. ``objective`` is the registered objective's own ``Config`` instance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    teacher: TeacherConfig
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    objective: SerializeAsAny[BaseModel]
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    output_dir: str = Field(min_length=1)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_config(cls, value: Any) -> BaseModel:
+        return objective_config(value)
+
+
+def objective_names() -> list[str]:
+    """Names of every registered objective (importing ``fewstep.objectives`` registers the shipped ones)."""
+    from fewstep.objectives import OBJECTIVES  # lazy: torch is only needed once an objective is validated
+
+    return OBJECTIVES.names()
+
+
+def objective_config(value: Any) -> BaseModel:
+    """Validate an ``objective`` block (``{name: ..., <fields>}``) into the named objective's ``Config``.
+
+    Raises issues relative to the block (``name``, ``w_min``, ...) that ``Recipe`` reports under ``objective.``.
+    """
+    from fewstep.objectives import OBJECTIVES
+
+    names = OBJECTIVES.names()
+    choices = ", ".join(repr(n) for n in names) or "(none registered)"
+    if isinstance(value, BaseModel):
+        name = getattr(value, "name", None)
+        if isinstance(name, str) and name in OBJECTIVES and isinstance(value, OBJECTIVES.get(name).Config):
+            return value
+        value = value.model_dump()
+    if not isinstance(value, dict):
+        raise_issues(
+            [issue((), "should be a block with `name:` and the objective's own keys", value, f"name: {choices}")]
+        )
+    name = value.get("name", MISSING)
+    if name is MISSING:
+        raise_issues([issue("name", "required key is missing", allowed=choices)])
+    if not isinstance(name, str) or name not in OBJECTIVES:
+        raise_issues(
+            [
+                issue(
+                    "name",
+                    "unknown objective",
+                    name,
+                    choices,
+                    did_you_mean(name, names) or "Pick one of the registered objectives.",
+                )
+            ]
+        )
+    config_cls = OBJECTIVES.get(name).Config
+    try:
+        return config_cls.model_validate(value)
+    except ValidationError as err:
+        raise_issues(issues_from_validation(err, config_cls))
+        raise  # unreachable: a ValidationError always holds at least one error

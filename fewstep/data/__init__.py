@@ -1,0 +1,16 @@
+"""Datasets (digits, image folders, prompt sets) and the resumable, sharded batch stream the trainer reads."""
+
+from fewstep.data.digits import DigitsDataset
+from fewstep.data.image_folder import ImageFolderDataset, LatentCache, load_image
+from fewstep.data.loader import BatchStream, build_batches
+from fewstep.data.prompts import PromptDataset
+
+__all__ = [
+    "BatchStream",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "LatentCache",
+    "PromptDataset",
+    "build_batches",
+    "load_image",
+]

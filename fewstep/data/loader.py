@@ -1,0 +1,191 @@
+"""Resumable, sharded batch streams for the trainer (DESIGN §5).
+
+The stream is one endless sequence of dataset indices: epoch ``e`` is a permutation drawn from ``(seed, e)`` (or the
+identity when ``shuffle`` is off), epochs follow each other. ``position`` is the number of samples consumed by all
+ranks together, so a run resumed at ``position = k`` sees exactly the samples an uninterrupted run saw after ``k``.
+Each optimizer micro-step consumes ``batch_size × world_size`` samples; rank ``r`` takes the ``r``-th contiguous
+chunk of ``batch_size``, so ranks never share a sample within a global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.data.digits import NUM_CLASSES, DigitsDataset
+from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_items
+from fewstep.data.prompts import PromptDataset
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.teacher import Teacher
+from fewstep.objectives.protocol import Batch
+
+SOURCES = ("digits", "image_folder", "prompts")
+
+
+def epoch_order(num_items: int, epoch: int, seed: int, shuffle: bool = True) -> Tensor:
+    """The index order of one epoch: a permutation seeded by ``(seed, epoch)``, or ``arange`` without shuffling."""
+    if not shuffle:
+        return torch.arange(num_items)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=gen)
+
+
+class IndexStream:
+    """Global stream positions → dataset indices (one cached epoch permutation at a time)."""
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool) -> None:
+        self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for p in range(start, start + count):
+            epoch, offset = divmod(p, self.num_items)
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, epoch_order(self.num_items, epoch, self.seed, self.shuffle)
+            out.append(int(self._order[offset]))
+        return out
+
+
+class PromptCache:
+    """Encodes each distinct prompt once with the teacher's own encoders and keeps its ``(cond, uncond)`` rows."""
+
+    def __init__(self, teacher: Teacher, resolution: int | None = None) -> None:
+        self.teacher, self.resolution = teacher, resolution
+        self._rows: dict[str, tuple[Conditioning, Conditioning | None]] = {}
+
+    def __call__(self, prompts: list[str], device: Any = None) -> tuple[Conditioning, Conditioning | None]:
+        from fewstep.models.prompts import encode_prompts
+
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        if missing:
+            with torch.no_grad():
+                cond, uncond = encode_prompts(self.teacher, missing, resolution=self.resolution)
+            for i, p in enumerate(missing):
+                row = slice(i, i + 1)
+                self._rows[p] = (cond.index(row).to("cpu"), uncond.index(row).to("cpu") if uncond is not None else None)
+        cond = Conditioning.cat([self._rows[p][0] for p in prompts]).to(device)
+        unconds = [self._rows[p][1] for p in prompts]
+        uncond = Conditioning.cat(unconds).to(device) if all(u is not None for u in unconds) else None
+        return cond, uncond
+
+
+def is_class_conditional(teacher: Teacher) -> bool:
+    """Whether the teacher takes class labels (its null conditioning has a class, or its backbone embeds classes)."""
+    if teacher.null_cond is not None and teacher.null_cond.class_labels is not None:
+        return True
+    config = getattr(teacher.denoiser.backbone, "config", None) or {}
+    return config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None
+
+
+class BatchStream:
+    """An endless, resumable iterator of ``Batch`` for one rank. ``position`` counts samples of all ranks.
+
+    Build it with ``build_batches``. ``preview(n)`` gives a fixed batch (for sample grids) without moving.
+    """
+
+    def __init__(
+        self,
+        data_cfg: Any,
+        teacher: Teacher,
+        device: Any = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        start_position: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if data_cfg.source not in SOURCES:
+            raise ValueError(f"data.source {data_cfg.source!r} is not one of {', '.join(SOURCES)}.")
+        self.cfg, self.teacher, self.device = data_cfg, teacher, device
+        self.rank, self.world_size, self.position = rank, world_size, start_position
+        self.batch_size = int(data_cfg.batch_size)
+        self.dataset = _build_dataset(data_cfg)
+        self.index_stream = IndexStream(len(self.dataset), seed, bool(data_cfg.shuffle))
+        self._prompts = PromptCache(teacher, data_cfg.resolution) if data_cfg.source != "digits" else None
+        self._cache: LatentCache | None = None
+        if data_cfg.source == "image_folder":
+            if not data_cfg.resolution:
+                raise ValueError("data.source=image_folder needs data.resolution (the image size fed to the VAE).")
+            self._cache = LatentCache(_vae_key(teacher))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        start = self.position + self.rank * self.batch_size
+        idx = self.index_stream.indices(start, self.batch_size)
+        self.position += self.batch_size * self.world_size
+        return self.make_batch(idx)
+
+    def preview(self, n: int) -> Batch:
+        """A fixed batch of ``n`` for sample grids: digits cycle through the classes, other sources take the first
+        ``n`` items (cycled). Does not move ``position``."""
+        if self.cfg.source == "digits":
+            labels = self.dataset.labels
+            idx = [int((labels == k % NUM_CLASSES).nonzero()[0]) for k in range(n)]
+        else:
+            idx = [i % len(self.dataset) for i in range(n)]
+        return self.make_batch(idx)
+
+    def make_batch(self, idx: list[int]) -> Batch:
+        if self.cfg.source == "digits":
+            ds: DigitsDataset = self.dataset
+            x0 = ds.images[idx].to(self.device)  # [b, 1, 8, 8]
+            if not is_class_conditional(self.teacher):
+                return Batch(cond=Conditioning(), uncond=None, x0=x0)
+            cond = Conditioning(class_labels=ds.labels[idx].to(self.device))
+            return Batch(cond=cond, uncond=self.teacher.uncond_like(cond), x0=x0)
+        if self.cfg.source == "prompts":
+            cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device)
+            return Batch(cond=cond, uncond=uncond, x0=None)
+        files, captions = zip(*(self.dataset[i] for i in idx))
+        x0 = encode_items(
+            list(files), int(self.cfg.resolution), self._encode, self._cache, self.device, self.cfg.num_workers
+        )
+        cond, uncond = self._prompts(list(captions), self.device)
+        return Batch(cond=cond, uncond=uncond, x0=x0)
+
+    def _encode(self, images: Tensor) -> Tensor:
+        from fewstep.models.loading import encode_images
+
+        return encode_images(self.teacher, images)
+
+
+def build_batches(
+    data_cfg: Any, teacher: Teacher, accelerator: Any = None, start_position: int = 0, seed: int = 0
+) -> BatchStream:
+    """The batch stream of this rank.
+
+    Args:
+        data_cfg: the recipe's ``data`` block (``source``, ``path``, ``prompts``, ``resolution``, ``batch_size`` per
+            rank, ``shuffle``, ``caption_column``).
+        teacher: encodes prompts and images (its own text encoders and VAE) and supplies the null conditioning.
+        accelerator: gives the device, rank and world size (``None``: CPU, one process).
+        start_position: samples already consumed by all ranks (from a checkpoint).
+        seed: seeds the epoch permutations (the same on every rank).
+    """
+    device = accelerator.device if accelerator is not None else "cpu"
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    return BatchStream(data_cfg, teacher, device, rank, world, start_position, seed)
+
+
+def _build_dataset(data_cfg: Any) -> Any:
+    if data_cfg.source == "digits":
+        return DigitsDataset("train")  # the test split stays held out for evaluation
+    if data_cfg.source == "prompts":
+        return PromptDataset(data_cfg.prompts, data_cfg.path)
+    if not data_cfg.path:
+        raise ValueError("data.source=image_folder needs data.path (a folder with images and metadata.jsonl).")
+    return ImageFolderDataset(data_cfg.path, data_cfg.caption_column)
+
+
+def _vae_key(teacher: Teacher) -> str:
+    pipe = teacher.pipeline
+    vae = getattr(pipe, "vae", None)
+    name = getattr(getattr(pipe, "config", None), "_name_or_path", None) or getattr(pipe, "name_or_path", "")
+    dtype = getattr(vae, "dtype", None)
+    return f"{teacher.family}|{name}|{type(vae).__name__}|{dtype}"

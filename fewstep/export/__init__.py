@@ -1,0 +1,32 @@
+"""Export students so stock diffusers loads them: LoRA, merged pipeline, scheduler config, model card (DESIGN §8)."""
+
+from fewstep.export.card import render_card, write_card
+from fewstep.export.lora import (
+    KOHYA_WEIGHT_NAME,
+    WEIGHT_NAME,
+    lora_state_dict,
+    merged_backbone,
+    save_kohya,
+    save_lora,
+    save_merged,
+)
+from fewstep.export.run import export_run, export_student, sampling_spec
+from fewstep.export.scheduler import SamplingSpec, read_schedule, write_schedule
+
+__all__ = [
+    "KOHYA_WEIGHT_NAME",
+    "WEIGHT_NAME",
+    "SamplingSpec",
+    "export_run",
+    "export_student",
+    "lora_state_dict",
+    "merged_backbone",
+    "read_schedule",
+    "render_card",
+    "sampling_spec",
+    "save_kohya",
+    "save_lora",
+    "save_merged",
+    "write_card",
+    "write_schedule",
+]

@@ -1,0 +1,221 @@
+"""The student's sampling schedule as a stock diffusers scheduler config plus ``fewstep_student.json`` (DESIGN §8).
+
+An objective that can be exported describes how its student is sampled with ``export_schedule() -> SamplingSpec``:
+the diffusers scheduler class and config, the exact timesteps or sigmas per step count (as trained), and the
+recommended steps and guidance with their convention. This module builds scheduler configs from a teacher and
+writes / reads the spec.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.models.teacher import Teacher
+
+SPEC_FILE = "fewstep_student.json"
+
+
+@dataclass
+class SamplingSpec:
+    """How to sample an exported student with a stock diffusers scheduler.
+
+    Attributes:
+        objective: the objective that trained the student (``lcm``, ...).
+        scheduler_class: a diffusers scheduler class name (``LCMScheduler``, ``FlowMatchEulerDiscreteScheduler``).
+        scheduler_config: its full config (written to ``scheduler/scheduler_config.json``).
+        recommended_steps: the step count to advertise.
+        guidance_scale: the ``guidance_scale`` to pass to the pipeline (convention in ``guidance_convention``).
+        guidance_convention: how ``guidance_scale`` is read, and how guidance was used in training.
+        steps: per step count, the pipeline arguments that reproduce training exactly: ``{"timesteps": [...]}``
+            (integers, informative: ``num_inference_steps`` alone gives them) or ``{"sigmas": [...]}`` (to pass),
+            plus informative extras such as ``"levels"`` (the noise levels after the scheduler's shift).
+        notes: free-text caveats shown on the model card.
+    """
+
+    objective: str
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    recommended_steps: int
+    guidance_scale: float
+    guidance_convention: str
+    steps: dict[int, dict[str, list[float]]]
+    notes: list[str] = field(default_factory=list)
+
+    def call_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """Keyword arguments for ``pipe(prompt, **kwargs)`` that reproduce the trained ``num_steps`` schedule."""
+        entry = self.steps.get(num_steps)
+        if entry is None:
+            raise ValueError(f"No exported schedule for {num_steps} steps; exported: {sorted(self.steps)}.")
+        kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
+        if "sigmas" in entry:
+            kwargs["sigmas"] = list(entry["sigmas"])
+        else:
+            kwargs["num_inference_steps"] = num_steps
+        return kwargs
+
+    def scheduler(self) -> Any:
+        """A fresh diffusers scheduler instance built from ``scheduler_config``."""
+        import diffusers
+
+        return getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["steps"] = {str(k): v for k, v in self.steps.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SamplingSpec:
+        data = dict(data)
+        data["steps"] = {int(k): v for k, v in data["steps"].items()}
+        return cls(**data)
+
+
+def write_schedule(spec: SamplingSpec, out_dir: str | Path) -> Path:
+    """Write ``scheduler/scheduler_config.json`` (loadable with ``<Scheduler>.from_pretrained(out_dir, subfolder=
+    "scheduler")``) and ``fewstep_student.json``. Returns the spec file."""
+    out_dir = Path(out_dir)
+    spec.scheduler().save_pretrained(out_dir / "scheduler")
+    path = out_dir / SPEC_FILE
+    path.write_text(json.dumps(spec.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_schedule(out_dir: str | Path) -> SamplingSpec:
+    """Read the ``fewstep_student.json`` written by ``write_schedule``."""
+    path = Path(out_dir) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No {SPEC_FILE} in {out_dir}: export the student with fewstep.export first.")
+    return SamplingSpec.from_json(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scheduler configs from a teacher
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def teacher_scheduler_config(teacher: Teacher) -> dict[str, Any]:
+    """The teacher's diffusers scheduler config; synthesised from its schedule for a custom (pipeline-less) teacher."""
+    scheduler = getattr(teacher.pipeline, "scheduler", None)
+    if scheduler is not None:
+        return dict(scheduler.config)
+    schedule = teacher.schedule
+    if schedule.kind == "vp":
+        acp = schedule.alphas_cumprod.double()
+        betas = 1 - acp / torch.cat([acp.new_ones(1), acp[:-1]])  # β_n = 1 − ᾱ_n / ᾱ_{n−1}
+        return {
+            "num_train_timesteps": schedule.num_train_timesteps,
+            "trained_betas": betas.tolist(),
+            "prediction_type": teacher.denoiser.prediction_type,
+            "set_alpha_to_one": schedule.final_alpha_cumprod == 1.0,
+        }
+    if schedule.kind == "flow":
+        return {
+            "num_train_timesteps": 1000,
+            "shift": schedule.shift_factor,
+            "use_dynamic_shifting": schedule.use_dynamic_shifting,
+            "base_shift": schedule.base_shift,
+            "max_shift": schedule.max_shift,
+            "base_image_seq_len": schedule.base_image_seq_len,
+            "max_image_seq_len": schedule.max_image_seq_len,
+        }
+    raise ValueError(f"No diffusers scheduler describes a {schedule.kind!r} schedule; export supports vp and flow.")
+
+
+def _from_teacher(cls: Any, teacher: Teacher, **overrides: Any) -> Any:
+    """``cls`` built from the teacher's scheduler config, keeping only the keys ``cls`` takes (no warnings about
+    e.g. Euler's ``use_karras_sigmas`` reaching an ``LCMScheduler``)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    base = {k: v for k, v in teacher_scheduler_config(teacher).items() if k in accepted}
+    return cls.from_config({**base, **overrides})
+
+
+def lcm_scheduler_config(teacher: Teacher, original_inference_steps: int, timestep_scaling: float) -> dict[str, Any]:
+    """An ``LCMScheduler`` config on the teacher's VP betas with the trained skipping grid.
+
+    Clipping and thresholding are switched off (the student was trained and is sampled without them); the
+    prediction type is the teacher's (the student shares its parameterisation).
+    """
+    from diffusers import LCMScheduler
+
+    scheduler = _from_teacher(
+        LCMScheduler,
+        teacher,
+        original_inference_steps=original_inference_steps,
+        timestep_scaling=timestep_scaling,
+        prediction_type=teacher.denoiser.prediction_type,
+        clip_sample=False,
+        thresholding=False,
+    )
+    return dict(scheduler.config)
+
+
+def flow_scheduler_config(teacher: Teacher, stochastic_sampling: bool) -> dict[str, Any]:
+    """A ``FlowMatchEulerDiscreteScheduler`` config on the teacher's shift; ``stochastic_sampling=True`` makes its step
+    the consistency re-noise step ``x' = (1 − s')·x̂0 + s'·z`` (deterministic Euler otherwise)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = _from_teacher(FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=stochastic_sampling)
+    return dict(scheduler.config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Specs for re-noising (consistency-style) samplers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def lcm_vp_spec(
+    teacher: Teacher,
+    timesteps: dict[int, list[int]],
+    original_inference_steps: int,
+    timestep_scaling: float,
+    **common: Any,
+) -> SamplingSpec:
+    """A VP student sampled by ``LCMScheduler``: ``timesteps[num_steps]`` are what ``set_timesteps(num_steps)`` picks
+    from the ``original_inference_steps`` skipping grid (informative; ``num_inference_steps`` reproduces them).
+    ``common``: ``objective``, ``recommended_steps``, ``guidance_scale``, ``guidance_convention``."""
+    notes = [
+        "Sample with LCMScheduler: timesteps are picked from the trained skipping grid "
+        f"(original_inference_steps={original_inference_steps}); the re-noise between steps uses the pipeline's "
+        "generator."
+    ]
+    return SamplingSpec(
+        scheduler_class="LCMScheduler",
+        scheduler_config=lcm_scheduler_config(teacher, original_inference_steps, timestep_scaling),
+        steps={n: {"timesteps": list(t)} for n, t in timesteps.items()},
+        notes=notes,
+        **common,
+    )
+
+
+def flow_renoise_spec(
+    teacher: Teacher,
+    sigmas: dict[int, list[float]],
+    levels: dict[int, list[float]],
+    max_c_skip: float,
+    **common: Any,
+) -> SamplingSpec:
+    """A flow student sampled by ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` (predict x̂0, re-noise
+    to the next level). ``sigmas[num_steps]`` go to the pipeline; the scheduler's static shift maps them to
+    ``levels[num_steps]``, the levels the student was trained and is sampled at. ``max_c_skip``: the largest LCM
+    boundary weight on ``x`` at those levels, which this scheduler leaves out."""
+    notes = [
+        "Sample with FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) and pass `sigmas=` (before the "
+        "scheduler's own shift, which maps them to `levels`). That scheduler omits the consistency boundary blend; "
+        f"at the exported levels c_skip <= {max_c_skip:.1e}, so the difference is negligible.",
+        "Pipelines that do not pass `generator` to scheduler.step (e.g. StableDiffusion3Pipeline) draw the re-noise "
+        "from the global RNG: call torch.manual_seed(seed) before sampling.",
+    ]
+    return SamplingSpec(
+        scheduler_class="FlowMatchEulerDiscreteScheduler",
+        scheduler_config=flow_scheduler_config(teacher, stochastic_sampling=True),
+        steps={n: {"sigmas": list(sigmas[n]), "levels": list(levels[n])} for n in sigmas},
+        notes=notes,
+        **common,
+    )

@@ -1,0 +1,155 @@
+"""Backbone adapters for diffusers model families (DESIGN §3), registered in ``BACKBONES``.
+
+An adapter is ``adapter(backbone, x, timestep, cond) -> raw output``: it knows one family's call signature, feeds
+``timestep = schedule.model_timestep(τ)`` as the model expects it, and returns the native output
+(``return_dict=False``, element ``[0]``) with the same shape as ``x``. Conditioning tensors are cast to the dtype of
+``x`` (the backbone's dtype). Conversion of the output to ``(x̂0, ε̂)`` happens in ``Denoiser``.
+
+========================  ===========================  ===============================================================
+name                      model                        inputs
+========================  ===========================  ===============================================================
+``unet2d``                ``UNet2DModel``              ``sample``, ``timestep``, ``class_labels``
+``unet2d_condition``      ``UNet2DConditionModel``     + ``encoder_hidden_states``, ``timestep_cond``,
+                                                       ``added_cond_kwargs={text_embeds, time_ids}`` (SDXL)
+``sd3``                   ``SD3Transformer2DModel``    ``hidden_states``, ``encoder_hidden_states``,
+                                                       ``pooled_projections``, ``timestep`` (= 1000·s)
+``flux``                  ``FluxTransformer2DModel``   packed 2×2 latents, ``timestep`` (= s), ``guidance``,
+                                                       ``pooled_projections``, ``encoder_hidden_states``,
+                                                       ``txt_ids``, ``img_ids``
+========================  ===========================  ===============================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.denoiser import BACKBONES
+
+# Which adapter serves which diffusers model class (used by the loader and by ``adapter_for``).
+ADAPTER_BY_CLASS: dict[str, str] = {
+    "UNet2DModel": "unet2d",
+    "UNet2DConditionModel": "unet2d_condition",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+
+
+def adapter_for(backbone: nn.Module) -> str:
+    """The registered adapter name for a diffusers backbone instance (by class name)."""
+    name = type(backbone).__name__
+    if name not in ADAPTER_BY_CLASS:
+        raise ValueError(
+            f"No backbone adapter for {name!r}; supported: {', '.join(sorted(ADAPTER_BY_CLASS))}. "
+            "Wrap other modules with Teacher.from_module(module, schedule, prediction_type, adapter=callable)."
+        )
+    return ADAPTER_BY_CLASS[name]
+
+
+def _as(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """Move a conditioning tensor to ``x``'s device; floating tensors also to its dtype."""
+    if t is None:
+        return None
+    return t.to(device=x.device, dtype=x.dtype if t.is_floating_point() else None)
+
+
+def _require(value: Any, field: str, family: str) -> Any:
+    if value is None:
+        raise ValueError(
+            f"The {family} backbone needs `cond.{field}`; got None. Encode prompts with "
+            "fewstep.models.prompts.encode_prompts(teacher, prompts)."
+        )
+    return value
+
+
+@BACKBONES.register("unet2d")
+def unet2d_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``UNet2DModel`` (pixel teachers, class-conditional via ``class_labels``)."""
+    labels = _as(cond.class_labels, x)
+    return backbone(x, timestep, class_labels=labels, return_dict=False)[0]
+
+
+@BACKBONES.register("unet2d_condition")
+def unet2d_condition_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``UNet2DConditionModel`` (SD1.x/2.x; SDXL with ``added_cond_kwargs``; LCM with ``timestep_cond``)."""
+    added = None
+    if getattr(backbone.config, "addition_embed_type", None) == "text_time":  # SDXL micro-conditioning
+        added = {
+            "text_embeds": _as(_require(cond.pooled_prompt_embeds, "pooled_prompt_embeds", "SDXL"), x),
+            "time_ids": _as(_require(cond.time_ids, "time_ids", "SDXL"), x),
+        }
+    return backbone(
+        x,
+        timestep,
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "UNet2DCondition"), x),
+        class_labels=_as(cond.class_labels, x),
+        timestep_cond=_as(cond.timestep_cond, x),
+        added_cond_kwargs=added,
+        return_dict=False,
+    )[0]
+
+
+@BACKBONES.register("sd3")
+def sd3_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``SD3Transformer2DModel``: the timestep is ``1000·s`` (``FlowSchedule(timestep_scale=1000)``)."""
+    return backbone(
+        hidden_states=x,
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "SD3"), x),
+        pooled_projections=_as(_require(cond.pooled_prompt_embeds, "pooled_prompt_embeds", "SD3"), x),
+        timestep=timestep,
+        return_dict=False,
+    )[0]
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """Flux's 2×2 patch packing: ``[b, c, h, w] -> [b, (h/2)·(w/2), 4c]`` (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of ``pack_latents`` for a latent of ``height × width`` (latent pixels, not image pixels)."""
+    b, _, c4 = x.shape
+    x = x.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Flux's positional ids of the packed image tokens, ``[(h/2)·(w/2), 3]`` = ``(0, row, col)`` for a latent of
+    ``height × width`` (``FluxPipeline._prepare_latent_image_ids``)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+@BACKBONES.register("flux")
+def flux_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``FluxTransformer2DModel`` on unpacked latents ``[b, c, h, w]``; returns the unpacked velocity.
+
+    As ``FluxPipeline`` calls it: ``timestep = t / 1000 = s`` (``FlowSchedule(timestep_scale=1)``; the model
+    multiplies by 1000 itself) and ``guidance`` is the raw embedded guidance scale (e.g. 3.5), ``[b]`` float32.
+    """
+    b, _, h, w = x.shape
+    prompt_embeds = _as(_require(cond.prompt_embeds, "prompt_embeds", "Flux"), x)
+    txt_ids = cond.txt_ids if cond.txt_ids is not None else x.new_zeros(prompt_embeds.shape[1], 3)
+    img_ids = cond.img_ids if cond.img_ids is not None else flux_image_ids(h, w, x.device, x.dtype)
+    guidance = None
+    if getattr(backbone.config, "guidance_embeds", False):
+        guidance = _require(cond.guidance, "guidance", "Flux (guidance-distilled)")
+        guidance = guidance.to(device=x.device, dtype=torch.float32).expand(b)
+    out = backbone(
+        hidden_states=pack_latents(x),
+        timestep=timestep.to(x.dtype),
+        guidance=guidance,
+        pooled_projections=_as(_require(cond.pooled_prompt_embeds, "pooled_prompt_embeds", "Flux"), x),
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=_as(txt_ids, x),
+        img_ids=_as(img_ids, x),
+        return_dict=False,
+    )[0]
+    return unpack_latents(out, h, w)

@@ -1,0 +1,289 @@
+"""Loading teachers from diffusers pipelines (DESIGN §3, "Loading").
+
+``load_pipeline`` goes through ``DiffusionPipeline.from_pretrained``: a local directory loads offline; a missing
+path, a missing component or an unreachable Hub id gives one ``FileNotFoundError`` naming the path, the missing
+piece and the fix. ``load_teacher`` turns a pipeline into a ``Teacher``: the backbone adapter, the schedule and
+prediction type from the scheduler config, and the null conditioning for classifier-free guidance.
+
+Specs accepted everywhere a pretrained model is named (``resolve_pretrained``):
+
+* ``tiny:<family>``: the tiny offline model of that family (``fewstep.testing.tiny_path``),
+* ``fewstep:<asset>``: a packaged asset such as ``digits-vp`` (``fewstep.assets.asset_path``),
+* a local directory written by ``save_pretrained``, or a Hugging Face Hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.denoiser import Denoiser
+from fewstep.models.teacher import Teacher
+from fewstep.noise.schedules import FlowSchedule, VPSchedule
+
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d")
+ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
+                     "unet2d": "unet2d"}  # fmt: skip
+# What a flow backbone is fed: SD3 (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s, Flux s.
+FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+_TINY_MARKER = "fewstep_tiny.json"
+
+
+def resolve_pretrained(spec: str | os.PathLike) -> str:
+    """Turn ``tiny:<family>``, ``fewstep:<asset>`` or a path / Hub id into what ``from_pretrained`` takes."""
+    spec = str(spec)
+    if spec.startswith("tiny:"):
+        from fewstep.testing import tiny_path
+
+        return str(tiny_path(spec.removeprefix("tiny:")))
+    if spec.startswith("fewstep:"):
+        from fewstep.assets import asset_path
+
+        return str(asset_path(spec.removeprefix("fewstep:")))
+    return os.path.expanduser(spec)
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or a ``torch.dtype``) to a ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def _dtype_key() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` in ``from_pretrained`` (the old name warns)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _check_local_pipeline(path: Path) -> None:
+    """Fail early, naming the missing piece, before diffusers gives a less specific error."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Pipeline directory {str(path)!r} does not exist. Pass a diffusers pipeline directory (one written by "
+            "`pipe.save_pretrained(dir)`, with a model_index.json), a Hugging Face Hub id, or `tiny:<family>`."
+        )
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no model_index.json, so it is not a diffusers pipeline directory. Save the whole "
+            "pipeline with `pipe.save_pretrained(dir)` (a single model folder such as a UNet is not enough)."
+        )
+    components = json.loads(index.read_text())
+    for name, value in components.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        if not (path / name).is_dir():
+            raise FileNotFoundError(
+                f"Pipeline {str(path)!r} lists the component {name!r} ({value[1]}) but {str(path / name)!r} is "
+                f"missing. Copy that folder from the original pipeline or re-save it with `pipe.save_pretrained`."
+            )
+
+
+def load_pipeline(
+    path_or_id: str | os.PathLike,
+    dtype: str | torch.dtype = torch.float32,
+    revision: str | None = None,
+    variant: str | None = None,
+) -> Any:
+    """Load a diffusers pipeline from a local directory (offline) or a Hub id.
+
+    Args:
+        path_or_id: a spec understood by ``resolve_pretrained`` (``tiny:sdxl``, a directory, a Hub id).
+        dtype: the dtype of every component (``torch_dtype``).
+        revision: the Hub revision (branch, tag or commit).
+        variant: the weight variant, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
+
+    Raises:
+        FileNotFoundError: the directory, one of its components, or the Hub id cannot be found.
+    """
+    from diffusers import DiffusionPipeline
+
+    spec = resolve_pretrained(path_or_id)
+    path = Path(spec)
+    is_local = path.exists() or not _HUB_ID.match(spec) or spec.startswith((".", "/", "~"))
+    kwargs: dict[str, Any] = {_dtype_key(): to_dtype(dtype), "revision": revision, "variant": variant}
+    if is_local:
+        _check_local_pipeline(path)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(spec, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"Could not load the pipeline in {spec!r}: {err}. Check that every component folder holds its "
+                f"config and weights (variant={variant!r}); re-save it with `pipe.save_pretrained(dir)`."
+            ) from err
+    else:
+        try:
+            pipe = DiffusionPipeline.from_pretrained(spec, **kwargs)
+        except OSError as err:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            reason = "HF_HUB_OFFLINE=1 disables downloads" if offline else str(err).splitlines()[0][:300]
+            raise FileNotFoundError(
+                f"Could not load {spec!r}: it is not a local directory and not in the local Hugging Face cache "
+                f"({reason}). Fix: download it where the Hub is reachable (`huggingface-cli download {spec}`) and "
+                "pass the local directory, or point HF_HOME at a cache that holds it."
+            ) from err
+    _apply_tiny_marker(pipe, Path(spec))
+    return pipe
+
+
+def _apply_tiny_marker(pipe: Any, path: Path) -> None:
+    """Tiny zoo directories record their default resolution (Flux pipelines otherwise assume 128·8 pixels)."""
+    marker = path / _TINY_MARKER
+    if marker.is_file() and hasattr(pipe, "default_sample_size"):
+        resolution = json.loads(marker.read_text())["resolution"]
+        pipe.default_sample_size = resolution // pipe.vae_scale_factor
+
+
+def _backbone(pipeline: Any) -> Any:
+    for name in ("transformer", "unet"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer` component.")
+
+
+def detect_family(pipeline: Any) -> str:
+    """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` from a pipeline's backbone class and config."""
+    backbone = _backbone(pipeline)
+    cls = type(backbone).__name__
+    if cls == "FluxTransformer2DModel":
+        return "flux"
+    if cls == "SD3Transformer2DModel":
+        return "sd3"
+    if cls == "UNet2DConditionModel":
+        return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd15"
+    if cls == "UNet2DModel":
+        return "unet2d"
+    raise ValueError(
+        f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
+        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel. For other models use "
+        "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
+    )
+
+
+def default_resolution(pipeline: Any) -> int:
+    """The image size (pixels) a pipeline generates by default."""
+    vae_scale = getattr(pipeline, "vae_scale_factor", 1) if getattr(pipeline, "vae", None) is not None else 1
+    size = getattr(pipeline, "default_sample_size", None)
+    if size is None:
+        size = _backbone(pipeline).config.sample_size
+    size = size[0] if isinstance(size, list | tuple) else size
+    return int(size) * int(vae_scale)
+
+
+def latent_shape(teacher: Teacher, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
+    """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels."""
+    pipe = teacher.pipeline
+    if pipe is None:
+        raise ValueError("latent_shape needs a teacher loaded from a pipeline; for custom teachers use your shape.")
+    res = resolution or default_resolution(pipe)
+    config = _backbone(pipe).config
+    if teacher.family == "flux":  # packing needs an even latent size
+        scale = pipe.vae_scale_factor
+        return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
+    scale = pipe.vae_scale_factor if getattr(pipe, "vae", None) is not None else 1
+    return batch_size, config.in_channels, res // scale, res // scale
+
+
+def _schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
+    config = dict(scheduler.config)
+    if "FlowMatch" in type(scheduler).__name__:
+        return FlowSchedule.from_diffusers(config, FLOW_TIMESTEP_SCALE[family]), "flow"
+    if "beta_schedule" in config or "trained_betas" in config:
+        return VPSchedule.from_diffusers(config), config.get("prediction_type", "epsilon")
+    raise ValueError(
+        f"Scheduler {type(scheduler).__name__} is not supported for teachers: use a VP scheduler (DDPM, DDIM, "
+        "Euler, LCM, TCD) or FlowMatchEulerDiscreteScheduler."
+    )
+
+
+def load_teacher(cfg: Any) -> Teacher:
+    """Build a ``Teacher`` from a ``TeacherConfig`` (or any object with its attributes).
+
+    ``cfg`` fields: ``pretrained``, ``family`` (``auto`` or one of ``FAMILIES``), ``dtype``, ``guidance_scale``
+    (Imagen convention, 1 = off), ``revision``, ``variant``.
+
+    Guidance-distilled Flux (``guidance_embeds``) takes its guidance as an input: there ``guidance_scale`` is the
+    embedded guidance value (FLUX.1-dev uses 3.5), stored in ``null_cond.guidance`` and used by
+    ``encode_prompts``; the teacher's CFG scale is 1 (no second forward).
+    """
+    from fewstep.models.prompts import null_conditioning
+
+    pipe = load_pipeline(cfg.pretrained, getattr(cfg, "dtype", "float32"), getattr(cfg, "revision", None),
+                         getattr(cfg, "variant", None))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    family = detect_family(pipe)
+    wanted = getattr(cfg, "family", "auto") or "auto"
+    if wanted not in ("auto", family):
+        raise ValueError(
+            f"teacher.family is {wanted!r} but {cfg.pretrained!r} is a {family} pipeline "
+            f"({type(_backbone(pipe)).__name__}). Set teacher.family to 'auto' or {family!r}."
+        )
+    for module in pipe.components.values():  # encoders and VAE are frozen too
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    backbone = _backbone(pipe)
+    schedule, prediction_type = _schedule_and_prediction(pipe.scheduler, family)
+    denoiser = Denoiser(backbone, schedule, prediction_type, ADAPTER_BY_FAMILY[family])
+    guidance_scale = float(getattr(cfg, "guidance_scale", 1.0))
+    embedded = None
+    if family == "flux" and getattr(backbone.config, "guidance_embeds", False):
+        embedded, guidance_scale = guidance_scale, 1.0
+    if family == "unet2d":
+        null_cond = _null_class(backbone)
+    else:
+        null_cond = null_conditioning(pipe, family, guidance=embedded)
+    return Teacher(denoiser, guidance_scale, pipe, null_cond, family)
+
+
+def _null_class(unet: Any) -> Conditioning | None:
+    """Class-conditional ``UNet2DModel``: the null class is the last embedding (``num_class_embeds - 1``)."""
+    n = getattr(unet.config, "num_class_embeds", None)
+    if not n:
+        return None
+    return Conditioning(class_labels=torch.tensor([n - 1], dtype=torch.long))
+
+
+def decode_latents(teacher: Teacher, x0: Tensor) -> Tensor:
+    """Clean latents ``[b, c, h, w]`` to images ``[b, 3|1, H, W]`` in ``[0, 1]`` (float32).
+
+    Latent teachers: the VAE on ``x0 / scaling_factor + shift_factor``. Pixel teachers: ``(x0 + 1) / 2``.
+    Gradients flow to ``x0`` if it requires them (the VAE itself is frozen).
+    """
+    vae = getattr(teacher.pipeline, "vae", None) if teacher.pipeline is not None else None
+    if vae is None:
+        return ((x0.float() + 1) / 2).clamp(0, 1)
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    param = next(vae.parameters())
+    z = x0.to(device=param.device, dtype=param.dtype) / scaling + shift
+    images = vae.decode(z, return_dict=False)[0]  # [-1, 1]
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
+    """Images ``[b, 3, H, W]`` in ``[-1, 1]`` to normalised latents ``(mean - shift_factor) · scaling_factor``.
+
+    Uses the posterior mean (deterministic). Pixel teachers return the images unchanged (float32).
+    """
+    vae = getattr(teacher.pipeline, "vae", None) if teacher.pipeline is not None else None
+    if vae is None:
+        return images.float()
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    param = next(vae.parameters())
+    mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean
+    return ((mean.float() - shift) * scaling).float()

@@ -1,0 +1,170 @@
+"""Prompt encoding with each pipeline's own ``encode_prompt`` (DESIGN §3, "Conditioning").
+
+``encode_prompts(teacher, prompts) -> (cond, uncond)`` returns exactly what the diffusers pipeline would feed its
+backbone, so teacher sampling reproduces the pipeline (``tests/unit/models/test_parity.py``).
+
+The null (unconditional) prompt is the empty string ``""``, as in every pipeline here, with each pipeline's own
+twist: SDXL zeroes its negative embeddings when no negative prompt is given (``force_zeros_for_empty_prompt``,
+also DMD2's choice); SD1.5 and SD3 encode ``""``; Flux has no negative branch of its own (its guidance is an
+input), so ``""`` is encoded for true CFG. Pass ``negative_prompts`` to use other negatives.
+
+Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.teacher import Teacher
+
+
+def class_conditioning(labels: Tensor | list[int], null_class: int) -> tuple[Conditioning, Conditioning]:
+    """``(cond, uncond)`` for a class-conditional model: ``labels`` ``[b]`` and the null class repeated."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    return Conditioning(class_labels=labels), Conditioning(class_labels=torch.full_like(labels, null_class))
+
+
+def _device(pipeline: Any) -> torch.device:
+    """Where the text encoders run (token ids go there); outputs are moved to the backbone afterwards."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            return next(module.parameters()).device
+    return torch.device("cpu")
+
+
+def _sd15(pipe: Any, prompts: list[str], negatives: list[str] | None, **_: Any) -> tuple[Conditioning, Conditioning]:
+    pe, npe = pipe.encode_prompt(prompts, _device(pipe), 1, True, negative_prompt=negatives)
+    return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
+
+
+def sdxl_time_ids(pipe: Any, resolution: int, batch_size: int, dtype: torch.dtype) -> Tensor:
+    """SDXL micro-conditioning ``[b, 6]`` = ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
+    size = (resolution, resolution)
+    te2 = getattr(pipe, "text_encoder_2", None)
+    proj_dim = te2.config.projection_dim if te2 is not None else None
+    ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj_dim)
+    return ids.repeat(batch_size, 1)
+
+
+def _sdxl(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, resolution: int, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=prompts, device=_device(pipe), num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=negatives,
+    )  # fmt: skip
+    time_ids = sdxl_time_ids(pipe, resolution, len(prompts), pe.dtype).to(pe.device)
+    return (
+        Conditioning(prompt_embeds=pe, pooled_prompt_embeds=ppe, time_ids=time_ids),
+        Conditioning(prompt_embeds=npe, pooled_prompt_embeds=nppe, time_ids=time_ids),
+    )
+
+
+def _sd3(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, prompt_3=None, device=_device(pipe), num_images_per_prompt=1,
+        do_classifier_free_guidance=True, negative_prompt=negatives, max_sequence_length=max_sequence_length or 256,
+    )  # fmt: skip
+    return (
+        Conditioning(prompt_embeds=pe, pooled_prompt_embeds=ppe),
+        Conditioning(prompt_embeds=npe, pooled_prompt_embeds=nppe),
+    )
+
+
+def _flux(
+    pipe: Any,
+    prompts: list[str],
+    negatives: list[str] | None,
+    max_sequence_length: int | None,
+    guidance: float | None,
+    **_: Any,
+) -> tuple[Conditioning, Conditioning]:
+    def enc(texts: list[str]) -> Conditioning:
+        pe, ppe, txt_ids = pipe.encode_prompt(
+            prompt=texts, prompt_2=None, device=_device(pipe), num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length or 512,
+        )  # fmt: skip
+        return Conditioning(prompt_embeds=pe, pooled_prompt_embeds=ppe, txt_ids=txt_ids)
+
+    cond, uncond = enc(prompts), enc(negatives or [""] * len(prompts))
+    if getattr(pipe.transformer.config, "guidance_embeds", False):
+        g = torch.full((len(prompts),), 3.5 if guidance is None else float(guidance), dtype=torch.float32)
+        cond, uncond = cond.replace(guidance=g), uncond.replace(guidance=g)
+    return cond, uncond
+
+
+_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+
+
+def encode_with_pipeline(
+    pipeline: Any,
+    family: str,
+    prompts: list[str],
+    negative_prompts: list[str] | None = None,
+    resolution: int | None = None,
+    max_sequence_length: int | None = None,
+    guidance: float | None = None,
+) -> tuple[Conditioning, Conditioning]:
+    """``encode_prompts`` on a bare pipeline (used before a ``Teacher`` exists). See ``encode_prompts``."""
+    from fewstep.models.loading import default_resolution
+
+    if family not in _ENCODERS:
+        raise ValueError(
+            f"Prompt encoding is for text-conditioned families ({', '.join(_ENCODERS)}); got {family!r}. "
+            "Class-conditional models use fewstep.models.prompts.class_conditioning(labels, null_class)."
+        )
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+        raise ValueError(f"Got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; pass one each.")
+    with torch.no_grad():
+        return _ENCODERS[family](
+            pipeline, prompts, negative_prompts, resolution=resolution or default_resolution(pipeline),
+            max_sequence_length=max_sequence_length, guidance=guidance,
+        )  # fmt: skip
+
+
+def encode_prompts(
+    teacher: Teacher,
+    prompts: list[str],
+    negative_prompts: list[str] | None = None,
+    resolution: int | None = None,
+    max_sequence_length: int | None = None,
+    guidance: float | None = None,
+) -> tuple[Conditioning, Conditioning]:
+    """Encode prompts with the teacher pipeline's own text encoders.
+
+    Args:
+        teacher: a teacher from ``load_teacher`` (``teacher.pipeline`` holds the encoders).
+        prompts: ``b`` prompts.
+        negative_prompts: optional ``b`` negatives; default is the pipeline's own null (see the module docstring).
+        resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution).
+        max_sequence_length: T5 tokens for SD3 (default 256) and Flux (default 512), as the pipelines use.
+        guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
+
+    Returns:
+        ``(cond, uncond)``, each batched ``[b, ...]``, on the device of the teacher's backbone.
+    """
+    if teacher.pipeline is None:
+        raise ValueError("This teacher has no pipeline (a custom module); build its Conditioning yourself.")
+    if guidance is None and teacher.null_cond is not None and teacher.null_cond.guidance is not None:
+        guidance = float(teacher.null_cond.guidance.reshape(-1)[0])
+    cond, uncond = encode_with_pipeline(
+        teacher.pipeline, teacher.family, prompts, negative_prompts, resolution, max_sequence_length, guidance
+    )
+    device = next(teacher.denoiser.backbone.parameters()).device
+    return cond.to(device), uncond.to(device)
+
+
+def null_conditioning(
+    pipeline: Any, family: str, guidance: float | None = None, resolution: int | None = None
+) -> Conditioning:
+    """The unconditional input for one sample (batch 1): the pipeline's encoding of the null prompt ``""``."""
+    _, uncond = encode_with_pipeline(pipeline, family, [""], resolution=resolution, guidance=guidance)
+    return uncond

@@ -1,0 +1,5 @@
+"""Test helpers: the tiny offline model zoo (``tiny_path``, ``load_tiny_pipeline``, ``FAMILIES``)."""
+
+from fewstep.testing.zoo import FAMILIES, build_tiny_pipeline, cache_root, load_tiny_pipeline, tiny_path
+
+__all__ = ["FAMILIES", "build_tiny_pipeline", "cache_root", "load_tiny_pipeline", "tiny_path"]

@@ -1,0 +1,58 @@
+"""Tokenizers built entirely offline for the tiny model zoo.
+
+Real CLIP and T5 vocabularies come from the model hub; a test only needs a tokenizer with the right class, special
+tokens and padding behaviour, so the ones here are built in memory:
+
+* ``clip_tokenizer``: byte-level BPE with no merges (every byte is a token), the CLIP special tokens at the end of
+  the vocabulary exactly as CLIP places them, ``model_max_length = 77``.
+* ``t5_tokenizer``: a SentencePiece-style Unigram tokenizer over printable ASCII characters (T5's ``<pad>=0``,
+  ``</s>=1``, ``<unk>=2`` layout, no sentinel tokens).
+
+Both save with ``save_pretrained`` (``tokenizer.json`` and friends) and reload with ``from_pretrained(dir)`` offline.
+"""
+
+from __future__ import annotations
+
+import string
+
+from transformers import CLIPTokenizer, T5Tokenizer
+
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"
+CLIP_MAX_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte → printable unicode symbol table (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def clip_vocab() -> dict[str, int]:
+    """The 256 byte symbols, the same with ``</w>``, then ``<|startoftext|>`` and ``<|endoftext|>`` (514 tokens)."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [CLIP_BOS, CLIP_EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer with no merges. Ids: ``bos = 512``, ``eos = pad = 513``."""
+    return CLIPTokenizer(vocab=clip_vocab(), merges=[], model_max_length=model_max_length)
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """``<pad>``, ``</s>``, ``<unk>``, the word-start marker ``▁``, then printable ASCII characters."""
+    chars = [c for c in string.printable if not c.isspace()]
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in chars]
+
+
+def t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+    """A character-level Unigram T5 tokenizer (``pad = 0``, ``eos = 1``, ``unk = 2``), no sentinel tokens."""
+    return T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=model_max_length)

@@ -1,0 +1,335 @@
+"""A tiny offline model zoo: random-weight pipelines of every supported family, built from configs on a CPU.
+
+Each family is a real diffusers pipeline class with real component classes, shrunk so a backbone forward takes
+milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoders have two layers of width 32-64.
+
+* ``sd15``: ``StableDiffusionPipeline`` (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``) with a
+  ``DDIMScheduler`` configured as Stable Diffusion ships it (scaled-linear betas, ``leading`` spacing,
+  ``steps_offset=1``, ``set_alpha_to_one=False``, no clipping).
+* ``sdxl``: ``StableDiffusionXLPipeline`` (two CLIP encoders, the second with a projection; ``text_time`` added
+  conditioning) with SDXL's ``EulerDiscreteScheduler`` config.
+* ``sd3``: ``StableDiffusion3Pipeline`` (two CLIP encoders + a T5 encoder) with ``FlowMatchEulerDiscreteScheduler``
+  (static shift 3.0).
+* ``flux``: ``FluxPipeline`` (CLIP + T5, guidance embedding on) with ``FlowMatchEulerDiscreteScheduler`` using
+  dynamic (resolution-dependent) shifting as FLUX.1 does.
+
+Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
+``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
+renamed into place, and loaded back with ``DiffusionPipeline.from_pretrained(dir, local_files_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.testing.tokenizer import clip_tokenizer, t5_tokenizer
+
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
+ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
+MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
+RESOLUTION = 16  # default image size of every tiny pipeline (latents 8×8)
+SEED = 0
+
+_SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def cache_root() -> Path:
+    """``$FEWSTEP_CACHE/tiny`` or ``~/.cache/fewstep/tiny``."""
+    base = os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep"
+    return Path(base).expanduser() / "tiny"
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown tiny model family {family!r}; available: {', '.join(FAMILIES)}.")
+    return family
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _clip_config(projection_dim: int | None = None) -> Any:
+    from transformers import CLIPTextConfig
+
+    kwargs = {"projection_dim": projection_dim} if projection_dim else {}
+    return CLIPTextConfig(
+        vocab_size=514,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,  # SDXL reads hidden_states[-2]
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=512,
+        eos_token_id=513,  # the pooled output is read at the first eos token
+        pad_token_id=513,
+        **kwargs,
+    )
+
+
+def _clip(projection: bool = False) -> Any:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if projection:
+        return CLIPTextModelWithProjection(_clip_config(projection_dim=32)).eval()
+    return CLIPTextModel(_clip_config()).eval()
+
+
+def _t5(d_model: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=98,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _vae(scaling_factor: float, shift_factor: float | None = None, quant_conv: bool = True) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),  # two blocks: vae_scale_factor = 2
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
+    )
+
+
+def _unet(sdxl: bool) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    extra: dict[str, Any] = {}
+    if sdxl:  # text_time: 6 micro-conditioning ids × 8 + the second encoder's 32-d projection
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "use_linear_projection": True,
+        }
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=64 if sdxl else 32,  # SDXL concatenates both encoders' hidden states
+        attention_head_dim=8,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipelines
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _build_sd15() -> Any:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        **_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(0.18215),
+        text_encoder=_clip(),
+        tokenizer=clip_tokenizer(),
+        unet=_unet(sdxl=False),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl() -> Any:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        **_SD_BETAS, steps_offset=1, timestep_spacing="leading", interpolation_type="linear"
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(0.13025),
+        text_encoder=_clip(),
+        text_encoder_2=_clip(projection=True),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=_unet(sdxl=True),
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def _build_sd3() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # = T5 width; the two CLIP widths (32 + 32) are padded to it
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # both CLIP projections concatenated
+        pos_embed_max_size=16,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae(1.5305, 0.0609, quant_conv=False),
+        text_encoder=_clip(projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip(projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(d_model=64),
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
+def _build_flux() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed in 2×2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # = T5 width
+        pooled_projection_dim=32,  # = CLIP width (Flux uses the pooled output, no projection)
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1's scheduler config
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae(0.3611, 0.1159, quant_conv=False),
+        text_encoder=_clip(),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5(d_model=32),
+        tokenizer_2=t5_tokenizer(),
+    )
+
+
+_BUILDERS: dict[str, Callable[[], Any]] = {
+    "sd15": _build_sd15,
+    "sdxl": _build_sdxl,
+    "sd3": _build_sd3,
+    "flux": _build_flux,
+}
+
+
+def build_tiny_pipeline(family: str, seed: int = SEED) -> Any:
+    """Build (not save) a tiny random pipeline of ``family``; the same ``seed`` gives the same weights.
+
+    The global RNG state is restored afterwards.
+    """
+    builder = _BUILDERS[_check_family(family)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = builder()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_current(path: Path, family: str) -> bool:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("family") == family and marker.get("version") == ZOO_VERSION
+
+
+def tiny_path(family: str) -> Path:
+    """The directory of the tiny ``family`` pipeline, built and saved on first use (atomic: temp dir + rename).
+
+    Args:
+        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``).
+
+    Returns:
+        A ``save_pretrained`` directory loadable with ``DiffusionPipeline.from_pretrained(path)`` offline.
+    """
+    path = cache_root() / _check_family(family)
+    if _is_current(path, family):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=path.parent))
+    try:
+        build_tiny_pipeline(family).save_pretrained(tmp, safe_serialization=True)
+        marker = {"family": family, "version": ZOO_VERSION, "resolution": RESOLUTION}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        _move_into_place(tmp, path, family)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path, family: str) -> None:
+    """Rename ``tmp`` to ``path``; a stale ``path`` is renamed away first; a concurrent winner is kept."""
+    if path.exists() and not _is_current(path, family):
+        stale = Path(tempfile.mkdtemp(prefix=f".{family}-stale-", dir=path.parent))
+        try:
+            os.replace(path, stale / family)
+        except OSError:
+            pass  # another process moved it already
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not _is_current(path, family):  # not a concurrent build that finished first
+            raise
+
+
+def load_tiny_pipeline(family: str, dtype: torch.dtype = torch.float32) -> Any:
+    """Load the tiny ``family`` pipeline from its cache directory (built on first use), progress bars off."""
+    from fewstep.models.loading import load_pipeline
+
+    return load_pipeline(str(tiny_path(family)), dtype=dtype)

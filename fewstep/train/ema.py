@@ -1,0 +1,77 @@
+"""Exponential moving average of the trainable weights: ``θ_ema ← d·θ_ema + (1 − d)·θ`` after each optimizer step.
+
+Only parameters that require grad are averaged (a LoRA student: its adapters), in fp32, per trainable group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+class EMA:
+    """EMA shadows of every trainable group.
+
+    Args:
+        modules: the trainable groups by name (``objective.trainable()``, unwrapped).
+        decay: ``d`` in ``θ_ema ← d·θ_ema + (1 − d)·θ``.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"train.ema_decay={decay} must be in [0, 1) (e.g. 0.999), or null to turn EMA off.")
+        self.decay = decay
+        self.modules = modules
+        self.shadow: dict[str, dict[str, Tensor]] = {
+            group: {n: p.detach().float().clone() for n, p in trainable_parameters(m).items()}
+            for group, m in modules.items()
+        }
+
+    @torch.no_grad()
+    def update(self, group: str) -> None:
+        """Average the current weights of ``group`` into its shadow (call after that group's optimizer step)."""
+        params = trainable_parameters(self.modules[group])
+        for name, s in self.shadow[group].items():
+            s.lerp_(params[name].detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily load the EMA weights into the modules (for sampling), restoring the live ones afterwards."""
+        backup = {
+            g: {n: p.detach().clone() for n, p in trainable_parameters(m).items()} for g, m in self.modules.items()
+        }
+        self._copy(self.shadow)
+        try:
+            yield
+        finally:
+            self._copy(backup)
+
+    @torch.no_grad()
+    def _copy(self, source: dict[str, dict[str, Tensor]]) -> None:
+        for group, m in self.modules.items():
+            params = trainable_parameters(m)
+            for name, t in source[group].items():
+                params[name].copy_(t)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat ``{"<group>/<param>": tensor}`` (a safetensors-ready dict)."""
+        return {f"{g}/{n}": t for g, d in self.shadow.items() for n, t in d.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+            raise ValueError(
+                f"EMA state does not match the trainable weights (missing {missing}, unexpected {unexpected}). "
+                "Resume with the same student and objective settings."
+            )
+        for key, t in state.items():
+            group, name = key.split("/", 1)
+            self.shadow[group][name].copy_(t)

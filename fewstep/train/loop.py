@@ -1,0 +1,324 @@
+"""The one training loop (DESIGN §5): accelerate, one AdamW per trainable group, phases, accumulation, clipping,
+EMA, non-finite guard, checkpoints with exact resume, signals, scalars and sample grids.
+
+Per step: ``phase = objective.phase(step)``; ``gradient_accumulation_steps`` micro-batches of
+``objective.loss(batch, step, phase)`` are backpropagated; the phase's optimizer clips, steps, and zero-grads its
+group only; EMA and ``objective.on_step_end`` follow. A non-finite loss (on any rank) skips the update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fewstep.data.loader import build_batches
+from fewstep.models.teacher import Teacher
+from fewstep.train.build import Components, build_components
+from fewstep.train.checkpoint import (
+    checkpoint_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    trainable_state,
+)
+from fewstep.train.ema import EMA, trainable_parameters
+from fewstep.train.logging import flatten_metrics, write_samples
+from fewstep.train.optim import build_optimizers, build_schedulers
+
+SUMMARY = "run_summary.json"
+
+
+def make_accelerator(recipe: Any) -> Any:
+    """``Accelerator`` from the recipe (DDP/FSDP/DeepSpeed come from ``accelerate launch``'s own config)."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        mixed_precision=recipe.train.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(recipe.output_dir),
+    )
+
+
+def train(recipe: Any, accelerator: Any = None, teacher: Teacher | None = None) -> Path:
+    """Train ``recipe`` and return its run directory (``recipe.output_dir``).
+
+    Resumes from ``train.resume`` (``auto``: the newest complete checkpoint of the run). SIGTERM/SIGINT finish the
+    current step, write a checkpoint and return normally.
+
+    Args:
+        recipe: a validated ``fewstep.config.schema.Recipe``.
+        accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``recipe.train``).
+        teacher: a ready ``Teacher`` (e.g. ``Teacher.from_module``) instead of loading ``recipe.teacher``.
+    """
+    from accelerate.utils import set_seed
+
+    accelerator = accelerator if accelerator is not None else make_accelerator(recipe)
+    set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
+    components = build_components(recipe, teacher=teacher)
+    trainer = Trainer(recipe, accelerator, components)
+    return trainer.fit()
+
+
+class Trainer:
+    """The state of one run. ``fit()`` trains to ``train.max_steps`` (or until a signal) and returns the run dir."""
+
+    def __init__(self, recipe: Any, accelerator: Any, components: Components) -> None:
+        from accelerate.utils import set_seed
+
+        self.recipe, self.acc, self.cfg = recipe, accelerator, recipe.train
+        self.run_dir = Path(recipe.output_dir)
+        self.teacher, self.objective = components.teacher, components.objective
+        self.teacher.denoiser.to(accelerator.device)
+        if self.teacher.pipeline is not None and hasattr(self.teacher.pipeline, "to"):
+            self.teacher.pipeline.to(accelerator.device)
+
+        self.groups: dict[str, torch.nn.Module] = self.objective.trainable()  # unwrapped
+        optimizers = build_optimizers(self.groups, recipe.optim)
+        self.schedulers = build_schedulers(optimizers, recipe.optim, self.cfg.max_steps)
+        names = list(self.groups)
+        prepared = accelerator.prepare(*self.groups.values(), *optimizers.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.modules = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(names, prepared[len(names) :]))
+        self.objective.attach(self.modules)
+        self.ema = EMA(self.groups, self.cfg.ema_decay) if self.cfg.ema_decay is not None else None
+
+        self.step, position, self.nonfinite_steps = 0, 0, 0
+        self.resumed_from = resolve_resume(self.run_dir, self.cfg.resume)
+        if self.resumed_from is not None:
+            position = self._load(self.resumed_from)
+        else:
+            set_seed(self.cfg.seed + accelerator.process_index)  # per-rank noise from here on
+        self.batches = build_batches(recipe.data, self.teacher, accelerator, position, seed=self.cfg.seed)
+        self._stop_requested = False  # set by a signal on this rank
+        self._stop = False  # the same on every rank: set when any rank got a signal
+        self._last_saved = self.step if self.resumed_from is not None else -1
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        acc = self.acc
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(self.recipe, self.run_dir / "resolved_config.yaml")
+        acc.init_trackers("fewstep")
+        fixed = self._fixed_sample_inputs()
+        restore = self._install_signal_handlers()
+        bar = tqdm(
+            total=self.cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            disable=not (acc.is_main_process and self.cfg.progress),
+        )
+        try:
+            while self.step < self.cfg.max_steps and not self._stop:
+                scalars = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
+                if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+                    acc.log(scalars, step=self.step)
+                if fixed is not None and self.step % self.cfg.sample_every == 0:
+                    fixed = self.write_samples(fixed)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save()
+            self.save()  # the final one (or the one a signal asked for); skipped if this step is saved already
+            if self._stop and acc.is_main_process:
+                _say(f"Stopped by a signal after step {self.step}: {checkpoint_dir(self.run_dir, self.step)}")
+            self._write_summary()
+        finally:
+            bar.close()
+            restore()
+            acc.end_training()
+        return self.run_dir
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step of the current phase over ``gradient_accumulation_steps`` micro-batches."""
+        acc, phase = self.acc, self.objective.phase(self.step)
+        if phase not in self.optimizers:
+            raise ValueError(f"objective.phase({self.step}) returned {phase!r}; its groups are {sorted(self.groups)}.")
+        optimizer, losses, metrics = self.optimizers[phase], [], {}
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            batch = next(self.batches)
+            with acc.accumulate(*self.modules.values()), acc.autocast():
+                out = self.objective.loss(batch, self.step, phase)
+                acc.backward(out.loss)
+            losses.append(out.loss.detach().float())
+            metrics = out.metrics
+        loss = torch.stack(losses).mean()
+        max_norm = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip is not None else math.inf
+        grad_norm = acc.clip_grad_norm_(list(trainable_parameters(self.modules[phase]).values()), max_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else None  # None: DeepSpeed clips internally
+        # One collective per step: [loss non-finite, stop requested, loss] summed over ranks.
+        flags = torch.tensor(
+            [float(not torch.isfinite(loss)), float(self._stop_requested), float(loss)], device=acc.device
+        )
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        # fp16: the grad scaler skips overflowing steps itself (a normal event), only a non-finite loss counts.
+        bad_grad = grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None
+        skip = bool(flags[0] > 0) or bad_grad
+        self._stop = bool(flags[1] > 0)
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            self._check_nonfinite(float(flags[2]) / acc.num_processes, grad_norm)
+        else:
+            optimizer.step()
+            self.schedulers[phase].step()
+            optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(phase)
+            self.objective.on_step_end(self.step, phase)
+        self.step += 1
+        scalars = {
+            "loss": float(flags[2]) / acc.num_processes,
+            "nonfinite_steps": float(self.nonfinite_steps),
+            **{f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()},
+        }
+        if grad_norm is not None:
+            scalars[f"grad_norm/{phase}"] = grad_norm
+        return {**scalars, **flatten_metrics("metrics", metrics)}
+
+    def _check_nonfinite(self, loss: float, grad_norm: float | None) -> None:
+        msg = (
+            f"Step {self.step + 1}: non-finite loss or gradient (loss={loss}, grad norm={grad_norm}); the update was "
+            f"skipped ({self.nonfinite_steps} skipped so far, train.max_nonfinite={self.cfg.max_nonfinite})."
+        )
+        if self.nonfinite_steps > self.cfg.max_nonfinite:
+            raise RuntimeError(
+                f"{msg} Stopping: too many non-finite steps. Try a lower optim.lr, optim.grad_clip (e.g. 1.0), "
+                "train.mixed_precision=no (fp32), or check the data for NaN/inf values."
+            )
+        if self.acc.is_main_process:
+            _say(msg)
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        """Write ``checkpoints/step_XXXXXXXX`` (collective) unless this step is saved already."""
+        if self._last_saved == self.step:
+            return None
+        path = checkpoint_dir(self.run_dir, self.step)
+        meta = {
+            "step": self.step,
+            "data_position": self.batches.position,
+            "nonfinite_steps": self.nonfinite_steps,
+            "world_size": self.acc.num_processes,
+            "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+        }
+        save_checkpoint(
+            path,
+            self.acc,
+            self.modules,
+            self.optimizers,
+            self.schedulers,
+            self.ema,
+            self.objective.state_dict(),
+            meta,
+            keep_last=self.cfg.keep_last,
+        )
+        self._last_saved = self.step
+        return path
+
+    def _load(self, ckpt: Path) -> int:
+        objective_state, meta = load_checkpoint(
+            ckpt, self.acc, self.modules, self.optimizers, self.schedulers, self.ema
+        )
+        self.objective.load_state_dict(objective_state)
+        if meta.get("grad_scaler") and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(meta["grad_scaler"])
+        self.step, self.nonfinite_steps = int(meta["step"]), int(meta["nonfinite_steps"])
+        if self.acc.is_main_process:
+            _say(f"Resuming from {ckpt} (step {self.step}).")
+        return int(meta["data_position"])
+
+    # --- samples, summary, signals -------------------------------------------------------------------------------
+
+    def _fixed_sample_inputs(self) -> tuple[torch.Tensor, Any] | None:
+        """The noise and conditioning every sample grid of this run uses (drawn from ``train.seed``)."""
+        n = self.cfg.num_sample_images
+        if not self.cfg.sample_every or n <= 0 or not self.acc.is_main_process:
+            return None
+        preview = self.batches.preview(n)
+        if preview.x0 is not None:
+            shape = tuple(preview.x0.shape[1:])
+        else:  # data-free: the teacher's latent shape at data.resolution
+            from fewstep.models.loading import latent_shape
+
+            shape = latent_shape(self.teacher, n, self.recipe.data.resolution)[1:]
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        return torch.randn((n, *shape), generator=gen).to(self.acc.device), preview.cond
+
+    def write_samples(self, fixed: tuple[torch.Tensor, Any]) -> tuple[torch.Tensor, Any] | None:
+        """``samples/step_XXXXXXXX.png`` (EMA weights if any). A failure turns grids off instead of ending the run;
+        returns the inputs for the next grid, or None."""
+        noise, cond = fixed
+        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
+        try:
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                write_samples(self.objective, self.teacher, noise, cond, list(self.cfg.sample_steps), path)
+        except Exception as err:  # a sample grid must never cost the run
+            _say(f"WARNING: sample grid at step {self.step} failed ({type(err).__name__}: {err}); grids are off now.")
+            return None
+        return fixed
+
+    def _write_summary(self) -> None:
+        """``run_summary.json``: final step, world size, and a fingerprint of every rank's trainable weights (they
+        must agree: a mismatch means the ranks diverged)."""
+        from accelerate.utils import gather_object
+
+        digest = hashlib.sha256()
+        for name in sorted(self.modules):
+            for key, t in sorted(trainable_state(self.acc.unwrap_model(self.modules[name])).items()):
+                digest.update(key.encode())
+                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        fingerprints = gather_object([digest.hexdigest()])
+        if self.acc.is_main_process:
+            summary = {
+                "step": self.step,
+                "world_size": self.acc.num_processes,
+                "nonfinite_steps": self.nonfinite_steps,
+                "stopped_by_signal": self._stop,
+                "resumed_from": str(self.resumed_from) if self.resumed_from is not None else None,
+                "weight_fingerprints": fingerprints,
+            }
+            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+            if len(set(fingerprints)) > 1:
+                _say(f"WARNING: the ranks ended with different weights: {fingerprints}")
+
+    def _install_signal_handlers(self) -> Any:
+        """SIGTERM/SIGINT ask for a clean stop (checkpoint after this step); a second signal acts as usual."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum: int, frame: Any) -> None:  # only sets flags: printing here could re-enter stdio
+            self._stop_requested = True
+            signal.signal(signum, previous[signum])
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+def _say(message: str) -> None:
+    """A line on stderr that does not break the progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def write_resolved_config(recipe: Any, path: Path) -> None:
+    """The recipe with every default filled in; ``fewstep train resolved_config.yaml`` repeats the run."""
+    from fewstep.config.load import dump_recipe
+
+    path.write_text(dump_recipe(recipe))

@@ -1,0 +1,152 @@
+"""The ``fewstep`` command line: exit codes, error output without tracebacks, dry-run YAML, recipe listing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fewstep.cli.main import main
+from fewstep.config import Recipe, list_recipes, load_recipe
+
+REPO = Path(__file__).resolve().parents[3]
+
+VALID = """\
+description: Digits LCM for the CLI tests
+teacher: {pretrained: "fewstep:digits-vp", guidance_scale: 1.0}
+objective: {name: lcm, w_min: 0.0, w_max: 0.0}
+data: {source: digits, batch_size: 4}
+train: {max_steps: 10, mixed_precision: no}
+output_dir: runs/cli_test
+"""
+
+INVALID = """\
+teacher: {pretrained: "fewstep:digits-vp", dtype: fp8}
+objective: {name: lmc}
+data: {source: digits, batch_sise: 4}
+optim: {lr: -1.0}
+output_dir: runs/cli_test
+"""
+
+
+def fewstep(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "fewstep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def recipes(tmp_path: Path) -> Path:
+    (tmp_path / "quickstart").mkdir()
+    (tmp_path / "quickstart" / "valid.yaml").write_text(VALID)
+    (tmp_path / "invalid.yaml").write_text(INVALID)
+    return tmp_path
+
+
+def test_validate_exit_codes_and_every_error_without_traceback(recipes):
+    ok = fewstep("validate", str(recipes / "quickstart" / "valid.yaml"), "train.max_steps=2")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("valid: ") and "objective lcm" in ok.stdout and "2 steps" in ok.stdout
+
+    bad = fewstep("validate", str(recipes / "invalid.yaml"), "train.max_stesp=3")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.startswith(f"error: 5 errors in recipe {recipes / 'invalid.yaml'}:")
+    for line in [
+        "  - teacher.dtype: not an allowed value; got 'fp8'; allowed: 'float32', 'bfloat16', 'float16'",
+        "  - objective.name: unknown objective; got 'lmc'",
+        "  - data.batch_sise: unknown key; got 4",
+        "  - optim.lr: should be greater than 0; got -1.0",
+        "  - train.max_stesp: unknown key; got 3",
+    ]:
+        assert line in bad.stderr
+    assert "Did you mean 'lcm'?" in bad.stderr and "Did you mean 'batch_size'?" in bad.stderr
+
+
+def test_dry_run_prints_the_resolved_recipe_that_loads_back(recipes, tmp_path):
+    path = recipes / "quickstart" / "valid.yaml"
+    overrides = ["train.max_steps=2", "train.sample_steps=[1,2]", "student.kind=full", "student.lora=null"]
+    out = fewstep("train", str(path), overrides[0], "--dry-run", *overrides[1:])
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["train"]["max_steps"] == 2 and resolved["student"] == {
+        "kind": "full",
+        "lora": None,
+        "gradient_checkpointing": False,
+    }
+    (tmp_path / "resolved.yaml").write_text(out.stdout)
+    assert load_recipe(tmp_path / "resolved.yaml") == load_recipe(path, overrides)
+
+
+def test_missing_recipe_is_a_user_error(tmp_path):
+    out = fewstep("validate", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"error: recipe {str(tmp_path / 'nope.yaml')!r} not found")
+
+
+def test_recipes_lists_the_shipped_ones():
+    out = fewstep("recipes")
+    assert out.returncode == 0, out.stderr
+    names = list_recipes()
+    if names:
+        listed = [line.split()[0] for line in out.stdout.splitlines()]
+        assert listed == names
+    else:
+        assert out.stdout.startswith("no recipes found in")
+
+
+def test_recipes_dir_lists_names_with_descriptions(recipes, capsys):
+    assert main(["recipes", "--dir", str(recipes)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "invalid",
+        "quickstart/valid  Digits LCM for the CLI tests",
+    ]
+    assert main(["recipes", "--dir", str(recipes / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(recipes, capsys):
+    assert main(["--debug", "validate", str(recipes / "invalid.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "fewstep.config.errors.RecipeError" in err and "error: 4 errors" in err
+    assert main(["validate", str(recipes / "invalid.yaml"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_usage_errors(recipes, capsys):
+    assert main([]) == 2
+    assert "validate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["recipes", "train.max_steps=2"])
+    assert info.value.code == 2 and "unrecognized arguments: train.max_steps=2" in capsys.readouterr().err
+    assert main(["validate", str(recipes / "quickstart" / "valid.yaml"), "max_steps"]) == 2
+    assert "should look like dotted.key=value" in capsys.readouterr().err
+
+
+def test_train_and_export_call_their_entry_points(recipes, tmp_path, monkeypatch, capsys):
+    # Only the wiring is under test here: the trainer and the exporter have their own tests.
+    calls = []
+    loop = types.ModuleType("fewstep.train.loop")
+    loop.train = lambda recipe: calls.append(recipe) or tmp_path / "run"
+    export = types.ModuleType("fewstep.export")
+    export.export_run = lambda run_dir, out: calls.append((run_dir, out)) or out / "lora"
+    monkeypatch.setitem(sys.modules, "fewstep.train.loop", loop)
+    monkeypatch.setitem(sys.modules, "fewstep.export", export)
+
+    assert main(["train", str(recipes / "quickstart" / "valid.yaml"), "--dry-run", "train.seed=3"]) == 0
+    assert calls == [] and "seed: 3" in capsys.readouterr().out
+    assert main(["train", str(recipes / "quickstart" / "valid.yaml"), "train.seed=3"]) == 0
+    assert isinstance(calls[0], Recipe) and calls[0].train.seed == 3
+    assert capsys.readouterr().out == f"run directory: {tmp_path / 'run'}\n"
+
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert calls[1] == (tmp_path, tmp_path / "out")
+    assert capsys.readouterr().out == f"exported to {tmp_path / 'out' / 'lora'}\n"
+    assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "out")]) == 2
+    assert "run directory" in capsys.readouterr().err

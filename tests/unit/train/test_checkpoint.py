@@ -1,0 +1,87 @@
+"""Checkpoints: keep-last-K, atomic layout, resume from a path, and the errors for corrupt or missing checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fewstep.train.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainable_weights,
+)
+from fewstep.train.loop import train
+
+
+def test_keep_last_and_layout(make_recipe, tmp_path):
+    run = train(make_recipe(tmp_path / "run", train={"max_steps": 5, "checkpoint_every": 1, "keep_last": 2}))
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000004", "step_00000005"]
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+    ckpt = latest_checkpoint(run)
+    for name in ("trainable/student.safetensors", "optimizers/student.pt", "objective.pt", "rng/rank_0.pt", COMPLETE):
+        assert (ckpt / name).is_file(), name
+    meta = json.loads((ckpt / "state.json").read_text())
+    assert meta["step"] == 5 and meta["data_position"] == 5 * 8 and meta["world_size"] == 1
+    assert (run / "resolved_config.yaml").is_file()
+    assert list((run / "fewstep").glob("events.out.tfevents.*")), "tensorboard scalars"
+
+
+def test_corrupt_checkpoint_names_the_file_and_the_fix(make_recipe, tmp_path):
+    run = train(make_recipe(tmp_path / "run", train={"max_steps": 4, "checkpoint_every": 2}))
+    bad = checkpoint_dir(run, 4) / "trainable" / "student.safetensors"
+    bad.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(CheckpointError) as err:
+        train(make_recipe(tmp_path / "run", train={"max_steps": 6, "checkpoint_every": 2}))
+    message = str(err.value)
+    assert str(bad) in message and "corrupt" in message
+    assert "Delete" in message and "train.resume=never" in message
+
+    # Following the fix: without the corrupt checkpoint the run continues from the previous one.
+    import shutil
+
+    shutil.rmtree(checkpoint_dir(run, 4))
+    train(make_recipe(tmp_path / "run", train={"max_steps": 6, "checkpoint_every": 2}))
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["resumed_from"] == str(checkpoint_dir(run, 2)) and summary["step"] == 6
+
+
+def test_missing_file_in_checkpoint(make_recipe, tmp_path):
+    run = train(make_recipe(tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2}))
+    missing = checkpoint_dir(run, 2) / "optimizers" / "student.pt"
+    missing.unlink()
+    with pytest.raises(CheckpointError, match="is missing") as err:
+        train(make_recipe(tmp_path / "run", train={"max_steps": 4}))
+    assert str(missing) in str(err.value) and "train.resume=never" in str(err.value)
+
+
+def test_resume_from_missing_path(make_recipe, tmp_path):
+    nowhere = tmp_path / "no" / "checkpoints" / "step_00000002"
+    with pytest.raises(CheckpointError, match="no such checkpoint") as err:
+        train(make_recipe(tmp_path / "run", train={"resume": str(nowhere)}))
+    assert str(nowhere) in str(err.value) and "never" in str(err.value)
+
+
+def test_resume_from_explicit_path_and_mismatched_student(make_recipe, tmp_path):
+    source = train(make_recipe(tmp_path / "a", train={"max_steps": 4, "checkpoint_every": 2}))
+    ckpt = checkpoint_dir(source, 2)
+    run = train(make_recipe(tmp_path / "b", train={"max_steps": 3, "resume": str(ckpt)}))
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["resumed_from"] == str(ckpt) and summary["step"] == 3
+    weights = load_trainable_weights(latest_checkpoint(run))["student"]
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+    lora = {"kind": "lora", "lora": {"rank": 4}}
+    with pytest.raises(CheckpointError, match="does not match"):
+        train(make_recipe(tmp_path / "c", student=lora, train={"max_steps": 3, "resume": str(ckpt)}))
+
+
+def test_resume_never_starts_over(make_recipe, tmp_path):
+    run = train(make_recipe(tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2}))
+    train(make_recipe(tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2, "resume": "never"}))
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["resumed_from"] is None and summary["step"] == 2
