@@ -1,8 +1,26 @@
-"""Denoiser (backbone adapters), Teacher (+CFG), Student (LoRA/full), Conditioning."""
+"""Denoiser (backbone adapters), Teacher (+CFG), Student (LoRA/full), Conditioning.
 
-from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import BACKBONES, Denoiser
-from fewstep.models.student import Student, adapters_disabled
-from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
+Names are imported on first use so that light users (recipe validation) do not pay for peft and diffusers.
+"""
 
-__all__ = ["BACKBONES", "GUIDANCE_CONVENTION", "Conditioning", "Denoiser", "Student", "Teacher", "adapters_disabled"]
+import importlib
+
+_EXPORTS = {
+    "Conditioning": "fewstep.models.conditioning",
+    "BACKBONES": "fewstep.models.denoiser",
+    "Denoiser": "fewstep.models.denoiser",
+    "Student": "fewstep.models.student",
+    "adapters_disabled": "fewstep.models.student",
+    "GUIDANCE_CONVENTION": "fewstep.models.teacher",
+    "Teacher": "fewstep.models.teacher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fewstep.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

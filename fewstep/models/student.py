@@ -9,13 +9,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 # Attention projections plus the convs and linears that LCM-LoRA / diffusers' LoRA scripts adapt.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -52,7 +54,9 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
-def _tuner_layers(module: nn.Module) -> Iterator[BaseTunerLayer]:
+def _tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer  # peft is imported on first use: it is slow to import
+
     for m in module.modules():
         if isinstance(m, BaseTunerLayer):
             yield m
@@ -102,6 +106,8 @@ class Student(nn.Module):
         """A LoRA on the teacher's backbone; the teacher's view switches adapters off (no second base copy)."""
         backbone = teacher.denoiser.backbone
         targets = target_modules or _default_targets(backbone)
+        from peft import LoraConfig, inject_adapter_in_model
+
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha if alpha is not None else rank,
@@ -128,7 +134,7 @@ class Student(nn.Module):
 
 def _default_targets(backbone: nn.Module) -> list[str]:
     names = {n for n, _ in backbone.named_modules()}
-    kind = "transformer" if any(".attn.add_q_proj" in n or "transformer_blocks" in n for n in names) else "unet"
+    kind = "unet" if "UNet" in type(backbone).__name__ else "transformer"
     targets = [t for t in DEFAULT_LORA_TARGETS[kind] if any(n.endswith(t) for n in names)]
     if targets:
         return targets

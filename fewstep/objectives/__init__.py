@@ -7,8 +7,4 @@ from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, Objective
 __all__ = ["OBJECTIVES", "Batch", "LossOutput", "Objective", "StudentSampler"]
 
 for _name in ("diffusion", "lcm"):
-    try:
-        importlib.import_module(f"fewstep.objectives.{_name}")
-    except ModuleNotFoundError as err:  # INTEGRATION-TEMP: strict imports once every module exists
-        if err.name != f"fewstep.objectives.{_name}":
-            raise
+    importlib.import_module(f"fewstep.objectives.{_name}")

@@ -1,0 +1,96 @@
+"""Every shipped recipe trains 2 steps on its tiny model family and exports what its `export:` block asks for.
+
+A recipe's family is its file name prefix (``sd15_…``, ``sdxl_…``, ``sd3_…``, ``flux_…``): its hub teacher is
+swapped for ``tiny:<family>``. Recipes on the shipped digits teachers (``fewstep:…``) run as they are. Only sizes
+change (steps, batch, resolution, LoRA rank): every objective key stays as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from fewstep.config import load_recipe
+from fewstep.export.run import export_run
+from fewstep.testing import FAMILIES
+from fewstep.train.loop import train
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
+
+
+def recipe_id(path: Path) -> str:
+    return path.relative_to(RECIPES_DIR).with_suffix("").as_posix()
+
+
+def family_of(path: Path) -> str | None:
+    prefix = path.stem.split("_")[0]
+    return prefix if prefix in FAMILIES else None
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Eight real digits (sklearn), upscaled to 32 px RGB, with captions in metadata.jsonl."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("digits_images")
+    lines = []
+    for i in range(8):
+        gray = (digits.images[i] / 16.0 * 255).astype(np.uint8)
+        Image.fromarray(gray).resize((32, 32), Image.NEAREST).convert("RGB").save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a handwritten digit {digits.target[i]}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
+    shipped = load_recipe(path)
+    overrides = [
+        "train.max_steps=2", "train.checkpoint_every=1", "train.keep_last=1", "train.sample_every=2",
+        "train.sample_steps=[1,2]", "train.num_sample_images=2", "train.mixed_precision=no", "train.progress=false",
+        "train.log_every=1", "optim.warmup_steps=0", "data.batch_size=2", f"output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    family = family_of(path)
+    if family is not None:
+        overrides.append(f"teacher.pretrained=tiny:{family}")
+    else:
+        assert shipped.teacher.pretrained.startswith("fewstep:"), (
+            f"{recipe_id(path)}: name it <family>_… (one of {FAMILIES}) so it can smoke-run on a tiny model"
+        )
+    if shipped.data.source == "image_folder":
+        overrides += [f"data.path={images}", "data.resolution=32", "data.num_workers=0"]
+    elif shipped.data.source == "prompts" and shipped.data.path is not None:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red circle\na blue square\n")
+        overrides.append(f"data.path={prompts}")
+    if shipped.student.kind == "lora":
+        overrides += ["student.lora.rank=4", "student.gradient_checkpointing=false"]
+    return overrides
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=recipe_id)
+def test_recipe_trains_two_steps_and_exports(path: Path, image_folder: Path, tmp_path: Path):
+    recipe = load_recipe(path, smoke_overrides(path, image_folder, tmp_path))
+    run = train(recipe)
+
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["step"] == 2 and summary["nonfinite_steps"] == 0, summary
+    assert (run / "resolved_config.yaml").is_file()
+    assert (run / "samples" / "step_00000002.png").is_file(), "the sample grid at step 2 was not written"
+
+    out = export_run(run, tmp_path / "export")
+    names = {p.name for p in out.iterdir()}
+    assert {"README.md", "fewstep_student.json", "scheduler"} <= names, names
+    if recipe.student.kind == "lora" and recipe.export.lora:
+        with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        assert keys and all("lora" in k for k in keys), keys[:4]
+    if recipe.student.kind == "full" or recipe.export.merged:
+        root = out if recipe.student.kind == "full" else out / "merged"
+        assert (root / "model_index.json").is_file() or any(root.glob("*.safetensors")), sorted(names)
