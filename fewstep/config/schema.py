@@ -71,11 +71,12 @@ class StudentConfig(BaseModel):
 
 
 class DataConfig(BaseModel):
-    """Training data: the digits set, an image folder (images + metadata.jsonl) or a prompt list / file."""
+    """Training data: the digits set, an image folder (images + metadata.jsonl), a prompt list / file, or clean
+    samples in a safetensors file (``tensors``: ``x0`` and optional ``class_labels``, for custom teachers)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["digits", "image_folder", "prompts"]
+    source: Literal["digits", "image_folder", "prompts", "tensors"]
     path: str | None = Field(None, min_length=1)
     prompts: list[str] | None = Field(None, min_length=1)
     resolution: PositiveInt | None = None
@@ -127,6 +128,20 @@ class DataConfig(BaseModel):
                         ),
                     )
                 )
+        elif self.source == "tensors":
+            if self.path is None:
+                issues.append(
+                    issue(
+                        "path",
+                        "required for source: tensors",
+                        hint="Set data.path to a safetensors file with x0 [n, ...] and optionally class_labels [n].",
+                    )
+                )
+            for key in ("prompts", "resolution"):
+                if getattr(self, key) is not None:
+                    issues.append(
+                        issue(key, "not used with source: tensors", getattr(self, key), hint=f"Remove data.{key}.")
+                    )
         else:  # digits: the dataset ships with scikit-learn
             for key in ("path", "prompts"):
                 if getattr(self, key) is not None:

@@ -1,9 +1,10 @@
-"""Datasets (digits, image folders, prompt sets) and the resumable, sharded batch stream the trainer reads."""
+"""Datasets (digits, image folders, prompt sets, tensor files) and the resumable, sharded batch stream the trainer reads."""
 
 from fewstep.data.digits import DigitsDataset
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, load_image
 from fewstep.data.loader import BatchStream, build_batches
 from fewstep.data.prompts import PromptDataset
+from fewstep.data.tensors import TensorFileDataset
 
 __all__ = [
     "BatchStream",
@@ -11,6 +12,7 @@ __all__ = [
     "ImageFolderDataset",
     "LatentCache",
     "PromptDataset",
+    "TensorFileDataset",
     "build_batches",
     "load_image",
 ]

@@ -18,11 +18,12 @@ from torch import Tensor
 from fewstep.data.digits import NUM_CLASSES, DigitsDataset
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_items
 from fewstep.data.prompts import PromptDataset
+from fewstep.data.tensors import TensorFileDataset
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.protocol import Batch
 
-SOURCES = ("digits", "image_folder", "prompts")
+SOURCES = ("digits", "image_folder", "prompts", "tensors")
 
 
 def epoch_order(num_items: int, epoch: int, seed: int, shuffle: bool = True) -> Tensor:
@@ -104,7 +105,8 @@ class BatchStream:
         self.batch_size = int(data_cfg.batch_size)
         self.dataset = _build_dataset(data_cfg)
         self.index_stream = IndexStream(len(self.dataset), seed, bool(data_cfg.shuffle))
-        self._prompts = PromptCache(teacher, data_cfg.resolution) if data_cfg.source != "digits" else None
+        with_prompts = data_cfg.source in ("image_folder", "prompts")
+        self._prompts = PromptCache(teacher, data_cfg.resolution) if with_prompts else None
         self._cache: LatentCache | None = None
         if data_cfg.source == "image_folder":
             if not data_cfg.resolution:
@@ -138,6 +140,12 @@ class BatchStream:
                 return Batch(cond=Conditioning(), uncond=None, x0=x0)
             cond = Conditioning(class_labels=ds.labels[idx].to(self.device))
             return Batch(cond=cond, uncond=self.teacher.uncond_like(cond), x0=x0)
+        if self.cfg.source == "tensors":
+            x0, labels = self.dataset.batch(idx)
+            if labels is None:
+                return Batch(cond=Conditioning(), uncond=None, x0=x0.to(self.device))
+            cond = Conditioning(class_labels=labels.to(self.device))
+            return Batch(cond=cond, uncond=self.teacher.uncond_like(cond), x0=x0.to(self.device))
         if self.cfg.source == "prompts":
             cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device)
             return Batch(cond=cond, uncond=uncond, x0=None)
@@ -176,6 +184,8 @@ def build_batches(
 def _build_dataset(data_cfg: Any) -> Any:
     if data_cfg.source == "digits":
         return DigitsDataset("train")  # the test split stays held out for evaluation
+    if data_cfg.source == "tensors":
+        return TensorFileDataset(data_cfg.path)
     if data_cfg.source == "prompts":
         return PromptDataset(data_cfg.prompts, data_cfg.path)
     if not data_cfg.path:

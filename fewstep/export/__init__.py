@@ -10,7 +10,7 @@ from fewstep.export.lora import (
     save_lora,
     save_merged,
 )
-from fewstep.export.run import export_run, export_student, sampling_spec
+from fewstep.export.run import export_run, export_student, load_run, sampling_spec
 from fewstep.export.scheduler import SamplingSpec, read_schedule, write_schedule
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "SamplingSpec",
     "export_run",
     "export_student",
+    "load_run",
     "lora_state_dict",
     "merged_backbone",
     "read_schedule",

@@ -105,15 +105,16 @@ def load_trainable(module: nn.Module, state: dict[str, Any], name: str) -> None:
         )
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Export the newest checkpoint of a training run.
-
-    Rebuilds teacher, student and objective from ``<run_dir>/resolved_config.yaml``, loads the newest checkpoint's
-    trainable weights, and writes what the recipe's ``export`` block asks for (see ``export_student``).
+def load_run(run_dir: str | Path, teacher: Teacher | None = None) -> tuple[Any, Any]:
+    """Rebuild a run's teacher, student and objective and load its newest checkpoint's trainable weights.
 
     Args:
         run_dir: the run directory (the recipe's ``output_dir``).
-        out_dir: where to write; ``<run_dir>/export`` by default.
+        teacher: the run's custom teacher (``Teacher.from_module``), if it was trained with one.
+
+    Returns:
+        ``(recipe, components)``: the run's resolved recipe and ``fewstep.train.build.Components`` with trained
+        weights (the student in eval mode).
 
     Raises:
         FileNotFoundError: no resolved config or no complete checkpoint in ``run_dir``.
@@ -130,22 +131,40 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(
-            f"No complete checkpoint in {str(run_dir / 'checkpoints')!r}: nothing to export. Train until the first "
+            f"No complete checkpoint in {str(run_dir / 'checkpoints')!r}: nothing to load. Train until the first "
             "checkpoint (train.checkpoint_every) or resume the run; SIGINT/SIGTERM also write one."
         )
     from fewstep.config.load import load_recipe
     from fewstep.train.build import build_components
 
     recipe = load_recipe(config)
-    components = build_components(recipe)
+    components = build_components(recipe, teacher=teacher)
     weights = load_trainable_weights(checkpoint)
     for name, module in components.objective.trainable().items():
         if name not in weights:
             raise ValueError(f"Checkpoint {str(checkpoint)!r} has no weights for {name!r} (has {sorted(weights)}).")
         load_trainable(module, weights[name], name)
-    logger.info("Exporting %s", checkpoint)
+    components.student.eval()
+    logger.info("Loaded %s", checkpoint)
+    return recipe, components
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export the newest checkpoint of a training run.
+
+    Rebuilds teacher, student and objective from ``<run_dir>/resolved_config.yaml``, loads the newest checkpoint's
+    trainable weights (``load_run``), and writes what the recipe's ``export`` block asks for (``export_student``).
+
+    Args:
+        run_dir: the run directory (the recipe's ``output_dir``).
+        out_dir: where to write; ``<run_dir>/export`` by default.
+
+    Raises:
+        FileNotFoundError: no resolved config or no complete checkpoint in ``run_dir``.
+    """
+    recipe, components = load_run(run_dir)
     return export_student(
-        components.student, components.teacher, components.objective, out_dir or run_dir / "export",
+        components.student, components.teacher, components.objective, out_dir or Path(run_dir) / "export",
         lora=recipe.export.lora, merged=recipe.export.merged, kohya=recipe.export.kohya,
         base_model=recipe.teacher.pretrained,
         description=recipe.description,
