@@ -1,4 +1,4 @@
-"""Datasets (digits, image folders, prompt sets, tensor files) and the resumable, sharded batch stream the trainer reads."""
+"""Datasets (digits, image folders, prompt sets, tensor files) and the resumable, sharded batch stream."""
 
 from fewstep.data.digits import DigitsDataset
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, load_image
