@@ -1,0 +1,141 @@
+"""``route_attention``: torch.func.jvp through real (tiny) diffusers models, equal to the math-attention result."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from fewstep.kernels import attention_jvp_reference, route_attention
+from fewstep.kernels.attention import AttentionWithJVP
+
+
+def tiny_denoiser_fn(family: str):
+    """``x ↦ raw output`` of the tiny teacher of ``family`` at τ = 0.5 for one prompt, through fewstep's adapter."""
+    from fewstep.models.loading import latent_shape, load_teacher
+    from fewstep.models.prompts import encode_prompts
+
+    cfg = SimpleNamespace(pretrained=f"tiny:{family}", family="auto", dtype="float32", guidance_scale=1.0,
+                          revision=None, variant=None)  # fmt: skip
+    teacher = load_teacher(cfg)
+    cond, _ = encode_prompts(teacher, ["a red square"])
+    tau = torch.tensor([0.5])
+    x = torch.randn(latent_shape(teacher, 1), generator=torch.Generator().manual_seed(0))
+    return (lambda x: teacher.denoiser.raw(x, tau, cond)), x, teacher.denoiser.backbone
+
+
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    text, t = torch.randn(1, 5, 32), torch.tensor([500])
+    return (lambda x: model(x, t, text, return_dict=False)[0]), torch.randn(1, 4, 2, 8, 8), model
+
+
+def model_fn(name: str):
+    return tiny_wan() if name == "wan" else tiny_denoiser_fn(name)
+
+
+class CountingRoute:
+    """Counts calls of the routed op (proves the route, not the math backend, computed the tangent)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        jvp = AttentionWithJVP.jvp
+
+        def counted(ctx, *tangents):
+            self.calls += 1
+            return jvp(ctx, *tangents)
+
+        monkeypatch.setattr(AttentionWithJVP, "jvp", staticmethod(counted))
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "flux", "wan"])
+def test_jvp_through_the_model_equals_math_attention(name, monkeypatch):
+    fn, x, model = model_fn(name)
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(NotImplementedError, match="forward AD"):  # the default CPU SDPA has no forward-mode rule
+        torch.func.jvp(fn, (x,), (dx,))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        ref_out, ref_tangent = torch.func.jvp(fn, (x,), (dx,))
+    counter = CountingRoute(monkeypatch)
+    with torch.no_grad(), route_attention(model):
+        out, tangent = torch.func.jvp(fn, (x,), (dx,))
+    assert counter.calls > 0
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tangent, ref_tangent, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and it is the derivative: central finite differences
+        h = 1e-2
+        fd = (fn(x + h * dx) - fn(x - h * dx)) / (2 * h)
+    assert (tangent - fd).abs().max() < 2e-3 * max(1.0, float(fd.abs().max()))
+
+
+def test_routed_forward_is_unchanged_and_the_route_is_scoped():
+    fn, x, model = model_fn("sd3")
+    with torch.no_grad():
+        plain = fn(x)
+        with route_attention(model):
+            routed = fn(x)
+    torch.testing.assert_close(routed, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError):  # the mode is gone after the block
+        torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+
+
+def test_route_restores_a_pinned_attention_backend():
+    _, _, model = model_fn("flux")
+    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    for p in processors:
+        p._attention_backend = "_native_math"
+    with route_attention(model):
+        assert all(p._attention_backend is None for p in processors)
+    assert all(p._attention_backend == "_native_math" for p in processors)
+
+
+def test_sdpa_arguments_causal_and_grouped_query():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dq, dk, dv = (torch.randn_like(t) for t in (q, k, v))
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = torch.func.jvp(sdpa, (q, k, v), (dq, dk, dv))
+    with route_attention():
+        mine = torch.func.jvp(sdpa, (q, k, v), (dq, dk, dv))
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with route_attention(), pytest.raises(ValueError, match="dropout"):
+        F.scaled_dot_product_attention(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), dropout_p=0.1)
+
+
+class LargestTensor(TorchFunctionMode):
+    """Records the largest tensor any torch function returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_reference_never_builds_the_full_score_matrix():
+    """Every intermediate of the reference is at most a tile (or an input/output): never L_q × L_k."""
+    q, k, v = (torch.randn(1, 1, 1024, 8) for _ in range(3))  # inputs of 8,192 elements
+    with LargestTensor() as largest:
+        attention_jvp_reference(q, k, v, q, k, v, q_chunk=128, k_chunk=128)
+    assert largest.numel == 128 * 128, largest.numel  # one score tile; the full matrix would be 1024 * 1024
