@@ -2,6 +2,7 @@
 ``torch.func.jvp`` run through diffusers attention (DESIGN §9)."""
 
 from fewstep.kernels.attention import AttentionWithJVP, attention, attention_jvp
+from fewstep.kernels.backends import set_forward_attention
 from fewstep.kernels.reference import attention_backward_reference, attention_jvp_reference
 from fewstep.kernels.routing import route_attention
 
@@ -12,4 +13,5 @@ __all__ = [
     "attention_jvp",
     "attention_jvp_reference",
     "route_attention",
+    "set_forward_attention",
 ]

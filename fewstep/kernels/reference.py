@@ -7,7 +7,8 @@
 computed the way the kernel computes it: tiles of keys visited once with an online softmax (running max ``m`` and
 normaliser ``ℓ``) and three accumulators per query row, ``A = Σ e^{S−m}·V``, ``T = Σ e^{S−m}·(V̇ + Ṡ·V)`` and
 ``r = Σ e^{S−m}·Ṡ``; at the end ``O = A/ℓ`` and ``Ȯ = T/ℓ − (r/ℓ)·O``. Memory is ``O(q_chunk·k_chunk)`` per
-(batch, head), never ``L_q × L_k``. Everything accumulates in float32 (float64 inputs in float64); outputs are cast back to the input dtype.
+(batch, head), never ``L_q × L_k``. Everything accumulates in float32 (float64 inputs in float64); outputs are
+cast back to the input dtype.
 
 Layout is PyTorch SDPA's: ``[..., L, D]`` (usually ``[B, H, L, D]``). The mask follows SDPA too: boolean
 (``True`` = attend) or additive float, broadcastable to ``[..., L_q, L_k]``; it carries no tangent. A query row with

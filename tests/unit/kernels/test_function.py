@@ -76,3 +76,18 @@ def test_dispatch_falls_back_to_the_reference_on_cpu_and_explains_cuda():
         attention_jvp(*primals, *tangents, backend="cuda")
     with pytest.raises(ValueError, match="backend 'triton' is not one of"):
         attention_jvp(*primals, *tangents, backend="triton")
+
+
+def test_forward_backend_choice_and_xformers_errors():
+    from fewstep.kernels import set_forward_attention
+    from fewstep.kernels.backends import xformers_unavailable_reason
+    from fewstep.testing import load_tiny_pipeline
+
+    unet = load_tiny_pipeline("sd15").unet
+    set_forward_attention(unet, "sdpa")
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    with pytest.raises(ValueError, match="not one of sdpa, xformers"):
+        set_forward_attention(unet, "flash")
+    if xformers_unavailable_reason() is not None:
+        with pytest.raises(RuntimeError, match="Cannot use xformers attention"):
+            set_forward_attention(unet, "xformers")
