@@ -6,5 +6,5 @@ from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, Objective
 
 __all__ = ["OBJECTIVES", "Batch", "LossOutput", "Objective", "StudentSampler"]
 
-for _name in ("diffusion", "lcm"):
+for _name in ("diffusion", "lcm", "dmd"):
     importlib.import_module(f"fewstep.objectives.{_name}")

@@ -1,0 +1,256 @@
+"""Phased DMD (arXiv 2510.27684; ALGORITHMS §3.1–3.4): the student's K steps are split into SNR phases, one LoRA
+expert per phase on the shared frozen base.
+
+Phase ``k`` trains expert ``k`` (adapter ``default`` for the first, ``expert<k>`` after) to map the distribution at
+its start level to the one at its end level ``s`` (``s = 0`` for the last phase), with all earlier experts frozen
+(no grad) and one fresh fake-score adapter ``fake<k>`` per phase (re-initialised from the teacher, §3.3). Diffusion
+time is drawn from the whole remaining interval ``(s, 1)`` (§3.2, E.2 ablation). The fake score learns by score
+matching *within the subinterval* (§3.3, Eqs. 12–15): only ``x_s`` is known, and the target
+``x0* = x_s/α_s − α_t σ_s²/(α_s² σ_{t|s})·ε`` is unbiased where "treat ``x_s`` as clean" is not.
+
+The trainer's groups are ``expert<k>`` and ``fake<k>`` (one optimizer each; an optimizer that never steps holds no
+state); ``phase(step)`` walks the phases in order (``phase_train_steps``), each with DMD2's TTUR cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.student import Student
+from fewstep.models.teacher import Teacher
+from fewstep.noise.convert import Prediction, _bcast, from_x0_eps
+from fewstep.objectives.dmd import functional as Fn
+from fewstep.objectives.dmd.health import health_metrics
+from fewstep.objectives.dmd.objective import check_teacher, sample_levels
+from fewstep.objectives.dmd.roles import STUDENT_ADAPTER, AdapterRole, active_adapter, add_adapter, base_only
+from fewstep.objectives.dmd.sampler import dmd_export_schedule, num_tokens_of
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.solvers.steps import ddim_step, noise_to, renoise_step, transition, transition_coeffs
+
+
+class PhasedDMDConfig(BaseModel):
+    """Recipe block of ``phased_dmd`` (defaults: Phased DMD App. C: 4 steps in 2 phases, TTUR 5, no GAN)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["phased_dmd"] = "phased_dmd"
+    num_phases: int = Field(2, ge=1, description="experts (SNR phases)")
+    steps_per_phase: int = Field(2, ge=1, description="student steps inside each phase")
+    phase_train_steps: list[int] = Field(default_factory=lambda: [3000, 3000], description="trainer steps per phase")
+    real_guidance_scale: float = Field(3.5, ge=1.0, description="Imagen w on the teacher branch only")
+    fake_steps_per_generator_step: int = Field(5, ge=1, description="TTUR (Phased DMD: 5)")
+    min_step_percent: float = Field(0.02, ge=0.0, le=1.0, description="diffusion time: lower end above s")
+    normalize: bool = Field(True, description="DMD2-style normaliser on the projected difference (a heuristic)")
+    fake_weight_clamp: float = Field(10.0, gt=0, description="clamp of 1/σ²_{t|s} in the fake loss (Eq. 13)")
+    fake_lora_rank: int | None = Field(None, ge=1)
+    sync_seed: int = 0
+    resolution: int | None = Field(None, ge=8)
+
+    @model_validator(mode="after")
+    def _phases(self) -> PhasedDMDConfig:
+        if len(self.phase_train_steps) != self.num_phases:
+            raise ValueError(
+                f"phase_train_steps has {len(self.phase_train_steps)} entries for num_phases={self.num_phases}: give "
+                "one trainer-step budget per phase, e.g. [3000, 3000]."
+            )
+        return self
+
+
+def expert_name(k: int) -> str:
+    return STUDENT_ADAPTER if k == 0 else f"expert{k}"
+
+
+def subinterval_fake_loss(pred: Prediction, x_t: Tensor, x_s: Tensor, eps: Tensor, schedule: Any, s: Tensor,
+                          t: Tensor, prediction_type: str, clamp: float) -> Tensor:  # fmt: skip
+    """Phased DMD's fake-score loss within ``(s, 1)`` (Eqs. 12–13): regress on ``x0*`` (``subinterval_x0_target``)
+    in the network's own output space, weighted by ``min(1, clamp·σ²_{t|s})`` (= Eq. 13's clamped ``1/σ²_{t|s}``
+    times its ``σ²_{t|s}``-scaled residual), which removes the singularity as ``t → s``."""
+    a_s, s_s = schedule.alpha(s), schedule.sigma(s)
+    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
+    _, s_ts = transition_coeffs(schedule, s, t, x_s)
+    x0_star = Fn.subinterval_x0_target(x_s, eps, a_s, s_s, a_t, s_ts.flatten(1)[:, 0])
+    eps_star = (x_t.float() - _bcast(a_t, x_t) * x0_star) / _bcast(s_t, x_t)
+    out = from_x0_eps(pred.x0, pred.eps, a_t, s_t, prediction_type)
+    target = from_x0_eps(x0_star, eps_star, a_t, s_t, prediction_type)
+    weight = (clamp * s_ts**2).clamp(max=1.0)
+    return (weight * (out - target.detach()) ** 2).mean()
+
+
+@OBJECTIVES.register("phased_dmd")
+class PhasedDMD:
+    """Phased DMD with LoRA experts and per-phase LoRA fake scores on one shared base (ALGORITHMS §3)."""
+
+    Config = PhasedDMDConfig
+
+    def __init__(self, config: PhasedDMDConfig, teacher: Teacher, student: Student) -> None:
+        check_teacher(teacher, "Phased DMD")
+        if not student.is_lora:
+            raise ValueError("phased_dmd trains one LoRA expert per phase on the shared base: set student.kind: lora.")
+        self.config, self.teacher, self.student, self.schedule = config, teacher, student, teacher.schedule
+        from peft import LoraConfig
+
+        backbone, base = student.denoiser.backbone, student.lora_config
+        for k in range(1, config.num_phases):
+            add_adapter(backbone, base, expert_name(k))
+        fake_config = LoraConfig(r=config.fake_lora_rank or base.r, lora_alpha=base.lora_alpha,
+                                 target_modules=base.target_modules, init_lora_weights=True)  # fmt: skip
+        for k in range(config.num_phases):
+            add_adapter(backbone, fake_config, f"fake{k}")  # B = 0: each phase's fake score starts as the teacher
+        teacher.view = lambda: base_only(backbone)
+        self.experts = [AdapterRole(student.denoiser, expert_name(k)) for k in range(config.num_phases)]
+        self.fakes = [AdapterRole(student.denoiser, f"fake{k}") for k in range(config.num_phases)]
+        self._prepared: dict[str, nn.Module] = {}
+        self.starts = [sum(config.phase_train_steps[:k]) for k in range(config.num_phases)]
+
+    # --- protocol -----------------------------------------------------------------------------------------------
+
+    def trainable(self) -> dict[str, nn.Module]:
+        groups = {f"expert{k}": e for k, e in enumerate(self.experts)}
+        return {**groups, **{f"fake{k}": f for k, f in enumerate(self.fakes)}}
+
+    def attach(self, prepared: dict[str, nn.Module]) -> None:
+        self._prepared = prepared
+
+    def current_phase(self, step: int) -> int:
+        return max((k for k, start in enumerate(self.starts) if step >= start), default=0)
+
+    def phase(self, step: int) -> str:
+        k = self.current_phase(step)
+        local = step - self.starts[k]
+        return f"expert{k}" if local % (self.config.fake_steps_per_generator_step + 1) == 0 else f"fake{k}"
+
+    def on_step_end(self, step: int, phase: str) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def sampler(self) -> PhasedSampler:
+        return PhasedSampler(self)
+
+    def export_schedule(self, steps: tuple[int, ...] = ()) -> Any:
+        k = self.config.num_phases * self.config.steps_per_phase
+        cfg = self.config
+        note = (
+            f"trained with teacher CFG w = {cfg.real_guidance_scale}; {cfg.num_phases} experts (LoRA adapters) "
+            f"switched by phase every {cfg.steps_per_phase} steps, see docs/dmd.md"
+        )
+        spec = dmd_export_schedule(self.teacher, "phased_dmd", (k,), k, note)
+        spec.notes.append(
+            f"Phased DMD: the exported LoRA is expert 0 (steps 1–{self.config.steps_per_phase}); the other experts "
+            "are in experts/expert<k>/ (export_experts). Switch adapters per step (docs/dmd.md)."
+        )
+        return spec
+
+    # --- pieces ------------------------------------------------------------------------------------------------
+
+    def levels(self, shape: tuple[int, ...]) -> Tensor:
+        """``K + 1`` levels: the student's ``K`` input levels and the final 0."""
+        k = self.config.num_phases * self.config.steps_per_phase
+        taus = Fn.student_taus(self.schedule, k, num_tokens_of(self.teacher, shape))
+        return torch.cat([taus, torch.zeros(1)])
+
+    def run_expert(self, k: int, x: Tensor, taus: Tensor, cond: Conditioning, graded: bool) -> Tensor:
+        """Expert ``k``'s steps from its start level: x̂0 then re-noise, ending at its boundary level ``s``
+        (``x_s = α_s·x̂0 + σ_s·z``; at ``s = 0`` just x̂0). Graded: the last step through the prepared expert."""
+        spp, b = self.config.steps_per_phase, x.shape[0]
+        first = k * spp
+        for i in range(first, first + spp):
+            last = i == first + spp - 1
+            if graded and last:
+                module = self._prepared.get(f"expert{k}", self.experts[k])
+                x0 = module(x, taus[i].expand(b), cond).x0.float()
+            else:
+                with torch.no_grad(), active_adapter(self.student.denoiser.backbone, expert_name(k)):
+                    x0 = self.student.denoiser(x, taus[i].expand(b), cond).x0.float()
+            x = renoise_step(self.schedule, x0, taus[i + 1].expand(b), torch.randn_like(x0))
+        return x
+
+    def loss(self, batch: Batch, step: int, phase: str) -> LossOutput:
+        from fewstep.objectives.dmd.objective import DMD2
+
+        shape, device = DMD2.sample_shape(self, batch)  # same shape logic (data x0, or the teacher's latents)
+        cond, uncond = batch.cond, batch.uncond if batch.uncond is not None else self.teacher.uncond_like(batch.cond)
+        k, b = self.current_phase(step), shape[0]
+        taus = self.levels(shape).to(device)
+        s = taus[(k + 1) * self.config.steps_per_phase].expand(b)
+        x = torch.randn(shape, device=device)
+        with torch.no_grad():
+            for j in range(k):  # frozen earlier experts
+                x = self.run_expert(j, x, taus, cond, graded=False)
+        generator_turn = phase.startswith("expert")
+        if generator_turn:
+            x_s = self.run_expert(k, x, taus, cond, graded=True)
+        else:
+            with torch.no_grad():
+                x_s = self.run_expert(k, x, taus, cond, graded=False)
+        lo = max(self.config.min_step_percent, 0.0)
+        u = sample_levels(self.teacher, b, lo, 1.0, num_tokens_of(self.teacher, shape), device)
+        t = s + (1 - s) * u.clamp(1e-3, 1.0)  # the whole remaining interval (s, 1), §3.2
+        eps = torch.randn_like(x_s)
+        x_t = transition(self.schedule, x_s.detach(), s, t, eps)
+        metrics = {"phase_index": float(k), **health_metrics(x_s, None)}
+        if generator_turn:
+            with torch.no_grad():
+                real = self.teacher.predict(x_t, t, cond, uncond, guidance_scale=self.config.real_guidance_scale)
+                fake = self.fakes[k](x_t, t, cond)
+            # project each network back to s (DDIM step t → s); at s = 0 this is the usual x̂0 difference
+            proj_real, proj_fake = ddim_step(self.schedule, real, s), ddim_step(self.schedule, fake, s)
+            g = Fn.dm_gradient(proj_fake, proj_real, x_s.detach(), normalize=self.config.normalize)
+            loss = Fn.injected_loss(x_s, g)
+            metrics.update(loss_dm=float(loss.detach()), dm_grad_norm=float(g.flatten(1).norm(dim=1).mean()))
+            return LossOutput(loss, metrics)
+        module = self._prepared.get(f"fake{k}", self.fakes[k])
+        pred = module(x_t, t, cond)
+        loss = subinterval_fake_loss(pred, x_t, x_s.detach(), eps, self.schedule, s, t,
+                                     self.student.denoiser.prediction_type, self.config.fake_weight_clamp)  # fmt: skip
+        metrics["loss_fake"] = float(loss.detach())
+        return LossOutput(loss, metrics)
+
+
+class PhasedSampler:
+    """The student's sampler: expert ``k`` runs the steps of phase ``k`` (adapters switched by phase)."""
+
+    def __init__(self, objective: PhasedDMD) -> None:
+        self.objective = objective
+
+    def __call__(self, noise: Tensor, cond: Conditioning, num_steps: int, generator: Any = None) -> Tensor:
+        obj, cfg = self.objective, self.objective.config
+        taus = obj.levels(tuple(noise.shape)).to(noise.device)
+        per_step = [min(i // cfg.steps_per_phase, cfg.num_phases - 1) for i in range(len(taus) - 1)]
+        denoiser, x, x0 = obj.student.denoiser, noise.float(), noise.float()
+        with torch.no_grad():
+            for i, k in enumerate(per_step):
+                with active_adapter(denoiser.backbone, expert_name(k)):
+                    x0 = denoiser(x, taus[i].expand(x.shape[0]), cond.to(x.device)).x0.float()
+                if i + 1 < len(per_step):
+                    z = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+                    x = renoise_step(obj.schedule, x0, taus[i + 1].expand(x.shape[0]), z)
+        return x0
+
+
+def export_experts(objective: PhasedDMD, out_dir: Any) -> list[Any]:
+    """Write every expert as its own diffusers LoRA, ``<out_dir>/experts/expert<k>/pytorch_lora_weights.safetensors``
+    (load each with ``pipe.load_lora_weights(dir, adapter_name=f"expert{k}")``; docs/dmd.md)."""
+    import copy
+    from pathlib import Path
+
+    from fewstep.export.lora import save_lora
+
+    paths = []
+    for k in range(objective.config.num_phases):
+        view = copy.copy(objective.student)
+        object.__setattr__(view, "adapter_name", expert_name(k))
+        paths.append(save_lora(view, objective.teacher, Path(out_dir) / "experts" / f"expert{k}"))
+    return paths
+
+
+__all__ = ["PhasedDMD", "PhasedDMDConfig", "PhasedSampler", "export_experts", "noise_to", "subinterval_fake_loss"]
