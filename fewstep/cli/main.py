@@ -1,4 +1,4 @@
-"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, quickstart).
+"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, quickstart).
 
 A user's mistake (a bad recipe, a missing file, a rejected value) prints ``error: ...`` and exits with status 2,
 without a traceback; ``--debug`` adds the traceback. ``key=value`` overrides may come before or after options.
@@ -12,10 +12,11 @@ import traceback
 from collections.abc import Sequence
 
 from fewstep import __version__
+from fewstep.cli import eval as eval_verb
 from fewstep.cli import export, quickstart, recipes, train, validate
 from fewstep.config.errors import RecipeError
 
-VERBS = (recipes, validate, train, export, quickstart)
+VERBS = (recipes, validate, train, export, eval_verb, quickstart)
 USER_ERROR_EXIT = 2
 
 

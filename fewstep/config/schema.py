@@ -72,11 +72,13 @@ class StudentConfig(BaseModel):
 
 class DataConfig(BaseModel):
     """Training data: the digits set, an image folder (images + metadata.jsonl), a prompt list / file, or clean
-    samples in a safetensors file (``tensors``: ``x0`` and optional ``class_labels``, for custom teachers)."""
+    samples in a safetensors file (``tensors``: ``x0`` and optional ``class_labels``, for custom teachers), or
+    Fashion-MNIST (``fashion_mnist``: ``path`` is an optional directory of its idx files, see fewstep.data.fashion),
+    or reflow pairs (``pairs``: ``path`` is a directory written by ``python -m fewstep.reflow pairs``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["digits", "image_folder", "prompts", "tensors"]
+    source: Literal["digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors"]
     path: str | None = Field(None, min_length=1)
     prompts: list[str] | None = Field(None, min_length=1)
     resolution: PositiveInt | None = None
@@ -142,6 +144,25 @@ class DataConfig(BaseModel):
                     issues.append(
                         issue(key, "not used with source: tensors", getattr(self, key), hint=f"Remove data.{key}.")
                     )
+        elif self.source == "pairs":  # reflow couplings written by fewstep.reflow (noise, sample, condition)
+            if self.path is None:
+                issues.append(
+                    issue("path", "required for source: pairs",
+                          hint="Set data.path to a pair directory written by `python -m fewstep.reflow pairs`.")
+                )  # fmt: skip
+            for key in ("prompts", "resolution"):
+                if getattr(self, key) is not None:
+                    issues.append(
+                        issue(key, "not used with source: pairs", getattr(self, key), hint=f"Remove data.{key}.")
+                    )
+        elif self.source == "fashion_mnist":  # path: optional directory of the idx files
+            for key in ("prompts", "resolution"):
+                if getattr(self, key) is not None:
+                    issues.append(
+                        issue(
+                            key, "not used with source: fashion_mnist", getattr(self, key), hint=f"Remove data.{key}."
+                        )
+                    )
         else:  # digits: the dataset ships with scikit-learn
             for key in ("path", "prompts"):
                 if getattr(self, key) is not None:
@@ -203,14 +224,42 @@ class TrainConfig(BaseModel):
     progress: bool = True
 
 
+EvalMetricName = Literal["fid", "accuracy", "inception_fid", "clip"]  # fewstep.eval.suite.METRIC_NAMES
+
+
 class EvalConfig(BaseModel):
-    """Periodic evaluation: every ``every_steps`` (None = only when asked), at each student step count."""
+    """Periodic evaluation: every ``every_steps`` (None = only when asked), at each student step count; scalars
+    ``eval/<metric>@<steps>`` and the best checkpoint by ``best_metric`` at ``best_steps`` (``checkpoints/best``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     every_steps: PositiveInt | None = None
     steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     num_samples: PositiveInt = 256
+    metrics: list[EvalMetricName] | None = None  # None: benchmark teachers (digits, fashion): fid, accuracy
+    best_metric: EvalMetricName | None = None  # None: the first metric
+    best_steps: PositiveInt | None = None  # None: the largest of `steps`
+    best_mode: Literal["auto", "min", "max"] = "auto"  # auto: the metric's own direction (FID min, accuracy max)
+    batch_size: PositiveInt = 64
+    seed: int = Field(0, ge=0)
+    prompts: list[str] | None = Field(None, min_length=1)  # text models; default: data.prompts, else built-in ones
+    save_images: bool = False  # one PNG per image under <run>/eval/step_XXXXXXXX/images (grids are always written)
+
+    @model_validator(mode="after")
+    def _best_is_measured(self) -> EvalConfig:
+        issues: list[RecipeIssue] = []
+        if self.best_steps is not None and self.best_steps not in self.steps:
+            issues.append(
+                issue("best_steps", f"is not one of eval.steps {self.steps}", self.best_steps,
+                      hint="Add it to eval.steps or pick one of them.")
+            )  # fmt: skip
+        if self.best_metric is not None and self.metrics is not None and self.best_metric not in self.metrics:
+            issues.append(
+                issue("best_metric", f"is not one of eval.metrics {self.metrics}", self.best_metric,
+                      hint="Add it to eval.metrics or pick one of them.")
+            )  # fmt: skip
+        raise_issues(issues)
+        return self
 
 
 class ExportConfig(BaseModel):

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.data.digits import NUM_CLASSES, DigitsDataset
+from fewstep.data.digits import DigitsDataset
+from fewstep.data.fashion import FashionMNISTDataset
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_items
 from fewstep.data.prompts import PromptDataset
 from fewstep.data.tensors import TensorFileDataset
@@ -23,7 +24,7 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.protocol import Batch
 
-SOURCES = ("digits", "image_folder", "prompts", "tensors")
+SOURCES = ("digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors")
 
 
 def epoch_order(num_items: int, epoch: int, seed: int, shuffle: bool = True) -> Tensor:
@@ -123,11 +124,12 @@ class BatchStream:
         return self.make_batch(idx)
 
     def preview(self, n: int) -> Batch:
-        """A fixed batch of ``n`` for sample grids: digits cycle through the classes, other sources take the first
-        ``n`` items (cycled). Does not move ``position``."""
-        if self.cfg.source == "digits":
+        """A fixed batch of ``n`` for sample grids: digits and Fashion-MNIST cycle through the classes, other sources
+        take the first ``n`` items (cycled). Does not move ``position``."""
+        if self.cfg.source in ("digits", "fashion_mnist"):
             labels = self.dataset.labels
-            idx = [int((labels == k % NUM_CLASSES).nonzero()[0]) for k in range(n)]
+            classes = labels.unique().tolist()  # 0..9 (a small idx directory may lack some)
+            idx = [int((labels == classes[k % len(classes)]).nonzero()[0]) for k in range(n)]
         else:
             idx = [i % len(self.dataset) for i in range(n)]
         return self.make_batch(idx)
@@ -140,12 +142,17 @@ class BatchStream:
                 return Batch(cond=Conditioning(), uncond=None, x0=x0)
             cond = Conditioning(class_labels=ds.labels[idx].to(self.device))
             return Batch(cond=cond, uncond=self.teacher.uncond_like(cond), x0=x0)
-        if self.cfg.source == "tensors":
+        if self.cfg.source in ("tensors", "fashion_mnist"):
             x0, labels = self.dataset.batch(idx)
             if labels is None:
                 return Batch(cond=Conditioning(), uncond=None, x0=x0.to(self.device))
             cond = Conditioning(class_labels=labels.to(self.device))
             return Batch(cond=cond, uncond=self.teacher.uncond_like(cond), x0=x0.to(self.device))
+        if self.cfg.source == "pairs":  # reflow couplings: x0 = the teacher's sample, extra["noise"] = its noise
+            noise, x0, cond = self.dataset.batch(idx)
+            cond = cond.to(self.device)
+            uncond = self.teacher.uncond_like(cond) if cond.batch_size is not None else None
+            return Batch(cond=cond, uncond=uncond, x0=x0.to(self.device), extra={"noise": noise.to(self.device)})
         if self.cfg.source == "prompts":
             cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device)
             return Batch(cond=cond, uncond=uncond, x0=None)
@@ -184,8 +191,14 @@ def build_batches(
 def _build_dataset(data_cfg: Any) -> Any:
     if data_cfg.source == "digits":
         return DigitsDataset("train")  # the test split stays held out for evaluation
+    if data_cfg.source == "fashion_mnist":
+        return FashionMNISTDataset("train", data_cfg.path)  # the t10k split stays held out for evaluation
     if data_cfg.source == "tensors":
         return TensorFileDataset(data_cfg.path)
+    if data_cfg.source == "pairs":
+        from fewstep.reflow.pairs import PairDataset
+
+        return PairDataset(data_cfg.path)
     if data_cfg.source == "prompts":
         return PromptDataset(data_cfg.prompts, data_cfg.path)
     if not data_cfg.path:

@@ -14,7 +14,6 @@ dataset and the teachers live in ``[-1, 1]``, so convert with ``(x + 1) / 2``. V
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep.eval.classifier import ImageClassifier
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 
@@ -32,67 +33,20 @@ IMAGE_SHAPE = (1, 8, 8)
 SampleFn = Callable[[Tensor, Tensor, int, torch.Generator], Tensor]
 
 
-class DigitsClassifier(nn.Module):
-    """A small CNN on 8×8 digits in ``[-1, 1]``: ``features`` (``[b, num_features]``) and ``forward`` (logits).
+class DigitsClassifier(ImageClassifier):
+    """``fewstep.eval.classifier.ImageClassifier`` configured for 8×8 grey digits in ``[-1, 1]``: ``features``
+    (``[b, num_features]``) and ``forward`` (logits); ``load`` reads the shipped ``digits-classifier`` asset.
 
     Args:
         width: channels of the first two convolutions (the third has ``2·width``).
         num_features: size of the penultimate layer, the FID feature space.
         num_classes: number of digit classes.
+        **config: other ``ImageClassifier`` arguments (``in_channels``, ``image_size``, ``dropout``).
     """
 
-    def __init__(self, width: int = 32, num_features: int = 64, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.config = {"width": width, "num_features": num_features, "num_classes": num_classes}
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.GELU(),
-            nn.MaxPool2d(2),  # [b, w, 4, 4]
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.GELU(),
-            nn.MaxPool2d(2),  # [b, 2w, 2, 2]
-            nn.Flatten(),
-            nn.Linear(2 * width * 4, num_features),
-            nn.GELU(),
-        )
-        self.head = nn.Linear(num_features, num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        """Penultimate features ``[b, num_features]`` of images ``[b, 1, 8, 8]`` in ``[-1, 1]``."""
-        return self.body(x.float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-    def save(self, directory: str | Path, **info: Any) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (the architecture plus any ``info``) to ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
-        (directory / "config.json").write_text(json.dumps({**self.config, **info}, indent=2) + "\n")
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path) -> DigitsClassifier:
-        """Load a classifier written by ``save`` (frozen, eval mode)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        files = [directory / "config.json", directory / "model.safetensors"]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"Digits classifier files not found: {', '.join(missing)}. Rebuild them with "
-                "`python scripts/train_digits_classifier.py` or pass the directory that holds them."
-            )
-        config = json.loads(files[0].read_text())
-        model = cls(**{k: config[k] for k in ("width", "num_features", "num_classes")})
-        model.load_state_dict(load_file(files[1]))
-        return model.eval().requires_grad_(False)
+    def __init__(self, width: int = 32, num_features: int = 64, num_classes: int = NUM_CLASSES, **config: Any) -> None:
+        config = {"in_channels": IMAGE_SHAPE[0], "image_size": IMAGE_SHAPE[1], **config}
+        super().__init__(width=width, num_features=num_features, num_classes=num_classes, **config)
 
 
 class _FeatureNet(nn.Module):

@@ -84,6 +84,9 @@ def export_student(
         merged_dir = out_dir / "merged" if wrote_lora else out_dir
         save_merged(student, teacher, merged_dir, scheduler=spec.scheduler())
     write_schedule(spec, out_dir)
+    export_extra = getattr(objective, "export_extra", None)  # objective-owned files (e.g. AGD adapters)
+    if export_extra is not None:
+        export_extra(out_dir)
     base = base_model or getattr(teacher.pipeline, "name_or_path", None) or "<base model>"
     write_card(
         out_dir, spec, pipeline_class=pipe_cls.__name__, base_model=str(base), student_path=str(out_dir),

@@ -36,6 +36,7 @@ class SamplingSpec:
             (integers, informative: ``num_inference_steps`` alone gives them) or ``{"sigmas": [...]}`` (to pass),
             plus informative extras such as ``"levels"`` (the noise levels after the scheduler's shift).
         notes: free-text caveats shown on the model card.
+        extra_call_kwargs: further pipeline arguments for every step count (``{"eta": γ}`` for TCDScheduler).
     """
 
     objective: str
@@ -46,6 +47,7 @@ class SamplingSpec:
     guidance_convention: str
     steps: dict[int, dict[str, list[float]]]
     notes: list[str] = field(default_factory=list)
+    extra_call_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"eta": γ} for TCDScheduler
 
     def call_kwargs(self, num_steps: int) -> dict[str, Any]:
         """Keyword arguments for ``pipe(prompt, **kwargs)`` that reproduce the trained ``num_steps`` schedule."""
@@ -57,6 +59,7 @@ class SamplingSpec:
             kwargs["sigmas"] = list(entry["sigmas"])
         else:
             kwargs["num_inference_steps"] = num_steps
+        kwargs.update(self.extra_call_kwargs)
         return kwargs
 
     def scheduler(self) -> Any:

@@ -6,5 +6,5 @@ from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, Objective
 
 __all__ = ["OBJECTIVES", "Batch", "LossOutput", "Objective", "StudentSampler"]
 
-for _name in ("diffusion", "lcm", "dmd"):
+for _name in ("diffusion", "lcm", "dmd", "scm", "pcm", "tbcm", "rcm", "reflow", "instaflow", "guidance", "agd"):
     importlib.import_module(f"fewstep.objectives.{_name}")

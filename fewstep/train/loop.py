@@ -1,5 +1,6 @@
 """The one training loop (DESIGN §5): accelerate, one AdamW per trainable group, phases, accumulation, clipping,
-EMA, non-finite guard, checkpoints with exact resume, signals, scalars and sample grids.
+EMA, non-finite guard, checkpoints with exact resume, signals, scalars, sample grids and periodic evaluation
+(``eval.every_steps``: ``fewstep.train.periodic_eval``, best checkpoint in ``checkpoints/best``).
 
 Per step: ``phase = objective.phase(step)``; ``gradient_accumulation_steps`` micro-batches of
 ``objective.loss(batch, step, phase)`` are backpropagated; the phase's optimizer clips, steps, and zero-grads its
@@ -34,6 +35,7 @@ from fewstep.train.checkpoint import (
 from fewstep.train.ema import EMA, trainable_parameters
 from fewstep.train.logging import flatten_metrics, write_samples
 from fewstep.train.optim import build_optimizers, build_schedulers
+from fewstep.train.periodic_eval import PeriodicEval
 
 SUMMARY = "run_summary.json"
 
@@ -104,6 +106,7 @@ class Trainer:
         self._stop_requested = False  # set by a signal on this rank
         self._stop = False  # the same on every rank: set when any rank got a signal
         self._last_saved = self.step if self.resumed_from is not None else -1
+        self.periodic = self._build_periodic_eval(components) if recipe.eval.every_steps else None
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
@@ -132,6 +135,8 @@ class Trainer:
                     fixed = self.write_samples(fixed)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()
+                if self.periodic is not None and self.periodic.due(self.step):
+                    self.evaluate()
             self.save()  # the final one (or the one a signal asked for); skipped if this step is saved already
             if self._stop and acc.is_main_process:
                 _say(f"Stopped by a signal after step {self.step}: {checkpoint_dir(self.run_dir, self.step)}")
@@ -242,6 +247,41 @@ class Trainer:
         if self.acc.is_main_process:
             _say(f"Resuming from {ckpt} (step {self.step}).")
         return int(meta["data_position"])
+
+    # --- periodic evaluation ------------------------------------------------------------------------------------
+
+    def _build_periodic_eval(self, components: Components) -> PeriodicEval | None:
+        """``eval.every_steps``: the evaluation of the student (fails here, at startup, if no metric fits)."""
+        from fewstep.eval.targets import run_noise_shape
+
+        weights = "ema" if self.ema is not None else "raw"
+        shape = run_noise_shape(self.recipe, self.teacher)  # the pipeline's latent, or the data's shape
+        return PeriodicEval.build(self.recipe, components, self.run_dir, shape, weights,
+                                  resumed=self.resumed_from is not None)  # fmt: skip
+
+    def evaluate(self) -> None:
+        """Evaluate the student (EMA weights if any) on the main process, log ``eval/<metric>@<steps>``, and keep the
+        checkpoint of this step as ``checkpoints/best`` when it is the best so far (collective). A failure turns
+        periodic evaluation off instead of ending the run."""
+        acc, improved, failed = self.acc, False, False
+        if acc.is_main_process:
+            try:
+                with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                    scalars, improved = self.periodic.run(self.step)
+                acc.log(scalars, step=self.step)
+            except Exception as err:  # an evaluation must never cost the run
+                _say(f"WARNING: evaluation at step {self.step} failed ({type(err).__name__}: {err}); it is off now.")
+                failed = True
+        flags = torch.tensor([float(improved), float(failed)], device=acc.device)
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        if flags[0] > 0:
+            self.save()  # collective; a no-op when this step is saved already
+            if acc.is_main_process:
+                self.periodic.keep_best(checkpoint_dir(self.run_dir, self.step))
+            acc.wait_for_everyone()
+        if flags[1] > 0:
+            self.periodic = None
 
     # --- samples, summary, signals -------------------------------------------------------------------------------
 

@@ -65,6 +65,15 @@ def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
         )
     if shipped.data.source == "image_folder":
         overrides += [f"data.path={images}", "data.resolution=32", "data.num_workers=0"]
+    elif shipped.data.source == "fashion_mnist":  # a tiny idx directory: the test does not need Debian's package
+        from fewstep.data.fashion import write_idx
+
+        pixels = np.random.RandomState(0).randint(0, 256, (20, 28, 28)).astype(np.uint8)
+        write_idx(tmp_path / "fashion" / "train-images-idx3-ubyte", pixels)
+        write_idx(tmp_path / "fashion" / "train-labels-idx1-ubyte", (np.arange(20) % 10).astype(np.uint8))
+        overrides.append(f"data.path={tmp_path / 'fashion'}")
+    elif shipped.data.source == "pairs":  # reflow pairs are written by the test (write_smoke_pairs)
+        overrides.append(f"data.path={tmp_path / 'pairs'}")
     elif shipped.data.source == "prompts" and shipped.data.path is not None:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("a red circle\na blue square\n")
@@ -77,6 +86,11 @@ def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("path", RECIPES, ids=recipe_id)
 def test_recipe_trains_two_steps_and_exports(path: Path, image_folder: Path, tmp_path: Path):
     recipe = load_recipe(path, smoke_overrides(path, image_folder, tmp_path))
+    if recipe.data.source == "pairs":
+        from fewstep.reflow.generate import pairs_for_recipe
+
+        pairs_for_recipe(recipe, num_pairs=4, num_steps=2, prompts=["a red circle", "a blue square"], shard_size=2,
+                         batch_size=2, progress=False)  # fmt: skip
     run = train(recipe)
 
     summary = json.loads((run / "run_summary.json").read_text())

@@ -1,0 +1,157 @@
+"""TBCM: image-free continuous-time consistency on the teacher's own trajectories (hustvl, arXiv 2511.20410;
+ALGORITHMS §5).
+
+The training states come from the teacher's CFG sampling trajectories ("generation space"), not from noised data:
+no data set and no VAE, only prompts. The cache (``fewstep.data.trajectories``) holds ``(x_u, u, F_T)`` in TrigFlow
+coordinates with the teacher velocity the sampler used; each step applies exactly the sCM loss (§4.5–4.6, shared
+``scm_update``) with the student's JVP computed online.
+
+The cache fills *online*: while it has fewer than ``num_shards`` shards, every training step first rolls out one
+shard from its batch's prompts (noise seeded by shard index) and appends it; afterwards training reads only the
+cache. The cache lives on disk and survives a kill. ``space: diffusion`` is the ablation of §5.3: the trajectories'
+final samples re-noised with fresh noise and the teacher's velocity computed online (sCM on generated data).
+Method details not published are [U] in ALGORITHMS §5; the choices here are documented in docs/consistency.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from fewstep.models.student import Student
+from fewstep.models.teacher import Teacher
+from fewstep.noise.convert import _bcast
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.scm import (
+    AdaptiveWeight,
+    SCMConfig,
+    SCMSampler,
+    check_teacher,
+    export_trigflow_schedule,
+    sample_u,
+    scm_update,
+)
+from fewstep.objectives.trigflow import teacher_trig_velocity
+
+
+class TBCMConfig(SCMConfig):
+    """Recipe block of ``tbcm``: the sCM settings plus the trajectory cache.
+
+    ``guidance_scale`` (Imagen w) is the teacher's CFG in the rollouts (and the online velocity for
+    ``space: diffusion``).
+    """
+
+    name: Literal["tbcm"] = "tbcm"  # type: ignore[assignment]
+    cache_dir: str = Field(min_length=1, description="trajectory cache directory (resumable)")
+    num_shards: int = Field(64, ge=1, description="shards to roll out; one per training batch until full")
+    rollout_steps: int = Field(28, ge=1, description="teacher sampling steps per trajectory")
+    points_per_trajectory: int = Field(8, ge=1, description="trajectory points recorded per rollout")
+    resolution: int | None = Field(None, ge=8, description="image size of the rollouts (None: the pipeline's)")
+    space: Literal["generation", "diffusion"] = "generation"
+    seed: int = Field(0, ge=0, description="seeds the rollout noise of shard k with (seed, k)")
+
+
+@OBJECTIVES.register("tbcm")
+class TBCM:
+    """sCM on teacher trajectory caches (ALGORITHMS §5).
+
+    Args:
+        config: the ``objective`` recipe block.
+        teacher: a diffusers teacher (the rollouts need its latent shape).
+        student: full or LoRA student (the adaptive weighting MLP is added to it as in ``scm``).
+    """
+
+    Config = TBCMConfig
+
+    def __init__(self, config: TBCMConfig, teacher: Teacher, student: Student) -> None:
+        check_teacher(teacher)
+        if teacher.pipeline is None:
+            raise ValueError("TBCM rolls out a diffusers teacher (its latent shape); this teacher has no pipeline.")
+        self.config, self.teacher, self.student = config, teacher, student
+        self.schedule = teacher.schedule
+        self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else teacher.guidance_scale
+        if config.adaptive_weighting and not hasattr(student, "scm_weighting"):
+            student.add_module("scm_weighting", AdaptiveWeight())
+        from fewstep.models.loading import latent_shape
+
+        self.noise_shape = tuple(latent_shape(teacher, 1, config.resolution)[1:])
+        self._cache = None
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    @property
+    def cache(self):
+        """The ``TrajectoryCache`` in ``cache_dir/<hash of its settings>`` (opened on first use), so caches of
+        different teachers or rollout settings never mix."""
+        if self._cache is None:
+            from fewstep.data.trajectories import TrajectoryCache
+
+            cfg = self.config
+            settings = {
+                "teacher": str(getattr(self.teacher.pipeline, "name_or_path", "")),
+                "family": self.teacher.family,
+                "steps": cfg.rollout_steps,
+                "points": cfg.points_per_trajectory,
+                "w": self.guidance_scale,
+                "shape": list(self.noise_shape),
+                "seed": cfg.seed,
+            }
+            key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+            self._cache = TrajectoryCache(Path(cfg.cache_dir) / key, settings)  # one subdirectory per setting
+        return self._cache
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def attach(self, prepared: dict[str, nn.Module]) -> None:
+        """As ``scm``: the JVP goes through the backbone itself."""
+
+    def phase(self, step: int) -> str:
+        return "student"
+
+    def loss(self, batch: Batch, step: int, phase: str) -> LossOutput:
+        """Fill the cache by one shard while it is not full, then one sCM step on cached trajectory points."""
+        cache, cfg = self.cache, self.config
+        if cache.num_shards < cfg.num_shards:
+            from fewstep.data.trajectories import make_shard
+
+            index = cache.num_shards
+            shard = make_shard(self.teacher, batch, index, self.noise_shape, cfg.rollout_steps,
+                               cfg.points_per_trajectory, self.guidance_scale, cfg.seed)  # fmt: skip
+            cache.write(index, shard)
+        n = batch.batch_size or 1
+        rows, cond = cache.sample(n, self.generator)
+        device = next(self.teacher.denoiser.parameters()).device
+        cond = cond.to(device)
+        if cfg.space == "generation":
+            x, u, F_teacher = rows["x"].to(device), rows["u"].to(device), rows["F"].to(device)
+        else:  # diffusion space: re-noise the trajectories' final samples, teacher velocity online
+            x0 = rows["x0"].to(device)
+            u = sample_u(n, self.schedule, cfg.p_mean, cfg.p_std).to(device)
+            x = _bcast(torch.cos(u), x0) * x0 + _bcast(torch.sin(u), x0) * torch.randn_like(x0)
+            F_teacher = teacher_trig_velocity(self.teacher, x, u, cond, None, self.guidance_scale)
+        loss, metrics = scm_update(self.student.denoiser, x, u, F_teacher, cond, cfg, step,
+                                   getattr(self.student, "scm_weighting", None))  # fmt: skip
+        metrics["cache_shards"] = float(cache.num_shards)
+        return LossOutput(loss, metrics)
+
+    def on_step_end(self, step: int, phase: str) -> None:
+        """Nothing: θ⁻ = sg(θ)."""
+
+    def sampler(self) -> SCMSampler:
+        return SCMSampler(self.student.denoiser, self.schedule, list(self.config.mid_u))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
+        return export_trigflow_schedule(self, "tbcm", steps)

@@ -1,0 +1,190 @@
+"""Pieces the ``reflow`` and ``instaflow`` objectives share: rfpp's premetrics, the noise-reusing sampler, the
+deterministic export spec and the smaller-student (SlimFlow) backbone (ALGORITHMS §7.2–7.5)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.denoiser import Denoiser
+from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
+from fewstep.noise.schedules import Schedule
+
+RFPP_HUBER_C = 0.00054  # rfpp: c = 0.00054·d (d = elements per sample), ALGORITHMS §7.4
+LPIPS_SIZE = 224
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
+    """rfpp's per-sample pseudo-Huber premetric ``(sqrt(‖a − b‖² + c²) − c) / d`` with ``c = 0.00054·d`` by default
+    (ALGORITHMS §7.4). ``a, b``: ``[b, ...]``; returns ``[b]``."""
+    d = a[0].numel()
+    c = RFPP_HUBER_C * d if c is None else c
+    sq = ((a.float() - b.float()) ** 2).flatten(1).sum(1)
+    return (torch.sqrt(sq + c**2) - c) / d
+
+
+def load_lpips(path: str | None) -> nn.Module:
+    """An LPIPS network from a local TorchScript file: ``net(a, b) -> [b]`` (or ``[b, 1, 1, 1]``) for images in
+    ``[-1, 1]``. fewstep never downloads it (torchvision is not a dependency).
+
+    Make the file once where ``lpips`` and torchvision work:
+    ``torch.jit.trace(lpips.LPIPS(net="vgg").eval(), (x, x)).save("lpips_vgg.pt")`` with ``x = torch.zeros(1, 3,
+    224, 224)``; then set ``objective.lpips_weights: lpips_vgg.pt``.
+    """
+    if path is None:
+        raise ValueError(
+            "objective.loss_type needs LPIPS but objective.lpips_weights is not set. LPIPS weights are never "
+            "downloaded: export a TorchScript LPIPS once (see fewstep.reflow.common.load_lpips) and set "
+            "objective.lpips_weights to its path, or use loss_type: pseudo_huber."
+        )
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"objective.lpips_weights {str(file)!r} does not exist. Export a TorchScript LPIPS there (see "
+            "fewstep.reflow.common.load_lpips) or use loss_type: pseudo_huber."
+        )
+    net = torch.jit.load(str(file), map_location="cpu").eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def lpips_distance(net: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+    """LPIPS between image batches in ``[-1, 1]`` upsampled to 224 px (rfpp's ``up224``); grey → RGB. ``[b]``."""
+
+    def prep(x: Tensor) -> Tensor:
+        x = x.float()
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        return F.interpolate(x, size=(LPIPS_SIZE, LPIPS_SIZE), mode="bilinear", align_corners=False)
+
+    return net(prep(a), prep(b)).reshape(a.shape[0])
+
+
+def check_lpips_space(teacher: Teacher) -> None:
+    if getattr(teacher.pipeline, "vae", None) is not None:
+        raise ValueError(
+            "LPIPS compares images, but this teacher denoises VAE latents; fewstep does not decode inside the loss "
+            "(ALGORITHMS §7 pitfalls). Use loss_type: pseudo_huber for latent teachers."
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def sampling_levels(schedule: Schedule, num_steps: int, noise: Tensor) -> Tensor:
+    """``num_steps + 1`` levels: VP trailing, flow uniform through the schedule's shift (as the teacher solver)."""
+    from fewstep.objectives.diffusion import sampling_grid
+
+    return sampling_grid(schedule, num_steps, noise).to(noise.device)
+
+
+@dataclass
+class ReflowSampler:
+    """Samples a 2-RF / one-step student. ``noise_reuse`` is rfpp's new sampler: ``x_{τ'} = α(τ')·x̂0 + σ(τ')·z₁``
+    with the **initial** noise ``z₁`` (exploits the deterministic coupling, ALGORITHMS §7.4); ``euler`` is the plain
+    DDIM / Euler ODE step. Both are the same at one step. Guidance is baked into the pairs: no CFG here."""
+
+    denoiser: Denoiser
+    schedule: Schedule
+    kind: str = "noise_reuse"
+
+    def __call__(
+        self, noise: Tensor, cond: Conditioning, num_steps: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        from fewstep.solvers.steps import ddim_step, noise_to
+
+        taus = sampling_levels(self.schedule, num_steps, noise)
+        cond = cond.to(noise.device)
+        x = noise.float()
+        with torch.no_grad(), eval_mode(self.denoiser):
+            for i in range(num_steps):
+                tau, nxt = taus[i].expand(x.shape[0]), taus[i + 1].expand(x.shape[0])
+                pred = self.denoiser(x, tau, cond)
+                x = (
+                    ddim_step(self.schedule, pred, nxt)
+                    if self.kind == "euler"
+                    else noise_to(self.schedule, pred.x0, noise.float(), nxt)
+                )
+        return x
+
+
+def deterministic_spec(
+    teacher: Teacher, objective: str, steps: tuple[int, ...], sampler: str, recommended: int,
+    guidance_scale: float = 1.0, guidance_convention: str | None = None, notes: list[str] | None = None,
+) -> Any:  # fmt: skip
+    """A ``SamplingSpec`` for a deterministic student: DDIM (trailing) for VP, FlowMatchEuler with explicit sigmas for
+    flow. At 1 step it is exactly a reflow student's sampler; above, the noise-reusing sampler is fewstep's."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from fewstep.export.scheduler import SamplingSpec, _from_teacher
+
+    if notes is None:
+        notes = ["Guidance was baked into the reflow pairs: sample with guidance_scale=1 (one forward per step)."]
+    if sampler == "noise_reuse":
+        notes.append(
+            "Trained for rfpp's noise-reusing sampler (x' = α·x̂0 + σ·z with the initial noise z): above one step, "
+            "diffusers' deterministic scheduler is the Euler ODE step instead; objective.sampler() reproduces it."
+        )
+    schedule = teacher.schedule
+    common = dict(
+        objective=objective, recommended_steps=recommended, guidance_scale=guidance_scale, notes=notes,
+        guidance_convention=guidance_convention or f"{GUIDANCE_CONVENTION}; the teacher's CFG is baked into the pairs",
+    )  # fmt: skip
+    if schedule.kind == "vp":
+        from fewstep.noise.timesteps import trailing_vp_grid
+
+        config = _from_teacher(DDIMScheduler, teacher, timestep_spacing="trailing", clip_sample=False,
+                               prediction_type=teacher.denoiser.prediction_type)  # fmt: skip
+        table = {n: {"timesteps": schedule.model_timestep(trailing_vp_grid(n, schedule.num_train_timesteps)[:-1])
+                     .long().tolist()} for n in steps}  # fmt: skip
+        return SamplingSpec(
+            scheduler_class="DDIMScheduler", scheduler_config=dict(config.config), steps=table, **common
+        )
+    if schedule.kind != "flow":
+        raise ValueError(f"Export supports vp and flow teachers; this one has a {schedule.kind!r} schedule.")
+    config = _from_teacher(FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=False)
+    table = {}
+    for n in steps:
+        sigmas = torch.linspace(1.0, 0.0, n + 1)[:-1]
+        table[n] = {"sigmas": sigmas.tolist(), "levels": schedule.shift(sigmas).tolist()}
+    return SamplingSpec(
+        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(config.config), steps=table, **common
+    )
+
+
+def smaller_backbone(backbone: nn.Module, overrides: dict[str, Any]) -> nn.Module:
+    """SlimFlow's smaller student (ALGORITHMS §7.5): the teacher's diffusers class from its config with
+    ``overrides`` (e.g. ``block_out_channels``), randomly initialised (it cannot start from the teacher)."""
+    if not hasattr(type(backbone), "from_config"):
+        raise ValueError(
+            f"objective.student_backbone needs a diffusers backbone (it rebuilds the class from its config with the "
+            f"overrides); got {type(backbone).__name__}. From Python pass `backbone=` (any module) instead."
+        )
+    unknown = sorted(set(overrides) - set(backbone.config))
+    if unknown:
+        raise ValueError(
+            f"objective.student_backbone keys {unknown} are not in {type(backbone).__name__}'s config "
+            f"(keys: {sorted(k for k in backbone.config if not k.startswith('_'))})."
+        )
+    param = next(backbone.parameters())
+    small = type(backbone).from_config({**backbone.config, **overrides})
+    return small.to(param.device).train().requires_grad_(True)  # from_config builds fp32 master weights
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
