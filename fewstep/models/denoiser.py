@@ -8,7 +8,8 @@ Adapters for diffusers families live in ``fewstep.models.backbones``; a custom m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -80,3 +81,14 @@ class Denoiser(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, schedule={self.schedule.kind!r}, prediction={self.prediction_type!r}"
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` inside the block, its previous train/eval mode restored afterwards (samplers use it)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

@@ -15,9 +15,8 @@ The sampler is the teacher-style deterministic one (DDIM η = 0, Euler for flow)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import Denoiser
+from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise import timesteps
@@ -103,16 +102,6 @@ def sampling_grid(schedule: Schedule, num_steps: int, noise: Tensor) -> Tensor:
     return schedule.shift(grid, num_tokens).clamp(0, 1 - TAU_EPS)
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 @dataclass
 class DiffusionSampler:
     """DDIM (η = 0) / Euler sampling of the student, with CFG on its own outputs when ``guidance_scale != 1``."""
@@ -127,7 +116,7 @@ class DiffusionSampler:
     ) -> Tensor:
         taus = sampling_grid(self.schedule, num_steps, noise).to(noise.device)
         cond = cond.to(noise.device)
-        with torch.no_grad(), _eval_mode(self.denoiser):
+        with torch.no_grad(), eval_mode(self.denoiser):
             return sample_ddim(self._predict(cond), self.schedule, noise, taus)
 
     def _predict(self, cond: Conditioning) -> Callable[[Tensor, Tensor], Prediction]:

@@ -30,12 +30,12 @@ from torch import Tensor, nn
 
 from fewstep.models.agd import FREQ_DIM, sinusoidal
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import Denoiser
+from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.reflow.common import deterministic_spec, eval_mode, sampling_levels
+from fewstep.reflow.common import deterministic_spec, sampling_levels
 from fewstep.solvers.samplers import sample_ddim
 from fewstep.solvers.steps import noise_to
 

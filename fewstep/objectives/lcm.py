@@ -18,10 +18,8 @@ The boundary scalings use the integer timestep (VP) or ``1000·s`` (flow), so ``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import Denoiser
+from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.convert import _bcast
@@ -193,16 +191,6 @@ def _add_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
     return new.to(param.device).train().requires_grad_(True)
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 def _consistency_fn(
     denoiser: nn.Module, schedule: Schedule, config: LCMConfig, x: Tensor, tau: Tensor, cond: Conditioning
 ) -> Tensor:
@@ -242,7 +230,7 @@ class LCMSampler:
         self, noise: Tensor, cond: Conditioning, num_steps: int, generator: torch.Generator | None = None
     ) -> Tensor:
         taus = self.timesteps(num_steps).to(noise.device)
-        with torch.no_grad(), _eval_mode(self.denoiser):
+        with torch.no_grad(), eval_mode(self.denoiser):
             return sample_consistency(self._predict(cond), self.schedule, noise, taus, generator)
 
     def _predict(self, cond: Conditioning) -> Any:

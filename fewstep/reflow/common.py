@@ -3,8 +3,6 @@ deterministic export spec and the smaller-student (SlimFlow) backbone (ALGORITHM
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import Denoiser
+from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
 
@@ -74,16 +72,6 @@ def check_lpips_space(teacher: Teacher) -> None:
             "LPIPS compares images, but this teacher denoises VAE latents; fewstep does not decode inside the loss "
             "(ALGORITHMS §7 pitfalls). Use loss_type: pseudo_huber for latent teachers."
         )
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def sampling_levels(schedule: Schedule, num_steps: int, noise: Tensor) -> Tensor:
