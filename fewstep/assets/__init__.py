@@ -1,15 +1,20 @@
-"""Small weights that ship with the package: the class-conditional digits teachers and the digits classifier.
+"""Small weights that ship with the package: the class-conditional digits and Fashion-MNIST teachers and their
+classifiers.
 
-=====================  ======================  ===================================================================
-name                   directory               what
-=====================  ======================  ===================================================================
-``digits-vp``          ``digits_vp/``          ``DDPMPipeline``: class-conditional ``UNet2DModel``, VP-ε, 1000 steps
-``digits-flow``        ``digits_flow/``        the same layout with a ``FlowMatchEulerDiscreteScheduler`` (flow)
-``digits-classifier``  ``digits_classifier/``  ``DigitsClassifier`` (``fewstep.eval.digits``): FID features, accuracy
-=====================  ======================  ===================================================================
+======================  =======================  ======================================================================
+name                    directory                what
+======================  =======================  ======================================================================
+``digits-vp``           ``digits_vp/``           ``DDPMPipeline``: class-conditional ``UNet2DModel``, VP-ε, 1000 steps
+``digits-flow``         ``digits_flow/``         the same layout with a ``FlowMatchEulerDiscreteScheduler`` (flow)
+``digits-classifier``   ``digits_classifier/``   ``DigitsClassifier`` (``fewstep.eval.digits``): FID features, accuracy
+``fashion-vp``          ``fashion_vp/``          the same for Fashion-MNIST (28×28, VP-ε)
+``fashion-flow``        ``fashion_flow/``        the flow-matching Fashion-MNIST teacher
+``fashion-classifier``  ``fashion_classifier/``  ``ImageClassifier`` (``fewstep.eval.classifier``) on Fashion-MNIST
+======================  =======================  ======================================================================
 
 Recipes refer to them as ``teacher.pretrained: fewstep:digits-vp``. The teachers take ``class_labels`` 0..9 and the
-null class ``num_class_embeds - 1`` (= 10) for classifier-free guidance; images are ``[b, 1, 8, 8]`` in ``[-1, 1]``.
+null class ``num_class_embeds - 1`` (= 10) for classifier-free guidance; images are ``[b, 1, 8, 8]`` (digits) or
+``[b, 1, 28, 28]`` (Fashion-MNIST) in ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ ASSETS: dict[str, tuple[str, str, str]] = {
     "digits-vp": ("digits_vp", "model_index.json", "python scripts/train_digits_teachers.py --variant vp"),
     "digits-flow": ("digits_flow", "model_index.json", "python scripts/train_digits_teachers.py --variant flow"),
     "digits-classifier": ("digits_classifier", "config.json", "python scripts/train_digits_classifier.py"),
+    "fashion-vp": ("fashion_vp", "model_index.json", "python scripts/train_fashion_teachers.py --variant vp"),
+    "fashion-flow": ("fashion_flow", "model_index.json", "python scripts/train_fashion_teachers.py --variant flow"),
+    "fashion-classifier": ("fashion_classifier", "config.json", "python scripts/train_fashion_classifier.py"),
 }
 
 
@@ -32,7 +40,8 @@ def asset_names() -> list[str]:
 
 
 def asset_path(name: str) -> Path:
-    """The directory of a shipped asset (``digits-vp``, ``digits-flow``, ``digits-classifier``).
+    """The directory of a shipped asset (``digits-vp``, ``digits-flow``, ``digits-classifier``, ``fashion-vp``,
+    ``fashion-flow``, ``fashion-classifier``).
 
     Raises:
         ValueError: for an unknown name (the message lists the known ones).

@@ -261,7 +261,11 @@ def classifier_benchmark_metrics(
 
     data = benchmark_dataset(dataset)
     model = load_classifier(classifier if classifier is not None else data.classifier).to(device)
-    name = f"{data.classifier} ({model.num_features}-d penultimate features)"
+    if classifier is None:
+        source = data.classifier
+    else:
+        source = type(classifier).__name__ if isinstance(classifier, ImageClassifier) else str(classifier)
+    name = f"{source} ({model.num_features}-d penultimate features)"
     fid, accuracy = classifier_metrics(
         model, model.preprocess, lambda: data.images(reference_split)[0], f"{data.description}, {reference_split}",
         reference_id=data.reference_id(reference_split), name=name, device=device, **fid_kwargs,

@@ -16,7 +16,9 @@ MAX_ASSET_BYTES = 2_500_000
 
 
 def test_every_asset_resolves_and_is_small():
-    assert asset_names() == ["digits-classifier", "digits-flow", "digits-vp"]
+    assert asset_names() == [
+        "digits-classifier", "digits-flow", "digits-vp", "fashion-classifier", "fashion-flow", "fashion-vp",
+    ]  # fmt: skip
     for name in asset_names():
         path = asset_path(name)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -1,0 +1,392 @@
+"""The quality benchmark: every objective's benchmark recipe, trained and evaluated on real data, into
+``docs/results.md`` (the ``quality`` section, one table per data set) and ``docs/results.json`` (one record per row).
+
+    python scripts/bench/quality.py                                   # everything, 1,000 images per row
+    python scripts/bench/quality.py --datasets fashion_mnist --inception
+    python scripts/bench/quality.py --datasets digits --max-steps 2 --num-images 20 --out-dir /tmp/q   # smoke run
+
+Benchmark recipes are found by name: ``recipes/bench/<dataset>[_<variant>]_<objective>.yaml`` where ``<objective>``
+is a registered objective (``fewstep.objectives.OBJECTIVES``) and the recipe's ``data.source`` is a benchmark data
+set (``fewstep.eval.classifier.BENCHMARK_DATASETS``: ``digits``, ``fashion_mnist``). A new objective only adds its
+recipes. For each recipe:
+
+1. train it with the one trainer (``fewstep.train.loop.train``) into ``<runs-dir>/<recipe>``, or reuse the run if it
+   already reached ``train.max_steps`` (``--retrain`` trains again; an interrupted run resumes);
+2. evaluate with the harness (``fewstep.eval.targets.run_target`` + ``fewstep.eval.harness.evaluate``): the student
+   at 1/2/4 steps and, once per teacher, the teacher at 1/2/4/8/50 steps with the recipe's CFG, from the same seeded
+   noise and balanced labels; metrics: FID in the data set's classifier feature space against the train split,
+   class accuracy, and with ``--inception`` the TF-Inception FID (``fid_inception``; ~0.2–0.3 s per image on a CPU).
+
+A ``test split (real)`` row per data set gives the floor the metrics reach on held-out real images. Training time and
+hardware (CPU model or GPU name) are recorded per row; the harness reports (``eval.json``, ``eval.md``, grids) are
+kept under ``<out-dir>/eval/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import fmt, hardware, merge_records, today, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTION = "quality"
+TRAINING_FILE = "bench_training.json"  # written into each run: training seconds and hardware
+DATASET_TITLES = {"digits": "Digits (scikit-learn, 8×8)", "fashion_mnist": "Fashion-MNIST (28×28)"}
+
+
+@dataclass
+class BenchRecipe:
+    """One benchmark recipe: its file, data set, objective and validated (overridden) config."""
+
+    path: Path
+    dataset: str
+    objective: str
+    cfg: Any
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4; got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def discover(
+    recipes_dir: Path,
+    datasets: list[str] | None,
+    objectives: list[str] | None,
+    overrides: list[str],
+    runs_dir: Path | None = None,
+    names: list[str] | None = None,
+) -> tuple[list[BenchRecipe], list[str]]:
+    """The benchmark recipes to run (each with ``output_dir = runs_dir/<recipe name>`` when ``runs_dir`` is given),
+    and the registered objectives that have none. ``names`` keeps only those recipes (file stems).
+
+    Raises:
+        ValueError: a recipe whose name does not follow ``<dataset>[_<variant>]_<objective>.yaml`` or whose data
+            set is not a benchmark data set (the message names the file and the fix).
+    """
+    from fewstep.config import load_recipe
+    from fewstep.eval.classifier import BENCHMARK_DATASETS, benchmark_dataset
+    from fewstep.objectives import OBJECTIVES
+
+    registered = sorted(OBJECTIVES, key=len, reverse=True)
+    wanted_datasets = [benchmark_dataset(d).name for d in datasets] if datasets else None
+    found, covered = [], set()
+    for path in sorted(recipes_dir.glob("*.yaml")):
+        objective = next((name for name in registered if path.stem.endswith(f"_{name}")), None)
+        run = [f"output_dir={runs_dir / path.stem}"] if runs_dir is not None else []
+        cfg = load_recipe(path, [*overrides, *run])
+        if objective is None or cfg.objective.name != objective:
+            raise ValueError(
+                f"{path}: benchmark recipes are named <dataset>[_<variant>]_<objective>.yaml with a registered "
+                f"objective ({', '.join(sorted(OBJECTIVES))}) matching objective.name ({cfg.objective.name!r})."
+            )
+        if cfg.data.source not in BENCHMARK_DATASETS:
+            raise ValueError(
+                f"{path}: data.source {cfg.data.source!r} is not a benchmark data set "
+                f"({', '.join(BENCHMARK_DATASETS)}); benchmark recipes train on the data their metrics measure."
+            )
+        covered.add(objective)
+        if wanted_datasets is not None and cfg.data.source not in wanted_datasets:
+            continue
+        if objectives is not None and objective not in objectives:
+            continue
+        if names is not None and path.stem not in names:
+            continue
+        found.append(BenchRecipe(path, cfg.data.source, objective, cfg))
+    return found, sorted(set(OBJECTIVES) - covered)
+
+
+def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> tuple[Path, float | None, str | None]:
+    """Train the recipe unless its run already reached ``train.max_steps``.
+
+    Returns:
+        ``(run_dir, training seconds, training hardware)``; seconds add up over resumed runs, ``None`` for a finished
+        run this script did not train.
+    """
+    from fewstep.train.loop import SUMMARY, train
+
+    run_dir = Path(bench.cfg.output_dir)
+    summary = run_dir / SUMMARY
+    log = run_dir / TRAINING_FILE
+    previous = json.loads(log.read_text()) if log.is_file() else {}
+    done = summary.is_file() and json.loads(summary.read_text()).get("step", 0) >= bench.cfg.train.max_steps
+    if done and not retrain:
+        print(f"[quality] {bench.path.name}: reusing the finished run {run_dir}", flush=True)
+        return run_dir, previous.get("training_seconds"), previous.get("hardware")
+    if retrain and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+        previous = {}
+    print(f"[quality] {bench.path.name}: training {bench.cfg.train.max_steps} steps into {run_dir}", flush=True)
+    start = time.perf_counter()
+    run_dir = Path(train(bench.cfg))
+    seconds = time.perf_counter() - start + float(previous.get("training_seconds") or 0.0)
+    info = {"training_seconds": round(seconds, 1), "hardware": hardware(device), "steps": bench.cfg.train.max_steps}
+    (run_dir / TRAINING_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return run_dir, info["training_seconds"], info["hardware"]
+
+
+def dataset_metrics(dataset: str, args: argparse.Namespace) -> list[Any]:
+    """Classifier FID and class accuracy (``classifier_benchmark_metrics``), plus the Inception FID if asked."""
+    from fewstep.eval.classifier import benchmark_dataset, classifier_benchmark_metrics
+
+    metrics = classifier_benchmark_metrics(dataset, device=args.device, batch_size=1000, progress=False)
+    if args.inception:
+        from fewstep.eval.features import InceptionFeatures
+        from fewstep.eval.fid import FID
+
+        data, n = benchmark_dataset(dataset), args.inception_reference_images
+        metrics.append(
+            FID(
+                InceptionFeatures().to(args.device), lambda: data.images("train")[0][:n],
+                reference_name=f"{data.description}, first {n} train images", name="fid_inception",
+                reference_id=f"{data.reference_id('train')}:first{n}", batch_size=50, device=args.device,
+            )
+        )  # fmt: skip
+    return metrics
+
+
+def data_record(dataset: str, metrics: list[Any], num_images: int) -> dict[str, Any]:
+    """The ``test split (real)`` row: held-out real images through the same metrics (quantised to 8 bits)."""
+    from fewstep.eval.classifier import benchmark_dataset
+    from fewstep.eval.harness import to_uint8
+
+    images, labels = benchmark_dataset(dataset).images("test")
+    images, labels = to_uint8(images[:num_images]).float() / 255, labels[:num_images]
+    values = {m.name: m.compute(images, labels=labels if "labels" in m.needs else None) for m in metrics}
+    return {"kind": "data", "model": "test split (real)", "teacher": None, "objective": None, "recipe": None,
+            "steps": None, "nfe": None, "num_images": len(images), "metrics": values,
+            "seconds_per_image": None}  # fmt: skip
+
+
+def evaluate_recipe(
+    bench: BenchRecipe, run_dir: Path, metrics: list[Any], with_teacher: bool, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The student's rows (and the teacher's, if ``with_teacher``) of one recipe, through the harness."""
+    from fewstep.eval.harness import evaluate
+    from fewstep.eval.targets import run_target
+
+    teacher_steps = args.teacher_steps if with_teacher else ()
+    target = run_target(run_dir, steps=args.student_steps, teacher_steps=teacher_steps, device=args.device)
+    out = args.out_dir / "eval" / bench.path.stem
+    report = evaluate(
+        target.samplers, metrics, target.inputs(args.num_images), seed=args.seed, batch_size=args.eval_batch_size,
+        out_dir=out, save_images=args.save_images, device=args.device, progress=True,
+        info={"target": target.info, "benchmark": "scripts/bench/quality.py", "recipe": str(bench.path)},
+    )  # fmt: skip
+    kinds = {s.name: s.info.get("kind") for s in target.samplers}
+    records = []
+    for row in report.rows:
+        student = kinds[row.model] == "student"
+        records.append({
+            "kind": kinds[row.model], "model": row.model, "teacher": bench.cfg.teacher.pretrained,
+            "objective": bench.objective if student else None, "recipe": _rel(bench.path) if student else None,
+            "steps": row.num_steps, "nfe": row.nfe_per_image, "num_images": row.num_images, "metrics": row.metrics,
+            "seconds_per_image": row.seconds_per_image, "eval_dir": _rel(out),
+            "guidance_scale": next(s.info.get("guidance_scale") for s in target.samplers if s.name == row.model),
+        })  # fmt: skip
+    return records
+
+
+def _rel(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def finish_record(raw: dict[str, Any], dataset: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """One ``docs/results.json`` record: the spec's fields first (dataset, teacher, objective, student steps, NFE,
+    FID, class accuracy, training seconds, hardware, date), then provenance."""
+    m = raw["metrics"]
+    student = raw["kind"] == "student"
+    return {
+        "benchmark": SECTION,
+        "dataset": dataset,
+        "teacher": raw["teacher"],
+        "objective": raw["objective"],
+        "student_steps": raw["steps"] if student else None,
+        "nfe": raw["nfe"],
+        "fid": _round(m.get("fid")),
+        "class_accuracy": _round(m.get("accuracy")),
+        "training_seconds": extra.get("training_seconds") if student else None,
+        "hardware": extra["hardware"],
+        "date": extra["date"],
+        "kind": raw["kind"],
+        "model": raw["model"],
+        "steps": raw["steps"],
+        "fid_inception": _round(m.get("fid_inception")),
+        "num_images": raw["num_images"],
+        "seconds_per_image": _round(raw["seconds_per_image"], 6),
+        "guidance_scale": raw.get("guidance_scale"),
+        "recipe": raw["recipe"],
+        "training_steps": extra.get("training_steps") if student else None,
+        "training_hardware": extra.get("training_hardware") if student else None,
+        "eval_dir": raw.get("eval_dir"),
+    }
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def record_key(r: dict[str, Any]) -> tuple:
+    """Rows with the same key replace each other in ``docs/results.json``."""
+    return (r.get("benchmark"), r.get("dataset"), r.get("kind"), r.get("teacher"), r.get("recipe"), r.get("steps"))
+
+
+def format_dataset(dataset: str, rows: list[dict[str, Any]]) -> str:
+    """One data set's table and notes (markdown)."""
+    from fewstep.eval.classifier import benchmark_dataset
+
+    inception = any(r.get("fid_inception") is not None for r in rows)
+    head = ["teacher", "model", "steps", "NFE", "FID ↓"] + (["FID Inception ↓"] if inception else [])
+    head += ["accuracy ↑", "ms / image", "training s"]
+    lines = [f"### {DATASET_TITLES.get(dataset, dataset)}", "", "| " + " | ".join(head) + " |",
+             "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]  # fmt: skip
+    teachers = list(dict.fromkeys(r["teacher"] for r in rows if r["teacher"]))
+    order = {"data": 0, "teacher": 1, "student": 2}
+    rows = sorted(rows, key=lambda r: (r["teacher"] is not None, teachers.index(r["teacher"]) if r["teacher"] else 0,
+                                       order[r["kind"]], r["recipe"] or "", r["steps"] or 0))  # fmt: skip
+    for r in rows:
+        cells = [f"`{r['teacher']}`" if r["teacher"] else "–", r["model"], fmt(r["steps"], "d"), fmt(r["nfe"], "g"),
+                 fmt(r["fid"], ".2f")] + ([fmt(r.get("fid_inception"), ".2f")] if inception else [])  # fmt: skip
+        ms = r["seconds_per_image"] * 1000 if r["seconds_per_image"] is not None else None
+        cells += [fmt(r["class_accuracy"], ".3f"), fmt(ms, ".3g"), fmt(r["training_seconds"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    data = benchmark_dataset(dataset)
+    sizes = ", ".join(str(n) for n in sorted({r["num_images"] for r in rows if r["kind"] != "data"}))
+    where = "; ".join(sorted({f"{r['hardware']} on {r['date']}" for r in rows}))
+    reports = ", ".join(sorted({f"`{r['eval_dir']}`" for r in rows if r.get("eval_dir")}))
+    reference = f"FID in the `{data.classifier}` feature space against the {data.description} train split"
+    if inception:
+        reference += ", and TF-Inception FID (`fid_inception`) against its first train images"
+    note = f"{sizes} images per model row (labels 0–9 balanced, the same seeded noise for every model); {reference}. "
+    note += f"Measured on {where}. Harness reports: {reports or '–'}."
+    return "\n".join([*lines, "", note]) + "\n"
+
+
+def format_section(records: list[dict[str, Any]], command: str) -> str:
+    """The ``quality`` section of ``docs/results.md`` from every quality record of ``docs/results.json``."""
+    datasets = sorted({r["dataset"] for r in records}, key=lambda d: (d not in DATASET_TITLES, d))
+    parts = [
+        "## Quality: teacher vs few-step students",
+        "",
+        f"Written by `{command}` (`scripts/bench/quality.py`; rerun it to refresh). Teachers sample with their "
+        "recipe's classifier-free guidance (w, Imagen convention: two network evaluations per step, NFE counts "
+        "both); students sample with their objective's own sampler (guidance distilled in, one evaluation per "
+        "step). **FID** is the Fréchet distance in the data set's classifier feature space (lower is better; "
+        "comparable only within a table, at equal image counts); **accuracy** is the fraction of samples the "
+        "classifier assigns to the class they were conditioned on; **training s** is the wall time of the "
+        "student's distillation run. The `test split (real)` row passes held-out real images through the same "
+        "metrics.",
+        "",
+    ]
+    for dataset in datasets:
+        parts.append(format_dataset(dataset, [r for r in records if r["dataset"] == dataset]))
+    return "\n".join(parts)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=_names, default=None, help="e.g. digits,fashion_mnist (default: all)")
+    parser.add_argument("--objectives", type=_names, default=None, help="e.g. lcm (default: every one with recipes)")
+    parser.add_argument("--recipes", type=_names, default=None, help="only these recipes, e.g. digits_lcm")
+    parser.add_argument("--recipes-dir", type=Path, default=ROOT / "recipes" / "bench")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench", help="runs and eval reports")
+    parser.add_argument("--results-md", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--results-json", type=Path, default=ROOT / "docs" / "results.json")
+    parser.add_argument("--num-images", type=int, default=1000, help="images per table row")
+    parser.add_argument("--teacher-steps", type=_ints, default=[1, 2, 4, 8, 50])
+    parser.add_argument("--student-steps", type=_ints, default=[1, 2, 4])
+    parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps of every recipe")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every recipe (repeatable), e.g. --set data.batch_size=32",
+    )
+    parser.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    parser.add_argument("--train-only", action="store_true",
+                        help="only train (or reuse) the runs; a later run without it evaluates them (run recipes in "
+                        "parallel with --train-only --recipes NAME)")  # fmt: skip
+    parser.add_argument("--inception", action="store_true", help="also TF-Inception FID (slow on a CPU)")
+    parser.add_argument("--inception-reference-images", type=int, default=10000)
+    parser.add_argument("--eval-batch-size", type=int, default=250)
+    parser.add_argument("--save-images", action="store_true", help="keep every sample as a PNG (grids are always kept)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.num_images < 2:
+        parser.error("--num-images must be at least 2 (FID needs a covariance)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
+    runs = args.out_dir / "runs"
+    recipes, uncovered = discover(args.recipes_dir, args.datasets, args.objectives, overrides, runs, args.recipes)
+    if uncovered:
+        print(f"[quality] objectives without a benchmark recipe in {args.recipes_dir}: {', '.join(uncovered)}")
+    if not recipes:
+        raise SystemExit(
+            f"No benchmark recipe in {args.recipes_dir} matches --datasets {args.datasets} --objectives "
+            f"{args.objectives} --recipes {args.recipes}."
+        )
+    if args.train_only:
+        for bench in recipes:
+            train_or_reuse(bench, args.retrain, args.device)
+        return 0
+    records, date, where = [], today(), hardware(args.device)
+    for dataset in dict.fromkeys(b.dataset for b in recipes):
+        metrics = dataset_metrics(dataset, args)
+        raw = [data_record(dataset, metrics, args.num_images)]
+        extras = [{"hardware": where, "date": date}]
+        seen_teachers = set()
+        for bench in (b for b in recipes if b.dataset == dataset):
+            run_dir, seconds, trained_on = train_or_reuse(bench, args.retrain, args.device)
+            key = (bench.cfg.teacher.pretrained, bench.cfg.teacher.guidance_scale)
+            rows = evaluate_recipe(bench, run_dir, metrics, key not in seen_teachers, args)
+            seen_teachers.add(key)
+            extra = {"hardware": where, "date": date, "training_seconds": seconds, "training_hardware": trained_on,
+                     "training_steps": bench.cfg.train.max_steps}  # fmt: skip
+            raw += rows
+            extras += [extra] * len(rows)
+        records += [finish_record(r, dataset, e) for r, e in zip(raw, extras)]
+    everything = merge_records(args.results_json, records, record_key)
+    command = "python scripts/bench/quality.py" + ("" if not argv else " " + shlex.join(argv))
+    quality = [r for r in everything if r.get("benchmark") == SECTION]
+    write_section(args.results_md, SECTION, format_section(quality, command))
+    print(format_section(quality, command))
+    print(f"[quality] wrote {args.results_md} and {args.results_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

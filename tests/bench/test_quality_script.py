@@ -1,0 +1,89 @@
+"""scripts/bench/quality.py end to end on a tiny budget: the digits LCM recipe trains 2 steps, the harness evaluates
+teacher and student on 20 images, and docs-style results.md / results.json are written into a temporary directory
+(keeping what other benchmark scripts wrote there)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC_FIELDS = ("dataset", "teacher", "objective", "student_steps", "nfe", "fid", "class_accuracy",
+               "training_seconds", "hardware", "date")  # fmt: skip
+
+
+def load_script():
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return load_script()
+
+
+def test_discovery_follows_the_naming_convention(quality, tmp_path):
+    recipes, uncovered = quality.discover(ROOT / "recipes" / "bench", None, None, [])
+    names = {r.path.stem: (r.dataset, r.objective) for r in recipes}
+    assert names["digits_lcm"] == ("digits", "lcm") and names["fashion_flow_lcm"] == ("fashion_mnist", "lcm")
+    assert "lcm" not in uncovered
+    only, _ = quality.discover(ROOT / "recipes" / "bench", ["fashion"], ["lcm"], [], tmp_path, None)
+    assert sorted(r.path.stem for r in only) == ["fashion_flow_lcm", "fashion_lcm"]
+    assert all(r.cfg.output_dir == str(tmp_path / r.path.stem) for r in only)
+    bad = tmp_path / "recipes"
+    bad.mkdir()
+    (bad / "digits_consistency.yaml").write_text((ROOT / "recipes" / "bench" / "digits_lcm.yaml").read_text())
+    with pytest.raises(ValueError, match=r"<dataset>\[_<variant>\]_<objective>\.yaml"):
+        quality.discover(bad, None, None, [])
+
+
+def test_tiny_end_to_end_run_writes_well_formed_rows(quality, tmp_path):
+    md, js = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results.json"
+    md.parent.mkdir()
+    md.write_text("# Results\n\n<!-- speed:start -->\nspeed table\n<!-- speed:end -->\n")
+    js.write_text(json.dumps({"rows": [{"benchmark": "speed", "family": "sd15", "ratio": 9.0}]}))
+    argv = ["--recipes", "digits_lcm", "--max-steps", "2", "--num-images", "20", "--teacher-steps", "1,2",
+            "--student-steps", "1,2", "--eval-batch-size", "10", "--out-dir", str(tmp_path / "out"),
+            "--results-md", str(md), "--results-json", str(js), "--set", "train.progress=false"]  # fmt: skip
+    assert quality.main(argv) == 0
+
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[0] == {"benchmark": "speed", "family": "sd15", "ratio": 9.0}  # other benchmarks' rows are kept
+    quality_rows = [r for r in rows if r["benchmark"] == "quality"]
+    assert [(r["kind"], r["steps"]) for r in quality_rows] == [
+        ("data", None), ("student", 1), ("student", 2), ("teacher", 1), ("teacher", 2)
+    ]  # fmt: skip
+    for r in quality_rows:
+        assert set(SPEC_FIELDS) <= set(r) and r["dataset"] == "digits" and r["hardware"].startswith(("CPU", "GPU"))
+        assert r["fid"] >= 0 and 0 <= r["class_accuracy"] <= 1 and r["num_images"] == 20
+    student = [r for r in quality_rows if r["kind"] == "student"]
+    teacher = [r for r in quality_rows if r["kind"] == "teacher"]
+    assert all(r["objective"] == "lcm" and r["teacher"] == "fewstep:digits-vp" for r in student)
+    assert [r["student_steps"] for r in student] == [1, 2] and [r["nfe"] for r in student] == [1.0, 2.0]
+    assert [r["nfe"] for r in teacher] == [2.0, 4.0]  # CFG: two network evaluations per step
+    assert all(r["training_seconds"] > 0 and r["training_steps"] == 2 for r in student)
+    assert all(r["student_steps"] is None and r["training_seconds"] is None for r in teacher)
+    assert teacher[1]["fid"] < 30 and teacher[1]["class_accuracy"] >= 0.9  # the shipped teacher makes digits
+
+    text = md.read_text()
+    assert "<!-- speed:start -->\nspeed table\n<!-- speed:end -->" in text  # the other section is intact
+    section = text.split("<!-- quality:start -->")[1].split("<!-- quality:end -->")[0]
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| teacher | model | steps | NFE | FID ↓ | accuracy ↑")
+    assert len(table) == 2 + len(quality_rows)
+    assert "| `fewstep:digits-vp` | student (lcm, raw) | 2 | 2 |" in section
+    assert (tmp_path / "out" / "eval" / "digits_lcm" / "eval.json").is_file()
+
+    assert quality.main(argv) == 0  # a second run reuses the finished run and replaces its own rows
+    again = json.loads(js.read_text())["rows"]
+    assert len(again) == len(rows) and text.count("<!-- quality:start -->") == 1
+    reused = [r["training_seconds"] for r in again if r.get("kind") == "student"]
+    assert reused == [r["training_seconds"] for r in student]  # read back from the run, not retrained
