@@ -5,6 +5,13 @@
     python scripts/bench/quality.py --datasets fashion_mnist --inception
     python scripts/bench/quality.py --datasets digits --max-steps 2 --num-images 20 --out-dir /tmp/q   # smoke run
 
+On a small CPU budget train the recipes in parallel first, then evaluate (the evaluation reuses the finished runs
+when it gets the same --max-steps / --set):
+
+    python scripts/bench/quality.py --recipes fashion_lcm --max-steps 1000 --set data.batch_size=32 --train-only &
+    python scripts/bench/quality.py --recipes fashion_flow_lcm --max-steps 1000 --set data.batch_size=32 --train-only
+    python scripts/bench/quality.py --datasets fashion_mnist --objectives lcm --max-steps 1000 --set data.batch_size=32
+
 Benchmark recipes are found by name: ``recipes/bench/<dataset>[_<variant>]_<objective>.yaml`` where ``<objective>``
 is a registered objective (``fewstep.objectives.OBJECTIVES``) and the recipe's ``data.source`` is a benchmark data
 set (``fewstep.eval.classifier.BENCHMARK_DATASETS``: ``digits``, ``fashion_mnist``). A new objective only adds its
@@ -290,7 +297,8 @@ def format_section(records: list[dict[str, Any]], command: str) -> str:
     parts = [
         "## Quality: teacher vs few-step students",
         "",
-        f"Written by `{command}` (`scripts/bench/quality.py`; rerun it to refresh). Teachers sample with their "
+        "Written by `scripts/bench/quality.py` (each run replaces the rows it measures and keeps the others; last "
+        f"run: `{command}`). Teachers sample with their "
         "recipe's classifier-free guidance (w, Imagen convention: two network evaluations per step, NFE counts "
         "both); students sample with their objective's own sampler (guidance distilled in, one evaluation per "
         "step). **FID** is the Fréchet distance in the data set's classifier feature space (lower is better; "

@@ -138,7 +138,8 @@ def format_section(records: list[dict[str, Any]], command: str) -> str:
     lines = [
         "## Speed: student vs teacher, end to end",
         "",
-        f"Written by `{command}` (`scripts/bench/speed.py`). Seconds per image of the whole sampling call (prompt "
+        "Written by `scripts/bench/speed.py` (each run replaces the rows it measures and keeps the others; last run: "
+        f"`{command}`). Seconds per image of the whole sampling call (prompt "
         "encoding, every network evaluation, VAE decoding), median over timed batches after a warm-up, teacher and "
         "student measured in the same run; the teacher at its pipeline's default steps with its usual CFG, the "
         "student with its objective's sampler and no CFG. `tiny` rows use fewstep's tiny offline models (fixed "
