@@ -256,10 +256,15 @@ def student_sampler(
         cond, _ = _conditions(teacher, inputs, device)
         return decode_latents(teacher, sampler(noise.to(device), cond, num_steps, generator))
 
+    image_shape = tuple(shape) if shape is not None else noise_shape(teacher.pipeline, resolution)
+
     def schedule(num_steps: int) -> dict[str, Any]:
         out: dict[str, Any] = {"solver": type(sampler).__name__}
         if hasattr(sampler, "timesteps"):
-            levels = sampler.timesteps(num_steps)  # the levels the student is evaluated at (LCM: num_steps of them)
+            # the levels the student is evaluated at (LCM: num_steps of them); samplers whose levels depend on the
+            # image size (dynamic shift, e.g. Flux) take the batch shape
+            takes_shape = "shape" in inspect.signature(sampler.timesteps).parameters
+            levels = sampler.timesteps(num_steps, (1, *image_shape)) if takes_shape else sampler.timesteps(num_steps)
             out.update(_levels(teacher.schedule, levels, levels))
         return out
 
@@ -272,7 +277,7 @@ def student_sampler(
     }  # fmt: skip
     return Sampler(
         name=name or f"student ({objective_name}, {weights})", fn=fn, steps=list(steps), info=info,
-        noise_shape=tuple(shape) if shape is not None else noise_shape(teacher.pipeline, resolution),
+        noise_shape=image_shape,
         network=denoiser.backbone, schedule=schedule,
     )  # fmt: skip
 

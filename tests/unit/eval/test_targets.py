@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fewstep.config import load_recipe
 from fewstep.eval.harness import evaluate
 from fewstep.eval.suite import build_metrics
-from fewstep.eval.targets import export_target, load_target, run_target, target_kind
+from fewstep.eval.targets import export_target, load_target, run_target, student_sampler, target_kind
 from fewstep.export.run import export_run
 from fewstep.train.loop import train
 
@@ -155,3 +155,14 @@ def test_bad_targets_name_the_problem(tmp_path, digits_run):
         run_target(digits_run, checkpoint="best", device="cpu")
     assert target_kind("tiny:sd15") == "teacher" and target_kind("org/model") == "teacher"
     assert target_kind(str(digits_run)) == "run"
+
+
+def test_student_schedule_record_passes_the_image_shape_for_dynamic_shift():
+    """Flux's shift depends on the token count: the recorded levels need the sampler's image shape."""
+    from fewstep.config import load_recipe
+    from fewstep.train.build import build_components
+
+    recipe = load_recipe("dmd/flux_dmd2_lora", ["teacher.pretrained=tiny:flux", "student.lora.rank=4"])
+    sampler = student_sampler(build_components(recipe), [1, 2])
+    levels = sampler.schedule(2)["levels"]
+    assert len(levels) == 2 and levels[0] == 1.0 and 0.0 < levels[1] < 1.0
