@@ -412,8 +412,15 @@ def run_target(
     dataset = benchmark_of(shape, kind, num_classes)
     info = {"kind": "run", "path": str(run_dir), "checkpoint": str(ckpt), "weights": used,
             "ema_decay": recipe.train.ema_decay, "objective": recipe.objective.name,
-            "teacher": recipe.teacher.pretrained, "description": recipe.description}  # fmt: skip
+            "teacher": recipe.teacher.pretrained, "description": recipe.description,
+            "parameters": {"student": _num_parameters(components.student.denoiser.backbone),
+                           "teacher": _num_parameters(components.teacher.denoiser.backbone)}}  # fmt: skip
     return Target("run", str(run_dir), samplers, kind, num_classes, dataset, info)
+
+
+def _num_parameters(module: torch.nn.Module) -> int:
+    """Distinct parameters (a LoRA student counts its frozen base and its adapters)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
 def run_noise_shape(recipe: Any, teacher: Teacher) -> tuple[int, ...]:

@@ -63,7 +63,9 @@ class Objective(Protocol):
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         """Receive the trainer's prepared (e.g. DDP-wrapped) versions of ``trainable()``; forwards that need
-        gradients must go through these so gradients synchronise across ranks."""
+        gradients must go through these so gradients synchronise across ranks. An objective that cannot (a JVP
+        through the student) sets the class attribute ``bypasses_prepared = True`` and the trainer averages its
+        gradients over ranks itself (``fewstep.train.sync``)."""
 
     def phase(self, step: int) -> str:
         """Which trainable group updates at ``step`` (a key of ``trainable()``)."""

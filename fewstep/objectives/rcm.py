@@ -75,6 +75,7 @@ class RCM:
     """
 
     Config = RCMConfig
+    bypasses_prepared = True  # the JVP calls the backbone itself: the trainer averages gradients
 
     def __init__(self, config: RCMConfig, teacher: Teacher, student: Student) -> None:
         check_teacher(teacher)

@@ -242,6 +242,7 @@ class SCM:
     """
 
     Config = SCMConfig
+    bypasses_prepared = True  # the JVP calls the backbone itself: the trainer averages gradients
 
     def __init__(self, config: SCMConfig, teacher: Teacher, student: Student) -> None:
         check_teacher(teacher)

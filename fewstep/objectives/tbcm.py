@@ -68,6 +68,7 @@ class TBCM:
     """
 
     Config = TBCMConfig
+    bypasses_prepared = True  # the JVP calls the backbone itself: the trainer averages gradients
 
     def __init__(self, config: TBCMConfig, teacher: Teacher, student: Student) -> None:
         check_teacher(teacher)

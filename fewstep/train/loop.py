@@ -36,6 +36,7 @@ from fewstep.train.ema import EMA, trainable_parameters
 from fewstep.train.logging import flatten_metrics, write_samples
 from fewstep.train.optim import build_optimizers, build_schedulers
 from fewstep.train.periodic_eval import PeriodicEval
+from fewstep.train.sync import average_gradients, bypasses_prepared, check_strategy
 
 SUMMARY = "run_summary.json"
 
@@ -94,6 +95,7 @@ class Trainer:
         self.modules = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(names, prepared[len(names) :]))
         self.objective.attach(self.modules)
+        check_strategy(self.objective, accelerator)
         self.ema = EMA(self.groups, self.cfg.ema_decay) if self.cfg.ema_decay is not None else None
 
         self.step, position, self.nonfinite_steps = 0, 0, 0
@@ -161,6 +163,8 @@ class Trainer:
             losses.append(out.loss.detach().float())
             metrics = out.metrics
         loss = torch.stack(losses).mean()
+        if acc.num_processes > 1 and bypasses_prepared(self.objective):
+            average_gradients(self.groups[phase], acc)  # DDP's hooks never ran (fewstep.train.sync)
         max_norm = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip is not None else math.inf
         grad_norm = acc.clip_grad_norm_(list(trainable_parameters(self.modules[phase]).values()), max_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else None  # None: DeepSpeed clips internally

@@ -48,6 +48,7 @@ from results_io import fmt, hardware, merge_records, today, write_section  # noq
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "quality"
 TRAINING_FILE = "bench_training.json"  # written into each run: training seconds and hardware
+EXPORT_DIR = "export"  # a run exported for a later recipe (e.g. the 2-RF model InstaFlow distils)
 DATASET_TITLES = {"digits": "Digits (scikit-learn, 8×8)", "fashion_mnist": "Fashion-MNIST (28×28)"}
 
 
@@ -59,6 +60,7 @@ class BenchRecipe:
     dataset: str
     objective: str
     cfg: Any
+    requires: str | None = None  # the benchmark recipe whose exported run is the teacher
 
 
 def _ints(text: str) -> list[int]:
@@ -96,30 +98,71 @@ def discover(
 
     registered = sorted(OBJECTIVES, key=len, reverse=True)
     wanted_datasets = [benchmark_dataset(d).name for d in datasets] if datasets else None
+    paths = sorted(recipes_dir.glob("*.yaml"))
+    stems = {p.stem for p in paths}
     found, covered = [], set()
-    for path in sorted(recipes_dir.glob("*.yaml")):
+    for path in paths:
         objective = next((name for name in registered if path.stem.endswith(f"_{name}")), None)
-        run = [f"output_dir={runs_dir / path.stem}"] if runs_dir is not None else []
-        cfg = load_recipe(path, [*overrides, *run])
+        cfg = load_recipe(path, overrides)
+        moved = [f"output_dir={runs_dir / path.stem}"] if runs_dir is not None else []
+        requires = _required_run(cfg.teacher.pretrained, stems)
+        if requires is not None and runs_dir is not None:
+            moved.append(f"teacher.pretrained={runs_dir / requires / EXPORT_DIR}")
+        if cfg.data.source == "pairs" and runs_dir is not None:
+            moved.append(f"data.path={runs_dir.parent / 'pairs' / Path(cfg.data.path).name}")  # shared by name
+        cfg = load_recipe(path, [*overrides, *moved])
         if objective is None or cfg.objective.name != objective:
             raise ValueError(
                 f"{path}: benchmark recipes are named <dataset>[_<variant>]_<objective>.yaml with a registered "
                 f"objective ({', '.join(sorted(OBJECTIVES))}) matching objective.name ({cfg.objective.name!r})."
             )
-        if cfg.data.source not in BENCHMARK_DATASETS:
+        dataset = cfg.data.source
+        if dataset == "pairs":  # reflow couplings of a benchmark teacher: the data set is the name's prefix
+            dataset = next((d for d in BENCHMARK_DATASETS if path.stem.startswith(d.split("_")[0] + "_")), dataset)
+        if dataset not in BENCHMARK_DATASETS:
             raise ValueError(
                 f"{path}: data.source {cfg.data.source!r} is not a benchmark data set "
-                f"({', '.join(BENCHMARK_DATASETS)}); benchmark recipes train on the data their metrics measure."
+                f"({', '.join(BENCHMARK_DATASETS)}, or pairs of a recipe named after one); benchmark recipes train "
+                "on the data their metrics measure."
             )
         covered.add(objective)
-        if wanted_datasets is not None and cfg.data.source not in wanted_datasets:
+        if wanted_datasets is not None and dataset not in wanted_datasets:
             continue
         if objectives is not None and objective not in objectives:
             continue
         if names is not None and path.stem not in names:
             continue
-        found.append(BenchRecipe(path, cfg.data.source, objective, cfg))
+        found.append(BenchRecipe(path, dataset, objective, cfg, requires))
     return found, sorted(set(OBJECTIVES) - covered)
+
+
+def _required_run(pretrained: str, stems: set[str]) -> str | None:
+    """The benchmark recipe whose exported run is this teacher (``.../<recipe>/export``, e.g. InstaFlow's 2-RF)."""
+    path = Path(pretrained)
+    return path.parent.name if path.name == EXPORT_DIR and path.parent.name in stems else None
+
+
+def prepare(bench: BenchRecipe, all_recipes: dict[str, BenchRecipe], args: argparse.Namespace) -> None:
+    """What a recipe needs before it trains: the run it takes as teacher (trained and exported), and its reflow
+    pairs (``data.source: pairs``: solved with the teacher's CFG; resumable, reused once complete)."""
+    if bench.requires is not None:
+        teacher_dir = Path(bench.cfg.teacher.pretrained)
+        if not (teacher_dir / "model_index.json").is_file():
+            if bench.requires not in all_recipes:
+                raise SystemExit(f"{bench.path.name} needs the run of {bench.requires}.yaml, which is not found.")
+            needed = all_recipes[bench.requires]
+            prepare(needed, all_recipes, args)
+            run_dir, _, _ = train_or_reuse(needed, args.retrain, args.device)
+            from fewstep.export import export_run
+
+            print(f"[quality] exporting {run_dir} into {teacher_dir} (the teacher of {bench.path.name})", flush=True)
+            export_run(run_dir, teacher_dir)
+    if bench.cfg.data.source == "pairs":
+        from fewstep.reflow.generate import pairs_for_recipe
+
+        print(f"[quality] {bench.path.name}: {args.num_pairs} pairs ({args.pair_steps} teacher steps) in "
+              f"{bench.cfg.data.path}", flush=True)  # fmt: skip
+        pairs_for_recipe(bench.cfg, args.num_pairs, args.pair_steps, batch_size=256, seed=args.seed)
 
 
 def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> tuple[Path, float | None, str | None]:
@@ -194,7 +237,9 @@ def evaluate_recipe(
     from fewstep.eval.targets import run_target
 
     teacher_steps = args.teacher_steps if with_teacher else ()
-    target = run_target(run_dir, steps=args.student_steps, teacher_steps=teacher_steps, device=args.device)
+    steps = args.student_steps or bench.cfg.eval.steps
+    target = run_target(run_dir, steps=steps, teacher_steps=teacher_steps, device=args.device)
+    parameters = target.info.get("parameters", {})
     out = args.out_dir / "eval" / bench.path.stem
     report = evaluate(
         target.samplers, metrics, target.inputs(args.num_images), seed=args.seed, batch_size=args.eval_batch_size,
@@ -202,15 +247,18 @@ def evaluate_recipe(
         info={"target": target.info, "benchmark": "scripts/bench/quality.py", "recipe": str(bench.path)},
     )  # fmt: skip
     kinds = {s.name: s.info.get("kind") for s in target.samplers}
+    teacher = bench.cfg.teacher.pretrained if bench.requires is None else f"{bench.requires} (exported run)"
     records = []
     for row in report.rows:
         student = kinds[row.model] == "student"
         records.append({
-            "kind": kinds[row.model], "model": row.model, "teacher": bench.cfg.teacher.pretrained,
+            "kind": kinds[row.model], "model": row.model, "teacher": teacher,
             "objective": bench.objective if student else None, "recipe": _rel(bench.path) if student else None,
             "steps": row.num_steps, "nfe": row.nfe_per_image, "num_images": row.num_images, "metrics": row.metrics,
             "seconds_per_image": row.seconds_per_image, "eval_dir": _rel(out),
             "guidance_scale": next(s.info.get("guidance_scale") for s in target.samplers if s.name == row.model),
+            "parameters": parameters.get("student" if student else "teacher"),
+            "teacher_parameters": parameters.get("teacher") if student else None,
         })  # fmt: skip
     return records
 
@@ -248,6 +296,8 @@ def finish_record(raw: dict[str, Any], dataset: str, extra: dict[str, Any]) -> d
         "training_steps": extra.get("training_steps") if student else None,
         "training_hardware": extra.get("training_hardware") if student else None,
         "eval_dir": raw.get("eval_dir"),
+        "parameters": raw.get("parameters"),
+        "teacher_parameters": raw.get("teacher_parameters"),
     }
 
 
@@ -258,6 +308,21 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 def record_key(r: dict[str, Any]) -> tuple:
     """Rows with the same key replace each other in ``docs/results.json``."""
     return (r.get("benchmark"), r.get("dataset"), r.get("kind"), r.get("teacher"), r.get("recipe"), r.get("steps"))
+
+
+def model_cell(r: dict[str, Any]) -> str:
+    """The model column: students name their recipe (``student (dmd2, raw) · 4step``) and, when smaller than the
+    teacher (SlimFlow), their parameter count."""
+    if r["kind"] != "student" or not r.get("recipe"):
+        return r["model"]
+    stem = Path(r["recipe"]).stem
+    variant = stem.removeprefix(stem.split("_")[0] + "_").removesuffix(r["objective"] or "").strip("_")
+    variant = variant.removeprefix("flow").removeprefix("vp").strip("_")  # the teacher column names the teacher
+    cell = f"{r['model']} · {variant}" if variant else r["model"]
+    params, teacher = r.get("parameters"), r.get("teacher_parameters")
+    if params and teacher and params < 0.9 * teacher:
+        cell += f", {params / 1e6:.3g}M params (teacher {teacher / 1e6:.3g}M)"
+    return cell
 
 
 def format_dataset(dataset: str, rows: list[dict[str, Any]]) -> str:
@@ -274,7 +339,7 @@ def format_dataset(dataset: str, rows: list[dict[str, Any]]) -> str:
     rows = sorted(rows, key=lambda r: (r["teacher"] is not None, teachers.index(r["teacher"]) if r["teacher"] else 0,
                                        order[r["kind"]], r["recipe"] or "", r["steps"] or 0))  # fmt: skip
     for r in rows:
-        cells = [f"`{r['teacher']}`" if r["teacher"] else "–", r["model"], fmt(r["steps"], "d"), fmt(r["nfe"], "g"),
+        cells = [f"`{r['teacher']}`" if r["teacher"] else "–", model_cell(r), fmt(r["steps"], "d"), fmt(r["nfe"], "g"),
                  fmt(r["fid"], ".2f")] + ([fmt(r.get("fid_inception"), ".2f")] if inception else [])  # fmt: skip
         ms = r["seconds_per_image"] * 1000 if r["seconds_per_image"] is not None else None
         cells += [fmt(r["class_accuracy"], ".3f"), fmt(ms, ".3g"), fmt(r["training_seconds"], ".0f")]
@@ -324,7 +389,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-json", type=Path, default=ROOT / "docs" / "results.json")
     parser.add_argument("--num-images", type=int, default=1000, help="images per table row")
     parser.add_argument("--teacher-steps", type=_ints, default=[1, 2, 4, 8, 50])
-    parser.add_argument("--student-steps", type=_ints, default=[1, 2, 4])
+    parser.add_argument("--student-steps", type=_ints, default=None,
+                        help="student step counts (default: each recipe's eval.steps)")  # fmt: skip
+    parser.add_argument("--no-teacher", action="store_true",
+                        help="no teacher rows (keep those already in docs/results.json)")  # fmt: skip
+    parser.add_argument("--num-pairs", type=int, default=8192, help="reflow pairs per pairs recipe")
+    parser.add_argument("--pair-steps", type=int, default=16, help="teacher ODE steps per reflow pair")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps of every recipe")
     parser.add_argument(
         "--set",
@@ -367,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
             f"No benchmark recipe in {args.recipes_dir} matches --datasets {args.datasets} --objectives "
             f"{args.objectives} --recipes {args.recipes}."
         )
+    every = {b.path.stem: b for b in discover(args.recipes_dir, None, None, overrides, runs)[0]}
     if args.train_only:
         for bench in recipes:
+            prepare(bench, every, args)
             train_or_reuse(bench, args.retrain, args.device)
         return 0
     records, date, where = [], today(), hardware(args.device)
@@ -378,9 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         extras = [{"hardware": where, "date": date}]
         seen_teachers = set()
         for bench in (b for b in recipes if b.dataset == dataset):
+            prepare(bench, every, args)
             run_dir, seconds, trained_on = train_or_reuse(bench, args.retrain, args.device)
             key = (bench.cfg.teacher.pretrained, bench.cfg.teacher.guidance_scale)
-            rows = evaluate_recipe(bench, run_dir, metrics, key not in seen_teachers, args)
+            # a teacher that is another recipe's exported run already has its rows as that recipe's student
+            with_teacher = key not in seen_teachers and bench.requires is None and not args.no_teacher
+            rows = evaluate_recipe(bench, run_dir, metrics, with_teacher, args)
             seen_teachers.add(key)
             extra = {"hardware": where, "date": date, "training_seconds": seconds, "training_hardware": trained_on,
                      "training_steps": bench.cfg.train.max_steps}  # fmt: skip

@@ -1,0 +1,58 @@
+"""Gradient averaging for objectives whose forwards go around the prepared (DDP-wrapped) modules.
+
+DDP all-reduces gradients from hooks it arms in its own ``forward``. sCM, rCM and TBCM take a JVP of the student
+(``torch.func.jvp`` cannot pass through DDP's wrapper), so they call the backbone itself and DDP never syncs.
+Such an objective sets ``bypasses_prepared = True``; the trainer then averages the phase's gradients over ranks
+once per optimizer step (after the accumulation loop, before clipping), which is what DDP would have done.
+Sharded strategies (FSDP, DeepSpeed ZeRO) own the gradients and cannot be averaged like this: refused up front.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def bypasses_prepared(objective: Any) -> bool:
+    """Whether ``objective`` calls its trainable modules directly instead of the prepared ones."""
+    return bool(getattr(objective, "bypasses_prepared", False))
+
+
+def check_strategy(objective: Any, accelerator: Any) -> None:
+    """Refuse a sharded strategy for an objective that bypasses the prepared modules.
+
+    Raises:
+        ValueError: FSDP / DeepSpeed with such an objective (the message names the objective and the fix).
+    """
+    kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+    if bypasses_prepared(objective) and kind in SHARDED:
+        raise ValueError(
+            f"The {type(objective).__name__} objective differentiates the student with a JVP outside the wrapped "
+            f"module, which {kind} cannot shard. Launch it with plain multi-GPU data parallelism "
+            "(`accelerate launch --multi_gpu`), or use a memory saver that keeps whole weights per rank "
+            "(student.kind: lora, gradient checkpointing)."
+        )
+
+
+@torch.no_grad()
+def average_gradients(module: nn.Module, accelerator: Any) -> int:
+    """All-reduce (mean) the gradients of ``module``'s trainable parameters over the ranks, in one flat buffer.
+
+    Returns:
+        How many parameters had gradients (0: nothing to do).
+    """
+    params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+    if not params or accelerator.num_processes == 1:
+        return len(params)
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+    return len(params)

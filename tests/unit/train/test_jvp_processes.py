@@ -1,0 +1,55 @@
+"""sCM's JVP calls the student's backbone around DDP's wrapper; the trainer averages its gradients itself
+(``fewstep.train.sync``). Under ``accelerate launch`` with two CPU processes (gloo DDP, each rank on its own data
+shard) both ranks must end with identical weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_processes import _env
+
+from fewstep.objectives.scm import SCM
+from fewstep.train.sync import average_gradients, bypasses_prepared, check_strategy
+
+
+def test_two_processes_train_identical_scm_students(make_recipe, write_recipe, tmp_path):
+    run = tmp_path / "run"
+    steps = 3
+    objective = {"name": "scm", "tangent_warmup_steps": 2, "adaptive_weighting": True}
+    recipe = write_recipe(
+        make_recipe(
+            run, objective=objective, data={"batch_size": 4}, train={"max_steps": steps, "checkpoint_every": steps}
+        ),
+        tmp_path / "recipe.yaml",
+    )
+    env = dict(_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "fewstep", "train", str(recipe),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == steps and summary["nonfinite_steps"] == 0
+    prints = summary["weight_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1], "the ranks diverged: sCM's gradients were not averaged"
+
+
+def test_one_process_average_is_a_no_op_and_sharding_is_refused():
+    layer = torch.nn.Linear(3, 2)
+    layer(torch.ones(1, 3)).sum().backward()
+    before = layer.weight.grad.clone()
+    assert average_gradients(layer, SimpleNamespace(num_processes=1)) == 2
+    assert torch.equal(layer.weight.grad, before)
+
+    assert bypasses_prepared(SCM) and not bypasses_prepared(object())
+    check_strategy(SCM, SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))  # DDP: fine
+    with pytest.raises(ValueError, match="FSDP cannot shard.*--multi_gpu"):
+        check_strategy(SCM, SimpleNamespace(distributed_type="DistributedType.FSDP"))
