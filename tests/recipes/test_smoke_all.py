@@ -1,8 +1,9 @@
 """Every shipped recipe trains 2 steps on its tiny model family and exports what its `export:` block asks for.
 
 A recipe's family is its file name prefix (``sd15_…``, ``sdxl_…``, ``sd3_…``, ``flux_…``): its hub teacher is
-swapped for ``tiny:<family>``. Recipes on the shipped digits teachers (``fewstep:…``) run as they are; one whose teacher
-is another recipe's exported run (``…/<recipe>/export``) runs on that recipe's teacher. Only sizes change (steps, batch, resolution, LoRA rank): every objective key stays as shipped.
+swapped for ``tiny:<family>``. Recipes on the shipped digits teachers (``fewstep:…``) run as they are; one whose
+teacher is another recipe's exported run (``…/<recipe>/export``) runs on that recipe's teacher. Only sizes change
+(steps, batch, resolution, LoRA rank): every objective key stays as shipped.
 """
 
 from __future__ import annotations
