@@ -64,16 +64,20 @@ def _tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def adapters_disabled(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` as its base: every LoRA layer disabled, restored afterwards (even on error)."""
+    """Run ``module`` as its frozen base (every LoRA layer bypassed), restored afterwards (even on error).
+
+    Only peft's ``_disable_adapters`` flag is flipped. ``requires_grad`` stays as it is: peft's ``enable_adapters``
+    freezes every adapter when disabling and re-enables gradients only for the *active* one when enabling, which
+    would freeze a second trainable adapter on the same base (DMD's fake score, Phased DMD's experts)."""
     layers = list(_tuner_layers(module))
-    before = [not layer.disable_adapters for layer in layers]
+    before = [layer._disable_adapters for layer in layers]
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield
     finally:
-        for layer, on in zip(layers, before):
-            layer.enable_adapters(on)
+        for layer, disabled in zip(layers, before):
+            layer._disable_adapters = disabled
 
 
 class Student(nn.Module):

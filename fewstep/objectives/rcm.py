@@ -6,7 +6,8 @@ following ``NVlabs/rcm``: for ``step < tangent_warmup_steps`` sCM only; afterwar
 ``scm_weight·L_sCM`` and ``dmd_weight·L_DMD``:
 
 * backward simulation: ``n = (student iteration % max_backsim_steps) + 1`` student steps from pure noise in
-  TrigFlow (re-noise sampling at the sampler's angles), only the last with grad, giving ``G``;
+  TrigFlow (re-noise sampling; the intermediate times drawn from ``p_D`` and forced monotone, as rCM, or the
+  sampler's angles with ``backsim_times: sampler``), only the last with grad, giving ``G``;
 * ``u_D`` from ``p_D`` (RF-uniform with shift ``dmd_shift``), ``x_u = cos u·G + sin u·ε``;
 * ``g = (x̂0_fake − x̂0_teacher^cfg)/mean|G − x̂0_teacher^cfg|`` and the injected loss — DMD's pure functions
   (``fewstep.objectives.dmd.functional``: ``dm_gradient``, ``injected_loss``, ``denoising_loss``).
@@ -25,11 +26,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.student import Student
+from fewstep.models.student import Student, adapters_disabled
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import _bcast
 from fewstep.objectives.dmd.functional import denoising_loss, dm_gradient, injected_loss
-from fewstep.objectives.dmd.roles import AdapterRole, active_adapter, base_only, fake_role, student_role
+from fewstep.objectives.dmd.roles import AdapterRole, active_adapter, fake_role, student_role
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
 from fewstep.objectives.scm import (
     AdaptiveWeight,
@@ -53,8 +54,22 @@ class RCMConfig(SCMConfig):
     critic_steps_per_student_step: int = Field(4, ge=0, description="rCM: 1 student step per 4 critic steps")
     max_backsim_steps: int = Field(4, ge=1, description="backward simulation depth cycles through 1..this")
     dmd_shift: float = Field(5.0, gt=0.0, description="p_D: RF-uniform s with this static shift")
+    backsim_times: Literal["random", "sampler"] = Field(
+        "random", description="rCM: intermediate times from p_D, forced monotone; sampler: the sampler's angles"
+    )
     fake_score: Literal["lora", "full"] | None = Field(None, description="None: lora for a LoRA student, else full")
     fake_lora_rank: int | None = Field(None, ge=1)
+
+
+def backsim_angles(
+    n: int, num_steps: int, top: Tensor, shift: float, lo: float, hi: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """rCM's backward-simulation times ``[num_steps, n]``: pure noise at ``top``, then draws from ``p_D`` forced
+    monotone (each the ``min`` with the previous one), so every sample's chain goes down in noise."""
+    angles = [top.float().expand(n)]
+    for _ in range(num_steps - 1):
+        angles.append(torch.minimum(sample_u_dmd(n, shift, lo, hi, generator), angles[-1]))
+    return torch.stack(angles)
 
 
 def sample_u_dmd(n: int, shift: float, lo: float, hi: float, generator: torch.Generator | None = None) -> Tensor:
@@ -153,24 +168,30 @@ class RCM:
 
     def simulate(self, shape: tuple[int, ...], cond: Conditioning, num_steps: int, grad: bool) -> Tensor:
         """The student's own ``num_steps``-step sample from pure noise; only the last step keeps the graph."""
-        sampler = self.sampler()
-        angles = sampler.angles(num_steps)
         device = next(self.teacher.denoiser.parameters()).device
+        if self.config.backsim_times == "random":
+            lo, hi = u_range(self.schedule)
+            top = self.sampler().angles(1)[0]
+            angles = backsim_angles(shape[0], num_steps, top, self.config.dmd_shift, max(lo, 1e-3), hi)
+        else:
+            angles = self.sampler().angles(num_steps)[:, None].float().expand(num_steps, shape[0])
+        angles = angles.to(device)
         x = torch.randn(shape, device=device)
         for i in range(num_steps):
-            u = angles[i].to(device).expand(shape[0])
             last = i + 1 == num_steps
             with contextlib.nullcontext() if (grad and last) else torch.no_grad():
-                x0 = consistency_fn(trig_F(self.student.denoiser, x, u, cond), x, u)
+                x0 = consistency_fn(trig_F(self.student.denoiser, x, angles[i], cond), x, angles[i])
             if not last:
-                x = torch.cos(angles[i + 1]) * x0 + torch.sin(angles[i + 1]) * torch.randn_like(x0)
+                x = _bcast(torch.cos(angles[i + 1]), x0) * x0 + _bcast(torch.sin(angles[i + 1]), x0) * torch.randn_like(
+                    x0
+                )
         return x0
 
     def _fake_view(self) -> Any:
         """The fake score's denoiser and the context that makes it active."""
         if isinstance(self.fake, AdapterRole):
             return self.fake.denoiser, active_adapter(self.fake.denoiser.backbone, self.fake.adapter_name)
-        return self.fake.denoiser, base_only(self.fake.denoiser.backbone)
+        return self.fake.denoiser, adapters_disabled(self.fake.denoiser.backbone)
 
     def _noised(self, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         lo, hi = u_range(self.schedule)

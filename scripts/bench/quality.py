@@ -144,7 +144,10 @@ def _required_run(pretrained: str, stems: set[str]) -> str | None:
 
 def prepare(bench: BenchRecipe, all_recipes: dict[str, BenchRecipe], args: argparse.Namespace) -> None:
     """What a recipe needs before it trains: the run it takes as teacher (trained and exported), and its reflow
-    pairs (``data.source: pairs``: solved with the teacher's CFG; resumable, reused once complete)."""
+    pairs (``data.source: pairs``: solved with the teacher's CFG; resumable, reused once complete). Nothing for a
+    finished run (unless ``--retrain``)."""
+    if finished(bench) and not args.retrain:
+        return
     if bench.requires is not None:
         teacher_dir = Path(bench.cfg.teacher.pretrained)
         if not (teacher_dir / "model_index.json").is_file():
@@ -165,6 +168,14 @@ def prepare(bench: BenchRecipe, all_recipes: dict[str, BenchRecipe], args: argpa
         pairs_for_recipe(bench.cfg, args.num_pairs, args.pair_steps, batch_size=256, seed=args.seed)
 
 
+def finished(bench: BenchRecipe) -> bool:
+    """Whether the recipe's run already reached ``train.max_steps``."""
+    from fewstep.train.loop import SUMMARY
+
+    summary = Path(bench.cfg.output_dir) / SUMMARY
+    return summary.is_file() and json.loads(summary.read_text()).get("step", 0) >= bench.cfg.train.max_steps
+
+
 def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> tuple[Path, float | None, str | None]:
     """Train the recipe unless its run already reached ``train.max_steps``.
 
@@ -172,14 +183,12 @@ def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> t
         ``(run_dir, training seconds, training hardware)``; seconds add up over resumed runs, ``None`` for a finished
         run this script did not train.
     """
-    from fewstep.train.loop import SUMMARY, train
+    from fewstep.train.loop import train
 
     run_dir = Path(bench.cfg.output_dir)
-    summary = run_dir / SUMMARY
     log = run_dir / TRAINING_FILE
     previous = json.loads(log.read_text()) if log.is_file() else {}
-    done = summary.is_file() and json.loads(summary.read_text()).get("step", 0) >= bench.cfg.train.max_steps
-    if done and not retrain:
+    if finished(bench) and not retrain:
         print(f"[quality] {bench.path.name}: reusing the finished run {run_dir}", flush=True)
         return run_dir, previous.get("training_seconds"), previous.get("hardware")
     if retrain and run_dir.exists():

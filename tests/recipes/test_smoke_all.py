@@ -114,3 +114,7 @@ def test_recipe_trains_two_steps_and_exports(path: Path, image_folder: Path, tmp
         lora_file = (out / "pytorch_lora_weights.safetensors").is_file()  # beside it, the merged pipeline is merged/
         root = out / "merged" if lora_file else out
         assert (root / "model_index.json").is_file() or any(root.glob("*.safetensors")), sorted(names)
+    if recipe.objective.name == "phased_dmd":  # every expert, not only the main export's expert 0
+        for k in range(recipe.objective.num_phases):
+            expert = out / "experts" / f"expert{k}"
+            assert (expert / "pytorch_lora_weights.safetensors").is_file() or (expert / "model_index.json").is_file()

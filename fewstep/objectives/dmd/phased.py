@@ -21,13 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.student import Student
+from fewstep.models.student import Student, adapters_disabled
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import Prediction, _bcast, from_x0_eps
 from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.health import health_metrics
 from fewstep.objectives.dmd.objective import check_teacher, sample_levels
-from fewstep.objectives.dmd.roles import STUDENT_ADAPTER, AdapterRole, active_adapter, add_adapter, base_only
+from fewstep.objectives.dmd.roles import STUDENT_ADAPTER, AdapterRole, active_adapter, add_adapter
 from fewstep.objectives.dmd.sampler import dmd_export_schedule, num_tokens_of
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
 from fewstep.solvers.steps import ddim_step, noise_to, renoise_step, transition, transition_coeffs
@@ -101,7 +101,7 @@ class PhasedDMD:
                                  target_modules=base.target_modules, init_lora_weights=True)  # fmt: skip
         for k in range(config.num_phases):
             add_adapter(backbone, fake_config, f"fake{k}")  # B = 0: each phase's fake score starts as the teacher
-        teacher.view = lambda: base_only(backbone)
+        teacher.view = lambda: adapters_disabled(backbone)
         self.experts = [AdapterRole(student.denoiser, expert_name(k)) for k in range(config.num_phases)]
         self.fakes = [AdapterRole(student.denoiser, f"fake{k}") for k in range(config.num_phases)]
         self._prepared: dict[str, nn.Module] = {}
@@ -145,10 +145,15 @@ class PhasedDMD:
         )
         spec = dmd_export_schedule(self.teacher, "phased_dmd", (k,), k, note)
         spec.notes.append(
-            f"Phased DMD: the exported LoRA is expert 0 (steps 1–{self.config.steps_per_phase}); the other experts "
-            "are in experts/expert<k>/ (export_experts). Switch adapters per step (docs/dmd.md)."
+            f"Phased DMD: the main export is expert 0 (steps 1–{self.config.steps_per_phase}); every expert is in "
+            "experts/expert<k>/ (a LoRA, or a merged pipeline where the pipeline cannot load LoRAs). Switch experts "
+            "per step (docs/dmd.md)."
         )
         return spec
+
+    def export_extra(self, out_dir: Any) -> list[Any]:
+        """``fewstep export`` hook: every expert under ``experts/expert<k>/`` (``export_experts``)."""
+        return export_experts(self, out_dir)
 
     # --- pieces ------------------------------------------------------------------------------------------------
 
@@ -239,17 +244,22 @@ class PhasedSampler:
 
 def export_experts(objective: PhasedDMD, out_dir: Any) -> list[Any]:
     """Write every expert as its own diffusers LoRA, ``<out_dir>/experts/expert<k>/pytorch_lora_weights.safetensors``
-    (load each with ``pipe.load_lora_weights(dir, adapter_name=f"expert{k}")``; docs/dmd.md)."""
+    (load each with ``pipe.load_lora_weights(dir, adapter_name=f"expert{k}")``; docs/dmd.md). Pipelines without a
+    LoRA loader (``DDPMPipeline``) get one merged pipeline per expert in the same directories."""
     import copy
     from pathlib import Path
 
-    from fewstep.export.lora import save_lora
+    from fewstep.export.lora import save_lora, save_merged
 
+    loads_lora = hasattr(type(objective.teacher.pipeline), "save_lora_weights")
     paths = []
     for k in range(objective.config.num_phases):
         view = copy.copy(objective.student)
         object.__setattr__(view, "adapter_name", expert_name(k))
-        paths.append(save_lora(view, objective.teacher, Path(out_dir) / "experts" / f"expert{k}"))
+        out = Path(out_dir) / "experts" / f"expert{k}"
+        paths.append(
+            save_lora(view, objective.teacher, out) if loads_lora else save_merged(view, objective.teacher, out)
+        )
     return paths
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.student import Student, _tuner_layers
+from fewstep.models.student import Student, _tuner_layers, adapters_disabled
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import Prediction
 
@@ -42,24 +42,6 @@ def active_adapter(module: nn.Module, name: str) -> Iterator[None]:
     finally:
         for layer, active in zip(layers, before):
             layer._active_adapter = active
-
-
-@contextmanager
-def base_only(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` as its frozen base (every LoRA layer bypassed), restored afterwards.
-
-    Unlike peft's ``enable_adapters`` (``fewstep.models.student.adapters_disabled``) this leaves ``requires_grad``
-    alone: peft re-enables gradients only for the *active* adapter, which would freeze the other role's adapter.
-    """
-    layers = list(_tuner_layers(module))
-    before = [layer._disable_adapters for layer in layers]
-    for layer in layers:
-        layer._disable_adapters = True
-    try:
-        yield
-    finally:
-        for layer, disabled in zip(layers, before):
-            layer._disable_adapters = disabled
 
 
 def adapter_parameters(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -126,7 +108,7 @@ class BaseRole(nn.Module):
         self.denoiser = Denoiser(backbone, denoiser.schedule, denoiser.prediction_type, denoiser._adapter)
 
     def forward(self, x: Any, tau: Any, cond: Conditioning) -> Prediction:
-        with base_only(self.denoiser.backbone):
+        with adapters_disabled(self.denoiser.backbone):
             return self.denoiser(x, tau, cond)
 
 
@@ -141,7 +123,7 @@ def fake_role(student: Student, teacher: Teacher, kind: str, rank: int, alpha: f
 
     Args:
         student: the student (its backbone is the shared base when it is a LoRA).
-        teacher: the teacher (its view becomes ``base_only`` when the fake score is an adapter on its base).
+        teacher: the teacher (its view becomes ``adapters_disabled`` when the fake score is an adapter on its base).
         kind: ``lora`` (a second adapter on the shared base; needs a LoRA student) or ``full`` (a copy of the base).
         rank, alpha: LoRA rank and alpha of the fake adapter.
     """
@@ -163,5 +145,5 @@ def fake_role(student: Student, teacher: Teacher, kind: str, rank: int, alpha: f
         init_lora_weights=True,  # B = 0: the fake score starts exactly as the teacher
     )
     add_adapter(student.denoiser.backbone, config, FAKE_ADAPTER)
-    teacher.view = lambda: base_only(student.denoiser.backbone)  # keeps both adapters' requires_grad as they are
+    teacher.view = lambda: adapters_disabled(student.denoiser.backbone)  # keeps every adapter's requires_grad
     return AdapterRole(student.denoiser, FAKE_ADAPTER)

@@ -109,3 +109,30 @@ def test_uncond_like_uses_the_null_prompt():
     assert torch.equal(null.prompt_embeds, uncond.prompt_embeds)
     assert torch.equal(null.time_ids, cond.time_ids)
     torch.testing.assert_close(teacher.raw(x, tau, cond), teacher.raw(x, tau, cond, uncond))
+
+
+def test_teacher_view_keeps_a_second_adapter_trainable():
+    """Two trainable adapters on one base (DMD's student and fake score): the teacher's view bypasses both and
+    leaves every adapter's requires_grad as it was (peft's enable_adapters re-enables only the active one)."""
+    from fewstep.objectives.dmd.roles import add_adapter
+
+    teacher = _teacher("sd15")
+    x, tau, cond, uncond = _inputs(teacher)
+    before = teacher.raw(x, tau, cond, uncond)
+    student = Student.lora(teacher, rank=4)
+    backbone = student.denoiser.backbone
+    add_adapter(backbone, student.lora_config, "fake")
+    with torch.no_grad():
+        for n, p in backbone.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    grads = {n: p.requires_grad for n, p in backbone.named_parameters() if "lora_" in n}
+    assert any(".fake." in n for n in grads) and all(grads.values())
+
+    assert torch.equal(teacher.raw(x, tau, cond, uncond), before), "the view must bypass both adapters"
+    after = {n: p.requires_grad for n, p in backbone.named_parameters() if "lora_" in n}
+    assert after == grads, [n for n in grads if after[n] != grads[n]][:3]
+    with torch.no_grad():
+        assert (
+            student.denoiser.raw(x, tau, cond).float() - teacher.raw(x, tau, cond, guidance_scale=1.0)
+        ).abs().max() > 1e-3

@@ -13,7 +13,7 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.roles import adapter_parameters
 from fewstep.objectives.protocol import OBJECTIVES, Batch
-from fewstep.objectives.rcm import RCM, RCMConfig, sample_u_dmd
+from fewstep.objectives.rcm import RCM, RCMConfig, backsim_angles, sample_u_dmd
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,6 +34,18 @@ def test_schedule_and_time_sampler():
     u = sample_u_dmd(20000, 5.0, 0.0, math.pi / 2, torch.Generator().manual_seed(0))
     s = torch.sin(u) / (torch.sin(u) + torch.cos(u))
     assert abs(float(s.median()) - 5 * 0.5 / (1 + 4 * 0.5)) < 0.02  # shift 5 maps the median 0.5 to 5/6
+
+
+def test_backsim_times_start_at_noise_and_go_down():
+    """rCM's backward simulation: pure noise first, then p_D draws forced monotone per sample."""
+    top = torch.tensor(math.atan(80.0))
+    angles = backsim_angles(512, 4, top, 5.0, 1e-3, top.item(), torch.Generator().manual_seed(0))
+    assert angles.shape == (4, 512)
+    assert torch.all(angles[0] == top)
+    assert torch.all(angles[1:] <= angles[:-1]) and torch.all(angles[1:] >= 1e-3)
+    assert float((angles[1] < angles[0]).float().mean()) > 0.5  # most draws are below the top
+    assert float(angles[1].std()) > 0.05  # random per sample, not the sampler's fixed angles
+    assert float((angles[3] < angles[1]).float().mean()) > 0.5  # the min makes later steps lower
 
 
 def test_student_and_critic_updates_touch_their_own_adapter_only():
