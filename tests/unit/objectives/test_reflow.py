@@ -298,3 +298,58 @@ def test_slimflow_student_backbone_from_a_recipe_block_is_smaller_and_trains():
     assert out.metrics["anneal_beta"] == 1.0 and math.isfinite(out.metrics["loss"])
     with pytest.raises(ValueError, match="not in UNet2DModel's config"):
         Reflow(ReflowConfig(student_backbone={"width": 3}), teacher, Student.full(teacher))
+
+
+class _Perceptual(torch.nn.Module):
+    """LPIPS-shaped: unit-normalised conv features of both images, squared difference summed over channels and
+    averaged over space; ``[b, 1, 1, 1]`` as lpips returns. Random weights: the loss plumbing is what is tested."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 7, stride=8)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa = torch.nn.functional.normalize(self.conv(a), dim=1)
+        fb = torch.nn.functional.normalize(self.conv(b), dim=1)
+        return ((fa - fb) ** 2).sum(1).mean((1, 2)).reshape(-1, 1, 1, 1)
+
+
+def test_lpips_huber_adds_the_perceptual_term_and_trains(tmp_path):
+    """rfpp's LPIPS-Huber on the shipped 8×8 digits flow teacher: grey images go to RGB at 224 px through a local
+    TorchScript file; the loss is (1 − τ)·Huber + LPIPS per sample and its gradient reaches the student."""
+    from fewstep.models.loading import load_teacher
+    from fewstep.objectives.protocol import Batch
+    from fewstep.reflow.common import lpips_distance
+
+    torch.manual_seed(0)
+    x = torch.zeros(1, 3, 224, 224)
+    path = tmp_path / "lpips.pt"
+    torch.jit.trace(_Perceptual().eval(), (x, x)).save(str(path))
+    teacher = load_teacher(SimpleNamespace(pretrained="fewstep:digits-flow", guidance_scale=1.0))
+    student = Student.full(teacher)
+    huber = Reflow(ReflowConfig(loss_type="pseudo_huber"), teacher, student)
+    lpips = Reflow(ReflowConfig(loss_type="lpips_huber", lpips_weights=str(path)), teacher, student)
+
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(8, 1, 8, 8, generator=gen) * 2 - 1
+    batch = Batch(cond=Conditioning(class_labels=torch.arange(8)), x0=x0, extra={"noise": torch.randn(8, 1, 8, 8)})
+    assert float(lpips_distance(lpips.lpips, x0, x0).abs().max()) < 1e-6  # identical images: distance 0
+    assert float(lpips_distance(lpips.lpips, x0, -x0).min()) > 1e-3
+
+    torch.manual_seed(2)
+    plain = huber.loss(batch, 0, "student").loss
+    torch.manual_seed(2)
+    out = lpips.loss(batch, 0, "student")
+    assert out.loss.item() > 0 and abs(out.loss.item() - plain.item()) > 1e-4  # the perceptual term is in it
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = []
+    for step in range(15):
+        torch.manual_seed(100)  # the same τ each step: the loss must fall
+        loss = lpips.loss(batch, step, "student").loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
