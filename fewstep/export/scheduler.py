@@ -222,3 +222,23 @@ def flow_renoise_spec(
         notes=notes,
         **common,
     )
+
+
+def flow_euler_spec(
+    teacher: Teacher, sigmas: dict[int, list[float]], levels: dict[int, list[float]], note: str = "", **common: Any
+) -> SamplingSpec:
+    """A flow student sampled by deterministic ``FlowMatchEulerDiscreteScheduler`` steps between ``levels`` (a PCM
+    student at γ = 0: each Euler step is the DDIM jump to the next segment edge). ``sigmas[num_steps]`` go to the
+    pipeline before the scheduler's own shift. ``note``: an extra line for the card."""
+    notes = [
+        "Sample with FlowMatchEulerDiscreteScheduler (deterministic) and pass `sigmas=` (before the scheduler's own "
+        "shift, which maps them to `levels`): one Euler step per segment, from each edge to the next.",
+        *([note] if note else []),
+    ]
+    return SamplingSpec(
+        scheduler_class="FlowMatchEulerDiscreteScheduler",
+        scheduler_config=flow_scheduler_config(teacher, stochastic_sampling=False),
+        steps={n: {"sigmas": list(sigmas[n]), "levels": list(levels[n])} for n in sigmas},
+        notes=notes,
+        **common,
+    )

@@ -341,15 +341,29 @@ class PCM:
         return fake_score, disc(transition(self.schedule, real, tau_e, tau_adv, noise), tau_adv)
 
     def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
-        """``TCDScheduler`` on the teacher's betas with ``eta = γ`` (VP teachers)."""
-        if self.schedule.kind != "vp":
-            raise ValueError("Export of PCM students needs a VP teacher (TCDScheduler); flow export is not built.")
+        """VP: ``TCDScheduler`` on the teacher's betas with ``eta = γ``. Flow: ``FlowMatchEulerDiscreteScheduler`` at
+        the segment edges, deterministic (γ = 0: the DDIM jumps exactly) or ``stochastic_sampling`` (γ = 1: x̂0, then
+        fresh noise to the next edge); diffusers has no flow γ-sampler in between, so 0 < γ < 1 exports γ = 0."""
+        from fewstep.export.scheduler import flow_euler_spec, flow_renoise_spec
+
         cfg = self.config
         steps = tuple(s for s in steps if s <= cfg.num_ddim_timesteps)
-        timesteps = {s: self.schedule.model_timestep(self.sampler().timesteps(s)).long().tolist() for s in steps}
         w = 1.0 + cfg.w_min if cfg.cfg_free_teacher else 1.0
         conv = ("conditional teacher (CFG usable at sampling)" if cfg.cfg_free_teacher
                 else f"trained with teacher CFG ω ∈ [{cfg.w_min}, {cfg.w_max}] (LCM convention ω = w − 1)")  # fmt: skip
-        return tcd_spec(self.teacher, timesteps, cfg.num_ddim_timesteps, cfg.gamma, objective="pcm",
-                        recommended_steps=4 if 4 in steps else max(steps), guidance_scale=w,
-                        guidance_convention=f"{GUIDANCE_CONVENTION}; {conv}")  # fmt: skip
+        common = dict(objective="pcm", recommended_steps=4 if 4 in steps else max(steps), guidance_scale=w,
+                      guidance_convention=f"{GUIDANCE_CONVENTION}; {conv}")  # fmt: skip
+        if self.schedule.kind == "vp":
+            timesteps = {s: self.schedule.model_timestep(self.sampler().timesteps(s)).long().tolist() for s in steps}
+            return tcd_spec(self.teacher, timesteps, cfg.num_ddim_timesteps, cfg.gamma, **common)
+        n = cfg.num_ddim_timesteps
+        unshifted = torch.arange(n + 1, dtype=torch.float32) / n  # the skipping grid before the scheduler's shift
+        sigmas = {s: unshifted[segment_edges(n, s, starts=True)].tolist() for s in steps}
+        levels = {s: self.sampler().timesteps(s).tolist() for s in steps}
+        if cfg.gamma == 1.0:
+            return flow_renoise_spec(self.teacher, sigmas, levels, 0.0, **common)
+        note = "" if cfg.gamma == 0.0 else (
+            f"fewstep samples this student with TCD γ = {cfg.gamma}; diffusers has no γ-sampler for flow models, so "
+            "this scheduler samples it at γ = 0 (set objective.gamma to 0 or 1 for an exact match)."
+        )  # fmt: skip
+        return flow_euler_spec(self.teacher, sigmas, levels, note, **common)

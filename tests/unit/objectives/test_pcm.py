@@ -149,6 +149,36 @@ def test_one_exported_lora_serves_1_2_4_8_steps_in_a_stock_pipeline(family, tmp_
     assert max(diffs.values()) < TOLERANCE
 
 
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_flow_pcm_lora_exports_to_a_stock_sd3_pipeline(gamma, tmp_path):
+    """Flow teachers: FlowMatchEulerDiscreteScheduler at the segment edges, deterministic (γ = 0) or with
+    stochastic_sampling (γ = 1), reproduces fewstep's PCM sampler in a stock StableDiffusion3Pipeline."""
+    teacher, student, objective, cond, uncond = tiny_pcm("sd3", curriculum=CURRICULUM, gamma=gamma)
+    shape = latent_shape(teacher, 2)
+    train_steps(objective, cond, uncond, shape, steps=4)
+    out = export_student(student, teacher, objective, tmp_path / "export")
+    spec = read_schedule(out)
+    assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+    assert spec.scheduler_config["stochastic_sampling"] is (gamma == 1.0)
+    pipe = type(teacher.pipeline).from_pretrained(str(teacher.pipeline.name_or_path), local_files_only=True,
+                                                  text_encoder_3=None, tokenizer_3=None)  # fmt: skip
+    pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME)
+    pipe.scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(str(out), subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"prompt_embeds": cond.prompt_embeds, "pooled_prompt_embeds": cond.pooled_prompt_embeds}
+    diffs = {}
+    for n in (1, 2, 4):
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(10 + n))
+        ours = objective.sampler()(noise, cond, n, torch.Generator().manual_seed(n))
+        torch.manual_seed(n)  # SD3's pipeline draws the re-noise from the global RNG
+        theirs = pipe(**kwargs, latents=noise.clone(), output_type="latent",
+                      **spec.call_kwargs(n)).images  # fmt: skip
+        assert ours.abs().max() > 0.1
+        diffs[n] = (theirs.float() - ours).abs().max().item()
+    print(f"sd3 PCM LoRA γ={gamma}: max |stock − fewstep| per steps = {diffs}")
+    assert max(diffs.values()) < TOLERANCE
+
+
 def test_adversarial_term_alternates_and_trains_the_discriminator():
     teacher, student, objective, cond, uncond = tiny_pcm("sd15", adv_weight=0.1)
     assert set(objective.trainable()) == {"student", "discriminator"}
