@@ -15,7 +15,6 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
-from fewstep.noise.timesteps import linspace_grid
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.objectives.scm import SCM, SCMConfig, scm_target, scm_update
 from fewstep.objectives.trigflow import (
@@ -154,11 +153,20 @@ def test_scm_target_formula():
 
 
 @pytest.mark.slow
-def test_toy_one_step_student_beats_the_teachers_one_step():
-    teacher = train_teacher("flow")
+@pytest.mark.parametrize("kind", ["flow", "vp"])
+def test_toy_one_step_student_beats_the_teachers_one_step(kind):
+    """Flow and VP-ε teachers through the TrigFlow wrapper (VP: the teacher's 1 step is DDIM from t = T).
+
+    VP-ε: a 1-step sample is x̂0 = (x − σ·ε̂)/α at t = T, so ε̂'s error is amplified by 1/α ≈ 15 (SD's betas) for
+    student and teacher alike; the student wins at 2 steps there (measured: 1-step 1.05 vs 0.92, 2-step 0.33 vs 0.53).
+    """
+    from fewstep.objectives.diffusion import sampling_grid
+
+    teacher = train_teacher(kind)
     torch.manual_seed(1)
     objective = SCM(SCMConfig(tangent_warmup_steps=200, guidance_scale=1.0), teacher, Student.full(teacher))
-    opt = torch.optim.AdamW([p for p in objective.student.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.99))
+    lr = 1e-3 if kind == "flow" else 3e-4  # VP-ε at 1e-3: the 1/α amplification makes the updates oscillate
+    opt = torch.optim.AdamW([p for p in objective.student.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99))
     for step in range(600):
         out = objective.loss(Batch(cond=Conditioning(), x0=mixture(256)), step, "student")
         opt.zero_grad()
@@ -168,13 +176,17 @@ def test_toy_one_step_student_beats_the_teachers_one_step():
         assert math.isfinite(out.metrics["loss"])
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
     real = mixture(2000, torch.Generator().manual_seed(2))
-    teacher_sw = {n: sliced_wasserstein(teacher.sample(noise, Conditioning(), linspace_grid(n)), real) for n in (1, 2)}
+    grid = {n: sampling_grid(teacher.schedule, n, noise) for n in (1, 2)}
+    teacher_sw = {n: sliced_wasserstein(teacher.sample(noise, Conditioning(), grid[n]), real) for n in (1, 2)}
     sampler = objective.sampler()
     student_sw = {n: sliced_wasserstein(sampler(noise, Conditioning(), n, torch.Generator().manual_seed(3)), real)
                   for n in (1, 2)}  # fmt: skip
-    print("teacher", teacher_sw, "student", student_sw)
-    # measured: teacher 1.33 / 0.55, student 0.90 / 0.50
-    assert student_sw[1] < 0.8 * teacher_sw[1]
+    print(kind, "teacher", teacher_sw, "student", student_sw)
+    # measured (flow): teacher 1.33 / 0.55, student 0.90 / 0.50
+    if kind == "flow":
+        assert student_sw[1] < 0.8 * teacher_sw[1]
+    else:
+        assert student_sw[2] < 0.8 * teacher_sw[2] and student_sw[1] < 1.25 * teacher_sw[1]
 
 
 def test_data_is_required_and_bad_settings_are_named():
