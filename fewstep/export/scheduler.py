@@ -215,13 +215,7 @@ def flow_renoise_spec(
         "Pipelines that do not pass `generator` to scheduler.step (e.g. StableDiffusion3Pipeline) draw the re-noise "
         "from the global RNG: call torch.manual_seed(seed) before sampling.",
     ]
-    return SamplingSpec(
-        scheduler_class="FlowMatchEulerDiscreteScheduler",
-        scheduler_config=flow_scheduler_config(teacher, stochastic_sampling=True),
-        steps={n: {"sigmas": list(sigmas[n]), "levels": list(levels[n])} for n in sigmas},
-        notes=notes,
-        **common,
-    )
+    return _flow_spec(teacher, sigmas, levels, True, notes, **common)
 
 
 def flow_euler_spec(
@@ -235,9 +229,16 @@ def flow_euler_spec(
         "shift, which maps them to `levels`): one Euler step per segment, from each edge to the next.",
         *([note] if note else []),
     ]
+    return _flow_spec(teacher, sigmas, levels, False, notes, **common)
+
+
+def _flow_spec(
+    teacher: Teacher, sigmas: dict[int, list[float]], levels: dict[int, list[float]], stochastic: bool,
+    notes: list[str], **common: Any,
+) -> SamplingSpec:  # fmt: skip
     return SamplingSpec(
         scheduler_class="FlowMatchEulerDiscreteScheduler",
-        scheduler_config=flow_scheduler_config(teacher, stochastic_sampling=False),
+        scheduler_config=flow_scheduler_config(teacher, stochastic_sampling=stochastic),
         steps={n: {"sigmas": list(sigmas[n]), "levels": list(levels[n])} for n in sigmas},
         notes=notes,
         **common,

@@ -4,14 +4,11 @@ shard) both ranks must end with identical weights."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_processes import _env
+from test_processes import launch_two
 
 from fewstep.objectives.scm import SCM
 from fewstep.train.sync import average_gradients, bypasses_prepared, check_strategy
@@ -27,16 +24,7 @@ def test_two_processes_train_identical_scm_students(make_recipe, write_recipe, t
         ),
         tmp_path / "recipe.yaml",
     )
-    env = dict(_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "fewstep", "train", str(recipe),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    summary = json.loads((run / "run_summary.json").read_text())
+    summary = launch_two(recipe, tmp_path)
     assert summary["world_size"] == 2 and summary["step"] == steps and summary["nonfinite_steps"] == 0
     prints = summary["weight_fingerprints"]
     assert len(prints) == 2 and prints[0] == prints[1], "the ranks diverged: sCM's gradients were not averaged"

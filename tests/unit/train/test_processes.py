@@ -22,6 +22,21 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def launch_two(recipe: Path, tmp_path: Path) -> dict:
+    """``accelerate launch`` of ``fewstep train recipe`` with two CPU processes (gloo DDP); the run's summary."""
+    env = dict(_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "fewstep", "train", str(recipe),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from fewstep.config import load_recipe
+
+    return json.loads((Path(load_recipe(recipe).output_dir) / "run_summary.json").read_text())
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(make_recipe, write_recipe, tmp_path):
     run = tmp_path / "run"
     recipe = write_recipe(
@@ -60,16 +75,7 @@ def test_two_processes_train_identical_weights(make_recipe, write_recipe, tmp_pa
         make_recipe(run, data={"batch_size": batch}, train={"max_steps": steps, "checkpoint_every": steps}),
         tmp_path / "recipe.yaml",
     )
-    env = dict(_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "fewstep", "train", str(recipe),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    summary = json.loads((run / "run_summary.json").read_text())
+    summary = launch_two(recipe, tmp_path)
     assert summary["world_size"] == 2 and summary["step"] == steps
     prints = summary["weight_fingerprints"]
     assert len(prints) == 2 and prints[0] == prints[1], "the ranks diverged"
