@@ -163,12 +163,17 @@ def evaluate(denoiser: Denoiser, variant: str, num_images: int, seed: int) -> di
     return out
 
 
-def save(ema: UNet2DModel, variant: str, args: argparse.Namespace, info: dict) -> Path:
-    out = args.out_dir / f"digits_{variant}"
+def save(
+    ema: UNet2DModel, variant: str, args: argparse.Namespace, info: dict, dataset: str = "digits",
+    info_file: str = "fewstep_digits.json",
+) -> Path:  # fmt: skip
+    """``DDPMPipeline(unet, scheduler).save_pretrained`` into ``<out-dir>/<dataset>_<variant>`` (fp16 unless
+    ``--no-fp16``) plus the training record ``info_file``."""
+    out = args.out_dir / f"{dataset}_{variant}"
     diffusers_logging.set_verbosity_error()  # casting a fresh model to fp16 for saving is intended here
     pipe = DDPMPipeline(unet=ema.to(torch.float16 if args.fp16 else torch.float32), scheduler=build_scheduler(variant))
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / "fewstep_digits.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / info_file).write_text(json.dumps(info, indent=2) + "\n")
     return out
 
 

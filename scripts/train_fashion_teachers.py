@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
-from diffusers.utils import logging as diffusers_logging
+from diffusers import UNet2DModel
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits_teachers import NULL_CLASS, build_scheduler, diffusion_loss, ema_update  # noqa: E402
+from train_digits_teachers import NULL_CLASS, build_scheduler, diffusion_loss, ema_update, save  # noqa: E402
 
 import fewstep.models.backbones  # noqa: E402, F401  (registers the "unet2d" adapter)
 from fewstep.data.fashion import NUM_CLASSES, FashionMNISTDataset  # noqa: E402
@@ -125,16 +123,6 @@ def evaluate(denoiser: Denoiser, variant: str, args: argparse.Namespace) -> dict
     return out
 
 
-def save(ema: UNet2DModel, variant: str, args: argparse.Namespace, info: dict) -> Path:
-    """``DDPMPipeline(unet, scheduler).save_pretrained`` (fp16 unless ``--no-fp16``) plus ``fewstep_teacher.json``."""
-    out = args.out_dir / f"fashion_{variant}"
-    diffusers_logging.set_verbosity_error()  # casting a fresh model to fp16 for saving is intended here
-    pipe = DDPMPipeline(unet=ema.to(torch.float16 if args.fp16 else torch.float32), scheduler=build_scheduler(variant))
-    pipe.save_pretrained(out, safe_serialization=True)
-    (out / "fewstep_teacher.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", choices=["vp", "flow", "both"], default="both")
@@ -170,7 +158,7 @@ def main() -> None:
         }
         if args.eval_images:
             info["eval_50_steps"] = evaluate(denoiser, variant, args)
-        out = save(ema, variant, args, info)
+        out = save(ema, variant, args, info, "fashion", "fewstep_teacher.json")
         print(f"[{variant}] trained in {seconds:.0f} s -> {out}", flush=True)
 
 
