@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fewstep.reflow.pairs import MANIFEST
+
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_FIELDS = ("dataset", "teacher", "objective", "student_steps", "nfe", "fid", "class_accuracy",
                "training_seconds", "hardware", "date")  # fmt: skip
@@ -87,3 +89,50 @@ def test_tiny_end_to_end_run_writes_well_formed_rows(quality, tmp_path):
     assert len(again) == len(rows) and text.count("<!-- quality:start -->") == 1
     reused = [r["training_seconds"] for r in again if r.get("kind") == "student"]
     assert reused == [r["training_seconds"] for r in student]  # read back from the run, not retrained
+
+
+def test_reflow_recipes_get_their_data_set_pairs_and_upstream_run(quality, tmp_path):
+    recipes, _ = quality.discover(
+        ROOT / "recipes" / "bench", ["digits"], ["reflow", "instaflow"], [], tmp_path / "runs"
+    )
+    by = {r.path.stem: r for r in recipes}
+    assert {"digits_flow_reflow", "digits_flow_instaflow", "digits_flow_slim_reflow"} <= set(by)
+    assert all(r.dataset == "digits" and r.cfg.data.source == "pairs" for r in by.values())
+    assert by["digits_flow_reflow"].cfg.data.path == by["digits_flow_slim_reflow"].cfg.data.path  # shared pairs
+    assert by["digits_flow_reflow"].cfg.data.path == str(tmp_path / "pairs" / "digits_flow")
+    insta = by["digits_flow_instaflow"]
+    assert insta.requires == "digits_flow_reflow" and by["digits_flow_reflow"].requires is None
+    assert insta.cfg.teacher.pretrained == str(tmp_path / "runs" / "digits_flow_reflow" / "export")
+
+
+def test_model_column_names_the_variant_and_a_smaller_students_size(quality):
+    row = {"kind": "student", "model": "student (reflow, ema)", "objective": "reflow", "parameters": 178_000,
+           "recipe": "recipes/bench/digits_flow_slim_reflow.yaml", "teacher_parameters": 703_000}  # fmt: skip
+    assert quality.model_cell(row) == "student (reflow, ema) · slim, 0.178M params (teacher 0.703M)"
+    plain = dict(row, recipe="recipes/bench/digits_flow_reflow.yaml", parameters=703_000)
+    assert quality.model_cell(plain) == "student (reflow, ema)"
+    dmd = {
+        "kind": "student",
+        "model": "student (dmd2, raw)",
+        "objective": "dmd2",
+        "recipe": "recipes/bench/digits_4step_dmd2.yaml",
+    }
+    assert quality.model_cell(dmd) == "student (dmd2, raw) · 4step"
+    assert quality.model_cell({"kind": "teacher", "model": "teacher (DDIM, w=2)"}) == "teacher (DDIM, w=2)"
+
+
+def test_the_instaflow_chain_writes_pairs_exports_the_2rf_run_and_evaluates(quality, tmp_path):
+    """Tiny budget: reflow pairs, 2-RF training and export, the 2-RF model's own pairs, InstaFlow, its 1-step row."""
+    js = tmp_path / "results.json"
+    argv = ["--recipes", "digits_flow_instaflow", "--max-steps", "2", "--num-images", "10", "--num-pairs", "16",
+            "--pair-steps", "2", "--eval-batch-size", "10", "--out-dir", str(tmp_path / "out"), "--no-teacher",
+            "--results-md", str(tmp_path / "results.md"), "--results-json", str(js),
+            "--set", "train.progress=false"]  # fmt: skip
+    assert quality.main(argv) == 0
+    assert json.loads((tmp_path / "out" / "pairs" / "digits_flow" / MANIFEST).read_text())["complete"]
+    assert (tmp_path / "out" / "runs" / "digits_flow_reflow" / "export" / "model_index.json").is_file()
+    assert json.loads((tmp_path / "out" / "pairs" / "digits_flow_2rf" / MANIFEST).read_text())["complete"]
+    rows = [r for r in json.loads(js.read_text())["rows"] if r["kind"] == "student"]
+    assert [(r["objective"], r["steps"], r["teacher"]) for r in rows] == [
+        ("instaflow", 1, "digits_flow_reflow (exported run)")
+    ]
