@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,17 @@ def to_trigflow(x: Tensor, alpha: Tensor, sigma: Tensor, x0: Tensor, eps: Tensor
     u = torch.atan2(sigma, alpha)
     F = _bcast(torch.cos(u), x0) * eps - _bcast(torch.sin(u), x0) * x0
     return x.float() / _bcast(norm, x), u.float(), F.float()
+
+
+def lognormal_level_weights(u: Tensor, p_mean: float, p_std: float) -> Tensor:
+    """Row weights ``[n]`` that make rows at a few distinct trajectory levels follow sCM's training distribution
+    ``tan u ~ LogNormal(p_mean, p_std)``: each level gets the lognormal mass of the angles nearest to it (between the
+    midpoints to its neighbours), shared by its rows. Any rollout grid (VP, flow, shifted) works."""
+    levels, inverse, counts = torch.unique(u.double(), return_inverse=True, return_counts=True)  # ascending
+    edges = torch.cat([levels.new_zeros(1), (levels[1:] + levels[:-1]) / 2, levels.new_full((1,), math.pi / 2)])
+    cdf = torch.special.ndtr((torch.log(torch.tan(edges)) - p_mean) / p_std)  # tan(0) = 0 → 0, tan(π/2) → 1
+    mass = (cdf[1:] - cdf[:-1]).clamp(min=1e-12)
+    return (mass / counts)[inverse]
 
 
 def rollout_shard(
@@ -147,14 +158,20 @@ class TrajectoryCache:
             self._loaded[key] = load_file(str(self.root / self.manifest["shards"][key]["file"]))
         return self._loaded[key]
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Conditioning]:
-        """``n`` rows of one random listed shard: ``({x, u, F, x0}, cond)``."""
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, weight: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[dict[str, Tensor], Conditioning]:
+        """``n`` rows of one random listed shard: ``({x, u, F, x0}, cond)``; uniform over its rows, or drawn with
+        replacement in proportion to ``weight(u)`` (e.g. ``lognormal_level_weights``)."""
         keys = sorted(self.manifest["shards"])
         if not keys:
             raise ValueError(f"The trajectory cache {str(self.root)!r} has no shards yet.")
         key = keys[int(torch.randint(len(keys), (1,), generator=generator))]
         shard = self.shard(key)
-        rows = torch.randint(shard["u"].shape[0], (n,), generator=generator)
+        if weight is None:
+            rows = torch.randint(shard["u"].shape[0], (n,), generator=generator)
+        else:
+            rows = torch.multinomial(weight(shard["u"]).double(), n, replacement=True, generator=generator)
         fields = {k.split(".", 1)[1]: v[rows] for k, v in shard.items() if k.startswith("cond.")}
         fields.update({k.split(".", 1)[1]: v for k, v in shard.items() if k.startswith("shared.")})
         return {k: shard[k][rows] for k in ("x", "u", "F", "x0")}, Conditioning(**fields)

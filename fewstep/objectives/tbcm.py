@@ -15,6 +15,7 @@ Method details not published are [U] in ALGORITHMS §5; the choices here are doc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from fewstep.data.trajectories import lognormal_level_weights
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import _bcast
@@ -54,6 +56,9 @@ class TBCMConfig(SCMConfig):
     points_per_trajectory: int = Field(8, ge=1, description="trajectory points recorded per rollout")
     resolution: int | None = Field(None, ge=8, description="image size of the rollouts (None: the pipeline's)")
     space: Literal["generation", "diffusion"] = "generation"
+    point_sampling: Literal["lognormal", "uniform"] = Field(
+        "lognormal", description="trajectory points drawn to follow sCM's lognormal in tan u (p_mean, p_std)"
+    )
     seed: int = Field(0, ge=0, description="seeds the rollout noise of shard k with (seed, k)")
 
 
@@ -126,7 +131,10 @@ class TBCM:
                                cfg.points_per_trajectory, self.guidance_scale, cfg.seed)  # fmt: skip
             cache.write(index, shard)
         n = batch.batch_size or 1
-        rows, cond = cache.sample(n, self.generator)
+        weight = None
+        if cfg.point_sampling == "lognormal":  # uniform points over-train high noise, where sCM is unstable
+            weight = functools.partial(lognormal_level_weights, p_mean=cfg.p_mean, p_std=cfg.p_std)
+        rows, cond = cache.sample(n, self.generator, weight)
         device = next(self.teacher.denoiser.parameters()).device
         cond = cond.to(device)
         if cfg.space == "generation":

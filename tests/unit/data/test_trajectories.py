@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.data.trajectories import MANIFEST, TrajectoryCache, fill_cache
+from fewstep.data.trajectories import MANIFEST, TrajectoryCache, fill_cache, lognormal_level_weights
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
@@ -112,3 +112,17 @@ def test_tbcm_trains_on_the_cache_without_data(sd3, tmp_path, space):
     assert shards == [1.0, 2.0, 2.0]  # one shard per step until full, then the cache only
     spec = objective.export_schedule()
     assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler" and spec.steps[1]["levels"] == [1.0]
+
+
+def test_lognormal_level_weights_turn_grid_points_into_scms_time_distribution():
+    """Rows at 16 flow rollout levels (4 rows each), weighted: the drawn tan u follows LogNormal(p_mean, p_std)."""
+    s = torch.linspace(1.0, 1.0 / 16, 16)  # the rollout levels, uniform in flow time
+    u = torch.atan2(s, 1 - s).repeat_interleave(4)
+    w = lognormal_level_weights(u, -0.8, 1.6)
+    assert w.shape == u.shape and torch.all(w > 0)
+    rows = torch.multinomial(w, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    log_tan = torch.log(torch.tan(u[rows].double().clamp(max=math.pi / 2 - 1e-6)))
+    assert abs(float(log_tan.median()) - (-0.8)) < 0.35  # the lognormal's median, up to the grid's spacing
+    uniform = torch.log(torch.tan(u.double().clamp(max=math.pi / 2 - 1e-6))).median()
+    assert float(log_tan.median()) < float(uniform) - 0.5  # unweighted, the grid centres on tan u = 1 (s = 0.5)
+    assert torch.allclose(w[:4], w[0].expand(4))  # rows of one level share its mass
