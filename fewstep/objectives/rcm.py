@@ -41,7 +41,7 @@ from fewstep.objectives.scm import (
     sample_u,
     scm_update,
 )
-from fewstep.objectives.trigflow import consistency_fn, teacher_trig_velocity, trig_F, u_range
+from fewstep.objectives.trigflow import consistency_fn, teacher_trig_velocity, trig_F, trig_noise, u_range
 
 
 class RCMConfig(SCMConfig):
@@ -130,7 +130,7 @@ class RCM:
             raise ValueError("rCM's sCM term noises data: the batch needs `x0` (data.source: image_folder or digits).")
         x0 = batch.x0.float()
         u = sample_u(x0.shape[0], self.schedule, cfg.p_mean, cfg.p_std).to(x0.device)
-        x = _bcast(torch.cos(u), x0) * x0 + _bcast(torch.sin(u), x0) * torch.randn_like(x0)
+        x = trig_noise(x0, u, torch.randn_like(x0))
         F_teacher = teacher_trig_velocity(self.teacher, x, u, batch.cond, uncond, self.guidance_scale)
         loss_scm, metrics = scm_update(self.student.denoiser, x, u, F_teacher, batch.cond, cfg, step,
                                        getattr(self.generator, "scm_weighting", None))  # fmt: skip
@@ -182,9 +182,7 @@ class RCM:
             with contextlib.nullcontext() if (grad and last) else torch.no_grad():
                 x0 = consistency_fn(trig_F(self.student.denoiser, x, angles[i], cond), x, angles[i])
             if not last:
-                x = _bcast(torch.cos(angles[i + 1]), x0) * x0 + _bcast(torch.sin(angles[i + 1]), x0) * torch.randn_like(
-                    x0
-                )
+                x = trig_noise(x0, angles[i + 1], torch.randn_like(x0))
         return x0
 
     def _fake_view(self) -> Any:

@@ -38,6 +38,7 @@ from fewstep.objectives.trigflow import (
     student_F_and_tangent,
     teacher_trig_velocity,
     trig_F,
+    trig_noise,
     u_range,
     vp_index_from_u,
 )
@@ -205,7 +206,7 @@ class SCMSampler:
                     x0 = self._x0(x, u, cond)
                     if i + 1 < num_steps:
                         z = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
-                        x = torch.cos(angles[i + 1]) * x0 + torch.sin(angles[i + 1]) * z
+                        x = trig_noise(x0, angles[i + 1], z)
         finally:
             self.denoiser.train(was_training)
         return x0
@@ -270,7 +271,7 @@ class SCM:
             )
         x0 = batch.x0.float()
         u = sample_u(x0.shape[0], self.schedule, self.config.p_mean, self.config.p_std).to(x0.device)
-        x = _bcast(torch.cos(u), x0) * x0 + _bcast(torch.sin(u), x0) * torch.randn_like(x0)
+        x = trig_noise(x0, u, torch.randn_like(x0))
         F_teacher = teacher_trig_velocity(self.teacher, x, u, batch.cond, batch.uncond, self.guidance_scale)
         loss, metrics = scm_update(self.student.denoiser, x, u, F_teacher, batch.cond, self.config, step,
                                    getattr(self.student, "scm_weighting", None))  # fmt: skip

@@ -28,7 +28,6 @@ from torch import nn
 from fewstep.data.trajectories import lognormal_level_weights
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
-from fewstep.noise.convert import _bcast
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
 from fewstep.objectives.scm import (
     AdaptiveWeight,
@@ -39,7 +38,7 @@ from fewstep.objectives.scm import (
     sample_u,
     scm_update,
 )
-from fewstep.objectives.trigflow import teacher_trig_velocity
+from fewstep.objectives.trigflow import teacher_trig_velocity, trig_noise
 
 
 class TBCMConfig(SCMConfig):
@@ -142,7 +141,7 @@ class TBCM:
         else:  # diffusion space: re-noise the trajectories' final samples, teacher velocity online
             x0 = rows["x0"].to(device)
             u = sample_u(n, self.schedule, cfg.p_mean, cfg.p_std).to(device)
-            x = _bcast(torch.cos(u), x0) * x0 + _bcast(torch.sin(u), x0) * torch.randn_like(x0)
+            x = trig_noise(x0, u, torch.randn_like(x0))
             F_teacher = teacher_trig_velocity(self.teacher, x, u, cond, None, self.guidance_scale)
         loss, metrics = scm_update(self.student.denoiser, x, u, F_teacher, cond, cfg, step,
                                    getattr(self.student, "scm_weighting", None))  # fmt: skip

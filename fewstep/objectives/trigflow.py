@@ -128,6 +128,11 @@ def teacher_trig_velocity(
         return trig_from_raw(d, raw, x, u)
 
 
+def trig_noise(x0: Tensor, u: Tensor, z: Tensor) -> Tensor:
+    """``x_u = cos u·x0 + sin u·z`` (σ_d = 1); ``u`` a scalar or ``[b]``."""
+    return _bcast(torch.cos(u), x0) * x0 + _bcast(torch.sin(u), x0) * z
+
+
 def consistency_fn(F_hat: Tensor, x: Tensor, u: Tensor) -> Tensor:
     """sCM's ``f(x_u, u) = cos u·x_u − sin u·F̂`` (= x̂0; ``f(x, 0) = x`` by construction)."""
     return _bcast(torch.cos(u.float()), x) * x.float() - _bcast(torch.sin(u.float()), x) * F_hat
