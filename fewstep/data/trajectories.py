@@ -36,12 +36,22 @@ MANIFEST = "manifest.json"
 _SHARED = ("txt_ids", "img_ids")
 
 
-def rollout_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None) -> Tensor:
-    """The teacher's own sampling levels (``num_steps + 1``, descending): trailing VP, or shifted flow."""
+def rollout_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None, offset: float = 0.0) -> Tensor:
+    """The teacher's own sampling levels (``num_steps + 1``, descending): trailing VP, or shifted flow.
+
+    ``offset`` in ``[-1/2, 1/2)`` moves the interior levels toward the clean end by that fraction of a step (VP: to
+    the nearest training index); the first level (pure noise) and the clean end stay.
+    """
     schedule = teacher.schedule
     if schedule.kind == "vp":
-        return trailing_vp_grid(num_steps, schedule.num_train_timesteps)
-    return schedule.shift(torch.linspace(1.0, 0.0, num_steps + 1), num_tokens)
+        grid = trailing_vp_grid(num_steps, schedule.num_train_timesteps)
+        n = schedule.num_train_timesteps
+        index = grid[1:-1] * n - 1 - round(offset * n / num_steps)
+        grid[1:-1] = (index.round().clamp(0, n - 1) + 1) / n
+        return grid
+    s = torch.linspace(1.0, 0.0, num_steps + 1)
+    s[1:-1] -= offset / num_steps
+    return schedule.shift(s, num_tokens)
 
 
 def to_trigflow(x: Tensor, alpha: Tensor, sigma: Tensor, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,16 +83,21 @@ def rollout_shard(
     points: int,
     guidance_scale: float,
     generator: torch.Generator,
+    level_jitter: bool = False,
 ) -> dict[str, Tensor]:
     """One CFG rollout of the teacher from ``noise`` ``[b, ...]``; ``points`` recorded levels per trajectory.
+
+    With ``level_jitter`` the rollout grid is offset by a random fraction of a step (drawn from ``generator``), so
+    the levels of many shards cover the time axis instead of repeating ``num_steps`` values.
 
     Returns the shard's tensors: ``x``, ``u``, ``F`` (``[b·points, ...]``), ``x0`` (the trajectory's end, per row),
     ``cond.<field>`` per row and ``shared.<field>`` (Flux ids).
     """
     b = noise.shape[0]
     num_tokens = noise.shape[-1] * noise.shape[-2] // 4 if noise.ndim == 4 else None
-    taus = rollout_grid(teacher, num_steps, num_tokens if teacher.schedule.kind == "flow" else None)
     keep = torch.randperm(num_steps, generator=generator)[: min(points, num_steps)].sort().values.tolist()
+    offset = float(torch.rand((), generator=generator)) - 0.5 if level_jitter else 0.0
+    taus = rollout_grid(teacher, num_steps, num_tokens if teacher.schedule.kind == "flow" else None, offset)
     x, rows = noise.float(), []
     schedule = teacher.schedule
     for i in range(num_steps):
@@ -188,6 +203,7 @@ def fill_cache(
     guidance_scale: float,
     seed: int = 0,
     progress: bool = True,
+    level_jitter: bool = False,
 ) -> TrajectoryCache:
     """Build (or resume) ``num_shards`` shards, one per batch of ``batches`` (``Batch`` with ``cond``/``uncond``).
 
@@ -198,7 +214,8 @@ def fill_cache(
     for k, batch in zip(range(num_shards), batches):
         if cache.has(k):
             continue
-        cache.write(k, make_shard(teacher, batch, k, noise_shape, num_steps, points, guidance_scale, seed))
+        shard = make_shard(teacher, batch, k, noise_shape, num_steps, points, guidance_scale, seed, level_jitter)
+        cache.write(k, shard)
         bar.update(1)
     bar.close()
     return cache
@@ -213,11 +230,14 @@ def make_shard(
     points: int,
     guidance_scale: float,
     seed: int,
+    level_jitter: bool = False,
 ) -> dict[str, Tensor]:
-    """Shard ``index`` for ``batch``: a pure function of its arguments (noise and point choice seeded)."""
+    """Shard ``index`` for ``batch``: a pure function of its arguments (noise, point choice and grid offset
+    seeded)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
     b = batch.cond.batch_size or 1
     noise = torch.randn((b, *noise_shape), generator=generator)
     device = next(teacher.denoiser.parameters()).device
     uncond = batch.uncond if not math.isclose(guidance_scale, 1.0) else None
-    return rollout_shard(teacher, batch.cond, uncond, noise.to(device), num_steps, points, guidance_scale, generator)
+    return rollout_shard(teacher, batch.cond, uncond, noise.to(device), num_steps, points, guidance_scale, generator,
+                         level_jitter)  # fmt: skip

@@ -58,6 +58,11 @@ class TBCMConfig(SCMConfig):
     point_sampling: Literal["lognormal", "uniform"] = Field(
         "lognormal", description="trajectory points drawn to follow sCM's lognormal in tan u (p_mean, p_std)"
     )
+    level_jitter: bool = Field(
+        True, description="offset each shard's rollout grid by a random fraction of a step, so the cached levels "
+        "cover time continuously (on one fixed grid the student's u-derivative is trained at rollout_steps angles "
+        "only, and with 16 of them it degrades: docs/consistency.md)",
+    )  # fmt: skip
     seed: int = Field(0, ge=0, description="seeds the rollout noise of shard k with (seed, k)")
 
 
@@ -105,6 +110,7 @@ class TBCM:
                 "w": self.guidance_scale,
                 "shape": list(self.noise_shape),
                 "seed": cfg.seed,
+                "level_jitter": cfg.level_jitter,
             }
             key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
             self._cache = TrajectoryCache(Path(cfg.cache_dir) / key, settings)  # one subdirectory per setting
@@ -127,7 +133,7 @@ class TBCM:
 
             index = cache.num_shards
             shard = make_shard(self.teacher, batch, index, self.noise_shape, cfg.rollout_steps,
-                               cfg.points_per_trajectory, self.guidance_scale, cfg.seed)  # fmt: skip
+                               cfg.points_per_trajectory, self.guidance_scale, cfg.seed, cfg.level_jitter)  # fmt: skip
             cache.write(index, shard)
         n = batch.batch_size or 1
         weight = None

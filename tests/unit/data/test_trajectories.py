@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.data.trajectories import MANIFEST, TrajectoryCache, fill_cache, lognormal_level_weights
+from fewstep.data.trajectories import MANIFEST, TrajectoryCache, fill_cache, lognormal_level_weights, rollout_grid
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.noise.convert import _bcast
+from fewstep.noise.schedules import VPSchedule
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.objectives.tbcm import TBCM, TBCMConfig
 from fewstep.objectives.trigflow import teacher_trig_velocity
@@ -38,11 +39,11 @@ def sd3():
     return teacher, batches
 
 
-def build(teacher, batches, root, progress=False):
+def build(teacher, batches, root, progress=False, level_jitter=False):
     cache = TrajectoryCache(root, SETTINGS)
     shape = latent_shape(teacher, 1)[1:]
     return fill_cache(cache, teacher, batches, 4, shape, SETTINGS["steps"], SETTINGS["points"], SETTINGS["w"],
-                      seed=3, progress=progress)  # fmt: skip
+                      seed=3, progress=progress, level_jitter=level_jitter)  # fmt: skip
 
 
 def interrupted(batches, after: int):
@@ -73,9 +74,10 @@ def test_cache_resumes_after_a_kill_without_lost_or_duplicated_shards(sd3, tmp_p
         TrajectoryCache(tmp_path / "cache", {**SETTINGS, "w": 5.0})
 
 
-def test_cached_points_lie_on_the_teachers_guided_trajectory(sd3, tmp_path):
+@pytest.mark.parametrize("level_jitter", [False, True])
+def test_cached_points_lie_on_the_teachers_guided_trajectory(sd3, tmp_path, level_jitter):
     teacher, batches = sd3
-    cache = build(teacher, batches, tmp_path / "cache")
+    cache = build(teacher, batches, tmp_path / "cache", level_jitter=level_jitter)
     shard = load_file(str(tmp_path / "cache" / "shard_00001.safetensors"))
     cond = batches[1].cond.repeat(1)
     rows = shard["u"].shape[0]
@@ -88,6 +90,35 @@ def test_cached_points_lie_on_the_teachers_guided_trajectory(sd3, tmp_path):
     assert x0_hat.shape == shard["x0"].shape and torch.isfinite(x0_hat).all()
     rows_, cond_ = cache.sample(5, torch.Generator().manual_seed(0))
     assert rows_["x"].shape[0] == 5 and cond_.prompt_embeds.shape[0] == 5
+
+
+def _levels(cache: TrajectoryCache) -> torch.Tensor:
+    return torch.unique(torch.cat([cache.shard(key)["u"] for key in sorted(cache.manifest["shards"])]))
+
+
+def test_level_jitter_spreads_the_cached_levels_over_time(sd3, tmp_path):
+    """One fixed grid repeats `steps` angles in every shard; jittered shards fill in between them."""
+    teacher, batches = sd3
+    fixed, jittered = _levels(build(teacher, batches, tmp_path / "a")), _levels(build(teacher, batches, tmp_path / "b",
+                                                                                       level_jitter=True))  # fmt: skip
+    assert len(fixed) <= SETTINGS["steps"] < len(jittered)
+    assert float(jittered.min()) > 0 and float(jittered.max()) <= math.pi / 2 + 1e-6
+    grid = rollout_grid(teacher, SETTINGS["steps"])
+    for offset in (-0.5, -0.2, 0.3, 0.49):  # interior levels move by that fraction of a step; both ends stay
+        moved = rollout_grid(teacher, SETTINGS["steps"], offset=offset)
+        assert moved[0] == grid[0] and moved[-1] == grid[-1] and torch.all(moved[1:] < moved[:-1])
+        assert not torch.equal(moved[1:-1], grid[1:-1])
+
+
+def test_level_jitter_keeps_vp_levels_on_training_indices():
+    from diffusers import DDPMScheduler
+
+    vp = SimpleNamespace(schedule=VPSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000)))
+    grid = rollout_grid(vp, 4)
+    assert torch.allclose(grid * 1000, torch.tensor([1000.0, 750, 500, 250, 0]))  # trailing: 999, 749, 499, 249
+    moved = rollout_grid(vp, 4, offset=0.3)  # 0.3 of a 250-index step: 75 indices toward the clean end
+    assert torch.allclose(moved * 1000, torch.tensor([1000.0, 675, 425, 175, 0]))
+    assert torch.allclose(rollout_grid(vp, 4, offset=-0.5) * 1000, torch.tensor([1000.0, 875, 625, 375, 0]))
 
 
 @pytest.mark.parametrize("space", ["generation", "diffusion"])
