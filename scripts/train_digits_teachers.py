@@ -113,7 +113,7 @@ def train(variant: str, args: argparse.Namespace) -> tuple[UNet2DModel, Denoiser
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     denoiser = Denoiser(unet, schedule, "epsilon" if variant == "vp" else "flow", "unet2d")
     optim = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = min(200, args.steps // 10)
+    warmup = max(1, min(200, args.steps // 10))
 
     def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 0
         return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
