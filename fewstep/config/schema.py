@@ -213,6 +213,7 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = Field(0, ge=0)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    ema_warmup: bool = Field(True, description="diffusers EMAModel's decay warmup: min(ema_decay, (1 + k)/(10 + k))")
     checkpoint_every: PositiveInt = 500
     keep_last: PositiveInt = 3
     resume: str = Field("auto", min_length=1)

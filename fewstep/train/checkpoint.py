@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -134,7 +135,7 @@ def save_checkpoint(
             state = {"optimizer": optimizers[name].state_dict(), "scheduler": schedulers[name].state_dict()}
             torch.save(state, tmp / "optimizers" / f"{name}.pt")
         if ema is not None:
-            save_file(_cpu(ema.state_dict()), tmp / "ema.safetensors")
+            save_file(_cpu(ema.state_dict()), tmp / "ema.safetensors", metadata={"updates": json.dumps(ema.updates)})
         torch.save(objective_state, tmp / "objective.pt")
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     torch.save(rng_state(), tmp / "rng" / f"rank_{accelerator.process_index}.pt")
@@ -204,7 +205,8 @@ def load_checkpoint(
                 f"{path} does not exist: the checkpoint was written without EMA but train.ema_decay is set. "
                 "Resume with train.ema_decay=null, or start over with train.resume=never."
             )
-        ema.load_state_dict(_read(ckpt_dir, path, load_file))
+        shadows, metadata = _read(ckpt_dir, path, _load_with_metadata)
+        ema.load_state_dict(shadows, json.loads(metadata["updates"]) if "updates" in metadata else None)
     rank_file = ckpt_dir / "rng" / f"rank_{accelerator.process_index}.pt"
     if not rank_file.is_file():  # resumed on more processes than saved: this rank continues rank 0's stream
         rank_file = ckpt_dir / "rng" / "rank_0.pt"
@@ -229,6 +231,11 @@ def _load_weights(module: nn.Module, weights: dict[str, Tensor], ckpt_dir: Path,
 
 def _torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)  # our own files: RNG states hold numpy arrays
+
+
+def _load_with_metadata(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def _read(ckpt_dir: Path, path: Path, reader: Callable[[Path], Any]) -> Any:

@@ -1,6 +1,8 @@
 """Exponential moving average of the trainable weights: ``θ_ema ← d·θ_ema + (1 − d)·θ`` after each optimizer step.
 
-Only parameters that require grad are averaged (a LoRA student: its adapters), in fp32, per trainable group.
+Only parameters that require grad are averaged (a LoRA student: its adapters), in fp32, per trainable group. With
+``warmup`` (the default, as diffusers' ``EMAModel``) the decay of a group's k-th update is ``min(d, (1 + k)/(10 + k))``
+(0 for the first), so a network trained from scratch is not averaged with its random start for thousands of steps.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ class EMA:
     Args:
         modules: the trainable groups by name (``objective.trainable()``, unwrapped).
         decay: ``d`` in ``θ_ema ← d·θ_ema + (1 − d)·θ``.
+        warmup: diffusers ``EMAModel``'s default decay warmup (``train.ema_warmup``).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], decay: float) -> None:
+    def __init__(self, modules: dict[str, nn.Module], decay: float, warmup: bool = True) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"train.ema_decay={decay} must be in [0, 1) (e.g. 0.999), or null to turn EMA off.")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.modules = modules
+        self.updates = {group: 0 for group in modules}  # updates done per group (saved with checkpoints)
         self.shadow: dict[str, dict[str, Tensor]] = {
             group: {n: p.detach().float().clone() for n, p in trainable_parameters(m).items()}
             for group, m in modules.items()
@@ -38,8 +42,17 @@ class EMA:
     def update(self, group: str) -> None:
         """Average the current weights of ``group`` into its shadow (call after that group's optimizer step)."""
         params = trainable_parameters(self.modules[group])
+        decay = self.decay_of_next_update(group)
         for name, s in self.shadow[group].items():
-            s.lerp_(params[name].detach().float(), 1.0 - self.decay)
+            s.lerp_(params[name].detach().float(), 1.0 - decay)
+        self.updates[group] += 1
+
+    def decay_of_next_update(self, group: str) -> float:
+        """``d``; with ``warmup`` ``min(d, (1 + k)/(10 + k))`` after ``k`` updates, 0 for the first (diffusers)."""
+        k = self.updates[group]
+        if not self.warmup:
+            return self.decay
+        return 0.0 if k == 0 else min(self.decay, (1 + k) / (10 + k))
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -64,7 +77,8 @@ class EMA:
         """Flat ``{"<group>/<param>": tensor}`` (a safetensors-ready dict)."""
         return {f"{g}/{n}": t for g, d in self.shadow.items() for n, t in d.items()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Tensor], updates: dict[str, int] | None = None) -> None:
+        """Load the shadows and the update counts (``None``, from a checkpoint that has none: warm-up over)."""
         expected = set(self.state_dict())
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
@@ -75,3 +89,4 @@ class EMA:
         for key, t in state.items():
             group, name = key.split("/", 1)
             self.shadow[group][name].copy_(t)
+        self.updates = {group: 10**9 for group in self.modules} if updates is None else {**self.updates, **updates}

@@ -96,7 +96,7 @@ class Trainer:
         self.optimizers = dict(zip(names, prepared[len(names) :]))
         self.objective.attach(self.modules)
         check_strategy(self.objective, accelerator)
-        self.ema = EMA(self.groups, self.cfg.ema_decay) if self.cfg.ema_decay is not None else None
+        self.ema = EMA(self.groups, self.cfg.ema_decay, self.cfg.ema_warmup) if self.cfg.ema_decay is not None else None
 
         self.step, position, self.nonfinite_steps = 0, 0, 0
         self.resumed_from = resolve_resume(self.run_dir, self.cfg.resume)
