@@ -83,7 +83,7 @@ def rollout_shard(
     points: int,
     guidance_scale: float,
     generator: torch.Generator,
-    level_jitter: bool = False,
+    level_jitter: bool = True,
 ) -> dict[str, Tensor]:
     """One CFG rollout of the teacher from ``noise`` ``[b, ...]``; ``points`` recorded levels per trajectory.
 
@@ -203,7 +203,7 @@ def fill_cache(
     guidance_scale: float,
     seed: int = 0,
     progress: bool = True,
-    level_jitter: bool = False,
+    level_jitter: bool = True,
 ) -> TrajectoryCache:
     """Build (or resume) ``num_shards`` shards, one per batch of ``batches`` (``Batch`` with ``cond``/``uncond``).
 
@@ -230,7 +230,7 @@ def make_shard(
     points: int,
     guidance_scale: float,
     seed: int,
-    level_jitter: bool = False,
+    level_jitter: bool = True,
 ) -> dict[str, Tensor]:
     """Shard ``index`` for ``batch``: a pure function of its arguments (noise, point choice and grid offset
     seeded)."""
