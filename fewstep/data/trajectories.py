@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import _bcast
-from fewstep.noise.timesteps import trailing_vp_grid
+from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
 from fewstep.solvers.steps import ddim_step
 
 MANIFEST = "manifest.json"
@@ -44,14 +44,8 @@ def rollout_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None
     """
     schedule = teacher.schedule
     if schedule.kind == "vp":
-        grid = trailing_vp_grid(num_steps, schedule.num_train_timesteps)
-        n = schedule.num_train_timesteps
-        index = grid[1:-1] * n - 1 - round(offset * n / num_steps)
-        grid[1:-1] = (index.round().clamp(0, n - 1) + 1) / n
-        return grid
-    s = torch.linspace(1.0, 0.0, num_steps + 1)
-    s[1:-1] -= offset / num_steps
-    return schedule.shift(s, num_tokens)
+        return trailing_vp_grid(num_steps, schedule.num_train_timesteps, offset)
+    return schedule.shift(linspace_grid(num_steps, offset=offset), num_tokens)
 
 
 def to_trigflow(x: Tensor, alpha: Tensor, sigma: Tensor, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -6,9 +6,11 @@ transformer block; SD3's ``transformer_blocks.i.attn``; any named module of a cu
 
 * queries: the wrapped module's input hidden states ``x [b, L, D]`` (or ``[b, D]``) projected to ``h``;
 * keys / values: a short token set ``[MLP(w), MLP(t)]`` (+ the projected prompt tokens when the module receives
-  ``encoder_hidden_states``), each with a learned type embedding (the positional encoding); the embedders and the
-  prompt projection are shared by all adapters (SDXL, width 320: 2.6% extra parameters), each adapter has its own
-  q / k / v / out projections;
+  ``encoder_hidden_states``, + a learned class token when the backbone is called with ``class_labels``, as AGD's DiT
+  adapters), each with a learned type embedding (the positional encoding); the embedders and the prompt projection
+  are shared by all adapters (SDXL, width 320: 2.6% extra parameters), each adapter has its own q / k / v / out
+  projections. The condition token matters: without it the values depend on ``w`` and ``t`` only, so a
+  class-conditional model's class-dependent guidance could reach the adapter only through one attention weight;
 * single-head SDPA, ``out_proj`` back to ``D`` **zero-initialised**, added to the wrapped module's output.
 
 So training starts exactly at the base, and switching the adapters off (``disabled()``) recovers it exactly. The
@@ -42,7 +44,7 @@ DEFAULT_TARGETS = {
     "transformer": r"^transformer_blocks\.\d+\.attn$",
 }
 FREQ_DIM = 256
-_TOKEN_TYPES = 3  # w, t, prompt
+_TOKEN_TYPES = 3  # w, t, condition (prompt tokens or the class token)
 
 
 def sinusoidal(values: Tensor, dim: int = FREQ_DIM, max_period: float = 10_000.0) -> Tensor:
@@ -104,9 +106,17 @@ class AGDAdapters(nn.Module):
         specs: ``{module_name: (dim, context_dim or None[, out_dim])}`` of the wrapped modules.
         hidden_dim: the adapters' attention width.
         timestep_scale: multiplies the backbone's timestep before the embedding (Flux feeds ``s``: use 1000).
+        num_classes: class labels the backbone takes (``class_labels``, null class included); each gets a learned
+            token. ``None``: no class token (text models).
     """
 
-    def __init__(self, specs: dict[str, tuple], hidden_dim: int = 320, timestep_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        specs: dict[str, tuple],
+        hidden_dim: int = 320,
+        timestep_scale: float = 1.0,
+        num_classes: int | None = None,
+    ) -> None:
         super().__init__()
         self.specs = {k: (int(v[0]), int(v[1]) if v[1] else None, int(v[2] if len(v) > 2 else v[0]))
                       for k, v in specs.items()}  # fmt: skip
@@ -117,9 +127,12 @@ class AGDAdapters(nn.Module):
         )
         contexts = sorted({c for _, c, _ in self.specs.values() if c})
         self.context_proj = nn.ModuleDict({str(c): nn.Linear(c, hidden_dim) for c in contexts})
+        self.num_classes = num_classes
+        self.class_embed = nn.Embedding(num_classes, hidden_dim) if num_classes else None
         self.enabled = True
         self._w: Tensor | None = None
         self._t: Tensor | None = None
+        self._labels: Tensor | None = None
         self._handles: list[Any] = []
 
     # --- state set before a forward --------------------------------------------------------------------------
@@ -165,6 +178,8 @@ class AGDAdapters(nn.Module):
     def _capture_timestep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         self._t = None if t is None else torch.as_tensor(t)
+        labels = kwargs.get("class_labels")
+        self._labels = None if labels is None or self.class_embed is None else torch.as_tensor(labels)
 
     def _residual_hook(self, adapter: GuidanceAdapter) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -177,6 +192,9 @@ class AGDAdapters(nn.Module):
                 context = proj(context.to(proj.weight.dtype))  # [b, M, h]
             else:
                 context = None
+            if self._labels is not None:
+                token = self.class_embed(self._labels.to(x.device).long().reshape(-1).expand(x.shape[0]))[:, None]
+                context = token if context is None else torch.cat([context, token], 1)  # [b, M (+ 1), h]
             delta = adapter(x, *self._tokens(x), context)
             if isinstance(output, tuple):
                 return (output[0] + delta.to(output[0].dtype), *output[1:])
@@ -227,6 +245,14 @@ def find_targets(backbone: nn.Module, pattern: str | None = None) -> dict[str, t
     return specs
 
 
+def class_count(backbone: nn.Module) -> int | None:
+    """Class labels a class-conditional diffusers UNet takes (``config.num_class_embeds``, null class included), or
+    ``None`` (text models, custom modules)."""
+    config = getattr(backbone, "config", None)
+    count = config.get("num_class_embeds") if hasattr(config, "get") else None
+    return int(count) if count else None
+
+
 def save_agd(adapters: AGDAdapters, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``agd_adapters.safetensors`` and ``agd_config.json`` (specs, width, timestep scale, ``extra``)."""
     out_dir = Path(out_dir)
@@ -234,7 +260,8 @@ def save_agd(adapters: AGDAdapters, out_dir: str | Path, extra: dict[str, Any] |
     state = {k: v.detach().float().cpu().contiguous() for k, v in adapters.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE))
     config = {"specs": {k: list(v) for k, v in adapters.specs.items()}, "hidden_dim": adapters.hidden_dim,
-              "timestep_scale": adapters.timestep_scale, **(extra or {})}  # fmt: skip
+              "timestep_scale": adapters.timestep_scale, "num_classes": adapters.num_classes,
+              **(extra or {})}  # fmt: skip
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
@@ -249,7 +276,7 @@ def load_agd(backbone: nn.Module, path: str | Path) -> AGDAdapters:
         raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_FILE}: export the AGD run with `fewstep export`.")
     config = json.loads((path / CONFIG_FILE).read_text())
     specs = {k: tuple(v) for k, v in config["specs"].items()}
-    adapters = AGDAdapters(specs, config["hidden_dim"], config["timestep_scale"])
+    adapters = AGDAdapters(specs, config["hidden_dim"], config["timestep_scale"], config.get("num_classes"))
     adapters.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     param = next(backbone.parameters())
     adapters.to(device=param.device).eval().requires_grad_(False)

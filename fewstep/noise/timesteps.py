@@ -46,14 +46,24 @@ def discrete(grid: Tensor, n: int, generator: torch.Generator | None = None) -> 
     return grid[idx].float(), idx
 
 
-def linspace_grid(num_steps: int, tau_max: float = 1.0, tau_min: float = 0.0) -> Tensor:
-    """``num_steps + 1`` levels from ``tau_max`` down to ``tau_min`` (the boundaries of each sampling step)."""
-    return torch.linspace(tau_max, tau_min, num_steps + 1)
+def linspace_grid(num_steps: int, tau_max: float = 1.0, tau_min: float = 0.0, offset: float = 0.0) -> Tensor:
+    """``num_steps + 1`` levels from ``tau_max`` down to ``tau_min`` (the boundaries of each sampling step).
+
+    ``offset`` in ``[-1/2, 1/2)`` moves the interior levels toward ``tau_min`` by that fraction of a step; the ends
+    stay (a jittered grid: many draws cover the time axis instead of repeating ``num_steps`` levels).
+    """
+    grid = torch.linspace(tau_max, tau_min, num_steps + 1)
+    grid[1:-1] -= offset * (tau_max - tau_min) / num_steps
+    return grid
 
 
-def trailing_vp_grid(num_steps: int, num_train_timesteps: int = 1000) -> Tensor:
-    """diffusers ``timestep_spacing="trailing"`` as τ levels (first step at index N-1), ending at the clean level."""
+def trailing_vp_grid(num_steps: int, num_train_timesteps: int = 1000, offset: float = 0.0) -> Tensor:
+    """diffusers ``timestep_spacing="trailing"`` as τ levels (first step at index N-1), ending at the clean level.
+
+    ``offset`` as in ``linspace_grid``, rounded to the nearest training index.
+    """
     ratio = num_train_timesteps / num_steps
     idx = torch.round(torch.arange(num_train_timesteps, 0, -ratio)) - 1  # e.g. 999, 749, 499, 249
+    idx[1:] = (idx[1:] - round(offset * ratio)).clamp(0, num_train_timesteps - 1)
     taus = (idx + 1) / num_train_timesteps
     return torch.cat([taus.float(), torch.zeros(1)])

@@ -5,7 +5,10 @@ outputs) are the only trained weights. Training data are the states the **base's
 
 1. every ``record_every`` steps, run the base's deterministic CFG sampler (``trajectory_steps`` steps) from fresh noise
    for the batch's conditions, with ``w ~ U[w_min, w_max]`` per trajectory, recording at every step the input
-   ``x_τ``, ``τ``, ``w``, the conditions and the CFG output ``out_∅ + w·(out_c − out_∅)`` into a buffer;
+   ``x_τ``, ``τ``, ``w``, the conditions and the CFG output ``out_∅ + w·(out_c − out_∅)`` into a buffer. With
+   ``level_jitter`` (default) each recording's grid is offset by a random fraction of a step: a few-step sampler's
+   states then cover every level, not ``trajectory_steps`` of them (AGD records 1,000-step trajectories; the
+   adapters of a fixed 8-step grid were worse than the base between its levels);
 2. draw a batch of recorded states, set the adapters' ``w`` and regress the adapted base's single raw output on the
    recorded CFG output (MSE, AGD ``train.py``).
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from fewstep.models.agd import AGDAdapters, find_targets, save_agd
+from fewstep.models.agd import AGDAdapters, class_count, find_targets, save_agd
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
@@ -43,6 +46,7 @@ class AGDConfig(BaseModel):
     hidden_dim: int = Field(320, ge=1, description="adapter attention width (AGD: 320)")
     target_modules: str | None = Field(None, description="regex of wrapped modules; None: UNet attn2 / SD3 attn")
     trajectory_steps: int = Field(25, ge=1, description="CFG sampler steps per recorded trajectory")
+    level_jitter: bool = Field(True, description="offset each recording's grid by a random fraction of a step")
     record_every: int = Field(10, ge=1, description="record a new batch of trajectories every N steps")
     buffer_states: int = Field(4096, ge=1, description="most recent recorded states kept for training")
     resolution: int | None = Field(None, description="pixel size of recorded latents (data without x0)")
@@ -105,7 +109,8 @@ class AGD:
         student.denoiser.backbone = base  # share the frozen base: no second copy
         base.requires_grad_(False)
         timestep_scale = 1000.0 if teacher.family == "flux" else 1.0  # Flux feeds s ∈ [0, 1]
-        self.adapters = AGDAdapters(find_targets(base, config.target_modules), config.hidden_dim, timestep_scale)
+        specs = find_targets(base, config.target_modules)
+        self.adapters = AGDAdapters(specs, config.hidden_dim, timestep_scale, class_count(base))
         self.adapters.to(next(base.parameters()).device).attach(base)
         teacher.view = self.adapters.disabled  # the teacher (and CFG targets) is the base exactly
         self.buffer = StateBuffer(config.buffer_states)
@@ -140,7 +145,8 @@ class AGD:
         device = next(self.teacher.denoiser.backbone.parameters()).device
         x = torch.randn(shape, device=device)
         w = sample_w(b, self.config.w_min, self.config.w_max).to(device)
-        taus = sampling_levels(self.schedule, self.config.trajectory_steps, x)
+        offset = float(torch.rand(())) - 0.5 if self.config.level_jitter else 0.0
+        taus = sampling_levels(self.schedule, self.config.trajectory_steps, x, offset)
         for i in range(len(taus) - 1):
             tau = taus[i].expand(b)
             target = self.teacher.raw(x, tau, cond, uncond, w)  # CFG output, the base (adapters off)

@@ -90,12 +90,13 @@ def _where(drop: Tensor, u: Any, c: Any) -> Any:
     return torch.where(mask, u.to(c.dtype), c)
 
 
-def sampling_grid(schedule: Schedule, num_steps: int, noise: Tensor) -> Tensor:
+def sampling_grid(schedule: Schedule, num_steps: int, noise: Tensor, offset: float = 0.0) -> Tensor:
     """``num_steps + 1`` τ levels: VP ``trailing`` (first step at index N-1), otherwise uniform from 1 to 0 through
-    the schedule's own shift (Flux's dynamic shift reads the token count of ``noise [b, c, h, w]``)."""
+    the schedule's own shift (Flux's dynamic shift reads the token count of ``noise [b, c, h, w]``). ``offset`` in
+    ``[-1/2, 1/2)`` moves the interior levels toward the clean end by that fraction of a step (a jittered grid)."""
     if schedule.kind == "vp":
-        return timesteps.trailing_vp_grid(num_steps, schedule.num_train_timesteps)
-    grid = timesteps.linspace_grid(num_steps)
+        return timesteps.trailing_vp_grid(num_steps, schedule.num_train_timesteps, offset)
+    grid = timesteps.linspace_grid(num_steps, offset=offset)
     num_tokens = None
     if getattr(schedule, "use_dynamic_shifting", False):
         num_tokens = (noise.shape[-2] // 2) * (noise.shape[-1] // 2)  # Flux packs 2×2 latent patches

@@ -74,11 +74,12 @@ def check_lpips_space(teacher: Teacher) -> None:
         )
 
 
-def sampling_levels(schedule: Schedule, num_steps: int, noise: Tensor) -> Tensor:
-    """``num_steps + 1`` levels: VP trailing, flow uniform through the schedule's shift (as the teacher solver)."""
+def sampling_levels(schedule: Schedule, num_steps: int, noise: Tensor, offset: float = 0.0) -> Tensor:
+    """``num_steps + 1`` levels: VP trailing, flow uniform through the schedule's shift (as the teacher solver);
+    ``offset``: a jittered grid (``fewstep.objectives.diffusion.sampling_grid``)."""
     from fewstep.objectives.diffusion import sampling_grid
 
-    return sampling_grid(schedule, num_steps, noise).to(noise.device)
+    return sampling_grid(schedule, num_steps, noise, offset).to(noise.device)
 
 
 @dataclass

@@ -102,6 +102,8 @@ def discover(
     stems = {p.stem for p in paths}
     found, covered = [], set()
     for path in paths:
+        if names is not None and path.stem not in names:
+            continue  # before loading: --set may name keys that only the chosen recipes have
         objective = next((name for name in registered if path.stem.endswith(f"_{name}")), None)
         cfg = load_recipe(path, overrides)
         moved = [f"output_dir={runs_dir / path.stem}"] if runs_dir is not None else []
@@ -130,10 +132,25 @@ def discover(
             continue
         if objectives is not None and objective not in objectives:
             continue
-        if names is not None and path.stem not in names:
-            continue
         found.append(BenchRecipe(path, dataset, objective, cfg, requires))
     return found, sorted(set(OBJECTIVES) - covered)
+
+
+def with_requirements(
+    recipes: list[BenchRecipe], recipes_dir: Path, overrides: list[str], runs_dir: Path
+) -> dict[str, BenchRecipe]:
+    """``recipes`` by name, with every recipe whose exported run one of them takes as teacher (transitively)."""
+    every = {b.path.stem: b for b in recipes}
+    wanted = [b.requires for b in recipes if b.requires is not None]
+    while wanted:
+        name = wanted.pop()
+        if name in every:
+            continue
+        (bench,) = discover(recipes_dir, None, None, overrides, runs_dir, [name])[0]
+        every[name] = bench
+        if bench.requires is not None:
+            wanted.append(bench.requires)
+    return every
 
 
 def _required_run(pretrained: str, stems: set[str]) -> str | None:
@@ -439,14 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
     runs = args.out_dir / "runs"
     recipes, uncovered = discover(args.recipes_dir, args.datasets, args.objectives, overrides, runs, args.recipes)
-    if uncovered:
+    if uncovered and args.recipes is None:
         print(f"[quality] objectives without a benchmark recipe in {args.recipes_dir}: {', '.join(uncovered)}")
     if not recipes:
         raise SystemExit(
             f"No benchmark recipe in {args.recipes_dir} matches --datasets {args.datasets} --objectives "
             f"{args.objectives} --recipes {args.recipes}."
         )
-    every = {b.path.stem: b for b in discover(args.recipes_dir, None, None, overrides, runs)[0]}
+    every = with_requirements(recipes, args.recipes_dir, overrides, runs)
     if args.train_only:
         for bench in recipes:
             prepare(bench, every, args)

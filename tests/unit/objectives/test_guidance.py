@@ -238,3 +238,57 @@ def test_agd_export_loads_into_a_diffusers_pipeline_and_composes_with_a_lora(fam
     assert not torch.allclose(with_both, lora_only, atol=1e-4)
     with adapters_disabled(backbone):
         assert torch.allclose(fresh.raw(x, tau, cond), trained, atol=1e-5)  # LoRA off: the AGD model again
+
+
+def test_agd_on_a_class_conditional_unet_attends_to_a_class_token(tmp_path):
+    """On the shipped class-conditional UNet2DModel (digits) the adapters get a class token (AGD's DiT adapters):
+    the residual depends on the label through it, a training step reaches its embedding, the jittered recording
+    visits levels off the fixed grid, and the export reloads onto a fresh UNet with the same outputs."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DModel
+
+    from fewstep.assets import asset_path
+    from fewstep.models.denoiser import Denoiser
+    from fewstep.models.loading import load_teacher
+    from fewstep.objectives.diffusion import sampling_grid
+
+    teacher = load_teacher(SimpleNamespace(pretrained="fewstep:digits-flow", family="auto", dtype="float32",
+                                           guidance_scale=2.0, revision=None, variant=None))  # fmt: skip
+    config = AGDConfig(w_min=1.0, w_max=4.0, hidden_dim=16, target_modules=r".*attentions\.\d+$", trajectory_steps=4,
+                       record_every=1, buffer_states=64)  # fmt: skip
+    torch.manual_seed(0)
+    agd = AGD(config, teacher, Student.full(teacher))
+    classes = teacher.denoiser.backbone.config.num_class_embeds
+    assert agd.adapters.class_embed.num_embeddings == classes
+    for adapter in agd.adapters.adapters.values():  # stand-in for training: non-zero residuals
+        torch.nn.init.normal_(adapter.out_proj.weight, std=0.05)
+    x, tau = torch.randn(2, 1, 8, 8).expand(2, -1, -1, -1), torch.full((2,), 0.6)
+    cond = Conditioning(class_labels=torch.tensor([3, 7]))
+    agd.adapters.set_guidance(2.0)
+    with agd.adapters.disabled():
+        base = teacher.denoiser.raw(x, tau, cond)
+    residual = agd.student.denoiser.raw(x, tau, cond) - base
+    with torch.no_grad():
+        agd.adapters.class_embed.weight[3] += 1.0  # only label 3's token changes
+    moved = agd.student.denoiser.raw(x, tau, cond) - base
+    assert not torch.allclose(moved[0], residual[0], atol=1e-5) and torch.allclose(moved[1], residual[1], atol=1e-6)
+
+    batch = Batch(cond=Conditioning(class_labels=torch.arange(8)), x0=torch.zeros(8, 1, 8, 8))
+    out = agd.loss(batch, 0, agd.phase(0))
+    out.loss.backward()
+    assert agd.adapters.class_embed.weight.grad[:8].abs().sum() > 0
+    recorded = set(torch.cat([c[1] for c in agd.buffer.chunks]).tolist())
+    fixed = set(sampling_grid(teacher.schedule, 4, batch.x0).tolist())
+    for step in range(1, 6):
+        agd.loss(batch, step, agd.phase(step))
+        recorded |= set(torch.cat([c[1] for c in agd.buffer.chunks]).tolist())
+    assert len(recorded - fixed) >= 6  # the grid moves between recordings (level_jitter)
+
+    agd.export_extra(tmp_path)
+    unet = UNet2DModel.from_pretrained(asset_path("digits-flow") / "unet")
+    loaded = load_agd(unet, tmp_path)
+    loaded.set_guidance(2.0)
+    agd.adapters.set_guidance(2.0)
+    fresh = Denoiser(unet, teacher.schedule, teacher.denoiser.prediction_type, teacher.denoiser.adapter_name)
+    assert torch.allclose(fresh.raw(x, tau, cond), agd.student.denoiser.raw(x, tau, cond), atol=1e-5)
