@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fewstep.config.errors import RecipeError
 from fewstep.reflow.pairs import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,19 @@ def test_discovery_follows_the_naming_convention(quality, tmp_path):
     (bad / "digits_consistency.yaml").write_text((ROOT / "recipes" / "bench" / "digits_lcm.yaml").read_text())
     with pytest.raises(ValueError, match=r"<dataset>\[_<variant>\]_<objective>\.yaml"):
         quality.discover(bad, None, None, [])
+
+
+def test_overrides_apply_to_the_chosen_recipes_and_what_they_need(quality, tmp_path):
+    """`--recipes R --set objective.<key>=…` names keys that only R's objective has: the other recipes are not loaded
+    with it; a recipe that trains on another's exported run (InstaFlow on 2-RF) brings that recipe along."""
+    bench = ROOT / "recipes" / "bench"
+    with pytest.raises(RecipeError, match="segments"):  # what loading every recipe with it would do
+        quality.discover(bench, None, None, ["objective.segments=2"])
+    (pcm,), _ = quality.discover(bench, None, None, ["objective.segments=2"], tmp_path, ["fashion_pcm"])
+    assert pcm.cfg.objective.segments == 2
+    chosen, _ = quality.discover(bench, None, None, [], tmp_path, ["digits_flow_instaflow"])
+    every = quality.with_requirements(chosen, bench, [], tmp_path)
+    assert sorted(every) == ["digits_flow_instaflow", "digits_flow_reflow"]
 
 
 def test_tiny_end_to_end_run_writes_well_formed_rows(quality, tmp_path):
