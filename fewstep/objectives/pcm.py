@@ -78,6 +78,9 @@ class PCMConfig(BaseModel):
     cond_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="empty-prompt rate with cfg_free_teacher")
     loss_type: Literal["l2", "huber"] = "huber"
     huber_c: float = Field(0.001, gt=0.0)
+    jump_weighting: bool = Field(
+        False, description="divide each sample's distance by its edge jump's ε gain max(1, |σ_e − α_e·σ/α|)"
+    )
     adv_weight: float = Field(0.0, ge=0.0, description="adversarial term weight (PCM 0.1); 0 turns it off")
     reward_weight: float = Field(0.0, ge=0.0, description="reward-feedback weight; needs `reward`")
     reward: str | None = Field(None, description="custom:<module>:<function> returning a [b] reward of (x̂0, cond)")
@@ -117,8 +120,19 @@ def pcm_edge_jump(pred_x0: Tensor, pred_eps: Tensor, schedule: Schedule, tau_edg
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
-    """Elementwise pseudo-Huber ``mean(sqrt((a − b)² + c²) − c)`` (PCM / LCM scripts)."""
-    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()
+    """Elementwise pseudo-Huber ``sqrt((a − b)² + c²) − c`` averaged per sample ``[b]`` (PCM / LCM scripts)."""
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).flatten(1).mean(1)
+
+
+def jump_gain(schedule: Schedule, tau: Tensor, tau_edge: Tensor) -> Tensor:
+    """``|∂x_e/∂ε̂| = |σ_e − α_e·σ/α|`` ``[b]``: how much the jump ``τ → τ_edge`` magnifies an error of ``ε̂``.
+
+    From high noise to the clean edge it is ``σ/α`` (about 15 at t = 999 on SD's schedule), so without weighting the
+    longest jumps dominate the gradient of the shared weights once segments are long (Hyper-SD's 2- and 1-segment
+    stages)."""
+    a, s = schedule.alpha(tau).float(), schedule.sigma(tau).float()
+    a_e, s_e = schedule.alpha(tau_edge).float(), schedule.sigma(tau_edge).float()
+    return (s_e - a_e * s / a.clamp(min=1e-4)).abs()
 
 
 def load_reward(spec: str) -> RewardFn:
@@ -262,7 +276,11 @@ class PCM:
 
         x0_hat, eps_hat = self._predict(self.student.denoiser, x_hi, tau_hi, cond)
         pred = pcm_edge_jump(x0_hat, eps_hat, self.schedule, tau_e)
-        loss = pseudo_huber(pred, target, cfg.huber_c) if cfg.loss_type == "huber" else ((pred - target) ** 2).mean()
+        huber = cfg.loss_type == "huber"
+        dist = pseudo_huber(pred, target, cfg.huber_c) if huber else (pred - target).pow(2).flatten(1).mean(1)
+        if cfg.jump_weighting:
+            dist = dist / jump_gain(self.schedule, tau_hi, tau_e).clamp(min=1.0)
+        loss = dist.mean()
         metrics = {"consistency": float(loss.detach()), "segments": float(segments)}
         if self.discriminator is not None:
             fake_score, _ = self._adv_scores(pred, target, edge, segments, with_real=False)

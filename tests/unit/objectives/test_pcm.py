@@ -18,7 +18,7 @@ from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.noise.timesteps import trailing_vp_grid
-from fewstep.objectives.pcm import PCM, PCMConfig, curriculum_segments
+from fewstep.objectives.pcm import PCM, PCMConfig, curriculum_segments, jump_gain
 from fewstep.objectives.pcm_parts import segment_edges
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 
@@ -187,6 +187,32 @@ def test_adversarial_term_alternates_and_trains_the_discriminator():
     metrics = train_steps(objective, cond, uncond, latent_shape(teacher, 2), steps=2)
     assert "adv_g" in metrics[0] and all(math.isfinite(m["loss"]) for m in metrics)
     assert any(not torch.equal(a, b) for a, b in zip(before, objective.discriminator.parameters()))
+
+
+def test_jump_weighting_scales_long_jumps_down_to_epsilon_units():
+    """The gain of a jump is ``σ/α`` from the noisiest level to the clean edge (≈ 15 at t = 999 on SD's betas), ≈ 0
+    onto the edge itself, and with ``jump_weighting`` a 1-segment loss is the unweighted one divided by it."""
+    teacher = make_teacher("vp")
+    objective = PCM(PCMConfig(w_min=0, w_max=0, segments=1), teacher, Student.full(teacher))
+    grid, schedule = objective.grid, objective.schedule
+    top = jump_gain(schedule, grid[-1:], grid[:1])
+    assert 13 < top.item() < 16 and top.item() == pytest.approx(
+        (schedule.sigma(grid[-1]) / schedule.alpha(grid[-1])).item(), rel=0.01
+    )
+    assert jump_gain(schedule, grid[1:2], grid[1:2]).item() < 1e-6
+    gains = jump_gain(schedule, grid[1:], torch.zeros(50).to(grid) + grid[0])
+    assert torch.all(gains[1:] > gains[:-1])  # longer jumps magnify more
+
+    x0 = torch.randn(16, 2)
+    losses = {}
+    for weighted in (False, True):
+        objective.config.jump_weighting = weighted
+        torch.manual_seed(3)
+        losses[weighted] = objective.loss(Batch(x0=x0, cond=Conditioning()), 0, "student").loss.item()
+    torch.manual_seed(3)
+    idx = torch.randint(0, 50, (16,))
+    weights = 1 / jump_gain(schedule, grid[idx + 1], grid[:1].expand(16)).clamp(min=1.0)
+    assert losses[True] < losses[False] and weights.min() < 0.1  # the top levels shrink by ≈ 15×
 
 
 def test_reward_feedback_raises_a_small_differentiable_reward():
