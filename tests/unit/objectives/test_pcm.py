@@ -191,7 +191,7 @@ def test_adversarial_term_alternates_and_trains_the_discriminator():
 
 def test_jump_weighting_scales_long_jumps_down_to_epsilon_units():
     """The gain of a jump is ``σ/α`` from the noisiest level to the clean edge (≈ 15 at t = 999 on SD's betas), ≈ 0
-    onto the edge itself, and with ``jump_weighting`` a 1-segment loss is the unweighted one divided by it."""
+    onto the edge itself, and with ``jump_weighting`` a sample's loss is the unweighted one divided by max(1, gain)."""
     teacher = make_teacher("vp")
     objective = PCM(PCMConfig(w_min=0, w_max=0, segments=1), teacher, Student.full(teacher))
     grid, schedule = objective.grid, objective.schedule
@@ -203,16 +203,20 @@ def test_jump_weighting_scales_long_jumps_down_to_epsilon_units():
     gains = jump_gain(schedule, grid[1:], torch.zeros(50).to(grid) + grid[0])
     assert torch.all(gains[1:] > gains[:-1])  # longer jumps magnify more
 
-    x0 = torch.randn(16, 2)
-    losses = {}
-    for weighted in (False, True):
-        objective.config.jump_weighting = weighted
-        torch.manual_seed(3)
-        losses[weighted] = objective.loss(Batch(x0=x0, cond=Conditioning()), 0, "student").loss.item()
-    torch.manual_seed(3)
-    idx = torch.randint(0, 50, (16,))
-    weights = 1 / jump_gain(schedule, grid[idx + 1], grid[:1].expand(16)).clamp(min=1.0)
-    assert losses[True] < losses[False] and weights.min() < 0.1  # the top levels shrink by ≈ 15×
+    x0 = torch.randn(1, 2)
+    ratios, expected = [], []
+    for seed in range(8):  # batch of one: the loss is that sample's distance, weighted or not
+        losses = {}
+        for weighted in (False, True):
+            objective.config.jump_weighting = weighted
+            torch.manual_seed(seed)
+            losses[weighted] = objective.loss(Batch(x0=x0, cond=Conditioning()), 0, "student").loss.item()
+        torch.manual_seed(seed)
+        idx = torch.randint(0, 50, (1,))  # the interval the loss draws first
+        expected.append(1 / jump_gain(schedule, grid[idx + 1], grid[:1]).clamp(min=1.0).item())
+        ratios.append(losses[True] / losses[False])
+    assert ratios == pytest.approx(expected, rel=1e-4)
+    assert min(expected) < 0.5 and max(expected) == 1.0  # both regimes were drawn
 
 
 def test_reward_feedback_raises_a_small_differentiable_reward():
