@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.data.batch import Batch
 from fewstep.data.digits import DigitsDataset
 from fewstep.data.fashion import FashionMNISTDataset
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_items
@@ -22,7 +23,6 @@ from fewstep.data.prompts import PromptDataset
 from fewstep.data.tensors import TensorFileDataset
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
-from fewstep.objectives.protocol import Batch
 
 SOURCES = ("digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors")
 
@@ -196,7 +196,7 @@ def _build_dataset(data_cfg: Any) -> Any:
     if data_cfg.source == "tensors":
         return TensorFileDataset(data_cfg.path)
     if data_cfg.source == "pairs":
-        from fewstep.reflow.pairs import PairDataset
+        from fewstep.data.reflow.pairs import PairDataset
 
         return PairDataset(data_cfg.path)
     if data_cfg.source == "prompts":

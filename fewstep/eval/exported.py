@@ -110,7 +110,7 @@ def export_target(
         guidance_scale: the teacher's ``w``; the student uses the exported ``guidance_scale``.
         device: where to sample.
     """
-    from fewstep.export.scheduler import read_schedule
+    from fewstep.objectives.spec import read_schedule
 
     export_dir = Path(export_dir)
     spec = read_schedule(export_dir)

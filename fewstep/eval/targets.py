@@ -497,7 +497,7 @@ def target_kind(spec: str) -> str:
     Raises:
         FileNotFoundError: a path that does not exist, or a directory that is none of these.
     """
-    from fewstep.export.scheduler import SPEC_FILE
+    from fewstep.objectives.spec import SPEC_FILE
 
     if spec.startswith(("tiny:", "fewstep:")):
         return "teacher"

@@ -11,7 +11,7 @@ from fewstep.export.lora import (
     save_merged,
 )
 from fewstep.export.run import export_run, export_student, load_run, sampling_spec
-from fewstep.export.scheduler import SamplingSpec, read_schedule, write_schedule
+from fewstep.objectives.spec import SamplingSpec, read_schedule, write_schedule
 
 __all__ = [
     "KOHYA_WEIGHT_NAME",

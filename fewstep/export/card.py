@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fewstep.export.lora import WEIGHT_NAME
-from fewstep.export.scheduler import SamplingSpec
+from fewstep.objectives.spec import SamplingSpec
 
 
 def _fmt(value: object) -> str:

@@ -20,9 +20,9 @@ from torch import nn
 
 from fewstep.export.card import write_card
 from fewstep.export.lora import save_kohya, save_lora, save_merged
-from fewstep.export.scheduler import SamplingSpec, write_schedule
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
+from fewstep.objectives.spec import SamplingSpec, write_schedule
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,35 @@
-"""Objectives register themselves in ``OBJECTIVES`` on import; importing this package registers every one."""
+"""Objectives, one package per family; each module registers itself in ``OBJECTIVES`` under its own module name.
+
+* ``diffusion``: plain denoising fine-tune (the baseline);
+* ``dmd/``: ``dmd2`` (with Decoupled DMD as an option), ``phased_dmd``;
+* ``consistency/``: ``lcm``, ``pcm`` (PCM and Hyper-SD), ``scm``, ``rcm``, ``tbcm`` (TrigFlow math in ``trigflow``);
+* ``reflow/``: ``reflow`` (2-RF, rfpp, SlimFlow), ``instaflow``;
+* ``guidance/``: ``guidance_distill`` (classic), ``agd``.
+
+Importing this package registers every one.
+"""
 
 import importlib
 
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, Objective, StudentSampler
+from fewstep.data.batch import Batch
+from fewstep.objectives.protocol import OBJECTIVES, LossOutput, Objective, StudentSampler
 
 __all__ = ["OBJECTIVES", "Batch", "LossOutput", "Objective", "StudentSampler"]
 
-for _name in ("diffusion", "lcm", "dmd", "scm", "pcm", "tbcm", "rcm", "reflow", "instaflow", "guidance", "agd"):
-    importlib.import_module(f"fewstep.objectives.{_name}")
+MODULES = (
+    "diffusion",
+    "dmd.dmd2",
+    "dmd.phased_dmd",
+    "consistency.lcm",
+    "consistency.pcm",
+    "consistency.scm",
+    "consistency.rcm",
+    "consistency.tbcm",
+    "reflow.reflow",
+    "reflow.instaflow",
+    "guidance.guidance_distill",
+    "guidance.agd",
+)
+
+for _module in MODULES:
+    importlib.import_module(f"fewstep.objectives.{_module}")

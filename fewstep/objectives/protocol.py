@@ -14,27 +14,9 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from fewstep.data.batch import Batch
 from fewstep.models.conditioning import Conditioning
 from fewstep.registry import Registry
-
-
-@dataclass
-class Batch:
-    """One training batch. ``x0`` is data in the denoiser's space (latents or pixels), ``None`` for data-free work.
-
-    ``cond``/``uncond`` are the conditioning and its null counterpart for CFG (same batch size).
-    """
-
-    cond: Conditioning
-    uncond: Conditioning | None = None
-    x0: Tensor | None = None  # [b, c, h, w]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        if self.x0 is not None:
-            return self.x0.shape[0]
-        return int(self.cond.batch_size or 0)
 
 
 @dataclass

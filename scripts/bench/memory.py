@@ -101,7 +101,7 @@ def static_bytes(modules: list[torch.nn.Module], optimizers: list[torch.optim.Op
 def worker(layout: str, size: str, device: str, batch_size: int, rank: int) -> dict[str, Any]:
     """Build one layout, run its steps, return its memory numbers (runs in a fresh process)."""
     from fewstep.models.student import Student
-    from fewstep.objectives.dmd import DMD2, DMD2Config
+    from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
     from fewstep.objectives.protocol import Batch
 
     torch.manual_seed(0)

@@ -178,7 +178,7 @@ def prepare(bench: BenchRecipe, all_recipes: dict[str, BenchRecipe], args: argpa
             print(f"[quality] exporting {run_dir} into {teacher_dir} (the teacher of {bench.path.name})", flush=True)
             export_run(run_dir, teacher_dir)
     if bench.cfg.data.source == "pairs":
-        from fewstep.reflow.generate import pairs_for_recipe
+        from fewstep.data.reflow.generate import pairs_for_recipe
 
         print(f"[quality] {bench.path.name}: {args.num_pairs} pairs ({args.pair_steps} teacher steps) in "
               f"{bench.cfg.data.path}", flush=True)  # fmt: skip

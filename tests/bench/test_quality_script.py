@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fewstep.config.errors import RecipeError
-from fewstep.reflow.pairs import MANIFEST
+from fewstep.data.reflow.pairs import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_FIELDS = ("dataset", "teacher", "objective", "student_steps", "nfe", "fid", "class_accuracy",

@@ -92,7 +92,7 @@ def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
 def test_recipe_trains_two_steps_and_exports(path: Path, image_folder: Path, tmp_path: Path):
     recipe = load_recipe(path, smoke_overrides(path, image_folder, tmp_path))
     if recipe.data.source == "pairs":
-        from fewstep.reflow.generate import pairs_for_recipe
+        from fewstep.data.reflow.generate import pairs_for_recipe
 
         pairs_for_recipe(recipe, num_pairs=4, num_steps=2, prompts=["a red circle", "a blue square"], shard_size=2,
                          batch_size=2, progress=False)  # fmt: skip

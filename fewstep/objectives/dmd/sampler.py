@@ -54,7 +54,7 @@ def dmd_export_schedule(teacher: Teacher, objective: str, steps: tuple[int, ...]
     """A ``SamplingSpec`` for a DMD student: ``LCMScheduler`` (VP; with ``original_inference_steps = N`` its
     ``set_timesteps(K)`` picks ``999 − i·⌊N/K⌋``, exactly the student grid, and its boundary blend is ~1e-7 there)
     or ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with ``sigmas = 1 − i/K`` (flow)."""
-    from fewstep.export.scheduler import flow_renoise_spec, lcm_vp_spec
+    from fewstep.objectives.spec import flow_renoise_spec, lcm_vp_spec
 
     schedule = teacher.schedule
     common = dict(

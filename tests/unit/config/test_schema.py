@@ -290,7 +290,7 @@ def test_model_validate_gives_the_same_issues():
 
 
 def test_shipped_lcm_objective_validates_into_its_config():
-    lcm = pytest.importorskip("fewstep.objectives.lcm")
+    lcm = pytest.importorskip("fewstep.objectives.consistency.lcm")
     recipe = validate_recipe(with_value("objective", {"name": "lcm"}))
     assert type(recipe.objective) is OBJECTIVES.get("lcm").Config and recipe.objective.name == "lcm"
     assert lcm is not None

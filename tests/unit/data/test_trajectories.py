@@ -16,9 +16,9 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.noise.convert import _bcast
 from fewstep.noise.schedules import VPSchedule
+from fewstep.objectives.consistency.tbcm import TBCM, TBCMConfig
+from fewstep.objectives.consistency.trigflow import teacher_trig_velocity
 from fewstep.objectives.protocol import OBJECTIVES, Batch
-from fewstep.objectives.tbcm import TBCM, TBCMConfig
-from fewstep.objectives.trigflow import teacher_trig_velocity
 
 SETTINGS = {"steps": 6, "points": 3, "w": 3.0}
 

@@ -16,7 +16,7 @@ from fewstep.export import WEIGHT_NAME, export_student, read_schedule
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
-from fewstep.objectives.dmd import DMD2, DMD2Config
+from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from fewstep.objectives.protocol import Batch
 
 
@@ -60,7 +60,7 @@ def test_stock_pipeline_reproduces_the_dmd2_lora_student(family, tmp_path):
 def test_phased_dmd_experts_run_in_a_stock_pipeline_with_adapter_switching(tmp_path):
     """Every expert exports as its own LoRA; a stock pipeline that switches adapters by phase in
     ``callback_on_step_end`` (docs/dmd.md) reproduces the student's phased sampler."""
-    from fewstep.objectives.dmd import PhasedDMD, PhasedDMDConfig, export_experts
+    from fewstep.objectives.dmd.phased_dmd import PhasedDMD, PhasedDMDConfig, export_experts
 
     torch.manual_seed(0)
     teacher = load_teacher(SimpleNamespace(pretrained="tiny:sd15"))

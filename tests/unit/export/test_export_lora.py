@@ -24,7 +24,7 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import DEFAULT_LORA_TARGETS, Student
-from fewstep.objectives.lcm import LCM, LCMConfig
+from fewstep.objectives.consistency.lcm import LCM, LCMConfig
 from fewstep.objectives.protocol import Batch
 
 TOLERANCE = 1e-4  # measured on the tiny models: LoRA reload ≤ 4e-6, merged (fused weights) ≤ 2e-5

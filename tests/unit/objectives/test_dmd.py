@@ -13,8 +13,8 @@ from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule
 from fewstep.noise.timesteps import linspace_grid
-from fewstep.objectives.dmd import DMD2, DMD2Config, backsim_depth, ca_gradient, dm_gradient, injected_loss
-from fewstep.objectives.dmd.functional import student_taus
+from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
+from fewstep.objectives.dmd.functional import backsim_depth, ca_gradient, dm_gradient, injected_loss, student_taus
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 
 

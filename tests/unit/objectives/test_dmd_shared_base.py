@@ -11,7 +11,7 @@ import torch
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
-from fewstep.objectives.dmd import DMD2, DMD2Config
+from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from fewstep.objectives.protocol import Batch
 
 

@@ -16,8 +16,8 @@ from fewstep.models.agd import load_agd, save_agd
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student, adapters_disabled
 from fewstep.models.teacher import Teacher
-from fewstep.objectives.agd import AGD, AGDConfig
-from fewstep.objectives.guidance import GuidanceDistill, GuidanceDistillConfig
+from fewstep.objectives.guidance.agd import AGD, AGDConfig
+from fewstep.objectives.guidance.guidance_distill import GuidanceDistill, GuidanceDistillConfig
 from fewstep.objectives.protocol import Batch
 from fewstep.solvers.steps import ddim_step, noise_to
 

@@ -17,7 +17,7 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import from_x0_eps
 from fewstep.noise.schedules import FlowSchedule, TrigFlowSchedule, VPSchedule
 from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
-from fewstep.objectives.lcm import (
+from fewstep.objectives.consistency.lcm import (
     LCM,
     LCMConfig,
     boundary_scalings,

@@ -18,8 +18,8 @@ from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.noise.timesteps import trailing_vp_grid
-from fewstep.objectives.pcm import PCM, PCMConfig, curriculum_segments, jump_gain
-from fewstep.objectives.pcm_parts import segment_edges
+from fewstep.objectives.consistency.hyper_sd import segment_edges
+from fewstep.objectives.consistency.pcm import PCM, PCMConfig, curriculum_segments, jump_gain
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 
 TOLERANCE = 1e-4

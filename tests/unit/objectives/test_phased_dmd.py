@@ -10,7 +10,8 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule
-from fewstep.objectives.dmd import PhasedDMD, PhasedDMDConfig, subinterval_flow_target, subinterval_x0_target
+from fewstep.objectives.dmd.functional import subinterval_flow_target, subinterval_x0_target
+from fewstep.objectives.dmd.phased_dmd import PhasedDMD, PhasedDMDConfig
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.solvers.steps import transition_coeffs
 

@@ -11,9 +11,9 @@ import torch
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
+from fewstep.objectives.consistency.rcm import RCM, RCMConfig, backsim_angles, sample_u_dmd
 from fewstep.objectives.dmd.roles import adapter_parameters
 from fewstep.objectives.protocol import OBJECTIVES, Batch
-from fewstep.objectives.rcm import RCM, RCMConfig, backsim_angles, sample_u_dmd
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,17 +15,17 @@ from test_lcm import ToyNet, make_teacher, mixture, sliced_wasserstein, train_te
 
 from fewstep.config.schema import DataConfig
 from fewstep.data.loader import build_batches
+from fewstep.data.reflow import PairDataset, generate_pairs, straightness
+from fewstep.data.reflow.generate import class_conditions
+from fewstep.data.reflow.pairs import MANIFEST, shard_name
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.timesteps import linspace_grid, u_shaped
-from fewstep.objectives.instaflow import InstaFlow, InstaFlowConfig
 from fewstep.objectives.protocol import OBJECTIVES
-from fewstep.objectives.reflow import Reflow, ReflowConfig
-from fewstep.reflow import PairDataset, generate_pairs, straightness
-from fewstep.reflow.common import num_parameters, pseudo_huber
-from fewstep.reflow.generate import class_conditions
-from fewstep.reflow.pairs import MANIFEST, shard_name
+from fewstep.objectives.reflow.common import num_parameters, pseudo_huber
+from fewstep.objectives.reflow.instaflow import InstaFlow, InstaFlowConfig
+from fewstep.objectives.reflow.reflow import Reflow, ReflowConfig
 
 TEACHER_STEPS = 30
 
@@ -267,7 +267,7 @@ def test_instaflow_solves_targets_online_without_pairs_and_adds_flow_guidance():
 
 
 def test_pairs_cli_writes_a_recipes_pairs(tmp_path):
-    from fewstep.reflow.__main__ import main
+    from fewstep.data.reflow.__main__ import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
@@ -319,7 +319,7 @@ def test_lpips_huber_adds_the_perceptual_term_and_trains(tmp_path):
     TorchScript file; the loss is (1 − τ)·Huber + LPIPS per sample and its gradient reaches the student."""
     from fewstep.models.loading import load_teacher
     from fewstep.objectives.protocol import Batch
-    from fewstep.reflow.common import lpips_distance
+    from fewstep.objectives.reflow.common import lpips_distance
 
     torch.manual_seed(0)
     x = torch.zeros(1, 3, 224, 224)

@@ -15,9 +15,8 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
-from fewstep.objectives.protocol import OBJECTIVES, Batch
-from fewstep.objectives.scm import SCM, SCMConfig, scm_target, scm_update
-from fewstep.objectives.trigflow import (
+from fewstep.objectives.consistency.scm import SCM, SCMConfig, scm_target, scm_update
+from fewstep.objectives.consistency.trigflow import (
     _ContiguousGroupNorm,
     consistency_fn,
     jvp_context,
@@ -27,6 +26,7 @@ from fewstep.objectives.trigflow import (
     u_range,
     vp_index_from_u,
 )
+from fewstep.objectives.protocol import OBJECTIVES, Batch
 
 
 @pytest.fixture(autouse=True, scope="module")

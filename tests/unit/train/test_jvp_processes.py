@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_processes import launch_two
 
-from fewstep.objectives.scm import SCM
+from fewstep.objectives.consistency.scm import SCM
 from fewstep.train.sync import average_gradients, bypasses_prepared, check_strategy
 
 

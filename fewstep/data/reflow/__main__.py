@@ -1,4 +1,5 @@
-"""``python -m fewstep.reflow pairs <recipe> --num-pairs N [...] [key=value ...]``: write a recipe's reflow pairs."""
+"""``python -m fewstep.data.reflow pairs <recipe> --num-pairs N [...] [key=value ...]``: write a recipe's reflow
+pairs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fewstep.reflow", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fewstep.data.reflow", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("pairs", help="solve the teacher ODE and write (noise, sample, condition) shards to data.path")
     p.add_argument("recipe", help="a recipe path or shipped name with data.source: pairs")
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from fewstep.config import load_recipe
-    from fewstep.reflow.generate import pairs_for_recipe
+    from fewstep.data.reflow.generate import pairs_for_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     prompts = None

@@ -25,8 +25,8 @@ from fewstep.models.student import Student, adapters_disabled
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import Prediction, _bcast, from_x0_eps
 from fewstep.objectives.dmd import functional as Fn
+from fewstep.objectives.dmd.dmd2 import check_teacher, sample_levels
 from fewstep.objectives.dmd.health import health_metrics
-from fewstep.objectives.dmd.objective import check_teacher, sample_levels
 from fewstep.objectives.dmd.roles import STUDENT_ADAPTER, AdapterRole, active_adapter, add_adapter
 from fewstep.objectives.dmd.sampler import dmd_export_schedule, num_tokens_of
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
@@ -180,7 +180,7 @@ class PhasedDMD:
         return x
 
     def loss(self, batch: Batch, step: int, phase: str) -> LossOutput:
-        from fewstep.objectives.dmd.objective import DMD2
+        from fewstep.objectives.dmd.dmd2 import DMD2
 
         shape, device = DMD2.sample_shape(self, batch)  # same shape logic (data x0, or the teacher's latents)
         cond, uncond = batch.cond, batch.uncond if batch.uncond is not None else self.teacher.uncond_like(batch.cond)

@@ -35,9 +35,7 @@ from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.convert import Prediction
 from fewstep.noise.schedules import Schedule
-from fewstep.objectives.dmd.roles import fake_role, student_role
-from fewstep.objectives.lcm import skipping_grid
-from fewstep.objectives.pcm_parts import (
+from fewstep.objectives.consistency.hyper_sd import (
     LatentDiscriminator,
     critic_loss,
     hinge_d_loss,
@@ -45,6 +43,8 @@ from fewstep.objectives.pcm_parts import (
     segment_edges,
     tcd_spec,
 )
+from fewstep.objectives.consistency.lcm import skipping_grid
+from fewstep.objectives.dmd.roles import fake_role, student_role
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
 from fewstep.solvers.steps import ddim_step, noise_to, transition
 
@@ -362,7 +362,7 @@ class PCM:
         """VP: ``TCDScheduler`` on the teacher's betas with ``eta = γ``. Flow: ``FlowMatchEulerDiscreteScheduler`` at
         the segment edges, deterministic (γ = 0: the DDIM jumps exactly) or ``stochastic_sampling`` (γ = 1: x̂0, then
         fresh noise to the next edge); diffusers has no flow γ-sampler in between, so 0 < γ < 1 exports γ = 0."""
-        from fewstep.export.scheduler import flow_euler_spec, flow_renoise_spec
+        from fewstep.objectives.spec import flow_euler_spec, flow_renoise_spec
 
         cfg = self.config
         steps = tuple(s for s in steps if s <= cfg.num_ddim_timesteps)

@@ -29,10 +29,7 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student, adapters_disabled
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import _bcast
-from fewstep.objectives.dmd.functional import denoising_loss, dm_gradient, injected_loss
-from fewstep.objectives.dmd.roles import AdapterRole, active_adapter, fake_role, student_role
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.scm import (
+from fewstep.objectives.consistency.scm import (
     AdaptiveWeight,
     SCMConfig,
     SCMSampler,
@@ -41,7 +38,10 @@ from fewstep.objectives.scm import (
     sample_u,
     scm_update,
 )
-from fewstep.objectives.trigflow import consistency_fn, teacher_trig_velocity, trig_F, trig_noise, u_range
+from fewstep.objectives.consistency.trigflow import consistency_fn, teacher_trig_velocity, trig_F, trig_noise, u_range
+from fewstep.objectives.dmd.functional import denoising_loss, dm_gradient, injected_loss
+from fewstep.objectives.dmd.roles import AdapterRole, active_adapter, fake_role, student_role
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
 
 
 class RCMConfig(SCMConfig):

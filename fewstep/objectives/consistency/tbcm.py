@@ -28,8 +28,7 @@ from torch import nn
 from fewstep.data.trajectories import lognormal_level_weights
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.scm import (
+from fewstep.objectives.consistency.scm import (
     AdaptiveWeight,
     SCMConfig,
     SCMSampler,
@@ -38,7 +37,8 @@ from fewstep.objectives.scm import (
     sample_u,
     scm_update,
 )
-from fewstep.objectives.trigflow import teacher_trig_velocity, trig_noise
+from fewstep.objectives.consistency.trigflow import teacher_trig_velocity, trig_noise
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
 
 
 class TBCMConfig(SCMConfig):

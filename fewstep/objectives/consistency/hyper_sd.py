@@ -85,7 +85,7 @@ def tcd_spec(
     ``timesteps[num_steps]`` from the ``original_inference_steps`` skipping grid (informative)."""
     from diffusers import TCDScheduler
 
-    from fewstep.export.scheduler import SamplingSpec, _from_teacher
+    from fewstep.objectives.spec import SamplingSpec, _from_teacher
 
     scheduler = _from_teacher(
         TCDScheduler, teacher, original_inference_steps=original_inference_steps,

@@ -2,7 +2,7 @@
 
 Liu et al. 2022 ("Flow Straight and Fast"); Lee et al. 2024 ("Improving the Training of Rectified Flows", rfpp,
 ``sangyun884/rfpp``); SlimFlow (Zhu et al. 2024) for the smaller student. One step, on a batch of pairs
-``(ε, x̃0 = Φ_T(ε, c), c)`` written by ``fewstep.reflow`` (``data.source: pairs``):
+``(ε, x̃0 = Φ_T(ε, c), c)`` written by ``fewstep.data.reflow`` (``data.source: pairs``):
 
 1. τ from rfpp's U-shaped density (``a = 4``), clipped to ``[1e-5, 1 − 1e-5]`` (VP teachers: rounded to their
    integer grid);
@@ -30,7 +30,7 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise import timesteps
 from fewstep.noise.convert import from_x0_eps
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.reflow.common import (
+from fewstep.objectives.reflow.common import (
     ReflowSampler,
     check_lpips_space,
     deterministic_spec,
@@ -87,7 +87,7 @@ def pair_noise(batch: Batch, objective: str) -> Tensor:
     if noise is None or batch.x0 is None:
         raise ValueError(
             f"The {objective} objective trains on reflow pairs (noise, teacher sample, condition): use "
-            "data.source: pairs with data.path from `python -m fewstep.reflow pairs <recipe>`."
+            "data.source: pairs with data.path from `python -m fewstep.data.reflow pairs <recipe>`."
         )
     return noise
 

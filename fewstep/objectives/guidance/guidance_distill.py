@@ -35,7 +35,7 @@ from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.reflow.common import deterministic_spec, sampling_levels
+from fewstep.objectives.reflow.common import deterministic_spec, sampling_levels
 from fewstep.solvers.samplers import sample_ddim
 from fewstep.solvers.steps import noise_to
 
@@ -179,7 +179,7 @@ class GuidanceDistill:
         self.kind = kind
         self.embedder: GuidanceEmbedder | None = None
         if kind == "timestep_cond":
-            from fewstep.objectives.lcm import _add_guidance_embedding
+            from fewstep.objectives.consistency.lcm import _add_guidance_embedding
 
             if student.is_lora:
                 raise ValueError("embedding: timestep_cond adds a layer a LoRA cannot carry; use embedding: hook.")
@@ -208,7 +208,7 @@ class GuidanceDistill:
         w = torch.as_tensor(w, dtype=torch.float32)
         w = w.reshape(-1).expand(b) if w.numel() == 1 else w
         if self.kind == "timestep_cond":
-            from fewstep.objectives.lcm import guidance_scale_embedding
+            from fewstep.objectives.consistency.lcm import guidance_scale_embedding
 
             dim = self.student.denoiser.backbone.config.time_cond_proj_dim
             emb = guidance_scale_embedding(w - 1.0, dim)  # diffusers pipelines embed ω = w − 1
@@ -257,7 +257,8 @@ class GuidanceDistill:
                      "which diffusers' SD/SDXL pipelines fill from guidance_scale and then skip CFG."]  # fmt: skip
         else:
             notes = [f"The w-embedding is a hook on `{self.embed_name}`: load {EMBED_FILE} with "
-                     "fewstep.objectives.guidance.load_guidance_embedding(pipe.unet, dir), set_guidance(w), then "
+                     "fewstep.objectives.guidance.guidance_distill.load_guidance_embedding(pipe.unet, dir), "
+                     "set_guidance(w), then "
                      "call the pipeline with guidance_scale=1."]  # fmt: skip
         return deterministic_spec(
             self.teacher, "guidance_distill", steps, "euler", recommended=cfg.sample_steps_note, guidance_scale=w,

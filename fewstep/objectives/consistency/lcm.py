@@ -413,8 +413,8 @@ class LCM:
         return min(max(8.5, 1.0 + self.config.w_min), 1.0 + self.config.w_max)
 
     def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
-        """The student's sampling schedule for export (``fewstep.export.scheduler.SamplingSpec``)."""
-        from fewstep.export.scheduler import flow_renoise_spec, lcm_vp_spec
+        """The student's sampling schedule for export (``fewstep.objectives.spec.SamplingSpec``)."""
+        from fewstep.objectives.spec import flow_renoise_spec, lcm_vp_spec
 
         cfg, n = self.config, self.config.num_ddim_timesteps
         steps = tuple(s for s in steps if s <= n)

@@ -29,9 +29,9 @@ from fewstep.models.agd import AGDAdapters, class_count, find_targets, save_agd
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
-from fewstep.objectives.guidance import GuidedSampler, recommended_w, sample_w
+from fewstep.objectives.guidance.guidance_distill import GuidedSampler, recommended_w, sample_w
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.reflow.common import deterministic_spec, sampling_levels
+from fewstep.objectives.reflow.common import deterministic_spec, sampling_levels
 from fewstep.solvers.steps import ddim_step
 
 

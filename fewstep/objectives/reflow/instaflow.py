@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.reflow.common import (
+from fewstep.objectives.reflow.common import (
     ReflowSampler,
     check_lpips_space,
     deterministic_spec,

@@ -30,9 +30,8 @@ from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.convert import _bcast
 from fewstep.noise.schedules import Schedule
 from fewstep.noise.timesteps import lognormal_sigma
-from fewstep.objectives.lcm import boundary_scalings, lcm_timesteps, skipping_grid
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.trigflow import (
+from fewstep.objectives.consistency.lcm import boundary_scalings, lcm_timesteps, skipping_grid
+from fewstep.objectives.consistency.trigflow import (
     HALF_PI,
     consistency_fn,
     student_F_and_tangent,
@@ -42,6 +41,7 @@ from fewstep.objectives.trigflow import (
     u_range,
     vp_index_from_u,
 )
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
 
 VP_EXPORT_GRID = 50  # VP students are sampled at LCMScheduler's picks from a 50-step skipping grid (exportable)
 
@@ -296,7 +296,7 @@ class SCM:
 def export_trigflow_schedule(objective: Any, name: str, steps: tuple[int, ...]) -> Any:
     """The ``SamplingSpec`` of an ``SCMSampler`` student: ``LCMScheduler`` (VP) or
     ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with the trained sigmas (flow)."""
-    from fewstep.export.scheduler import flow_renoise_spec, lcm_vp_spec
+    from fewstep.objectives.spec import flow_renoise_spec, lcm_vp_spec
 
     sampler, schedule, teacher = objective.sampler(), objective.schedule, objective.teacher
     common = dict(

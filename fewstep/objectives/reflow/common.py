@@ -40,14 +40,14 @@ def load_lpips(path: str | None) -> nn.Module:
     if path is None:
         raise ValueError(
             "objective.loss_type needs LPIPS but objective.lpips_weights is not set. LPIPS weights are never "
-            "downloaded: export a TorchScript LPIPS once (see fewstep.reflow.common.load_lpips) and set "
+            "downloaded: export a TorchScript LPIPS once (see fewstep.objectives.reflow.common.load_lpips) and set "
             "objective.lpips_weights to its path, or use loss_type: pseudo_huber."
         )
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(
             f"objective.lpips_weights {str(file)!r} does not exist. Export a TorchScript LPIPS there (see "
-            "fewstep.reflow.common.load_lpips) or use loss_type: pseudo_huber."
+            "fewstep.objectives.reflow.common.load_lpips) or use loss_type: pseudo_huber."
         )
     net = torch.jit.load(str(file), map_location="cpu").eval()
     for p in net.parameters():
@@ -120,7 +120,7 @@ def deterministic_spec(
     flow. At 1 step it is exactly a reflow student's sampler; above, the noise-reusing sampler is fewstep's."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from fewstep.export.scheduler import SamplingSpec, _from_teacher
+    from fewstep.objectives.spec import SamplingSpec, _from_teacher
 
     if notes is None:
         notes = ["Guidance was baked into the reflow pairs: sample with guidance_scale=1 (one forward per step)."]

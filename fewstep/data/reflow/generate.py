@@ -1,8 +1,9 @@
 """Pair generation for a recipe: the recipe's teacher, its ``data.path`` as the pair directory, and conditions drawn
 per shard (class labels for class-conditional teachers, prompts from a list for text teachers).
 
-``python -m fewstep.reflow pairs <recipe> --num-pairs N [--steps 25] [--guidance W] [--prompts FILE] [key=value ...]``
-(or ``accelerate launch -m fewstep.reflow pairs ...``: every rank writes its own shards).
+``python -m fewstep.data.reflow pairs <recipe> --num-pairs N [--steps 25] [--guidance W] [--prompts FILE]
+[key=value ...]``
+(or ``accelerate launch -m fewstep.data.reflow pairs ...``: every rank writes its own shards).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 
 import torch
 
+from fewstep.data.reflow.pairs import ConditionFn, generate_pairs
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
-from fewstep.reflow.pairs import ConditionFn, generate_pairs
 
 TEXT_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 
