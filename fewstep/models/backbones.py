@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import BACKBONES, Denoiser
+from fewstep.models.denoiser import BACKBONES
 
 if TYPE_CHECKING:
+    from fewstep.models.denoiser import Denoiser
     from fewstep.models.teacher import Teacher
 
 # Which adapter serves which diffusers model class (used by the loader and by ``adapter_for``).
