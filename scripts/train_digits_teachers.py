@@ -39,7 +39,7 @@ import fewstep.models.backbones  # noqa: F401  (registers the "unet2d" adapter)
 from fewstep.data.digits import NUM_CLASSES, DigitsDataset
 from fewstep.models import Conditioning, Denoiser, Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
-from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
+from fewstep.solvers.grids import linspace_grid, trailing_vp_grid
 from fewstep.solvers.steps import noise_to
 
 ASSETS = Path(__file__).resolve().parents[1] / "fewstep" / "assets"

@@ -43,7 +43,7 @@ import fewstep.models.backbones  # noqa: E402, F401  (registers the "unet2d" ada
 from fewstep.data.fashion import NUM_CLASSES, FashionMNISTDataset  # noqa: E402
 from fewstep.models import Conditioning, Denoiser, Teacher  # noqa: E402
 from fewstep.noise.schedules import FlowSchedule, VPSchedule  # noqa: E402
-from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid  # noqa: E402
+from fewstep.solvers.grids import linspace_grid, trailing_vp_grid  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "fewstep" / "assets"
 

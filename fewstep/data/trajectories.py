@@ -26,26 +26,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
-from fewstep.noise.convert import _bcast
-from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
+from fewstep.noise.convert import bcast
+from fewstep.solvers.grids import teacher_taus
 from fewstep.solvers.steps import ddim_step
 
 MANIFEST = "manifest.json"
 _SHARED = ("txt_ids", "img_ids")
-
-
-def rollout_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None, offset: float = 0.0) -> Tensor:
-    """The teacher's own sampling levels (``num_steps + 1``, descending): trailing VP, or shifted flow.
-
-    ``offset`` in ``[-1/2, 1/2)`` moves the interior levels toward the clean end by that fraction of a step (VP: to
-    the nearest training index); the first level (pure noise) and the clean end stay.
-    """
-    schedule = teacher.schedule
-    if schedule.kind == "vp":
-        return trailing_vp_grid(num_steps, schedule.num_train_timesteps, offset)
-    return schedule.shift(linspace_grid(num_steps, offset=offset), num_tokens)
 
 
 def to_trigflow(x: Tensor, alpha: Tensor, sigma: Tensor, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,8 +42,8 @@ def to_trigflow(x: Tensor, alpha: Tensor, sigma: Tensor, x0: Tensor, eps: Tensor
     ``F = cos u·ε̂ − sin u·x̂0`` (ALGORITHMS §1.1c, §5)."""
     norm = torch.sqrt(alpha**2 + sigma**2)
     u = torch.atan2(sigma, alpha)
-    F = _bcast(torch.cos(u), x0) * eps - _bcast(torch.sin(u), x0) * x0
-    return x.float() / _bcast(norm, x), u.float(), F.float()
+    F = bcast(torch.cos(u), x0) * eps - bcast(torch.sin(u), x0) * x0
+    return x.float() / bcast(norm, x), u.float(), F.float()
 
 
 def lognormal_level_weights(u: Tensor, p_mean: float, p_std: float) -> Tensor:
@@ -81,17 +70,17 @@ def rollout_shard(
 ) -> dict[str, Tensor]:
     """One CFG rollout of the teacher from ``noise`` ``[b, ...]``; ``points`` recorded levels per trajectory.
 
-    With ``level_jitter`` the rollout grid is offset by a random fraction of a step (drawn from ``generator``), so
-    the levels of many shards cover the time axis instead of repeating ``num_steps`` values.
+    The levels are the teacher's own grid (``teacher_taus``). With ``level_jitter`` it is offset by a random fraction
+    of a step (drawn from ``generator``), so the levels of many shards cover the time axis instead of repeating
+    ``num_steps`` values.
 
     Returns the shard's tensors: ``x``, ``u``, ``F`` (``[b·points, ...]``), ``x0`` (the trajectory's end, per row),
     ``cond.<field>`` per row and ``shared.<field>`` (Flux ids).
     """
     b = noise.shape[0]
-    num_tokens = noise.shape[-1] * noise.shape[-2] // 4 if noise.ndim == 4 else None
     keep = torch.randperm(num_steps, generator=generator)[: min(points, num_steps)].sort().values.tolist()
     offset = float(torch.rand((), generator=generator)) - 0.5 if level_jitter else 0.0
-    taus = rollout_grid(teacher, num_steps, num_tokens if teacher.schedule.kind == "flow" else None, offset)
+    taus = teacher_taus(teacher.schedule, num_steps, num_tokens(teacher.denoiser, noise.shape), offset)
     x, rows = noise.float(), []
     schedule = teacher.schedule
     for i in range(num_steps):

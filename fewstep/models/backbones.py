@@ -17,17 +17,26 @@ name                      model                        inputs
                                                        ``pooled_projections``, ``encoder_hidden_states``,
                                                        ``txt_ids``, ``img_ids``
 ========================  ===========================  ===============================================================
+
+The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
+``default_resolution``) and the image tokens a backbone sees (``num_tokens``, which a resolution-dependent flow
+shift reads).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import BACKBONES
+
+if TYPE_CHECKING:
+    from fewstep.models.denoiser import Denoiser
+    from fewstep.models.teacher import Teacher
 
 # Which adapter serves which diffusers model class (used by the loader and by ``adapter_for``).
 ADAPTER_BY_CLASS: dict[str, str] = {
@@ -47,6 +56,66 @@ def adapter_for(backbone: nn.Module) -> str:
             "Wrap other modules with Teacher.from_module(module, schedule, prediction_type, adapter=callable)."
         )
     return ADAPTER_BY_CLASS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shape rules
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def num_tokens(denoiser: Denoiser, shape: Sequence[int]) -> int | None:
+    """The image tokens the backbone sees for a latent of ``shape`` ``[b, c, h, w]``; None where it has none.
+
+    Flux packs 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its ``patch_size``. This is
+    the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``, ``FlowSchedule.mu``).
+    """
+    if len(shape) != 4:
+        return None
+    h, w = shape[-2], shape[-1]
+    if denoiser.adapter_name == "flux":
+        return (h // 2) * (w // 2)
+    if denoiser.adapter_name == "sd3":
+        patch = int(getattr(denoiser.backbone.config, "patch_size", 2))
+        return (h // patch) * (w // patch)
+    return None
+
+
+def pipeline_backbone(pipeline: Any) -> Any:
+    """The denoising network of a diffusers pipeline: its ``transformer`` or its ``unet``."""
+    for name in ("transformer", "unet"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer` component.")
+
+
+def default_resolution(pipeline: Any) -> int:
+    """The image size (pixels) a pipeline generates by default."""
+    vae_scale = getattr(pipeline, "vae_scale_factor", 1) if getattr(pipeline, "vae", None) is not None else 1
+    size = getattr(pipeline, "default_sample_size", None)
+    if size is None:
+        size = pipeline_backbone(pipeline).config.sample_size
+    size = size[0] if isinstance(size, list | tuple) else size
+    return int(size) * int(vae_scale)
+
+
+def latent_shape(teacher: Teacher, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
+    """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels."""
+    pipe = teacher.pipeline
+    if pipe is None:
+        raise ValueError("latent_shape needs a teacher loaded from a pipeline; for custom teachers use your shape.")
+    res = resolution or default_resolution(pipe)
+    config = pipeline_backbone(pipe).config
+    if teacher.family == "flux":  # packing needs an even latent size
+        scale = pipe.vae_scale_factor
+        return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
+    scale = pipe.vae_scale_factor if getattr(pipe, "vae", None) is not None else 1
+    return batch_size, config.in_channels, res // scale, res // scale
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _as(t: Tensor | None, x: Tensor) -> Tensor | None:
@@ -108,7 +177,7 @@ def pack_latents(x: Tensor) -> Tensor:
     """Flux's 2×2 patch packing: ``[b, c, h, w] -> [b, (h/2)·(w/2), 4c]`` (``FluxPipeline._pack_latents``)."""
     b, c, h, w = x.shape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+    return x.reshape(b, -1, c * 4)  # [b, num_tokens, 4c]
 
 
 def unpack_latents(x: Tensor, height: int, width: int) -> Tensor:

@@ -32,6 +32,15 @@ def custom_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Condi
     return backbone(x, timestep, **kwargs)
 
 
+def _registered_name(adapter: BackboneAdapter) -> str:
+    """The name a registered adapter callable is known by (a student built from its teacher's callable keeps the
+    family name, which the backbone's shape rules are keyed on); else the callable's own name."""
+    for name in BACKBONES:
+        if BACKBONES.get(name) is adapter:
+            return name
+    return getattr(adapter, "__name__", "callable")
+
+
 class Denoiser(nn.Module):
     """``denoise(x_τ, τ, cond) -> Prediction(x0, eps)`` for any registered backbone.
 
@@ -55,7 +64,7 @@ class Denoiser(nn.Module):
         self.prediction_type = check_prediction_type(prediction_type)
         if isinstance(adapter, str) and adapter not in BACKBONES:
             import fewstep.models.backbones  # noqa: F401  (registers the diffusers adapters on first use)
-        self.adapter_name = adapter if isinstance(adapter, str) else getattr(adapter, "__name__", "callable")
+        self.adapter_name = adapter if isinstance(adapter, str) else _registered_name(adapter)
         self._adapter = BACKBONES.get(adapter) if isinstance(adapter, str) else adapter
 
     @property

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.models.backbones import default_resolution, latent_shape, pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
@@ -35,7 +36,12 @@ ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
-_TINY_MARKER = "fewstep_tiny.json"
+# Shape rules live with the backbone adapters; these names stay importable from here for existing callers.
+_backbone = pipeline_backbone
+__all__ = [
+    "FAMILIES", "decode_latents", "default_resolution", "detect_family", "encode_images", "latent_shape",
+    "load_pipeline", "load_teacher", "resolve_pretrained", "to_dtype",
+]  # fmt: skip
 
 
 def resolve_pretrained(spec: str | os.PathLike) -> str:
@@ -135,29 +141,15 @@ def load_pipeline(
                 f"({reason}). Fix: download it where the Hub is reachable (`huggingface-cli download {spec}`) and "
                 "pass the local directory, or point HF_HOME at a cache that holds it."
             ) from err
-    _apply_tiny_marker(pipe, Path(spec))
+    from fewstep.testing import apply_resolution_marker
+
+    apply_resolution_marker(pipe, spec)  # tiny zoo directories record their default resolution
     return pipe
-
-
-def _apply_tiny_marker(pipe: Any, path: Path) -> None:
-    """Tiny zoo directories record their default resolution (Flux pipelines otherwise assume 128·8 pixels)."""
-    marker = path / _TINY_MARKER
-    if marker.is_file() and hasattr(pipe, "default_sample_size"):
-        resolution = json.loads(marker.read_text())["resolution"]
-        pipe.default_sample_size = resolution // pipe.vae_scale_factor
-
-
-def _backbone(pipeline: Any) -> Any:
-    for name in ("transformer", "unet"):
-        module = getattr(pipeline, name, None)
-        if module is not None:
-            return module
-    raise ValueError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer` component.")
 
 
 def detect_family(pipeline: Any) -> str:
     """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` from a pipeline's backbone class and config."""
-    backbone = _backbone(pipeline)
+    backbone = pipeline_backbone(pipeline)
     cls = type(backbone).__name__
     if cls == "FluxTransformer2DModel":
         return "flux"
@@ -172,30 +164,6 @@ def detect_family(pipeline: Any) -> str:
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
-
-
-def default_resolution(pipeline: Any) -> int:
-    """The image size (pixels) a pipeline generates by default."""
-    vae_scale = getattr(pipeline, "vae_scale_factor", 1) if getattr(pipeline, "vae", None) is not None else 1
-    size = getattr(pipeline, "default_sample_size", None)
-    if size is None:
-        size = _backbone(pipeline).config.sample_size
-    size = size[0] if isinstance(size, list | tuple) else size
-    return int(size) * int(vae_scale)
-
-
-def latent_shape(teacher: Teacher, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
-    """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels."""
-    pipe = teacher.pipeline
-    if pipe is None:
-        raise ValueError("latent_shape needs a teacher loaded from a pipeline; for custom teachers use your shape.")
-    res = resolution or default_resolution(pipe)
-    config = _backbone(pipe).config
-    if teacher.family == "flux":  # packing needs an even latent size
-        scale = pipe.vae_scale_factor
-        return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
-    scale = pipe.vae_scale_factor if getattr(pipe, "vae", None) is not None else 1
-    return batch_size, config.in_channels, res // scale, res // scale
 
 
 def _schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
@@ -230,12 +198,12 @@ def load_teacher(cfg: Any) -> Teacher:
     if wanted not in ("auto", family):
         raise ValueError(
             f"teacher.family is {wanted!r} but {cfg.pretrained!r} is a {family} pipeline "
-            f"({type(_backbone(pipe)).__name__}). Set teacher.family to 'auto' or {family!r}."
+            f"({type(pipeline_backbone(pipe)).__name__}). Set teacher.family to 'auto' or {family!r}."
         )
     for module in pipe.components.values():  # encoders and VAE are frozen too
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    backbone = _backbone(pipe)
+    backbone = pipeline_backbone(pipe)
     schedule, prediction_type = _schedule_and_prediction(pipe.scheduler, family)
     denoiser = Denoiser(backbone, schedule, prediction_type, ADAPTER_BY_FAMILY[family])
     guidance_scale = float(getattr(cfg, "guidance_scale", 1.0))

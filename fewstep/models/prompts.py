@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.models.backbones import default_resolution
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
@@ -113,8 +114,6 @@ def encode_with_pipeline(
     guidance: float | None = None,
 ) -> tuple[Conditioning, Conditioning]:
     """``encode_prompts`` on a bare pipeline (used before a ``Teacher`` exists). See ``encode_prompts``."""
-    from fewstep.models.loading import default_resolution
-
     if family not in _ENCODERS:
         raise ValueError(
             f"Prompt encoding is for text-conditioned families ({', '.join(_ENCODERS)}); got {family!r}. "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -54,7 +54,8 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
-def _tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
+def tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
+    """The peft LoRA layers (``BaseTunerLayer``) inside ``module``."""
     from peft.tuners.tuners_utils import BaseTunerLayer  # peft is imported on first use: it is slow to import
 
     for m in module.modules():
@@ -69,7 +70,7 @@ def adapters_disabled(module: nn.Module) -> Iterator[None]:
     Only peft's ``_disable_adapters`` flag is flipped. ``requires_grad`` stays as it is: peft's ``enable_adapters``
     freezes every adapter when disabling and re-enables gradients only for the *active* one when enabling, which
     would freeze a second trainable adapter on the same base (DMD's fake score, Phased DMD's experts)."""
-    layers = list(_tuner_layers(module))
+    layers = list(tuner_layers(module))
     before = [layer._disable_adapters for layer in layers]
     for layer in layers:
         layer._disable_adapters = True
@@ -146,3 +147,27 @@ def _default_targets(backbone: nn.Module) -> list[str]:
     if not linear:
         raise ValueError(f"No Linear/Conv2d layers found in {type(backbone).__name__} to put LoRA adapters on.")
     return linear
+
+
+def smaller_backbone(backbone: nn.Module, overrides: dict[str, Any]) -> nn.Module:
+    """SlimFlow's smaller student: the teacher's diffusers class from its config with ``overrides`` (e.g.
+    ``block_out_channels``), randomly initialised (it cannot start from the teacher)."""
+    if not hasattr(type(backbone), "from_config"):
+        raise ValueError(
+            f"objective.student_backbone needs a diffusers backbone (it rebuilds the class from its config with the "
+            f"overrides); got {type(backbone).__name__}. From Python pass `backbone=` (any module) instead."
+        )
+    unknown = sorted(set(overrides) - set(backbone.config))
+    if unknown:
+        raise ValueError(
+            f"objective.student_backbone keys {unknown} are not in {type(backbone).__name__}'s config "
+            f"(keys: {sorted(k for k in backbone.config if not k.startswith('_'))})."
+        )
+    param = next(backbone.parameters())
+    small = type(backbone).from_config({**backbone.config, **overrides})
+    return small.to(param.device).train().requires_grad_(True)  # from_config builds fp32 master weights
+
+
+def num_parameters(module: nn.Module) -> int:
+    """The number of parameters of ``module`` (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import BackboneAdapter, Denoiser
-from fewstep.noise.convert import Prediction, _bcast
+from fewstep.noise.convert import Prediction, bcast
 from fewstep.noise.schedules import Schedule
 
 GUIDANCE_CONVENTION = "imagen: cfg = uncond + w * (cond - uncond); w = 1 disables guidance"
@@ -101,7 +101,7 @@ class Teacher:
                 raise ValueError("Guidance w != 1 needs an unconditional input: pass `uncond` or set `null_cond`.")
             both = self.denoiser.raw(torch.cat([x, x]), torch.cat([tau, tau]), Conditioning.cat([uncond, cond]))
             out_u, out_c = both.float().chunk(2)
-            return out_u + _bcast(torch.as_tensor(w, dtype=torch.float32), out_u) * (out_c - out_u)
+            return out_u + bcast(torch.as_tensor(w, dtype=torch.float32), out_u) * (out_c - out_u)
 
     def predict(
         self,

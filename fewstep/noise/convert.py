@@ -28,7 +28,9 @@ class Prediction:
     eps: Tensor
 
 
-def _bcast(coef: Tensor, like: Tensor) -> Tensor:
+def bcast(coef: Tensor, like: Tensor) -> Tensor:
+    """A per-sample coefficient ``[b]`` (or a scalar) as float32 ``[b, 1, …, 1]`` on ``like``'s device, so that it
+    broadcasts against ``like`` ``[b, ...]``."""
     coef = torch.as_tensor(coef, dtype=torch.float32, device=like.device)
     return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
 
@@ -51,7 +53,7 @@ def to_x0_eps(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, predictio
         prediction_type: one of ``PREDICTION_TYPES``.
     """
     out, x = output.float(), x.float()
-    a, s = _bcast(alpha, x), _bcast(sigma, x)
+    a, s = bcast(alpha, x), bcast(sigma, x)
     if prediction_type == "epsilon":
         return Prediction(x0=(x - s * out) / a, eps=out)
     if prediction_type == "sample":
@@ -67,7 +69,7 @@ def to_x0_eps(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, predictio
 def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
     """The network output that corresponds to ``(x0, ε)`` at level ``(α, σ)``: the regression target of each type."""
     x0, eps = x0.float(), eps.float()
-    a, s = _bcast(alpha, x0), _bcast(sigma, x0)
+    a, s = bcast(alpha, x0), bcast(sigma, x0)
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "sample":
@@ -82,9 +84,9 @@ def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predictio
 
 def velocity(pred: Prediction, d_alpha: Tensor, d_sigma: Tensor) -> Tensor:
     """Probability-flow ODE velocity ``dx/dτ = α'(τ)·x̂0 + σ'(τ)·ε̂`` (§1.2)."""
-    return _bcast(d_alpha, pred.x0) * pred.x0 + _bcast(d_sigma, pred.eps) * pred.eps
+    return bcast(d_alpha, pred.x0) * pred.x0 + bcast(d_sigma, pred.eps) * pred.eps
 
 
 def score(pred: Prediction, sigma: Tensor) -> Tensor:
     """Tweedie score ``∇ log p_τ(x) ≈ −ε̂ / σ``."""
-    return -pred.eps / _bcast(sigma, pred.eps)
+    return -pred.eps / bcast(sigma, pred.eps)

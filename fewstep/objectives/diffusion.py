@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
@@ -32,11 +33,11 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise import timesteps
 from fewstep.noise.convert import Prediction, from_x0_eps
 from fewstep.noise.schedules import Schedule
+from fewstep.noise.timesteps import TAU_EPS
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.solvers.grids import sampling_taus
 from fewstep.solvers.samplers import sample_ddim
 from fewstep.solvers.steps import noise_to
-
-TAU_EPS = 1e-4  # keeps continuous τ off the exact ends, where some conversions divide by α or σ
 
 
 class DiffusionConfig(BaseModel):
@@ -90,19 +91,6 @@ def _where(drop: Tensor, u: Any, c: Any) -> Any:
     return torch.where(mask, u.to(c.dtype), c)
 
 
-def sampling_grid(schedule: Schedule, num_steps: int, noise: Tensor, offset: float = 0.0) -> Tensor:
-    """``num_steps + 1`` τ levels: VP ``trailing`` (first step at index N-1), otherwise uniform from 1 to 0 through
-    the schedule's own shift (Flux's dynamic shift reads the token count of ``noise [b, c, h, w]``). ``offset`` in
-    ``[-1/2, 1/2)`` moves the interior levels toward the clean end by that fraction of a step (a jittered grid)."""
-    if schedule.kind == "vp":
-        return timesteps.trailing_vp_grid(num_steps, schedule.num_train_timesteps, offset)
-    grid = timesteps.linspace_grid(num_steps, offset=offset)
-    num_tokens = None
-    if getattr(schedule, "use_dynamic_shifting", False):
-        num_tokens = (noise.shape[-2] // 2) * (noise.shape[-1] // 2)  # Flux packs 2×2 latent patches
-    return schedule.shift(grid, num_tokens).clamp(0, 1 - TAU_EPS)
-
-
 @dataclass
 class DiffusionSampler:
     """DDIM (η = 0) / Euler sampling of the student, with CFG on its own outputs when ``guidance_scale != 1``."""
@@ -115,7 +103,7 @@ class DiffusionSampler:
     def __call__(
         self, noise: Tensor, cond: Conditioning, num_steps: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        taus = sampling_grid(self.schedule, num_steps, noise).to(noise.device)
+        taus = sampling_taus(self.schedule, num_steps, num_tokens(self.denoiser, noise.shape)).to(noise.device)
         cond = cond.to(noise.device)
         with torch.no_grad(), eval_mode(self.denoiser):
             return sample_ddim(self._predict(cond), self.schedule, noise, taus)

@@ -1,4 +1,18 @@
-"""τ grids that reproduce a diffusers scheduler's own timesteps (the teacher side of pipeline parity).
+"""Every sampling grid: the τ levels a solver steps through, as pure functions of a schedule and a step count.
+
+Levels are float32 τ ∈ [0, 1] (τ = 1 is noise). Teacher-side grids hold ``num_steps + 1`` levels (the boundaries
+of each step, from the first input level to the final level); student grids hold the ``num_steps`` input levels.
+
+* ``linspace_grid`` / ``trailing_vp_grid``: uniform levels; diffusers' ``timestep_spacing="trailing"`` on a VP
+  teacher's integer timesteps.
+* ``teacher_taus``: a teacher's default deterministic grid (VP trailing, otherwise uniform through the schedule's
+  shift); ``sampling_taus``: the same levels kept off τ = 1 for networks that divide by α there.
+* ``dmd_student_taus``: a few-step DMD student's input levels; ``skipping_grid``, ``lcm_timesteps`` and
+  ``segment_edges``: LCM's skipping-step grid and the levels ``LCMScheduler`` / ``TCDScheduler`` pick from it.
+* ``scheduler_taus``: the levels a diffusers scheduler's own ``set_timesteps`` produces (pipeline parity).
+
+A dynamically shifted flow schedule (Flux) needs ``num_tokens``, the image token count of the latent; the backbone
+adapter knows it (``fewstep.models.backbones.num_tokens``).
 
 ``scheduler_taus(scheduler, schedule, num_inference_steps)`` returns the ``num_inference_steps + 1`` levels
 ``τ_0 > τ_1 > … > τ_N`` such that ``sample_ddim`` over them (DDIM η=0 / flow Euler) takes the same steps as the
@@ -24,8 +38,152 @@ import torch
 from torch import Tensor
 
 from fewstep.noise.schedules import FlowSchedule, Schedule, VPSchedule
+from fewstep.noise.timesteps import TAU_EPS
 
 SUPPORTED = ("DDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Uniform and teacher grids
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def linspace_grid(num_steps: int, tau_max: float = 1.0, tau_min: float = 0.0, offset: float = 0.0) -> Tensor:
+    """``num_steps + 1`` levels from ``tau_max`` down to ``tau_min`` (the boundaries of each sampling step).
+
+    ``offset`` in ``[-1/2, 1/2)`` moves the interior levels toward ``tau_min`` by that fraction of a step; the ends
+    stay (a jittered grid: many draws cover the time axis instead of repeating ``num_steps`` levels).
+    """
+    grid = torch.linspace(tau_max, tau_min, num_steps + 1)
+    grid[1:-1] -= offset * (tau_max - tau_min) / num_steps
+    return grid
+
+
+def trailing_vp_grid(num_steps: int, num_train_timesteps: int = 1000, offset: float = 0.0) -> Tensor:
+    """diffusers ``timestep_spacing="trailing"`` as τ levels (first step at index N-1), ending at the clean level.
+
+    ``offset`` as in ``linspace_grid``, rounded to the nearest training index.
+    """
+    ratio = num_train_timesteps / num_steps
+    idx = torch.round(torch.arange(num_train_timesteps, 0, -ratio)) - 1  # e.g. 999, 749, 499, 249
+    idx[1:] = (idx[1:] - round(offset * ratio)).clamp(0, num_train_timesteps - 1)
+    taus = (idx + 1) / num_train_timesteps
+    return torch.cat([taus.float(), torch.zeros(1)])
+
+
+def teacher_taus(schedule: Schedule, num_steps: int, num_tokens: int | None = None, offset: float = 0.0) -> Tensor:
+    """A teacher's default deterministic grid: ``num_steps + 1`` levels, descending from pure noise to clean.
+
+    VP: ``trailing`` spacing on the integer timesteps (first step at index N-1, as DDIM with
+    ``timestep_spacing="trailing"``). Other schedules: uniform from 1 to 0 through the schedule's own shift (as
+    ``FlowMatchEulerDiscreteScheduler`` with ``sigmas``); a dynamically shifted one (Flux) reads ``num_tokens``.
+
+    Args:
+        schedule: the teacher's schedule.
+        num_steps: solver steps.
+        num_tokens: image tokens of the latent (``fewstep.models.backbones.num_tokens``); only Flux uses it.
+        offset: in ``[-1/2, 1/2)``, moves the interior levels toward the clean end by that fraction of a step (VP:
+            to the nearest training index); the first and the last level stay.
+
+    Returns:
+        float32 ``[num_steps + 1]``.
+    """
+    if schedule.kind == "vp":
+        return trailing_vp_grid(num_steps, schedule.num_train_timesteps, offset)
+    return schedule.shift(linspace_grid(num_steps, offset=offset), num_tokens)
+
+
+def sampling_taus(schedule: Schedule, num_steps: int, num_tokens: int | None = None, offset: float = 0.0) -> Tensor:
+    """``teacher_taus`` with continuous levels clamped to ``[0, 1 − TAU_EPS]``: the grid of the deterministic student
+    and pair samplers, which may feed networks whose conversion divides by ``α`` (zero at τ = 1 for flow).
+
+    VP levels are integer timesteps and are never clamped. Returns float32 ``[num_steps + 1]``.
+    """
+    taus = teacher_taus(schedule, num_steps, num_tokens, offset)
+    if schedule.kind == "vp":
+        return taus
+    return taus.clamp(0, 1 - TAU_EPS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Few-step student grids
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dmd_student_taus(schedule: Schedule, num_steps: int, num_tokens: int | None = None) -> Tensor:
+    """The ``num_steps`` input levels of a few-step DMD student, descending from pure noise.
+
+    VP: the integer timesteps ``999 − i·⌊1000/K⌋`` (DMD2's SDXL 4-step grid ``[999, 749, 499, 249]``); flow:
+    ``shift(1 − i/K)`` (uniform before the teacher's shift, as ``FlowMatchEulerDiscreteScheduler`` with sigmas).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1.")
+    if schedule.kind == "vp":
+        n = schedule.num_train_timesteps
+        t = (n - 1) - torch.arange(num_steps) * (n // num_steps)
+        return schedule.tau_from_model_timestep(t)
+    if schedule.kind == "flow":
+        return schedule.shift(1.0 - torch.arange(num_steps, dtype=torch.float32) / num_steps, num_tokens)
+    raise ValueError(f"DMD student grids are defined for VP and flow schedules, not {schedule.kind!r}.")
+
+
+def skipping_grid(schedule: Schedule, num_ddim_timesteps: int) -> Tensor:
+    """The LCM skipping-step grid as ``num_ddim_timesteps + 1`` ascending τ levels.
+
+    Interval ``i`` runs from ``grid[i + 1]`` (= ``t_{n+k}``) down to ``grid[i]`` (= ``t_n``). VP: the diffusers DDIM
+    solver grid on the teacher's integer timesteps, ``t = (i+1)·k − 1`` with ``k = N_train // num_ddim_timesteps``
+    and ``t_n = max(t_{n+k} − k, 0)``; flow: the same number of intervals, uniform before the static shift.
+    """
+    n = num_ddim_timesteps
+    if schedule.kind == "vp":
+        n_train = schedule.num_train_timesteps
+        if n > n_train:
+            raise ValueError(f"num_ddim_timesteps={n} exceeds the teacher's {n_train} training timesteps.")
+        k = n_train // n  # skipping step (LCMScheduler / DDIMSolver)
+        idx = torch.arange(1, n + 1) * k - 1  # 19, 39, ..., 999 for n = 50
+        idx = torch.cat([torch.zeros(1, dtype=idx.dtype), idx])  # t_n = max(t_{n+k} − k, 0)
+        return schedule.tau_from_model_timestep(idx)
+    return schedule.shift(torch.arange(n + 1, dtype=torch.float32) / n)
+
+
+def segment_edges(num_intervals: int, segments: int, starts: bool) -> Tensor:
+    """Segment boundaries as indices of the ``num_intervals + 1``-level skipping grid.
+
+    Segment ``j`` starts at grid index ``N − floor(j·N/M)`` (``j = 0..M−1``): the levels ``TCDScheduler`` (and
+    ``LCMScheduler``) pick for ``M`` steps from the same grid, so the segments nest (8 ⊃ 4 ⊃ 2 ⊃ 1).
+
+    Args:
+        num_intervals: ``N``; segments: ``M``.
+        starts: ``True``: the ``M`` segment starts, descending; ``False``: the ``M`` lower edges, ascending
+            (``0`` and the starts of the lower segments).
+    """
+    n, m = num_intervals, segments
+    first = n - torch.floor(torch.arange(m, dtype=torch.float64) * (n / m)).long()  # n, ..., descending
+    if starts:
+        return first
+    return torch.cat([torch.zeros(1, dtype=torch.long), first[1:].flip(0)])
+
+
+def lcm_timesteps(grid: Tensor, num_steps: int) -> Tensor:
+    """Pick ``num_steps`` sampling levels from the skipping grid as ``LCMScheduler.set_timesteps`` does.
+
+    The grid's upper ends ``grid[1:]`` reversed (999, 979, ... for VP) are indexed at
+    ``floor(linspace(0, N, num_steps, endpoint=False))``. Returns ``[num_steps]`` descending τ.
+    """
+    origin = grid[1:].flip(0)
+    n = origin.shape[0]
+    if not 1 <= num_steps <= n:
+        raise ValueError(
+            f"num_steps={num_steps} is not in [1, {n}]: the LCM sampler picks levels from the "
+            f"{n}-interval skipping grid it was trained on (objective.num_ddim_timesteps)."
+        )
+    idx = torch.floor(torch.arange(num_steps, dtype=torch.float64) * (n / num_steps)).long()
+    return origin[idx]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grids of diffusers schedulers
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _copy(scheduler: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fewstep.noise.convert import Prediction, _bcast
+from fewstep.noise.convert import Prediction, bcast
 from fewstep.noise.schedules import Schedule
 
 
@@ -17,7 +17,7 @@ def _level(schedule: Schedule, tau: Tensor | float, like: Tensor) -> tuple[Tenso
     tau = torch.as_tensor(tau, dtype=torch.float32, device=like.device)
     if tau.ndim == 0:
         tau = tau.expand(like.shape[0])
-    return _bcast(schedule.alpha(tau), like), _bcast(schedule.sigma(tau), like)
+    return bcast(schedule.alpha(tau), like), bcast(schedule.sigma(tau), like)
 
 
 def noise_to(schedule: Schedule, x0: Tensor, noise: Tensor, tau: Tensor | float) -> Tensor:

@@ -328,8 +328,22 @@ def _move_into_place(tmp: Path, path: Path, family: str) -> None:
             raise
 
 
-def load_tiny_pipeline(family: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Load the tiny ``family`` pipeline from its cache directory (built on first use), progress bars off."""
-    from fewstep.models.loading import load_pipeline
+def apply_resolution_marker(pipe: Any, path: str | os.PathLike) -> None:
+    """Give a pipeline loaded from a tiny directory its recorded default resolution (``MARKER``); Flux pipelines
+    otherwise assume 128·8 pixels. Directories without the marker are left alone."""
+    marker = Path(path) / MARKER
+    if marker.is_file() and hasattr(pipe, "default_sample_size"):
+        resolution = json.loads(marker.read_text())["resolution"]
+        pipe.default_sample_size = resolution // pipe.vae_scale_factor
 
-    return load_pipeline(str(tiny_path(family)), dtype=dtype)
+
+def load_tiny_pipeline(family: str, dtype: torch.dtype = torch.float32) -> Any:
+    """Load the tiny ``family`` pipeline from its cache directory (built on first use), offline."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import deprecation_utils
+
+    path = tiny_path(family)
+    dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"  # renamed in diffusers
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **{dtype_key: dtype})
+    apply_resolution_marker(pipe, path)
+    return pipe

@@ -75,7 +75,8 @@ def test_jvp_through_tiny_models_with_the_cuda_op(family):
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from fewstep.models.loading import latent_shape, load_teacher
+    from fewstep.models.backbones import latent_shape
+    from fewstep.models.loading import load_teacher
     from fewstep.models.prompts import encode_prompts
 
     cfg = SimpleNamespace(pretrained=f"tiny:{family}", family="auto", dtype="float32", guidance_scale=1.0,

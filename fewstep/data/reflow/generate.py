@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from fewstep.data.reflow.pairs import ConditionFn, generate_pairs
+from fewstep.models.backbones import latent_shape, num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
+from fewstep.solvers.grids import sampling_taus
 
 TEXT_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 
@@ -56,13 +58,6 @@ def conditions_for(teacher: Teacher, prompts: list[str] | None, resolution: int 
     return None
 
 
-def teacher_taus(teacher: Teacher, num_steps: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The teacher solver's ``num_steps + 1`` levels (VP trailing, flow uniform through the teacher's shift)."""
-    from fewstep.objectives.diffusion import sampling_grid
-
-    return sampling_grid(teacher.schedule, num_steps, torch.zeros((1, *shape)))
-
-
 def pairs_for_recipe(
     recipe: Any,
     num_pairs: int,
@@ -100,14 +95,13 @@ def pairs_for_recipe(
         raise ValueError("No output directory: set data.path (data.source: pairs) or pass out_dir.")
     shape = _sample_shape(teacher, recipe)
     w = recipe.teacher.guidance_scale if guidance_scale is None else guidance_scale
+    taus = sampling_taus(teacher.schedule, num_steps, num_tokens(teacher.denoiser, (1, *shape)))  # the teacher's grid
     return generate_pairs(
-        teacher, out, shape, num_pairs, teacher_taus(teacher, num_steps, shape),
+        teacher, out, shape, num_pairs, taus,
         conditions_for(teacher, prompts, getattr(recipe.data, "resolution", None)), w, shard_size, batch_size,
         seed, accelerator, progress, extra_settings={"teacher": recipe.teacher.pretrained},
     )  # fmt: skip
 
 
 def _sample_shape(teacher: Teacher, recipe: Any) -> tuple[int, ...]:
-    from fewstep.models.loading import latent_shape
-
     return tuple(latent_shape(teacher, 1, getattr(recipe.data, "resolution", None))[1:])

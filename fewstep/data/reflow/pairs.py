@@ -184,8 +184,8 @@ def generate_pairs(
         out_dir: the pair directory (created; an interrupted one is resumed).
         shape: one noise sample's shape, e.g. ``(4, 64, 64)`` SD1.5 latents or ``(2,)`` for a 2-D toy.
         num_pairs: total pairs over all ranks.
-        taus: ``num_steps + 1`` descending τ levels of the teacher solver (``fewstep.objectives.diffusion.
-            sampling_grid`` gives the usual ones).
+        taus: ``num_steps + 1`` descending τ levels of the teacher solver (``fewstep.solvers.grids.sampling_taus``
+            gives the usual ones).
         conditions: ``(shard_index, n, generator) -> (cond, uncond)``; ``None``: unconditional.
         guidance_scale: CFG ``w`` (Imagen convention); default the teacher's own.
         shard_size: pairs per shard file.

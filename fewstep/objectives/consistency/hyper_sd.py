@@ -1,5 +1,5 @@
-"""Pieces of the ``pcm`` objective (ALGORITHMS §6): segment edges on the skipping grid, PCM's latent discriminator,
-and the ``TCDScheduler`` export spec."""
+"""Pieces of the ``pcm`` objective: PCM's latent discriminator, Hyper-SD's one-step DMD terms and the
+``TCDScheduler`` export spec (the segment edges on the skipping grid are in ``fewstep.solvers.grids``)."""
 
 from __future__ import annotations
 
@@ -15,24 +15,6 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.dmd.functional import denoising_loss, dm_gradient, injected_loss
 from fewstep.solvers.steps import noise_to
-
-
-def segment_edges(num_intervals: int, segments: int, starts: bool) -> Tensor:
-    """Segment boundaries as indices of the ``num_intervals + 1``-level skipping grid.
-
-    Segment ``j`` starts at grid index ``N − floor(j·N/M)`` (``j = 0..M−1``): the levels ``TCDScheduler`` (and
-    ``LCMScheduler``) pick for ``M`` steps from the same grid, so the segments nest (8 ⊃ 4 ⊃ 2 ⊃ 1).
-
-    Args:
-        num_intervals: ``N``; segments: ``M``.
-        starts: ``True``: the ``M`` segment starts, descending; ``False``: the ``M`` lower edges, ascending
-            (``0`` and the starts of the lower segments).
-    """
-    n, m = num_intervals, segments
-    first = n - torch.floor(torch.arange(m, dtype=torch.float64) * (n / m)).long()  # n, ..., descending
-    if starts:
-        return first
-    return torch.cat([torch.zeros(1, dtype=torch.long), first[1:].flip(0)])
 
 
 class LatentDiscriminator(nn.Module):
@@ -56,7 +38,7 @@ class LatentDiscriminator(nn.Module):
             config = getattr(teacher.denoiser.backbone, "config", None) or {}
             channels = config.get("in_channels")
         else:
-            from fewstep.models.loading import latent_shape
+            from fewstep.models.backbones import latent_shape
 
             channels = latent_shape(teacher, 1)[1]
         if channels is None:
@@ -85,9 +67,9 @@ def tcd_spec(
     ``timesteps[num_steps]`` from the ``original_inference_steps`` skipping grid (informative)."""
     from diffusers import TCDScheduler
 
-    from fewstep.objectives.spec import SamplingSpec, _from_teacher
+    from fewstep.objectives.spec import SamplingSpec, scheduler_from_teacher
 
-    scheduler = _from_teacher(
+    scheduler = scheduler_from_teacher(
         TCDScheduler, teacher, original_inference_steps=original_inference_steps,
         prediction_type=teacher.denoiser.prediction_type, clip_sample=False, thresholding=False,
     )  # fmt: skip

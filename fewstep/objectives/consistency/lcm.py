@@ -32,9 +32,11 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
-from fewstep.noise.convert import _bcast
+from fewstep.noise.convert import bcast
 from fewstep.noise.schedules import Schedule
+from fewstep.objectives.losses import pseudo_huber
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.solvers.grids import lcm_timesteps, skipping_grid
 from fewstep.solvers.samplers import sample_consistency
 from fewstep.solvers.steps import ddim_step, noise_to
 
@@ -73,25 +75,8 @@ class LCMConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pure pieces: grid, boundary scalings, ω-embedding
+# Pure pieces: boundary scalings, ω-embedding (the skipping grid is in fewstep.solvers.grids)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def skipping_grid(schedule: Schedule, num_ddim_timesteps: int) -> Tensor:
-    """The LCM skipping-step grid as ``num_ddim_timesteps + 1`` ascending τ levels.
-
-    Interval ``i`` runs from ``grid[i + 1]`` (= ``t_{n+k}``) down to ``grid[i]`` (= ``t_n``).
-    """
-    n = num_ddim_timesteps
-    if schedule.kind == "vp":
-        n_train = schedule.num_train_timesteps
-        if n > n_train:
-            raise ValueError(f"num_ddim_timesteps={n} exceeds the teacher's {n_train} training timesteps.")
-        k = n_train // n  # skipping step (LCMScheduler / DDIMSolver)
-        idx = torch.arange(1, n + 1) * k - 1  # 19, 39, ..., 999 for n = 50
-        idx = torch.cat([torch.zeros(1, dtype=idx.dtype), idx])  # t_n = max(t_{n+k} − k, 0)
-        return schedule.tau_from_model_timestep(idx)
-    return schedule.shift(torch.arange(n + 1, dtype=torch.float32) / n)
 
 
 def boundary_timestep(schedule: Schedule, tau: Tensor) -> Tensor:
@@ -127,23 +112,6 @@ def guidance_scale_embedding(omega: Tensor, dim: int) -> Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
 
-def lcm_timesteps(grid: Tensor, num_steps: int) -> Tensor:
-    """Pick ``num_steps`` sampling levels from the skipping grid as ``LCMScheduler.set_timesteps`` does.
-
-    The grid's upper ends ``grid[1:]`` reversed (999, 979, ... for VP) are indexed at
-    ``floor(linspace(0, N, num_steps, endpoint=False))``. Returns ``[num_steps]`` descending τ.
-    """
-    origin = grid[1:].flip(0)
-    n = origin.shape[0]
-    if not 1 <= num_steps <= n:
-        raise ValueError(
-            f"num_steps={num_steps} is not in [1, {n}]: the LCM sampler picks levels from the "
-            f"{n}-interval skipping grid it was trained on (objective.num_ddim_timesteps)."
-        )
-    idx = torch.floor(torch.arange(num_steps, dtype=torch.float64) * (n / num_steps)).long()
-    return origin[idx]
-
-
 def _check_teacher(teacher: Teacher) -> None:
     kind = teacher.schedule.kind
     if kind not in ("vp", "flow"):
@@ -166,7 +134,7 @@ def _check_teacher(teacher: Teacher) -> None:
         )
 
 
-def _add_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
+def add_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
     """A UNet2DConditionModel with ``time_cond_proj_dim`` (LCM's ω-embedding); the new ``cond_proj`` starts at zero,
     so the student starts as the teacher for every ω (ALGORITHMS §4.2)."""
     config = getattr(backbone, "config", None) or {}
@@ -197,7 +165,7 @@ def _consistency_fn(
     """``f(x, τ) = c_skip(t)·x + c_out(t)·x̂0(x, τ)`` (LCM Eq. 9 with the discrete scalings)."""
     c_skip, c_out = lcm_scalings(schedule, config, tau)
     x0 = denoiser(x, tau, cond).x0
-    return _bcast(c_skip, x0) * x.float() + _bcast(c_out, x0) * x0
+    return bcast(c_skip, x0) * x.float() + bcast(c_out, x0) * x0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,7 +222,7 @@ class LCMSampler:
                 )
                 out_u, out_c = raw.float().chunk(2)
                 pred = self.denoiser.to_prediction(out_u + w * (out_c - out_u), x.float(), tau)
-            pred.x0 = _bcast(c_skip, pred.x0) * x.float() + _bcast(c_out, pred.x0) * pred.x0
+            pred.x0 = bcast(c_skip, pred.x0) * x.float() + bcast(c_out, pred.x0) * pred.x0
             return pred
 
         return predict
@@ -291,9 +259,7 @@ class LCM:
                     "adds a `cond_proj` layer to the UNet that a LoRA cannot carry. For LCM-LoRA keep "
                     "guidance_embedding=false (the guidance is baked in)."
                 )
-            student.denoiser.backbone = _add_guidance_embedding(
-                student.denoiser.backbone, config.guidance_embedding_dim
-            )
+            student.denoiser.backbone = add_guidance_embedding(student.denoiser.backbone, config.guidance_embedding_dim)
         self.grid = skipping_grid(self.schedule, config.num_ddim_timesteps)  # [N + 1] ascending τ
         use_ema = config.ema_target if config.ema_target is not None else not student.is_lora
         # θ⁻: an EMA copy (LCM) or None = the online student itself under no_grad (LCM-LoRA)
@@ -335,7 +301,7 @@ class LCM:
         if cfg.loss_type == "l2":
             loss = F.mse_loss(model_pred.float(), target.float())
         else:  # pseudo-Huber, elementwise as in the diffusers scripts
-            loss = (torch.sqrt((model_pred.float() - target.float()) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()
+            loss = pseudo_huber(model_pred, target, cfg.huber_c).mean()
         return LossOutput(loss, {"loss": float(loss.detach()), "omega": float(omega.mean())})
 
     def on_step_end(self, step: int, phase: str) -> None:

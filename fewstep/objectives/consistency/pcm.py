@@ -40,12 +40,12 @@ from fewstep.objectives.consistency.hyper_sd import (
     critic_loss,
     hinge_d_loss,
     one_step_dmd_loss,
-    segment_edges,
     tcd_spec,
 )
-from fewstep.objectives.consistency.lcm import skipping_grid
 from fewstep.objectives.dmd.roles import fake_role, student_role
+from fewstep.objectives.losses import pseudo_huber
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.solvers.grids import segment_edges, skipping_grid
 from fewstep.solvers.steps import ddim_step, noise_to, transition
 
 RewardFn = Callable[[Tensor, Conditioning], Tensor]
@@ -117,11 +117,6 @@ def curriculum_segments(config: PCMConfig, step: int) -> int:
 def pcm_edge_jump(pred_x0: Tensor, pred_eps: Tensor, schedule: Schedule, tau_edge: Tensor) -> Tensor:
     """PCM's deterministic jump to the segment edge ``x_e = α_e·x̂0 + σ_e·ε̂`` (c_skip = 0, c_out = 1)."""
     return ddim_step(schedule, Prediction(pred_x0, pred_eps), tau_edge)
-
-
-def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
-    """Elementwise pseudo-Huber ``sqrt((a − b)² + c²) − c`` averaged per sample ``[b]`` (PCM / LCM scripts)."""
-    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).flatten(1).mean(1)
 
 
 def jump_gain(schedule: Schedule, tau: Tensor, tau_edge: Tensor) -> Tensor:
@@ -277,7 +272,7 @@ class PCM:
         x0_hat, eps_hat = self._predict(self.student.denoiser, x_hi, tau_hi, cond)
         pred = pcm_edge_jump(x0_hat, eps_hat, self.schedule, tau_e)
         huber = cfg.loss_type == "huber"
-        dist = pseudo_huber(pred, target, cfg.huber_c) if huber else (pred - target).pow(2).flatten(1).mean(1)
+        dist = (pseudo_huber(pred, target, cfg.huber_c) if huber else (pred - target).pow(2)).flatten(1).mean(1)
         if cfg.jump_weighting:
             dist = dist / jump_gain(self.schedule, tau_hi, tau_e).clamp(min=1.0)
         loss = dist.mean()

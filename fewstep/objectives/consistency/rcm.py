@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student, adapters_disabled
 from fewstep.models.teacher import Teacher
-from fewstep.noise.convert import _bcast
+from fewstep.noise.convert import bcast
 from fewstep.objectives.consistency.scm import (
     AdaptiveWeight,
     SCMConfig,
@@ -195,7 +195,7 @@ class RCM:
         lo, hi = u_range(self.schedule)
         u = sample_u_dmd(G.shape[0], self.config.dmd_shift, max(lo, 1e-3), hi).to(G.device)
         eps = torch.randn_like(G)
-        return _bcast(torch.cos(u), G) * G.detach() + _bcast(torch.sin(u), G) * eps, u, eps
+        return bcast(torch.cos(u), G) * G.detach() + bcast(torch.sin(u), G) * eps, u, eps
 
     def dmd_loss(self, shape: tuple[int, ...], cond: Conditioning, uncond: Conditioning | None, step: int):
         """The DMD term on the student's backward-simulated sample (gradient injection)."""
@@ -218,7 +218,7 @@ class RCM:
         denoiser, ctx = self._fake_view()
         with ctx:
             F_fake = trig_F(denoiser, x_u, u, batch.cond)
-        c, s = _bcast(torch.cos(u), F_fake), _bcast(torch.sin(u), F_fake)
+        c, s = bcast(torch.cos(u), F_fake), bcast(torch.sin(u), F_fake)
         x0_pred, eps_pred = c * x_u - s * F_fake, s * x_u + c * F_fake
         loss = denoising_loss(x0_pred, eps_pred, G, eps, torch.cos(u), torch.sin(u), "trigflow")
         return LossOutput(loss, {"loss": float(loss.detach()), "critic/loss": float(loss.detach())})
@@ -226,6 +226,6 @@ class RCM:
     def _sample_shape(self, batch: Batch) -> tuple[int, ...]:
         if batch.x0 is not None:
             return tuple(batch.x0.shape)
-        from fewstep.models.loading import latent_shape
+        from fewstep.models.backbones import latent_shape
 
         return tuple(latent_shape(self.teacher, batch.batch_size or 1))

@@ -27,10 +27,10 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
-from fewstep.noise.convert import _bcast
+from fewstep.noise.convert import bcast
 from fewstep.noise.schedules import Schedule
 from fewstep.noise.timesteps import lognormal_sigma
-from fewstep.objectives.consistency.lcm import boundary_scalings, lcm_timesteps, skipping_grid
+from fewstep.objectives.consistency.lcm import boundary_scalings
 from fewstep.objectives.consistency.trigflow import (
     HALF_PI,
     consistency_fn,
@@ -42,6 +42,7 @@ from fewstep.objectives.consistency.trigflow import (
     vp_index_from_u,
 )
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.solvers.grids import lcm_timesteps, skipping_grid
 
 VP_EXPORT_GRID = 50  # VP students are sampled at LCMScheduler's picks from a 50-step skipping grid (exportable)
 
@@ -97,10 +98,10 @@ def scm_target(
         dF_cs: ``cos u·sin u·dF_θ⁻/du`` (total derivative along the teacher ODE) ``[b, ...]``.
         x, u: ``x_u`` and ``u`` ``[b]``; r: tangent warmup; c: the normalisation constant.
     """
-    cos, sin = _bcast(torch.cos(u.double()), x), _bcast(torch.sin(u.double()), x)
+    cos, sin = bcast(torch.cos(u.double()), x), bcast(torch.sin(u.double()), x)
     g = -(cos**2) * (F_minus.double() - F_teacher.double()) - r * (cos * sin * x.double() + dF_cs.double())
     norm = g.flatten(1).norm(dim=1)
-    g_hat = g / _bcast(norm + c, g)  # tangent normalisation
+    g_hat = g / bcast(norm + c, g)  # tangent normalisation
     return (F_minus.double() + g_hat).float(), norm.float()
 
 
@@ -138,7 +139,7 @@ def scm_update(
     Returns ``(loss, metrics)``; the loss backpropagates into ``denoiser`` (and ``weighting``).
     """
     cs = torch.cos(u.float()) * torch.sin(u.float())  # JVP rearrangement (sCM §5.1)
-    dx = _bcast(cs, x) * F_teacher
+    dx = bcast(cs, x) * F_teacher
     if config.jvp_primal_grad and config.tangent == "jvp":
         F_theta, dF_cs = student_F_and_tangent(denoiser, x, u, cond, dx, cs, with_grad=True)
         F_minus = F_theta.detach()
@@ -218,7 +219,7 @@ class SCMSampler:
         tau = self.schedule.tau_from_model_timestep(self.schedule.model_timestep(_vp_tau(self.schedule, u)))
         c_skip, c_out = boundary_scalings(self.schedule.model_timestep(tau))
         x0 = self.denoiser(x, tau.to(x.device), cond).x0
-        return _bcast(c_skip, x0) * x.float() + _bcast(c_out, x0) * x0
+        return bcast(c_skip, x0) * x.float() + bcast(c_out, x0) * x0
 
 
 def _vp_tau(schedule: Schedule, u: Tensor) -> Tensor:

@@ -88,7 +88,7 @@ class TBCM:
         self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else teacher.guidance_scale
         if config.adaptive_weighting and not hasattr(student, "scm_weighting"):
             student.add_module("scm_weighting", AdaptiveWeight())
-        from fewstep.models.loading import latent_shape
+        from fewstep.models.backbones import latent_shape
 
         self.noise_shape = tuple(latent_shape(teacher, 1, config.resolution)[1:])
         self._cache = None

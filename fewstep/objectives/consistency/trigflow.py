@@ -32,7 +32,7 @@ from fewstep.kernels import route_attention
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
-from fewstep.noise.convert import _bcast, to_x0_eps
+from fewstep.noise.convert import bcast, to_x0_eps
 from fewstep.noise.schedules import Schedule
 
 HALF_PI = math.pi / 2
@@ -88,15 +88,15 @@ def trig_coefficients(schedule: Schedule, u: Tensor) -> tuple[Tensor, Tensor, Te
 def trig_raw(denoiser: Denoiser, x: Tensor, u: Tensor, cond: Conditioning) -> Tensor:
     """The backbone's native output at TrigFlow ``(x_u, u)`` (input scaled, time mapped), fp32."""
     c_in, timestep, _, _ = trig_coefficients(denoiser.schedule, u)
-    x_in = (_bcast(c_in, x) * x.float()).to(denoiser.dtype)
+    x_in = (bcast(c_in, x) * x.float()).to(denoiser.dtype)
     return denoiser._adapter(denoiser.backbone, x_in, timestep.to(x.device), cond).float()
 
 
 def trig_from_raw(denoiser: Denoiser, raw: Tensor, x: Tensor, u: Tensor) -> Tensor:
     """TrigFlow ``F̂ = cos u·ε̂ − sin u·x̂0`` from a native output at ``(x_u, u)`` (affine in ``raw``)."""
     c_in, _, alpha, sigma = trig_coefficients(denoiser.schedule, u)
-    pred = to_x0_eps(raw, _bcast(c_in, x) * x.float(), alpha, sigma, denoiser.prediction_type)
-    return _bcast(torch.cos(u.float()), x) * pred.eps - _bcast(torch.sin(u.float()), x) * pred.x0
+    pred = to_x0_eps(raw, bcast(c_in, x) * x.float(), alpha, sigma, denoiser.prediction_type)
+    return bcast(torch.cos(u.float()), x) * pred.eps - bcast(torch.sin(u.float()), x) * pred.x0
 
 
 def trig_F(denoiser: Denoiser, x: Tensor, u: Tensor, cond: Conditioning) -> Tensor:
@@ -123,19 +123,19 @@ def teacher_trig_velocity(
                 raise ValueError("Teacher guidance w != 1 needs an unconditional input; this teacher has none.")
             both = trig_raw(d, torch.cat([x, x]), torch.cat([u, u]), Conditioning.cat([uncond, cond]))
             out_u, out_c = both.chunk(2)
-            w = _bcast(torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device), out_u)
+            w = bcast(torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device), out_u)
             raw = out_u + w * (out_c - out_u)
         return trig_from_raw(d, raw, x, u)
 
 
 def trig_noise(x0: Tensor, u: Tensor, z: Tensor) -> Tensor:
     """``x_u = cos u·x0 + sin u·z`` (σ_d = 1); ``u`` a scalar or ``[b]``."""
-    return _bcast(torch.cos(u), x0) * x0 + _bcast(torch.sin(u), x0) * z
+    return bcast(torch.cos(u), x0) * x0 + bcast(torch.sin(u), x0) * z
 
 
 def consistency_fn(F_hat: Tensor, x: Tensor, u: Tensor) -> Tensor:
     """sCM's ``f(x_u, u) = cos u·x_u − sin u·F̂`` (= x̂0; ``f(x, 0) = x`` by construction)."""
-    return _bcast(torch.cos(u.float()), x) * x.float() - _bcast(torch.sin(u.float()), x) * F_hat
+    return bcast(torch.cos(u.float()), x) * x.float() - bcast(torch.sin(u.float()), x) * F_hat
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,16 +15,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
-from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
 from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.gan import GANHead, head_for, tap
 from fewstep.objectives.dmd.health import health_metrics, sample_stats
 from fewstep.objectives.dmd.roles import fake_role, student_role
-from fewstep.objectives.dmd.sampler import DMDSampler, dmd_export_schedule, num_tokens_of
+from fewstep.objectives.dmd.sampler import DMDSampler, dmd_export_schedule
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.solvers.grids import dmd_student_taus, teacher_taus
 from fewstep.solvers.steps import noise_to, renoise_step
 
 
@@ -193,13 +194,13 @@ class DMD2:
                 "A custom teacher has no latent shape to draw noise for: give the data as x0 (data.source: tensors) "
                 "so DMD2 can take the sample shape from it."
             )
-        from fewstep.models.loading import latent_shape
+        from fewstep.models.backbones import latent_shape
 
         device = next(self.teacher.denoiser.backbone.parameters()).device
         return latent_shape(self.teacher, b, self.config.resolution), device
 
     def student_taus(self, shape: tuple[int, ...]) -> Tensor:
-        return Fn.student_taus(self.schedule, self.config.num_student_steps, num_tokens_of(self.teacher, shape))
+        return dmd_student_taus(self.schedule, self.config.num_student_steps, num_tokens(self.teacher.denoiser, shape))
 
     def generator_input(self, batch: Batch, cond: Conditioning, shape: tuple[int, ...], device: Any, step: int):
         """``(x_in, τ_in)`` of the graded generator step (ALGORITHMS §2.4.3, DMD2 ``sample_backward``).
@@ -240,7 +241,7 @@ class DMD2:
         """The generator's gradient ``g`` at sample ``x``: normalised DM (§2.2), or Decoupled DMD's weighted DM + CA
         terms with separate noise levels (§3.5)."""
         cfg, b = self.config, x.shape[0]
-        ntok = num_tokens_of(self.teacher, tuple(x.shape))
+        ntok = num_tokens(self.teacher.denoiser, x.shape)
         tau = sample_levels(self.teacher, b, cfg.min_step_percent, cfg.max_step_percent, ntok, x.device)
         x_t = noise_to(self.schedule, x.detach(), torch.randn_like(x), tau)
         if not cfg.decoupled:
@@ -283,7 +284,8 @@ class DMD2:
             metrics["loss_gan_g"] = float(loss_g.detach())
         if cfg.regression_weight > 0:
             with torch.no_grad():
-                taus = self.ode_taus(shape, cfg.regression_ode_steps).to(device)
+                taus = teacher_taus(self.schedule, cfg.regression_ode_steps, num_tokens(self.teacher.denoiser, shape))
+                taus = taus.to(device)
                 y = self.teacher.sample(z, cond, taus, uncond, cfg.real_guidance_scale)
             loss_reg = torch.nn.functional.mse_loss(out[b:], y.float())
             loss = loss + cfg.regression_weight * loss_reg
@@ -294,7 +296,7 @@ class DMD2:
     def gan_generator_loss(self, x: Tensor, cond: Conditioning) -> Tensor:
         """``softplus(−D(F.features(noise(x, t_gan))))`` with the fake score and head frozen: the gradient reaches
         the generator only (DMD2 sets ``guidance.requires_grad_(False)`` in the generator turn)."""
-        tau = sample_levels(self.teacher, x.shape[0], 0.0, 1.0, num_tokens_of(self.teacher, tuple(x.shape)), x.device)
+        tau = sample_levels(self.teacher, x.shape[0], 0.0, 1.0, num_tokens(self.teacher.denoiser, x.shape), x.device)
         x_t = noise_to(self.schedule, x, torch.randn_like(x), tau)
         params = [p for p in self.fake.parameters() if p.requires_grad]
         for p in params:
@@ -310,7 +312,7 @@ class DMD2:
         """Denoising on the generator's samples over the full noise range (+ λ_D·GAN discriminator loss), §2.2."""
         cfg, b = self.config, shape[0]
         x = self.generate(batch, cond, shape, device, step)
-        ntok = num_tokens_of(self.teacher, shape)
+        ntok = num_tokens(self.teacher.denoiser, shape)
         tau = sample_levels(self.teacher, b, 0.0, 1.0, ntok, device)
         eps = torch.randn_like(x)
         inputs, taus, conds = [noise_to(self.schedule, x, eps, tau)], [tau], [cond]
@@ -333,16 +335,10 @@ class DMD2:
         metrics.update(health_metrics(x, self.reference))
         return LossOutput(loss, metrics)
 
-    def ode_taus(self, shape: tuple[int, ...], n: int) -> Tensor:
-        """The teacher's deterministic grid for ``n`` steps: DDIM trailing (VP) or shifted Euler (flow)."""
-        if self.schedule.kind == "vp":
-            return trailing_vp_grid(n, self.schedule.num_train_timesteps)
-        return self.schedule.shift(linspace_grid(n), num_tokens_of(self.teacher, shape))
-
     def teacher_reference(self, shape, device, cond, uncond) -> dict[str, float]:
         """Mean, std and diversity of the teacher's own samples (``health_reference_steps`` steps, CFG
         ``real_guidance_scale``): the reference point of the drift metrics."""
-        taus = self.ode_taus(shape, self.config.health_reference_steps)
+        taus = teacher_taus(self.schedule, self.config.health_reference_steps, num_tokens(self.teacher.denoiser, shape))
         with torch.no_grad():
             x = self.teacher.sample(torch.randn(shape, device=device), cond, taus.to(device), uncond,
                                     self.config.real_guidance_scale)  # fmt: skip

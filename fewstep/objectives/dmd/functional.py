@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewstep.noise.convert import _bcast, from_x0_eps
-from fewstep.noise.schedules import Schedule
+from fewstep.noise.convert import bcast, from_x0_eps
 
 __all__ = [
     "backsim_depth",
@@ -23,7 +22,6 @@ __all__ = [
     "gan_g_loss",
     "injected_loss",
     "per_sample_l1",
-    "student_taus",
     "subinterval_x0_target",
     "subinterval_flow_target",
 ]
@@ -64,7 +62,7 @@ def ca_gradient(x0_real_uncond: Tensor, x0_real_cond: Tensor, guidance_scale: fl
     ``x̂0_F,c − x̂0_real = (x̂0_F,c − x̂0_T,c) + (w − 1)·(x̂0_T,∅ − x̂0_T,c)`` = DM term + CA term.
     """
     w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x0_real_cond.device)
-    return _bcast(w - 1.0, x0_real_cond) * (x0_real_uncond.float() - x0_real_cond.float())
+    return bcast(w - 1.0, x0_real_cond) * (x0_real_uncond.float() - x0_real_cond.float())
 
 
 def injected_loss(y: Tensor, g: Tensor) -> Tensor:
@@ -101,23 +99,6 @@ def gan_g_loss(logits_fake: Tensor) -> Tensor:
     return F.softplus(-logits_fake.float()).mean()
 
 
-def student_taus(schedule: Schedule, num_steps: int, num_tokens: int | None = None) -> Tensor:
-    """The ``num_steps`` input levels of a few-step DMD student, descending from pure noise.
-
-    VP: the integer timesteps ``999 − i·⌊1000/K⌋`` (DMD2's SDXL 4-step grid ``[999, 749, 499, 249]``); flow:
-    ``shift(1 − i/K)`` (uniform before the teacher's shift, as ``FlowMatchEulerDiscreteScheduler`` with sigmas).
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps={num_steps} must be >= 1.")
-    if schedule.kind == "vp":
-        n = schedule.num_train_timesteps
-        t = (n - 1) - torch.arange(num_steps) * (n // num_steps)
-        return schedule.tau_from_model_timestep(t)
-    if schedule.kind == "flow":
-        return schedule.shift(1.0 - torch.arange(num_steps, dtype=torch.float32) / num_steps, num_tokens)
-    raise ValueError(f"DMD student grids are defined for VP and flow schedules, not {schedule.kind!r}.")
-
-
 def backsim_depth(step: int, seed: int, num_steps: int) -> int:
     """Backward-simulation depth ``k ~ U{0..K−1}`` for training step ``step`` (DMD2 §2.4.3).
 
@@ -145,7 +126,7 @@ def subinterval_x0_target(
     All coefficients are ``[b]``.
     """
     x_s = x_s.float()
-    a_s, s_s, a_t, s_ts = (_bcast(c.float(), x_s) for c in (alpha_s, sigma_s, alpha_t, sigma_ts))
+    a_s, s_s, a_t, s_ts = (bcast(c.float(), x_s) for c in (alpha_s, sigma_s, alpha_t, sigma_ts))
     return x_s / a_s - (a_t * s_s**2) / (a_s**2 * s_ts) * eps.float()
 
 
@@ -154,5 +135,5 @@ def subinterval_flow_target(
 ) -> Tensor:
     """The velocity-form target ``ψ* = (α_s²σ_t + α_tσ_s²)/(α_s²σ_{t|s})·ε − x_s/α_s`` (Phased DMD Eq. 12)."""
     x_s = x_s.float()
-    a_s, s_s, a_t, s_t, s_ts = (_bcast(c.float(), x_s) for c in (alpha_s, sigma_s, alpha_t, sigma_t, sigma_ts))
+    a_s, s_s, a_t, s_t, s_ts = (bcast(c.float(), x_s) for c in (alpha_s, sigma_s, alpha_t, sigma_t, sigma_ts))
     return (a_s**2 * s_t + a_t * s_s**2) / (a_s**2 * s_ts) * eps.float() - x_s / a_s

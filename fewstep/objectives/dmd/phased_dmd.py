@@ -20,16 +20,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student, adapters_disabled
 from fewstep.models.teacher import Teacher
-from fewstep.noise.convert import Prediction, _bcast, from_x0_eps
+from fewstep.noise.convert import Prediction, bcast, from_x0_eps
 from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.dmd2 import check_teacher, sample_levels
 from fewstep.objectives.dmd.health import health_metrics
 from fewstep.objectives.dmd.roles import STUDENT_ADAPTER, AdapterRole, active_adapter, add_adapter
-from fewstep.objectives.dmd.sampler import dmd_export_schedule, num_tokens_of
+from fewstep.objectives.dmd.sampler import dmd_export_schedule
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.solvers.grids import dmd_student_taus
 from fewstep.solvers.steps import ddim_step, noise_to, renoise_step, transition, transition_coeffs
 
 
@@ -74,7 +76,7 @@ def subinterval_fake_loss(pred: Prediction, x_t: Tensor, x_s: Tensor, eps: Tenso
     a_t, s_t = schedule.alpha(t), schedule.sigma(t)
     _, s_ts = transition_coeffs(schedule, s, t, x_s)
     x0_star = Fn.subinterval_x0_target(x_s, eps, a_s, s_s, a_t, s_ts.flatten(1)[:, 0])
-    eps_star = (x_t.float() - _bcast(a_t, x_t) * x0_star) / _bcast(s_t, x_t)
+    eps_star = (x_t.float() - bcast(a_t, x_t) * x0_star) / bcast(s_t, x_t)
     out = from_x0_eps(pred.x0, pred.eps, a_t, s_t, prediction_type)
     target = from_x0_eps(x0_star, eps_star, a_t, s_t, prediction_type)
     weight = (clamp * s_ts**2).clamp(max=1.0)
@@ -160,7 +162,7 @@ class PhasedDMD:
     def levels(self, shape: tuple[int, ...]) -> Tensor:
         """``K + 1`` levels: the student's ``K`` input levels and the final 0."""
         k = self.config.num_phases * self.config.steps_per_phase
-        taus = Fn.student_taus(self.schedule, k, num_tokens_of(self.teacher, shape))
+        taus = dmd_student_taus(self.schedule, k, num_tokens(self.teacher.denoiser, shape))
         return torch.cat([taus, torch.zeros(1)])
 
     def run_expert(self, k: int, x: Tensor, taus: Tensor, cond: Conditioning, graded: bool) -> Tensor:
@@ -198,7 +200,7 @@ class PhasedDMD:
             with torch.no_grad():
                 x_s = self.run_expert(k, x, taus, cond, graded=False)
         lo = max(self.config.min_step_percent, 0.0)
-        u = sample_levels(self.teacher, b, lo, 1.0, num_tokens_of(self.teacher, shape), device)
+        u = sample_levels(self.teacher, b, lo, 1.0, num_tokens(self.teacher.denoiser, shape), device)
         t = s + (1 - s) * u.clamp(1e-3, 1.0)  # the whole remaining interval (s, 1), §3.2
         eps = torch.randn_like(x_s)
         x_t = transition(self.schedule, x_s.detach(), s, t, eps)

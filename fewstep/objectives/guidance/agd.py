@@ -26,12 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.models.agd import AGDAdapters, class_count, find_targets, save_agd
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.objectives.guidance.guidance_distill import GuidedSampler, recommended_w, sample_w
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.reflow.common import deterministic_spec, sampling_levels
+from fewstep.objectives.spec import deterministic_spec
+from fewstep.solvers.grids import sampling_taus
 from fewstep.solvers.steps import ddim_step
 
 
@@ -139,14 +141,15 @@ class AGD:
         if batch.x0 is not None:
             shape = tuple(batch.x0.shape)
         else:
-            from fewstep.models.loading import latent_shape
+            from fewstep.models.backbones import latent_shape
 
             shape = latent_shape(self.teacher, b, self.config.resolution)
         device = next(self.teacher.denoiser.backbone.parameters()).device
         x = torch.randn(shape, device=device)
         w = sample_w(b, self.config.w_min, self.config.w_max).to(device)
         offset = float(torch.rand(())) - 0.5 if self.config.level_jitter else 0.0
-        taus = sampling_levels(self.schedule, self.config.trajectory_steps, x, offset)
+        ntok = num_tokens(self.teacher.denoiser, x.shape)
+        taus = sampling_taus(self.schedule, self.config.trajectory_steps, ntok, offset).to(x.device)
         for i in range(len(taus) - 1):
             tau = taus[i].expand(b)
             target = self.teacher.raw(x, tau, cond, uncond, w)  # CFG output, the base (adapters off)

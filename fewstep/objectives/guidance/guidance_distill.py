@@ -29,13 +29,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.models.agd import FREQ_DIM, sinusoidal
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.reflow.common import deterministic_spec, sampling_levels
+from fewstep.objectives.spec import deterministic_spec
+from fewstep.solvers.grids import sampling_taus
 from fewstep.solvers.samplers import sample_ddim
 from fewstep.solvers.steps import noise_to
 
@@ -148,7 +150,7 @@ class GuidedSampler:
     def __call__(
         self, noise: Tensor, cond: Conditioning, num_steps: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        taus = sampling_levels(self.schedule, num_steps, noise)
+        taus = sampling_taus(self.schedule, num_steps, num_tokens(self.denoiser, noise.shape)).to(noise.device)
         cond = self.condition(cond.to(noise.device), self.guidance_scale, noise.shape[0])
         with torch.no_grad(), eval_mode(self.denoiser):
             return sample_ddim(lambda x, t: self.denoiser(x, t, cond), self.schedule, noise, taus)
@@ -179,11 +181,11 @@ class GuidanceDistill:
         self.kind = kind
         self.embedder: GuidanceEmbedder | None = None
         if kind == "timestep_cond":
-            from fewstep.objectives.consistency.lcm import _add_guidance_embedding
+            from fewstep.objectives.consistency.lcm import add_guidance_embedding
 
             if student.is_lora:
                 raise ValueError("embedding: timestep_cond adds a layer a LoRA cannot carry; use embedding: hook.")
-            student.denoiser.backbone = _add_guidance_embedding(backbone, config.guidance_embedding_dim)
+            student.denoiser.backbone = add_guidance_embedding(backbone, config.guidance_embedding_dim)
         else:
             self.embed_name, module, dim = _embed_target(backbone, config.embed_target)
             param = next(backbone.parameters())

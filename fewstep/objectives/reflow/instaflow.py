@@ -20,18 +20,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from fewstep.models.backbones import num_tokens
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
+from fewstep.objectives.losses import check_lpips_space, load_lpips, lpips_distance, pseudo_huber_distance
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.reflow.common import (
-    ReflowSampler,
-    check_lpips_space,
-    deterministic_spec,
-    load_lpips,
-    lpips_distance,
-    pseudo_huber,
-    sampling_levels,
-)
+from fewstep.objectives.reflow.sampler import ReflowSampler
+from fewstep.objectives.spec import deterministic_spec
+from fewstep.solvers.grids import sampling_taus
 
 
 class InstaFlowConfig(BaseModel):
@@ -86,12 +82,13 @@ class InstaFlow:
         if self.config.loss_type == "lpips":
             return lpips_distance(self.lpips.to(a.device), a, b)
         if self.config.loss_type == "pseudo_huber":
-            return pseudo_huber(a, b, self.config.huber_c)
+            return pseudo_huber_distance(a, b, self.config.huber_c)
         return ((a.float() - b.float()) ** 2).flatten(1).mean(1)
 
     def solve_teacher(self, noise: Tensor, cond: Any, num_steps: int) -> Tensor:
         """The 2-RF ODE endpoint with ``num_steps`` deterministic steps (no gradients)."""
-        return self.teacher.sample(noise, cond, sampling_levels(self.schedule, num_steps, noise))
+        taus = sampling_taus(self.schedule, num_steps, num_tokens(self.teacher.denoiser, noise.shape))
+        return self.teacher.sample(noise, cond, taus.to(noise.device))
 
     def loss(self, batch: Batch, step: int, phase: str) -> LossOutput:
         """``d(G(ε), x̃0') [+ λ·d(G(ε), Φ^{(k)}(ε))]``."""
@@ -106,7 +103,8 @@ class InstaFlow:
             raise ValueError(
                 "instaflow needs pairs from the 2-RF model (data.source: pairs) or a batch with x0 to size the noise."
             )
-        tau1 = sampling_levels(self.schedule, 1, noise)[0].expand(noise.shape[0])
+        ntok = num_tokens(self.teacher.denoiser, noise.shape)
+        tau1 = sampling_taus(self.schedule, 1, ntok)[0].to(noise.device).expand(noise.shape[0])
         x0_hat = self._online(noise, tau1, batch.cond).x0  # G(ε): one step from the top level
         per_sample = self.distance(x0_hat, target)
         metrics = {"distill": float(per_sample.mean().detach())}

@@ -25,20 +25,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from fewstep.models.student import Student
+from fewstep.models.student import Student, smaller_backbone
 from fewstep.models.teacher import Teacher
 from fewstep.noise import timesteps
 from fewstep.noise.convert import from_x0_eps
+from fewstep.objectives.losses import check_lpips_space, load_lpips, lpips_distance, pseudo_huber_distance
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.reflow.common import (
-    ReflowSampler,
-    check_lpips_space,
-    deterministic_spec,
-    load_lpips,
-    lpips_distance,
-    pseudo_huber,
-    smaller_backbone,
-)
+from fewstep.objectives.reflow.sampler import ReflowSampler
+from fewstep.objectives.spec import deterministic_spec
 from fewstep.solvers.steps import noise_to
 
 RFPP_TAU_CLIP = 1e-5  # rfpp t_dist.py
@@ -155,7 +149,7 @@ class Reflow:
         if cfg.loss_type == "l2":
             per_sample = ((out - target) ** 2).flatten(1).mean(1)
         else:
-            per_sample = pseudo_huber(out, target, cfg.huber_c)
+            per_sample = pseudo_huber_distance(out, target, cfg.huber_c)
         if cfg.loss_type == "lpips_huber":  # rfpp: (1 − τ)·Huber + LPIPS(up224(x̂0), up224(x̃0)) [/τ]
             perceptual = lpips_distance(self.lpips.to(x0.device), pred.x0, x0)
             if cfg.lpips_divide_by_tau:

@@ -10,7 +10,7 @@ import torch
 import fewstep.assets as assets
 from fewstep.assets import asset_names, asset_path
 from fewstep.models.conditioning import Conditioning
-from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
+from fewstep.solvers.grids import linspace_grid, trailing_vp_grid
 
 MAX_ASSET_BYTES = 2_500_000
 

@@ -12,7 +12,7 @@ from fewstep.assets import asset_path
 from fewstep.data.fashion import DEFAULT_DIR
 from fewstep.eval.classifier import load_classifier
 from fewstep.models.conditioning import Conditioning
-from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
+from fewstep.solvers.grids import linspace_grid, trailing_vp_grid
 
 MAX_ASSET_BYTES = 3_000_000
 

@@ -10,15 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.data.trajectories import MANIFEST, TrajectoryCache, fill_cache, lognormal_level_weights, rollout_grid
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.data.trajectories import MANIFEST, TrajectoryCache, fill_cache, lognormal_level_weights
+from fewstep.models.backbones import latent_shape
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
-from fewstep.noise.convert import _bcast
-from fewstep.noise.schedules import VPSchedule
+from fewstep.noise.convert import bcast
 from fewstep.objectives.consistency.tbcm import TBCM, TBCMConfig
 from fewstep.objectives.consistency.trigflow import teacher_trig_velocity
 from fewstep.objectives.protocol import OBJECTIVES, Batch
+from fewstep.solvers.grids import teacher_taus
 
 SETTINGS = {"steps": 6, "points": 3, "w": 3.0}
 
@@ -86,7 +87,7 @@ def test_cached_points_lie_on_the_teachers_guided_trajectory(sd3, tmp_path, leve
     F = teacher_trig_velocity(teacher, shard["x"], shard["u"], cond, None, SETTINGS["w"])
     assert (F - shard["F"]).abs().max() < 1e-4 * max(1.0, float(F.abs().max()))
     # x_u, u, F describe a point whose x̂0 = cos u·x − sin u·F: the same trajectory ends near it
-    x0_hat = _bcast(torch.cos(shard["u"]), F) * shard["x"] - _bcast(torch.sin(shard["u"]), F) * shard["F"]
+    x0_hat = bcast(torch.cos(shard["u"]), F) * shard["x"] - bcast(torch.sin(shard["u"]), F) * shard["F"]
     assert x0_hat.shape == shard["x0"].shape and torch.isfinite(x0_hat).all()
     rows_, cond_ = cache.sample(5, torch.Generator().manual_seed(0))
     assert rows_["x"].shape[0] == 5 and cond_.prompt_embeds.shape[0] == 5
@@ -103,22 +104,11 @@ def test_level_jitter_spreads_the_cached_levels_over_time(sd3, tmp_path):
                                                                                        level_jitter=True))  # fmt: skip
     assert len(fixed) <= SETTINGS["steps"] < len(jittered)
     assert float(jittered.min()) > 0 and float(jittered.max()) <= math.pi / 2 + 1e-6
-    grid = rollout_grid(teacher, SETTINGS["steps"])
+    grid = teacher_taus(teacher.schedule, SETTINGS["steps"])
     for offset in (-0.5, -0.2, 0.3, 0.49):  # interior levels move by that fraction of a step; both ends stay
-        moved = rollout_grid(teacher, SETTINGS["steps"], offset=offset)
+        moved = teacher_taus(teacher.schedule, SETTINGS["steps"], offset=offset)
         assert moved[0] == grid[0] and moved[-1] == grid[-1] and torch.all(moved[1:] < moved[:-1])
         assert not torch.equal(moved[1:-1], grid[1:-1])
-
-
-def test_level_jitter_keeps_vp_levels_on_training_indices():
-    from diffusers import DDPMScheduler
-
-    vp = SimpleNamespace(schedule=VPSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000)))
-    grid = rollout_grid(vp, 4)
-    assert torch.allclose(grid * 1000, torch.tensor([1000.0, 750, 500, 250, 0]))  # trailing: 999, 749, 499, 249
-    moved = rollout_grid(vp, 4, offset=0.3)  # 0.3 of a 250-index step: 75 indices toward the clean end
-    assert torch.allclose(moved * 1000, torch.tensor([1000.0, 675, 425, 175, 0]))
-    assert torch.allclose(rollout_grid(vp, 4, offset=-0.5) * 1000, torch.tensor([1000.0, 875, 625, 375, 0]))
 
 
 @pytest.mark.parametrize("space", ["generation", "diffusion"])

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from test_export_lora import RELOAD, TOLERANCE, max_diff_to_student, single_thread  # noqa: F401 (fixture)
 
 from fewstep.export import WEIGHT_NAME, export_student, read_schedule
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.models.backbones import latent_shape
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config

@@ -20,8 +20,9 @@ from fewstep.export import (
     read_schedule,
     save_lora,
 )
+from fewstep.models.backbones import latent_shape
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import DEFAULT_LORA_TARGETS, Student
 from fewstep.objectives.consistency.lcm import LCM, LCMConfig

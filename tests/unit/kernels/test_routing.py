@@ -16,7 +16,8 @@ from fewstep.kernels.attention import AttentionWithJVP
 
 def tiny_denoiser_fn(family: str):
     """``x ↦ raw output`` of the tiny teacher of ``family`` at τ = 0.5 for one prompt, through fewstep's adapter."""
-    from fewstep.models.loading import latent_shape, load_teacher
+    from fewstep.models.backbones import latent_shape
+    from fewstep.models.loading import load_teacher
     from fewstep.models.prompts import encode_prompts
 
     cfg = SimpleNamespace(pretrained=f"tiny:{family}", family="auto", dtype="float32", guidance_scale=1.0,

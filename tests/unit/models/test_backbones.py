@@ -10,6 +10,7 @@ from fewstep.models.backbones import (
     adapter_for,
     flux_adapter,
     flux_image_ids,
+    num_tokens,
     pack_latents,
     sd3_adapter,
     unet2d_adapter,
@@ -52,6 +53,30 @@ def test_pack_unpack_match_flux_pipeline():
     # FluxPipeline._unpack_latents takes image pixels (latent × vae_scale_factor).
     assert torch.equal(FluxPipeline._unpack_latents(packed, 16, 12, 2), x)
     assert torch.equal(flux_image_ids(8, 6), FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
+
+
+def test_num_tokens_is_what_each_backbone_sees_and_what_flux_shifts_by():
+    """Flux: the packed sequence length; SD3: patches of ``patch_size``; UNets and custom modules: none. A student
+    built from its teacher's adapter callable keeps the rule, and the Flux pipeline's μ reads the same count."""
+    from types import SimpleNamespace
+
+    from fewstep.models.backbones import latent_shape
+    from fewstep.models.loading import load_teacher
+    from fewstep.models.student import Student
+    from fewstep.models.teacher import Teacher
+    from fewstep.noise.schedules import FlowSchedule
+
+    flux = load_teacher(SimpleNamespace(pretrained="tiny:flux"))
+    for resolution in (16, 48):
+        shape = latent_shape(flux, 2, resolution)
+        assert num_tokens(flux.denoiser, shape) == pack_latents(torch.zeros(shape)).shape[1]
+    assert num_tokens(Student.full(flux).denoiser, (1, 4, 8, 6)) == 12
+    assert num_tokens(flux.denoiser, (4, 8, 6)) is None  # not a [b, c, h, w] latent
+    sd3 = load_teacher(SimpleNamespace(pretrained="tiny:sd3"))
+    assert num_tokens(sd3.denoiser, (1, 4, 8, 8)) == (8 // sd3.denoiser.backbone.config.patch_size) ** 2
+    custom = Teacher.from_module(torch.nn.Conv2d(1, 1, 1), FlowSchedule(use_dynamic_shifting=True), "flow")
+    assert num_tokens(custom.denoiser, (1, 1, 8, 8)) is None
+    assert num_tokens(load_teacher(SimpleNamespace(pretrained="fewstep:digits-vp")).denoiser, (1, 1, 8, 8)) is None
 
 
 def test_unet2d_adapter_passes_class_labels():

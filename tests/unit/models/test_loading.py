@@ -5,12 +5,11 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
+from fewstep.models.backbones import default_resolution, latent_shape
 from fewstep.models.loading import (
     decode_latents,
-    default_resolution,
     detect_family,
     encode_images,
-    latent_shape,
     load_pipeline,
     load_teacher,
     resolve_pretrained,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from fewstep.models.backbones import unpack_latents
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.models.backbones import latent_shape, num_tokens, unpack_latents
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 from fewstep.solvers.grids import scheduler_taus, vp_input_scale
@@ -43,7 +43,9 @@ def _pipeline_vs_teacher(teacher, seed: int, steps: int = STEPS, guidance: float
         noise, out = unpack_latents(noise[0], h, w), unpack_latents(out, h, w)
     noise = noise * vp_input_scale(pipe.scheduler, steps)  # Euler pipelines start at init_noise_sigma
     cond, uncond = encode_prompts(teacher, PROMPTS, **kwargs)
-    taus = scheduler_taus(pipe.scheduler, teacher.schedule, steps, num_tokens=(h // 2) * (w // 2))
+    taus = scheduler_taus(
+        pipe.scheduler, teacher.schedule, steps, num_tokens=num_tokens(teacher.denoiser, (b, c, h, w))
+    )
     return teacher.sample(noise, cond, taus, uncond), out
 
 

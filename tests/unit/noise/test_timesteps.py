@@ -2,9 +2,8 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
-from fewstep.noise import VPSchedule, timesteps
+from fewstep.noise import timesteps
 
 
 def _g(seed=0):
@@ -36,16 +35,6 @@ def test_lognormal_sigma_matches_edm_median():
     tau = timesteps.lognormal_sigma(20000, _g(), p_mean=-1.1, p_std=2.0)
     sigma = torch.tan(tau * math.pi / 2)
     assert torch.log(sigma).median().item() == pytest.approx(-1.1, abs=0.05)
-
-
-def test_trailing_grid_equals_diffusers_trailing_timesteps():
-    sch = VPSchedule.from_diffusers(DDIMScheduler())
-    for n in (1, 2, 4, 8):
-        ref = DDIMScheduler(timestep_spacing="trailing")
-        ref.set_timesteps(n)
-        grid = timesteps.trailing_vp_grid(n)
-        assert torch.equal(sch.model_timestep(grid[:-1]), ref.timesteps.float())
-        assert grid[-1] == 0
 
 
 def test_discrete_draws_from_grid():

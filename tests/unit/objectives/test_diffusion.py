@@ -14,9 +14,9 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
-from fewstep.noise.timesteps import trailing_vp_grid
 from fewstep.objectives.diffusion import Diffusion, DiffusionConfig, mix_conditioning, sample_tau
 from fewstep.objectives.protocol import OBJECTIVES, Batch
+from fewstep.solvers.grids import trailing_vp_grid
 
 NULL_CLASS = 10
 

@@ -12,10 +12,10 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule
-from fewstep.noise.timesteps import linspace_grid
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
-from fewstep.objectives.dmd.functional import backsim_depth, ca_gradient, dm_gradient, injected_loss, student_taus
+from fewstep.objectives.dmd.functional import backsim_depth, ca_gradient, dm_gradient, injected_loss
 from fewstep.objectives.protocol import OBJECTIVES, Batch
+from fewstep.solvers.grids import dmd_student_taus, linspace_grid, sampling_taus
 
 
 def gaussian_x0(x_t: torch.Tensor, alpha: float, sigma: float, mean: float, std: float) -> torch.Tensor:
@@ -100,9 +100,9 @@ def test_student_taus_match_dmd2_grids():
     from test_lcm import vp_schedule
 
     vp = vp_schedule()
-    assert vp.model_timestep(student_taus(vp, 4)).long().tolist() == [999, 749, 499, 249]
-    assert student_taus(FlowSchedule(shift_factor=1.0), 4).tolist() == [1.0, 0.75, 0.5, 0.25]
-    shifted = student_taus(FlowSchedule(shift_factor=3.0), 2)
+    assert vp.model_timestep(dmd_student_taus(vp, 4)).long().tolist() == [999, 749, 499, 249]
+    assert dmd_student_taus(FlowSchedule(shift_factor=1.0), 4).tolist() == [1.0, 0.75, 0.5, 0.25]
+    shifted = dmd_student_taus(FlowSchedule(shift_factor=3.0), 2)
     assert math.isclose(float(shifted[1]), 3 * 0.5 / (1 + 2 * 0.5), rel_tol=1e-6)
 
 
@@ -146,8 +146,6 @@ def test_toy_one_step_student_covers_all_modes_and_beats_the_teacher(flow_teache
 
 def test_toy_one_step_student_of_a_vp_eps_teacher_beats_the_teacher():
     """The same toy on a VP-ε teacher (DDIM at 1 step): the DM gradient in x0 space works for either schedule."""
-    from fewstep.objectives.diffusion import sampling_grid
-
     teacher = train_teacher("vp", steps=600)
     torch.manual_seed(1)
     objective = DMD2(DMD2Config(real_guidance_scale=1.0, fake_steps_per_generator_step=2), teacher,
@@ -156,7 +154,7 @@ def test_toy_one_step_student_of_a_vp_eps_teacher_beats_the_teacher():
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(6))
     ref = mixture(2000, torch.Generator().manual_seed(5))
     student = objective.sampler()(noise, Conditioning(), 1)
-    teacher_1 = teacher.sample(noise, Conditioning(), sampling_grid(teacher.schedule, 1, noise))
+    teacher_1 = teacher.sample(noise, Conditioning(), sampling_taus(teacher.schedule, 1))
     sw_student, sw_teacher = sliced_wasserstein(student, ref), sliced_wasserstein(teacher_1, ref)
     print(f"VP-ε DMD2 toy: student 1-step SW {sw_student:.3f}, teacher 1-step SW {sw_teacher:.3f}; {metrics}")
     assert sw_student < 0.7 * sw_teacher, (sw_student, sw_teacher)

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.models.backbones import latent_shape
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config

@@ -195,8 +195,9 @@ def test_agd_export_loads_into_a_diffusers_pipeline_and_composes_with_a_lora(fam
 
     from peft import LoraConfig
 
+    from fewstep.models.backbones import latent_shape
     from fewstep.models.denoiser import Denoiser
-    from fewstep.models.loading import latent_shape, load_teacher
+    from fewstep.models.loading import load_teacher
     from fewstep.models.prompts import encode_prompts
     from fewstep.testing import load_tiny_pipeline
 
@@ -251,7 +252,7 @@ def test_agd_on_a_class_conditional_unet_attends_to_a_class_token(tmp_path):
     from fewstep.assets import asset_path
     from fewstep.models.denoiser import Denoiser
     from fewstep.models.loading import load_teacher
-    from fewstep.objectives.diffusion import sampling_grid
+    from fewstep.solvers.grids import sampling_taus
 
     teacher = load_teacher(SimpleNamespace(pretrained="fewstep:digits-flow", family="auto", dtype="float32",
                                            guidance_scale=2.0, revision=None, variant=None))  # fmt: skip
@@ -279,7 +280,7 @@ def test_agd_on_a_class_conditional_unet_attends_to_a_class_token(tmp_path):
     out.loss.backward()
     assert agd.adapters.class_embed.weight.grad[:8].abs().sum() > 0
     recorded = set(torch.cat([c[1] for c in agd.buffer.chunks]).tolist())
-    fixed = set(sampling_grid(teacher.schedule, 4, batch.x0).tolist())
+    fixed = set(sampling_taus(teacher.schedule, 4).tolist())
     for step in range(1, 6):
         agd.loss(batch, step, agd.phase(step))
         recorded |= set(torch.cat([c[1] for c in agd.buffer.chunks]).tolist())

@@ -16,15 +16,14 @@ from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import from_x0_eps
 from fewstep.noise.schedules import FlowSchedule, TrigFlowSchedule, VPSchedule
-from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
 from fewstep.objectives.consistency.lcm import (
     LCM,
     LCMConfig,
     boundary_scalings,
     guidance_scale_embedding,
-    skipping_grid,
 )
 from fewstep.objectives.protocol import OBJECTIVES, Batch
+from fewstep.solvers.grids import linspace_grid, skipping_grid, trailing_vp_grid
 from fewstep.solvers.steps import ddim_step
 
 NULL_CLASS = 4

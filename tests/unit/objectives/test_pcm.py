@@ -13,14 +13,14 @@ from diffusers import TCDScheduler
 from test_lcm import make_teacher, mixture, sliced_wasserstein, train_teacher
 
 from fewstep.export import WEIGHT_NAME, export_student, read_schedule
+from fewstep.models.backbones import latent_shape
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
-from fewstep.noise.timesteps import trailing_vp_grid
-from fewstep.objectives.consistency.hyper_sd import segment_edges
 from fewstep.objectives.consistency.pcm import PCM, PCMConfig, curriculum_segments, jump_gain
 from fewstep.objectives.protocol import OBJECTIVES, Batch
+from fewstep.solvers.grids import segment_edges, trailing_vp_grid
 
 TOLERANCE = 1e-4
 CURRICULUM = [dict(segments=m, steps=2) for m in (8, 4, 2, 1)]

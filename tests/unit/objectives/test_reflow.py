@@ -19,13 +19,14 @@ from fewstep.data.reflow import PairDataset, generate_pairs, straightness
 from fewstep.data.reflow.generate import class_conditions
 from fewstep.data.reflow.pairs import MANIFEST, shard_name
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.student import Student
+from fewstep.models.student import Student, num_parameters
 from fewstep.models.teacher import Teacher
-from fewstep.noise.timesteps import linspace_grid, u_shaped
+from fewstep.noise.timesteps import u_shaped
+from fewstep.objectives.losses import lpips_distance, pseudo_huber_distance
 from fewstep.objectives.protocol import OBJECTIVES
-from fewstep.objectives.reflow.common import num_parameters, pseudo_huber
 from fewstep.objectives.reflow.instaflow import InstaFlow, InstaFlowConfig
 from fewstep.objectives.reflow.reflow import Reflow, ReflowConfig
+from fewstep.solvers.grids import linspace_grid
 
 TEACHER_STEPS = 30
 
@@ -136,7 +137,7 @@ def test_rfpp_pseudo_huber_and_u_shaped_time():
     a, b = torch.zeros(3, 4, 8, 8), torch.ones(3, 4, 8, 8)
     d = 256
     c = 0.00054 * d
-    assert torch.allclose(pseudo_huber(a, b), torch.full((3,), (math.sqrt(d + c**2) - c) / d))
+    assert torch.allclose(pseudo_huber_distance(a, b), torch.full((3,), (math.sqrt(d + c**2) - c) / d))
     tau = u_shaped(200_000, torch.Generator().manual_seed(0), a=4.0)
     edges = ((tau < 0.1) | (tau > 0.9)).float().mean().item()
     middle = ((tau > 0.45) & (tau < 0.55)).float().mean().item()
@@ -319,7 +320,6 @@ def test_lpips_huber_adds_the_perceptual_term_and_trains(tmp_path):
     TorchScript file; the loss is (1 − τ)·Huber + LPIPS per sample and its gradient reaches the student."""
     from fewstep.models.loading import load_teacher
     from fewstep.objectives.protocol import Batch
-    from fewstep.objectives.reflow.common import lpips_distance
 
     torch.manual_seed(0)
     x = torch.zeros(1, 3, 224, 224)

@@ -11,8 +11,9 @@ import torch
 from test_lcm import mixture, sliced_wasserstein, train_teacher
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fewstep.models.backbones import latent_shape
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.consistency.scm import SCM, SCMConfig, scm_target, scm_update
@@ -160,7 +161,7 @@ def test_toy_one_step_student_beats_the_teachers_one_step(kind):
     VP-ε: a 1-step sample is x̂0 = (x − σ·ε̂)/α at t = T, so ε̂'s error is amplified by 1/α ≈ 15 (SD's betas) for
     student and teacher alike; the student wins at 2 steps there (measured: 1-step 1.05 vs 0.92, 2-step 0.33 vs 0.53).
     """
-    from fewstep.objectives.diffusion import sampling_grid
+    from fewstep.solvers.grids import sampling_taus
 
     teacher = train_teacher(kind)
     torch.manual_seed(1)
@@ -176,7 +177,7 @@ def test_toy_one_step_student_beats_the_teachers_one_step(kind):
         assert math.isfinite(out.metrics["loss"])
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
     real = mixture(2000, torch.Generator().manual_seed(2))
-    grid = {n: sampling_grid(teacher.schedule, n, noise) for n in (1, 2)}
+    grid = {n: sampling_taus(teacher.schedule, n) for n in (1, 2)}
     teacher_sw = {n: sliced_wasserstein(teacher.sample(noise, Conditioning(), grid[n]), real) for n in (1, 2)}
     sampler = objective.sampler()
     student_sw = {n: sliced_wasserstein(sampler(noise, Conditioning(), n, torch.Generator().manual_seed(3)), real)
