@@ -1,6 +1,6 @@
-"""The student's sampling schedule as a stock diffusers scheduler config plus ``fewstep_student.json`` (DESIGN §8).
+"""The student's sampling schedule as a stock diffusers scheduler config plus ``fewstep_student.json``.
 
-An objective that can be exported describes how its student is sampled with ``export_schedule() -> SamplingSpec``:
+Every objective describes how its student is sampled with ``sampling_spec() -> SamplingSpec``:
 the diffusers scheduler class and config, the exact timesteps or sigmas per step count (as trained), and the
 recommended steps and guidance with their convention. This module builds scheduler configs from a teacher and
 writes / reads the spec.
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fewstep.models.teacher import Teacher
+from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 
 SPEC_FILE = "fewstep_student.json"
 
@@ -131,9 +131,9 @@ def teacher_scheduler_config(teacher: Teacher) -> dict[str, Any]:
     raise ValueError(f"No diffusers scheduler describes a {schedule.kind!r} schedule; export supports vp and flow.")
 
 
-def _from_teacher(cls: Any, teacher: Teacher, **overrides: Any) -> Any:
-    """``cls`` built from the teacher's scheduler config, keeping only the keys ``cls`` takes (no warnings about
-    e.g. Euler's ``use_karras_sigmas`` reaching an ``LCMScheduler``)."""
+def scheduler_from_teacher(cls: Any, teacher: Teacher, **overrides: Any) -> Any:
+    """A diffusers scheduler of class ``cls`` built from the teacher's scheduler config with ``overrides``, keeping only
+    the keys ``cls`` takes (no warnings about e.g. Euler's ``use_karras_sigmas`` reaching an ``LCMScheduler``)."""
     accepted = inspect.signature(cls.__init__).parameters
     base = {k: v for k, v in teacher_scheduler_config(teacher).items() if k in accepted}
     return cls.from_config({**base, **overrides})
@@ -147,7 +147,7 @@ def lcm_scheduler_config(teacher: Teacher, original_inference_steps: int, timest
     """
     from diffusers import LCMScheduler
 
-    scheduler = _from_teacher(
+    scheduler = scheduler_from_teacher(
         LCMScheduler,
         teacher,
         original_inference_steps=original_inference_steps,
@@ -164,7 +164,9 @@ def flow_scheduler_config(teacher: Teacher, stochastic_sampling: bool) -> dict[s
     the consistency re-noise step ``x' = (1 − s')·x̂0 + s'·z`` (deterministic Euler otherwise)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = _from_teacher(FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=stochastic_sampling)
+    scheduler = scheduler_from_teacher(
+        FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=stochastic_sampling
+    )
     return dict(scheduler.config)
 
 
@@ -242,4 +244,51 @@ def _flow_spec(
         steps={n: {"sigmas": list(sigmas[n]), "levels": list(levels[n])} for n in sigmas},
         notes=notes,
         **common,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Specs for deterministic (ODE) samplers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def deterministic_spec(
+    teacher: Teacher, objective: str, steps: tuple[int, ...], sampler: str, recommended: int,
+    guidance_scale: float = 1.0, guidance_convention: str | None = None, notes: list[str] | None = None,
+) -> SamplingSpec:  # fmt: skip
+    """A ``SamplingSpec`` for a deterministic student: DDIM (trailing) for VP, FlowMatchEuler with explicit sigmas for
+    flow. At 1 step it is exactly a reflow student's sampler; above, the noise-reusing sampler is fewstep's."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if notes is None:
+        notes = ["Guidance was baked into the reflow pairs: sample with guidance_scale=1 (one forward per step)."]
+    if sampler == "noise_reuse":
+        notes.append(
+            "Trained for rfpp's noise-reusing sampler (x' = α·x̂0 + σ·z with the initial noise z): above one step, "
+            "diffusers' deterministic scheduler is the Euler ODE step instead; objective.sampler() reproduces it."
+        )
+    schedule = teacher.schedule
+    common = dict(
+        objective=objective, recommended_steps=recommended, guidance_scale=guidance_scale, notes=notes,
+        guidance_convention=guidance_convention or f"{GUIDANCE_CONVENTION}; the teacher's CFG is baked into the pairs",
+    )  # fmt: skip
+    if schedule.kind == "vp":
+        from fewstep.noise.timesteps import trailing_vp_grid
+
+        config = scheduler_from_teacher(DDIMScheduler, teacher, timestep_spacing="trailing", clip_sample=False,
+                                        prediction_type=teacher.denoiser.prediction_type)  # fmt: skip
+        table = {n: {"timesteps": schedule.model_timestep(trailing_vp_grid(n, schedule.num_train_timesteps)[:-1])
+                     .long().tolist()} for n in steps}  # fmt: skip
+        return SamplingSpec(
+            scheduler_class="DDIMScheduler", scheduler_config=dict(config.config), steps=table, **common
+        )
+    if schedule.kind != "flow":
+        raise ValueError(f"Export supports vp and flow teachers; this one has a {schedule.kind!r} schedule.")
+    config = scheduler_from_teacher(FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=False)
+    table = {}
+    for n in steps:
+        sigmas = torch.linspace(1.0, 0.0, n + 1)[:-1]
+        table[n] = {"sigmas": sigmas.tolist(), "levels": schedule.shift(sigmas).tolist()}
+    return SamplingSpec(
+        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(config.config), steps=table, **common
     )

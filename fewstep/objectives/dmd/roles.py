@@ -123,7 +123,7 @@ def fake_role(student: Student, teacher: Teacher, kind: str, rank: int, alpha: f
 
     Args:
         student: the student (its backbone is the shared base when it is a LoRA).
-        teacher: the teacher (its view becomes ``adapters_disabled`` when the fake score is an adapter on its base).
+        teacher: the teacher (a full fake score copies its base).
         kind: ``lora`` (a second adapter on the shared base; needs a LoRA student) or ``full`` (a copy of the base).
         rank, alpha: LoRA rank and alpha of the fake adapter.
     """
@@ -144,6 +144,7 @@ def fake_role(student: Student, teacher: Teacher, kind: str, rank: int, alpha: f
         lora_dropout=0.0,
         init_lora_weights=True,  # B = 0: the fake score starts exactly as the teacher
     )
+    # The teacher needs no new view: Student.lora's "adapters disabled" switches off every adapter of the base,
+    # this one included, and keeps every adapter's requires_grad.
     add_adapter(student.denoiser.backbone, config, FAKE_ADAPTER)
-    teacher.view = lambda: adapters_disabled(student.denoiser.backbone)  # keeps every adapter's requires_grad
     return AdapterRole(student.denoiser, FAKE_ADAPTER)

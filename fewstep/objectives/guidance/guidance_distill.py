@@ -34,8 +34,9 @@ from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.reflow.common import deterministic_spec, sampling_levels
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.reflow.common import sampling_levels
+from fewstep.objectives.spec import SamplingSpec, deterministic_spec
 from fewstep.solvers.samplers import sample_ddim
 from fewstep.solvers.steps import noise_to
 
@@ -165,6 +166,7 @@ class GuidanceDistill:
     """
 
     Config = GuidanceDistillConfig
+    bypasses_prepared = False
 
     def __init__(self, config: GuidanceDistillConfig, teacher: Teacher, student: Student) -> None:
         if teacher.null_cond is None:
@@ -179,19 +181,18 @@ class GuidanceDistill:
         self.kind = kind
         self.embedder: GuidanceEmbedder | None = None
         if kind == "timestep_cond":
-            from fewstep.objectives.consistency.lcm import _add_guidance_embedding
+            from fewstep.objectives.consistency.lcm import add_guidance_embedding
 
             if student.is_lora:
                 raise ValueError("embedding: timestep_cond adds a layer a LoRA cannot carry; use embedding: hook.")
-            student.denoiser.backbone = _add_guidance_embedding(backbone, config.guidance_embedding_dim)
+            student.denoiser.backbone = add_guidance_embedding(backbone, config.guidance_embedding_dim)
         else:
             self.embed_name, module, dim = _embed_target(backbone, config.embed_target)
             param = next(backbone.parameters())
             self.embedder = GuidanceEmbedder(dim).to(param.device).attach(module)
             student.guidance_embedder = self.embedder  # a submodule: trained, checkpointed with the student
-            if student.is_lora:  # the shared base: the teacher view also switches the w-embedding off
-                view, emb = teacher.view, self.embedder
-                teacher.view = lambda: _both(view(), emb.disabled())
+            if student.is_lora:  # the shared base: the teacher's view also switches the w-embedding off
+                teacher.add_view(self.embedder.disabled)
         self._online: nn.Module = student
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -199,6 +200,12 @@ class GuidanceDistill:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._online = prepared["student"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "student"
@@ -249,7 +256,7 @@ class GuidanceDistill:
         if state:
             raise ValueError(f"guidance_distill keeps no state; got keys {sorted(state)}.")
 
-    def export_schedule(self, steps: tuple[int, ...] = (25,)) -> Any:
+    def sampling_spec(self, steps: tuple[int, ...] = (25,)) -> SamplingSpec:
         cfg = self.config
         w = recommended_w(self.teacher, cfg.w_min, cfg.w_max, cfg.sample_guidance_scale)
         if self.kind == "timestep_cond":
@@ -265,8 +272,8 @@ class GuidanceDistill:
             guidance_convention=f"{GUIDANCE_CONVENTION}; trained for w in [{cfg.w_min}, {cfg.w_max}]", notes=notes,
         )  # fmt: skip
 
-    def export_extra(self, out_dir: str | Path) -> None:
-        """The hook w-embedding (the LoRA file does not carry it)."""
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """The hook w-embedding as ``guidance_embedding.safetensors`` (the LoRA file does not carry it)."""
         if self.embedder is None:
             return
         from safetensors.torch import save_file
@@ -287,12 +294,6 @@ def load_guidance_embedding(backbone: nn.Module, path: str | Path) -> GuidanceEm
     embedder = GuidanceEmbedder(dim)
     embedder.load_state_dict(load_file(str(file)))
     return embedder.to(next(backbone.parameters()).device).attach(module)
-
-
-@contextlib.contextmanager
-def _both(a: Any, b: Any) -> Iterator[None]:
-    with a, b:
-        yield
 
 
 def _raw(module: nn.Module, x: Tensor, tau: Tensor, cond: Conditioning) -> Tensor:

@@ -1,5 +1,5 @@
-"""Pieces the ``reflow`` and ``instaflow`` objectives share: rfpp's premetrics, the noise-reusing sampler, the
-deterministic export spec and the smaller-student (SlimFlow) backbone (ALGORITHMS §7.2–7.5)."""
+"""Pieces the ``reflow`` and ``instaflow`` objectives share: rfpp's premetrics, the noise-reusing sampler and
+SlimFlow's smaller student backbone; their export spec is ``fewstep.objectives.spec.deterministic_spec``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser, eval_mode
-from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
+from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import Schedule
 
 RFPP_HUBER_C = 0.00054  # rfpp: c = 0.00054·d (d = elements per sample), ALGORITHMS §7.4
@@ -110,50 +110,6 @@ class ReflowSampler:
                     else noise_to(self.schedule, pred.x0, noise.float(), nxt)
                 )
         return x
-
-
-def deterministic_spec(
-    teacher: Teacher, objective: str, steps: tuple[int, ...], sampler: str, recommended: int,
-    guidance_scale: float = 1.0, guidance_convention: str | None = None, notes: list[str] | None = None,
-) -> Any:  # fmt: skip
-    """A ``SamplingSpec`` for a deterministic student: DDIM (trailing) for VP, FlowMatchEuler with explicit sigmas for
-    flow. At 1 step it is exactly a reflow student's sampler; above, the noise-reusing sampler is fewstep's."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    from fewstep.objectives.spec import SamplingSpec, _from_teacher
-
-    if notes is None:
-        notes = ["Guidance was baked into the reflow pairs: sample with guidance_scale=1 (one forward per step)."]
-    if sampler == "noise_reuse":
-        notes.append(
-            "Trained for rfpp's noise-reusing sampler (x' = α·x̂0 + σ·z with the initial noise z): above one step, "
-            "diffusers' deterministic scheduler is the Euler ODE step instead; objective.sampler() reproduces it."
-        )
-    schedule = teacher.schedule
-    common = dict(
-        objective=objective, recommended_steps=recommended, guidance_scale=guidance_scale, notes=notes,
-        guidance_convention=guidance_convention or f"{GUIDANCE_CONVENTION}; the teacher's CFG is baked into the pairs",
-    )  # fmt: skip
-    if schedule.kind == "vp":
-        from fewstep.noise.timesteps import trailing_vp_grid
-
-        config = _from_teacher(DDIMScheduler, teacher, timestep_spacing="trailing", clip_sample=False,
-                               prediction_type=teacher.denoiser.prediction_type)  # fmt: skip
-        table = {n: {"timesteps": schedule.model_timestep(trailing_vp_grid(n, schedule.num_train_timesteps)[:-1])
-                     .long().tolist()} for n in steps}  # fmt: skip
-        return SamplingSpec(
-            scheduler_class="DDIMScheduler", scheduler_config=dict(config.config), steps=table, **common
-        )
-    if schedule.kind != "flow":
-        raise ValueError(f"Export supports vp and flow teachers; this one has a {schedule.kind!r} schedule.")
-    config = _from_teacher(FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=False)
-    table = {}
-    for n in steps:
-        sigmas = torch.linspace(1.0, 0.0, n + 1)[:-1]
-        table[n] = {"sigmas": sigmas.tolist(), "levels": schedule.shift(sigmas).tolist()}
-    return SamplingSpec(
-        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(config.config), steps=table, **common
-    )
 
 
 def smaller_backbone(backbone: nn.Module, overrides: dict[str, Any]) -> nn.Module:
