@@ -16,7 +16,7 @@ import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -25,6 +25,9 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.student import Student, _tuner_layers, adapters_disabled
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import Prediction
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 STUDENT_ADAPTER = "default"
 FAKE_ADAPTER = "fake"
@@ -50,7 +53,7 @@ def adapter_parameters(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return {k: p for k, p in module.named_parameters() if "lora_" in k and marker in f"{k}."}
 
 
-def add_adapter(backbone: nn.Module, config: Any, name: str) -> None:
+def add_adapter(backbone: nn.Module, config: LoraConfig, name: str) -> None:
     """Add a second LoRA adapter ``name`` to a backbone that already carries the student's, keeping the student's
     adapter active and every adapter's weights trainable (diffusers' ``add_adapter`` activates the new one and
     peft freezes the inactive ones)."""
