@@ -36,7 +36,7 @@ def sampling_spec(objective: Objective) -> SamplingSpec:
 def export_student(
     student: Student,
     teacher: Teacher,
-    objective: Objective,
+    objective: Any,
     out_dir: str | Path,
     *,
     lora: bool = True,
