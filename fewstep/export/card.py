@@ -56,7 +56,7 @@ def render_card(
     """The card as Markdown with a YAML header.
 
     Args:
-        spec: the student's sampling spec (``objective.export_schedule()``).
+        spec: the student's sampling spec (``objective.sampling_spec()``).
         pipeline_class: the diffusers pipeline class to load with (e.g. ``StableDiffusionPipeline``).
         base_model: the teacher (hub id or path) the LoRA applies to.
         student_path: where this export lives (a folder or the Hub id it will be uploaded to).

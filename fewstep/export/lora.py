@@ -8,6 +8,8 @@
   ``pipe.load_lora_weights(dir, weight_name=WEIGHT_NAME)`` reloads it.
 * ``save_merged``: the LoRA fused into a copy of the backbone (or the full student's backbone) inside a copy of the
   teacher's pipeline, with the student's scheduler, written with ``save_pretrained``.
+* ``save_student``: a LoRA where the pipeline loads one, a merged pipeline otherwise (further students an objective
+  exports, e.g. Phased DMD's experts).
 """
 
 from __future__ import annotations
@@ -165,6 +167,19 @@ def save_merged(student: Student, teacher: Teacher, out_dir: str | Path, schedul
     out_dir = Path(out_dir)
     out.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def save_student(student: Student, teacher: Teacher, out_dir: str | Path) -> Path:
+    """Write ``student`` as a LoRA (``save_lora``) where the teacher's pipeline class loads LoRAs, otherwise (and for
+    a full student) as a merged pipeline with the teacher's scheduler (``save_merged``).
+
+    Returns:
+        The LoRA file, or the pipeline directory.
+    """
+    pipe = _require_pipeline(teacher, "export")
+    if student.is_lora and hasattr(type(pipe), "save_lora_weights"):
+        return save_lora(student, teacher, out_dir)
+    return save_merged(student, teacher, out_dir)
 
 
 def _require_pipeline(teacher: Teacher, what: str) -> Any:

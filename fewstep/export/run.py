@@ -19,23 +19,18 @@ from typing import Any
 from torch import nn
 
 from fewstep.export.card import write_card
-from fewstep.export.lora import save_kohya, save_lora, save_merged
+from fewstep.export.lora import save_kohya, save_lora, save_merged, save_student
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
+from fewstep.objectives.protocol import Objective
 from fewstep.objectives.spec import SamplingSpec, write_schedule
 
 logger = logging.getLogger(__name__)
 
 
-def sampling_spec(objective: Any) -> SamplingSpec:
-    """The objective's ``export_schedule()``; a clear error for objectives that do not describe their sampler."""
-    export_schedule = getattr(objective, "export_schedule", None)
-    if export_schedule is None:
-        raise ValueError(
-            f"Objective {type(objective).__name__} does not describe how its student is sampled "
-            "(no `export_schedule()`), so no diffusers scheduler config can be written for it."
-        )
-    return export_schedule()
+def sampling_spec(objective: Objective) -> SamplingSpec:
+    """The objective's ``sampling_spec()``: how its student is sampled with a stock diffusers scheduler."""
+    return objective.sampling_spec()
 
 
 def export_student(
@@ -84,9 +79,7 @@ def export_student(
         merged_dir = out_dir / "merged" if wrote_lora else out_dir
         save_merged(student, teacher, merged_dir, scheduler=spec.scheduler())
     write_schedule(spec, out_dir)
-    export_extra = getattr(objective, "export_extra", None)  # objective-owned files (e.g. AGD adapters)
-    if export_extra is not None:
-        export_extra(out_dir)
+    objective.export_extra(out_dir, lambda extra, path: save_student(extra, teacher, path))  # e.g. AGD adapters
     base = base_model or getattr(teacher.pipeline, "name_or_path", None) or "<base model>"
     write_card(
         out_dir, spec, pipeline_class=pipe_cls.__name__, base_model=str(base), student_path=str(out_dir),

@@ -1,7 +1,7 @@
 """``Student``: the trainable denoiser, a full fine-tune or a LoRA (peft) on the teacher's own base (DESIGN §3).
 
 A LoRA student never holds a second copy of the base: adapters are injected into the teacher's backbone, the base
-stays frozen, and the teacher's ``view`` becomes "adapters disabled". A full student is a deep copy.
+stays frozen, and the teacher gets the view "adapters disabled" (``Teacher.add_view``). A full student is a deep copy.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Student(nn.Module):
             if "lora_" in name:
                 p.requires_grad_(True)
         backbone.train()
-        teacher.view = lambda: adapters_disabled(backbone)
+        teacher.add_view(lambda: adapters_disabled(backbone))
         d = teacher.denoiser
         return cls(Denoiser(backbone, d.schedule, d.prediction_type, d._adapter), is_lora=True, lora_config=config)
 

@@ -4,14 +4,16 @@ Guidance convention (ALGORITHMS §1.4, Imagen): ``ŷ = ŷ_∅ + w·(ŷ_c − ŷ_
 once, on raw backbone outputs (exact because every conversion is affine with identical coefficients for both
 branches). LCM's ``ω`` is ``w − 1``; objectives that sample ω convert at their edge.
 
-A LoRA student shares its base with the teacher: the teacher's ``view`` is a context that disables the adapters,
-so no second copy of the base exists (``Student.lora``).
+A student that shares the teacher's module (a LoRA on its base, AGD's adapters, a hooked guidance embedding) gives the
+teacher a *view* with ``Teacher.add_view``: a context under which the shared module is the teacher again (adapters
+off, hooks off). Every teacher forward runs inside all of its views (``Teacher.view``), so no second copy of the base
+exists (``Student.lora``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -49,7 +51,7 @@ class Teacher:
         self.pipeline = pipeline
         self.null_cond = null_cond
         self.family = family
-        self.view: Callable[[], AbstractContextManager] = nullcontext
+        self._views: list[Callable[[], AbstractContextManager]] = []
         denoiser.eval()
         denoiser.requires_grad_(False)
 
@@ -69,6 +71,28 @@ class Teacher:
     @property
     def schedule(self) -> Schedule:
         return self.denoiser.schedule
+
+    def add_view(self, view: Callable[[], AbstractContextManager]) -> None:
+        """Run every later teacher forward inside ``view()`` as well.
+
+        For students that change the teacher's own module: ``Student.lora`` adds "LoRA adapters disabled", AGD
+        "AGD adapters disabled", a hooked guidance embedding "embedding disabled". Views compose: ``view()`` enters
+        them in the order they were added.
+
+        Args:
+            view: a factory of a fresh context manager (e.g. ``lambda: adapters_disabled(backbone)``).
+        """
+        self._views.append(view)
+
+    @contextmanager
+    def view(self) -> Iterator[None]:
+        """The context in which the denoiser is this teacher: every view of ``add_view``, entered in order (none:
+        nothing to do). ``raw``, ``predict`` and ``sample`` use it; objectives that call ``teacher.denoiser``
+        themselves enter it."""
+        with ExitStack() as stack:
+            for view in self._views:
+                stack.enter_context(view())
+            yield
 
     def uncond_like(self, cond: Conditioning) -> Conditioning | None:
         """The null conditioning repeated to ``cond``'s batch size (``None`` if the teacher has none)."""

@@ -16,8 +16,9 @@ The sampler is the teacher-style deterministic one (DDIM η = 0, Euler for flow)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -29,12 +30,13 @@ from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
-from fewstep.models.teacher import Teacher
+from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise import timesteps
 from fewstep.noise.convert import Prediction, from_x0_eps
 from fewstep.noise.schedules import Schedule
 from fewstep.noise.timesteps import TAU_EPS
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec, deterministic_spec
 from fewstep.solvers.grids import sampling_taus
 from fewstep.solvers.samplers import sample_ddim
 from fewstep.solvers.steps import noise_to
@@ -135,6 +137,7 @@ class Diffusion:
     """
 
     Config = DiffusionConfig
+    bypasses_prepared = False
 
     def __init__(self, config: DiffusionConfig, teacher: Teacher, student: Student) -> None:
         self.config = config
@@ -148,6 +151,12 @@ class Diffusion:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._online = prepared["student"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "student"
@@ -191,13 +200,29 @@ class Diffusion:
         return None
 
     def sampler(self) -> DiffusionSampler:
-        w = self.config.sample_guidance_scale
         return DiffusionSampler(
             self.student.denoiser,
             self.schedule,
-            guidance_scale=self.teacher.guidance_scale if w is None else w,
+            guidance_scale=self.guidance_scale(),
             uncond_like=self.teacher.uncond_like if self.teacher.null_cond is not None else None,
         )
+
+    def guidance_scale(self) -> float:
+        """The Imagen ``w`` the student is sampled with: ``sample_guidance_scale``, else the teacher's."""
+        w = self.config.sample_guidance_scale
+        return self.teacher.guidance_scale if w is None else w
+
+    def sampling_spec(self, steps: tuple[int, ...] = (10, 25, 50)) -> SamplingSpec:
+        """The teacher's own kind of sampler: DDIM (trailing) for VP, deterministic Euler for flow, with CFG."""
+        notes = ["A denoising fine-tune samples like its teacher: many steps, classifier-free guidance as usual."]
+        return deterministic_spec(
+            self.teacher, "diffusion", steps, "euler", recommended=25, guidance_scale=self.guidance_scale(),
+            guidance_convention=f"{GUIDANCE_CONVENTION}; trained with cond_dropout={self.config.cond_dropout}",
+            notes=notes,
+        )  # fmt: skip
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

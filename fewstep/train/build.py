@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+from pydantic import BaseModel
 
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
-from fewstep.objectives import OBJECTIVES
+from fewstep.objectives import OBJECTIVES, Objective
+
+if TYPE_CHECKING:
+    from fewstep.config.schema import Recipe, StudentConfig
 
 
 @dataclass
 class Components:
+    """What a run trains: the frozen teacher, the student and the objective that ties them together."""
+
     teacher: Teacher
     student: Student
-    objective: Any  # an Objective (fewstep.objectives.protocol)
+    objective: Objective
 
 
-def build_student(student_cfg: Any, teacher: Teacher) -> Student:
+def build_student(student_cfg: StudentConfig, teacher: Teacher) -> Student:
     """``Student.lora`` or ``Student.full`` from the recipe's ``student`` block; trainable weights are kept in fp32
     (the frozen base may be bf16/fp16, mixed precision comes from ``train.mixed_precision``)."""
     if student_cfg.kind == "lora":
@@ -43,7 +49,7 @@ def build_student(student_cfg: Any, teacher: Teacher) -> Student:
     return student
 
 
-def objective_config(recipe: Any) -> Any:
+def objective_config(recipe: Recipe) -> BaseModel:
     """The objective block validated into its own ``Config`` (already done by the recipe schema when it is typed)."""
     cls = OBJECTIVES.get(recipe.objective.name)
     block = recipe.objective
@@ -53,7 +59,7 @@ def objective_config(recipe: Any) -> Any:
     return cls.Config.model_validate(data)
 
 
-def build_components(recipe: Any, teacher: Teacher | None = None) -> Components:
+def build_components(recipe: Recipe, teacher: Teacher | None = None) -> Components:
     """Load the teacher (``fewstep.models.loading.load_teacher``), build the student and the objective.
 
     Args:

@@ -5,6 +5,8 @@ Layout of ``<run_dir>/checkpoints/step_XXXXXXXX/``::
     trainable/<group>.safetensors   weights that train: params with requires_grad (+ buffers of a full model)
     optimizers/<group>.pt           {"optimizer": AdamW state, "scheduler": LR-schedule state}
     ema.safetensors                 {"<group>/<param>": EMA shadow} (only with train.ema_decay)
+    auxiliary/<group>.safetensors   the group's auxiliary module (objective.auxiliary(); only if it has one)
+    auxiliary/ema.safetensors       their EMA shadows, as ema.safetensors (only with both)
     objective.pt                    objective.state_dict() (target nets, counters)
     rng/rank_<r>.pt                 python / numpy / torch (/ cuda) RNG states of every rank
     state.json                      step, data position, non-finite count, world size
@@ -117,8 +119,12 @@ def save_checkpoint(
     objective_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int = 0,
+    auxiliary: dict[str, nn.Module] | None = None,
+    auxiliary_ema: EMA | None = None,
 ) -> None:
-    """Write one checkpoint atomically from every rank (collective: all ranks must call it)."""
+    """Write one checkpoint atomically from every rank (collective: all ranks must call it).
+
+    ``auxiliary`` (``objective.auxiliary()``) and ``auxiliary_ema`` (their EMA shadows) go to ``auxiliary/``."""
     tmp = ckpt_dir.parent / f".tmp_{ckpt_dir.name}"
     main = accelerator.is_main_process
     if main:
@@ -135,7 +141,13 @@ def save_checkpoint(
             state = {"optimizer": optimizers[name].state_dict(), "scheduler": schedulers[name].state_dict()}
             torch.save(state, tmp / "optimizers" / f"{name}.pt")
         if ema is not None:
-            save_file(_cpu(ema.state_dict()), tmp / "ema.safetensors", metadata={"updates": json.dumps(ema.updates)})
+            _save_ema(ema, tmp / "ema.safetensors")
+        if auxiliary:
+            (tmp / "auxiliary").mkdir()
+            for name, module in auxiliary.items():
+                save_file(_cpu(trainable_state(module)), tmp / "auxiliary" / f"{name}.safetensors")
+            if auxiliary_ema is not None:
+                _save_ema(auxiliary_ema, tmp / "auxiliary" / "ema.safetensors")
         torch.save(objective_state, tmp / "objective.pt")
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     torch.save(rng_state(), tmp / "rng" / f"rank_{accelerator.process_index}.pt")
@@ -150,6 +162,10 @@ def save_checkpoint(
         _fsync_dir(ckpt_dir.parent)
         prune_checkpoints(ckpt_dir.parent.parent, keep_last)
     accelerator.wait_for_everyone()
+
+
+def _save_ema(ema: EMA, path: Path) -> None:
+    save_file(_cpu(ema.state_dict()), path, metadata={"updates": json.dumps(ema.updates)})
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
@@ -189,24 +205,25 @@ def load_checkpoint(
     optimizers: dict[str, Any],
     schedulers: dict[str, Any],
     ema: EMA | None,
+    auxiliary: dict[str, nn.Module] | None = None,
+    auxiliary_ema: EMA | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights, optimizers, schedules, EMA and this rank's RNG in place. Returns ``(objective_state, meta)``."""
+    """Load weights, optimizers, schedules, EMA, auxiliary modules (and their EMA) and this rank's RNG in place.
+    Returns ``(objective_state, meta)``."""
     meta = _read(ckpt_dir, ckpt_dir / "state.json", lambda p: json.loads(p.read_text()))
     for name, module in trainable.items():
         weights = _read(ckpt_dir, ckpt_dir / "trainable" / f"{name}.safetensors", load_file)
-        _load_weights(accelerator.unwrap_model(module), weights, ckpt_dir, name)
+        _load_weights(accelerator.unwrap_model(module), weights, ckpt_dir, Path("trainable") / f"{name}.safetensors")
         state = _read(ckpt_dir, ckpt_dir / "optimizers" / f"{name}.pt", _torch_load)
         optimizers[name].load_state_dict(state["optimizer"])
         schedulers[name].load_state_dict(state["scheduler"])
+    for name, module in (auxiliary or {}).items():
+        weights = _read(ckpt_dir, ckpt_dir / "auxiliary" / f"{name}.safetensors", load_file)
+        _load_weights(module, weights, ckpt_dir, Path("auxiliary") / f"{name}.safetensors")
     if ema is not None:
-        path = ckpt_dir / "ema.safetensors"
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path} does not exist: the checkpoint was written without EMA but train.ema_decay is set. "
-                "Resume with train.ema_decay=null, or start over with train.resume=never."
-            )
-        shadows, metadata = _read(ckpt_dir, path, _load_with_metadata)
-        ema.load_state_dict(shadows, json.loads(metadata["updates"]) if "updates" in metadata else None)
+        _load_ema(ckpt_dir, ckpt_dir / "ema.safetensors", ema)
+    if auxiliary_ema is not None:
+        _load_ema(ckpt_dir, ckpt_dir / "auxiliary" / "ema.safetensors", auxiliary_ema)
     rank_file = ckpt_dir / "rng" / f"rank_{accelerator.process_index}.pt"
     if not rank_file.is_file():  # resumed on more processes than saved: this rank continues rank 0's stream
         rank_file = ckpt_dir / "rng" / "rank_0.pt"
@@ -215,12 +232,24 @@ def load_checkpoint(
     return objective_state, meta
 
 
-def _load_weights(module: nn.Module, weights: dict[str, Tensor], ckpt_dir: Path, name: str) -> None:
+def _load_ema(ckpt_dir: Path, path: Path, ema: EMA) -> None:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} does not exist: the checkpoint was written without EMA but train.ema_decay is set. "
+            "Resume with train.ema_decay=null, or start over with train.resume=never."
+        )
+    shadows, metadata = _read(ckpt_dir, path, _load_with_metadata)
+    ema.load_state_dict(shadows, json.loads(metadata["updates"]) if "updates" in metadata else None)
+
+
+def _load_weights(module: nn.Module, weights: dict[str, Tensor], ckpt_dir: Path, file: Path) -> None:
+    """Copy ``weights`` (from ``ckpt_dir / file``) into ``module``'s trainable state; keys must match exactly."""
     expected = trainable_state(module)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
+        name = file.stem
         raise CheckpointError(
-            f"{ckpt_dir / 'trainable' / (name + '.safetensors')} does not match the {name!r} weights being trained "
+            f"{ckpt_dir / file} does not match the {name!r} weights being trained "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}): it was written with another student or "
             "objective. Resume with the recipe it was trained with, or set train.resume=never."
         )

@@ -2,9 +2,10 @@
 EMA, non-finite guard, checkpoints with exact resume, signals, scalars, sample grids and periodic evaluation
 (``eval.every_steps``: ``fewstep.train.periodic_eval``, best checkpoint in ``checkpoints/best``).
 
-Per step: ``phase = objective.phase(step)``; ``gradient_accumulation_steps`` micro-batches of
-``objective.loss(batch, step, phase)`` are backpropagated; the phase's optimizer clips, steps, and zero-grads its
-group only; EMA and ``objective.on_step_end`` follow. A non-finite loss (on any rank) skips the update.
+Before the first step: ``objective.prepare(batches)`` (after a resume). Per step: ``phase = objective.phase(step)``;
+``gradient_accumulation_steps`` micro-batches of ``objective.loss(batch, step, phase)`` are backpropagated; the
+phase's optimizer clips, steps, and zero-grads its group (and the group's ``objective.auxiliary()`` module) only; EMA
+and ``objective.on_step_end`` follow. A non-finite loss (on any rank) skips the update.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.data.loader import build_batches
@@ -36,12 +38,17 @@ from fewstep.train.ema import EMA, trainable_parameters
 from fewstep.train.logging import flatten_metrics, write_samples
 from fewstep.train.optim import build_optimizers, build_schedulers
 from fewstep.train.periodic_eval import PeriodicEval
-from fewstep.train.sync import average_gradients, bypasses_prepared, check_strategy
+from fewstep.train.sync import average_gradients, check_strategy
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from fewstep.config.schema import Recipe
 
 SUMMARY = "run_summary.json"
 
 
-def make_accelerator(recipe: Any) -> Any:
+def make_accelerator(recipe: Recipe) -> Accelerator:
     """``Accelerator`` from the recipe (DDP/FSDP/DeepSpeed come from ``accelerate launch``'s own config)."""
     from accelerate import Accelerator
 
@@ -53,7 +60,7 @@ def make_accelerator(recipe: Any) -> Any:
     )
 
 
-def train(recipe: Any, accelerator: Any = None, teacher: Teacher | None = None) -> Path:
+def train(recipe: Recipe, accelerator: Accelerator | None = None, teacher: Teacher | None = None) -> Path:
     """Train ``recipe`` and return its run directory (``recipe.output_dir``).
 
     Resumes from ``train.resume`` (``auto``: the newest complete checkpoint of the run). SIGTERM/SIGINT finish the
@@ -76,7 +83,7 @@ def train(recipe: Any, accelerator: Any = None, teacher: Teacher | None = None) 
 class Trainer:
     """The state of one run. ``fit()`` trains to ``train.max_steps`` (or until a signal) and returns the run dir."""
 
-    def __init__(self, recipe: Any, accelerator: Any, components: Components) -> None:
+    def __init__(self, recipe: Recipe, accelerator: Accelerator, components: Components) -> None:
         from accelerate.utils import set_seed
 
         self.recipe, self.acc, self.cfg = recipe, accelerator, recipe.train
@@ -86,8 +93,9 @@ class Trainer:
         if self.teacher.pipeline is not None and hasattr(self.teacher.pipeline, "to"):
             self.teacher.pipeline.to(accelerator.device)
 
-        self.groups: dict[str, torch.nn.Module] = self.objective.trainable()  # unwrapped
-        optimizers = build_optimizers(self.groups, recipe.optim)
+        self.groups: dict[str, nn.Module] = self.objective.trainable()  # unwrapped
+        self.auxiliary = self._auxiliary_modules()  # never wrapped; trained by their group's optimizer
+        optimizers = build_optimizers(self.groups, recipe.optim, self.auxiliary)
         self.schedulers = build_schedulers(optimizers, recipe.optim, self.cfg.max_steps)
         names = list(self.groups)
         prepared = accelerator.prepare(*self.groups.values(), *optimizers.values())
@@ -96,7 +104,12 @@ class Trainer:
         self.optimizers = dict(zip(names, prepared[len(names) :]))
         self.objective.attach(self.modules)
         check_strategy(self.objective, accelerator)
-        self.ema = EMA(self.groups, self.cfg.ema_decay, self.cfg.ema_warmup) if self.cfg.ema_decay is not None else None
+        self.ema: EMA | None = None
+        self.auxiliary_ema: EMA | None = None  # the auxiliary modules' shadows: checkpointed, never applied
+        if self.cfg.ema_decay is not None:
+            self.ema = EMA(self.groups, self.cfg.ema_decay, self.cfg.ema_warmup)
+            if self.auxiliary:
+                self.auxiliary_ema = EMA(self.auxiliary, self.cfg.ema_decay, self.cfg.ema_warmup)
 
         self.step, position, self.nonfinite_steps = 0, 0, 0
         self.resumed_from = resolve_resume(self.run_dir, self.cfg.resume)
@@ -105,6 +118,7 @@ class Trainer:
         else:
             set_seed(self.cfg.seed + accelerator.process_index)  # per-rank noise from here on
         self.batches = build_batches(recipe.data, self.teacher, accelerator, position, seed=self.cfg.seed)
+        self.objective.prepare(self.batches)  # one-time work (TBCM's rollouts), after the resume
         self._stop_requested = False  # set by a signal on this rank
         self._stop = False  # the same on every rank: set when any rank got a signal
         self._last_saved = self.step if self.resumed_from is not None else -1
@@ -163,11 +177,7 @@ class Trainer:
             losses.append(out.loss.detach().float())
             metrics = out.metrics
         loss = torch.stack(losses).mean()
-        if acc.num_processes > 1 and bypasses_prepared(self.objective):
-            average_gradients(self.groups[phase], acc)  # DDP's hooks never ran (fewstep.train.sync)
-        max_norm = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip is not None else math.inf
-        grad_norm = acc.clip_grad_norm_(list(trainable_parameters(self.modules[phase]).values()), max_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else None  # None: DeepSpeed clips internally
+        grad_norm = self._sync_and_clip(phase)
         # One collective per step: [loss non-finite, stop requested, loss] summed over ranks.
         flags = torch.tensor(
             [float(not torch.isfinite(loss)), float(self._stop_requested), float(loss)], device=acc.device
@@ -188,6 +198,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(phase)
+            if self.auxiliary_ema is not None and phase in self.auxiliary:
+                self.auxiliary_ema.update(phase)
             self.objective.on_step_end(self.step, phase)
         self.step += 1
         scalars = {
@@ -198,6 +210,31 @@ class Trainer:
         if grad_norm is not None:
             scalars[f"grad_norm/{phase}"] = grad_norm
         return {**scalars, **flatten_metrics("metrics", metrics)}
+
+    def _sync_and_clip(self, phase: str) -> float | None:
+        """Average the gradients DDP did not (``bypasses_prepared``, auxiliary modules; ``fewstep.train.sync``), then
+        clip the phase's parameters and its auxiliary module's together. Returns the norm (None: DeepSpeed clips)."""
+        acc, auxiliary = self.acc, self.auxiliary.get(phase)
+        if acc.num_processes > 1 and self.objective.bypasses_prepared:
+            average_gradients(self.groups[phase], acc)  # DDP's hooks never ran
+        if acc.num_processes > 1 and auxiliary is not None:
+            average_gradients(auxiliary, acc)
+        params = list(trainable_parameters(self.modules[phase]).values())
+        params += list(trainable_parameters(auxiliary).values()) if auxiliary is not None else []
+        max_norm = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip is not None else math.inf
+        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        return float(grad_norm) if grad_norm is not None else None
+
+    def _auxiliary_modules(self) -> dict[str, nn.Module]:
+        """``objective.auxiliary()``, checked against the groups and moved to the device."""
+        auxiliary = self.objective.auxiliary()
+        unknown = sorted(set(auxiliary) - set(self.groups))
+        if unknown:
+            raise ValueError(
+                f"{type(self.objective).__name__}.auxiliary() keys {unknown} are not trainable groups "
+                f"({sorted(self.groups)}): key each auxiliary module by the group whose optimizer trains it."
+            )
+        return {name: module.to(self.acc.device) for name, module in auxiliary.items()}
 
     def _check_nonfinite(self, loss: float, grad_norm: float | None) -> None:
         msg = (
@@ -236,13 +273,15 @@ class Trainer:
             self.objective.state_dict(),
             meta,
             keep_last=self.cfg.keep_last,
+            auxiliary=self.auxiliary,
+            auxiliary_ema=self.auxiliary_ema,
         )
         self._last_saved = self.step
         return path
 
     def _load(self, ckpt: Path) -> int:
         objective_state, meta = load_checkpoint(
-            ckpt, self.acc, self.modules, self.optimizers, self.schedulers, self.ema
+            ckpt, self.acc, self.modules, self.optimizers, self.schedulers, self.ema, self.auxiliary, self.auxiliary_ema
         )
         self.objective.load_state_dict(objective_state)
         if meta.get("grad_scaler") and self.acc.scaler is not None:
@@ -298,7 +337,7 @@ class Trainer:
         if preview.x0 is not None:
             shape = tuple(preview.x0.shape[1:])
         else:  # data-free: the teacher's latent shape at data.resolution
-            from fewstep.models.loading import latent_shape
+            from fewstep.models.backbones import latent_shape
 
             shape = latent_shape(self.teacher, n, self.recipe.data.resolution)[1:]
         gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -323,8 +362,10 @@ class Trainer:
         from accelerate.utils import gather_object
 
         digest = hashlib.sha256()
-        for name in sorted(self.modules):
-            for key, t in sorted(trainable_state(self.acc.unwrap_model(self.modules[name])).items()):
+        states = {name: trainable_state(self.acc.unwrap_model(module)) for name, module in self.modules.items()}
+        states.update({f"auxiliary/{name}": trainable_state(module) for name, module in self.auxiliary.items()})
+        for name in sorted(states):
+            for key, t in sorted(states[name].items()):
                 digest.update(key.encode())
                 digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         fingerprints = gather_object([digest.hexdigest()])
@@ -361,7 +402,7 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def write_resolved_config(recipe: Any, path: Path) -> None:
+def write_resolved_config(recipe: Recipe, path: Path) -> None:
     """The recipe with every default filled in; ``fewstep train resolved_config.yaml`` repeats the run."""
     from fewstep.config.load import dump_recipe
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fewstep.train.ema import trainable_parameters
 
+if TYPE_CHECKING:
+    from fewstep.config.schema import OptimConfig
 
-def build_optimizers(groups: dict[str, nn.Module], optim_cfg: Any) -> dict[str, torch.optim.AdamW]:
-    """AdamW over the parameters that require grad of each group; ``optim.group_lr[name]`` overrides ``optim.lr``."""
+
+def build_optimizers(
+    groups: dict[str, nn.Module], optim_cfg: OptimConfig, auxiliary: dict[str, nn.Module] | None = None
+) -> dict[str, torch.optim.AdamW]:
+    """AdamW over the parameters that require grad of each group, then of its ``auxiliary`` module if it has one
+    (``objective.auxiliary()``); ``optim.group_lr[name]`` overrides ``optim.lr``."""
+    auxiliary = auxiliary or {}
     unknown = sorted(set(optim_cfg.group_lr) - set(groups))
     if unknown:
         raise ValueError(
@@ -26,6 +33,8 @@ def build_optimizers(groups: dict[str, nn.Module], optim_cfg: Any) -> dict[str, 
                 f"Trainable group {name!r} has no parameter that requires grad. For a LoRA student check "
                 "student.lora.target_modules; for a full student the objective must not freeze it."
             )
+        if name in auxiliary:
+            params += list(trainable_parameters(auxiliary[name]).values())
         optimizers[name] = torch.optim.AdamW(
             params,
             lr=float(optim_cfg.group_lr.get(name, optim_cfg.lr)),
@@ -36,7 +45,9 @@ def build_optimizers(groups: dict[str, nn.Module], optim_cfg: Any) -> dict[str, 
     return optimizers
 
 
-def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], optim_cfg: Any, max_steps: int) -> dict[str, Any]:
+def build_schedulers(
+    optimizers: dict[str, torch.optim.Optimizer], optim_cfg: OptimConfig, max_steps: int
+) -> dict[str, Any]:
     """diffusers' ``get_scheduler`` per optimizer; each steps once per step of its own optimizer."""
     from diffusers.optimization import get_scheduler
 

@@ -3,38 +3,45 @@
 DDP all-reduces gradients from hooks it arms in its own ``forward``. sCM, rCM and TBCM take a JVP of the student
 (``torch.func.jvp`` cannot pass through DDP's wrapper), so they call the backbone itself and DDP never syncs.
 Such an objective sets ``bypasses_prepared = True``; the trainer then averages the phase's gradients over ranks
-once per optimizer step (after the accumulation loop, before clipping), which is what DDP would have done.
+once per optimizer step (after the accumulation loop, before clipping), which is what DDP would have done. The same
+holds for an objective's ``auxiliary()`` modules, which are never wrapped.
 Sharded strategies (FSDP, DeepSpeed ZeRO) own the gradients and cannot be averaged like this: refused up front.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from fewstep.objectives.protocol import Objective
+
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
-def bypasses_prepared(objective: Any) -> bool:
-    """Whether ``objective`` calls its trainable modules directly instead of the prepared ones."""
-    return bool(getattr(objective, "bypasses_prepared", False))
-
-
-def check_strategy(objective: Any, accelerator: Any) -> None:
-    """Refuse a sharded strategy for an objective that bypasses the prepared modules.
+def check_strategy(objective: Objective, accelerator: Any) -> None:
+    """Refuse a sharded strategy for an objective that bypasses the prepared modules or has auxiliary modules.
 
     Raises:
         ValueError: FSDP / DeepSpeed with such an objective (the message names the objective and the fix).
     """
     kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
-    if bypasses_prepared(objective) and kind in SHARDED:
+    if kind not in SHARDED:
+        return
+    if objective.bypasses_prepared:
         raise ValueError(
             f"The {type(objective).__name__} objective differentiates the student with a JVP outside the wrapped "
             f"module, which {kind} cannot shard. Launch it with plain multi-GPU data parallelism "
             "(`accelerate launch --multi_gpu`), or use a memory saver that keeps whole weights per rank "
             "(student.kind: lora, gradient checkpointing)."
+        )
+    if objective.auxiliary():
+        raise ValueError(
+            f"The {type(objective).__name__} objective trains auxiliary modules (for {sorted(objective.auxiliary())}) "
+            f"outside the wrapped model, which {kind} cannot shard. Launch it with plain multi-GPU data parallelism "
+            "(`accelerate launch --multi_gpu`)."
         )
 
 

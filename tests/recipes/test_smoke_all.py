@@ -3,7 +3,7 @@
 A recipe's family is its file name prefix (``sd15_…``, ``sdxl_…``, ``sd3_…``, ``flux_…``): its hub teacher is
 swapped for ``tiny:<family>``. Recipes on the shipped digits teachers (``fewstep:…``) run as they are; one whose
 teacher is another recipe's exported run (``…/<recipe>/export``) runs on that recipe's teacher. Only sizes change
-(steps, batch, resolution, LoRA rank): every objective key stays as shipped.
+(steps, batch, resolution, LoRA rank, TBCM's cache size and place): every other objective key stays as shipped.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
         overrides.append(f"data.path={prompts}")
     if shipped.student.kind == "lora":
         overrides += ["student.lora.rank=4", "student.gradient_checkpointing=false"]
+    if shipped.objective.name == "tbcm":  # the trajectory cache is rolled out before the first step: 2 shards
+        overrides += ["objective.num_shards=2", f"objective.cache_dir={tmp_path / 'trajectories'}"]
     return overrides
 
 

@@ -14,6 +14,8 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.dmd.functional import denoising_loss, dm_gradient, injected_loss
+from fewstep.objectives.protocol import LossOutput
+from fewstep.objectives.spec import SamplingSpec, scheduler_from_teacher
 from fewstep.solvers.steps import noise_to
 
 
@@ -62,12 +64,12 @@ def hinge_d_loss(fake_score: Tensor, real_score: Tensor) -> Tensor:
 
 def tcd_spec(
     teacher: Teacher, timesteps: dict[int, list[int]], original_inference_steps: int, gamma: float, **common: Any
-) -> Any:
+) -> SamplingSpec:
     """A VP student sampled by ``TCDScheduler`` with ``eta = γ``: ``num_inference_steps`` alone picks
     ``timesteps[num_steps]`` from the ``original_inference_steps`` skipping grid (informative)."""
     from diffusers import TCDScheduler
 
-    from fewstep.objectives.spec import SamplingSpec, scheduler_from_teacher
+    from fewstep.objectives.spec import SamplingSpec
 
     scheduler = scheduler_from_teacher(
         TCDScheduler, teacher, original_inference_steps=original_inference_steps,
@@ -126,10 +128,8 @@ def one_step_dmd_loss(
 
 def critic_loss(
     student: Denoiser, fake: nn.Module, schedule: Schedule, grid: Tensor, cond: Conditioning, shape: tuple[int, ...]
-) -> Any:
+) -> LossOutput:
     """The fake score's denoising loss on the student's 1-step samples (DMD's fake-score update)."""
-    from fewstep.objectives.protocol import LossOutput
-
     with torch.no_grad():
         G = _one_step(student, grid, cond, shape)
     x_t, tau, eps = _noised(schedule, G)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,7 +37,8 @@ from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.convert import bcast
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.losses import pseudo_huber
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import lcm_timesteps, skipping_grid
 from fewstep.solvers.samplers import sample_consistency
 from fewstep.solvers.steps import ddim_step, noise_to
@@ -245,6 +248,7 @@ class LCM:
     """
 
     Config = LCMConfig
+    bypasses_prepared = False
 
     def __init__(self, config: LCMConfig, teacher: Teacher, student: Student) -> None:
         _check_teacher(teacher)
@@ -273,6 +277,12 @@ class LCM:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._online = prepared["student"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "student"
@@ -378,10 +388,8 @@ class LCM:
             return 1.0
         return min(max(8.5, 1.0 + self.config.w_min), 1.0 + self.config.w_max)
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
-        """The student's sampling schedule for export (``fewstep.objectives.spec.SamplingSpec``)."""
-        from fewstep.objectives.spec import flow_renoise_spec, lcm_vp_spec
-
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> SamplingSpec:
+        """``LCMScheduler`` on the trained skipping grid (VP) or the flow re-noise scheduler at its levels."""
         cfg, n = self.config, self.config.num_ddim_timesteps
         steps = tuple(s for s in steps if s <= n)
         common = dict(
@@ -397,3 +405,6 @@ class LCM:
         c_skip = max(float(lcm_scalings(self.schedule, cfg, t)[0].max()) for t in levels.values())
         sigmas = {s: lcm_timesteps(unshifted, s).tolist() for s in steps}
         return flow_renoise_spec(self.teacher, sigmas, {s: t.tolist() for s, t in levels.items()}, c_skip, **common)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""

@@ -21,8 +21,9 @@ M steps visits exactly the trained segment starts, and its γ (``eta``) step is 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -44,7 +45,8 @@ from fewstep.objectives.consistency.hyper_sd import (
 )
 from fewstep.objectives.dmd.roles import fake_role, student_role
 from fewstep.objectives.losses import pseudo_huber
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec, flow_euler_spec, flow_renoise_spec
 from fewstep.solvers.grids import segment_edges, skipping_grid
 from fewstep.solvers.steps import ddim_step, noise_to, transition
 
@@ -207,6 +209,7 @@ class PCM:
     """
 
     Config = PCMConfig
+    bypasses_prepared = False
 
     def __init__(self, config: PCMConfig, teacher: Teacher, student: Student, reward: RewardFn | None = None) -> None:
         if teacher.schedule.kind not in ("vp", "flow"):
@@ -237,6 +240,12 @@ class PCM:
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         if "discriminator" in prepared:
             self._disc = prepared["discriminator"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         """Student, then the discriminator (PCM's alternation, with ``adv_weight``), then ``dmd_critic_steps``
@@ -353,12 +362,10 @@ class PCM:
             return fake_score, None
         return fake_score, disc(transition(self.schedule, real, tau_e, tau_adv, noise), tau_adv)
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> SamplingSpec:
         """VP: ``TCDScheduler`` on the teacher's betas with ``eta = γ``. Flow: ``FlowMatchEulerDiscreteScheduler`` at
         the segment edges, deterministic (γ = 0: the DDIM jumps exactly) or ``stochastic_sampling`` (γ = 1: x̂0, then
         fresh noise to the next edge); diffusers has no flow γ-sampler in between, so 0 < γ < 1 exports γ = 0."""
-        from fewstep.objectives.spec import flow_euler_spec, flow_renoise_spec
-
         cfg = self.config
         steps = tuple(s for s in steps if s <= cfg.num_ddim_timesteps)
         w = 1.0 + cfg.w_min if cfg.cfg_free_teacher else 1.0
@@ -380,3 +387,6 @@ class PCM:
             "this scheduler samples it at γ = 0 (set objective.gamma to 0 or 1 for an exact match)."
         )  # fmt: skip
         return flow_euler_spec(self.teacher, sigmas, levels, note, **common)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""

@@ -19,6 +19,8 @@ The critic (fake score, a second LoRA on the shared base or a full copy: ``fewst
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,14 +36,15 @@ from fewstep.objectives.consistency.scm import (
     SCMConfig,
     SCMSampler,
     check_teacher,
-    export_trigflow_schedule,
     sample_u,
     scm_update,
+    trigflow_sampling_spec,
 )
 from fewstep.objectives.consistency.trigflow import consistency_fn, teacher_trig_velocity, trig_F, trig_noise, u_range
 from fewstep.objectives.dmd.functional import denoising_loss, dm_gradient, injected_loss
 from fewstep.objectives.dmd.roles import AdapterRole, active_adapter, fake_role, student_role
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec
 
 
 class RCMConfig(SCMConfig):
@@ -100,8 +103,8 @@ class RCM:
         rank = config.fake_lora_rank or (student.lora_config.r if student.lora_config is not None else 64)
         self.fake = fake_role(student, teacher, kind, rank, None)
         self.generator = student_role(student, shared_fake=kind == "lora")
-        if config.adaptive_weighting:  # part of the student's trainable group (and checkpoint), never exported
-            self.generator.add_module("scm_weighting", AdaptiveWeight())
+        # sCM's adaptive weighting: trained by the student's optimizer, never exported (auxiliary())
+        self.weighting = AdaptiveWeight() if config.adaptive_weighting else None
 
     # --- protocol -----------------------------------------------------------------------------------------------
 
@@ -110,6 +113,13 @@ class RCM:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         """As ``scm``: forwards go through the backbones themselves."""
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        """sCM's adaptive weighting ``w(u)``, trained by the student's optimizer (never sampled or exported)."""
+        return {"student": self.weighting} if self.weighting is not None else {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         cfg = self.config
@@ -133,7 +143,7 @@ class RCM:
         x = trig_noise(x0, u, torch.randn_like(x0))
         F_teacher = teacher_trig_velocity(self.teacher, x, u, batch.cond, uncond, self.guidance_scale)
         loss_scm, metrics = scm_update(self.student.denoiser, x, u, F_teacher, batch.cond, cfg, step,
-                                       getattr(self.generator, "scm_weighting", None))  # fmt: skip
+                                       self.weighting)  # fmt: skip
         loss = cfg.scm_weight * loss_scm
         metrics = {f"scm/{k}": v for k, v in metrics.items()}
         if step >= cfg.tangent_warmup_steps and cfg.dmd_weight > 0:
@@ -155,8 +165,11 @@ class RCM:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
-        return export_trigflow_schedule(self, "rcm", steps)
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> SamplingSpec:
+        return trigflow_sampling_spec(self.sampler(), self.teacher, self.guidance_scale, "rcm", steps)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""
 
     # --- pieces -------------------------------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ The reference for the loss as implemented is rCM's code (NVlabs/rcm, ``sCM`` mod
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,7 +43,8 @@ from fewstep.objectives.consistency.trigflow import (
     u_range,
     vp_index_from_u,
 )
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import lcm_timesteps, skipping_grid
 
 VP_EXPORT_GRID = 50  # VP students are sampled at LCMScheduler's picks from a 50-step skipping grid (exportable)
@@ -239,8 +242,8 @@ class SCM:
     Args:
         config: the ``objective`` recipe block.
         teacher: the frozen teacher; its guided velocity is the ODE the student is made consistent along.
-        student: a full or LoRA student. With ``adaptive_weighting`` the weighting MLP is added to it as the
-            submodule ``scm_weighting`` (trained with it, saved with it, never exported).
+        student: a full or LoRA student. With ``adaptive_weighting`` the weighting MLP is its ``auxiliary()``
+            module (trained by the student's optimizer, checkpointed, never exported).
     """
 
     Config = SCMConfig
@@ -250,8 +253,7 @@ class SCM:
         check_teacher(teacher)
         self.config, self.teacher, self.student = config, teacher, student
         self.schedule = teacher.schedule
-        if config.adaptive_weighting and not hasattr(student, "scm_weighting"):
-            student.add_module("scm_weighting", AdaptiveWeight())
+        self.weighting = AdaptiveWeight() if config.adaptive_weighting else None
         self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else teacher.guidance_scale
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -259,6 +261,13 @@ class SCM:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         """The JVP and the student's forward go through the backbone itself (see docs/consistency.md)."""
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        """sCM's adaptive weighting ``w(u)``, trained by the student's optimizer (never sampled or exported)."""
+        return {"student": self.weighting} if self.weighting is not None else {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "student"
@@ -275,7 +284,7 @@ class SCM:
         x = trig_noise(x0, u, torch.randn_like(x0))
         F_teacher = teacher_trig_velocity(self.teacher, x, u, batch.cond, batch.uncond, self.guidance_scale)
         loss, metrics = scm_update(self.student.denoiser, x, u, F_teacher, batch.cond, self.config, step,
-                                   getattr(self.student, "scm_weighting", None))  # fmt: skip
+                                   self.weighting)  # fmt: skip
         return LossOutput(loss, metrics)
 
     def on_step_end(self, step: int, phase: str) -> None:
@@ -290,21 +299,25 @@ class SCM:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
-        return export_trigflow_schedule(self, "scm", steps)
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> SamplingSpec:
+        return trigflow_sampling_spec(self.sampler(), self.teacher, self.guidance_scale, "scm", steps)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""
 
 
-def export_trigflow_schedule(objective: Any, name: str, steps: tuple[int, ...]) -> Any:
-    """The ``SamplingSpec`` of an ``SCMSampler`` student: ``LCMScheduler`` (VP) or
-    ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with the trained sigmas (flow)."""
-    from fewstep.objectives.spec import flow_renoise_spec, lcm_vp_spec
-
-    sampler, schedule, teacher = objective.sampler(), objective.schedule, objective.teacher
+def trigflow_sampling_spec(
+    sampler: SCMSampler, teacher: Teacher, guidance_scale: float, name: str, steps: tuple[int, ...]
+) -> SamplingSpec:
+    """The ``SamplingSpec`` of an ``SCMSampler`` student (sCM, rCM, TBCM; ``name``): ``LCMScheduler`` (VP) or
+    ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with the trained sigmas (flow). ``guidance_scale``:
+    the teacher's CFG ``w`` in training, for the card."""
+    schedule = sampler.schedule
     common = dict(
         objective=name,
         recommended_steps=2,
         guidance_scale=1.0,
-        guidance_convention=f"{GUIDANCE_CONVENTION}; trained with teacher CFG w = {objective.guidance_scale}",
+        guidance_convention=f"{GUIDANCE_CONVENTION}; trained with teacher CFG w = {guidance_scale}",
     )
     if schedule.kind == "vp":
         timesteps = {s: schedule.model_timestep(_vp_tau(schedule, sampler.angles(s))).long().tolist() for s in steps}

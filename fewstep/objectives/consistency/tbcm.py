@@ -6,11 +6,12 @@ no data set and no VAE, only prompts. The cache (``fewstep.data.trajectories``) 
 coordinates with the teacher velocity the sampler used; each step applies exactly the sCM loss (§4.5–4.6, shared
 ``scm_update``) with the student's JVP computed online.
 
-The cache fills *online*: while it has fewer than ``num_shards`` shards, every training step first rolls out one
-shard from its batch's prompts (noise seeded by shard index) and appends it; afterwards training reads only the
-cache. The cache lives on disk and survives a kill. ``space: diffusion`` is the ablation of §5.3: the trajectories'
-final samples re-noised with fresh noise and the teacher's velocity computed online (sCM on generated data).
-Method details not published are [U] in ALGORITHMS §5; the choices here are documented in docs/consistency.md.
+The cache fills before training (``prepare``): while it has fewer than ``num_shards`` shards, one shard is rolled
+out from the prompts of the run's next batch (noise seeded by shard index) and appended; training then reads only
+the cache. The cache lives on disk and survives a kill (a resumed run rolls out only the missing shards).
+``space: diffusion`` is the paper's ablation: the trajectories' final samples re-noised with fresh noise and the
+teacher's velocity computed online (sCM on generated data). Details the paper leaves open are chosen and documented
+in docs/consistency.md.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,12 +35,13 @@ from fewstep.objectives.consistency.scm import (
     SCMConfig,
     SCMSampler,
     check_teacher,
-    export_trigflow_schedule,
     sample_u,
     scm_update,
+    trigflow_sampling_spec,
 )
 from fewstep.objectives.consistency.trigflow import teacher_trig_velocity, trig_noise
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec
 
 
 class TBCMConfig(SCMConfig):
@@ -50,7 +53,7 @@ class TBCMConfig(SCMConfig):
 
     name: Literal["tbcm"] = "tbcm"  # type: ignore[assignment]
     cache_dir: str = Field(min_length=1, description="trajectory cache directory (resumable)")
-    num_shards: int = Field(64, ge=1, description="shards to roll out; one per training batch until full")
+    num_shards: int = Field(64, ge=1, description="shards to roll out before training, one per batch of prompts")
     rollout_steps: int = Field(28, ge=1, description="teacher sampling steps per trajectory")
     points_per_trajectory: int = Field(8, ge=1, description="trajectory points recorded per rollout")
     resolution: int | None = Field(None, ge=8, description="image size of the rollouts (None: the pipeline's)")
@@ -73,7 +76,7 @@ class TBCM:
     Args:
         config: the ``objective`` recipe block.
         teacher: a diffusers teacher (the rollouts need its latent shape).
-        student: full or LoRA student (the adaptive weighting MLP is added to it as in ``scm``).
+        student: full or LoRA student (the adaptive weighting MLP is its ``auxiliary()`` module, as in ``scm``).
     """
 
     Config = TBCMConfig
@@ -86,8 +89,7 @@ class TBCM:
         self.config, self.teacher, self.student = config, teacher, student
         self.schedule = teacher.schedule
         self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else teacher.guidance_scale
-        if config.adaptive_weighting and not hasattr(student, "scm_weighting"):
-            student.add_module("scm_weighting", AdaptiveWeight())
+        self.weighting = AdaptiveWeight() if config.adaptive_weighting else None
         from fewstep.models.backbones import latent_shape
 
         self.noise_shape = tuple(latent_shape(teacher, 1, config.resolution)[1:])
@@ -122,19 +124,33 @@ class TBCM:
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         """As ``scm``: the JVP goes through the backbone itself."""
 
+    def auxiliary(self) -> dict[str, nn.Module]:
+        """sCM's adaptive weighting ``w(u)``, trained by the student's optimizer (never sampled or exported)."""
+        return {"student": self.weighting} if self.weighting is not None else {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Fill the trajectory cache: while it has fewer than ``num_shards`` shards, roll out shard ``k`` (its
+        number in the cache) from the next batch's prompts. A full cache (a resume) takes no batch."""
+        from fewstep.data.trajectories import make_shard
+
+        cache, cfg = self.cache, self.config
+        while cache.num_shards < cfg.num_shards:
+            index = cache.num_shards
+            shard = make_shard(self.teacher, next(batches), index, self.noise_shape, cfg.rollout_steps,
+                               cfg.points_per_trajectory, self.guidance_scale, cfg.seed, cfg.level_jitter)  # fmt: skip
+            cache.write(index, shard)
+
     def phase(self, step: int) -> str:
         return "student"
 
     def loss(self, batch: Batch, step: int, phase: str) -> LossOutput:
-        """Fill the cache by one shard while it is not full, then one sCM step on cached trajectory points."""
+        """One sCM step on cached trajectory points (the batch gives only the batch size)."""
         cache, cfg = self.cache, self.config
-        if cache.num_shards < cfg.num_shards:
-            from fewstep.data.trajectories import make_shard
-
-            index = cache.num_shards
-            shard = make_shard(self.teacher, batch, index, self.noise_shape, cfg.rollout_steps,
-                               cfg.points_per_trajectory, self.guidance_scale, cfg.seed, cfg.level_jitter)  # fmt: skip
-            cache.write(index, shard)
+        if cache.num_shards == 0:
+            raise ValueError(
+                f"The TBCM trajectory cache {str(cache.root)!r} is empty: call objective.prepare(batches) before the "
+                "first loss (the trainer does) to roll out the teacher's trajectories."
+            )
         n = batch.batch_size or 1
         weight = None
         if cfg.point_sampling == "lognormal":  # uniform points over-train high noise, where sCM is unstable
@@ -150,7 +166,7 @@ class TBCM:
             x = trig_noise(x0, u, torch.randn_like(x0))
             F_teacher = teacher_trig_velocity(self.teacher, x, u, cond, None, self.guidance_scale)
         loss, metrics = scm_update(self.student.denoiser, x, u, F_teacher, cond, cfg, step,
-                                   getattr(self.student, "scm_weighting", None))  # fmt: skip
+                                   self.weighting)  # fmt: skip
         metrics["cache_shards"] = float(cache.num_shards)
         return LossOutput(loss, metrics)
 
@@ -167,5 +183,8 @@ class TBCM:
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
-        return export_trigflow_schedule(self, "tbcm", steps)
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> SamplingSpec:
+        return trigflow_sampling_spec(self.sampler(), self.teacher, self.guidance_scale, "tbcm", steps)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""

@@ -9,6 +9,8 @@ three share one frozen base (``roles``): teacher = adapters off, student = adapt
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,8 +25,9 @@ from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.gan import GANHead, head_for, tap
 from fewstep.objectives.dmd.health import health_metrics, sample_stats
 from fewstep.objectives.dmd.roles import fake_role, student_role
-from fewstep.objectives.dmd.sampler import DMDSampler, dmd_export_schedule
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.dmd.sampler import DMDSampler, dmd_sampling_spec
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec
 from fewstep.solvers.grids import dmd_student_taus, teacher_taus
 from fewstep.solvers.steps import noise_to, renoise_step
 
@@ -113,6 +116,7 @@ class DMD2:
     """
 
     Config = DMD2Config
+    bypasses_prepared = False
 
     def __init__(self, config: DMD2Config, teacher: Teacher, student: Student) -> None:
         check_teacher(teacher, "DMD2")
@@ -141,6 +145,12 @@ class DMD2:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._gen, self._fake = prepared["student"], prepared["fake_score"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         """TTUR: one generator step, then ``r`` fake-score steps (DMD2 updates G when ``iter % r == 0``)."""
@@ -173,12 +183,15 @@ class DMD2:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reference = state.get("reference", self.reference)
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> Any:
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> SamplingSpec:
         """The student's sampling schedule (``SamplingSpec``): LCMScheduler on DMD2's timesteps (VP) or the flow
         re-noise scheduler, at guidance scale 1."""
         steps = tuple(sorted({*steps, self.config.num_student_steps}))
         note = f"trained with teacher CFG w = {self.config.real_guidance_scale} on the real branch only"
-        return dmd_export_schedule(self.teacher, "dmd2", steps, self.config.num_student_steps, note)
+        return dmd_sampling_spec(self.teacher, "dmd2", steps, self.config.num_student_steps, note)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""
 
     # --- pieces ------------------------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ state); ``phase(step)`` walks the phases in order (``phase_train_steps``), each 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,15 +24,16 @@ from torch import Tensor, nn
 
 from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.student import Student, adapters_disabled
+from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import Prediction, bcast, from_x0_eps
 from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.dmd2 import check_teacher, sample_levels
 from fewstep.objectives.dmd.health import health_metrics
 from fewstep.objectives.dmd.roles import STUDENT_ADAPTER, AdapterRole, active_adapter, add_adapter
-from fewstep.objectives.dmd.sampler import dmd_export_schedule
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.dmd.sampler import dmd_sampling_spec
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec
 from fewstep.solvers.grids import dmd_student_taus
 from fewstep.solvers.steps import ddim_step, noise_to, renoise_step, transition, transition_coeffs
 
@@ -88,6 +91,7 @@ class PhasedDMD:
     """Phased DMD with LoRA experts and per-phase LoRA fake scores on one shared base (ALGORITHMS §3)."""
 
     Config = PhasedDMDConfig
+    bypasses_prepared = False
 
     def __init__(self, config: PhasedDMDConfig, teacher: Teacher, student: Student) -> None:
         check_teacher(teacher, "Phased DMD")
@@ -103,7 +107,7 @@ class PhasedDMD:
                                  target_modules=base.target_modules, init_lora_weights=True)  # fmt: skip
         for k in range(config.num_phases):
             add_adapter(backbone, fake_config, f"fake{k}")  # B = 0: each phase's fake score starts as the teacher
-        teacher.view = lambda: adapters_disabled(backbone)
+        # the teacher's view (Student.lora: every adapter of the base disabled) covers the new adapters too
         self.experts = [AdapterRole(student.denoiser, expert_name(k)) for k in range(config.num_phases)]
         self.fakes = [AdapterRole(student.denoiser, f"fake{k}") for k in range(config.num_phases)]
         self._prepared: dict[str, nn.Module] = {}
@@ -117,6 +121,12 @@ class PhasedDMD:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._prepared = prepared
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def current_phase(self, step: int) -> int:
         return max((k for k, start in enumerate(self.starts) if step >= start), default=0)
@@ -138,14 +148,15 @@ class PhasedDMD:
     def sampler(self) -> PhasedSampler:
         return PhasedSampler(self)
 
-    def export_schedule(self, steps: tuple[int, ...] = ()) -> Any:
+    def sampling_spec(self) -> SamplingSpec:
+        """LCMScheduler (VP) or the flow re-noise scheduler at the ``num_phases · steps_per_phase`` trained steps."""
         k = self.config.num_phases * self.config.steps_per_phase
         cfg = self.config
         note = (
             f"trained with teacher CFG w = {cfg.real_guidance_scale}; {cfg.num_phases} experts (LoRA adapters) "
             f"switched by phase every {cfg.steps_per_phase} steps, see docs/dmd.md"
         )
-        spec = dmd_export_schedule(self.teacher, "phased_dmd", (k,), k, note)
+        spec = dmd_sampling_spec(self.teacher, "phased_dmd", (k,), k, note)
         spec.notes.append(
             f"Phased DMD: the main export is expert 0 (steps 1–{self.config.steps_per_phase}); every expert is in "
             "experts/expert<k>/ (a LoRA, or a merged pipeline where the pipeline cannot load LoRAs). Switch experts "
@@ -153,9 +164,9 @@ class PhasedDMD:
         )
         return spec
 
-    def export_extra(self, out_dir: Any) -> list[Any]:
-        """``fewstep export`` hook: every expert under ``experts/expert<k>/`` (``export_experts``)."""
-        return export_experts(self, out_dir)
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Every expert under ``experts/expert<k>/`` (``export_experts``); the main export is expert 0."""
+        export_experts(self, out_dir, write_student)
 
     # --- pieces ------------------------------------------------------------------------------------------------
 
@@ -244,25 +255,32 @@ class PhasedSampler:
         return x0
 
 
-def export_experts(objective: PhasedDMD, out_dir: Any) -> list[Any]:
-    """Write every expert as its own diffusers LoRA, ``<out_dir>/experts/expert<k>/pytorch_lora_weights.safetensors``
-    (load each with ``pipe.load_lora_weights(dir, adapter_name=f"expert{k}")``; docs/dmd.md). Pipelines without a
-    LoRA loader (``DDPMPipeline``) get one merged pipeline per expert in the same directories."""
+def expert_students(objective: PhasedDMD) -> dict[str, Student]:
+    """Every expert as a student of its own, keyed by its export sub-directory ``experts/expert<k>``: the shared
+    LoRA'd base seen through adapter ``expert<k>`` (``default`` for expert 0), no weights copied."""
     import copy
-    from pathlib import Path
 
-    from fewstep.export.lora import save_lora, save_merged
-
-    loads_lora = hasattr(type(objective.teacher.pipeline), "save_lora_weights")
-    paths = []
+    students = {}
     for k in range(objective.config.num_phases):
         view = copy.copy(objective.student)
         object.__setattr__(view, "adapter_name", expert_name(k))
-        out = Path(out_dir) / "experts" / f"expert{k}"
-        paths.append(
-            save_lora(view, objective.teacher, out) if loads_lora else save_merged(view, objective.teacher, out)
-        )
-    return paths
+        students[f"experts/expert{k}"] = view
+    return students
 
 
-__all__ = ["PhasedDMD", "PhasedDMDConfig", "PhasedSampler", "export_experts", "noise_to", "subinterval_fake_loss"]
+def export_experts(objective: PhasedDMD, out_dir: str | Path, write_student: StudentWriter) -> list[Path]:
+    """Write every expert with ``write_student`` to ``<out_dir>/experts/expert<k>/``: a diffusers LoRA (load each
+    with ``pipe.load_lora_weights(dir, adapter_name=f"expert{k}")``; docs/dmd.md), or a merged pipeline per expert
+    where the pipeline has no LoRA loader (``DDPMPipeline``). Returns what ``write_student`` returned per expert."""
+    return [write_student(student, Path(out_dir) / sub) for sub, student in expert_students(objective).items()]
+
+
+__all__ = [
+    "PhasedDMD",
+    "PhasedDMDConfig",
+    "PhasedSampler",
+    "expert_students",
+    "export_experts",
+    "noise_to",
+    "subinterval_fake_loss",
+]

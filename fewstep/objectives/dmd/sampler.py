@@ -13,6 +13,7 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
+from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import dmd_student_taus
 from fewstep.solvers.samplers import sample_consistency
 
@@ -42,12 +43,12 @@ class DMDSampler:
             self.denoiser.train(was_training)
 
 
-def dmd_export_schedule(teacher: Teacher, objective: str, steps: tuple[int, ...], trained_steps: int, note: str):
+def dmd_sampling_spec(
+    teacher: Teacher, objective: str, steps: tuple[int, ...], trained_steps: int, note: str
+) -> SamplingSpec:
     """A ``SamplingSpec`` for a DMD student: ``LCMScheduler`` (VP; with ``original_inference_steps = N`` its
     ``set_timesteps(K)`` picks ``999 − i·⌊N/K⌋``, exactly the student grid, and its boundary blend is ~1e-7 there)
     or ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with ``sigmas = 1 − i/K`` (flow)."""
-    from fewstep.objectives.spec import flow_renoise_spec, lcm_vp_spec
-
     schedule = teacher.schedule
     common = dict(
         objective=objective, recommended_steps=trained_steps, guidance_scale=1.0,

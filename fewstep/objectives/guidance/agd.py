@@ -17,6 +17,7 @@ Sampling: any one-forward-per-step sampler with ``adapters.set_guidance(w)``; ``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,8 +32,8 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.objectives.guidance.guidance_distill import GuidedSampler, recommended_w, sample_w
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.spec import deterministic_spec
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec, deterministic_spec
 from fewstep.solvers.grids import sampling_taus
 from fewstep.solvers.steps import ddim_step
 
@@ -96,6 +97,7 @@ class AGD:
     """
 
     Config = AGDConfig
+    bypasses_prepared = False
 
     def __init__(self, config: AGDConfig, teacher: Teacher, student: Student) -> None:
         if teacher.null_cond is None:
@@ -114,7 +116,7 @@ class AGD:
         specs = find_targets(base, config.target_modules)
         self.adapters = AGDAdapters(specs, config.hidden_dim, timestep_scale, class_count(base))
         self.adapters.to(next(base.parameters()).device).attach(base)
-        teacher.view = self.adapters.disabled  # the teacher (and CFG targets) is the base exactly
+        teacher.add_view(self.adapters.disabled)  # the teacher (and CFG targets) is the base exactly
         self.buffer = StateBuffer(config.buffer_states)
         self._online: nn.Module = self.adapters
 
@@ -123,6 +125,12 @@ class AGD:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._online = prepared["adapters"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "adapters"
@@ -186,7 +194,7 @@ class AGD:
         if state:
             raise ValueError(f"agd keeps no state; got keys {sorted(state)}.")
 
-    def export_schedule(self, steps: tuple[int, ...] = (25,)) -> Any:
+    def sampling_spec(self, steps: tuple[int, ...] = (25,)) -> SamplingSpec:
         cfg = self.config
         w = recommended_w(self.teacher, cfg.w_min, cfg.w_max, cfg.sample_guidance_scale)
         notes = [
@@ -200,7 +208,7 @@ class AGD:
             f"[{cfg.w_min}, {cfg.w_max}]; recommended {w}), and guidance_scale=1 to the pipeline", notes=notes,
         )  # fmt: skip
 
-    def export_extra(self, out_dir: str | Path) -> None:
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
         """``agd_adapters.safetensors`` + ``agd_config.json`` (``fewstep.models.agd.load_agd``)."""
         cfg = self.config
         save_agd(self.adapters, out_dir, extra={

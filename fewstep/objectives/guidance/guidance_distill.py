@@ -35,8 +35,8 @@ from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
-from fewstep.objectives.spec import deterministic_spec
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.spec import SamplingSpec, deterministic_spec
 from fewstep.solvers.grids import sampling_taus
 from fewstep.solvers.samplers import sample_ddim
 from fewstep.solvers.steps import noise_to
@@ -167,6 +167,7 @@ class GuidanceDistill:
     """
 
     Config = GuidanceDistillConfig
+    bypasses_prepared = False
 
     def __init__(self, config: GuidanceDistillConfig, teacher: Teacher, student: Student) -> None:
         if teacher.null_cond is None:
@@ -191,9 +192,8 @@ class GuidanceDistill:
             param = next(backbone.parameters())
             self.embedder = GuidanceEmbedder(dim).to(param.device).attach(module)
             student.guidance_embedder = self.embedder  # a submodule: trained, checkpointed with the student
-            if student.is_lora:  # the shared base: the teacher view also switches the w-embedding off
-                view, emb = teacher.view, self.embedder
-                teacher.view = lambda: _both(view(), emb.disabled())
+            if student.is_lora:  # the shared base: the teacher's view also switches the w-embedding off
+                teacher.add_view(self.embedder.disabled)
         self._online: nn.Module = student
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -201,6 +201,12 @@ class GuidanceDistill:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._online = prepared["student"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "student"
@@ -251,7 +257,7 @@ class GuidanceDistill:
         if state:
             raise ValueError(f"guidance_distill keeps no state; got keys {sorted(state)}.")
 
-    def export_schedule(self, steps: tuple[int, ...] = (25,)) -> Any:
+    def sampling_spec(self, steps: tuple[int, ...] = (25,)) -> SamplingSpec:
         cfg = self.config
         w = recommended_w(self.teacher, cfg.w_min, cfg.w_max, cfg.sample_guidance_scale)
         if self.kind == "timestep_cond":
@@ -267,8 +273,8 @@ class GuidanceDistill:
             guidance_convention=f"{GUIDANCE_CONVENTION}; trained for w in [{cfg.w_min}, {cfg.w_max}]", notes=notes,
         )  # fmt: skip
 
-    def export_extra(self, out_dir: str | Path) -> None:
-        """The hook w-embedding (the LoRA file does not carry it)."""
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """The hook w-embedding as ``guidance_embedding.safetensors`` (the LoRA file does not carry it)."""
         if self.embedder is None:
             return
         from safetensors.torch import save_file
@@ -289,12 +295,6 @@ def load_guidance_embedding(backbone: nn.Module, path: str | Path) -> GuidanceEm
     embedder = GuidanceEmbedder(dim)
     embedder.load_state_dict(load_file(str(file)))
     return embedder.to(next(backbone.parameters()).device).attach(module)
-
-
-@contextlib.contextmanager
-def _both(a: Any, b: Any) -> Iterator[None]:
-    with a, b:
-        yield
 
 
 def _raw(module: nn.Module, x: Tensor, tau: Tensor, cond: Conditioning) -> Tensor:

@@ -14,6 +14,8 @@ One step:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,9 +26,9 @@ from fewstep.models.backbones import num_tokens
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.losses import check_lpips_space, load_lpips, lpips_distance, pseudo_huber_distance
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
 from fewstep.objectives.reflow.sampler import ReflowSampler
-from fewstep.objectives.spec import deterministic_spec
+from fewstep.objectives.spec import SamplingSpec, deterministic_spec
 from fewstep.solvers.grids import sampling_taus
 
 
@@ -56,6 +58,7 @@ class InstaFlow:
     """
 
     Config = InstaFlowConfig
+    bypasses_prepared = False
 
     def __init__(self, config: InstaFlowConfig, teacher: Teacher, student: Student) -> None:
         if teacher.schedule.kind not in ("vp", "flow"):
@@ -73,6 +76,12 @@ class InstaFlow:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._online = prepared["student"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "student"
@@ -130,5 +139,8 @@ class InstaFlow:
         if state:
             raise ValueError(f"The instaflow objective keeps no state; got keys {sorted(state)}.")
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2)) -> Any:
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2)) -> SamplingSpec:
         return deterministic_spec(self.teacher, "instaflow", steps, self.config.sampler, recommended=1)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""

@@ -19,6 +19,8 @@ network (SlimFlow: ``student_backbone`` overrides, full students only). Sampling
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,9 +32,9 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise import timesteps
 from fewstep.noise.convert import from_x0_eps
 from fewstep.objectives.losses import check_lpips_space, load_lpips, lpips_distance, pseudo_huber_distance
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput
+from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
 from fewstep.objectives.reflow.sampler import ReflowSampler
-from fewstep.objectives.spec import deterministic_spec
+from fewstep.objectives.spec import SamplingSpec, deterministic_spec
 from fewstep.solvers.steps import noise_to
 
 RFPP_TAU_CLIP = 1e-5  # rfpp t_dist.py
@@ -98,6 +100,7 @@ class Reflow:
     """
 
     Config = ReflowConfig
+    bypasses_prepared = False
 
     def __init__(
         self, config: ReflowConfig, teacher: Teacher, student: Student, backbone: nn.Module | None = None
@@ -128,6 +131,12 @@ class Reflow:
 
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         self._online = prepared["student"]
+
+    def auxiliary(self) -> dict[str, nn.Module]:
+        return {}
+
+    def prepare(self, batches: Iterator[Batch]) -> None:
+        """Nothing to prepare."""
 
     def phase(self, step: int) -> str:
         return "student"
@@ -171,5 +180,8 @@ class Reflow:
         if state:
             raise ValueError(f"The reflow objective keeps no state; got keys {sorted(state)}.")
 
-    def export_schedule(self, steps: tuple[int, ...] = (1, 2, 4)) -> Any:
+    def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4)) -> SamplingSpec:
         return deterministic_spec(self.teacher, "reflow", steps, self.config.sampler, recommended=2)
+
+    def export_extra(self, out_dir: Path, write_student: StudentWriter) -> None:
+        """Nothing beyond the student."""

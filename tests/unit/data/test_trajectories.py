@@ -120,18 +120,24 @@ def test_tbcm_trains_on_the_cache_without_data(sd3, tmp_path, space):
     config = TBCMConfig(cache_dir=str(tmp_path / "c"), num_shards=2, rollout_steps=4, points_per_trajectory=2,
                         guidance_scale=2.0, space=space, tangent_warmup_steps=0)  # fmt: skip
     objective = TBCM(config, teacher, student)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
-    shards = []
+    with pytest.raises(ValueError, match="empty.*prepare"):
+        objective.loss(batches[0], 0, "student")
+    stream = iter(batches)
+    objective.prepare(stream)  # one shard per batch until full: two batches taken
+    assert objective.cache.num_shards == 2 and next(stream) is batches[2]
+    objective.prepare(iter([]))  # full (a resume): takes no batch
+    weighting = objective.auxiliary()["student"]
+    params = [p for p in student.parameters() if p.requires_grad] + list(weighting.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
     for step in range(3):
-        out = objective.loss(batches[step], step, "student")  # x0 is None: no data set, no VAE
+        out = objective.loss(batches[3], step, "student")  # x0 is None: no data set, no VAE
         opt.zero_grad()
         out.loss.backward()
         assert any(p.grad is not None and p.grad.abs().max() > 0 for p in student.parameters() if p.requires_grad)
+        assert all(p.grad is not None for p in weighting.parameters())
         opt.step()
-        assert math.isfinite(out.metrics["loss"])
-        shards.append(out.metrics["cache_shards"])
-    assert shards == [1.0, 2.0, 2.0]  # one shard per step until full, then the cache only
-    spec = objective.export_schedule()
+        assert math.isfinite(out.metrics["loss"]) and out.metrics["cache_shards"] == 2.0
+    spec = objective.sampling_spec()
     assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler" and spec.steps[1]["levels"] == [1.0]
 
 

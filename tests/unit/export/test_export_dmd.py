@@ -61,7 +61,7 @@ def test_stock_pipeline_reproduces_the_dmd2_lora_student(family, tmp_path):
 def test_phased_dmd_experts_run_in_a_stock_pipeline_with_adapter_switching(tmp_path):
     """Every expert exports as its own LoRA; a stock pipeline that switches adapters by phase in
     ``callback_on_step_end`` (docs/dmd.md) reproduces the student's phased sampler."""
-    from fewstep.objectives.dmd.phased_dmd import PhasedDMD, PhasedDMDConfig, export_experts
+    from fewstep.objectives.dmd.phased_dmd import PhasedDMD, PhasedDMDConfig
 
     torch.manual_seed(0)
     teacher = load_teacher(SimpleNamespace(pretrained="tiny:sd15"))
@@ -75,8 +75,9 @@ def test_phased_dmd_experts_run_in_a_stock_pipeline_with_adapter_switching(tmp_p
         for name in ("expert0", "expert1"):
             for p in objective.trainable()[name].parameters():
                 p.add_(0.3 * torch.randn_like(p))
-    out = export_student(student, teacher, objective, tmp_path / "export")
-    paths = export_experts(objective, out)
+    out = export_student(student, teacher, objective, tmp_path / "export")  # the experts through export_extra
+    paths = [out / "experts" / f"expert{k}" / WEIGHT_NAME for k in range(2)]
+    assert all(path.is_file() for path in paths)
     spec = read_schedule(out)
     assert spec.steps[4]["timesteps"] == [999, 749, 499, 249]
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fewstep.models.backbones import latent_shape
+from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
@@ -137,3 +138,35 @@ def test_teacher_view_keeps_a_second_adapter_trainable():
         assert (
             student.denoiser.raw(x, tau, cond).float() - teacher.raw(x, tau, cond, guidance_scale=1.0)
         ).abs().max() > 1e-3
+
+
+def test_teacher_views_compose_in_the_order_they_were_added():
+    """Every teacher forward runs inside all views (entered in order, left in reverse), also when one raises."""
+    import contextlib
+
+    teacher = load_teacher(SimpleNamespace(pretrained="fewstep:digits-vp"))
+    events = []
+
+    def view(name):
+        @contextlib.contextmanager
+        def ctx():
+            events.append(f"enter {name}")
+            try:
+                yield
+            finally:
+                events.append(f"exit {name}")
+
+        return ctx
+
+    x, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.9])
+    cond = Conditioning(class_labels=torch.tensor([1, 2]))
+    plain = teacher.raw(x, tau, cond, guidance_scale=1.0)
+    teacher.add_view(view("a"))
+    teacher.add_view(view("b"))
+    assert torch.equal(teacher.raw(x, tau, cond, guidance_scale=1.0), plain)
+    assert events == ["enter a", "enter b", "exit b", "exit a"]
+    events.clear()
+    with pytest.raises(RuntimeError, match="inside"), teacher.view():
+        assert events == ["enter a", "enter b"]
+        raise RuntimeError("inside")
+    assert events == ["enter a", "enter b", "exit b", "exit a"]

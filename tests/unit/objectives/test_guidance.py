@@ -87,6 +87,10 @@ def train(objective, steps: int, lr: float, with_data: bool = False) -> list[flo
     return losses
 
 
+def no_further_students(student, out_dir):
+    raise AssertionError("this objective exports no student besides the main one")
+
+
 def cfg_states(teacher, w: float, n: int = 512, seed: int = 9):
     """States of the base's CFG sampler at guidance ``w`` with the CFG output there (fresh noise)."""
     gen = torch.Generator().manual_seed(seed)
@@ -211,7 +215,7 @@ def test_agd_export_loads_into_a_diffusers_pipeline_and_composes_with_a_lora(fam
     torch.manual_seed(0)
     for adapter in agd.adapters.adapters.values():  # stand-in for training: non-zero residuals
         torch.nn.init.normal_(adapter.out_proj.weight, std=0.05)
-    agd.export_extra(tmp_path)
+    agd.export_extra(tmp_path, no_further_students)
 
     pipe = load_tiny_pipeline(family)
     backbone = pipe.unet if family == "sdxl" else pipe.transformer
@@ -286,7 +290,7 @@ def test_agd_on_a_class_conditional_unet_attends_to_a_class_token(tmp_path):
         recorded |= set(torch.cat([c[1] for c in agd.buffer.chunks]).tolist())
     assert len(recorded - fixed) >= 6  # the grid moves between recordings (level_jitter)
 
-    agd.export_extra(tmp_path)
+    agd.export_extra(tmp_path, no_further_students)
     unet = UNet2DModel.from_pretrained(asset_path("digits-flow") / "unet")
     loaded = load_agd(unet, tmp_path)
     loaded.set_guidance(2.0)

@@ -237,7 +237,7 @@ def test_cfg_free_teacher_and_config_errors():
     teacher, student, objective, cond, uncond = tiny_pcm("sd15", cfg_free_teacher=True, cond_dropout=0.5)
     metrics = train_steps(objective, cond, uncond, latent_shape(teacher, 2), steps=1)
     assert math.isfinite(metrics[0]["loss"])
-    assert objective.export_schedule().guidance_scale == 2.0  # CFG usable: 1 + w_min
+    assert objective.sampling_spec().guidance_scale == 2.0  # CFG usable: 1 + w_min
     with pytest.raises(ValueError, match="w_max"):
         PCMConfig(w_min=5, w_max=1)
     with pytest.raises(ValueError, match="segments=64"):

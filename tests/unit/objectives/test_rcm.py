@@ -61,7 +61,11 @@ def test_student_and_critic_updates_touch_their_own_adapter_only():
     assert not names["student"] & names["fake_score"]  # disjoint groups on one shared base
     cond, uncond = encode_prompts(teacher, ["a red circle", "a blue square"])
     shape = latent_shape(teacher, 2)
-    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for k, m in groups.items()}
+    auxiliary = objective.auxiliary()  # sCM's weighting, trained by the student's optimizer
+    assert set(auxiliary) == {"student"}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]
+                                 + (list(auxiliary[k].parameters()) if k in auxiliary else []), lr=1e-2)
+            for k, m in groups.items()}  # fmt: skip
     backbone = student.denoiser.backbone
     fake_before = {k: v.clone() for k, v in adapter_parameters(backbone, "fake").items()}
     student_before = {k: v.clone() for k, v in adapter_parameters(backbone, "default").items()}

@@ -167,12 +167,14 @@ def test_toy_one_step_student_beats_the_teachers_one_step(kind):
     torch.manual_seed(1)
     objective = SCM(SCMConfig(tangent_warmup_steps=200, guidance_scale=1.0), teacher, Student.full(teacher))
     lr = 1e-3 if kind == "flow" else 3e-4  # VP-ε at 1e-3: the 1/α amplification makes the updates oscillate
-    opt = torch.optim.AdamW([p for p in objective.student.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99))
+    params = [p for p in objective.student.parameters() if p.requires_grad]
+    params += list(objective.auxiliary()["student"].parameters())  # the trainer's student optimizer trains both
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99))
     for step in range(600):
         out = objective.loss(Batch(cond=Conditioning(), x0=mixture(256)), step, "student")
         opt.zero_grad()
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(objective.student.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         assert math.isfinite(out.metrics["loss"])
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
@@ -193,7 +195,9 @@ def test_toy_one_step_student_beats_the_teachers_one_step(kind):
 def test_data_is_required_and_bad_settings_are_named():
     teacher, student = tiny("sd3")
     objective = SCM(SCMConfig(), teacher, student)
-    assert hasattr(student, "scm_weighting")
+    weighting = objective.auxiliary()["student"]  # trained by the student's optimizer, not part of the student
+    assert not any(m is weighting for m in student.modules())
+    assert SCM(SCMConfig(adaptive_weighting=False), teacher, student).auxiliary() == {}
     with pytest.raises(ValueError, match="tbcm"):
         objective.loss(Batch(cond=Conditioning()), 0, "student")
     with pytest.raises(ValueError, match="finite_difference"):

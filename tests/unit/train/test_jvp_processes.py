@@ -11,7 +11,8 @@ import torch
 from test_processes import launch_two
 
 from fewstep.objectives.consistency.scm import SCM
-from fewstep.train.sync import average_gradients, bypasses_prepared, check_strategy
+from fewstep.objectives.diffusion import Diffusion
+from fewstep.train.sync import average_gradients, check_strategy
 
 
 def test_two_processes_train_identical_scm_students(make_recipe, write_recipe, tmp_path):
@@ -37,7 +38,17 @@ def test_one_process_average_is_a_no_op_and_sharding_is_refused():
     assert average_gradients(layer, SimpleNamespace(num_processes=1)) == 2
     assert torch.equal(layer.weight.grad, before)
 
-    assert bypasses_prepared(SCM) and not bypasses_prepared(object())
+    assert SCM.bypasses_prepared and not Diffusion.bypasses_prepared
     check_strategy(SCM, SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))  # DDP: fine
     with pytest.raises(ValueError, match="FSDP cannot shard.*--multi_gpu"):
         check_strategy(SCM, SimpleNamespace(distributed_type="DistributedType.FSDP"))
+
+    class WithAuxiliary:  # an objective whose auxiliary module (trained outside the wrapped model) DDP never sees
+        bypasses_prepared = False
+
+        def auxiliary(self):
+            return {"student": layer}
+
+    check_strategy(WithAuxiliary(), SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))
+    with pytest.raises(ValueError, match="auxiliary modules.*DEEPSPEED cannot shard"):
+        check_strategy(WithAuxiliary(), SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"))

@@ -61,3 +61,34 @@ def test_resume_is_exact(kind, make_recipe, tmp_path):
         assert all("lora_" in k for k in weights_a)
     else:
         assert any(k.endswith("conv_in.weight") for k in weights_a)
+
+
+def test_resume_is_exact_with_an_auxiliary_module(make_recipe, tmp_path):
+    """sCM's adaptive weighting is trained by the student's optimizer, checkpointed (with its EMA shadow) under
+    ``auxiliary/`` and resumed exactly; the student's own weights file and EMA never hold it."""
+    changes = {
+        "objective": {"name": "scm", "tangent_warmup_steps": 2, "adaptive_weighting": True},
+        "student": STUDENTS["lora"],
+        "data": {"batch_size": 4},
+        "train": {"max_steps": 4, "checkpoint_every": 2, "ema_decay": 0.9},
+    }
+    straight = train(make_recipe(tmp_path / "straight", **changes))
+    train(make_recipe(tmp_path / "resumed", **{**changes, "train": {**changes["train"], "max_steps": 2}}))
+    resumed = train(make_recipe(tmp_path / "resumed", **changes))
+
+    a, b = checkpoint_dir(straight, 4), checkpoint_dir(resumed, 4)
+    weights = load_file(a / "auxiliary" / "student.safetensors")
+    assert sorted(weights) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+    assert _max_diff(weights, load_file(b / "auxiliary" / "student.safetensors")) == 0.0
+    assert (
+        _max_diff(load_file(a / "auxiliary" / "ema.safetensors"), load_file(b / "auxiliary" / "ema.safetensors")) == 0
+    )
+    assert _max_diff(load_trainable_weights(a)["student"], load_trainable_weights(b)["student"]) == 0.0
+    assert _max_diff(_optimizer_tensors(a), _optimizer_tensors(b)) == 0.0
+    assert all("lora_" in k for k in load_trainable_weights(a)["student"])  # the weighting is not the student's
+    assert all(k.startswith("student/") and "lora_" in k for k in load_file(a / "ema.safetensors"))
+
+    # One optimizer trains both: its state covers the LoRA and the weighting, which moved from its zero init.
+    state = torch.load(a / "optimizers" / "student.pt", weights_only=False)["optimizer"]
+    assert len(state["state"]) == len(load_trainable_weights(a)["student"]) + len(weights)
+    assert float(weights["net.2.weight"].abs().max()) > 0
