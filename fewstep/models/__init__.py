@@ -11,6 +11,7 @@ _EXPORTS = {
     "Denoiser": "fewstep.models.denoiser",
     "Student": "fewstep.models.student",
     "adapters_disabled": "fewstep.models.student",
+    "tuner_layers": "fewstep.models.student",
     "GUIDANCE_CONVENTION": "fewstep.models.teacher",
     "Teacher": "fewstep.models.teacher",
 }

@@ -22,7 +22,7 @@ from torch import nn
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.student import Student, _tuner_layers, adapters_disabled
+from fewstep.models.student import Student, adapters_disabled, tuner_layers
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import Prediction
 
@@ -33,7 +33,7 @@ FAKE_ADAPTER = "fake"
 @contextmanager
 def active_adapter(module: nn.Module, name: str) -> Iterator[None]:
     """Run ``module`` with only LoRA adapter ``name`` active (restored afterwards, even on error)."""
-    layers = list(_tuner_layers(module))
+    layers = tuner_layers(module)
     before = [layer._active_adapter for layer in layers]
     for layer in layers:
         layer._active_adapter = name
@@ -56,14 +56,14 @@ def add_adapter(backbone: nn.Module, config: Any, name: str) -> None:
     peft freezes the inactive ones)."""
     from peft import inject_adapter_in_model
 
-    active = [layer._active_adapter for layer in _tuner_layers(backbone)]
+    active = [layer._active_adapter for layer in tuner_layers(backbone)]
     with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         if hasattr(backbone, "add_adapter"):
             backbone.add_adapter(config, adapter_name=name)
         else:
             inject_adapter_in_model(config, backbone, adapter_name=name)
-    new_layers = list(_tuner_layers(backbone))
+    new_layers = tuner_layers(backbone)
     for layer, before in zip(new_layers, active):
         layer._active_adapter = before
     for key, p in backbone.named_parameters():
