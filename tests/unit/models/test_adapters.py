@@ -14,7 +14,13 @@ from torch import nn
 from fewstep.models.denoiser import eval_mode, in_mode
 from fewstep.models.loading import latent_shape, load_teacher
 from fewstep.models.prompts import encode_prompts
-from fewstep.models.student import Student, adapters_disabled, forget_tuner_layers, tuner_layers
+from fewstep.models.student import (
+    Student,
+    adapter_switched,
+    adapters_disabled,
+    forget_tuner_layers,
+    tuner_layers,
+)
 from fewstep.objectives.consistency.lcm import LCM, LCMConfig
 from fewstep.objectives.dmd.roles import add_adapter
 
@@ -174,3 +180,20 @@ def test_eval_mode_switches_nothing_on_a_model_already_in_eval_mode():
     with eval_mode(model):
         pass
     assert _CountingTrain.calls > calls
+
+
+def test_adapter_switched_sets_only_the_active_adapter_and_restores_it():
+    _, student = _lora_student()
+    backbone = student.denoiser.backbone
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=student.lora_config.target_modules)
+    add_adapter(backbone, config, "fake")
+    grads = {k: p.requires_grad for k, p in backbone.named_parameters()}
+    with adapter_switched(backbone, "fake"):
+        assert all(layer.active_adapters == ["fake"] for layer in _walk(backbone))
+        with pytest.raises(RuntimeError):
+            with adapter_switched(backbone, "default"):
+                assert all(layer.active_adapters == ["default"] for layer in _walk(backbone))
+                raise RuntimeError("restored even on error")
+        assert all(layer.active_adapters == ["fake"] for layer in _walk(backbone))
+    assert all(layer.active_adapters == ["default"] for layer in _walk(backbone))
+    assert grads == {k: p.requires_grad for k, p in backbone.named_parameters()}, "requires_grad is not touched"
