@@ -95,6 +95,8 @@ class Trainer:
         self.modules = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(names, prepared[len(names) :]))
         self.objective.attach(self.modules)
+        # what each group's optimizer updates, listed once for clipping (a walk over a large backbone costs ms a step)
+        self._clip_params = {name: list(trainable_parameters(m).values()) for name, m in self.modules.items()}
         check_strategy(self.objective, accelerator)
         self.ema = EMA(self.groups, self.cfg.ema_decay, self.cfg.ema_warmup) if self.cfg.ema_decay is not None else None
 
@@ -166,7 +168,7 @@ class Trainer:
         if acc.num_processes > 1 and bypasses_prepared(self.objective):
             average_gradients(self.groups[phase], acc)  # DDP's hooks never ran (fewstep.train.sync)
         max_norm = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip is not None else math.inf
-        grad_norm = acc.clip_grad_norm_(list(trainable_parameters(self.modules[phase]).values()), max_norm)
+        grad_norm = acc.clip_grad_norm_(self._clip_params[phase], max_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else None  # None: DeepSpeed clips internally
         # One collective per step: [loss non-finite, stop requested, loss] summed over ranks.
         flags = torch.tensor(
