@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fewstep.config.errors import RecipeError
-from fewstep.config.load import RECIPE_SUFFIX, list_recipes, recipe_description, recipes_dir
-
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
@@ -21,6 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from fewstep.config.errors import RecipeError
+    from fewstep.config.load import RECIPE_SUFFIX, list_recipes, recipe_description, recipes_dir
+
     root = Path(args.dir) if args.dir else recipes_dir()
     if args.dir and not root.is_dir():
         raise RecipeError(f"recipe directory {str(root)!r} does not exist")

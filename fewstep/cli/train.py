@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from fewstep.cli.validate import OVERRIDES_HELP
-from fewstep.config.load import dump_recipe, load_recipe
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -23,6 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from fewstep.config.load import dump_recipe, load_recipe  # lazy: the parser alone needs no pydantic
+
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         print(dump_recipe(recipe), end="")

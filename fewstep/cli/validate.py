@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from fewstep.config.load import load_recipe, resolve_recipe
-
 OVERRIDES_HELP = "overrides such as train.max_steps=2 or teacher.pretrained=tiny:sd15 (values are YAML)"
 
 
@@ -22,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the parser alone needs no pydantic; validating imports the objectives' configs (and with them torch)
+    from fewstep.config.load import load_recipe, resolve_recipe
+
     recipe = load_recipe(args.recipe, args.overrides)
     print(
         f"valid: {resolve_recipe(args.recipe)} (objective {getattr(recipe.objective, 'name', '?')}, "

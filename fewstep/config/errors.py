@@ -1,10 +1,13 @@
-"""Recipe errors that name the key, the value received, what is allowed and the fix (STYLE 4).
+"""Recipe errors that name the key, the value received, what is allowed and the fix.
 
 Every problem in a recipe becomes one ``RecipeIssue`` (a key path such as ``optim.lr`` or ``objective.w_min``);
 validation collects all of them and raises a single ``RecipeError`` that prints them together.
 
 Cross-field checks inside a pydantic validator report through ``issue(...)`` + ``raise_issues(...)`` so the
 key path points at the offending key rather than at its block.
+
+pydantic is imported by the functions that read its errors, not here: ``RecipeError`` alone (``fewstep recipes``)
+stays cheap to import.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import difflib
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticCustomError
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
 
 Loc = tuple[str | int, ...]
 
@@ -127,6 +130,8 @@ def raise_issues(issues: Sequence[RecipeIssue]) -> None:
     still reports every problem and ``RecipeError`` names the exact key.
     """
     if issues:
+        from pydantic_core import PydanticCustomError
+
         summary = "; ".join(str(i) for i in issues)
         raise PydanticCustomError(ISSUES_ERROR_TYPE, "{summary}", {"summary": summary, "issues": list(issues)})
 
@@ -177,6 +182,8 @@ def _issue_from_error(error: dict[str, Any], loc: Loc, model: type[BaseModel]) -
 
 def describe(annotation: Any) -> str:
     """Human words for a type: ``Literal['a','b']`` → ``'a', 'b'``; ``int | None`` → ``an integer or null``."""
+    from pydantic import BaseModel
+
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
         return describe(args[0])
@@ -211,6 +218,8 @@ _PLURAL = {"an integer": "integers", "a number": "numbers", "a string": "strings
 
 
 def _model_class(annotation: Any) -> type[BaseModel] | None:
+    from pydantic import BaseModel
+
     annotation = _strip_optional(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation is not BaseModel:
         return annotation

@@ -12,13 +12,14 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import ValidationError
 
 from fewstep.config.errors import MISSING, RecipeError, RecipeIssue, did_you_mean, format_loc, issues_from_validation
-from fewstep.config.schema import Recipe, objective_names
+
+if TYPE_CHECKING:
+    from fewstep.config.schema import Recipe
 
 RECIPE_SUFFIX = ".yaml"
 
@@ -168,6 +169,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def validate_recipe(data: Any, source: str | None = None, overrides: Sequence[str] = ()) -> Recipe:
     """Validate a raw mapping into a ``Recipe``; every problem is collected into one ``RecipeError``."""
+    from pydantic import ValidationError
+
+    from fewstep.config.schema import Recipe  # lazy: listing and reading recipes needs neither pydantic nor schema
+
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe is a mapping of blocks, not a {type(data).__name__}", source=source)
     try:
@@ -179,6 +184,8 @@ def validate_recipe(data: Any, source: str | None = None, overrides: Sequence[st
 
 def _name_objectives(issue: RecipeIssue) -> RecipeIssue:
     if issue.loc == ("objective",) and issue.value is MISSING and issue.message.startswith("required"):
+        from fewstep.config.schema import objective_names
+
         names = ", ".join(repr(n) for n in objective_names())
         return RecipeIssue(
             issue.loc,

@@ -10,7 +10,9 @@ _EXPORTS = {
     "BACKBONES": "fewstep.models.denoiser",
     "Denoiser": "fewstep.models.denoiser",
     "Student": "fewstep.models.student",
+    "adapter_switched": "fewstep.models.student",
     "adapters_disabled": "fewstep.models.student",
+    "tuner_layers": "fewstep.models.student",
     "GUIDANCE_CONVENTION": "fewstep.models.teacher",
     "Teacher": "fewstep.models.teacher",
 }

@@ -1,4 +1,4 @@
-"""``Denoiser``: one backbone seen through the canonical parameterisation (DESIGN §3, STYLE 2).
+"""``Denoiser``: one backbone seen through the canonical parameterisation (one conversion point for every model).
 
 A backbone adapter (registered by name in ``BACKBONES``) knows one model family's call signature and output type:
 ``adapter(backbone, x, timestep, cond) -> raw output`` with ``timestep = schedule.model_timestep(τ)``. The
@@ -88,13 +88,44 @@ class Denoiser(nn.Module):
     def forward(self, x: Tensor, tau: Tensor, cond: Conditioning) -> Prediction:
         return self.to_prediction(self.raw(x, tau, cond), x, tau)
 
+    def train(self, mode: bool = True) -> Denoiser:
+        """``nn.Module.train``, skipped when every submodule is in ``mode`` already (a read-only scan instead of a
+        write to each of the backbone's ~10³ modules: samplers switch modes on every call)."""
+        if isinstance(mode, bool) and in_mode(self, mode):
+            return self
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, schedule={self.schedule.kind!r}, prediction={self.prediction_type!r}"
 
 
+_PLAIN_TRAIN = (nn.Module.train, Denoiser.train)  # ``train`` methods that only set ``training`` on the tree
+
+
+def in_mode(module: nn.Module, mode: bool) -> bool:
+    """Whether ``module.train(mode)`` would change nothing: every module of the tree has ``training == mode`` and
+    none overrides ``train`` with side effects of its own. Stops at the first module that differs."""
+    stack: list[nn.Module | None] = [module]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        m = pop()
+        if m is None:  # a submodule slot registered as None
+            continue
+        if m.training is not mode or type(m).train not in _PLAIN_TRAIN:
+            return False
+        extend(m._modules.values())
+    return True
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` inside the block, its previous train/eval mode restored afterwards (samplers use it)."""
+    """``module.eval()`` inside the block, its previous train/eval mode restored afterwards (samplers use it).
+
+    A module already in eval mode throughout (e.g. inside ``Student.sampling()``) is left untouched: no mode is
+    switched on entry, none restored on exit."""
+    if in_mode(module, False):
+        yield
+        return
     was_training = module.training
     module.eval()
     try:

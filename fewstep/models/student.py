@@ -1,16 +1,22 @@
-"""``Student``: the trainable denoiser, a full fine-tune or a LoRA (peft) on the teacher's own base (DESIGN §3).
+"""``Student``: the trainable denoiser, a full fine-tune or a LoRA (peft) on the teacher's own base.
 
 A LoRA student never holds a second copy of the base: adapters are injected into the teacher's backbone, the base
 stays frozen, and the teacher gets the view "adapters disabled" (``Teacher.add_view``). A full student is a deep copy.
+
+Adapter switches (``adapters_disabled``, the DMD roles' ``active_adapter``) run several times per training step, so
+they work on ``tuner_layers(module)``, a list of the module's LoRA layers cached per module, instead of walking the
+whole network each time. ``Student.sampling()`` runs a LoRA student with its adapter merged into the base weights.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from fewstep.models.denoiser import Denoiser
@@ -54,31 +60,140 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
-def tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
-    """The peft LoRA layers (``BaseTunerLayer``) inside ``module``."""
+# module -> (adapter key, its LoRA layers); weak keys: a dropped backbone takes its entry with it
+_TUNER_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[nn.Module, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _adapter_key(module: nn.Module) -> Any:
+    """What changes when adapters are added to or deleted from ``module``: its ``peft_config`` and the names in it
+    (diffusers' ``add_adapter`` / ``delete_adapters`` and peft's ``inject_adapter_in_model`` all update it)."""
+    config = getattr(module, "peft_config", None)
+    return (id(config), tuple(config)) if isinstance(config, dict) else None
+
+
+def tuner_layers(module: nn.Module) -> tuple[nn.Module, ...]:
+    """The peft adapter layers (``BaseTunerLayer``) inside ``module``, in ``module.modules()`` order.
+
+    Cached per module and rebuilt when the adapter names in ``module.peft_config`` change, so the per-step adapter
+    switches cost a dict lookup instead of a walk over every submodule. Call it on the module the adapters were added
+    to (the backbone); after changing adapters without touching ``peft_config`` (e.g. diffusers'
+    ``recurse_remove_peft_layers``), call ``forget_tuner_layers(module)``.
+
+    Args:
+        module: a network that may carry peft adapters.
+
+    Returns:
+        The adapter layers (empty if there are none).
+    """
+    key = _adapter_key(module)
+    cached = _TUNER_LAYERS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     from peft.tuners.tuners_utils import BaseTunerLayer  # peft is imported on first use: it is slow to import
 
-    for m in module.modules():
-        if isinstance(m, BaseTunerLayer):
-            yield m
+    layers = tuple(m for m in module.modules() if isinstance(m, BaseTunerLayer))
+    _TUNER_LAYERS[module] = (key, layers)
+    return layers
+
+
+def forget_tuner_layers(module: nn.Module) -> None:
+    """Drop ``module``'s cached ``tuner_layers`` (the next call walks the module again)."""
+    _TUNER_LAYERS.pop(module, None)
 
 
 @contextmanager
-def adapters_disabled(module: nn.Module) -> Iterator[None]:
+def _flag_set(module: nn.Module, name: str, value: Any) -> Iterator[None]:
+    """Set peft's per-layer attribute ``name`` to ``value`` on every adapter layer of ``module`` for the block.
+
+    The flags are plain instance attributes, so they are written into each layer's ``__dict__``: the same effect as
+    ``layer.name = value`` without ``nn.Module.__setattr__``'s parameter/buffer/submodule checks, which cost ~1 ms
+    per switch on a network with ~80 adapted layers (several switches run in every training step)."""
+    layers = tuner_layers(module)
+    before = [getattr(layer, name) for layer in layers]
+    for layer in layers:
+        layer.__dict__[name] = value
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, before):
+            layer.__dict__[name] = previous
+
+
+def adapters_disabled(module: nn.Module) -> AbstractContextManager[None]:
     """Run ``module`` as its frozen base (every LoRA layer bypassed), restored afterwards (even on error).
 
     Only peft's ``_disable_adapters`` flag is flipped. ``requires_grad`` stays as it is: peft's ``enable_adapters``
     freezes every adapter when disabling and re-enables gradients only for the *active* one when enabling, which
     would freeze a second trainable adapter on the same base (DMD's fake score, Phased DMD's experts)."""
-    layers = list(tuner_layers(module))
-    before = [layer._disable_adapters for layer in layers]
-    for layer in layers:
-        layer._disable_adapters = True
+    return _flag_set(module, "_disable_adapters", True)
+
+
+def adapter_switched(module: nn.Module, name: str) -> AbstractContextManager[None]:
+    """Run ``module`` with only LoRA adapter ``name`` active, restored afterwards (even on error).
+
+    Only peft's ``_active_adapter`` is set: peft's own ``set_adapter`` also changes ``requires_grad``, which would
+    change what DDP synchronises when two adapters share a base (DMD's student and fake score)."""
+    return _flag_set(module, "_active_adapter", name)
+
+
+@contextmanager
+def lora_merged(module: nn.Module, exact_restore: bool = True) -> Iterator[int]:
+    """Merge the active LoRA adapter of every peft layer in ``module`` into its base weights for the block (peft's
+    ``merge``, as diffusers' ``fuse_lora``), unmerged afterwards (even on error). Yields the number of merged layers.
+
+    A merged layer runs one base matmul instead of base + adapter: the same function up to float rounding, faster.
+    Layers whose adapters are disabled (a teacher view is active) are left alone; a teacher view entered inside the
+    block makes peft unmerge the layers it runs through, which stays correct.
+
+    Args:
+        module: the network carrying the adapters (a LoRA student's backbone).
+        exact_restore: keep a copy of each merged base weight and write it back afterwards, so the base is
+            bit-identical after the block (``W + ΔW − ΔW`` is not ``W`` in float arithmetic, and in bf16 the error is
+            about 1e-2 relative). Costs one extra copy of the adapted base weights while the block runs; ``False``
+            subtracts ``ΔW`` again instead (no copy; fine for fp32 bases, ~1e-7 relative per use).
+    """
+    layers = [layer for layer in tuner_layers(module) if not layer.merged and not layer.disable_adapters]
+    saved: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                if exact_restore:
+                    base = layer.get_base_layer()
+                    tensors = {n: getattr(base, n) for n in ("weight", "bias") if getattr(base, n, None) is not None}
+                    saved.append((layer, {n: t.detach().clone() for n, t in tensors.items()}))
+                layer.merge()
+        yield len(layers)
+    finally:
+        with torch.no_grad():
+            if exact_restore:
+                for layer, originals in saved:
+                    base = layer.get_base_layer()
+                    for name, original in originals.items():
+                        getattr(base, name).copy_(original)
+                    layer.merged_adapters = []
+            else:
+                for layer in layers:
+                    if layer.merged:
+                        layer.unmerge()
+
+
+@contextmanager
+def held_in_eval(module: nn.Module) -> Iterator[None]:
+    """``module`` and every submodule in eval mode for the block; each one's own train/eval flag is restored
+    afterwards (``module.train(previous)`` would instead force one mode on all of them)."""
+    flags = [(m, m.training) for m in module.modules()]
+    if not any(training for _, training in flags):
+        yield
+        return
+    module.eval()
     try:
         yield
     finally:
-        for layer, disabled in zip(layers, before):
-            layer._disable_adapters = disabled
+        if all(training for _, training in flags):
+            module.train(True)
+        else:
+            for m, training in flags:
+                m.training = training
 
 
 class Student(nn.Module):
@@ -135,6 +250,26 @@ class Student(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.denoiser(*args, **kwargs)
+
+    @contextmanager
+    def sampling(self, merge_lora: bool = True, exact_restore: bool = True) -> Iterator[Student]:
+        """Sample with this student: eval mode once for the whole block and, for a LoRA student, its active adapter
+        merged into the base weights (stock diffusers' ``fuse_lora()``); everything is restored afterwards.
+
+        Samplers called inside find the model already in eval mode and switch nothing. Do not train inside the
+        block: the merged base is the student, not the frozen teacher.
+
+        Example:
+            >>> with student.sampling():
+            ...     images = objective.sampler()(noise, cond, num_steps=4)
+
+        Args:
+            merge_lora: merge a LoRA student's adapter (False: eval mode only).
+            exact_restore: see ``lora_merged``; the default writes the saved base weights back bit for bit.
+        """
+        merged = lora_merged(self.denoiser.backbone, exact_restore) if merge_lora and self.is_lora else nullcontext()
+        with held_in_eval(self), merged:
+            yield self
 
 
 def _default_targets(backbone: nn.Module) -> list[str]:

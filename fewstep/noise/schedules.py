@@ -7,7 +7,8 @@ Every schedule answers the same questions (ALGORITHMS §1.1):
 * ``tau_from_model_timestep(t)``: the inverse, used to read a diffusers scheduler's timesteps,
 * ``shift(τ)``: the sampling-time warp a backbone was trained with (identity unless it is a shifted flow).
 
-All math is fp32 (STYLE 9). Schedules are frozen dataclasses with no hidden state.
+All math is fp32 (the coefficients that combine model outputs are never computed in the model's dtype). Schedules
+are frozen dataclasses; the only state is ``VPSchedule``'s per-device lookup table, a pure function of its fields.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class VPSchedule:
     alphas_cumprod: Tensor  # [N], float64 copy of the diffusers buffer
     final_alpha_cumprod: float = 1.0  # diffusers DDIM's level after the last step (set_alpha_to_one)
     kind: str = field(default="vp", init=False)
+    # device -> (ᾱ on the extended grid [N + 1], its log-SNR [N + 1]): built once per device, not on every call
+    _tables: dict[torch.device, tuple[Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_diffusers(cls, scheduler_or_config: Any) -> VPSchedule:
@@ -81,15 +86,24 @@ class VPSchedule:
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(ᾱ, log-SNR)`` on the extended grid (position 0 is the clean level, position n+1 is index n), float64
+        on ``device``; computed there once (the same ops as a per-call rebuild, so the same bits)."""
+        table = self._tables.get(device)
+        if table is None:
+            with torch.inference_mode(False), torch.no_grad():  # a plain constant, usable under and outside autograd
+                acp = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod]).to(device)
+                lsnr = torch.log(acp) - torch.log1p(-acp.clamp(max=1 - 1e-12))  # +inf at the clean level
+            table = self._tables[device] = (acp, lsnr)
+        return table
+
     def _acp(self, tau: Tensor) -> Tensor:
         tau = _f32(tau)
-        # Extended grid: position 0 is the clean level, position n+1 is index n.
-        acp = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod]).to(tau.device)
+        acp, lsnr = self._table(tau.device)
         pos = (tau.double() * self.num_train_timesteps).clamp(0, self.num_train_timesteps)
         lo = pos.floor().long().clamp(max=self.num_train_timesteps - 1)
         frac = pos - lo
         # Interpolate in log-SNR, except at the clean end where log-SNR is infinite.
-        lsnr = torch.log(acp) - torch.log1p(-acp.clamp(max=1 - 1e-12))
         l_lo, l_hi = lsnr[lo], lsnr[lo + 1]
         inter = torch.sigmoid(l_lo + frac * (l_hi - l_lo))
         out = torch.where(frac == 0, acp[lo], torch.where(frac == 1, acp[lo + 1], inter))

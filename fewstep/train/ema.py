@@ -33,15 +33,16 @@ class EMA:
         self.decay, self.warmup = decay, warmup
         self.modules = modules
         self.updates = {group: 0 for group in modules}  # updates done per group (saved with checkpoints)
+        # the averaged parameters, listed once: walking a large backbone's named_parameters each step costs ms
+        self._params = {group: trainable_parameters(m) for group, m in modules.items()}
         self.shadow: dict[str, dict[str, Tensor]] = {
-            group: {n: p.detach().float().clone() for n, p in trainable_parameters(m).items()}
-            for group, m in modules.items()
+            group: {n: p.detach().float().clone() for n, p in params.items()} for group, params in self._params.items()
         }
 
     @torch.no_grad()
     def update(self, group: str) -> None:
         """Average the current weights of ``group`` into its shadow (call after that group's optimizer step)."""
-        params = trainable_parameters(self.modules[group])
+        params = self._params[group]
         decay = self.decay_of_next_update(group)
         for name, s in self.shadow[group].items():
             s.lerp_(params[name].detach().float(), 1.0 - decay)

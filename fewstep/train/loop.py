@@ -103,6 +103,14 @@ class Trainer:
         self.modules = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(names, prepared[len(names) :]))
         self.objective.attach(self.modules)
+        # what each group's optimizer updates, listed once for clipping (a walk over a large backbone costs ms a step)
+        self._clip_params = {
+            name: [
+                *trainable_parameters(m).values(),
+                *trainable_parameters(self.auxiliary.get(name, nn.Module())).values(),
+            ]
+            for name, m in self.modules.items()
+        }
         check_strategy(self.objective, accelerator)
         self.ema: EMA | None = None
         self.auxiliary_ema: EMA | None = None  # the auxiliary modules' shadows: checkpointed, never applied
@@ -219,10 +227,8 @@ class Trainer:
             average_gradients(self.groups[phase], acc)  # DDP's hooks never ran
         if acc.num_processes > 1 and auxiliary is not None:
             average_gradients(auxiliary, acc)
-        params = list(trainable_parameters(self.modules[phase]).values())
-        params += list(trainable_parameters(auxiliary).values()) if auxiliary is not None else []
         max_norm = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip is not None else math.inf
-        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        grad_norm = acc.clip_grad_norm_(self._clip_params[phase], max_norm)
         return float(grad_norm) if grad_norm is not None else None
 
     def _auxiliary_modules(self) -> dict[str, nn.Module]:

@@ -150,3 +150,47 @@ def test_train_and_export_call_their_entry_points(recipes, tmp_path, monkeypatch
     assert capsys.readouterr().out == f"exported to {tmp_path / 'out' / 'lora'}\n"
     assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "out")]) == 2
     assert "run directory" in capsys.readouterr().err
+
+
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+
+
+def _imported_after(code: str) -> list[str]:
+    """The heavy top-level packages in ``sys.modules`` after running ``code`` in a fresh interpreter."""
+    probe = f"import sys\n{code}\nprint('heavy:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [m for m in out.stdout.strip().splitlines()[-1].removeprefix("heavy:").split(",") if m]
+
+
+def test_help_and_recipes_import_no_torch():
+    help_ = "import contextlib, io\nimport fewstep.cli.main as m\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+    help_ += "    try:\n        m.main(['--help'])\n    except SystemExit:\n        pass"
+    assert _imported_after(help_) == []
+    recipes = "import contextlib, io\nimport fewstep.cli.main as m\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+    recipes += "    assert m.main(['recipes']) == 0\nassert 'pydantic' not in sys.modules"
+    assert _imported_after(recipes) == []
+    # parsing a verb's arguments needs none of them either (the work itself may)
+    parse = "import fewstep.cli.main as m\nfor verb in ('validate', 'train'):\n"
+    parse += "    m.parse_args(m.build_parser(load=[verb]), [verb, 'r.yaml', 'a=1'])"
+    assert _imported_after(parse) == []
+
+
+def test_verb_list_matches_the_verb_modules():
+    def listed(parser):
+        sub = next(a for a in parser._actions if a.dest == "verb")
+        return [(choice.dest, choice.help) for choice in sub._choices_actions]
+
+    from fewstep.cli.main import VERBS, build_parser, requested_verb
+
+    assert listed(build_parser(load=[])) == listed(build_parser()), "VERBS help differs from a verb module's own"
+    assert [name for name, _ in listed(build_parser())] == list(VERBS)
+    assert requested_verb(["--debug", "validate", "train"]) == "validate"
+    assert requested_verb(["--help"]) is None and requested_verb(["valdate"]) is None
+
+
+def test_unknown_verb_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["valdate", "x.yaml"])
+    assert info.value.code == 2 and "invalid choice: 'valdate'" in capsys.readouterr().err
