@@ -1,4 +1,4 @@
-"""Checkpoints: everything an exact resume needs, written atomically, keep-last-K (DESIGN §5).
+"""Checkpoints: everything an exact resume needs, written atomically, keep-last-K.
 
 Layout of ``<run_dir>/checkpoints/step_XXXXXXXX/``::
 
@@ -34,6 +34,8 @@ from fewstep.train.ema import EMA
 
 COMPLETE = "COMPLETE"
 PREFIX = "step_"
+BEST = "best"  # checkpoints/best: the best checkpoint kept by periodic evaluation (never pruned)
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -135,7 +137,7 @@ def save_checkpoint(
             state = {"optimizer": optimizers[name].state_dict(), "scheduler": schedulers[name].state_dict()}
             torch.save(state, tmp / "optimizers" / f"{name}.pt")
         if ema is not None:
-            save_file(_cpu(ema.state_dict()), tmp / "ema.safetensors", metadata={"updates": json.dumps(ema.updates)})
+            save_file(_cpu(ema.state_dict()), tmp / EMA_FILE, metadata={"updates": json.dumps(ema.updates)})
         torch.save(objective_state, tmp / "objective.pt")
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     torch.save(rng_state(), tmp / "rng" / f"rank_{accelerator.process_index}.pt")
@@ -199,7 +201,7 @@ def load_checkpoint(
         optimizers[name].load_state_dict(state["optimizer"])
         schedulers[name].load_state_dict(state["scheduler"])
     if ema is not None:
-        path = ckpt_dir / "ema.safetensors"
+        path = ckpt_dir / EMA_FILE
         if not path.is_file():
             raise CheckpointError(
                 f"{path} does not exist: the checkpoint was written without EMA but train.ema_decay is set. "
@@ -218,15 +220,27 @@ def load_checkpoint(
 def _load_weights(module: nn.Module, weights: dict[str, Tensor], ckpt_dir: Path, name: str) -> None:
     expected = trainable_state(module)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
+    reshaped = shape_mismatches(expected, weights)
+    if missing or unexpected or reshaped:
         raise CheckpointError(
             f"{ckpt_dir / 'trainable' / (name + '.safetensors')} does not match the {name!r} weights being trained "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): it was written with another student or "
-            "objective. Resume with the recipe it was trained with, or set train.resume=never."
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {reshaped[:3]}): it was written "
+            "with another student or objective. Resume with the recipe it was trained with, or set "
+            "train.resume=never."
         )
     with torch.no_grad():
         for key, t in expected.items():
             t.copy_(weights[key])
+
+
+def shape_mismatches(expected: dict[str, Tensor], given: dict[str, Tensor]) -> list[str]:
+    """``"<key>: <given shape> for <expected shape>"`` for every shared key whose shapes differ (copying such a
+    tensor would broadcast it silently, or fail deep inside torch)."""
+    return [
+        f"{key}: {list(given[key].shape)} for {list(t.shape)}"
+        for key, t in expected.items()
+        if key in given and tuple(given[key].shape) != tuple(t.shape)
+    ]
 
 
 def _torch_load(path: Path) -> Any:
