@@ -134,7 +134,7 @@ def teacher_taus(schedule: Any, num_steps: int) -> Tensor:
     return schedule.shift(linspace_grid(num_steps))
 
 
-def samplers(
+def quickstart_samplers(
     run: LoadedRun, guidance_scale: float, teacher_steps: Sequence[int], student_steps: Sequence[int]
 ) -> list[Sampler]:
     """The teacher (``teacher_taus`` levels, guided with ``guidance_scale``) and the run's student, as harness
@@ -185,7 +185,7 @@ def evaluate_run(
     metrics = build_metrics(["fid", "accuracy"], "digits", "class")
     test_images, test_labels = digits_images("test")
     real = data_row(DATA_ROW, test_images, metrics, EvalInputs(labels=test_labels))
-    models = samplers(run, cfg.teacher.guidance_scale, teacher_steps, student_steps)
+    models = quickstart_samplers(run, cfg.teacher.guidance_scale, teacher_steps, student_steps)
     report = evaluate(
         models, metrics, balanced_labels(num_images, NUM_CLASSES), seed=seed, batch_size=BATCH_IMAGES,
         grid_images=GRID_IMAGES, warmup=False, timing_repeats=1, progress=False,
