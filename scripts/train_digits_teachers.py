@@ -143,10 +143,11 @@ def train(variant: str, args: argparse.Namespace) -> tuple[UNet2DModel, Denoiser
 
 def evaluate(denoiser: Denoiser, variant: str, num_images: int, seed: int) -> dict[str, float]:
     """50-step sampling at guidance w = 1, 2, 3: FID to the train split and class accuracy (digits classifier)."""
-    from fewstep.eval.digits import DigitsMetrics, report_noise
+    from fewstep.eval.digits import IMAGE_SHAPE, NUM_CLASSES, DigitsMetrics
+    from fewstep.eval.harness import balanced_labels, shared_noise
 
     metrics = DigitsMetrics()
-    noise, labels = report_noise(num_images, seed)
+    noise, labels = shared_noise(num_images, IMAGE_SHAPE, seed), balanced_labels(num_images, NUM_CLASSES).labels
     teacher = Teacher(denoiser, null_cond=Conditioning(class_labels=torch.tensor([NULL_CLASS])), family="unet2d")
     taus = trailing_vp_grid(50) if variant == "vp" else linspace_grid(50)
     out = {}

@@ -9,12 +9,13 @@ import math
 import pytest
 from PIL import Image
 
-from fewstep.cli import quickstart as qs
+from fewstep.cli import quickstart as cli
+from fewstep.eval import quickstart as qs
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fewstep")
-    qs.add_parser(parser.add_subparsers(dest="verb"))
+    cli.add_parser(parser.add_subparsers(dest="verb"))
     return parser.parse_args(argv)
 
 
@@ -25,7 +26,9 @@ def test_quickstart_trains_evaluates_and_writes_table_and_grid(tmp_path, capsys)
     assert args.recipe == qs.DEFAULT_RECIPE and args.teacher_steps == [1, 2, 4, 50]
     assert args.run(args) == 0
     out = capsys.readouterr().out
-    assert "| model | steps | FID" in out and "4-step student" in out
+    assert "4-step student" in out
+    header = "| model | steps | FID ↓ | accuracy ↑ | s / 1,000 images |\n| --- | ---: | ---: | ---: | ---: |\n"
+    assert header in out
 
     table = (run_dir / qs.TABLE_FILE).read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
@@ -35,6 +38,7 @@ def test_quickstart_trains_evaluates_and_writes_table_and_grid(tmp_path, capsys)
 
     result = json.loads((run_dir / qs.JSON_FILE).read_text())
     assert result["checkpoint"].endswith("step_00000004")
+    assert list(result["rows"][0]) == ["model", "num_steps", "fid", "accuracy", "seconds_per_1k_images", "num_images"]
     for row in result["rows"]:
         assert math.isfinite(row["fid"]) and row["fid"] >= 0 and 0 <= row["accuracy"] <= 1
         assert row["seconds_per_1k_images"] is None or math.isfinite(row["seconds_per_1k_images"])
@@ -68,6 +72,6 @@ def test_a_short_distillation_beats_the_teacher_at_four_steps(tmp_path):
     result = qs.quickstart(overrides=overrides, num_images=500, teacher_steps=[4], student_steps=[4])
     _, teacher, student = result.rows
     assert (teacher.num_steps, student.num_steps) == (4, 4)
-    assert student.fid < 0.75 * teacher.fid, qs.verdict(result.rows)
-    assert student.accuracy > 0.95
+    assert student.metrics["fid"] < 0.75 * teacher.metrics["fid"], qs.verdict(result.rows)
+    assert student.metrics["accuracy"] > 0.95
     assert "beats" in qs.verdict(result.rows)

@@ -3,7 +3,7 @@
 TARGET is a training run directory (its student, EMA weights when kept, plus its teacher for reference), an export
 directory (sampled by stock diffusers) or a teacher (hub id, pipeline directory, ``tiny:<family>``,
 ``fewstep:<asset>``). Writes ``eval.json``, ``eval.md``, the images and sample grids into ``--out`` and prints the
-table (``fewstep.eval.harness``).
+table (``fewstep.eval.harness``, ``fewstep.eval.report``).
 """
 
 from __future__ import annotations
@@ -93,14 +93,15 @@ def _prompts(path: str | None) -> list[str] | None:
 
 def default_out(target: str, kind: str) -> Path:
     """``TARGET/eval`` for run and export directories, ``eval/<teacher>`` for teachers."""
-    from fewstep.eval.harness import slug
+    from fewstep.eval.report import slug
 
     return Path(target) / "eval" if kind in ("run", "export") else Path("eval") / slug(target)
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    from fewstep.eval.harness import evaluate, format_table  # lazy: torch and diffusers
+    from fewstep.eval.harness import evaluate  # lazy: torch and diffusers
+    from fewstep.eval.report import format_table
     from fewstep.eval.suite import build_metrics
     from fewstep.eval.targets import load_target, target_kind
 

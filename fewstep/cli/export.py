@@ -1,4 +1,6 @@
-"""``fewstep export RUN_DIR --out DIR``: LoRA / merged pipeline / kohya keys as the run's recipe asks."""
+"""``fewstep export RUN_DIR --out DIR [--checkpoint latest|best|PATH] [--weights auto|ema|raw]``: LoRA / merged
+pipeline / kohya keys as the run's recipe asks, from the weights ``fewstep eval`` samples by default (EMA when the run
+kept one)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         "export",
         parents=parents,
         help="export a trained student for diffusers",
-        description="Export the newest checkpoint of a training run (its output_dir) into DIR.",
+        description="Export a checkpoint of a training run (its output_dir) into DIR: by default the newest one, with "
+        "the EMA weights when the run kept them (train.ema_decay), as `fewstep eval` samples it.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (the recipe's output_dir)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the exported files")
+    parser.add_argument("--checkpoint", default="latest", help="latest (default), best, or a checkpoint directory")
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="EMA weights when the run kept them (auto, default), or force ema / raw")  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -24,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist; give the output_dir of a training run")
     from fewstep.export import export_run  # lazy: loads torch and diffusers
 
-    out = export_run(run_dir, Path(args.out))
+    out = export_run(run_dir, Path(args.out), checkpoint=args.checkpoint, weights=args.weights)
     print(f"exported to {out}")
     return 0

@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    from fewstep.train.loop import train  # lazy: torch, diffusers and accelerate load only when training
+    # lazy: torch, diffusers and accelerate load only when training
+    from fewstep.eval.periodic import periodic_evaluator
+    from fewstep.train.loop import train
 
-    run_dir = train(recipe)
+    run_dir = train(recipe, evaluator=periodic_evaluator)
     print(f"run directory: {run_dir}")
     return 0

@@ -43,3 +43,9 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         return self.images[i], int(self.labels[i])
+
+
+def digits_images(split: str = "train") -> tuple[Tensor, Tensor]:
+    """All images of a digits split as ``([n, 1, 8, 8] in [0, 1], labels [n])`` (the range of decoded samples)."""
+    dataset = DigitsDataset(split=split)
+    return (dataset.images + 1) / 2, dataset.labels.clone()

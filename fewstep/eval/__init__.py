@@ -1,21 +1,12 @@
-"""Evaluation: the digits benchmark (FID in a digits classifier's feature space, class accuracy, speed)."""
+"""Evaluation, by concern (no two of these modules import each other):
 
-from fewstep.eval.digits import (
-    DigitsClassifier,
-    DigitsMetrics,
-    DigitsRow,
-    digits_images,
-    digits_report,
-    format_table,
-    report_noise,
-)
+* what is sampled: ``samplers`` (teacher and student ``Sampler``s), ``exported`` (an export on stock diffusers),
+  ``targets`` (``fewstep eval TARGET``: a run, an export or a teacher);
+* the harness: ``harness`` (``evaluate``: shared noise and inputs, NFE, latency, memory, metrics), ``measure``;
+* metrics: ``metric`` (the protocol), ``suite`` (metrics by name), ``fid``, ``features``, ``classifier``,
+  ``accuracy``, ``clip``, ``digits``, ``weights``;
+* reports: ``report`` (the one row type, tables, grids, ``eval.json`` / ``eval.md``);
+* workflows: ``periodic`` (evaluation during training), ``quickstart`` (the digits quickstart).
 
-__all__ = [
-    "DigitsClassifier",
-    "DigitsMetrics",
-    "DigitsRow",
-    "digits_images",
-    "digits_report",
-    "format_table",
-    "report_noise",
-]
+Importing this package loads nothing: import the module you need.
+"""

@@ -193,7 +193,7 @@ class BenchmarkDataset:
 
 
 def _digits_images(split: str) -> tuple[Tensor, Tensor]:
-    from fewstep.eval.digits import digits_images
+    from fewstep.data.digits import digits_images
 
     return digits_images(split)
 

@@ -1,4 +1,5 @@
-"""Exported students as evaluation targets, sampled by stock diffusers (``export_target``).
+"""Exported students sampled by stock diffusers (``load_export``; ``fewstep.eval.targets.export_target`` makes them
+an evaluation target).
 
 A LoRA export loads on its base pipeline (``--base``, else the model card's ``base_model``), a merged export as a
 pipeline (in the export directory or ``merged/``); the scheduler is the exported one and each step count runs with
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,7 @@ import torch
 from torch import Tensor
 
 from fewstep.eval.harness import EvalInputs, Sampler
-from fewstep.eval.suite import benchmark_of
-from fewstep.eval.targets import Target, backbone_of, conditioning_kind, default_device, noise_shape, teacher_target
+from fewstep.eval.samplers import backbone_of, conditioning_kind, default_device, noise_shape
 
 
 def card_base_model(export_dir: Path) -> str | None:
@@ -90,27 +91,44 @@ def _stock_fn(pipe: Any, spec: Any, kind: str, null_class: int | None, device: t
     return text_fn if kind == "text" else class_fn
 
 
-def export_target(
+@dataclass
+class ExportedStudent:
+    """An exported student on its stock diffusers pipeline.
+
+    Attributes:
+        sampler: the harness ``Sampler`` (stock pipeline and exported scheduler).
+        conditioning: ``class``, ``text`` or ``none``.
+        num_classes: classes of a class-conditional pipeline.
+        layout: how it was loaded (LoRA on its base, or a merged pipeline).
+        base: the base pipeline of a LoRA (``""`` when unknown).
+        spec: the export's ``SamplingSpec``.
+    """
+
+    sampler: Sampler
+    conditioning: str
+    num_classes: int | None
+    layout: str
+    base: str
+    spec: Any
+
+
+def load_export(
     export_dir: str | Path,
     *,
     steps: Sequence[int] = (1, 2, 4, 8),
-    teacher_steps: Sequence[int] = (),
     base: str | None = None,
-    guidance_scale: float | None = None,
     device: str | torch.device | None = None,
-) -> Target:
-    """An exported student sampled by stock diffusers, and optionally its base teacher at ``teacher_steps``.
+) -> ExportedStudent:
+    """Load an exported student into its stock diffusers pipeline with the exported scheduler.
 
     Args:
         export_dir: a directory written by ``fewstep export`` (``fewstep_student.json``, ``scheduler/``, LoRA or
             pipeline).
         steps: student step counts; each must be one the export lists (``fewstep_student.json``).
-        teacher_steps: step counts of the base teacher (needs ``base`` or the card's ``base_model``).
         base: the base pipeline of a LoRA (default: the card's ``base_model``).
-        guidance_scale: the teacher's ``w``; the student uses the exported ``guidance_scale``.
         device: where to sample.
     """
-    from fewstep.objectives.spec import read_schedule
+    from fewstep.export import read_schedule
 
     export_dir = Path(export_dir)
     spec = read_schedule(export_dir)
@@ -128,15 +146,9 @@ def export_target(
             "guidance_convention": spec.guidance_convention,
             "scheduler": f"stock diffusers {spec.scheduler_class} via {type(pipe).__name__}"
             + ("" if kind == "text" else " loop with class_labels")}  # fmt: skip
-    samplers = [Sampler(
+    sampler = Sampler(
         name=f"student ({spec.objective}, exported)", fn=_stock_fn(pipe, spec, kind, null_class, device),
         noise_shape=noise_shape(pipe), steps=list(steps), network=backbone_of(pipe), info=info,
         schedule=lambda n: {"scheduler": spec.scheduler_class, **spec.steps[n], "call": spec.call_kwargs(n)},
-    )]  # fmt: skip
-    if teacher_steps:
-        if not base:
-            raise ValueError(f"No base model known for {str(export_dir)!r}: pass --base, or --no-teacher.")
-        samplers += teacher_target(base, steps=teacher_steps, guidance_scale=guidance_scale, device=device).samplers
-    target_info = {"kind": "export", "path": str(export_dir), "layout": layout, "base": base, "spec": spec.to_json()}
-    dataset = benchmark_of(samplers[0].noise_shape, kind, num_classes)
-    return Target("export", str(export_dir), samplers, kind, num_classes, dataset, target_info)
+    )  # fmt: skip
+    return ExportedStudent(sampler, kind, num_classes, layout, base, spec)

@@ -1,4 +1,4 @@
-"""The evaluation harness (DESIGN §7): sample named models at lists of step counts from the same seeded noise and the
+"""The evaluation harness: sample named models at lists of step counts from the same seeded noise and the
 same labels / prompts, measure every ``Metric``, NFE, warm latency and peak memory, and write a report that says
 what makes its numbers comparable.
 
@@ -26,7 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,10 @@ from tqdm.auto import tqdm
 
 from fewstep.eval.measure import NFECounter, PeakMemory, environment, sync
 from fewstep.eval.metric import INPUTS, Metric
-from fewstep.eval.report import (  # noqa: F401  (re-exported: the harness's public API)
-    GRID_FILE,
-    JSON_FILE,
-    MARKDOWN_FILE,
-    format_report,
-    format_table,
-    jsonable,
-    slug,
-    unique_slugs,
-    write_report,
-    write_row_images,
-)
+from fewstep.eval.report import EvalReport, Row, jsonable, unique_slugs, write_report, write_row_images
 
 REPORT_VERSION = 1
+DEFAULT_PROMPTS = ("a photo of a cat", "a red apple on a table", "a mountain lake at sunrise", "a city street at night")
 
 
 @dataclass
@@ -106,6 +96,18 @@ def cycled_prompts(prompts: Sequence[str], num_samples: int) -> EvalInputs:
     return EvalInputs(prompts=[prompts[i % len(prompts)] for i in range(num_samples)])
 
 
+def conditioned_inputs(
+    conditioning: str, num_samples: int, num_classes: int | None = None, prompts: Sequence[str] | None = None
+) -> EvalInputs:
+    """The inputs of ``num_samples`` images for a model conditioned on ``class`` (balanced labels over
+    ``num_classes``), ``text`` (``prompts`` cycled, default ``DEFAULT_PROMPTS``) or ``none``."""
+    if conditioning == "class":
+        return balanced_labels(num_samples, int(num_classes or 1))
+    if conditioning == "text":
+        return cycled_prompts(prompts or DEFAULT_PROMPTS, num_samples)
+    return EvalInputs(num_samples=num_samples)
+
+
 # A sampler's function: (noise [b, *noise_shape] on the CPU, inputs of these b images, num_steps, generator)
 # -> images [b, c, h, w] in [0, 1] (any device; moved to the CPU by the harness).
 SampleFn = Callable[[Tensor, EvalInputs, int, torch.Generator], Tensor]
@@ -134,45 +136,6 @@ class Sampler:
     network: nn.Module | None = None
     info: dict[str, Any] = field(default_factory=dict)
     schedule: Callable[[int], dict[str, Any]] | None = None
-
-
-@dataclass
-class Row:
-    """One line of the report: one model at one step count."""
-
-    model: str
-    num_steps: int
-    num_images: int
-    nfe_per_image: float | None
-    seconds_per_image: float
-    peak_memory_mib: float
-    metrics: dict[str, float]
-    schedule: dict[str, Any] = field(default_factory=dict)
-    images_dir: str | None = None
-    grid: str | None = None
-    preview: Tensor | None = field(default=None, repr=False)  # the first grid images [k, c, h, w] in [0, 1]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "preview"}
-
-
-@dataclass
-class EvalReport:
-    """An evaluation's rows and everything that makes them comparable (``info``, the ``eval.json`` header)."""
-
-    rows: list[Row]
-    info: dict[str, Any]
-    out_dir: Path | None = None
-
-    def value(self, metric: str, model: str, num_steps: int) -> float:
-        """One number of the table, e.g. ``report.value("fid", "student (lcm, ema)", 4)``."""
-        for row in self.rows:
-            if row.model == model and row.num_steps == num_steps:
-                return row.metrics[metric]
-        raise KeyError(f"No row {model!r} at {num_steps} steps; rows: {[(r.model, r.num_steps) for r in self.rows]}.")
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.info, "rows": [r.to_dict() for r in self.rows]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,6 +315,14 @@ def _row(
         preview=as_float[:grid_images],
     )
     return row, images
+
+
+def data_row(name: str, images: Tensor, metrics: Sequence[Metric], inputs: EvalInputs) -> Row:
+    """A report row of real images (``[n, c, h, w]`` in ``[0, 1]``, quantised to 8 bits as sampled rows are) through
+    the same metrics: no steps, NFE or timing."""
+    quantised = to_uint8(images).float() / 255
+    values = compute_metrics(metrics, quantised, inputs)
+    return Row(name, None, len(quantised), None, None, None, values)
 
 
 def compute_metrics(metrics: Sequence[Metric], images: Tensor, inputs: EvalInputs) -> dict[str, float]:

@@ -1,5 +1,11 @@
-"""Writing an evaluation: ``eval.json`` (every number and comparability field), ``eval.md`` (the table and the same
-fields as a list), one sample grid per row (``grids/``) and the overview ``grid.png``, PNGs per image (``images/``).
+"""The reports of an evaluation: its rows (``Row``, ``EvalReport``), tables, grids and JSON.
+
+One row type serves every table fewstep prints: ``fewstep eval`` and periodic evaluation (``format_table``,
+``eval.md``, ``eval.json``), the quickstart (``format_benchmark_table``, ``benchmark_record``) and the benchmark
+scripts. A row is one model at one step count, or a data row (real images: no steps, no timing).
+
+Files: ``eval.json`` (every number and comparability field), ``eval.md`` (the table and the same fields as a list),
+one sample grid per row (``grids/``) and the overview ``grid.png``, PNGs per image (``images/``).
 """
 
 from __future__ import annotations
@@ -8,18 +14,71 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from fewstep.eval.harness import EvalReport, Row
+from fewstep.data.images import save_sample_grid
 
 JSON_FILE = "eval.json"
 MARKDOWN_FILE = "eval.md"
 GRID_FILE = "grid.png"
+NO_VALUE = "–"  # a cell without a number (data rows have no steps, NFE or timing)
+
+
+@dataclass
+class Row:
+    """One line of a report: one model at one step count, or real images (``num_steps`` ``None``).
+
+    Attributes:
+        model: the row label, e.g. ``"teacher (DDIM, w=2)"``.
+        num_steps: sampling steps (``None``: a data row).
+        num_images: images the metrics saw.
+        nfe_per_image: network evaluations per image (``None``: not counted).
+        seconds_per_image: sampling wall time per image (``None``: not timed).
+        peak_memory_mib: peak memory of the row (``None``: not measured).
+        metrics: ``{metric name: value}``.
+        schedule: the timesteps / levels of this step count.
+        images_dir, grid: where the row's PNGs and grid were written (relative to the report).
+        preview: the first images ``[k, c, h, w]`` in ``[0, 1]`` (for grids; not serialised).
+    """
+
+    model: str
+    num_steps: int | None
+    num_images: int
+    nfe_per_image: float | None
+    seconds_per_image: float | None
+    peak_memory_mib: float | None
+    metrics: dict[str, float]
+    schedule: dict[str, Any] = field(default_factory=dict)
+    images_dir: str | None = None
+    grid: str | None = None
+    preview: Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "preview"}
+
+
+@dataclass
+class EvalReport:
+    """An evaluation's rows and everything that makes them comparable (``info``, the ``eval.json`` header)."""
+
+    rows: list[Row]
+    info: dict[str, Any]
+    out_dir: Path | None = None
+
+    def value(self, metric: str, model: str, num_steps: int) -> float:
+        """One number of the table, e.g. ``report.value("fid", "student (lcm, ema)", 4)``."""
+        for row in self.rows:
+            if row.model == model and row.num_steps == num_steps:
+                return row.metrics[metric]
+        raise KeyError(f"No row {model!r} at {num_steps} steps; rows: {[(r.model, r.num_steps) for r in self.rows]}.")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.info, "rows": [r.to_dict() for r in self.rows]}
 
 
 def jsonable(value: Any) -> Any:
@@ -73,13 +132,12 @@ def write_row_images(row: Row, images: Tensor, out_dir: Path, name: str) -> None
 
 
 def _write_grids(report: EvalReport, out_dir: Path) -> None:
-    from fewstep.train.logging import save_sample_grid
-
     slugs = unique_slugs([r.model for r in report.rows])
     previews = [r.preview for r in report.rows if r.preview is not None and len(r.preview)]
     for row in report.rows:
         if row.preview is not None and len(row.preview):
-            grid = save_sample_grid([row.preview], out_dir / "grids" / f"{slugs[row.model]}_{row.num_steps}steps.png")
+            name = slugs[row.model] + ("" if row.num_steps is None else f"_{row.num_steps}steps")
+            grid = save_sample_grid([row.preview], out_dir / "grids" / f"{name}.png")
             row.grid = str(grid.relative_to(out_dir))
     if previews:
         save_sample_grid(_same_size(previews), out_dir / GRID_FILE)
@@ -113,8 +171,12 @@ def _same_size(previews: list[Tensor]) -> list[Tensor]:
 
 def _fmt(value: float | None, spec: str) -> str:
     if value is None:
-        return "–"
+        return NO_VALUE
     return format(value, spec) if math.isfinite(value) else str(value)
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
 def format_table(report: EvalReport) -> str:
@@ -125,11 +187,46 @@ def format_table(report: EvalReport) -> str:
     head = ["model", "steps", "NFE", *[f"{m} {arrows.get(m, '')}".strip() for m in names], "ms / image", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |"]
     for r in report.rows:
-        cells = [r.model, str(r.num_steps), _fmt(r.nfe_per_image, "g")]
+        cells = [r.model, _steps(r), _fmt(r.nfe_per_image, "g")]
         cells += [_fmt(r.metrics.get(m), ".4g") for m in names]
-        cells += [_fmt(r.seconds_per_image * 1000, ".3g"), _fmt(r.peak_memory_mib, ".1f")]
+        cells += [_fmt(_scaled(r.seconds_per_image, 1000), ".3g"), _fmt(r.peak_memory_mib, ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _steps(row: Row) -> str:
+    return NO_VALUE if row.num_steps is None else str(row.num_steps)
+
+
+# The benchmark table (the quickstart's): FID and accuracy of the benchmark classifier, seconds per 1,000 images.
+BENCHMARK_COLUMNS = (("fid", "FID ↓", ".2f"), ("accuracy", "accuracy ↑", ".3f"))
+
+
+def format_benchmark_table(rows: Sequence[Row], notes: Sequence[str] = ()) -> str:
+    """The rows as the benchmark's markdown table (model, steps, FID, accuracy, s / 1,000 images), then ``notes``
+    (one line each)."""
+    head = ["model", "steps", *[title for _, title, _ in BENCHMARK_COLUMNS], "s / 1,000 images"]
+    lines = ["| " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |"]
+    for r in rows:
+        cells = [r.model, _steps(r), *[_fmt(r.metrics.get(name), spec) for name, _, spec in BENCHMARK_COLUMNS]]
+        cells.append(_fmt(_scaled(r.seconds_per_image, 1000), ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines.append("")
+        lines.extend(notes)
+    return "\n".join(lines) + "\n"
+
+
+def benchmark_record(row: Row) -> dict[str, Any]:
+    """One row of the benchmark table as JSON: ``model``, ``num_steps``, ``fid``, ``accuracy``,
+    ``seconds_per_1k_images``, ``num_images``."""
+    return {
+        "model": row.model,
+        "num_steps": row.num_steps,
+        **{name: row.metrics.get(name) for name, _, _ in BENCHMARK_COLUMNS},
+        "seconds_per_1k_images": _scaled(row.seconds_per_image, 1000),
+        "num_images": row.num_images,
+    }
 
 
 def format_report(report: EvalReport) -> str:
@@ -174,7 +271,7 @@ def format_report(report: EvalReport) -> str:
     out += ["", "| model | steps | timesteps / levels |", "| --- | ---: | --- |"]
     for r in report.rows:
         sched = "; ".join(f"{k}: {_short(v)}" for k, v in r.schedule.items()) or "–"
-        out.append(f"| {r.model} | {r.num_steps} | {sched} |")
+        out.append(f"| {r.model} | {_steps(r)} | {sched} |")
     out += [
         "",
         f"- NFE: {info.get('nfe')}.",

@@ -1,4 +1,4 @@
-"""Export students so stock diffusers loads them: LoRA, merged pipeline, scheduler config, model card (DESIGN §8)."""
+"""Export students so stock diffusers loads them: LoRA, merged pipeline, scheduler config, model card."""
 
 from fewstep.export.card import render_card, write_card
 from fewstep.export.lora import (
@@ -10,7 +10,7 @@ from fewstep.export.lora import (
     save_lora,
     save_merged,
 )
-from fewstep.export.run import export_run, export_student, load_run, sampling_spec
+from fewstep.export.run import export_run, export_student, read_source, sampling_spec
 from fewstep.objectives.spec import SamplingSpec, read_schedule, write_schedule
 
 __all__ = [
@@ -19,10 +19,10 @@ __all__ = [
     "SamplingSpec",
     "export_run",
     "export_student",
-    "load_run",
     "lora_state_dict",
     "merged_backbone",
     "read_schedule",
+    "read_source",
     "render_card",
     "sampling_spec",
     "save_kohya",

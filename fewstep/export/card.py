@@ -42,6 +42,15 @@ def _snippet(spec: SamplingSpec, pipeline_class: str, base_model: str, student_p
     return "\n".join(lines)
 
 
+def _source_line(source: dict[str, str]) -> str:
+    weights = {"ema": "the EMA of the trained weights (`train.ema_decay`)", "raw": "the trained (raw) weights"}
+    what = weights.get(source.get("weights", ""), f"{source.get('weights')} weights")
+    return (
+        f"Weights: {what} of checkpoint `{Path(source.get('checkpoint', '?')).name}` of the training run "
+        f"`{source.get('run', '?')}`."
+    )
+
+
 def render_card(
     spec: SamplingSpec,
     *,
@@ -52,6 +61,7 @@ def render_card(
     merged_path: str | None = None,
     description: str = "",
     metrics: dict[str, dict[int, float]] | None = None,
+    source: dict[str, str] | None = None,
 ) -> str:
     """The card as Markdown with a YAML header.
 
@@ -64,6 +74,7 @@ def render_card(
         merged_path: the merged pipeline folder, if one was written.
         description: free text from the recipe.
         metrics: optional eval table, ``{metric: {num_steps: value}}``.
+        source: where the weights came from, ``{"run", "checkpoint", "weights"}`` (``weights``: ``ema`` or ``raw``).
     """
     kind = "LoRA" if lora else "full model"
     tags = ["fewstep", "diffusers", spec.objective, "few-step", *(["lora"] if lora else [])]
@@ -71,9 +82,10 @@ def render_card(
     out += [f"# Few-step student ({spec.objective}, {kind})", ""]
     if description:
         out += [description, ""]
+    out += [f"Distilled from `{base_model}` with fewstep (objective `{spec.objective}`).", ""]
+    if source is not None:
+        out += [_source_line(source), ""]
     out += [
-        f"Distilled from `{base_model}` with fewstep (objective `{spec.objective}`).",
-        "",
         "## Recommended settings",
         "",
         f"* steps: **{spec.recommended_steps}** (exported: {', '.join(str(s) for s in sorted(spec.steps))})",

@@ -7,25 +7,28 @@ Layout of an export directory:
 * the merged pipeline (full students, or ``export.merged``): in the directory itself for a full student (so it
   loads with ``DiffusionPipeline.from_pretrained(dir)``), in ``merged/`` next to a LoRA;
 * ``scheduler/scheduler_config.json``: the student's diffusers scheduler; ``fewstep_student.json``: the exact
-  schedules, recommended steps and guidance with their convention; ``README.md``: the model card.
+  schedules, recommended steps and guidance with their convention, and (``export_run``) under ``source`` the run,
+  checkpoint and weights (``ema`` or ``raw``) it was exported from; ``README.md``: the model card.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from fewstep.export.card import write_card
 from fewstep.export.lora import save_kohya, save_lora, save_merged, save_student
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.protocol import Objective
-from fewstep.objectives.spec import SamplingSpec, write_schedule
+from fewstep.objectives.spec import SPEC_FILE, SamplingSpec, write_schedule
+from fewstep.train.run import load_run
 
 logger = logging.getLogger(__name__)
+
+SOURCE_KEY = "source"  # fewstep_student.json: the run, checkpoint and weights an export_run took
 
 
 def sampling_spec(objective: Objective) -> SamplingSpec:
@@ -45,6 +48,7 @@ def export_student(
     base_model: str | None = None,
     description: str = "",
     metrics: dict[str, dict[int, float]] | None = None,
+    source: dict[str, str] | None = None,
 ) -> Path:
     """Write the LoRA and/or merged pipeline, the scheduler config and spec, and the model card.
 
@@ -57,6 +61,8 @@ def export_student(
         base_model: the teacher's hub id or path for the card (default: the pipeline's ``name_or_path``).
         description: free text for the card.
         metrics: optional eval table for the card, ``{metric: {num_steps: value}}``.
+        source: where the weights came from, ``{"run", "checkpoint", "weights"}`` (``LoadedRun.source()``); written
+            into ``fewstep_student.json`` (key ``source``) and the card.
 
     Returns:
         ``out_dir``.
@@ -79,89 +85,68 @@ def export_student(
         merged_dir = out_dir / "merged" if wrote_lora else out_dir
         save_merged(student, teacher, merged_dir, scheduler=spec.scheduler())
     write_schedule(spec, out_dir)
+    if source is not None:
+        _write_source(out_dir, source)
     objective.export_extra(out_dir, lambda extra, path: save_student(extra, teacher, path))  # e.g. AGD adapters
     base = base_model or getattr(teacher.pipeline, "name_or_path", None) or "<base model>"
     write_card(
         out_dir, spec, pipeline_class=pipe_cls.__name__, base_model=str(base), student_path=str(out_dir),
         lora=wrote_lora, merged_path=str(merged_dir) if merged_dir is not None else None,
-        description=description, metrics=metrics,
+        description=description, metrics=metrics, source=source,
     )  # fmt: skip
     return out_dir
 
 
-def load_trainable(module: nn.Module, state: dict[str, Any], name: str) -> None:
-    """Load checkpointed trainable weights; every trainable parameter must be covered and no key left over."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    uncovered = sorted(trainable & set(missing))
-    if unexpected or uncovered:
-        raise ValueError(
-            f"Checkpoint weights for {name!r} do not match the rebuilt model: unexpected keys {unexpected[:5]}, "
-            f"trainable parameters without weights {uncovered[:5]}. Was the run's resolved_config.yaml edited?"
-        )
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    checkpoint: str | Path = "latest",
+    weights: str = "auto",
+    teacher: Teacher | None = None,
+) -> Path:
+    """Export one checkpoint of a training run, with the weights ``fewstep eval`` samples by default.
 
-
-def load_run(run_dir: str | Path, teacher: Teacher | None = None) -> tuple[Any, Any]:
-    """Rebuild a run's teacher, student and objective and load its newest checkpoint's trainable weights.
-
-    Args:
-        run_dir: the run directory (the recipe's ``output_dir``).
-        teacher: the run's custom teacher (``Teacher.from_module``), if it was trained with one.
-
-    Returns:
-        ``(recipe, components)``: the run's resolved recipe and ``fewstep.train.build.Components`` with trained
-        weights (the student in eval mode).
-
-    Raises:
-        FileNotFoundError: no resolved config or no complete checkpoint in ``run_dir``.
-    """
-    run_dir = Path(run_dir)
-    config = run_dir / "resolved_config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{str(run_dir)!r} has no resolved_config.yaml, so it is not a fewstep run directory. Pass the "
-            "recipe's output_dir (written by `fewstep train`)."
-        )
-    from fewstep.train.checkpoint import latest_checkpoint, load_trainable_weights
-
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(
-            f"No complete checkpoint in {str(run_dir / 'checkpoints')!r}: nothing to load. Train until the first "
-            "checkpoint (train.checkpoint_every) or resume the run; SIGINT/SIGTERM also write one."
-        )
-    from fewstep.config.load import load_recipe
-    from fewstep.train.build import build_components
-
-    recipe = load_recipe(config)
-    components = build_components(recipe, teacher=teacher)
-    weights = load_trainable_weights(checkpoint)
-    for name, module in components.objective.trainable().items():
-        if name not in weights:
-            raise ValueError(f"Checkpoint {str(checkpoint)!r} has no weights for {name!r} (has {sorted(weights)}).")
-        load_trainable(module, weights[name], name)
-    components.student.eval()
-    logger.info("Loaded %s", checkpoint)
-    return recipe, components
-
-
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Export the newest checkpoint of a training run.
-
-    Rebuilds teacher, student and objective from ``<run_dir>/resolved_config.yaml``, loads the newest checkpoint's
-    trainable weights (``load_run``), and writes what the recipe's ``export`` block asks for (``export_student``).
+    Rebuilds teacher, student and objective from ``<run_dir>/resolved_config.yaml`` and loads the checkpoint
+    (``fewstep.train.run.load_run``: EMA weights when the run kept them), then writes what the recipe's ``export``
+    block asks for (``export_student``). ``fewstep_student.json`` and the model card record the run, the checkpoint
+    and the weights (``read_source``).
 
     Args:
         run_dir: the run directory (the recipe's ``output_dir``).
         out_dir: where to write; ``<run_dir>/export`` by default.
+        checkpoint: ``latest`` (the newest complete checkpoint), ``best`` or a checkpoint directory.
+        weights: ``auto`` (EMA when the checkpoint has it, else raw), ``ema`` or ``raw``.
+        teacher: the run's custom teacher, if it was trained with one.
 
     Raises:
-        FileNotFoundError: no resolved config or no complete checkpoint in ``run_dir``.
+        FileNotFoundError: no resolved config or no such complete checkpoint in ``run_dir``, or ``ema`` for a run
+            without EMA.
     """
-    recipe, components = load_run(run_dir)
+    run = load_run(run_dir, checkpoint, weights, teacher)
+    recipe, components = run.recipe, run.components
     return export_student(
         components.student, components.teacher, components.objective, out_dir or Path(run_dir) / "export",
         lora=recipe.export.lora, merged=recipe.export.merged, kohya=recipe.export.kohya,
-        base_model=recipe.teacher.pretrained,
-        description=recipe.description,
+        base_model=recipe.teacher.pretrained, description=recipe.description, source=run.source(),
     )  # fmt: skip
+
+
+def read_source(export_dir: str | Path) -> dict[str, str] | None:
+    """Where an export's weights came from: ``{"run", "checkpoint", "weights"}`` (``weights``: ``ema`` or ``raw``),
+    or ``None`` for a student exported from objects or by an older fewstep."""
+    return _read_student_file(export_dir).get(SOURCE_KEY)
+
+
+def _write_source(export_dir: Path, source: dict[str, str]) -> None:
+    path = export_dir / SPEC_FILE
+    data = json.loads(path.read_text())
+    data[SOURCE_KEY] = dict(source)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _read_student_file(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No {SPEC_FILE} in {export_dir}: export the student with fewstep.export first.")
+    return json.loads(path.read_text())

@@ -77,6 +77,7 @@ class SamplingSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SamplingSpec:
         data = dict(data)
+        data.pop("source", None)  # the export's provenance (run, checkpoint, weights): fewstep.export.read_source
         data["steps"] = {int(k): v for k, v in data["steps"].items()}
         return cls(**data)
 

@@ -1,4 +1,4 @@
-"""Checkpoints: everything an exact resume needs, written atomically, keep-last-K (DESIGN §5).
+"""Checkpoints: everything an exact resume needs, written atomically, keep-last-K.
 
 Layout of ``<run_dir>/checkpoints/step_XXXXXXXX/``::
 
@@ -36,6 +36,8 @@ from fewstep.train.ema import EMA
 
 COMPLETE = "COMPLETE"
 PREFIX = "step_"
+BEST = "best"  # checkpoints/best: the best checkpoint kept by periodic evaluation (never pruned)
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -141,7 +143,7 @@ def save_checkpoint(
             state = {"optimizer": optimizers[name].state_dict(), "scheduler": schedulers[name].state_dict()}
             torch.save(state, tmp / "optimizers" / f"{name}.pt")
         if ema is not None:
-            _save_ema(ema, tmp / "ema.safetensors")
+            _save_ema(ema, tmp / EMA_FILE)
         if auxiliary:
             (tmp / "auxiliary").mkdir()
             for name, module in auxiliary.items():
@@ -221,7 +223,7 @@ def load_checkpoint(
         weights = _read(ckpt_dir, ckpt_dir / "auxiliary" / f"{name}.safetensors", load_file)
         _load_weights(module, weights, ckpt_dir, Path("auxiliary") / f"{name}.safetensors")
     if ema is not None:
-        _load_ema(ckpt_dir, ckpt_dir / "ema.safetensors", ema)
+        _load_ema(ckpt_dir, ckpt_dir / EMA_FILE, ema)
     if auxiliary_ema is not None:
         _load_ema(ckpt_dir, ckpt_dir / "auxiliary" / "ema.safetensors", auxiliary_ema)
     rank_file = ckpt_dir / "rng" / f"rank_{accelerator.process_index}.pt"
@@ -246,16 +248,28 @@ def _load_weights(module: nn.Module, weights: dict[str, Tensor], ckpt_dir: Path,
     """Copy ``weights`` (from ``ckpt_dir / file``) into ``module``'s trainable state; keys must match exactly."""
     expected = trainable_state(module)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
+    reshaped = shape_mismatches(expected, weights)
+    if missing or unexpected or reshaped:
         name = file.stem
         raise CheckpointError(
             f"{ckpt_dir / file} does not match the {name!r} weights being trained "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): it was written with another student or "
-            "objective. Resume with the recipe it was trained with, or set train.resume=never."
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {reshaped[:3]}): it was written "
+            "with another student or objective. Resume with the recipe it was trained with, or set "
+            "train.resume=never."
         )
     with torch.no_grad():
         for key, t in expected.items():
             t.copy_(weights[key])
+
+
+def shape_mismatches(expected: dict[str, Tensor], given: dict[str, Tensor]) -> list[str]:
+    """``"<key>: <given shape> for <expected shape>"`` for every shared key whose shapes differ (copying such a
+    tensor would broadcast it silently, or fail deep inside torch)."""
+    return [
+        f"{key}: {list(given[key].shape)} for {list(t.shape)}"
+        for key, t in expected.items()
+        if key in given and tuple(given[key].shape) != tuple(t.shape)
+    ]
 
 
 def _torch_load(path: Path) -> Any:

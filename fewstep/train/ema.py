@@ -80,12 +80,18 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Tensor], updates: dict[str, int] | None = None) -> None:
         """Load the shadows and the update counts (``None``, from a checkpoint that has none: warm-up over)."""
-        expected = set(self.state_dict())
-        if set(state) != expected:
+        current = self.state_dict()
+        expected = set(current)
+        reshaped = [
+            f"{k}: {list(t.shape)} for {list(current[k].shape)}"
+            for k, t in state.items()
+            if k in current and tuple(t.shape) != tuple(current[k].shape)
+        ]
+        if set(state) != expected or reshaped:
             missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
             raise ValueError(
-                f"EMA state does not match the trainable weights (missing {missing}, unexpected {unexpected}). "
-                "Resume with the same student and objective settings."
+                f"EMA state does not match the trainable weights (missing {missing}, unexpected {unexpected}, "
+                f"other shapes {reshaped[:5]}). Resume with the same student and objective settings."
             )
         for key, t in state.items():
             group, name = key.split("/", 1)

@@ -6,36 +6,14 @@ every logged step, so rows are comparable across a run. Files: ``<run_dir>/sampl
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
+from fewstep.data.images import save_sample_grid
 from fewstep.models.conditioning import Conditioning
-
-MIN_TILE_PIXELS = 64  # tiny images (digits are 8×8) are enlarged (nearest) so a grid is readable
-
-
-def grid_image(rows: list[Tensor]) -> Image.Image:
-    """A PIL image of ``rows`` (each ``[n, c, h, w]`` in [0, 1], c = 1 or 3): one row of tiles per entry."""
-    n, c, h, w = rows[0].shape
-    scale = max(1, math.ceil(MIN_TILE_PIXELS / max(h, w)))
-    grid = torch.stack([r.float().clamp(0, 1).cpu() for r in rows])  # [rows, n, c, h, w]
-    grid = grid.permute(2, 0, 3, 1, 4).reshape(c, len(rows) * h, n * w)  # rows of tiles
-    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels[..., 0] if c == 1 else np.ascontiguousarray(pixels), "L" if c == 1 else "RGB")
-
-
-def save_sample_grid(rows: list[Tensor], path: Path) -> Path:
-    """Write ``grid_image(rows)`` as a PNG (creating the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows).save(path)
-    return path
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""The one training loop (DESIGN §5): accelerate, one AdamW per trainable group, phases, accumulation, clipping,
-EMA, non-finite guard, checkpoints with exact resume, signals, scalars, sample grids and periodic evaluation
-(``eval.every_steps``: ``fewstep.train.periodic_eval``, best checkpoint in ``checkpoints/best``).
+"""The one training loop: accelerate, one AdamW per trainable group, phases, accumulation, clipping, EMA,
+non-finite guard, checkpoints with exact resume, signals, scalars, sample grids and periodic evaluation
+(``eval.every_steps``: through the ``evaluator`` factory given to ``train``, e.g.
+``fewstep.eval.periodic.periodic_evaluator``; best checkpoint in ``checkpoints/best``).
 
 Before the first step: ``objective.prepare(batches)`` (after a resume). Per step: ``phase = objective.phase(step)``;
 ``gradient_accumulation_steps`` micro-batches of ``objective.loss(batch, step, phase)`` are backpropagated; the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import signal
 import sys
@@ -35,9 +37,9 @@ from fewstep.train.checkpoint import (
     trainable_state,
 )
 from fewstep.train.ema import EMA, trainable_parameters
+from fewstep.train.evaluator import EvaluatorFactory, PeriodicEvaluator
 from fewstep.train.logging import flatten_metrics, write_samples
 from fewstep.train.optim import build_optimizers, build_schedulers
-from fewstep.train.periodic_eval import PeriodicEval
 from fewstep.train.sync import average_gradients, check_strategy
 
 if TYPE_CHECKING:
@@ -45,7 +47,14 @@ if TYPE_CHECKING:
 
     from fewstep.config.schema import Recipe
 
+logger = logging.getLogger(__name__)
+
 SUMMARY = "run_summary.json"
+NO_EVALUATOR = (
+    "eval.every_steps={every} is set, but train() was called without an evaluator: this run does no periodic "
+    "evaluation (no eval/ scalars or reports, no checkpoints/best). Pass "
+    "`evaluator=fewstep.eval.periodic.periodic_evaluator` to train(), or train with `fewstep train`, which does."
+)
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -60,7 +69,12 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     )
 
 
-def train(recipe: Recipe, accelerator: Accelerator | None = None, teacher: Teacher | None = None) -> Path:
+def train(
+    recipe: Recipe,
+    accelerator: Accelerator | None = None,
+    teacher: Teacher | None = None,
+    evaluator: EvaluatorFactory | None = None,
+) -> Path:
     """Train ``recipe`` and return its run directory (``recipe.output_dir``).
 
     Resumes from ``train.resume`` (``auto``: the newest complete checkpoint of the run). SIGTERM/SIGINT finish the
@@ -70,20 +84,29 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None, teacher: Teach
         recipe: a validated ``fewstep.config.schema.Recipe``.
         accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``recipe.train``).
         teacher: a ready ``Teacher`` (e.g. ``Teacher.from_module``) instead of loading ``recipe.teacher``.
+        evaluator: builds the periodic evaluation of ``eval.every_steps``
+            (``fewstep.eval.periodic.periodic_evaluator``); without one, a recipe that sets ``eval.every_steps``
+            trains with a warning and no evaluation.
     """
     from accelerate.utils import set_seed
 
     accelerator = accelerator if accelerator is not None else make_accelerator(recipe)
     set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
     components = build_components(recipe, teacher=teacher)
-    trainer = Trainer(recipe, accelerator, components)
+    trainer = Trainer(recipe, accelerator, components, evaluator)
     return trainer.fit()
 
 
 class Trainer:
     """The state of one run. ``fit()`` trains to ``train.max_steps`` (or until a signal) and returns the run dir."""
 
-    def __init__(self, recipe: Recipe, accelerator: Accelerator, components: Components) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        accelerator: Accelerator,
+        components: Components,
+        evaluator: EvaluatorFactory | None = None,
+    ) -> None:
         from accelerate.utils import set_seed
 
         self.recipe, self.acc, self.cfg = recipe, accelerator, recipe.train
@@ -130,7 +153,7 @@ class Trainer:
         self._stop_requested = False  # set by a signal on this rank
         self._stop = False  # the same on every rank: set when any rank got a signal
         self._last_saved = self.step if self.resumed_from is not None else -1
-        self.periodic = self._build_periodic_eval(components) if recipe.eval.every_steps else None
+        self.periodic = self._build_evaluator(evaluator, components)
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
@@ -299,14 +322,17 @@ class Trainer:
 
     # --- periodic evaluation ------------------------------------------------------------------------------------
 
-    def _build_periodic_eval(self, components: Components) -> PeriodicEval | None:
-        """``eval.every_steps``: the evaluation of the student (fails here, at startup, if no metric fits)."""
-        from fewstep.eval.targets import run_noise_shape
-
+    def _build_evaluator(self, factory: EvaluatorFactory | None, components: Components) -> PeriodicEvaluator | None:
+        """``eval.every_steps``: the evaluation of the student (a factory fails here, at startup, if no metric fits)."""
+        every = self.recipe.eval.every_steps
+        if not every:
+            return None
+        if factory is None:
+            if self.acc.is_main_process:
+                logger.warning(NO_EVALUATOR.format(every=every))
+            return None
         weights = "ema" if self.ema is not None else "raw"
-        shape = run_noise_shape(self.recipe, self.teacher)  # the pipeline's latent, or the data's shape
-        return PeriodicEval.build(self.recipe, components, self.run_dir, shape, weights,
-                                  resumed=self.resumed_from is not None)  # fmt: skip
+        return factory(self.recipe, components, self.run_dir, weights, self.resumed_from is not None)
 
     def evaluate(self) -> None:
         """Evaluate the student (EMA weights if any) on the main process, log ``eval/<metric>@<steps>``, and keep the

@@ -200,6 +200,7 @@ def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> t
         ``(run_dir, training seconds, training hardware)``; seconds add up over resumed runs, ``None`` for a finished
         run this script did not train.
     """
+    from fewstep.eval.periodic import periodic_evaluator
     from fewstep.train.loop import train
 
     run_dir = Path(bench.cfg.output_dir)
@@ -215,7 +216,7 @@ def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> t
         previous = {}
     print(f"[quality] {bench.path.name}: training {bench.cfg.train.max_steps} steps into {run_dir}", flush=True)
     start = time.perf_counter()
-    run_dir = Path(train(bench.cfg))
+    run_dir = Path(train(bench.cfg, evaluator=periodic_evaluator))
     seconds = time.perf_counter() - start + float(previous.get("training_seconds") or 0.0)
     info = {"training_seconds": round(seconds, 1), "hardware": hardware(device), "steps": bench.cfg.train.max_steps}
     (run_dir / TRAINING_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -245,14 +246,13 @@ def dataset_metrics(dataset: str, args: argparse.Namespace) -> list[Any]:
 def data_record(dataset: str, metrics: list[Any], num_images: int) -> dict[str, Any]:
     """The ``test split (real)`` row: held-out real images through the same metrics (quantised to 8 bits)."""
     from fewstep.eval.classifier import benchmark_dataset
-    from fewstep.eval.harness import to_uint8
+    from fewstep.eval.harness import EvalInputs, data_row
 
     images, labels = benchmark_dataset(dataset).images("test")
-    images, labels = to_uint8(images[:num_images]).float() / 255, labels[:num_images]
-    values = {m.name: m.compute(images, labels=labels if "labels" in m.needs else None) for m in metrics}
-    return {"kind": "data", "model": "test split (real)", "teacher": None, "objective": None, "recipe": None,
-            "steps": None, "nfe": None, "num_images": len(images), "metrics": values,
-            "seconds_per_image": None}  # fmt: skip
+    row = data_row("test split (real)", images[:num_images], metrics, EvalInputs(labels=labels[:num_images]))
+    return {"kind": "data", "model": row.model, "teacher": None, "objective": None, "recipe": None,
+            "steps": row.num_steps, "nfe": row.nfe_per_image, "num_images": row.num_images, "metrics": row.metrics,
+            "seconds_per_image": row.seconds_per_image}  # fmt: skip
 
 
 def evaluate_recipe(

@@ -77,14 +77,8 @@ def build(family: str, recipe: Path, real: bool) -> tuple[Any, Any]:
 
 def measure(family: str, recipe: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One family's records: the teacher and the student rows of one harness run, as ratios."""
-    from fewstep.eval.harness import EvalInputs, balanced_labels, cycled_prompts, evaluate
-    from fewstep.eval.targets import (
-        DEFAULT_PROMPTS,
-        default_guidance,
-        student_sampler,
-        teacher_conditioning,
-        teacher_sampler,
-    )
+    from fewstep.eval.harness import conditioned_inputs, evaluate
+    from fewstep.eval.samplers import default_guidance, student_sampler, teacher_conditioning, teacher_sampler
 
     cfg, components = build(family, recipe, args.real)
     teacher = components.teacher
@@ -103,12 +97,7 @@ def measure(family: str, recipe: Path, args: argparse.Namespace) -> list[dict[st
         sampler.schedule = None  # timings only: no per-step levels in the report (some samplers need the image shape)
     kind, num_classes = teacher_conditioning(teacher)
     n = args.batch_size
-    if kind == "class":
-        inputs = balanced_labels(n, int(num_classes or 1))
-    elif kind == "text":
-        inputs = cycled_prompts(DEFAULT_PROMPTS, n)
-    else:
-        inputs = EvalInputs(num_samples=n)
+    inputs = conditioned_inputs(kind, n, num_classes)
     report = evaluate(samplers, [], inputs, batch_size=n, timing_repeats=args.repeats, device=args.device,
                       progress=not args.quiet)  # fmt: skip
     t_row = next(r for r in report.rows if r.model == "teacher")

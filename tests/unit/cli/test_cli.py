@@ -133,21 +133,27 @@ def test_train_and_export_call_their_entry_points(recipes, tmp_path, monkeypatch
     # Only the wiring is under test here: the trainer and the exporter have their own tests.
     calls = []
     loop = types.ModuleType("fewstep.train.loop")
-    loop.train = lambda recipe: calls.append(recipe) or tmp_path / "run"
+    loop.train = lambda recipe, evaluator: calls.append((recipe, evaluator)) or tmp_path / "run"
     export = types.ModuleType("fewstep.export")
-    export.export_run = lambda run_dir, out: calls.append((run_dir, out)) or out / "lora"
+    export.export_run = lambda run_dir, out, **kw: calls.append((run_dir, out, kw)) or out / "lora"
     monkeypatch.setitem(sys.modules, "fewstep.train.loop", loop)
     monkeypatch.setitem(sys.modules, "fewstep.export", export)
 
     assert main(["train", str(recipes / "quickstart" / "valid.yaml"), "--dry-run", "train.seed=3"]) == 0
     assert calls == [] and "seed: 3" in capsys.readouterr().out
     assert main(["train", str(recipes / "quickstart" / "valid.yaml"), "train.seed=3"]) == 0
-    assert isinstance(calls[0], Recipe) and calls[0].train.seed == 3
+    recipe, evaluator = calls[0]
+    assert isinstance(recipe, Recipe) and recipe.train.seed == 3
+    assert evaluator.__module__ == "fewstep.eval.periodic"  # `fewstep train` evaluates when eval.every_steps asks
     assert capsys.readouterr().out == f"run directory: {tmp_path / 'run'}\n"
 
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
-    assert calls[1] == (tmp_path, tmp_path / "out")
+    assert calls[1] == (tmp_path, tmp_path / "out", {"checkpoint": "latest", "weights": "auto"})
     assert capsys.readouterr().out == f"exported to {tmp_path / 'out' / 'lora'}\n"
+    assert (
+        main(["export", str(tmp_path), "--out", str(tmp_path / "o2"), "--checkpoint", "best", "--weights", "raw"]) == 0
+    )
+    assert calls[2] == (tmp_path, tmp_path / "o2", {"checkpoint": "best", "weights": "raw"})
     assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "out")]) == 2
     assert "run directory" in capsys.readouterr().err
 

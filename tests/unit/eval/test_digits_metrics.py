@@ -1,4 +1,5 @@
-"""Digits metrics: FID in the shipped classifier's feature space, class accuracy, the report and its table."""
+"""Digits metrics: FID in the shipped classifier's feature space, class accuracy, and the benchmark table of the
+quickstart (harness rows, the same numbers as ``DigitsMetrics``)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,10 @@ import math
 import pytest
 import torch
 
-from fewstep.eval.digits import (
-    DigitsClassifier,
-    DigitsMetrics,
-    DigitsRow,
-    digits_images,
-    digits_report,
-    format_table,
-    report_noise,
-    to_model_range,
-)
+from fewstep.eval.digits import DigitsClassifier, DigitsMetrics, digits_images, to_model_range
+from fewstep.eval.harness import EvalInputs, Sampler, balanced_labels, data_row, evaluate, to_uint8
+from fewstep.eval.report import Row, benchmark_record, format_benchmark_table
+from fewstep.eval.suite import build_metrics
 
 
 @pytest.fixture(scope="module")
@@ -89,48 +84,55 @@ def test_classifier_save_load_round_trip(tmp_path):
         DigitsClassifier.load(tmp_path / "missing")
 
 
-def test_report_rows_order_numbers_and_table(metrics, splits):
+def test_benchmark_table_of_harness_rows(metrics, splits):
     train, y_train = splits["train"]
     by_class = [train[y_train == c] for c in range(10)]
 
-    def real(noise, labels, num_steps, generator):  # a "model" that returns real digits of the asked class
+    def real(noise, inputs, num_steps, generator):  # a "model" that returns real digits of the asked class
+        labels = inputs.labels
         picks = [by_class[int(y)][(i * 7 + num_steps) % len(by_class[int(y)])] for i, y in enumerate(labels)]
         return torch.stack(picks)
 
-    def noisy(noise, labels, num_steps, generator):
+    def noisy(noise, inputs, num_steps, generator):
         return (noise / 4 + 0.5).clamp(0, 1)
 
-    samplers, steps = {"real": real, "noise": noisy}, {"real": [1, 2], "noise": [1]}
-    rows = digits_report(samplers, steps, metrics, num_images=200, batch_size=64, preview_images=5)
+    benchmark = build_metrics(None, "digits", "class")  # fid, accuracy: the harness's digits metrics
+    test, y_test = splits["test"]
+    samplers = [Sampler("real", real, (1, 8, 8), [1, 2]), Sampler("noise", noisy, (1, 8, 8), [1])]
+    report = evaluate(samplers, benchmark, balanced_labels(200, 10), batch_size=64, grid_images=5, warmup=False,
+                      timing_repeats=1, progress=False)  # fmt: skip
+    rows = [data_row("digits test split (real)", test, benchmark, EvalInputs(labels=y_test)), *report.rows]
     assert [(r.model, r.num_steps) for r in rows] == [
         ("digits test split (real)", None),
         ("real", 1),
         ("real", 2),
         ("noise", 1),
     ]
-    assert all(math.isfinite(r.fid) and 0 <= r.accuracy <= 1 for r in rows)
-    assert rows[1].accuracy > 0.95 and rows[3].accuracy < 0.5
-    assert rows[3].fid > 5 * rows[1].fid
+    fid, accuracy = [r.metrics["fid"] for r in rows], [r.metrics["accuracy"] for r in rows]
+    assert all(math.isfinite(f) and 0 <= a <= 1 for f, a in zip(fid, accuracy))
+    assert accuracy[1] > 0.95 and accuracy[3] < 0.5
+    assert fid[3] > 5 * fid[1]
+    # The same numbers as DigitsMetrics on the 8-bit images the harness measures.
+    quantised = to_uint8(test).float() / 255
+    assert fid[0] == pytest.approx(metrics.fid_to_reference(quantised), rel=1e-5)
+    assert accuracy[0] == metrics.accuracy(quantised, y_test)
     assert rows[1].preview.shape == (5, 1, 8, 8) and rows[0].preview is None
-    assert rows[1].seconds_per_1k_images >= 0 and rows[0].seconds_per_1k_images is None
-    assert "preview" not in rows[1].to_dict()
+    assert rows[1].seconds_per_image >= 0 and rows[0].seconds_per_image is None
 
-    table = format_table(rows, ["- a note"])
+    record = benchmark_record(rows[1])
+    assert list(record) == ["model", "num_steps", "fid", "accuracy", "seconds_per_1k_images", "num_images"]
+    assert record["seconds_per_1k_images"] == pytest.approx(rows[1].seconds_per_image * 1000)
+    assert benchmark_record(rows[0])["seconds_per_1k_images"] is None and record["num_images"] == 200
+
+    table = format_benchmark_table(rows, ["- a note"])
     lines = table.splitlines()
-    assert lines[0].startswith("| model | steps | FID")
+    assert lines[:2] == ["| model | steps | FID ↓ | accuracy ↑ | s / 1,000 images |",
+                         "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     assert len([line for line in lines if line.startswith("| ")]) == 2 + len(rows)
-    assert "| real | 2 |" in table and lines[-1] == "- a note"
-    assert "| – |" in lines[2]  # the data row has no steps and no timing
+    assert f"| real | 2 | {fid[2]:.2f} | {accuracy[2]:.3f} |" in table and lines[-1] == "- a note"
+    assert lines[2].endswith("| – | " + f"{fid[0]:.2f} | {accuracy[0]:.3f} | – |")  # no steps, no timing
 
 
-def test_report_noise_is_seeded_and_balanced():
-    a, la = report_noise(100, seed=3)
-    b, lb = report_noise(100, seed=3)
-    assert torch.equal(a, b) and torch.equal(la, lb)
-    assert torch.bincount(la).tolist() == [10] * 10
-    assert not torch.equal(report_noise(100, seed=4)[0], a)
-
-
-def test_format_table_prints_non_finite_values():
-    row = DigitsRow("broken", 1, float("nan"), 0.0, 1.0, 10)
-    assert "| broken | 1 | nan | 0.000 | 1.00 |" in format_table([row])
+def test_benchmark_table_prints_non_finite_values():
+    row = Row("broken", 1, 10, None, 1e-3, None, {"fid": float("nan"), "accuracy": 0.0})
+    assert "| broken | 1 | nan | 0.000 | 1.00 |" in format_benchmark_table([row])

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep.eval.harness import EvalInputs, Sampler, balanced_labels, evaluate, format_table, shared_noise
+from fewstep.eval.harness import EvalInputs, Sampler, balanced_labels, data_row, evaluate, shared_noise
+from fewstep.eval.report import EvalReport, format_report, format_table
+from fewstep.eval.samplers import teacher_sampler
 from fewstep.eval.suite import build_metrics
-from fewstep.eval.targets import teacher_sampler
 from fewstep.models.loading import load_teacher
 from fewstep.models.teacher import GUIDANCE_CONVENTION
 
@@ -144,3 +145,12 @@ def test_table_formats_missing_values():
     table = format_table(rep)
     assert table.splitlines()[0] == "| model | steps | NFE | ms / image | peak MiB |"
     assert table.splitlines()[2].startswith("| x | 3 | – | ")
+
+
+def test_a_data_row_has_no_steps_nfe_or_timing_in_the_tables():
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    row = data_row("real images", images, [], EvalInputs(num_samples=4))
+    assert (row.num_steps, row.nfe_per_image, row.seconds_per_image, row.num_images) == (None, None, None, 4)
+    report = EvalReport([row], {})
+    assert format_table(report).splitlines()[2] == "| real images | – | – | – | – |"
+    assert "| real images | – | – |" in format_report(report)

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from fewstep.config import load_recipe
 from fewstep.eval.harness import evaluate
+from fewstep.eval.samplers import student_sampler
 from fewstep.eval.suite import build_metrics
-from fewstep.eval.targets import export_target, load_target, run_target, student_sampler, target_kind
-from fewstep.export.run import export_run
+from fewstep.eval.targets import export_target, load_target, run_target, target_kind
+from fewstep.export import export_run, read_source
 from fewstep.train.loop import train
 
 
@@ -97,13 +98,15 @@ def test_run_target_samples_ema_weights_and_the_guided_teacher(digits_run):
 
 
 def test_exported_digits_student_sampled_by_stock_scheduler_matches_the_run(digits_run, tmp_path):
-    out = export_run(digits_run, tmp_path / "export")  # the trained (raw) weights, a merged DDPMPipeline
+    out = export_run(digits_run, tmp_path / "export")  # the EMA weights (the run kept them), a merged DDPMPipeline
     assert target_kind(str(out)) == "export"
+    assert read_source(out) == {"run": str(digits_run), "checkpoint": str(digits_run / "checkpoints" / "step_00000002"),
+                                "weights": "ema"}  # fmt: skip
     exported = export_target(out, steps=[1, 2], device="cpu")
     assert exported.conditioning == "class" and exported.dataset == "digits"
     sampler = exported.samplers[0]
     assert sampler.info["weights"] == "exported" and "LCMScheduler" in sampler.info["scheduler"]
-    run = run_target(digits_run, steps=[1, 2], teacher_steps=[], weights="raw", device="cpu")
+    run = run_target(digits_run, steps=[1, 2], teacher_steps=[], device="cpu")  # the same default: EMA
     kwargs = dict(batch_size=5, progress=False, timing_repeats=1, grid_images=10)
     theirs = evaluate(exported.samplers, [], exported.inputs(10), **kwargs)
     ours = evaluate(run.samplers, [], run.inputs(10), **kwargs)

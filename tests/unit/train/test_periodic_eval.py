@@ -1,5 +1,6 @@
-"""Periodic evaluation in a 4-step tiny training run: scalars in tensorboard, reports per evaluation, the best
-checkpoint kept (never pruned, survives resume), and one clear error at startup when no metric fits."""
+"""Periodic evaluation in a 4-step tiny training run (the trainer given ``fewstep.eval.periodic``'s evaluator):
+scalars in tensorboard, reports per evaluation, the best checkpoint kept (never pruned, survives resume), one clear
+error at startup when no metric fits, and one warning when ``train()`` gets no evaluator."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from safetensors.torch import load_file
 
 from fewstep.config.load import load_recipe
 from fewstep.eval.harness import evaluate
+from fewstep.eval.periodic import Best, periodic_evaluator, read_best
 from fewstep.eval.targets import run_target
 from fewstep.train.loop import train
-from fewstep.train.periodic_eval import Best, read_best
 
 DIGITS = "quickstart/digits_lcm"  # full LCM student of the shipped fewstep:digits-vp teacher
 
@@ -45,7 +46,7 @@ def test_eval_every_two_steps_logs_scalars_and_keeps_the_best_checkpoint(tmp_pat
     run = tmp_path / "run"
     # A vanishing learning rate keeps the weights (and so every evaluation) identical: the first evaluation stays
     # the best (only a strictly better value replaces it), so the kept checkpoint is step 2, pruned by keep_last=1.
-    train(load_recipe(DIGITS, overrides(run, 4, "optim.lr=1e-30")))
+    train(load_recipe(DIGITS, overrides(run, 4, "optim.lr=1e-30")), evaluator=periodic_evaluator)
     logged = scalars(run)
     for tag in ("eval/fid@1", "eval/fid@2", "eval/accuracy@1", "eval/accuracy@2", "eval/best_fid@2"):
         assert [step for step, _ in logged[tag]] == [2, 4], tag
@@ -71,7 +72,7 @@ def test_eval_every_two_steps_logs_scalars_and_keeps_the_best_checkpoint(tmp_pat
     assert target.info["checkpoint"].endswith("best") and target.samplers[0].info["weights"] == "ema"
 
     # Resume to 6 steps: the stored best is read back, an equal value does not replace it.
-    train(load_recipe(DIGITS, overrides(run, 6, "optim.lr=1e-30")))
+    train(load_recipe(DIGITS, overrides(run, 6, "optim.lr=1e-30")), evaluator=periodic_evaluator)
     assert read_best(run).step == 2
     assert [step for step, _ in scalars(run)["eval/fid@2"]] == [2, 4, 6]
 
@@ -79,7 +80,7 @@ def test_eval_every_two_steps_logs_scalars_and_keeps_the_best_checkpoint(tmp_pat
 def test_a_better_value_replaces_the_best(tmp_path):
     run = tmp_path / "run"
     extra = ("optim.lr=1e-2", "eval.metrics=[accuracy,fid]", "eval.best_metric=fid", "eval.best_steps=1")
-    train(load_recipe(DIGITS, overrides(run, 4, *extra)))
+    train(load_recipe(DIGITS, overrides(run, 4, *extra)), evaluator=periodic_evaluator)
     logged = scalars(run)
     fid = dict(logged["eval/fid@1"])
     assert fid[4] < fid[2]  # two LCM steps at this learning rate improve the 1-step student (deterministic on CPU)
@@ -105,13 +106,13 @@ def test_no_metric_for_the_teacher_is_one_error_at_startup(tmp_path):
     recipe = load_recipe(DIGITS, overrides(run, 4, f"teacher.pretrained={teacher}", "objective.w_min=0",
                                            "objective.w_max=0", "teacher.guidance_scale=1"))  # fmt: skip
     with pytest.raises(ValueError, match=r"eval.every_steps=2 but no evaluation metric is available") as err:
-        train(recipe)
+        train(recipe, evaluator=periodic_evaluator)
     assert "none-conditioned images of shape [1, 8, 8]" in str(err.value)
     assert not (run / "checkpoints").exists()
 
     recipe = load_recipe(DIGITS, overrides(run, 4, "eval.metrics=[clip]"))
     with pytest.raises(ValueError, match=r"`clip` \(CLIP score\) needs a text-conditioned model"):
-        train(recipe)
+        train(recipe, evaluator=periodic_evaluator)
 
 
 def test_best_settings_are_validated_with_the_recipe(tmp_path):
@@ -145,7 +146,7 @@ def test_custom_teacher_runs_are_evaluated_at_their_data_shape(tmp_path):
     teacher = Teacher.from_module(unet, schedule, "epsilon", adapter="unet2d", guidance_scale=2.0, null_cond=null)
     run = tmp_path / "run"
     recipe = load_recipe(DIGITS, overrides(run, 2, "teacher.pretrained=custom:digits-unet"))
-    train(validate_recipe(recipe.model_dump()), teacher=teacher)
+    train(validate_recipe(recipe.model_dump()), teacher=teacher, evaluator=periodic_evaluator)
     report = json.loads((run / "eval" / "step_00000002" / "eval.json").read_text())
     assert report["models"]["student (lcm, ema)"]["noise_shape"] == [1, 8, 8] and "fid" in report["metrics"]
 
@@ -153,3 +154,16 @@ def test_custom_teacher_runs_are_evaluated_at_their_data_shape(tmp_path):
     assert target.dataset == "digits" and [s.noise_shape for s in target.samplers] == [(1, 8, 8), (1, 8, 8)]
     report = evaluate(target.samplers, [], target.inputs(4), progress=False, timing_repeats=1)
     assert [r.nfe_per_image for r in report.rows] == [1, 4]  # the teacher at w = 2 (the recipe's): 2 per step
+
+
+def test_train_without_an_evaluator_warns_once_and_trains(tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="fewstep.train.loop"):
+        train(load_recipe(DIGITS, overrides(run, 2, "optim.lr=1e-30")))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        len(warnings) == 1 and "eval.every_steps=2 is set, but train() was called without an evaluator" in warnings[0]
+    )
+    assert "evaluator=fewstep.eval.periodic.periodic_evaluator" in warnings[0] and "fewstep train" in warnings[0]
+    assert not (run / "eval").exists() and not (run / "checkpoints" / "best").exists()
+    assert (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file()

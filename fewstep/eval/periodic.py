@@ -1,4 +1,8 @@
-"""Periodic evaluation during training (``eval.every_steps``, DESIGN §5 and §7).
+"""Periodic evaluation during training (``eval.every_steps``): the evaluator the trainer is given.
+
+``fewstep train`` and the quickstart pass ``periodic_evaluator`` to ``fewstep.train.loop.train(...,
+evaluator=periodic_evaluator)``; it builds a ``PeriodicEval`` for runs that set ``eval.every_steps``
+(``fewstep.train.evaluator.EvaluatorFactory``). The trainer itself imports nothing from ``fewstep.eval``.
 
 Every ``every_steps`` the main process samples the current student (EMA weights when the run keeps them) at each of
 ``eval.steps`` from the same seeded noise and labels / prompts (``fewstep.eval.harness.evaluate``), writes the report
@@ -10,7 +14,7 @@ complete checkpoint (hard links to the step's files, so it costs no space while 
 the best is never pruned; a resumed run reads ``best.json`` and keeps comparing against it.
 
 Which metrics: ``eval.metrics``, or the benchmark metrics of the teacher's images (digits teachers: FID in the
-digits classifier's feature space and class accuracy). If none can be built, ``PeriodicEval.build`` fails at
+digits classifier's feature space and class accuracy). If none can be built, ``periodic_evaluator`` fails at
 startup with one error that says what to set.
 """
 
@@ -24,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewstep.eval.harness import EvalInputs, evaluate
+from fewstep.eval.harness import EvalInputs, conditioned_inputs, evaluate
 from fewstep.eval.metric import Metric
-from fewstep.eval.suite import COLUMNS
+from fewstep.eval.samplers import run_noise_shape, student_sampler, teacher_conditioning
+from fewstep.eval.suite import COLUMNS, benchmark_of, build_metrics
+from fewstep.train.build import Components
+from fewstep.train.checkpoint import BEST
 
-BEST_DIR = "best"
 BEST_FILE = "best.json"
 
 
@@ -51,7 +57,7 @@ class PeriodicEval:
     Args:
         cfg: the recipe's ``eval`` block.
         run_dir: the run directory.
-        sampler: the student's harness ``Sampler`` (``fewstep.eval.targets.student_sampler``), steps ``cfg.steps``.
+        sampler: the student's harness ``Sampler`` (``fewstep.eval.samplers.student_sampler``), steps ``cfg.steps``.
         metrics: the metrics (at least one).
         inputs: labels / prompts of the evaluation images.
         weights: ``ema`` or ``raw`` (what the trainer applies while evaluating; recorded in the reports).
@@ -83,8 +89,15 @@ class PeriodicEval:
             self.best = None  # the recipe now ranks by another metric or direction: start over
 
     @classmethod
-    def build(cls, recipe: Any, components: Any, run_dir: Path, noise_shape: tuple[int, ...], weights: str,
-              resumed: bool) -> PeriodicEval | None:  # fmt: skip
+    def build(
+        cls,
+        recipe: Any,
+        components: Components,
+        run_dir: Path,
+        noise_shape: tuple[int, ...],
+        weights: str,
+        resumed: bool,
+    ) -> PeriodicEval | None:
         """The periodic evaluation of a recipe, or ``None`` without ``eval.every_steps``.
 
         Raises:
@@ -93,9 +106,6 @@ class PeriodicEval:
         cfg = recipe.eval
         if cfg.every_steps is None:
             return None
-        from fewstep.eval.suite import benchmark_of, build_metrics
-        from fewstep.eval.targets import student_sampler, teacher_conditioning
-
         kind, num_classes = teacher_conditioning(components.teacher)
         dataset = benchmark_of(noise_shape, kind, num_classes)
         try:
@@ -143,7 +153,7 @@ class PeriodicEval:
         if self.best is None:
             raise RuntimeError("keep_best() needs a run() that found a best value first.")
         root = checkpoint.parent
-        tmp, old, best = root / ".best_new", root / ".best_old", root / BEST_DIR
+        tmp, old, best = root / ".best_new", root / ".best_old", root / BEST
         for stale in (tmp, old):
             shutil.rmtree(stale, ignore_errors=True)
         shutil.copytree(checkpoint, tmp, copy_function=_link_or_copy)
@@ -166,7 +176,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def read_best(run_dir: str | Path) -> Best | None:
     """The run's ``checkpoints/best/best.json``, or ``None``."""
-    path = Path(run_dir) / "checkpoints" / BEST_DIR / BEST_FILE
+    path = Path(run_dir) / "checkpoints" / BEST / BEST_FILE
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
@@ -178,14 +188,28 @@ def _device(components: Any) -> Any:
 
 
 def _inputs(recipe: Any, kind: str, num_classes: int | None) -> EvalInputs:
-    from fewstep.eval.harness import balanced_labels, cycled_prompts
+    prompts = recipe.eval.prompts or (recipe.data.prompts if recipe.data.source == "prompts" else None)
+    return conditioned_inputs(kind, recipe.eval.num_samples, num_classes, prompts)
 
-    n = recipe.eval.num_samples
-    if kind == "class":
-        return balanced_labels(n, int(num_classes or 1))
-    if kind == "text":
-        from fewstep.eval.targets import DEFAULT_PROMPTS
 
-        prompts = recipe.eval.prompts or (recipe.data.prompts if recipe.data.source == "prompts" else None)
-        return cycled_prompts(prompts or DEFAULT_PROMPTS, n)
-    return EvalInputs(num_samples=n)
+def periodic_evaluator(
+    recipe: Any, components: Components, run_dir: Path, weights: str, resumed: bool
+) -> PeriodicEval | None:
+    """The trainer's evaluator factory (``fewstep.train.evaluator.EvaluatorFactory``): a ``PeriodicEval`` of the
+    run's student at the run's image shape (``run_noise_shape``), or ``None`` without ``eval.every_steps``.
+
+    Args:
+        recipe: the run's recipe.
+        components: the run's components (the student is evaluated with whatever weights it holds when run).
+        run_dir: the run directory (reports go to ``eval/step_XXXXXXXX/``, the best checkpoint to
+            ``checkpoints/best/``).
+        weights: ``ema`` or ``raw``: what the trainer applies while evaluating (recorded in the reports).
+        resumed: whether the run resumed (then a stored ``best.json`` is compared against).
+
+    Raises:
+        ValueError: ``eval.every_steps`` is set but no metric fits the teacher (names the fix).
+    """
+    if recipe.eval.every_steps is None:
+        return None
+    shape = run_noise_shape(recipe, components.teacher)  # the pipeline's latent, or the data's shape
+    return PeriodicEval.build(recipe, components, Path(run_dir), shape, weights, resumed)
