@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from test_lcm import ToyNet, mixture, single_thread, sliced_wasserstein, train_teacher  # noqa: F401 (fixture)
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
@@ -16,6 +15,15 @@ from fewstep.noise.timesteps import linspace_grid
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from fewstep.objectives.dmd.functional import backsim_depth, ca_gradient, dm_gradient, injected_loss, student_taus
 from fewstep.objectives.protocol import OBJECTIVES, Batch
+from tests.helpers import (
+    ToyNet,
+    mixture,
+    mode_counts,
+    single_thread,  # noqa: F401 (fixture)
+    sliced_wasserstein,
+    train_teacher,
+    vp_schedule,
+)
 
 
 def gaussian_x0(x_t: torch.Tensor, alpha: float, sigma: float, mean: float, std: float) -> torch.Tensor:
@@ -97,8 +105,6 @@ def test_backsim_depth_is_a_function_of_the_step_only():
 
 
 def test_student_taus_match_dmd2_grids():
-    from test_lcm import vp_schedule
-
     vp = vp_schedule()
     assert vp.model_timestep(student_taus(vp, 4)).long().tolist() == [999, 749, 499, 249]
     assert student_taus(FlowSchedule(shift_factor=1.0), 4).tolist() == [1.0, 0.75, 0.5, 0.25]
@@ -116,15 +122,6 @@ def test_registered():
 @pytest.fixture(scope="module")
 def flow_teacher() -> Teacher:
     return train_teacher("flow", steps=600)
-
-
-def mode_counts(x: torch.Tensor) -> torch.Tensor:
-    """Samples per mixture component (nearest of the 8 centres, within 0.5)."""
-    angle = torch.arange(8).float() * (2 * math.pi / 8)
-    centres = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    dist = torch.cdist(x, centres)
-    near = dist.min(1).values < 0.5
-    return torch.bincount(dist.argmin(1)[near], minlength=8)
 
 
 def test_toy_one_step_student_covers_all_modes_and_beats_the_teacher(flow_teacher):
