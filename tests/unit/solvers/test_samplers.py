@@ -15,7 +15,6 @@ from diffusers import DDPMScheduler
 
 from fewstep.noise.convert import Prediction
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
-from fewstep.noise.timesteps import linspace_grid
 from fewstep.solvers.samplers import sample_consistency, sample_ddim
 
 DATA_STD = 0.5
@@ -42,6 +41,11 @@ def ddim_gain(schedule, taus: torch.Tensor, data_std: float = DATA_STD) -> float
     return float(torch.prod((a[1:] * a[:-1] * data_std**2 + s[1:] * s[:-1]) / r2[:-1]))
 
 
+def uniform_taus(num_steps: int) -> torch.Tensor:
+    """``num_steps + 1`` levels, uniform in τ from pure noise (1) to clean (0)."""
+    return torch.linspace(1.0, 0.0, num_steps + 1)
+
+
 SCHEDULES = {
     "flow": lambda: FlowSchedule(timestep_scale=1.0),
     "vp": lambda: VPSchedule.from_diffusers(
@@ -55,7 +59,7 @@ def test_ddim_is_the_closed_form_product_of_its_steps(kind):
     schedule = SCHEDULES[kind]()
     noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
     for num_steps in (1, 3, 10):
-        taus = linspace_grid(num_steps)
+        taus = uniform_taus(num_steps)
         calls: list[torch.Tensor] = []
         out = sample_ddim(gaussian_predict(schedule, calls=calls), schedule, noise, taus)
         assert out.dtype == torch.float32 and out.shape == noise.shape
@@ -74,13 +78,13 @@ def test_ddim_at_many_steps_converges_to_the_data_variance(kind):
     noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
     errors = []
     for num_steps in (2, 8, 32, 256):
-        out = sample_ddim(gaussian_predict(schedule), schedule, noise, linspace_grid(num_steps))
+        out = sample_ddim(gaussian_predict(schedule), schedule, noise, uniform_taus(num_steps))
         errors.append(exact - float(out.std() / noise.std()))
     assert all(e > 0 for e in errors) and errors == sorted(errors, reverse=True), errors
     # VP's log-SNR moves fastest near the clean end, where a uniform τ grid is coarse: a larger error constant
     assert errors[-1] < {"flow": 0.01, "vp": 0.02}[kind] * exact, errors
     assert errors[2] / errors[3] > 5, errors  # first order: 8× the steps, ~8× smaller error
-    assert math.isclose(ddim_gain(schedule, linspace_grid(4096)), exact, rel_tol=2e-3)
+    assert math.isclose(ddim_gain(schedule, uniform_taus(4096)), exact, rel_tol=2e-3)
 
 
 def test_ddim_with_a_one_point_denoiser_is_exact_in_one_step():
@@ -88,7 +92,7 @@ def test_ddim_with_a_one_point_denoiser_is_exact_in_one_step():
     schedule = SCHEDULES["flow"]()
     noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
     for num_steps in (1, 5):
-        out = sample_ddim(gaussian_predict(schedule, data_std=0.0), schedule, noise, linspace_grid(num_steps))
+        out = sample_ddim(gaussian_predict(schedule, data_std=0.0), schedule, noise, uniform_taus(num_steps))
         assert out.abs().max() < 1e-6
 
 
