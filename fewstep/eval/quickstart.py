@@ -124,22 +124,13 @@ def check_digits_recipe(cfg: Any) -> None:
         )
 
 
-def teacher_taus(schedule: Any, num_steps: int) -> Tensor:
-    """The teacher's ``num_steps + 1`` sampling levels: diffusers' ``trailing`` DDIM grid for VP (first step at
-    index N−1, last onto the clean level), a uniform grid in ``s`` (shifted as the scheduler does) for flow."""
-    from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
-
-    if schedule.kind == "vp":
-        return trailing_vp_grid(num_steps, schedule.num_train_timesteps)
-    return schedule.shift(linspace_grid(num_steps))
-
-
 def quickstart_samplers(
     run: LoadedRun, guidance_scale: float, teacher_steps: Sequence[int], student_steps: Sequence[int]
 ) -> list[Sampler]:
     """The teacher (``teacher_taus`` levels, guided with ``guidance_scale``) and the run's student, as harness
     samplers with the quickstart's row labels."""
     from fewstep.eval.samplers import student_sampler, teacher_sampler
+    from fewstep.solvers.grids import teacher_taus
 
     components = run.components
     teacher = components.teacher
@@ -147,7 +138,7 @@ def quickstart_samplers(
     teacher_row = teacher_sampler(
         teacher, teacher_steps, guidance_scale, name=teacher_label(teacher, guidance_scale),
         source=run.recipe.teacher.pretrained, guidance_source="the recipe's teacher.guidance_scale",
-        grid=lambda n: (teacher_taus(teacher.schedule, n), solver),
+        grid=lambda n: (teacher_taus(teacher.schedule, n), solver),  # the diffusers trailing / uniform grid
     )  # fmt: skip
     student_row = student_sampler(
         components, student_steps, name=student_label(components), weights=run.weights,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.eval.harness import EvalInputs, Sampler
+from fewstep.models.backbones import latent_shape, num_tokens, pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
@@ -31,9 +32,7 @@ CLASS_GUIDANCE = 2.0  # default w of class-conditional teachers with a null clas
 
 def backbone_of(pipeline: Any) -> nn.Module:
     """The pipeline's denoising network (``unet`` or ``transformer``)."""
-    from fewstep.models.loading import _backbone
-
-    return _backbone(pipeline)
+    return pipeline_backbone(pipeline)
 
 
 def conditioning_kind(pipeline: Any) -> tuple[str, int | None, int | None]:
@@ -59,7 +58,7 @@ def teacher_conditioning(teacher: Teacher) -> tuple[str, int | None]:
 
 def noise_shape(pipeline: Any, resolution: int | None = None) -> tuple[int, ...]:
     """One image's initial noise: the (unpacked) latent ``[c, h, w]`` of ``pipeline`` at ``resolution``."""
-    from fewstep.models.loading import detect_family, latent_shape
+    from fewstep.models.loading import detect_family
 
     view = SimpleNamespace(pipeline=pipeline, family=detect_family(pipeline))
     return tuple(latent_shape(view, 1, resolution)[1:])  # type: ignore[arg-type]
@@ -102,8 +101,7 @@ def teacher_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None
     """The teacher's ``num_steps + 1`` levels and the solver's name: its pipeline scheduler's own grid when fewstep
     reproduces that scheduler (DDIM, Euler, FlowMatchEuler), else DDIM on the ``trailing`` grid (VP) or Euler on the
     shifted uniform grid (flow)."""
-    from fewstep.noise.timesteps import linspace_grid, trailing_vp_grid
-    from fewstep.solvers.grids import SUPPORTED, scheduler_taus
+    from fewstep.solvers.grids import SUPPORTED, scheduler_taus, teacher_taus
 
     scheduler = getattr(teacher.pipeline, "scheduler", None)
     name = type(scheduler).__name__
@@ -113,9 +111,8 @@ def teacher_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None
             return scheduler_taus(scheduler, teacher.schedule, num_steps, num_tokens), f"{solver} on {name}'s timesteps"
         except ValueError:
             pass
-    if teacher.schedule.kind == "vp":
-        return trailing_vp_grid(num_steps, teacher.schedule.num_train_timesteps), "DDIM (η=0), trailing grid"
-    return teacher.schedule.shift(linspace_grid(num_steps), num_tokens), "Euler, uniform shifted grid"
+    solver = "DDIM (η=0), trailing grid" if teacher.schedule.kind == "vp" else "Euler, uniform shifted grid"
+    return teacher_taus(teacher.schedule, num_steps, num_tokens), solver
 
 
 def _levels(schedule: Any, levels: Tensor, evaluated: Tensor) -> dict[str, Any]:
@@ -159,7 +156,7 @@ def teacher_sampler(
     if shape is None and teacher.pipeline is None:
         raise ValueError("A custom teacher (no pipeline) needs `shape=`: one image's noise shape, e.g. (1, 8, 8).")
     shape = tuple(shape) if shape is not None else noise_shape(teacher.pipeline, resolution)
-    tokens = (shape[-2] // 2) * (shape[-1] // 2) if teacher.family == "flux" else None
+    tokens = num_tokens(teacher.denoiser, (1, *shape))
     levels = grid if grid is not None else (lambda n: teacher_grid(teacher, n, tokens))
     solver = levels(1)[1]
     device = _device_of(teacher.denoiser)

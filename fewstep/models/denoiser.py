@@ -69,7 +69,14 @@ class Denoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.backbone.parameters()).dtype
+        """The dtype inputs are cast to: the backbone's first parameter's; for a module without parameters, its first
+        floating-point buffer's; float32 for a module with neither."""
+        for param in self.backbone.parameters():
+            return param.dtype
+        for buffer in self.backbone.buffers():
+            if buffer.is_floating_point():
+                return buffer.dtype
+        return torch.float32
 
     def raw(self, x: Tensor, tau: Tensor, cond: Conditioning) -> Tensor:
         """The backbone's native output at ``(x_τ, τ)``; ``τ`` is ``[b]`` (a scalar is broadcast)."""

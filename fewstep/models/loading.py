@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import default_resolution, latent_shape, pipeline_backbone
+from fewstep.models.backbones import pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
@@ -36,11 +36,9 @@ ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
-# Shape rules live with the backbone adapters; these names stay importable from here for existing callers.
-_backbone = pipeline_backbone
 __all__ = [
-    "FAMILIES", "decode_latents", "default_resolution", "detect_family", "encode_images", "latent_shape",
-    "load_pipeline", "load_teacher", "resolve_pretrained", "to_dtype",
+    "FAMILIES", "decode_latents", "detect_family", "encode_images", "load_pipeline", "load_teacher",
+    "resolve_pretrained", "to_dtype",
 ]  # fmt: skip
 
 

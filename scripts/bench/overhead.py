@@ -195,7 +195,7 @@ def tiny_sd15_unet(device: torch.device) -> tuple[nn.Module, Any, Any]:
 def sd15_batch(trainer: Any, batch_size: int, seed: int, with_x0: bool) -> Any:
     """One fixed fewstep ``Batch``: prompt embeddings (cond and the null prompt) and, if asked, random latents."""
     from fewstep.data.batch import Batch
-    from fewstep.models.loading import latent_shape
+    from fewstep.models.backbones import latent_shape
     from fewstep.models.prompts import encode_prompts
 
     teacher = trainer.teacher
@@ -277,7 +277,7 @@ def lcm_lora_pair(args: argparse.Namespace, tmp: Path) -> tuple[Pair, list[nn.Mo
 def dmd2_pairs(args: argparse.Namespace, tmp: Path) -> tuple[list[Pair], list[nn.Module], list[nn.Module]]:
     from accelerate import Accelerator
 
-    from fewstep.models.loading import latent_shape
+    from fewstep.models.backbones import latent_shape
 
     objective = {"name": "dmd2", "fake_score": "lora", "real_guidance_scale": 1.75, "fake_steps_per_generator_step": 1,
                  "gan_weight": 0.0, "health_reference_steps": 0}  # fmt: skip
@@ -481,7 +481,8 @@ def sampling_pairs(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitSt
     from diffusers import LCMScheduler, StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from fewstep.models.loading import decode_latents, latent_shape
+    from fewstep.models.backbones import latent_shape
+    from fewstep.models.loading import decode_latents
     from fewstep.models.prompts import encode_prompts
     from fewstep.testing import load_tiny_pipeline
 

@@ -10,23 +10,7 @@ import torch
 from fewstep.cli.main import main
 from fewstep.config import load_recipe
 from fewstep.train.loop import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 
 def test_eval_of_a_teacher_prints_the_table_and_writes_the_report(tmp_path, capsys):

@@ -26,6 +26,7 @@ from fewstep.data.fashion import (
 from fewstep.data.loader import BatchStream
 from fewstep.models import Conditioning, Teacher
 from fewstep.noise import FlowSchedule
+from tests.helpers import Echo
 
 
 def tiny_pixels(n: int, seed: int) -> np.ndarray:
@@ -103,11 +104,6 @@ def test_data_config_source():
     assert DataConfig(source="fashion_mnist", path="/data/fmnist").path == "/data/fmnist"
     with pytest.raises(ValueError, match="resolution: not used with source: fashion_mnist"):
         DataConfig(source="fashion_mnist", resolution=28)
-
-
-class Echo(torch.nn.Module):
-    def forward(self, x, timestep, class_labels=None):
-        return x
 
 
 def test_batch_stream_gives_class_conditional_batches(tiny_dir):

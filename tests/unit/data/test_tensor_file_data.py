@@ -12,11 +12,7 @@ from fewstep.data.loader import BatchStream
 from fewstep.data.tensors import TensorFileDataset
 from fewstep.models import Conditioning, Teacher
 from fewstep.noise import FlowSchedule
-
-
-class Echo(torch.nn.Module):
-    def forward(self, x, timestep, class_labels=None):
-        return x
+from tests.helpers import Echo
 
 
 def teacher(null_class: int | None = None) -> Teacher:

@@ -20,16 +20,9 @@ from fewstep.objectives.consistency.tbcm import TBCM, TBCMConfig
 from fewstep.objectives.consistency.trigflow import teacher_trig_velocity
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.solvers.grids import teacher_taus
+from tests.helpers import single_thread  # noqa: F401 (fixture)
 
 SETTINGS = {"steps": 6, "points": 3, "w": 3.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from fewstep.eval.samplers import teacher_sampler
 from fewstep.eval.suite import build_metrics
 from fewstep.models.loading import load_teacher
 from fewstep.models.teacher import GUIDANCE_CONVENTION
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import single_thread  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -20,24 +20,7 @@ from fewstep.eval.suite import build_metrics
 from fewstep.eval.targets import export_target, load_target, run_target, target_kind
 from fewstep.export import export_run, read_source
 from fewstep.train.loop import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
+from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 SHORT = ["train.checkpoint_every=2", "train.sample_every=null", "train.progress=false", "optim.warmup_steps=0",
          "train.mixed_precision=no", "train.max_steps=2"]  # fmt: skip

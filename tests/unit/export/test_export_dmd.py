@@ -10,7 +10,6 @@ import diffusers
 import pytest
 import torch
 from safetensors import safe_open
-from test_export_lora import RELOAD, TOLERANCE, max_diff_to_student, single_thread  # noqa: F401 (fixture)
 
 from fewstep.export import WEIGHT_NAME, export_student, read_schedule
 from fewstep.models.backbones import latent_shape
@@ -19,6 +18,7 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from fewstep.objectives.protocol import Batch
+from tests.helpers import RELOAD, TOLERANCE, max_diff_to_student, single_thread  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])

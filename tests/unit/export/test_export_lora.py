@@ -27,18 +27,12 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import DEFAULT_LORA_TARGETS, Student
 from fewstep.objectives.consistency.lcm import LCM, LCMConfig
 from fewstep.objectives.protocol import Batch
-
-TOLERANCE = 1e-4  # measured on the tiny models: LoRA reload ≤ 4e-6, merged (fused weights) ≤ 2e-5
-RELOAD = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}}  # the tiny SD3 has no T5 on disk
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import (
+    RELOAD,
+    TOLERANCE,
+    max_diff_to_student,
+    single_thread,  # noqa: F401 (fixture)
+)
 
 
 def trained_student(family: str, kind: str = "lora", guidance_embedding: bool = False, steps: int = 2):
@@ -61,30 +55,6 @@ def trained_student(family: str, kind: str = "lora", guidance_embedding: bool = 
         opt.step()
         objective.on_step_end(step, "student")
     return teacher, student, objective, cond, shape
-
-
-def stock_latents(pipe, spec, cond, noise: torch.Tensor, num_steps: int, seed: int) -> torch.Tensor:
-    """The stock pipeline's output latents for given initial latents and re-noise seed."""
-    kwargs = {"prompt_embeds": cond.prompt_embeds}
-    if cond.pooled_prompt_embeds is not None:
-        kwargs["pooled_prompt_embeds"] = cond.pooled_prompt_embeds
-    torch.manual_seed(seed)  # pipelines that do not pass `generator` to scheduler.step (SD3) use the global RNG
-    return pipe(
-        **kwargs, latents=noise.clone(), output_type="latent", generator=torch.Generator().manual_seed(seed),
-        **spec.call_kwargs(num_steps),
-    ).images  # fmt: skip
-
-
-def max_diff_to_student(objective, pipe, spec, cond, shape) -> float:
-    pipe.set_progress_bar_config(disable=True)
-    diffs = []
-    for num_steps in (1, 2, 4):
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(10 + num_steps))
-        ours = objective.sampler()(noise, cond, num_steps, torch.Generator().manual_seed(num_steps))
-        theirs = stock_latents(pipe, spec, cond, noise, num_steps, num_steps)
-        assert ours.abs().max() > 0.1  # a real sample, not an empty tensor
-        diffs.append((theirs.float() - ours).abs().max().item())
-    return max(diffs)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])

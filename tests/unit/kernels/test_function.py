@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.kernels import attention, attention_jvp
-
-
-def math_sdpa(q, k, v, mask=None):
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+from tests.helpers import math_sdpa
 
 
 def make(len_q=11, len_k=7, dtype=torch.float64):

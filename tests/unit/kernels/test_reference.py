@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.kernels import attention_backward_reference, attention_jvp_reference
-
-
-def math_sdpa(q, k, v, mask=None, scale=None):
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+from tests.helpers import math_sdpa
 
 
 def inputs(len_q=23, len_k=19, dim=16, dtype=torch.float64, seed=0, batch=2, heads=3, value_dim=None):

@@ -11,8 +11,9 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from fewstep.models.backbones import latent_shape
 from fewstep.models.denoiser import eval_mode, in_mode
-from fewstep.models.loading import latent_shape, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import (
     Student,

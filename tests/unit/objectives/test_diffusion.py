@@ -17,17 +17,9 @@ from fewstep.noise.schedules import FlowSchedule, VPSchedule
 from fewstep.objectives.diffusion import Diffusion, DiffusionConfig, mix_conditioning, sample_tau
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.solvers.grids import trailing_vp_grid
+from tests.helpers import single_thread  # noqa: F401 (fixture)
 
 NULL_CLASS = 10
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads only contend with the other test worker."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_unet() -> UNet2DModel:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from test_lcm import ToyNet, mixture, single_thread, sliced_wasserstein, train_teacher  # noqa: F401 (fixture)
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
@@ -16,6 +15,16 @@ from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from fewstep.objectives.dmd.functional import backsim_depth, ca_gradient, dm_gradient, injected_loss
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.solvers.grids import dmd_student_taus, linspace_grid, sampling_taus
+from fewstep.train.ema import EMA
+from tests.helpers import (
+    ToyNet,
+    mixture,
+    mode_counts,
+    single_thread,  # noqa: F401 (fixture)
+    sliced_wasserstein,
+    train_teacher,
+    vp_schedule,
+)
 
 
 def gaussian_x0(x_t: torch.Tensor, alpha: float, sigma: float, mean: float, std: float) -> torch.Tensor:
@@ -24,8 +33,11 @@ def gaussian_x0(x_t: torch.Tensor, alpha: float, sigma: float, mean: float, std:
     return mean + gain * (x_t - alpha * mean)
 
 
-def train_dmd(objective: DMD2, steps: int, lr: float = 1e-3, batch_size: int = 256) -> dict[str, float]:
-    """The trainer's loop in miniature: one AdamW per group, ``phase(step)`` picks which one steps."""
+def train_dmd(
+    objective: DMD2, steps: int, lr: float = 1e-3, batch_size: int = 256, ema: EMA | None = None
+) -> dict[str, float]:
+    """The trainer's loop in miniature: one AdamW per group, ``phase(step)`` picks which one steps; ``ema`` (if given)
+    averages the groups it holds after their steps, as ``train.ema_decay`` does."""
     opts = {
         name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, betas=(0.0, 0.99))
         for name, m in objective.trainable().items()
@@ -37,6 +49,8 @@ def train_dmd(objective: DMD2, steps: int, lr: float = 1e-3, batch_size: int = 2
         opts[phase].zero_grad(set_to_none=True)
         out.loss.backward()
         opts[phase].step()
+        if ema is not None and phase in ema.modules:
+            ema.update(phase)
         metrics.update(out.metrics)
     return metrics
 
@@ -97,8 +111,6 @@ def test_backsim_depth_is_a_function_of_the_step_only():
 
 
 def test_student_taus_match_dmd2_grids():
-    from test_lcm import vp_schedule
-
     vp = vp_schedule()
     assert vp.model_timestep(dmd_student_taus(vp, 4)).long().tolist() == [999, 749, 499, 249]
     assert dmd_student_taus(FlowSchedule(shift_factor=1.0), 4).tolist() == [1.0, 0.75, 0.5, 0.25]
@@ -116,15 +128,6 @@ def test_registered():
 @pytest.fixture(scope="module")
 def flow_teacher() -> Teacher:
     return train_teacher("flow", steps=600)
-
-
-def mode_counts(x: torch.Tensor) -> torch.Tensor:
-    """Samples per mixture component (nearest of the 8 centres, within 0.5)."""
-    angle = torch.arange(8).float() * (2 * math.pi / 8)
-    centres = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    dist = torch.cdist(x, centres)
-    near = dist.min(1).values < 0.5
-    return torch.bincount(dist.argmin(1)[near], minlength=8)
 
 
 def test_toy_one_step_student_covers_all_modes_and_beats_the_teacher(flow_teacher):
@@ -145,20 +148,34 @@ def test_toy_one_step_student_covers_all_modes_and_beats_the_teacher(flow_teache
 
 
 def test_toy_one_step_student_of_a_vp_eps_teacher_beats_the_teacher():
-    """The same toy on a VP-ε teacher (DDIM at 1 step): the DM gradient in x0 space works for either schedule."""
+    """The same toy on a VP-ε teacher (DDIM at 1 step): the DM gradient in x0 space works for either schedule.
+
+    The 1-step VP-ε generator reads ``x̂0 = (x − σ·ε̂)/α`` at ``α(τ=1) ≈ 0.068`` (SD's betas), so an optimizer step
+    moves its samples ~15× more than it moves the network's output: the live weights jitter around the solution.
+    Measured at step 1400 over seeds 1–8 (the seed after the teacher): the live generator's SW 0.51–0.65 (the bound
+    below is 0.54) and its emptiest mode at 0–27% of the teacher's count; the EMA of its weights SW 0.33–0.42 and
+    every mode at ≥ 30%. As with the trainer's ``train.ema_decay``, the EMA is what is evaluated.
+    """
     teacher = train_teacher("vp", steps=600)
     torch.manual_seed(1)
     objective = DMD2(DMD2Config(real_guidance_scale=1.0, fake_steps_per_generator_step=2), teacher,
                      Student.full(teacher))  # fmt: skip
-    metrics = train_dmd(objective, steps=1400, lr=3e-4)  # VP-ε at 1e-3 overshoots (loss spikes) on this toy
+    ema = EMA({"student": objective.trainable()["student"]}, decay=0.99)
+    metrics = train_dmd(objective, steps=1400, lr=3e-4, ema=ema)  # VP-ε at 1e-3 overshoots (loss spikes) on this toy
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(6))
     ref = mixture(2000, torch.Generator().manual_seed(5))
-    student = objective.sampler()(noise, Conditioning(), 1)
+    with ema.applied():
+        student = objective.sampler()(noise, Conditioning(), 1)
     teacher_1 = teacher.sample(noise, Conditioning(), sampling_taus(teacher.schedule, 1))
+    teacher_50 = teacher.sample(noise, Conditioning(), sampling_taus(teacher.schedule, 50))
     sw_student, sw_teacher = sliced_wasserstein(student, ref), sliced_wasserstein(teacher_1, ref)
-    print(f"VP-ε DMD2 toy: student 1-step SW {sw_student:.3f}, teacher 1-step SW {sw_teacher:.3f}; {metrics}")
+    counts, teacher_counts = mode_counts(student), mode_counts(teacher_50)
+    print(f"VP-ε DMD2 toy: student 1-step SW {sw_student:.3f}, teacher 1-step SW {sw_teacher:.3f}; modes "
+          f"{counts.tolist()}, teacher 50-step modes {teacher_counts.tolist()}; {metrics}")  # fmt: skip
     assert sw_student < 0.7 * sw_teacher, (sw_student, sw_teacher)
-    assert mode_counts(student).min() >= 20, mode_counts(student).tolist()  # no mode dropped
+    # No mode dropped: each mode keeps a share of what the teacher's own 50-step sampler puts there (the teacher is
+    # itself uneven, 104–195 of 2000); 15% is half the lowest share measured for the EMA (30%, seeds 1–8).
+    assert (counts >= 0.15 * teacher_counts).all(), (counts.tolist(), teacher_counts.tolist())
 
 
 def test_multi_step_generator_input_runs_the_student_k_times(flow_teacher):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from fewstep.models.backbones import latent_shape
@@ -14,14 +13,7 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from fewstep.objectives.protocol import Batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import single_thread  # noqa: F401 (fixture)
 
 
 def build(fake_score: str, family: str = "sdxl"):

@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-from test_lcm import NULL_CLASS, make_teacher
 
 from fewstep.models.agd import load_agd, save_agd
 from fewstep.models.conditioning import Conditioning
@@ -20,17 +19,14 @@ from fewstep.objectives.guidance.agd import AGD, AGDConfig
 from fewstep.objectives.guidance.guidance_distill import GuidanceDistill, GuidanceDistillConfig
 from fewstep.objectives.protocol import Batch
 from fewstep.solvers.steps import ddim_step, noise_to
+from tests.helpers import (
+    NULL_CLASS,
+    make_teacher,
+    single_thread,  # noqa: F401 (fixture)
+)
 
 SCALES = (2.0, 3.5, 5.0)
 STEPS = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def labelled_mixture(n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

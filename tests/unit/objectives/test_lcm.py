@@ -9,13 +9,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, LCMScheduler
 from pydantic import ValidationError
-from torch import nn
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
-from fewstep.noise.convert import from_x0_eps
-from fewstep.noise.schedules import FlowSchedule, TrigFlowSchedule, VPSchedule
+from fewstep.noise.schedules import FlowSchedule, TrigFlowSchedule
 from fewstep.objectives.consistency.lcm import (
     LCM,
     LCMConfig,
@@ -25,88 +23,16 @@ from fewstep.objectives.consistency.lcm import (
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.solvers.grids import linspace_grid, skipping_grid, trailing_vp_grid
 from fewstep.solvers.steps import ddim_step
-
-NULL_CLASS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The 2-D toys are tiny MLPs: one thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class ToyNet(nn.Module):
-    """A small MLP denoiser on 2-D points, optionally class-conditional (class ``NULL_CLASS`` = unconditional)."""
-
-    def __init__(self, time_scale: float, width: int = 128, num_classes: int = 0) -> None:
-        super().__init__()
-        self.time_scale = time_scale
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), 8)))
-        self.embed = nn.Embedding(num_classes, 16) if num_classes else None
-        inp = 2 + 16 + (16 if num_classes else 0)
-        self.net = nn.Sequential(
-            nn.Linear(inp, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-            nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
-        t = (timestep.float() * self.time_scale)[:, None] * self.freqs[None]
-        feats = [x.float(), torch.sin(t), torch.cos(t)]
-        if self.embed is not None:
-            feats.append(self.embed(class_labels))
-        return self.net(torch.cat(feats, 1))
-
-
-def mixture(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """8 Gaussians (std 0.1) on a circle of radius 2."""
-    k = torch.randint(0, 8, (n,), generator=generator)
-    angle = k.float() * (2 * math.pi / 8)
-    return 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], 1) + 0.1 * torch.randn(n, 2, generator=generator)
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 64) -> float:
-    """Sliced W2 between two equal-size point clouds (fixed projections)."""
-    d = torch.randn(2, num_projections, generator=torch.Generator().manual_seed(0))
-    d = d / d.norm(dim=0)
-    pa, pb = (a @ d).sort(0).values, (b @ d).sort(0).values
-    return ((pa - pb) ** 2).mean().sqrt().item()
-
-
-def vp_schedule() -> VPSchedule:  # SD's scaled-linear betas
-    return VPSchedule.from_diffusers(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-
-
-def make_teacher(kind: str, num_classes: int = 0) -> Teacher:
-    if kind == "flow":
-        schedule, pred, time_scale = FlowSchedule(timestep_scale=1.0), "flow", 1.0
-    else:
-        schedule, pred, time_scale = vp_schedule(), "epsilon", 1 / 1000
-    null = Conditioning(class_labels=torch.tensor([NULL_CLASS])) if num_classes else None
-    return Teacher.from_module(ToyNet(time_scale, num_classes=num_classes), schedule, pred, null_cond=null)
-
-
-def train_teacher(kind: str, steps: int = 1000) -> Teacher:
-    """Plain denoising / flow-matching training on the mixture (seeded, ~2 s)."""
-    torch.manual_seed(0)
-    teacher = make_teacher(kind)
-    net, sched = teacher.denoiser.backbone, teacher.schedule
-    net.train().requires_grad_(True)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    for _ in range(steps):
-        x0 = mixture(512)
-        eps = torch.randn_like(x0)
-        tau = torch.rand(512) if kind == "flow" else (torch.randint(0, 1000, (512,)) + 1) / 1000
-        a, s = sched.alpha(tau), sched.sigma(tau)
-        out = net(a[:, None] * x0 + s[:, None] * eps, sched.model_timestep(tau))
-        loss = ((out - from_x0_eps(x0, eps, a, s, teacher.denoiser.prediction_type)) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval().requires_grad_(False)
-    return teacher
+from tests.helpers import (
+    NULL_CLASS,
+    ToyNet,
+    make_teacher,
+    mixture,
+    single_thread,  # noqa: F401 (fixture)
+    sliced_wasserstein,
+    train_teacher,
+    vp_schedule,
+)
 
 
 def distill(objective: LCM, steps: int, lr: float = 1e-3, batch_size: int = 256) -> list[float]:

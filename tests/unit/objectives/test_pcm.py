@@ -10,7 +10,6 @@ import diffusers
 import pytest
 import torch
 from diffusers import TCDScheduler
-from test_lcm import make_teacher, mixture, sliced_wasserstein, train_teacher
 
 from fewstep.export import WEIGHT_NAME, export_student, read_schedule
 from fewstep.models.backbones import latent_shape
@@ -21,17 +20,16 @@ from fewstep.models.student import Student
 from fewstep.objectives.consistency.pcm import PCM, PCMConfig, curriculum_segments, jump_gain
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.solvers.grids import segment_edges, trailing_vp_grid
+from tests.helpers import (
+    make_teacher,
+    mixture,
+    single_thread,  # noqa: F401 (fixture)
+    sliced_wasserstein,
+    train_teacher,
+)
 
 TOLERANCE = 1e-4
 CURRICULUM = [dict(segments=m, steps=2) for m in (8, 4, 2, 1)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_registered_and_curriculum():

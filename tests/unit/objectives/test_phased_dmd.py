@@ -4,7 +4,6 @@ phase on one shared base."""
 from __future__ import annotations
 
 import torch
-from test_lcm import ToyNet, mixture, single_thread  # noqa: F401 (fixture)
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
@@ -14,6 +13,7 @@ from fewstep.objectives.dmd.functional import subinterval_flow_target, subinterv
 from fewstep.objectives.dmd.phased_dmd import PhasedDMD, PhasedDMDConfig
 from fewstep.objectives.protocol import OBJECTIVES, Batch
 from fewstep.solvers.steps import transition_coeffs
+from tests.helpers import ToyNet, mixture, single_thread  # noqa: F401 (fixture)
 
 
 def posterior_mean(x_t: torch.Tensor, t: float, mean: float, var: float) -> torch.Tensor:

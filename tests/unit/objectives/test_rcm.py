@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from fewstep.models.backbones import latent_shape
@@ -15,14 +14,7 @@ from fewstep.models.student import Student
 from fewstep.objectives.consistency.rcm import RCM, RCMConfig, backsim_angles, sample_u_dmd
 from fewstep.objectives.dmd.roles import adapter_parameters
 from fewstep.objectives.protocol import OBJECTIVES, Batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import single_thread  # noqa: F401 (fixture)
 
 
 def test_schedule_and_time_sampler():

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_lcm import ToyNet, make_teacher, mixture, sliced_wasserstein, train_teacher
 
 from fewstep.config.schema import DataConfig
 from fewstep.data.loader import build_batches
@@ -27,16 +26,16 @@ from fewstep.objectives.protocol import OBJECTIVES
 from fewstep.objectives.reflow.instaflow import InstaFlow, InstaFlowConfig
 from fewstep.objectives.reflow.reflow import Reflow, ReflowConfig
 from fewstep.solvers.grids import linspace_grid
+from tests.helpers import (
+    ToyNet,
+    make_teacher,
+    mixture,
+    single_thread,  # noqa: F401 (fixture)
+    sliced_wasserstein,
+    train_teacher,
+)
 
 TEACHER_STEPS = 30
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- pair generation ---------------------------------------------------------------------------------------------

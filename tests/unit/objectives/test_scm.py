@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import diffusers
 import pytest
 import torch
-from test_lcm import mixture, sliced_wasserstein, train_teacher
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.models.backbones import latent_shape
@@ -28,14 +27,12 @@ from fewstep.objectives.consistency.trigflow import (
     vp_index_from_u,
 )
 from fewstep.objectives.protocol import OBJECTIVES, Batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import (
+    mixture,
+    single_thread,  # noqa: F401 (fixture)
+    sliced_wasserstein,
+    train_teacher,
+)
 
 
 def tiny(family: str):

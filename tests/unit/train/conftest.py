@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from fewstep.config.load import dump_recipe, validate_recipe
+from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 
 def tiny_digits_unet(seed: int = 0) -> UNet2DModel:
@@ -95,22 +96,3 @@ def write_recipe():
         return path
 
     return write
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads only contend with the other test worker."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run gets its own ``Accelerator`` settings (accelerate keeps process-wide singletons)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()

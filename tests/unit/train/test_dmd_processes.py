@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from test_processes import launch_two
-
 from fewstep.train.checkpoint import checkpoint_dir, load_trainable_weights
+from tests.helpers import launch_two
 
 
 def test_two_processes_train_identical_dmd2_adapters(make_recipe, write_recipe, tmp_path):

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_processes import launch_two
 
 from fewstep.objectives.consistency.scm import SCM
 from fewstep.objectives.diffusion import Diffusion
 from fewstep.train.sync import average_gradients, check_strategy
+from tests.helpers import launch_two
 
 
 def test_two_processes_train_identical_scm_students(make_recipe, write_recipe, tmp_path):

@@ -4,37 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from fewstep.train.checkpoint import checkpoint_dir, latest_checkpoint, load_trainable_weights
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.setdefault("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    return env
-
-
-def launch_two(recipe: Path, tmp_path: Path) -> dict:
-    """``accelerate launch`` of ``fewstep train recipe`` with two CPU processes (gloo DDP); the run's summary."""
-    env = dict(_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "fewstep", "train", str(recipe),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from fewstep.config import load_recipe
-
-    return json.loads((Path(load_recipe(recipe).output_dir) / "run_summary.json").read_text())
+from tests.helpers import launch_two
+from tests.helpers import subprocess_env as _env
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(make_recipe, write_recipe, tmp_path):

@@ -1,0 +1,217 @@
+"""Helpers shared by the test files: thread pinning, a fresh ``accelerate`` state, the 2-D toys (an 8-Gaussian
+mixture and small MLP teachers trained on it), export comparisons against stock pipelines, and multi-process
+training. Test files import from here (``from tests.helpers import ...``), never from each other.
+
+Fixtures defined here take effect in a test module (or ``conftest.py``) that imports them by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fewstep.models.conditioning import Conditioning
+from fewstep.models.teacher import Teacher
+from fewstep.noise.convert import from_x0_eps
+from fewstep.noise.schedules import FlowSchedule, VPSchedule
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread; more threads only contend with the other test worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run gets its own ``Accelerator`` settings (accelerate keeps process-wide singletons)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The 2-D toys: an 8-Gaussian mixture and MLP denoisers trained on it
+# ---------------------------------------------------------------------------------------------------------------------
+
+NULL_CLASS = 4
+
+
+class ToyNet(nn.Module):
+    """A small MLP denoiser on 2-D points, optionally class-conditional (class ``NULL_CLASS`` = unconditional)."""
+
+    def __init__(self, time_scale: float, width: int = 128, num_classes: int = 0) -> None:
+        super().__init__()
+        self.time_scale = time_scale
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), 8)))
+        self.embed = nn.Embedding(num_classes, 16) if num_classes else None
+        inp = 2 + 16 + (16 if num_classes else 0)
+        self.net = nn.Sequential(
+            nn.Linear(inp, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+            nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
+        t = (timestep.float() * self.time_scale)[:, None] * self.freqs[None]
+        feats = [x.float(), torch.sin(t), torch.cos(t)]
+        if self.embed is not None:
+            feats.append(self.embed(class_labels))
+        return self.net(torch.cat(feats, 1))
+
+
+def mixture(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """8 Gaussians (std 0.1) on a circle of radius 2."""
+    k = torch.randint(0, 8, (n,), generator=generator)
+    angle = k.float() * (2 * math.pi / 8)
+    return 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], 1) + 0.1 * torch.randn(n, 2, generator=generator)
+
+
+def mode_counts(x: torch.Tensor) -> torch.Tensor:
+    """Samples per mixture component (nearest of the 8 centres, within 0.5)."""
+    angle = torch.arange(8).float() * (2 * math.pi / 8)
+    centres = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    dist = torch.cdist(x, centres)
+    near = dist.min(1).values < 0.5
+    return torch.bincount(dist.argmin(1)[near], minlength=8)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 64) -> float:
+    """Sliced W2 between two equal-size point clouds (fixed projections)."""
+    d = torch.randn(2, num_projections, generator=torch.Generator().manual_seed(0))
+    d = d / d.norm(dim=0)
+    pa, pb = (a @ d).sort(0).values, (b @ d).sort(0).values
+    return ((pa - pb) ** 2).mean().sqrt().item()
+
+
+def vp_schedule() -> VPSchedule:  # SD's scaled-linear betas
+    return VPSchedule.from_diffusers(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+
+
+def make_teacher(kind: str, num_classes: int = 0) -> Teacher:
+    """An untrained ``ToyNet`` teacher: ``kind`` ``"flow"`` (rectified flow) or ``"vp"`` (SD's VP schedule, ε)."""
+    if kind == "flow":
+        schedule, pred, time_scale = FlowSchedule(timestep_scale=1.0), "flow", 1.0
+    else:
+        schedule, pred, time_scale = vp_schedule(), "epsilon", 1 / 1000
+    null = Conditioning(class_labels=torch.tensor([NULL_CLASS])) if num_classes else None
+    return Teacher.from_module(ToyNet(time_scale, num_classes=num_classes), schedule, pred, null_cond=null)
+
+
+def train_teacher(kind: str, steps: int = 1000) -> Teacher:
+    """Plain denoising / flow-matching training on the mixture (seeded, ~2 s)."""
+    torch.manual_seed(0)
+    teacher = make_teacher(kind)
+    net, sched = teacher.denoiser.backbone, teacher.schedule
+    net.train().requires_grad_(True)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    for _ in range(steps):
+        x0 = mixture(512)
+        eps = torch.randn_like(x0)
+        tau = torch.rand(512) if kind == "flow" else (torch.randint(0, 1000, (512,)) + 1) / 1000
+        a, s = sched.alpha(tau), sched.sigma(tau)
+        out = net(a[:, None] * x0 + s[:, None] * eps, sched.model_timestep(tau))
+        loss = ((out - from_x0_eps(x0, eps, a, s, teacher.denoiser.prediction_type)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval().requires_grad_(False)
+    return teacher
+
+
+class Echo(torch.nn.Module):
+    """A parameter-free backbone that returns its input (for data and conditioning plumbing)."""
+
+    def forward(self, x, timestep, class_labels=None):
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention reference
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def math_sdpa(q, k, v, mask=None, scale=None):
+    """PyTorch's math SDPA backend (the reference the attention kernels are compared with)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export: stock diffusers pipelines against the student's own sampler
+# ---------------------------------------------------------------------------------------------------------------------
+
+TOLERANCE = 1e-4  # measured on the tiny models: LoRA reload ≤ 4e-6, merged (fused weights) ≤ 2e-5
+RELOAD = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}}  # the tiny SD3 has no T5 on disk
+
+
+def stock_latents(pipe, spec, cond, noise: torch.Tensor, num_steps: int, seed: int) -> torch.Tensor:
+    """The stock pipeline's output latents for given initial latents and re-noise seed."""
+    kwargs = {"prompt_embeds": cond.prompt_embeds}
+    if cond.pooled_prompt_embeds is not None:
+        kwargs["pooled_prompt_embeds"] = cond.pooled_prompt_embeds
+    torch.manual_seed(seed)  # pipelines that do not pass `generator` to scheduler.step (SD3) use the global RNG
+    return pipe(
+        **kwargs, latents=noise.clone(), output_type="latent", generator=torch.Generator().manual_seed(seed),
+        **spec.call_kwargs(num_steps),
+    ).images  # fmt: skip
+
+
+def max_diff_to_student(objective, pipe, spec, cond, shape) -> float:
+    """The largest latent difference between the stock pipeline and the student's sampler at 1, 2 and 4 steps."""
+    pipe.set_progress_bar_config(disable=True)
+    diffs = []
+    for num_steps in (1, 2, 4):
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(10 + num_steps))
+        ours = objective.sampler()(noise, cond, num_steps, torch.Generator().manual_seed(num_steps))
+        theirs = stock_latents(pipe, spec, cond, noise, num_steps, num_steps)
+        assert ours.abs().max() > 0.1  # a real sample, not an empty tensor
+        diffs.append((theirs.float() - ours).abs().max().item())
+    return max(diffs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training in subprocesses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """The environment for a ``fewstep`` subprocess: one thread, offline, unbuffered, a cache under ``tmp_path``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.setdefault("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    return env
+
+
+def launch_two(recipe: Path, tmp_path: Path) -> dict[str, Any]:
+    """``accelerate launch`` of ``fewstep train recipe`` with two CPU processes (gloo DDP); the run's summary."""
+    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "fewstep", "train", str(recipe),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from fewstep.config import load_recipe
+
+    return json.loads((Path(load_recipe(recipe).output_dir) / "run_summary.json").read_text())
