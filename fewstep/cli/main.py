@@ -1,4 +1,5 @@
-"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, quickstart).
+"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, quickstart,
+pairs).
 
 A user's mistake (a bad recipe, a missing file, a rejected value) prints ``error: ...`` and exits with status 2,
 without a traceback; ``--debug`` adds the traceback. ``key=value`` overrides may come before or after options.
@@ -25,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("fewstep.cli.export", "export a trained student for diffusers"),
     "eval": ("fewstep.cli.eval", "measure FID / accuracy, NFE, latency and memory of a student or teacher"),
     "quickstart": ("fewstep.cli.quickstart", "distill the digits teacher on a CPU and print the quality table"),
+    "pairs": ("fewstep.cli.pairs", "write a reflow recipe's teacher pairs"),
 }
 USER_ERROR_EXIT = 2
 

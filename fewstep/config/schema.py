@@ -74,7 +74,7 @@ class DataConfig(BaseModel):
     """Training data: the digits set, an image folder (images + metadata.jsonl), a prompt list / file, or clean
     samples in a safetensors file (``tensors``: ``x0`` and optional ``class_labels``, for custom teachers), or
     Fashion-MNIST (``fashion_mnist``: ``path`` is an optional directory of its idx files, see fewstep.data.fashion),
-    or reflow pairs (``pairs``: ``path`` is a directory written by ``python -m fewstep.data.reflow pairs``)."""
+    or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -148,7 +148,7 @@ class DataConfig(BaseModel):
             if self.path is None:
                 issues.append(
                     issue("path", "required for source: pairs",
-                          hint="Set data.path to a pair directory written by `python -m fewstep.data.reflow pairs`.")
+                          hint="Set data.path to a pair directory written by `fewstep pairs`.")
                 )  # fmt: skip
             for key in ("prompts", "resolution"):
                 if getattr(self, key) is not None:

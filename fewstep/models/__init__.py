@@ -7,7 +7,7 @@ import importlib
 
 _EXPORTS = {
     "Conditioning": "fewstep.models.conditioning",
-    "BACKBONES": "fewstep.models.denoiser",
+    "BACKBONES": "fewstep.models.backbones",
     "Denoiser": "fewstep.models.denoiser",
     "Student": "fewstep.models.student",
     "adapter_switched": "fewstep.models.student",

@@ -25,18 +25,41 @@ shift reads).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import BACKBONES
+from fewstep.registry import Registry
 
-if TYPE_CHECKING:
-    from fewstep.models.denoiser import Denoiser
-    from fewstep.models.teacher import Teacher
+BackboneAdapter = Callable[[nn.Module, Tensor, Tensor, Conditioning], Tensor]
+BACKBONES: Registry[BackboneAdapter] = Registry("backbone adapter")
+
+
+@BACKBONES.register("custom")
+def custom_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """A user's module called as ``module(x, timestep, **cond.extra)`` (plus ``class_labels`` if given)."""
+    kwargs = dict(cond.extra)
+    if cond.class_labels is not None:
+        kwargs["class_labels"] = cond.class_labels
+    return backbone(x, timestep, **kwargs)
+
+
+class _Adapted(Protocol):
+    """What the shape rules read from a ``Denoiser``: its adapter's name and its backbone."""
+
+    adapter_name: str
+    backbone: nn.Module
+
+
+class _FromPipeline(Protocol):
+    """What ``latent_shape`` reads from a ``Teacher``: its pipeline (or None) and its family."""
+
+    pipeline: Any
+    family: str
+
 
 # Which adapter serves which diffusers model class (used by the loader and by ``adapter_for``).
 ADAPTER_BY_CLASS: dict[str, str] = {
@@ -63,7 +86,7 @@ def adapter_for(backbone: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def num_tokens(denoiser: Denoiser, shape: Sequence[int]) -> int | None:
+def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     """The image tokens the backbone sees for a latent of ``shape`` ``[b, c, h, w]``; None where it has none.
 
     Flux packs 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its ``patch_size``. This is
@@ -99,7 +122,7 @@ def default_resolution(pipeline: Any) -> int:
     return int(size) * int(vae_scale)
 
 
-def latent_shape(teacher: Teacher, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
+def latent_shape(teacher: _FromPipeline, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
     """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels."""
     pipe = teacher.pipeline
     if pipe is None:

@@ -3,33 +3,21 @@
 A backbone adapter (registered by name in ``BACKBONES``) knows one model family's call signature and output type:
 ``adapter(backbone, x, timestep, cond) -> raw output`` with ``timestep = schedule.model_timestep(τ)``. The
 ``Denoiser`` adds the schedule and prediction type, and converts the raw output to ``Prediction(x0, eps)``.
-Adapters for diffusers families live in ``fewstep.models.backbones``; a custom module uses ``"custom"``.
+Adapters (diffusers families and ``"custom"`` for any module) live in ``fewstep.models.backbones``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from fewstep.models.backbones import BACKBONES, BackboneAdapter
 from fewstep.models.conditioning import Conditioning
 from fewstep.noise.convert import Prediction, check_prediction_type, to_x0_eps
 from fewstep.noise.schedules import Schedule
-from fewstep.registry import Registry
-
-BackboneAdapter = Callable[[nn.Module, Tensor, Tensor, Conditioning], Tensor]
-BACKBONES: Registry[BackboneAdapter] = Registry("backbone adapter")
-
-
-@BACKBONES.register("custom")
-def custom_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
-    """A user's module called as ``module(x, timestep, **cond.extra)`` (plus ``class_labels`` if given)."""
-    kwargs = dict(cond.extra)
-    if cond.class_labels is not None:
-        kwargs["class_labels"] = cond.class_labels
-    return backbone(x, timestep, **kwargs)
 
 
 def _registered_name(adapter: BackboneAdapter) -> str:
@@ -62,8 +50,6 @@ class Denoiser(nn.Module):
         self.backbone = backbone
         self.schedule = schedule
         self.prediction_type = check_prediction_type(prediction_type)
-        if isinstance(adapter, str) and adapter not in BACKBONES:
-            import fewstep.models.backbones  # noqa: F401  (registers the diffusers adapters on first use)
         self.adapter_name = adapter if isinstance(adapter, str) else _registered_name(adapter)
         self._adapter = BACKBONES.get(adapter) if isinstance(adapter, str) else adapter
 

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep.models.backbones import BackboneAdapter
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import BackboneAdapter, Denoiser
+from fewstep.models.denoiser import Denoiser
 from fewstep.noise.convert import Prediction, bcast
 from fewstep.noise.schedules import Schedule
 

@@ -1,9 +1,9 @@
 """Pair generation for a recipe: the recipe's teacher, its ``data.path`` as the pair directory, and conditions drawn
 per shard (class labels for class-conditional teachers, prompts from a list for text teachers).
 
-``python -m fewstep.data.reflow pairs <recipe> --num-pairs N [--steps 25] [--guidance W] [--prompts FILE]
+``fewstep pairs <recipe> --num-pairs N [--steps 25] [--guidance W] [--prompts FILE]
 [key=value ...]``
-(or ``accelerate launch -m fewstep.data.reflow pairs ...``: every rank writes its own shards).
+(or ``accelerate launch -m fewstep pairs ...``: every rank writes its own shards).
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ class PairDataset:
         if not manifest.is_file():
             raise FileNotFoundError(
                 f"data.path {str(self.path)!r} has no {MANIFEST}: it is not a reflow pair directory. Generate one "
-                "with `python -m fewstep.data.reflow pairs <recipe>` (fewstep.data.reflow.generate_pairs)."
+                "with `fewstep pairs <recipe>` (fewstep.data.reflow.generate_pairs)."
             )
         data = json.loads(manifest.read_text())
         if not data.get("complete"):

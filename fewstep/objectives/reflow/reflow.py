@@ -83,7 +83,7 @@ def pair_noise(batch: Batch, objective: str) -> Tensor:
     if noise is None or batch.x0 is None:
         raise ValueError(
             f"The {objective} objective trains on reflow pairs (noise, teacher sample, condition): use "
-            "data.source: pairs with data.path from `python -m fewstep.data.reflow pairs <recipe>`."
+            "data.source: pairs with data.path from `fewstep pairs <recipe>`."
         )
     return noise
 

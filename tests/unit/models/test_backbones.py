@@ -7,6 +7,7 @@ from diffusers import FluxPipeline, UNet2DModel
 
 from fewstep.models.backbones import (
     ADAPTER_BY_CLASS,
+    BACKBONES,
     adapter_for,
     flux_adapter,
     flux_image_ids,
@@ -18,7 +19,6 @@ from fewstep.models.backbones import (
     unpack_latents,
 )
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.denoiser import BACKBONES
 from fewstep.models.prompts import encode_with_pipeline
 from fewstep.testing import load_tiny_pipeline
 

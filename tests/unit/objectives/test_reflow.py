@@ -267,7 +267,7 @@ def test_instaflow_solves_targets_online_without_pairs_and_adds_flow_guidance():
 
 
 def test_pairs_cli_writes_a_recipes_pairs(tmp_path):
-    from fewstep.data.reflow.__main__ import main
+    from fewstep.cli.main import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")

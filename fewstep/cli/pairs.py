@@ -1,19 +1,23 @@
-"""``python -m fewstep.data.reflow pairs <recipe> --num-pairs N [...] [key=value ...]``: write a recipe's reflow
-pairs."""
+"""``fewstep pairs RECIPE --num-pairs N [...] [key=value ...]``: solve the teacher's ODE and write a reflow recipe's
+(noise, sample, condition) pairs to its ``data.path`` (``accelerate launch -m fewstep pairs ...``: every rank writes
+its own shards; an interrupted run resumes)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fewstep.data.reflow", description=__doc__)
-    sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("pairs", help="solve the teacher ODE and write (noise, sample, condition) shards to data.path")
+def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "pairs",
+        parents=parents,
+        help="write a reflow recipe's teacher pairs",
+        description="Solve the teacher ODE from seeded noise and write (noise, sample, condition) shards to the "
+        "recipe's data.path (data.source: pairs). Resumable; each rank writes its own shards.",
+    )
     p.add_argument("recipe", help="a recipe path or shipped name with data.source: pairs")
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--num-pairs", type=int, required=True)
     p.add_argument("--steps", type=int, default=25, help="teacher ODE steps (default 25)")
     p.add_argument("--guidance", type=float, default=None, help="CFG w, Imagen convention (default teacher's)")
@@ -21,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    p.set_defaults(run=run)
 
+
+def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from fewstep.config import load_recipe
@@ -31,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     prompts = None
     if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise FileNotFoundError(
+                f"--prompts {str(args.prompts)!r} does not exist; give a text file, one prompt a line"
+            )
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     out = pairs_for_recipe(
         recipe, args.num_pairs, args.steps, args.guidance, prompts, args.shard_size, args.batch_size, args.seed,
@@ -38,7 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     print(out)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
