@@ -26,6 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ class Sampler:
         info: provenance, JSON-ready: ``kind`` (teacher / student), ``source``, ``weights`` (ema / raw /
             pretrained / exported), ``guidance_scale``, ``scheduler``, ...
         schedule: per step count, the timesteps / levels that step count uses (for the report).
+        context: entered once around all of this sampler's rows, e.g. ``Student.sampling`` (eval mode set once, a
+            LoRA merged into its base as ``fuse_lora()`` does).
     """
 
     name: str
@@ -136,6 +139,7 @@ class Sampler:
     network: nn.Module | None = None
     info: dict[str, Any] = field(default_factory=dict)
     schedule: Callable[[int], dict[str, Any]] | None = None
+    context: Callable[[], AbstractContextManager[Any]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,17 +237,41 @@ def evaluate(
             shape = tuple(sampler.noise_shape)
             if shape not in noise_cache:
                 noise_cache[shape] = shared_noise(n, shape, seed)
-            for num_steps in sampler.steps:
-                bar.set_postfix_str(f"{sampler.name} @ {num_steps}", refresh=False)
-                row, images = _row(sampler, num_steps, noise_cache[shape], inputs, seed, batch_size, warmup,
-                                   timing_repeats, device, memory, metrics, grid_images, bar)  # fmt: skip
-                if out_dir is not None and save_images:
-                    write_row_images(row, images, out_dir, f"{slugs[sampler.name]}_{num_steps}steps")
-                rows.append(row)
+            with sampler.context() if sampler.context is not None else nullcontext():
+                rows += _rows(sampler, noise_cache[shape], inputs, seed, batch_size, warmup, timing_repeats, device,
+                              memory, metrics, grid_images, bar, out_dir if save_images else None, slugs)  # fmt: skip
     report = EvalReport(rows, _header(samplers, metrics, inputs, seed, batch_size, device, memory, info))
     if out_dir is not None:
         write_report(report, out_dir, save_grid=save_grids)
     return report
+
+
+def _rows(
+    sampler: Sampler,
+    noise: Tensor,
+    inputs: EvalInputs,
+    seed: int,
+    batch_size: int,
+    warmup: bool,
+    timing_repeats: int,
+    device: torch.device,
+    memory: PeakMemory,
+    metrics: Sequence[Metric],
+    grid_images: int,
+    bar: Any,
+    image_dir: Path | None,
+    slugs: dict[str, str],
+) -> list[Row]:
+    """One row per step count of ``sampler`` (images written to ``image_dir`` when given)."""
+    rows = []
+    for num_steps in sampler.steps:
+        bar.set_postfix_str(f"{sampler.name} @ {num_steps}", refresh=False)
+        row, images = _row(sampler, num_steps, noise, inputs, seed, batch_size, warmup, timing_repeats, device, memory,
+                           metrics, grid_images, bar)  # fmt: skip
+        if image_dir is not None:
+            write_row_images(row, images, image_dir, f"{slugs[sampler.name]}_{num_steps}steps")
+        rows.append(row)
+    return rows
 
 
 def _first_device(samplers: Sequence[Sampler]) -> torch.device:

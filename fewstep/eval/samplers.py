@@ -237,7 +237,7 @@ def student_sampler(
     return Sampler(
         name=name or f"student ({objective_name}, {weights})", fn=fn, steps=list(steps), info=info,
         noise_shape=image_shape,
-        network=denoiser.backbone, schedule=schedule,
+        network=denoiser.backbone, schedule=schedule, context=components.student.sampling,
     )  # fmt: skip
 
 

@@ -264,10 +264,14 @@ class Student(nn.Module):
             ...     images = objective.sampler()(noise, cond, num_steps=4)
 
         Args:
-            merge_lora: merge a LoRA student's adapter (False: eval mode only).
+            merge_lora: merge a LoRA student's adapter when it is the only one on its base (False: eval mode only).
             exact_restore: see ``lora_merged``; the default writes the saved base weights back bit for bit.
         """
-        merged = lora_merged(self.denoiser.backbone, exact_restore) if merge_lora and self.is_lora else nullcontext()
+        backbone = self.denoiser.backbone
+        # only a lone adapter is merged: with several on one base (DMD's fake score, Phased DMD's experts) the sampler
+        # switches between them itself
+        lone = len(getattr(backbone, "peft_config", None) or {}) == 1
+        merged = lora_merged(backbone, exact_restore) if merge_lora and self.is_lora and lone else nullcontext()
         with held_in_eval(self), merged:
             yield self
 

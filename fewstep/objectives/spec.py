@@ -1,6 +1,6 @@
 """The student's sampling schedule as a stock diffusers scheduler config plus ``fewstep_student.json`` (DESIGN §8).
 
-An objective that can be exported describes how its student is sampled with ``export_schedule() -> SamplingSpec``:
+An objective that can be exported describes how its student is sampled with ``sampling_spec() -> SamplingSpec``:
 the diffusers scheduler class and config, the exact timesteps or sigmas per step count (as trained), and the
 recommended steps and guidance with their convention. This module builds scheduler configs from a teacher and
 writes / reads the spec.

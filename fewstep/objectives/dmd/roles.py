@@ -14,34 +14,27 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.student import Student, adapters_disabled, tuner_layers
+from fewstep.models.student import Student, adapter_switched, adapters_disabled, tuner_layers
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import Prediction
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 STUDENT_ADAPTER = "default"
 FAKE_ADAPTER = "fake"
 
 
-@contextmanager
-def active_adapter(module: nn.Module, name: str) -> Iterator[None]:
+def active_adapter(module: nn.Module, name: str) -> AbstractContextManager[None]:
     """Run ``module`` with only LoRA adapter ``name`` active (restored afterwards, even on error)."""
-    layers = tuner_layers(module)
-    before = [layer._active_adapter for layer in layers]
-    for layer in layers:
-        layer._active_adapter = name
-    try:
-        yield
-    finally:
-        for layer, active in zip(layers, before):
-            layer._active_adapter = active
+    return adapter_switched(module, name)
 
 
 def adapter_parameters(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -50,7 +43,7 @@ def adapter_parameters(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return {k: p for k, p in module.named_parameters() if "lora_" in k and marker in f"{k}."}
 
 
-def add_adapter(backbone: nn.Module, config: Any, name: str) -> None:
+def add_adapter(backbone: nn.Module, config: LoraConfig, name: str) -> None:
     """Add a second LoRA adapter ``name`` to a backbone that already carries the student's, keeping the student's
     adapter active and every adapter's weights trainable (diffusers' ``add_adapter`` activates the new one and
     peft freezes the inactive ones)."""
@@ -63,7 +56,7 @@ def add_adapter(backbone: nn.Module, config: Any, name: str) -> None:
             backbone.add_adapter(config, adapter_name=name)
         else:
             inject_adapter_in_model(config, backbone, adapter_name=name)
-    new_layers = tuner_layers(backbone)
+    new_layers = list(tuner_layers(backbone))
     for layer, before in zip(new_layers, active):
         layer._active_adapter = before
     for key, p in backbone.named_parameters():
@@ -123,7 +116,7 @@ def fake_role(student: Student, teacher: Teacher, kind: str, rank: int, alpha: f
 
     Args:
         student: the student (its backbone is the shared base when it is a LoRA).
-        teacher: the teacher (its view becomes ``adapters_disabled`` when the fake score is an adapter on its base).
+        teacher: the teacher (a full fake score copies its base).
         kind: ``lora`` (a second adapter on the shared base; needs a LoRA student) or ``full`` (a copy of the base).
         rank, alpha: LoRA rank and alpha of the fake adapter.
     """
@@ -144,6 +137,7 @@ def fake_role(student: Student, teacher: Teacher, kind: str, rank: int, alpha: f
         lora_dropout=0.0,
         init_lora_weights=True,  # B = 0: the fake score starts exactly as the teacher
     )
+    # The teacher needs no new view: Student.lora's "adapters disabled" switches off every adapter of the base,
+    # this one included, and keeps every adapter's requires_grad.
     add_adapter(student.denoiser.backbone, config, FAKE_ADAPTER)
-    teacher.view = lambda: adapters_disabled(student.denoiser.backbone)  # keeps every adapter's requires_grad
     return AdapterRole(student.denoiser, FAKE_ADAPTER)

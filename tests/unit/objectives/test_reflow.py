@@ -69,10 +69,15 @@ def test_pairs_are_exact_and_resume_after_interrupt_without_loss_or_duplicates(c
     manifest, shards = read_all(reference)
     assert manifest["complete"] and [s["num_pairs"] for s in manifest["shards"]] == [5, 5, 5, 5, 3]
 
-    # the stored sample is the teacher's CFG ODE solution of the stored noise for the stored class, exactly
+    # the stored sample is the teacher's CFG ODE solution of the stored noise for the stored class, exactly when
+    # solved in the same batches of 3 (BLAS kernels may round differently for another batch size)
     data = shards[shard_name(1)]
-    cond = Conditioning(class_labels=data["cond.class_labels"])
-    again = cond_teacher.sample(data["noise"], cond, linspace_grid(4), guidance_scale=2.0)
+    labels, noise = data["cond.class_labels"], data["noise"]
+    again = torch.cat([
+        cond_teacher.sample(noise[i : i + 3], Conditioning(class_labels=labels[i : i + 3]), linspace_grid(4),
+                            guidance_scale=2.0)
+        for i in range(0, len(noise), 3)
+    ])  # fmt: skip
     assert torch.equal(again, data["sample"])
     assert set(data["cond.class_labels"].tolist()) <= {0, 1, 2, 3}
 

@@ -46,7 +46,7 @@ def sd3() -> Teacher:
 def lcm_spec(teacher: Teacher) -> SamplingSpec:
     """The spec an LCM student of ``teacher`` exports (timesteps / sigmas computed by the objective)."""
     torch.manual_seed(0)
-    return LCM(LCMConfig(w_min=0.0, w_max=0.0), teacher, Student.full(teacher)).export_schedule()
+    return LCM(LCMConfig(w_min=0.0, w_max=0.0), teacher, Student.full(teacher)).sampling_spec()
 
 
 def test_vp_spec_round_trips_and_its_lcm_scheduler_gives_the_recorded_timesteps(sd15, tmp_path):
