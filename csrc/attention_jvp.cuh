@@ -1,4 +1,4 @@
-// Fused attention forward + JVP (ALGORITHMS §4.6), one tiled pass with an online softmax.
+// Fused attention forward + JVP, one tiled pass with an online softmax.
 //
 //   S = κ·Q·Kᵀ + M,  P = softmax(S),  O = P·V
 //   Ṡ = κ·(Q̇·Kᵀ + Q·K̇ᵀ),  Ȯ = P·V̇ + (P⊙Ṡ)·V − diag(rowsum(P⊙Ṡ))·O

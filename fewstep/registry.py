@@ -1,4 +1,4 @@
-"""A tiny name → object registry with "did you mean" errors (STYLE 5). Used for backbones, objectives, samplers."""
+"""A tiny name → object registry with "did you mean" errors. Used for backbones, objectives, samplers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The recipe schema (DESIGN §6): typed blocks, every key read, unknown keys rejected (``extra="forbid"``).
+"""The recipe schema: typed blocks, every key read, unknown keys rejected (``extra="forbid"``).
 
 The ``objective`` block is looked up in ``fewstep.objectives.OBJECTIVES`` by its ``name`` and validated into that
 objective's own ``Config``, so ``recipe.objective`` is the objective's typed config.

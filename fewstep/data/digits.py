@@ -1,4 +1,4 @@
-"""scikit-learn's handwritten digits as a tiny real image dataset (DESIGN §7): 1,797 8×8 images, 10 classes.
+"""scikit-learn's handwritten digits as a tiny real image dataset: 1,797 8×8 images, 10 classes.
 
 Pixels 0..16 are mapped to [-1, 1]; a fixed 90/10 train/test split is drawn from ``seed``. Always available offline.
 """

@@ -1,4 +1,4 @@
-"""Resumable, sharded batch streams for the trainer (DESIGN §5).
+"""Resumable, sharded batch streams for the trainer.
 
 The stream is one endless sequence of dataset indices: epoch ``e`` is a permutation drawn from ``(seed, e)`` (or the
 identity when ``shuffle`` is off), epochs follow each other. ``position`` is the number of samples consumed by all

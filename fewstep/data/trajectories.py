@@ -1,4 +1,4 @@
-"""Teacher trajectory caches for TBCM (ALGORITHMS §5): CFG rollouts of the teacher recorded as
+"""Teacher trajectory caches for TBCM: CFG rollouts of the teacher recorded as
 ``(x_u, u, F_T)`` in TrigFlow coordinates, sharded safetensors on disk with a manifest, resumable after a kill.
 
 Layout of a cache directory::
@@ -39,7 +39,7 @@ _SHARED = ("txt_ids", "img_ids")
 
 def to_trigflow(x: Tensor, alpha: Tensor, sigma: Tensor, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A native state and prediction as TrigFlow ``(x_u, u, F)``: ``x_u = x/sqrt(α² + σ²)``, ``u = atan2(σ, α)``,
-    ``F = cos u·ε̂ − sin u·x̂0`` (ALGORITHMS §1.1c, §5)."""
+    ``F = cos u·ε̂ − sin u·x̂0``."""
     norm = torch.sqrt(alpha**2 + sigma**2)
     u = torch.atan2(sigma, alpha)
     F = bcast(torch.cos(u), x0) * eps - bcast(torch.sin(u), x0) * x0

@@ -1,6 +1,6 @@
 """Class accuracy of class-conditional samples: the fraction a fixed classifier assigns to the asked label.
 
-The prompt-adherence analogue of CLIP score for class-conditional models (DESIGN §7). Works with any classifier
+The prompt-adherence analogue of CLIP score for class-conditional models. Works with any classifier
 whose ``forward`` returns logits ``[b, num_classes]`` (``DigitsClassifier``, the Fashion-MNIST classifier, ...) and
 an input transform from images in ``[0, 1]`` to the classifier's input. ``classifier_metrics`` builds the pair
 (feature-space FID, accuracy) such a classifier gives.

@@ -1,4 +1,4 @@
-"""Student weights in the formats diffusers loads as they are (DESIGN §8).
+"""Student weights in the formats diffusers loads as they are.
 
 * ``save_lora``: ``pytorch_lora_weights.safetensors`` through the pipeline class's own ``save_lora_weights``, with
   the adapter metadata (without it diffusers loses ``lora_alpha``): UNet pipelines get

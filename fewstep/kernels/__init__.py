@@ -1,5 +1,5 @@
 """Kernels: the attention JVP (fused CUDA op in csrc/ with a pure-PyTorch tiled reference) and the route that makes
-``torch.func.jvp`` run through diffusers attention (DESIGN §9)."""
+``torch.func.jvp`` run through diffusers attention."""
 
 from fewstep.kernels.attention import AttentionWithJVP, attention, attention_jvp
 from fewstep.kernels.backends import set_forward_attention

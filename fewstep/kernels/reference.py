@@ -1,4 +1,4 @@
-"""The pure-PyTorch attention JVP: the source of truth for the CUDA op (ALGORITHMS §4.6).
+"""The pure-PyTorch attention JVP: the source of truth for the CUDA op.
 
 ``O = softmax(κ·QKᵀ + M)·V`` and its directional derivative along ``(Q̇, K̇, V̇)``:
 

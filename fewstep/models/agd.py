@@ -1,4 +1,4 @@
-"""Adapter guidance distillation adapters (AGD, arXiv 2503.07274, ``cristianpjensen/agd``; ALGORITHMS §8.2).
+"""Adapter guidance distillation adapters (AGD, arXiv 2503.07274, ``cristianpjensen/agd``).
 
 Small cross-attention adapters on a **frozen** backbone, conditioned on the guidance scale ``w`` and the timestep, so
 one forward reproduces the two-forward CFG output. Each adapter wraps one module (the UNet's ``attn2`` in every

@@ -1,4 +1,4 @@
-"""Backbone adapters for diffusers model families (DESIGN §3), registered in ``BACKBONES``.
+"""Backbone adapters for diffusers model families, registered in ``BACKBONES``.
 
 An adapter is ``adapter(backbone, x, timestep, cond) -> raw output``: it knows one family's call signature, feeds
 ``timestep = schedule.model_timestep(τ)`` as the model expects it, and returns the native output

@@ -1,4 +1,4 @@
-"""What a denoiser is conditioned on, as one batched container (DESIGN §3, "Conditioning").
+"""What a denoiser is conditioned on, as one batched container.
 
 Fields are optional; each backbone adapter reads the ones its model takes. Batched fields have the batch as their
 first dimension; ``txt_ids``/``img_ids`` (Flux) and ``extra`` entries named in ``unbatched`` are shared.

@@ -1,4 +1,4 @@
-"""Loading teachers from diffusers pipelines (DESIGN §3, "Loading").
+"""Loading teachers from diffusers pipelines.
 
 ``load_pipeline`` goes through ``DiffusionPipeline.from_pretrained``: a local directory loads offline; a missing
 path, a missing component or an unreachable Hub id gives one ``FileNotFoundError`` naming the path, the missing

@@ -1,4 +1,4 @@
-"""Prompt encoding with each pipeline's own ``encode_prompt`` (DESIGN §3, "Conditioning").
+"""Prompt encoding with each pipeline's own ``encode_prompt``.
 
 ``encode_prompts(teacher, prompts) -> (cond, uncond)`` returns exactly what the diffusers pipeline would feed its
 backbone, so teacher sampling reproduces the pipeline (``tests/unit/models/test_parity.py``).

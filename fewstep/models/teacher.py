@@ -1,6 +1,6 @@
 """``Teacher``: a frozen ``Denoiser`` plus classifier-free guidance in one convention, and multi-step sampling.
 
-Guidance convention (ALGORITHMS §1.4, Imagen): ``ŷ = ŷ_∅ + w·(ŷ_c − ŷ_∅)``; ``w = 1`` is no guidance. It is applied
+Guidance convention (Imagen): ``ŷ = ŷ_∅ + w·(ŷ_c − ŷ_∅)``; ``w = 1`` is no guidance. It is applied
 once, on raw backbone outputs (exact because every conversion is affine with identical coefficients for both
 branches). LCM's ``ω`` is ``w − 1``; objectives that sample ω convert at their edge.
 
@@ -66,7 +66,7 @@ class Teacher:
         guidance_scale: float = 1.0,
         null_cond: Conditioning | None = None,
     ) -> Teacher:
-        """A custom teacher from any module: ``module(x, timestep, **cond.extra)`` by default (DESIGN §3)."""
+        """A custom teacher from any module: ``module(x, timestep, **cond.extra)`` by default."""
         return cls(Denoiser(module, schedule, prediction_type, adapter), guidance_scale, None, null_cond, "custom")
 
     @property

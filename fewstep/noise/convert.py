@@ -1,4 +1,4 @@
-"""Conversions between prediction types (ALGORITHMS §1.2). Pure fp32 functions of ``(output, x_τ, α, σ)``.
+"""Conversions between prediction types. Pure fp32 functions of ``(output, x_τ, α, σ)``.
 
 Every conversion is affine in the network output, so classifier-free guidance may be applied to raw outputs
 before converting (§1.4 linearity). Prediction types:

@@ -1,6 +1,6 @@
 """Noise schedules in the one canonical parameterisation ``x_τ = α(τ)·x0 + σ(τ)·ε``, τ ∈ [0, 1], τ = 1 is noise.
 
-Every schedule answers the same questions (ALGORITHMS §1.1):
+Every schedule answers the same questions:
 
 * ``alpha(τ)``, ``sigma(τ)`` and their derivatives ``d_alpha(τ)``, ``d_sigma(τ)`` (for ODE velocities),
 * ``model_timestep(τ)``: what the backbone is fed (integer index for VP, ``1000·s`` for SD3/Wan, ``s`` for Flux),
@@ -47,7 +47,7 @@ def _f32(tau: Tensor | float) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class VPSchedule:
-    """Discrete VP schedule from a diffusers scheduler's ``alphas_cumprod`` (ALGORITHMS §1.1a).
+    """Discrete VP schedule from a diffusers scheduler's ``alphas_cumprod``.
 
     The grid: training index ``n ∈ {0..N-1}`` sits at ``τ_n = (n + 1) / N`` and ``τ = 0`` is the clean level
     (``ᾱ = 1``), so ``τ = 1`` is index ``N-1`` and every diffusers timestep is exactly representable.
@@ -149,7 +149,7 @@ def _finite_diff(fn: Any, tau: Tensor, h: float = 1e-3) -> Tensor:
 
 @dataclass(frozen=True)
 class FlowSchedule:
-    """Rectified flow ``x_s = (1 - s)·x0 + s·ε`` with ``τ = s`` (ALGORITHMS §1.1b).
+    """Rectified flow ``x_s = (1 - s)·x0 + s·ε`` with ``τ = s``.
 
     ``timestep_scale`` is what multiplies ``s`` before the backbone sees it: 1000 for SD3/Wan, 1 for Flux.
     ``shift`` warps a sampling grid: static ``s' = k·s / (1 + (k - 1)·s)``; dynamic (Flux) uses
@@ -219,7 +219,7 @@ class FlowSchedule:
 
 @dataclass(frozen=True)
 class TrigFlowSchedule:
-    """TrigFlow ``x_u = cos(u)·x0 + sin(u)·z`` with ``u = τ·π/2`` and σ_d = 1 (ALGORITHMS §1.1c).
+    """TrigFlow ``x_u = cos(u)·x0 + sin(u)·z`` with ``u = τ·π/2`` and σ_d = 1.
 
     ``model_timestep`` is ``timestep_scale·u`` unless ``rf_timestep`` is set, in which case the backbone is an RF
     model fed ``timestep_scale·s`` with ``s = sin u / (cos u + sin u)`` (the rCM wrapper, §1.1 general rule).
@@ -259,7 +259,7 @@ class TrigFlowSchedule:
 
 @dataclass(frozen=True)
 class EDMSchedule:
-    """EDM / VE ``x = x0 + σ·ε`` with ``σ = tan(τ·π/2)``: equal SNR to TrigFlow at the same τ (ALGORITHMS §1.1d).
+    """EDM / VE ``x = x0 + σ·ε`` with ``σ = tan(τ·π/2)``: equal SNR to TrigFlow at the same τ.
 
     ``model_timestep`` is EDM's ``c_noise = ¼·ln σ``. ``sigma_max`` clips τ = 1 to a finite noise level.
     """

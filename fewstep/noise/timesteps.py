@@ -33,7 +33,7 @@ def lognormal_sigma(
 
 
 def u_shaped(n: int, generator: torch.Generator | None = None, a: float = 4.0) -> Tensor:
-    """rfpp's U-shaped density ``p(t) ∝ cosh(a·(t − ½))`` sampled by inverting its CDF (ALGORITHMS §7.4).
+    """rfpp's U-shaped density ``p(t) ∝ cosh(a·(t − ½))`` sampled by inverting its CDF.
 
     CDF: ``F(t) = (sinh(a(t − ½)) + sinh(a/2)) / (2·sinh(a/2))`` ⇒ ``t = ½ + asinh((2F − 1)·sinh(a/2)) / a``.
     """

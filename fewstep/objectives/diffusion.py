@@ -1,16 +1,16 @@
 """``diffusion``: plain denoising score matching in the model's own prediction type (teacher training, fine-tunes).
 
 Ho et al. 2020 (DDPM, "simple" loss ``‖ε̂ − ε‖²``), generalised to every prediction type as in diffusers' training
-scripts and to flow matching (Lipman et al. 2023, ``‖û − (ε − x0)‖²``, ALGORITHMS §7.1). One step:
+scripts and to flow matching (Lipman et al. 2023, ``‖û − (ε − x0)‖²``). One step:
 
-1. draw τ (uniform, or SD3's logit-normal; VP teachers stay on their integer grid, ALGORITHMS §1.1a),
+1. draw τ (uniform, or SD3's logit-normal; VP teachers stay on their integer grid),
    ``ε ~ N(0, I)`` and ``x_τ = α(τ)·x0 + σ(τ)·ε``;
 2. with probability ``cond_dropout`` per sample replace the conditioning by the teacher's null conditioning, so the
    student learns the unconditional model too and can be sampled with classifier-free guidance;
 3. regress the student's output onto ``from_x0_eps(x0, ε)`` in its prediction type.
 
 The sampler is the teacher-style deterministic one (DDIM η = 0, Euler for flow) on a uniform grid; for VP the
-``trailing`` grid, so the first step starts at the last training index (ALGORITHMS §1.5).
+``trailing`` grid, so the first step starts at the last training index.
 """
 
 from __future__ import annotations

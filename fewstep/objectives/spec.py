@@ -1,4 +1,4 @@
-"""The student's sampling schedule as a stock diffusers scheduler config plus ``fewstep_student.json`` (DESIGN §8).
+"""The student's sampling schedule as a stock diffusers scheduler config plus ``fewstep_student.json``.
 
 An objective that can be exported describes how its student is sampled with ``sampling_spec() -> SamplingSpec``:
 the diffusers scheduler class and config, the exact timesteps or sigmas per step count (as trained), and the

@@ -1,4 +1,4 @@
-"""Pure single steps between noise levels (ALGORITHMS §1.3). Each is one formula on ``(x̂0, ε̂)``.
+"""Pure single steps between noise levels. Each is one formula on ``(x̂0, ε̂)``.
 
 Every function takes the schedule and target level(s) as ``[b]`` tensors (or floats) and returns a new tensor;
 none holds state. For RF, ``ddim_step`` *is* the Euler step (tested).
@@ -43,7 +43,7 @@ def transition_coeffs(
 ) -> tuple[Tensor, Tensor]:
     """``p(x_t | x_s) = N(α_{t|s}·x_s, σ²_{t|s}·I)`` for ``t ≥ s``: ``(α_{t|s}, σ_{t|s})`` shaped like ``like``.
 
-    ``α_{t|s} = α_t / α_s``, ``σ²_{t|s} = σ_t² − α²_{t|s}·σ_s²`` (ALGORITHMS §1.3.4).
+    ``α_{t|s} = α_t / α_s``, ``σ²_{t|s} = σ_t² − α²_{t|s}·σ_s²``.
     """
     a_s, s_s = _level(schedule, tau_s, like)
     a_t, s_t = _level(schedule, tau_t, like)
@@ -61,7 +61,7 @@ def transition(schedule: Schedule, x_s: Tensor, tau_s: Tensor | float, tau_t: Te
 def tcd_step(schedule: Schedule, pred: Prediction, tau_to: Tensor | float, gamma: float, noise: Tensor) -> Tensor:
     """TCD γ-step: deterministic to ``τ_m = (1 − γ)·τ'``, then forward-noise ``τ_m → τ'``.
 
-    γ = 0 is DDIM, γ = 1 a pure re-noise step (ALGORITHMS §1.3.3).
+    γ = 0 is DDIM, γ = 1 a pure re-noise step.
     """
     tau_to = torch.as_tensor(tau_to, dtype=torch.float32, device=pred.x0.device)
     tau_m = (1 - gamma) * tau_to

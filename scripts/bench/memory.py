@@ -1,4 +1,4 @@
-"""Peak memory of DMD2 training steps: one frozen base for every role vs naive copies (FIELD.md #1), into
+"""Peak memory of DMD2 training steps: one frozen base for every role vs naive copies, into
 ``docs/results.md`` (the ``dmd_memory`` section) and ``docs/results.json``.
 
     python scripts/bench/memory.py                              # a tiny SDXL-shaped UNet on the CPU (a minute)

@@ -1,4 +1,4 @@
-"""Reflow pipeline pieces shared by the ``reflow`` and ``instaflow`` objectives (ALGORITHMS §7): pair generation
+"""Reflow pipeline pieces shared by the ``reflow`` and ``instaflow`` objectives: pair generation
 (``generate_pairs``, ``pairs_for_recipe``), the pair dataset and the straightness measure of a learned flow."""
 
 from fewstep.data.reflow.pairs import PairDataset, generate_pairs

@@ -77,7 +77,7 @@ def pairs_for_recipe(
     Args:
         recipe: a validated recipe with ``data.source: pairs``.
         num_pairs: total pairs.
-        num_steps: teacher ODE steps (rfpp: 18 Heun ≈ 35 NFE on CIFAR; 25+ Euler for latent T2I, ALGORITHMS §7.2).
+        num_steps: teacher ODE steps (rfpp: 18 Heun ≈ 35 NFE on CIFAR; 25+ Euler for latent T2I).
         guidance_scale: CFG ``w`` baked into the pairs (default ``recipe.teacher.guidance_scale``).
         prompts: prompts for text-to-image teachers.
         shard_size, batch_size, seed, accelerator, progress: see ``generate_pairs``.

@@ -1,5 +1,5 @@
 """Reflow couplings: solve the teacher ODE from stored noise and write ``(noise, sample, condition)`` exactly
-(ALGORITHMS §7.2 step 1), in sharded safetensors files with a manifest, resumable, one writer per rank.
+, in sharded safetensors files with a manifest, resumable, one writer per rank.
 
 Layout of a pair directory::
 

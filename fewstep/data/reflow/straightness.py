@@ -1,4 +1,4 @@
-"""How straight a learned flow is (Liu et al. 2022, "Flow Straight and Fast", Eq. "straightness"; ALGORITHMS §7).
+"""How straight a learned flow is (Liu et al. 2022, "Flow Straight and Fast", Eq. "straightness").
 
 ``S(v) = ∫₀¹ E‖(x_noise − x_data) − u(x_τ, τ)‖² dτ`` along the model's own ODE trajectory, with the flow velocity
 ``u = ε̂ − x̂0`` (for a flow model its output; for a VP model the velocity in ``(x̂0, ε̂)`` coordinates, constant along

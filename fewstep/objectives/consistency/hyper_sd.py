@@ -90,7 +90,7 @@ def tcd_spec(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Hyper-SD one-step enhancement: the DMD term on the 1-step sample (ALGORITHMS §6.2.3), DMD's pure functions
+# Hyper-SD one-step enhancement: the DMD term on the 1-step sample, DMD's pure functions
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""LCM and LCM-LoRA: latent consistency distillation (ALGORITHMS §4.2–4.3).
+"""LCM and LCM-LoRA: latent consistency distillation.
 
 Luo et al. 2023, "Latent Consistency Models" (arXiv 2310.04378) and "LCM-LoRA" (arXiv 2311.05556); the reference
 is diffusers' ``examples/consistency_distillation/train_lcm_distill{,_lora}_sd_wds.py``. One training step:
@@ -47,7 +47,7 @@ FLOW_BOUNDARY_TIMESTEPS = 1000.0  # flow teachers: the boundary scalings see 100
 
 
 class LCMConfig(BaseModel):
-    """Recipe block of the ``lcm`` objective (defaults: diffusers' LCM / LCM-LoRA scripts, ALGORITHMS §4.2–4.3).
+    """Recipe block of the ``lcm`` objective (defaults: diffusers' LCM / LCM-LoRA scripts).
 
     Guidance convention: ``w_min`` and ``w_max`` are **ω in LCM's convention**, ``ŷ = (1 + ω)·ŷ_c − ω·ŷ_∅``, as in
     the diffusers scripts (whose code uses ω despite their help text). ω = w − 1 where w is the Imagen/diffusers
@@ -139,7 +139,7 @@ def _check_teacher(teacher: Teacher) -> None:
 
 def add_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
     """A UNet2DConditionModel with ``time_cond_proj_dim`` (LCM's ω-embedding); the new ``cond_proj`` starts at zero,
-    so the student starts as the teacher for every ω (ALGORITHMS §4.2)."""
+    so the student starts as the teacher for every ω."""
     config = getattr(backbone, "config", None) or {}
     if "time_cond_proj_dim" not in config:
         raise ValueError(
@@ -178,7 +178,7 @@ def _consistency_fn(
 
 @dataclass
 class LCMSampler:
-    """The LCM multistep sampler (``LCMScheduler``, ALGORITHMS §4.2): at each picked level ``x̂0 = f_θ(x, τ)``, then
+    """The LCM multistep sampler (``LCMScheduler``): at each picked level ``x̂0 = f_θ(x, τ)``, then
     re-noise to the next level with fresh noise; the last ``f_θ`` is the sample.
 
     ``guidance_scale`` is the Imagen/diffusers ``w``: a student with the ω-embedding is fed ``ω = w − 1`` (as the
@@ -238,7 +238,7 @@ class LCMSampler:
 
 @OBJECTIVES.register("lcm")
 class LCM:
-    """Latent consistency distillation of a VP or flow teacher (ALGORITHMS §4.2 LCM, §4.3 LCM-LoRA).
+    """Latent consistency distillation of a VP or flow teacher (LCM, Luo et al. 2023; LCM-LoRA).
 
     Args:
         config: the ``objective`` recipe block.

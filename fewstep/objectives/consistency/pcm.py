@@ -1,4 +1,4 @@
-"""PCM and Hyper-SD TSCD: phased (trajectory-segmented) consistency distillation (ALGORITHMS §6).
+"""PCM and Hyper-SD TSCD: phased (trajectory-segmented) consistency distillation.
 
 PCM (Wang et al. 2024, arXiv 2405.18407; reference ``G-U-N/Phased-Consistency-Model`` ``train_pcm_lora_sd15_adv.py``)
 splits the teacher's ODE into M segments and makes the student consistent *within* each segment: from any point it
@@ -148,7 +148,7 @@ def load_reward(spec: str) -> RewardFn:
 @dataclass
 class TCDSampler:
     """``num_steps`` segment starts; at each the student's ``(x̂0, ε̂)``, a deterministic step to
-    ``s = (1 − γ)·prev`` and forward noise ``s → prev`` (TCD, ALGORITHMS §1.3.3). VP follows ``TCDScheduler.step``
+    ``s = (1 − γ)·prev`` and forward noise ``s → prev`` (TCD). VP follows ``TCDScheduler.step``
     exactly: integer ``timestep_s = floor((1 − γ)·t_prev)``, the last step ends at index 0 without noise."""
 
     denoiser: Denoiser

@@ -1,4 +1,4 @@
-"""rCM: score-regularised continuous-time consistency (NVIDIA 2025, arXiv 2510.08431; ALGORITHMS §4.7).
+"""rCM: score-regularised continuous-time consistency (NVIDIA 2025, arXiv 2510.08431).
 
 sCM (forward divergence, mode-covering) plus DMD (reverse divergence, mode-seeking) as a "long-skip" regulariser,
 following ``NVlabs/rcm``: for ``step < tangent_warmup_steps`` sCM only; afterwards one student iteration per
@@ -84,7 +84,7 @@ def sample_u_dmd(n: int, shift: float, lo: float, hi: float, generator: torch.Ge
 
 @OBJECTIVES.register("rcm")
 class RCM:
-    """rCM = sCM + DMD with a fake score (ALGORITHMS §4.7).
+    """rCM = sCM + DMD with a fake score.
 
     Args:
         config: the ``objective`` recipe block.

@@ -1,4 +1,4 @@
-"""sCM: continuous-time consistency distillation in TrigFlow (Lu & Song 2024, arXiv 2410.11081; ALGORITHMS §4.5–4.6).
+"""sCM: continuous-time consistency distillation in TrigFlow (Lu & Song 2024, arXiv 2410.11081).
 
 The reference for the loss as implemented is rCM's code (NVlabs/rcm, ``sCM`` mode). One training step:
 
@@ -51,7 +51,7 @@ VP_EXPORT_GRID = 50  # VP students are sampled at LCMScheduler's picks from a 50
 
 
 class SCMConfig(BaseModel):
-    """Recipe block of the ``scm`` objective (defaults: sCM paper / rCM code, ALGORITHMS §4.5).
+    """Recipe block of the ``scm`` objective (defaults: sCM paper / rCM code).
 
     ``guidance_scale`` is the teacher's CFG ``w`` in the Imagen convention (w = 1 is off); ``None`` uses the
     recipe's ``teacher.guidance_scale``.
@@ -237,7 +237,7 @@ def _vp_tau(schedule: Schedule, u: Tensor) -> Tensor:
 
 @OBJECTIVES.register("scm")
 class SCM:
-    """Continuous-time consistency distillation of a VP, flow or TrigFlow teacher (ALGORITHMS §4.5–4.6).
+    """Continuous-time consistency distillation of a VP, flow or TrigFlow teacher.
 
     Args:
         config: the ``objective`` recipe block.

@@ -1,5 +1,5 @@
-"""TBCM: image-free continuous-time consistency on the teacher's own trajectories (hustvl, arXiv 2511.20410;
-ALGORITHMS §5).
+"""TBCM: image-free continuous-time consistency on the teacher's own trajectories (hustvl, arXiv
+2511.20410).
 
 The training states come from the teacher's CFG sampling trajectories ("generation space"), not from noised data:
 no data set and no VAE, only prompts. The cache (``fewstep.data.trajectories``) holds ``(x_u, u, F_T)`` in TrigFlow
@@ -71,7 +71,7 @@ class TBCMConfig(SCMConfig):
 
 @OBJECTIVES.register("tbcm")
 class TBCM:
-    """sCM on teacher trajectory caches (ALGORITHMS §5).
+    """sCM on teacher trajectory caches.
 
     Args:
         config: the ``objective`` recipe block.

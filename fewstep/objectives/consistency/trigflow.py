@@ -1,4 +1,4 @@
-"""TrigFlow view of any fewstep denoiser, and forward-mode AD through diffusers models (ALGORITHMS §1.1c, §4.5–4.6).
+"""TrigFlow view of any fewstep denoiser, and forward-mode AD through diffusers models.
 
 sCM, rCM and TBCM work in TrigFlow coordinates ``x_u = cos u·x0 + sin u·z`` (σ_d = 1, ``u ∈ [0, π/2]``) on
 ``F = cos u·z − sin u·x0 = dx_u/du``. A VP or flow teacher is ported to them with the general rule of §1.1: rescale

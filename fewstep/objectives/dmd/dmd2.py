@@ -1,4 +1,4 @@
-"""DMD2 (Yin et al. 2024, arXiv 2405.14867; ALGORITHMS §2) with Decoupled DMD (§3.5) as an option.
+"""DMD2 (Yin et al. 2024, arXiv 2405.14867) with Decoupled DMD (§3.5) as an option.
 
 Roles (§2.1): the generator is the student; the real score is the frozen teacher with CFG on the real branch only;
 the fake score ``F_ψ`` starts as the teacher and learns to denoise the generator's samples. With a LoRA student all
@@ -33,7 +33,7 @@ from fewstep.solvers.steps import noise_to, renoise_step
 
 
 class DMD2Config(BaseModel):
-    """Recipe block of the ``dmd2`` objective (defaults: DMD2's code and experiment scripts, ALGORITHMS §2).
+    """Recipe block of the ``dmd2`` objective (defaults: DMD2's code and experiment scripts).
 
     Guidance: ``real_guidance_scale`` is the Imagen ``w`` of the teacher (w = 1 is none; SD1.5 1.75, SDXL 8 in
     DMD2). The fake score is never guided. The student is sampled without CFG (guidance_scale 1).
@@ -107,7 +107,7 @@ class FakeScore(nn.Module):
 
 @OBJECTIVES.register("dmd2")
 class DMD2:
-    """DMD2 distillation of a VP or flow teacher into a 1- or K-step student (ALGORITHMS §2.4–2.5).
+    """DMD2 distillation of a VP or flow teacher into a 1- or K-step student.
 
     Args:
         config: the ``objective`` recipe block.
@@ -216,7 +216,7 @@ class DMD2:
         return dmd_student_taus(self.schedule, self.config.num_student_steps, num_tokens(self.teacher.denoiser, shape))
 
     def generator_input(self, batch: Batch, cond: Conditioning, shape: tuple[int, ...], device: Any, step: int):
-        """``(x_in, τ_in)`` of the graded generator step (ALGORITHMS §2.4.3, DMD2 ``sample_backward``).
+        """``(x_in, τ_in)`` of the graded generator step (DMD2 ``sample_backward``).
 
         1-step: pure noise at ``τ_0``. K-step with backward simulation: ``k`` (synchronised across ranks) no-grad
         student steps from pure noise, each predicting x̂0 and re-noising to the next level with fresh noise.

@@ -1,8 +1,8 @@
-"""Pure distribution-matching math (ALGORITHMS §2–3), shared by DMD2, Phased DMD, Decoupled DMD and rCM's DMD term.
+"""Pure distribution-matching math, shared by DMD2, Phased DMD, Decoupled DMD and rCM's DMD term.
 
 Every function is a tensor formula without state or modules. Conventions: ``x`` is the generator's sample in the
 denoiser's space ``[b, ...]``; ``x0_*`` are x0 predictions at the same noisy input; a *gradient* ``g`` is what the
-generator should descend along (``x ← x − lr·g``), turned into a loss by ``injected_loss`` (ALGORITHMS §0).
+generator should descend along (``x ← x − lr·g``), turned into a loss by ``injected_loss``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def per_sample_l1(x: Tensor, min_value: float = 1e-5) -> Tensor:
 
 
 def dm_gradient(x0_fake: Tensor, x0_real: Tensor, x: Tensor, normalize: bool = True, min_norm: float = 1e-5) -> Tensor:
-    """The distribution-matching gradient (DMD Eq. 7 with DMD1's normaliser, ALGORITHMS §2.2).
+    """The distribution-matching gradient (DMD Eq. 7 with DMD1's normaliser).
 
     ``g = (x̂0_fake − x̂0_real) / mean_{C,H,W}|x − x̂0_real|``: descending along ``g`` moves ``x`` from the fake
     towards the real distribution. ``x0_real`` carries the teacher's CFG, ``x0_fake`` none (§1.4).
@@ -56,7 +56,7 @@ def dm_gradient(x0_fake: Tensor, x0_real: Tensor, x: Tensor, normalize: bool = T
 
 
 def ca_gradient(x0_real_uncond: Tensor, x0_real_cond: Tensor, guidance_scale: float | Tensor) -> Tensor:
-    """Decoupled DMD's CFG-augmentation direction (ALGORITHMS §3.5): ``(w − 1)·(x̂0_T,∅ − x̂0_T,c)``.
+    """Decoupled DMD's CFG-augmentation direction: ``(w − 1)·(x̂0_T,∅ − x̂0_T,c)``.
 
     With ``x̂0_real = x̂0_∅ + w·(x̂0_c − x̂0_∅)`` the DMD direction splits as
     ``x̂0_F,c − x̂0_real = (x̂0_F,c − x̂0_T,c) + (w − 1)·(x̂0_T,∅ − x̂0_T,c)`` = DM term + CA term.
@@ -66,7 +66,7 @@ def ca_gradient(x0_real_uncond: Tensor, x0_real_cond: Tensor, guidance_scale: fl
 
 
 def injected_loss(y: Tensor, g: Tensor) -> Tensor:
-    """Gradient injection ``L = 0.5·mean((y − sg(y − g))²)``, so ``∂L/∂y = g / numel`` (ALGORITHMS §0)."""
+    """Gradient injection ``L = 0.5·mean((y − sg(y − g))²)``, so ``∂L/∂y = g / numel``."""
     y = y.float()
     return 0.5 * F.mse_loss(y, (y - g).detach(), reduction="mean")
 
@@ -74,7 +74,7 @@ def injected_loss(y: Tensor, g: Tensor) -> Tensor:
 def denoising_loss(
     x0_pred: Tensor, eps_pred: Tensor, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str
 ) -> Tensor:
-    """The fake score's denoising loss in its native output space (ALGORITHMS §2.2, "Fake-score loss").
+    """The fake score's denoising loss in its native output space ("Fake-score loss").
 
     ε-prediction: ``‖ε̂ − ε‖²``; v: ``‖v̂ − v‖²``; flow: ``‖û − (ε − x0)‖²``; x0: ``‖x̂0 − x0‖²``.
 
@@ -112,7 +112,7 @@ def backsim_depth(step: int, seed: int, num_steps: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Phased DMD: score matching within a subinterval (ALGORITHMS §3.3, Phased DMD Eqs. 12–13, 15)
+# Phased DMD: score matching within a subinterval (Phased DMD Eqs. 12–13, 15)
 # ---------------------------------------------------------------------------------------------------------------------
 
 

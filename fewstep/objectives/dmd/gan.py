@@ -1,4 +1,4 @@
-"""DMD2's diffusion-GAN head on the fake score's bottleneck features (ALGORITHMS §2.4.2).
+"""DMD2's diffusion-GAN head on the fake score's bottleneck features.
 
 The fake network runs in "classify mode" on a noised sample; a forward hook on its bottleneck module (the UNet's
 ``mid_block``, a middle transformer block, or any named module) captures the features, and a small head turns

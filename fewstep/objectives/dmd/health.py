@@ -1,4 +1,4 @@
-"""Health metrics of distribution-matching runs (FIELD.md #2: readable critic losses, collapse detection).
+"""Health metrics of distribution-matching runs (readable critic losses, collapse detection).
 
 Logged every step under ``metrics/health/...``. "What healthy looks like" per recipe is in ``docs/dmd.md``.
 """

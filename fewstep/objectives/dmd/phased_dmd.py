@@ -1,4 +1,4 @@
-"""Phased DMD (arXiv 2510.27684; ALGORITHMS §3.1–3.4): the student's K steps are split into SNR phases, one LoRA
+"""Phased DMD (arXiv 2510.27684): the student's K steps are split into SNR phases, one LoRA
 expert per phase on the shared frozen base.
 
 Phase ``k`` trains expert ``k`` (adapter ``default`` for the first, ``expert<k>`` after) to map the distribution at
@@ -88,7 +88,7 @@ def subinterval_fake_loss(pred: Prediction, x_t: Tensor, x_s: Tensor, eps: Tenso
 
 @OBJECTIVES.register("phased_dmd")
 class PhasedDMD:
-    """Phased DMD with LoRA experts and per-phase LoRA fake scores on one shared base (ALGORITHMS §3)."""
+    """Phased DMD with LoRA experts and per-phase LoRA fake scores on one shared base."""
 
     Config = PhasedDMDConfig
     bypasses_prepared = False

@@ -1,4 +1,4 @@
-"""One frozen base for every role (DESIGN §3): teacher = base with adapters off, student = adapter ``default``,
+"""One frozen base for every role: teacher = base with adapters off, student = adapter ``default``,
 fake score = adapter ``fake`` on the same module.
 
 The trainer builds one optimizer per ``objective.trainable()`` group and hands each group to
@@ -112,7 +112,7 @@ def student_role(student: Student, shared_fake: bool) -> nn.Module:
 
 
 def fake_role(student: Student, teacher: Teacher, kind: str, rank: int, alpha: float | None) -> nn.Module:
-    """The fake score ``F_ψ`` (ALGORITHMS §2.1), initialised as the teacher.
+    """The fake score ``F_ψ``, initialised as the teacher.
 
     Args:
         student: the student (its backbone is the shared base when it is a LoRA).

@@ -1,4 +1,4 @@
-"""Sampling and export of DMD students (ALGORITHMS §2.6): predict x̂0 at each student level, re-noise to the next
+"""Sampling and export of DMD students: predict x̂0 at each student level, re-noise to the next
 with fresh noise, return the last x̂0; no CFG at inference."""
 
 from __future__ import annotations

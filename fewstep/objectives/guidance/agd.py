@@ -1,4 +1,4 @@
-"""``agd``: adapter guidance distillation (AGD, arXiv 2503.07274, ``cristianpjensen/agd``; ALGORITHMS §8.2).
+"""``agd``: adapter guidance distillation (AGD, arXiv 2503.07274, ``cristianpjensen/agd``).
 
 The base stays frozen and shared (no copy); ``fewstep.models.agd`` adapters (~2% extra parameters, zero-initialised
 outputs) are the only trained weights. Training data are the states the **base's CFG sampler** visits (no dataset):
@@ -39,7 +39,7 @@ from fewstep.solvers.steps import ddim_step
 
 
 class AGDConfig(BaseModel):
-    """Recipe block of ``agd`` (defaults: AGD's SD settings, ALGORITHMS §8.2). ``w``: Imagen convention."""
+    """Recipe block of ``agd`` (defaults: AGD's SD settings). ``w``: Imagen convention."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""``guidance_distill``: classic guidance distillation (Meng et al. 2023, stage 1; ALGORITHMS §8.1).
+"""``guidance_distill``: classic guidance distillation (Meng et al. 2023, stage 1).
 
 A student conditioned on the guidance scale ``w`` learns, in one forward, the teacher's two-forward CFG output
 ``ŷ_∅ + w·(ŷ_c − ŷ_∅)`` (Imagen convention, w = 1 is off). One step: ``x_τ = α·x0 + σ·ε`` from the data, ``w ~

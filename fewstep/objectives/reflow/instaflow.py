@@ -1,4 +1,4 @@
-"""``instaflow``: one-step distillation of a 2-rectified flow (InstaFlow, ALGORITHMS §7.2 step 3, §7.3), with
+"""``instaflow``: one-step distillation of a 2-rectified flow (InstaFlow), with
 SlimFlow's flow-guided regulariser (§7.5).
 
 Liu et al. 2023 ("InstaFlow: One Step is Enough", ``gnobitab/InstaFlow``, no training code released); Zhu et al.

@@ -1,4 +1,4 @@
-"""``reflow``: 2-rectified flow on stored teacher couplings with rfpp's choices (ALGORITHMS §7.2, §7.4, §7.5).
+"""``reflow``: 2-rectified flow on stored teacher couplings with rfpp's choices.
 
 Liu et al. 2022 ("Flow Straight and Fast"); Lee et al. 2024 ("Improving the Training of Rectified Flows", rfpp,
 ``sangyun884/rfpp``); SlimFlow (Zhu et al. 2024) for the smaller student. One step, on a batch of pairs
@@ -41,7 +41,7 @@ RFPP_TAU_CLIP = 1e-5  # rfpp t_dist.py
 
 
 class ReflowConfig(BaseModel):
-    """Recipe block of the ``reflow`` objective (defaults: rfpp, ALGORITHMS §7.4)."""
+    """Recipe block of the ``reflow`` objective (defaults: rfpp)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -142,7 +142,7 @@ class Reflow:
         return "student"
 
     def loss(self, batch: Batch, step: int, phase: str) -> LossOutput:
-        """``E[(1−τ)·]d(out_θ(x_τ, τ, c), target(x̃0, ε))`` on the pairs (ALGORITHMS §7.2 step 2, §7.4)."""
+        """``E[(1−τ)·]d(out_θ(x_τ, τ, c), target(x̃0, ε))`` on the pairs."""
         cfg = self.config
         noise, x0 = pair_noise(batch, "reflow").float(), batch.x0.float()  # [b, ...]
         beta = anneal_beta(step, cfg.anneal_steps)

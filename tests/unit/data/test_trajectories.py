@@ -1,4 +1,4 @@
-"""TBCM trajectory caches (ALGORITHMS §5): resumable shards, points on the teacher's guided ODE, sCM on the cache."""
+"""TBCM trajectory caches: resumable shards, points on the teacher's guided ODE, sCM on the cache."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def test_cfg_off_is_the_conditional_output(family):
 
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
 def test_cfg_is_the_same_on_raw_outputs_and_on_x0_eps(family):
-    # The conversions are affine with the same coefficients for both branches (ALGORITHMS §1.4 linearity).
+    # The conversions are affine with the same coefficients for both branches (linearity of CFG).
     teacher = _teacher(family)
     x, tau, cond, uncond = _inputs(teacher)
     w = 3.0

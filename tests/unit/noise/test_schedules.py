@@ -1,4 +1,4 @@
-"""One shared suite swept over every schedule (STYLE 11): conversions, steps, transitions, boundaries."""
+"""One shared suite swept over every schedule: conversions, steps, transitions, boundaries."""
 
 import math
 
@@ -165,7 +165,7 @@ def test_transition_kernel_moments_match_sampling(name):
 
 
 def test_transition_closed_forms():
-    """ALGORITHMS §1.3.4: RF α_{t|s} = (1−t)/(1−s); VP σ²_{t|s} = 1 − ᾱ_t/ᾱ_s."""
+    """RF transition: α_{t|s} = (1−t)/(1−s); VP σ²_{t|s} = 1 − ᾱ_t/ᾱ_s."""
     like = torch.zeros(1, 1)
     a, s = transition_coeffs(SCHEDULES["flow"], 0.2, 0.7, like)
     assert float(a) == pytest.approx(0.3 / 0.8)
@@ -209,7 +209,7 @@ def test_flow_shift_static_and_dynamic():
 
 
 def test_trigflow_equals_rf_at_equal_snr():
-    """ALGORITHMS §1.1c: tan u = s/(1−s) and x_trig = x_rf / sqrt((1−s)² + s²)."""
+    """TrigFlow ↔ RF: u = s/(1−s) and x_trig = x_rf / sqrt((1−s)² + s²)."""
     s = torch.linspace(0.05, 0.95, 10)
     u = torch.atan(s / (1 - s))
     tf, rf = TrigFlowSchedule(), FlowSchedule()

@@ -1,4 +1,4 @@
-"""DMD2 (ALGORITHMS §2): the DM gradient's direction, the 2-D toy, backward simulation, the GAN head, Decoupled DMD."""
+"""DMD2: the DM gradient's direction, the 2-D toy, backward simulation, the GAN head, Decoupled DMD."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_injected_loss_has_gradient_g_over_numel():
 
 
 def test_decoupled_terms_sum_to_the_cfg_dmd_direction():
-    """(x̂0_F,c − x̂0_real^cfg) = DM term + CA term (ALGORITHMS §3.5), for a per-sample guidance scale."""
+    """(x̂0_F,c − x̂0_real^cfg) = DM term + CA term, for a per-sample guidance scale."""
     torch.manual_seed(0)
     fake, real_c, real_u = torch.randn(3, 4, 2, 2).unbind(0)
     w = torch.tensor([1.0, 3.0, 7.5, 2.0])

@@ -1,4 +1,4 @@
-"""One frozen base for every DMD2 role (DESIGN §3, FIELD.md #1): teacher = adapters off, student = adapter
+"""One frozen base for every DMD2 role: teacher = adapters off, student = adapter
 ``default``, fake score = adapter ``fake``, all on the same module; the trainable groups are disjoint."""
 
 from __future__ import annotations

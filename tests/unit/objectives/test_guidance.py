@@ -1,4 +1,4 @@
-"""Guidance distillation (ALGORITHMS §8): after training on a 2-D class-conditional toy, one forward of the AGD
+"""Guidance distillation: after training on a 2-D class-conditional toy, one forward of the AGD
 adapters (or of the classic w-conditioned student) reproduces the two-forward CFG output at several guidance
 scales; with the adapters off the base is exactly untouched; the export reloads and composes with a LoRA."""
 

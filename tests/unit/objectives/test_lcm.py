@@ -1,4 +1,4 @@
-"""LCM / LCM-LoRA (ALGORITHMS §4.2–4.3): the defining property on a 2-D toy, and each piece against diffusers."""
+"""LCM / LCM-LoRA: the defining property on a 2-D toy, and each piece against diffusers."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_boundary_condition_is_identity_at_the_clean_end(kind):
     assert torch.equal(objective.consistency_fn(x, tau_min, Conditioning()), x)
     c_skip, c_out = boundary_scalings(torch.tensor([0.0, 19.0, 999.0]))
     assert c_skip[0] == 1 and c_out[0] == 0
-    assert c_skip[1].item() == pytest.approx(0.25 / (190**2 + 0.25))  # ≈ 7e-6: a hard switch (ALGORITHMS §4.2)
+    assert c_skip[1].item() == pytest.approx(0.25 / (190**2 + 0.25))  # ≈ 7e-6: a hard switch
     assert c_out[2].item() == pytest.approx(1.0, abs=1e-8)
 
 

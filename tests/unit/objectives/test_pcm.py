@@ -1,4 +1,4 @@
-"""PCM / Hyper-SD TSCD (ALGORITHMS §6): segments, the TCD sampler against diffusers, the 8→4→2→1 curriculum on a
+"""PCM / Hyper-SD TSCD: segments, the TCD sampler against diffusers, the 8→4→2→1 curriculum on a
 2-D toy, adversarial and reward terms, and one exported LoRA that a stock pipeline samples at 1/2/4/8 steps."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Phased DMD (ALGORITHMS §3): the subinterval score-matching target on the paper's 1-D toy, and LoRA experts per
+"""Phased DMD: the subinterval score-matching target on the paper's 1-D toy, and LoRA experts per
 phase on one shared base."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_subinterval_target_is_unbiased_and_the_naive_one_is_not():
 
 
 def test_velocity_and_x0_forms_agree_for_rectified_flow():
-    """Eq. 12's velocity target is ``(x_t − x0*)/t`` with Eq. 15's x0 target (ALGORITHMS §3.3)."""
+    """Eq. 12's velocity target is ``(x_t − x0*)/t`` with Eq. 15's x0 target."""
     torch.manual_seed(0)
     sched = FlowSchedule()
     s, t = torch.rand(64) * 0.5, 0.5 + torch.rand(64) * 0.5

@@ -1,4 +1,4 @@
-"""rCM (ALGORITHMS §4.7): sCM + DMD with a fake score; schedule, roles and one update of each phase."""
+"""rCM: sCM + DMD with a fake score; schedule, roles and one update of each phase."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reflow (ALGORITHMS §7): pair generation is exact and resumable; on a 2-D mixture 2-RF straightens the teacher's
+"""Reflow: pair generation is exact and resumable; on a 2-D mixture 2-RF straightens the teacher's
 flow and cuts its 1-step error; InstaFlow's one-step student and a smaller SlimFlow student beat the teacher at 1 step.
 """
 

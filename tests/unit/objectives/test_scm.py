@@ -1,4 +1,4 @@
-"""sCM (ALGORITHMS §4.5–4.6): the TrigFlow wrapper, the JVP through real diffusers models, the loss, a 2-D toy."""
+"""sCM: the TrigFlow wrapper, the JVP through real diffusers models, the loss, a 2-D toy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""An interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one (DESIGN §5)."""
+"""An interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
