@@ -1,7 +1,7 @@
 """Conversions between prediction types. Pure fp32 functions of ``(output, x_τ, α, σ)``.
 
 Every conversion is affine in the network output, so classifier-free guidance may be applied to raw outputs
-before converting (§1.4 linearity). Prediction types:
+before converting. Prediction types:
 
 * ``epsilon``: ε̂
 * ``sample``: x̂0
@@ -83,7 +83,7 @@ def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predictio
 
 
 def velocity(pred: Prediction, d_alpha: Tensor, d_sigma: Tensor) -> Tensor:
-    """Probability-flow ODE velocity ``dx/dτ = α'(τ)·x̂0 + σ'(τ)·ε̂`` (§1.2)."""
+    """Probability-flow ODE velocity ``dx/dτ = α'(τ)·x̂0 + σ'(τ)·ε̂``."""
     return bcast(d_alpha, pred.x0) * pred.x0 + bcast(d_sigma, pred.eps) * pred.eps
 
 

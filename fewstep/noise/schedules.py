@@ -222,7 +222,7 @@ class TrigFlowSchedule:
     """TrigFlow ``x_u = cos(u)·x0 + sin(u)·z`` with ``u = τ·π/2`` and σ_d = 1.
 
     ``model_timestep`` is ``timestep_scale·u`` unless ``rf_timestep`` is set, in which case the backbone is an RF
-    model fed ``timestep_scale·s`` with ``s = sin u / (cos u + sin u)`` (the rCM wrapper, §1.1 general rule).
+    model fed ``timestep_scale·s`` with ``s = sin u / (cos u + sin u)`` (rCM's wrapper).
     """
 
     timestep_scale: float = 1000.0

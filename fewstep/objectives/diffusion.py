@@ -121,7 +121,7 @@ class DiffusionSampler:
                 return self.denoiser(x, tau, cond)
             both = Conditioning.cat([uncond, cond])
             out_u, out_c = self.denoiser.raw(torch.cat([x, x]), torch.cat([tau, tau]), both).float().chunk(2)
-            return self.denoiser.to_prediction(out_u + w * (out_c - out_u), x.float(), tau)  # Imagen CFG, §1.4
+            return self.denoiser.to_prediction(out_u + w * (out_c - out_u), x.float(), tau)  # Imagen CFG
 
         return predict
 

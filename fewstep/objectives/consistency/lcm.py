@@ -217,7 +217,7 @@ class LCMSampler:
                 pred = self.denoiser(x, tau, cond.replace(timestep_cond=emb.to(self.denoiser.dtype)).to(x.device))
             elif w == 1.0:
                 pred = self.denoiser(x, tau, cond.to(x.device))
-            else:  # real CFG on the student, Imagen convention, on raw outputs (§1.4 linearity)
+            else:  # real CFG on the student, Imagen convention, on raw outputs
                 raw = self.denoiser.raw(
                     torch.cat([x, x]),
                     torch.cat([tau, tau]),
@@ -370,7 +370,7 @@ class LCM:
     ) -> Tensor:
         """One teacher DDIM step ``τ_{n+k} → τ_n`` (the Euler step for flow) with CFG in ω form on x̂0 and ε̂.
 
-        ``(1 + ω)·ŷ_c − ω·ŷ_∅`` is the Imagen form with ``w = ω + 1``, applied once on raw outputs (§1.4).
+        ``(1 + ω)·ŷ_c − ω·ŷ_∅`` is the Imagen form with ``w = ω + 1``, applied once on raw outputs.
         """
         w: float | Tensor = 1.0 if self.config.w_max == 0 else omega + 1.0
         pred = self.teacher.predict(x, tau_start, cond, uncond, guidance_scale=w)

@@ -12,7 +12,7 @@ the same LoRA through the curriculum M = 8 → 4 → 2 → 1 (each stage continu
    ``not_apply_cfg_solver``); target = the student under ``no_grad`` at ``(x_i, τ_i)`` jumped to the same edge
    (``x_i`` itself when ``i = e``);
 4. pseudo-Huber distance; optional adversarial term on edge predictions forward-noised into the segment, and an
-   optional reward term (any differentiable ``reward(x̂0, cond) -> [b]``, ReFL-style, Hyper-SD §3.2).
+   optional reward term (any differentiable ``reward(x̂0, cond) -> [b]``, ReFL-style, Hyper-SD).
 
 Segments are aligned with ``TCDScheduler``'s picks from the same skipping grid, so a stock ``TCDScheduler`` at
 M steps visits exactly the trained segment starts, and its γ (``eta``) step is our sampler's.

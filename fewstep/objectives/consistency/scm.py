@@ -5,7 +5,7 @@ The reference for the loss as implemented is rCM's code (NVlabs/rcm, ``sCM`` mod
 1. ``u`` from the lognormal proposal ``tan u = e^τ``, ``τ ~ N(P_mean, P_std²)`` and ``x_u = cos u·x0 + sin u·z``;
 2. the teacher's guided TrigFlow velocity ``F_T = dx_u/du`` (any VP or flow teacher through ``trigflow``);
 3. the student's ``F_θ⁻(x_u, u)`` and ``cos u sin u·dF_θ⁻/du`` in one JVP along ``(cos u sin u·F_T, cos u sin u)``
-   (sCM §5.1 rearrangement), through the diffusers model with attention routed through ``fewstep.kernels``;
+   (sCM rearrangement), through the diffusers model with attention routed through ``fewstep.kernels``;
 4. ``g = −cos²u·(F_θ⁻ − F_T) − r·cos u sin u·(x_u + dF_θ⁻/du)``, ``ĝ = g/(‖g‖ + c)`` (float64, per sample), the
    regression ``‖F_θ − sg(F_θ⁻ + ĝ)‖²`` with tangent warmup ``r`` (0 → 1) and adaptive weighting
    ``e^{−w(u)}·L/D + w(u)`` (Kendall-style, rCM's ``kendall_loss``).
@@ -141,7 +141,7 @@ def scm_update(
 
     Returns ``(loss, metrics)``; the loss backpropagates into ``denoiser`` (and ``weighting``).
     """
-    cs = torch.cos(u.float()) * torch.sin(u.float())  # JVP rearrangement (sCM §5.1)
+    cs = torch.cos(u.float()) * torch.sin(u.float())  # JVP rearrangement (sCM)
     dx = bcast(cs, x) * F_teacher
     if config.jvp_primal_grad and config.tangent == "jvp":
         F_theta, dF_cs = student_F_and_tangent(denoiser, x, u, cond, dx, cs, with_grad=True)
@@ -178,7 +178,7 @@ def check_teacher(teacher: Teacher) -> None:
 
 @dataclass
 class SCMSampler:
-    """sCM multistep sampling (§4.5): ``x̂0 = cos u·x − sin u·F_θ(x, u)``, then re-noise
+    """sCM multistep sampling: ``x̂0 = cos u·x − sin u·F_θ(x, u)``, then re-noise
     ``x ← cos u'·x̂0 + sin u'·z``. Flow/TrigFlow students start at ``u = π/2`` (x = noise) and visit ``mid_u``; VP
     students visit LCMScheduler's picks from a 50-step skipping grid (so a stock ``LCMScheduler`` reproduces them).
     """

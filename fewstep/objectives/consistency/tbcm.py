@@ -3,7 +3,7 @@
 
 The training states come from the teacher's CFG sampling trajectories ("generation space"), not from noised data:
 no data set and no VAE, only prompts. The cache (``fewstep.data.trajectories``) holds ``(x_u, u, F_T)`` in TrigFlow
-coordinates with the teacher velocity the sampler used; each step applies exactly the sCM loss (§4.5–4.6, shared
+coordinates with the teacher velocity the sampler used; each step applies exactly the sCM loss (the shared
 ``scm_update``) with the student's JVP computed online.
 
 The cache fills before training (``prepare``): while it has fewer than ``num_shards`` shards, one shard is rolled

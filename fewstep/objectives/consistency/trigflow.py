@@ -1,7 +1,7 @@
 """TrigFlow view of any fewstep denoiser, and forward-mode AD through diffusers models.
 
 sCM, rCM and TBCM work in TrigFlow coordinates ``x_u = cos u·x0 + sin u·z`` (σ_d = 1, ``u ∈ [0, π/2]``) on
-``F = cos u·z − sin u·x0 = dx_u/du``. A VP or flow teacher is ported to them with the general rule of §1.1: rescale
+``F = cos u·z − sin u·x0 = dx_u/du``. A VP or flow teacher is ported to them with the general rule: rescale
 the input, map time to the equal-SNR time, convert the output:
 
 * flow (SD3, Flux): ``s = sin u/(cos u + sin u)``, ``c_in = 1/(cos u + sin u)`` (``x_rf = c_in·x_trig``), the backbone
@@ -11,9 +11,9 @@ the input, map time to the equal-SNR time, convert the output:
   goes through the time embedding instead of vanishing at a rounded index;
 * TrigFlow-native models: as they are.
 
-Every coefficient is a torch function of ``u``, so ``torch.func.jvp`` differentiates through the wrapper too
-(§4.6 "Wrappers"). ``jvp_context`` routes attention through ``fewstep.kernels`` and works around torch 2.13's
-``group_norm`` forward-AD failure on non-contiguous input (ENVIRONMENT.md).
+Every coefficient is a torch function of ``u``, so ``torch.func.jvp`` differentiates through the wrapper too.
+``jvp_context`` routes attention through ``fewstep.kernels`` and works around torch 2.13's
+``group_norm`` forward-AD failure on non-contiguous input.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def vp_index_from_u(schedule: Schedule, u: Tensor) -> Tensor:
 
 
 def trig_coefficients(schedule: Schedule, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(c_in, timestep, α_native, σ_native)`` of the wrapper at angles ``u`` ``[b]`` (§1.1 general rule).
+    """``(c_in, timestep, α_native, σ_native)`` of the wrapper at angles ``u`` ``[b]``.
 
     The backbone is called on ``c_in·x_trig`` at ``timestep``; its output is converted with ``(α, σ)`` of its native
     level, whose SNR equals ``cot² u``.
@@ -112,7 +112,7 @@ def teacher_trig_velocity(
     uncond: Conditioning | None,
     guidance_scale: float | Tensor,
 ) -> Tensor:
-    """The teacher's guided TrigFlow velocity ``dx_u/du = F_T^cfg(x_u, u)`` (Imagen CFG on raw outputs, §1.4)."""
+    """The teacher's guided TrigFlow velocity ``dx_u/du = F_T^cfg(x_u, u)`` (Imagen CFG on raw outputs)."""
     d = teacher.denoiser
     with torch.no_grad(), teacher.view():
         if not isinstance(guidance_scale, Tensor) and guidance_scale == 1.0:
@@ -177,7 +177,7 @@ def student_F_and_tangent(
     fd_size: float = 1e-4,
     with_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``(F_θ(x, u), ∂_x F·dx + ∂_u F·du)``: the student's output and its directional derivative (§4.6).
+    """``(F_θ(x, u), ∂_x F·dx + ∂_u F·du)``: the student's output and its directional derivative.
 
     Args:
         denoiser: the student's denoiser (any backbone; seen through the TrigFlow wrapper).

@@ -1,10 +1,10 @@
-"""DMD2 (Yin et al. 2024, arXiv 2405.14867) with Decoupled DMD (§3.5) as an option.
+"""DMD2 (Yin et al. 2024, arXiv 2405.14867) with Decoupled DMD as an option.
 
-Roles (§2.1): the generator is the student; the real score is the frozen teacher with CFG on the real branch only;
+Roles: the generator is the student; the real score is the frozen teacher with CFG on the real branch only;
 the fake score ``F_ψ`` starts as the teacher and learns to denoise the generator's samples. With a LoRA student all
 three share one frozen base (``roles``): teacher = adapters off, student = adapter ``default``, fake = adapter
-``fake``. Two-time-scale updates (TTUR, §2.4.1): the trainer's ``phase(step)`` runs one generator step, then
-``fake_steps_per_generator_step`` fake-score steps. Multi-step students use backward simulation (§2.4.3) by default.
+``fake``. Two-time-scale updates (TTUR): the trainer's ``phase(step)`` runs one generator step, then
+``fake_steps_per_generator_step`` fake-score steps. Multi-step students use backward simulation by default.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class DMD2Config(BaseModel):
 
     name: Literal["dmd2"] = "dmd2"
     num_student_steps: int = Field(1, ge=1, description="sampling steps of the student (SDXL 4-step: 4)")
-    backward_simulation: bool | None = Field(None, description="None: on for multi-step students (§2.4.3)")
+    backward_simulation: bool | None = Field(None, description="None: on for multi-step students")
     real_guidance_scale: float = Field(1.75, ge=1.0, description="Imagen w of the teacher (real) branch")
     fake_steps_per_generator_step: int = Field(5, ge=1, description="TTUR ratio r (SD1.5 10, SDXL 5)")
     min_step_percent: float = Field(0.02, ge=0.0, le=1.0, description="DM-gradient noise levels: lower end")
@@ -57,7 +57,7 @@ class DMD2Config(BaseModel):
     gan_head_width: int = Field(256, ge=8)
     regression_weight: float = Field(0.0, ge=0.0, description="DMD1 regression on teacher ODE pairs (0.25 in DMD1)")
     regression_ode_steps: int = Field(25, ge=1, description="teacher steps that make one regression pair")
-    decoupled: bool = Field(False, description="Decoupled DMD: separate DM and CFG-augmentation terms (§3.5)")
+    decoupled: bool = Field(False, description="Decoupled DMD: separate DM and CFG-augmentation terms")
     dm_weight: float = Field(1.0, ge=0.0, description="Decoupled DMD: weight of the DM term")
     ca_weight: float = Field(1.0, ge=0.0, description="Decoupled DMD: weight of the CFG-augmentation term")
     ca_min_step_percent: float = Field(0.02, ge=0.0, le=1.0)
@@ -238,7 +238,7 @@ class DMD2:
         return x, taus[k].expand(shape[0])
 
     def generate(self, batch: Batch, cond: Conditioning, shape: tuple[int, ...], device: Any, step: int) -> Tensor:
-        """Generator samples without gradients (for the fake score, §2.5 "critic update")."""
+        """Generator samples without gradients (for the fake score)."""
         with torch.no_grad():
             x_in, tau_in = self.generator_input(batch, cond, shape, device, step)
             return self.student.denoiser(x_in, tau_in, cond).x0.float()
@@ -251,8 +251,8 @@ class DMD2:
         return real, fake
 
     def dm_direction(self, x: Tensor, cond: Conditioning, uncond: Conditioning | None) -> tuple[Tensor, dict]:
-        """The generator's gradient ``g`` at sample ``x``: normalised DM (§2.2), or Decoupled DMD's weighted DM + CA
-        terms with separate noise levels (§3.5)."""
+        """The generator's gradient ``g`` at sample ``x``: normalised DM, or Decoupled DMD's weighted DM + CA
+        terms with separate noise levels."""
         cfg, b = self.config, x.shape[0]
         ntok = num_tokens(self.teacher.denoiser, x.shape)
         tau = sample_levels(self.teacher, b, cfg.min_step_percent, cfg.max_step_percent, ntok, x.device)
@@ -277,7 +277,7 @@ class DMD2:
         return g, metrics
 
     def generator_loss(self, batch, cond, uncond, shape, device, step) -> LossOutput:
-        """``L_G = 0.5·mse(x, sg(x − g))`` (+ GAN, + DMD1 regression) through the prepared generator (§2.5)."""
+        """``L_G = 0.5·mse(x, sg(x − g))`` (+ GAN, + DMD1 regression) through the prepared generator."""
         cfg, b = self.config, shape[0]
         x_in, tau_in = self.generator_input(batch, cond, shape, device, step)
         gen_cond = cond
@@ -322,7 +322,7 @@ class DMD2:
         return Fn.gan_g_loss(logits)
 
     def fake_loss(self, batch, cond, shape, device, step) -> LossOutput:
-        """Denoising on the generator's samples over the full noise range (+ λ_D·GAN discriminator loss), §2.2."""
+        """Denoising on the generator's samples over the full noise range (+ λ_D·GAN discriminator loss)."""
         cfg, b = self.config, shape[0]
         x = self.generate(batch, cond, shape, device, step)
         ntok = num_tokens(self.teacher.denoiser, shape)

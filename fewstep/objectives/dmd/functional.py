@@ -36,7 +36,7 @@ def dm_gradient(x0_fake: Tensor, x0_real: Tensor, x: Tensor, normalize: bool = T
     """The distribution-matching gradient (DMD Eq. 7 with DMD1's normaliser).
 
     ``g = (x̂0_fake − x̂0_real) / mean_{C,H,W}|x − x̂0_real|``: descending along ``g`` moves ``x`` from the fake
-    towards the real distribution. ``x0_real`` carries the teacher's CFG, ``x0_fake`` none (§1.4).
+    towards the real distribution. ``x0_real`` carries the teacher's CFG, ``x0_fake`` none.
 
     Args:
         x0_fake: the fake score's x0 prediction at ``(x_t, t)``, ``[b, ...]``.
@@ -90,17 +90,17 @@ def denoising_loss(
 
 
 def gan_d_loss(logits_fake: Tensor, logits_real: Tensor) -> Tensor:
-    """Non-saturating logistic discriminator loss ``softplus(D(fake)) + softplus(−D(real))`` (DMD2, §2.4)."""
+    """Non-saturating logistic discriminator loss ``softplus(D(fake)) + softplus(−D(real))`` (DMD2)."""
     return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()
 
 
 def gan_g_loss(logits_fake: Tensor) -> Tensor:
-    """Non-saturating generator loss ``softplus(−D(fake))`` (DMD2, §2.4)."""
+    """Non-saturating generator loss ``softplus(−D(fake))`` (DMD2)."""
     return F.softplus(-logits_fake.float()).mean()
 
 
 def backsim_depth(step: int, seed: int, num_steps: int) -> int:
-    """Backward-simulation depth ``k ~ U{0..K−1}`` for training step ``step`` (DMD2 §2.4.3).
+    """Backward-simulation depth ``k ~ U{0..K−1}`` for training step ``step`` (DMD2).
 
     Drawn from a generator seeded by ``(seed, step)``, so every rank picks the same ``k`` without a collective
     (the graph depends on it: DDP/FSDP would hang on a mismatch).

@@ -3,9 +3,9 @@ expert per phase on the shared frozen base.
 
 Phase ``k`` trains expert ``k`` (adapter ``default`` for the first, ``expert<k>`` after) to map the distribution at
 its start level to the one at its end level ``s`` (``s = 0`` for the last phase), with all earlier experts frozen
-(no grad) and one fresh fake-score adapter ``fake<k>`` per phase (re-initialised from the teacher, §3.3). Diffusion
-time is drawn from the whole remaining interval ``(s, 1)`` (§3.2, E.2 ablation). The fake score learns by score
-matching *within the subinterval* (§3.3, Eqs. 12–15): only ``x_s`` is known, and the target
+(no grad) and one fresh fake-score adapter ``fake<k>`` per phase (re-initialised from the teacher). Diffusion
+time is drawn from the whole remaining interval ``(s, 1)``. The fake score learns by score
+matching *within the subinterval*: only ``x_s`` is known, and the target
 ``x0* = x_s/α_s − α_t σ_s²/(α_s² σ_{t|s})·ε`` is unbiased where "treat ``x_s`` as clean" is not.
 
 The trainer's groups are ``expert<k>`` and ``fake<k>`` (one optimizer each; an optimizer that never steps holds no
@@ -212,7 +212,7 @@ class PhasedDMD:
                 x_s = self.run_expert(k, x, taus, cond, graded=False)
         lo = max(self.config.min_step_percent, 0.0)
         u = sample_levels(self.teacher, b, lo, 1.0, num_tokens(self.teacher.denoiser, shape), device)
-        t = s + (1 - s) * u.clamp(1e-3, 1.0)  # the whole remaining interval (s, 1), §3.2
+        t = s + (1 - s) * u.clamp(1e-3, 1.0)  # the whole remaining interval (s, 1)
         eps = torch.randn_like(x_s)
         x_t = transition(self.schedule, x_s.detach(), s, t, eps)
         metrics = {"phase_index": float(k), **health_metrics(x_s, None)}

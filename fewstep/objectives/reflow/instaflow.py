@@ -1,5 +1,5 @@
 """``instaflow``: one-step distillation of a 2-rectified flow (InstaFlow), with
-SlimFlow's flow-guided regulariser (§7.5).
+SlimFlow's flow-guided regulariser.
 
 Liu et al. 2023 ("InstaFlow: One Step is Enough", ``gnobitab/InstaFlow``, no training code released); Zhu et al.
 2024 (SlimFlow). The teacher is the 2-RF model (a ``reflow`` run exported as a pipeline); the student starts as it.
