@@ -6,6 +6,14 @@ through diffusers' ``dispatch_attention_fn`` with its ``native`` backend. ``rout
 ``TorchFunctionMode`` that catches exactly that call and answers it with ``attention`` (same math, plus a
 forward-mode rule), so models run unchanged. While it is active, diffusers' attention backend is held at
 ``native`` (a flash/sage/xformers backend has no forward-mode rule and would bypass the route).
+
+Where the fused CUDA op cannot run, no mask is given and the float32/64 score matrix is small (at most
+``MATH_SCORES`` elements, e.g. every attention of a small UNet on a CPU), the route answers with PyTorch's own math
+attention instead: it has a forward-mode rule too, the full score matrix costs little there, and it avoids the
+tiled reference's per-call overhead. Long sequences always take ``attention`` (memory ``O(L·chunk)``).
+
+The same mode also makes ``group_norm``'s input contiguous: torch 2.13's forward-mode formula for it fails on
+non-contiguous input (diffusers' UNet2DModel attention blocks give it such input; fixed in torch 2.14.1).
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from fewstep.kernels import cuda
 from fewstep.kernels.attention import attention
 
 _SDPA = F.scaled_dot_product_attention
+_MATH_SDPA = torch.ops.aten._scaled_dot_product_attention_math
+MATH_SCORES = 1 << 22  # B·H·L_q·L_k up to which PyTorch's math attention answers when the CUDA op cannot run
 
 
 def _sdpa_args(args: tuple, kwargs: dict) -> tuple[Any, ...]:
@@ -34,9 +45,18 @@ def _causal_mask(len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
     return torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril(diagonal=len_k - len_q)
 
 
+def _small(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """A float32/64 score matrix of at most ``MATH_SCORES`` elements."""
+    return q.dtype in (torch.float32, torch.float64) and q.numel() // q.shape[-1] * k.shape[-2] <= MATH_SCORES
+
+
 class _RouteSDPA(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.group_norm:
+            if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+                args = (args[0].contiguous(), *args[1:])
+            return func(*args, **kwargs)
         if func is not _SDPA:
             return func(*args, **kwargs)
         q, k, v, mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_args(args, kwargs)
@@ -52,6 +72,8 @@ class _RouteSDPA(TorchFunctionMode):
                 if mask is None
                 else (mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf")))
             )
+        if mask is None and _small(q, k) and cuda.unsupported_reason(q, k, v, mask) is not None:
+            return _MATH_SDPA(q, k, v, scale=scale)[0]
         return attention(q, k, v, mask, scale)
 
 

@@ -12,21 +12,17 @@ the input, map time to the equal-SNR time, convert the output:
 * TrigFlow-native models: as they are.
 
 Every coefficient is a torch function of ``u``, so ``torch.func.jvp`` differentiates through the wrapper too.
-``jvp_context`` routes attention through ``fewstep.kernels`` and works around torch 2.13's
-``group_norm`` forward-AD failure on non-contiguous input.
+``route_attention`` (``fewstep.kernels``) lets it run through diffusers' attention (and works around torch 2.13's
+``group_norm`` forward-AD failure on non-contiguous input).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch import Tensor
 
 from fewstep.kernels import route_attention
 from fewstep.models.conditioning import Conditioning
@@ -143,29 +139,6 @@ def consistency_fn(F_hat: Tensor, x: Tensor, u: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _ContiguousGroupNorm(TorchFunctionMode):
-    """torch 2.13: ``group_norm``'s forward-AD formula fails on non-contiguous input (fixed in 2.14.1)."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.group_norm and args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
-            args = (args[0].contiguous(), *args[1:])
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def jvp_context(*models: nn.Module) -> Iterator[None]:
-    """Everything ``torch.func.jvp`` needs to run through diffusers models: attention routed through
-    ``fewstep.kernels`` (CUDA op on GPUs, the reference elsewhere) and contiguous ``group_norm`` input.
-
-    Example:
-        >>> with torch.no_grad(), jvp_context(unet):
-        ...     out, tangent = torch.func.jvp(fn, (x, u), (dx, du))
-    """
-    with route_attention(*models), _ContiguousGroupNorm():
-        yield
-
-
 def student_F_and_tangent(
     denoiser: Denoiser,
     x: Tensor,
@@ -191,7 +164,7 @@ def student_F_and_tangent(
     fn = lambda x_, u_: trig_F(denoiser, x_, u_, cond)  # noqa: E731
     grad_ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
     if method == "jvp":
-        with grad_ctx, jvp_context(denoiser.backbone):
+        with grad_ctx, route_attention(denoiser.backbone):
             out, tangent = torch.func.jvp(fn, (x.float(), u.float()), (dx.float(), du.float()))
         return out, tangent.detach()
     if method == "finite_difference":

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from fewstep.kernels import attention_jvp_reference, route_attention
+from fewstep.kernels import attention_jvp_reference, route_attention, routing
 from fewstep.kernels.attention import AttentionWithJVP
 
 
@@ -59,8 +59,17 @@ class CountingRoute:
         monkeypatch.setattr(AttentionWithJVP, "jvp", staticmethod(counted))
 
 
+@pytest.fixture(params=["attention", "math"])
+def route(request, monkeypatch):
+    """Which answer the route gives: fewstep's ``attention`` (forced: no score matrix counts as small) or PyTorch's
+    math attention (what these small models get by default on a CPU)."""
+    if request.param == "attention":
+        monkeypatch.setattr(routing, "MATH_SCORES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "flux", "wan"])
-def test_jvp_through_the_model_equals_math_attention(name, monkeypatch):
+def test_jvp_through_the_model_equals_math_attention(name, route, monkeypatch):
     fn, x, model = model_fn(name)
     dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     with pytest.raises(NotImplementedError, match="forward AD"):  # the default CPU SDPA has no forward-mode rule
@@ -70,7 +79,7 @@ def test_jvp_through_the_model_equals_math_attention(name, monkeypatch):
     counter = CountingRoute(monkeypatch)
     with torch.no_grad(), route_attention(model):
         out, tangent = torch.func.jvp(fn, (x,), (dx,))
-    assert counter.calls > 0
+    assert (counter.calls > 0) == (route == "attention"), counter.calls
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tangent, ref_tangent, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # and it is the derivative: central finite differences
@@ -140,3 +149,18 @@ def test_reference_never_builds_the_full_score_matrix():
     with LargestTensor() as largest:
         attention_jvp_reference(q, k, v, q, k, v, q_chunk=128, k_chunk=128)
     assert largest.numel == 128 * 128, largest.numel  # one score tile; the full matrix would be 1024 * 1024
+
+
+def test_long_sequences_take_the_tiled_attention(monkeypatch):
+    """Above ``MATH_SCORES`` the route never answers with the full-matrix math attention."""
+    counter = CountingRoute(monkeypatch)
+    q = torch.randn(1, 2, 64, 8)
+    dq = torch.randn_like(q)
+    monkeypatch.setattr(routing, "MATH_SCORES", 2 * 64 * 64 - 1)  # one element too few for this call
+    with route_attention():
+        torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, a, a), (q,), (dq,))
+    assert counter.calls == 1
+    monkeypatch.setattr(routing, "MATH_SCORES", 2 * 64 * 64)
+    with route_attention():
+        torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, a, a), (q,), (dq,))
+    assert counter.calls == 1  # small enough: PyTorch's math attention answered

@@ -9,7 +9,9 @@ import diffusers
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
+from fewstep.kernels import route_attention, routing
 from fewstep.models.backbones import latent_shape
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import load_teacher
@@ -17,9 +19,7 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.consistency.scm import SCM, SCMConfig, scm_target, scm_update
 from fewstep.objectives.consistency.trigflow import (
-    _ContiguousGroupNorm,
     consistency_fn,
-    jvp_context,
     student_F_and_tangent,
     teacher_trig_velocity,
     trig_F,
@@ -70,21 +70,32 @@ def test_jvp_tangent_equals_math_attention_and_finite_differences(family):
     assert (tangent - fd).abs().max() < 5e-3 * scale  # measured ≤ 1.5e-3 relative (fp32 differences, h = 1e-4)
 
 
-def test_jvp_through_unet2d_needs_the_group_norm_fix():
-    """torch 2.13: group_norm's forward AD fails on the non-contiguous input of UNet2DModel's attention blocks."""
+class ContiguousGroupNorm(TorchFunctionMode):
+    """The group-norm fix alone (for the math-attention reference)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.group_norm and not args[0].is_contiguous():
+            args = (args[0].contiguous(), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("math_scores", [0, None])  # the tiled attention forced / the default (math on this size)
+def test_jvp_through_unet2d_needs_the_group_norm_fix(math_scores, monkeypatch):
+    """torch 2.13: group_norm's forward AD fails on the non-contiguous input of UNet2DModel's attention blocks;
+    ``route_attention`` fixes it on the way."""
+    if math_scores is not None:
+        monkeypatch.setattr(routing, "MATH_SCORES", math_scores)
     teacher = load_teacher(SimpleNamespace(pretrained="fewstep:digits-vp"))
     cond = Conditioning(class_labels=torch.tensor([1, 7]))
     x, u = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, 1.0])
     fn = lambda a, b: trig_F(teacher.denoiser, a, b, cond)  # noqa: E731
     if torch.__version__.startswith("2.13"):
-        from fewstep.kernels import route_attention
-
-        with pytest.raises(RuntimeError, match="view size"), torch.no_grad(), route_attention():
+        with pytest.raises(RuntimeError, match="view size"), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             torch.func.jvp(fn, (x, u), (x, u))
     dx, du = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), torch.tensor([0.1, 0.2])
-    with torch.no_grad(), jvp_context(teacher.denoiser.backbone):
+    with torch.no_grad(), route_attention(teacher.denoiser.backbone):
         _, tangent = torch.func.jvp(fn, (x, u), (dx, du))
-    with torch.no_grad(), _ContiguousGroupNorm(), sdpa_kernel(SDPBackend.MATH):  # math attention as the reference
+    with torch.no_grad(), ContiguousGroupNorm(), sdpa_kernel(SDPBackend.MATH):  # math attention as the reference
         _, ref = torch.func.jvp(fn, (x, u), (dx, du))
     _, fd = student_F_and_tangent(teacher.denoiser, x, u, cond, dx, du, "finite_difference", fd_size=1e-3)
     scale = float(tangent.abs().max())
