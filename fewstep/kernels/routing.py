@@ -19,6 +19,7 @@ non-contiguous input (diffusers' UNet2DModel attention blocks give it such input
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,12 +78,23 @@ class _RouteSDPA(TorchFunctionMode):
         return attention(q, k, v, mask, scale)
 
 
+_ATTENTION_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that hold an attention ``processor``, found once per model (a walk over a large
+    backbone on every JVP costs milliseconds); their processors are read afresh on each call."""
+    if model not in _ATTENTION_MODULES:
+        _ATTENTION_MODULES[model] = [m for m in model.modules() if hasattr(m, "processor")]
+    return _ATTENTION_MODULES[model]
+
+
 def _pinned_processors(models: tuple[torch.nn.Module, ...]) -> list[tuple[Any, Any]]:
     """Attention processors with their own backend (``model.set_attention_backend(...)``): they would bypass the
     route, so ``route_attention`` clears the setting for the block and restores it afterwards."""
     pinned = []
     for model in models:
-        for module in model.modules():
+        for module in _attention_modules(model):
             processor = getattr(module, "processor", None)
             if getattr(processor, "_attention_backend", None) is not None:
                 pinned.append((processor, processor._attention_backend))
