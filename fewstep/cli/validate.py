@@ -1,4 +1,6 @@
-"""``fewstep validate RECIPE [key=value ...]``: "valid", or every error with its key path (exit status 2)."""
+"""``fewstep validate RECIPE [key=value ...]``: "valid", or every error with its key path (exit status 2): the schema,
+the checks across blocks, and the files and directories the recipe names on this machine
+(``fewstep.config.checks``)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the parser alone needs no pydantic; validating imports the objectives' configs (and with them torch)
+    from fewstep.config.checks import input_issues
+    from fewstep.config.errors import RecipeError
     from fewstep.config.load import load_recipe, resolve_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    issues = input_issues(recipe)
+    if issues:
+        raise RecipeError(issues, source=str(resolve_recipe(args.recipe)))
     print(
         f"valid: {resolve_recipe(args.recipe)} (objective {getattr(recipe.objective, 'name', '?')}, "
         f"teacher {recipe.teacher.pretrained}, student {recipe.student.kind}, {recipe.train.max_steps} steps)"
