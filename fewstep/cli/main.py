@@ -51,8 +51,11 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
-    parser.add_argument("--allow-code", action="store_true",
-                        help="let recipes import the Python code they name (custom: rewards); only for trusted recipes")  # fmt: skip
+    parser.add_argument(
+        "--allow-code",
+        action="store_true",
+        help="let recipes import the Python code they name (custom: rewards); only for trusted recipes",
+    )
     # The verbs accept --debug too; SUPPRESS keeps a subcommand's default from overwriting `fewstep --debug verb`.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -174,8 +177,7 @@ _OS_FIXES = {
     errno.ENOSPC: "no space left on the device: free some space (or point output_dir / --out at another disk) and "
     "run again; a training run continues from its last checkpoint (train.resume: auto)",
     errno.EDQUOT: "disk quota exceeded: free some space or point output_dir / --out elsewhere, then run again",
-    errno.EFBIG: "file too large for this file system or process limit (ulimit -f): raise the limit or write "
-    "elsewhere",
+    errno.EFBIG: "file too large for this file system or process limit (ulimit -f): raise the limit or write elsewhere",
     errno.EACCES: "permission denied: choose a location you can write to, or fix its permissions",
     errno.EPERM: "operation not permitted: choose a location you can write to, or fix its permissions",
     errno.EROFS: "read-only file system: point output_dir / --out at a writable location",

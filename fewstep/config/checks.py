@@ -88,21 +88,43 @@ def input_issues(recipe: Any) -> list[RecipeIssue]:
         path = Path(data.path).expanduser()
         if kind == "file" and not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
-            issues.append(RecipeIssue(("data", "path"), f"{what}; data.source: {data.source} reads a file", data.path,
-                                      hint="Point data.path at the file."))  # fmt: skip
+            issues.append(
+                RecipeIssue(
+                    ("data", "path"),
+                    f"{what}; data.source: {data.source} reads a file",
+                    data.path,
+                    hint="Point data.path at the file.",
+                )
+            )
         elif kind == "dir" and not path.is_dir():
             what = "is a file" if path.exists() else "does not exist"
-            issues.append(RecipeIssue(("data", "path"), f"{what}; data.source: {data.source} reads a directory",
-                                      data.path, hint="Point data.path at the directory."))  # fmt: skip
+            issues.append(
+                RecipeIssue(
+                    ("data", "path"),
+                    f"{what}; data.source: {data.source} reads a directory",
+                    data.path,
+                    hint="Point data.path at the directory.",
+                )
+            )
         elif inside is not None and not (path / inside).is_file():
-            issues.append(RecipeIssue(("data", "path"), f"has no {inside}", data.path,
-                                      hint=f"data.source: {data.source} needs {path / inside}."))  # fmt: skip
+            issues.append(
+                RecipeIssue(
+                    ("data", "path"),
+                    f"has no {inside}",
+                    data.path,
+                    hint=f"data.source: {data.source} needs {path / inside}.",
+                )
+            )
     resume = recipe.train.resume
     if resume not in _RESUME_WORDS and not Path(resume).expanduser().is_dir():
         issues.append(
-            RecipeIssue(("train", "resume"), "is neither auto, never nor an existing checkpoint directory", resume,
-                        "auto, never, or a <run>/checkpoints/step_XXXXXXXX directory")
-        )  # fmt: skip
+            RecipeIssue(
+                ("train", "resume"),
+                "is neither auto, never nor an existing checkpoint directory",
+                resume,
+                "auto, never, or a <run>/checkpoints/step_XXXXXXXX directory",
+            )
+        )
     issues += _output_dir_issues(recipe.output_dir)
     return issues
 
@@ -117,11 +139,23 @@ def _teacher_path_issues(pretrained: str) -> list[RecipeIssue]:
     loc = ("teacher", "pretrained")
     if not path.is_dir():
         what = "is a file" if path.exists() else "does not exist"
-        return [RecipeIssue(loc, f"{what}; a local teacher is a diffusers pipeline directory", pretrained,
-                            hint="Give the directory written by pipe.save_pretrained(dir), a Hub id or tiny:<family>.")]  # fmt: skip
+        return [
+            RecipeIssue(
+                loc,
+                f"{what}; a local teacher is a diffusers pipeline directory",
+                pretrained,
+                hint="Give the directory written by pipe.save_pretrained(dir), a Hub id or tiny:<family>.",
+            )
+        ]
     if not (path / "model_index.json").is_file():
-        return [RecipeIssue(loc, "has no model_index.json, so it is not a diffusers pipeline directory", pretrained,
-                            hint="Save the whole pipeline with pipe.save_pretrained(dir).")]  # fmt: skip
+        return [
+            RecipeIssue(
+                loc,
+                "has no model_index.json, so it is not a diffusers pipeline directory",
+                pretrained,
+                hint="Save the whole pipeline with pipe.save_pretrained(dir).",
+            )
+        ]
     return []
 
 
@@ -129,13 +163,26 @@ def _output_dir_issues(output_dir: str) -> list[RecipeIssue]:
     path = Path(output_dir).expanduser()
     loc = ("output_dir",)
     if path.exists() and not path.is_dir():
-        return [RecipeIssue(loc, "is a file; the run directory must be a directory", output_dir,
-                            hint="Point output_dir elsewhere or move the file.")]  # fmt: skip
+        return [
+            RecipeIssue(
+                loc,
+                "is a file; the run directory must be a directory",
+                output_dir,
+                hint="Point output_dir elsewhere or move the file.",
+            )
+        ]
     existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        return [RecipeIssue(loc, f"cannot be created: {existing} is a file", output_dir,
-                            hint="Point output_dir elsewhere.")]  # fmt: skip
+        return [
+            RecipeIssue(loc, f"cannot be created: {existing} is a file", output_dir, hint="Point output_dir elsewhere.")
+        ]
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        return [RecipeIssue(loc, f"cannot be written: {existing} is not writable", output_dir,
-                            hint="Point output_dir at a writable location.")]  # fmt: skip
+        return [
+            RecipeIssue(
+                loc,
+                f"cannot be written: {existing} is not writable",
+                output_dir,
+                hint="Point output_dir at a writable location.",
+            )
+        ]
     return []

@@ -38,10 +38,8 @@ class _RecipeLoader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels of blocks and lists; a recipe needs about 5",
-                    self.peek_event().start_mark,
-                )  # fmt: skip
+                message = f"nested deeper than {MAX_YAML_DEPTH} levels of blocks and lists; a recipe needs about 5"
+                raise yaml.composer.ComposerError(None, None, message, self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
