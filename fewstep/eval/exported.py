@@ -2,8 +2,8 @@
 an evaluation target).
 
 The export's files are verified against its manifest before anything is loaded (a changed or added file is refused,
-naming it). A LoRA export loads on its base pipeline (``--base``, else the model card's ``base_model``), a merged export as a
-pipeline (in the export directory or ``merged/``); the scheduler is the exported one and each step count runs with
+naming it). A LoRA export loads on its base pipeline (``--base``, else the model card's ``base_model``), a merged export
+as a pipeline (in the export directory or ``merged/``); the scheduler is the exported one and each step count runs with
 ``read_schedule(dir).call_kwargs(n)``. Text pipelines are called as they are (``output_type="pt"``, shared initial
 latents). Class-conditional ``UNet2DModel`` exports (``DDPMPipeline`` cannot pass class labels) run the pipeline's own
 loop with the stock scheduler and ``unet(x, t, class_labels=...)``, CFG on a doubled batch when the spec's
