@@ -17,6 +17,7 @@ import argparse
 import errno
 import importlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Collection, Sequence
@@ -147,7 +148,7 @@ def exit_status(err: BaseException) -> int | None:
     status = getattr(err, "exit_status", None)
     if isinstance(status, int):
         return status
-    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+    if _disk_full_errno(err) is not None:
         return RUN_FAILED_EXIT
     input_errors = (
         ("fewstep.config.errors", "RecipeError"),
@@ -164,6 +165,17 @@ def exit_status(err: BaseException) -> int | None:
         return RUN_FAILED_EXIT
     if isinstance(err, RuntimeError) and _raised_by_trainer(err):
         return RUN_FAILED_EXIT  # e.g. the stop after too many non-finite steps
+    return None
+
+
+def _disk_full_errno(err: BaseException) -> int | None:
+    """ENOSPC / EDQUOT / EFBIG from an ``OSError``, or from safetensors' writer (``... (os error 28)``)."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in _DISK_FULL else None
+    if _is(err, "safetensors", "SafetensorError"):
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found and int(found.group(1)) in _DISK_FULL:
+            return int(found.group(1))
     return None
 
 
@@ -192,8 +204,9 @@ _OS_FIXES = {
 def _message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno in _OS_FIXES and err.filename is not None:
         return f"{err.filename}: {_OS_FIXES[err.errno]}"
-    if isinstance(err, OSError) and err.errno in _DISK_FULL:
-        return _OS_FIXES[err.errno]
+    full = _disk_full_errno(err)
+    if full is not None:
+        return f"{_OS_FIXES[full]} ({err})"
     if isinstance(err, FileNotFoundError) and err.filename is not None:
         return f"{err.strerror or 'file not found'}: {err.filename}"
     if isinstance(err, RecursionError):

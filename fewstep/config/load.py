@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fewstep.config.errors import MISSING, RecipeError, RecipeIssue, did_you_mean, format_loc, issues_from_validation
+from fewstep.config.errors import (
+    MISSING,
+    RecipeError,
+    RecipeIssue,
+    did_you_mean,
+    format_loc,
+    issues_from_validation,
+    short_repr,
+)
 
 if TYPE_CHECKING:
     from fewstep.config.schema import Recipe
@@ -161,6 +169,10 @@ def read_recipe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise RecipeError(f"cannot read recipe file {str(path)!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"recipe file {str(path)!r} is not UTF-8 text (byte {err.start}): a recipe is a YAML file"
+        ) from None
     data = parse_yaml(text, source=str(path))
     if data is None:
         raise RecipeError(
@@ -180,8 +192,8 @@ def parse_override(override: str) -> tuple[tuple[str, ...], Any]:
     key, sep, raw = override.partition("=")
     keys = tuple(key.strip().split("."))
     if not sep or not all(keys):
-        raise RecipeError(f"override {override!r} should look like dotted.key=value, e.g. train.max_steps=2")
-    return keys, parse_yaml(raw, source=f"override {override!r}")
+        raise RecipeError(f"override {short_repr(override)} should look like dotted.key=value, e.g. train.max_steps=2")
+    return keys, parse_yaml(raw, source=f"override {short_repr(override)}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -204,7 +216,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                         keys[: depth + 1],
                         f"is not a block, so {'.'.join(keys)} cannot be set",
                         child,
-                        hint=f"Check the override {override!r}.",
+                        hint=f"Check the override {short_repr(override)}.",
                     )
                 )
                 break
@@ -256,7 +268,7 @@ def _mention_override(issue: RecipeIssue, overrides: Sequence[str]) -> RecipeIss
     for override in overrides if issue.loc else ():
         key = override.partition("=")[0].strip()
         if issue.path == key or issue.path.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{issue.path}."):
-            hint = f"(set by the override {override!r})"
+            hint = f"(set by the override {short_repr(override)})"
             return RecipeIssue(
                 issue.loc, issue.message, issue.value, issue.allowed, f"{issue.hint} {hint}" if issue.hint else hint
             )
