@@ -153,6 +153,12 @@ def test_validate_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
     assert code == 2 and "output_dir: is a file" in err
 
 
+def test_validate_no_files_checks_a_recipe_meant_for_another_machine(tmp_path, capsys):
+    argv = ["validate", str(recipe(tmp_path)), "data.source=pairs", "data.path=/elsewhere/pairs"]
+    assert cli(capsys, *argv)[0] == 2
+    assert cli(capsys, *argv, "--no-files")[0] == 0
+
+
 # ------------------------------------------------------------------------------------------- one line, no traceback
 
 
