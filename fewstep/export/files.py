@@ -166,7 +166,11 @@ def verify_export(directory: str | Path) -> dict[str, Any] | None:
     root = Path(directory)
     outputs = root / EVAL_DIR
     ignore = [p.relative_to(root).as_posix() for p in outputs.rglob("*") if p.is_file()] if outputs.is_dir() else []
-    manifest = verify_manifest(root, ignore=ignore)
+    try:
+        manifest = verify_manifest(root, ignore=ignore)
+    except RecursionError:
+        message = f"{root / MANIFEST} is nested too deeply to be a manifest: export the run again."
+        raise IntegrityError(message) from None
     if manifest is None:
         logger.warning(
             "%s has no %s (written by an older fewstep): its files cannot be verified. Export the run again to add "

@@ -237,3 +237,10 @@ def test_a_manifest_whose_fingerprint_was_edited_is_refused(export):
     write_manifest(export, manifest["fingerprint"], "checkpoint")
     with pytest.raises(IntegrityError, match="describes a 'checkpoint' directory, not an export"):
         load_export(export, steps=[1], device="cpu")
+
+
+def test_a_deeply_nested_manifest_is_refused_naming_it(export, capsys):
+    (export / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    code, err = eval_export(capsys, export)
+    assert code == 2
+    one_error(err, str(export / MANIFEST), "nested too deeply")
