@@ -210,8 +210,8 @@ def check_fingerprint(ckpt_dir: str | Path, fingerprint: dict[str, Any]) -> None
     if differences:
         raise CheckpointError(
             f"Checkpoint {ckpt_dir} does not match the model being loaded: it holds weights of another model "
-            f"({'; '.join(differences)}; from {ckpt_dir / MANIFEST}). Use the recipe it was written with (the run's "
-            "resolved_config.yaml), or set train.resume=never to start over."
+            f"({'; '.join(differences)}; from {ckpt_dir / MANIFEST}). Load it with the recipe it was written with "
+            "(its run's resolved_config.yaml); to train this model instead, start over with train.resume=never."
         )
 
 
@@ -305,8 +305,10 @@ def save_checkpoint(
         TypeError: before anything is written, when ``objective_state`` (or an optimizer or LR-schedule state) holds
             something ``torch.load(weights_only=True)`` could not read back.
     """
-    objective = (fingerprint or {}).get("objective", "the objective")
-    _check_plain(objective_state, f"objective {objective!r}: its state_dict()")
+    objective = (fingerprint or {}).get("objective")
+    _check_plain(
+        objective_state, f"objective {objective!r}: its state_dict()" if objective else "objective.state_dict()"
+    )
     states = {name: {"optimizer": optimizers[name].state_dict(), "scheduler": schedulers[name].state_dict()}
               for name in trainable}  # fmt: skip
     for name, state in states.items():
