@@ -233,41 +233,43 @@ def evaluate(
     slugs = unique_slugs(names)
     rows, noise_cache = [], {}
     with tqdm(total=total, desc="eval", unit="batch", disable=not progress) as bar:
+        run = _RowSettings(inputs, seed, batch_size, warmup, timing_repeats, device, memory, metrics, grid_images, bar)
         for sampler in samplers:
             shape = tuple(sampler.noise_shape)
             if shape not in noise_cache:
                 noise_cache[shape] = shared_noise(n, shape, seed)
             with sampler.context() if sampler.context is not None else nullcontext():
-                rows += _rows(sampler, noise_cache[shape], inputs, seed, batch_size, warmup, timing_repeats, device,
-                              memory, metrics, grid_images, bar, out_dir if save_images else None, slugs)  # fmt: skip
+                rows += _rows(sampler, noise_cache[shape], run, out_dir if save_images else None, slugs)
     report = EvalReport(rows, _header(samplers, metrics, inputs, seed, batch_size, device, memory, info))
     if out_dir is not None:
         write_report(report, out_dir, save_grid=save_grids)
     return report
 
 
+@dataclass(frozen=True)
+class _RowSettings:
+    """What every row of one ``evaluate`` call shares (see its arguments)."""
+
+    inputs: EvalInputs
+    seed: int
+    batch_size: int
+    warmup: bool
+    timing_repeats: int
+    device: torch.device
+    memory: PeakMemory
+    metrics: Sequence[Metric]
+    grid_images: int
+    bar: Any
+
+
 def _rows(
-    sampler: Sampler,
-    noise: Tensor,
-    inputs: EvalInputs,
-    seed: int,
-    batch_size: int,
-    warmup: bool,
-    timing_repeats: int,
-    device: torch.device,
-    memory: PeakMemory,
-    metrics: Sequence[Metric],
-    grid_images: int,
-    bar: Any,
-    image_dir: Path | None,
-    slugs: dict[str, str],
+    sampler: Sampler, noise: Tensor, run: _RowSettings, image_dir: Path | None, slugs: dict[str, str]
 ) -> list[Row]:
     """One row per step count of ``sampler`` (images written to ``image_dir`` when given)."""
     rows = []
     for num_steps in sampler.steps:
-        bar.set_postfix_str(f"{sampler.name} @ {num_steps}", refresh=False)
-        row, images = _row(sampler, num_steps, noise, inputs, seed, batch_size, warmup, timing_repeats, device, memory,
-                           metrics, grid_images, bar)  # fmt: skip
+        run.bar.set_postfix_str(f"{sampler.name} @ {num_steps}", refresh=False)
+        row, images = _row(sampler, num_steps, noise, run)
         if image_dir is not None:
             write_row_images(row, images, image_dir, f"{slugs[sampler.name]}_{num_steps}steps")
         rows.append(row)
@@ -283,33 +285,19 @@ def _first_device(samplers: Sequence[Sampler]) -> torch.device:
     return torch.device("cpu")
 
 
-def _row(
-    sampler: Sampler,
-    num_steps: int,
-    noise: Tensor,
-    inputs: EvalInputs,
-    seed: int,
-    batch_size: int,
-    warmup: bool,
-    timing_repeats: int,
-    device: torch.device,
-    memory: PeakMemory,
-    metrics: Sequence[Metric],
-    grid_images: int,
-    bar: Any,
-) -> tuple[Row, Tensor]:
+def _row(sampler: Sampler, num_steps: int, noise: Tensor, run: _RowSettings) -> tuple[Row, Tensor]:
     """One row; returns it with its images (``[n, c, h, w]`` uint8)."""
-    n = noise.shape[0]
-    spans = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    n, inputs, seed, memory = noise.shape[0], run.inputs, run.seed, run.memory
+    spans = [(i, min(i + run.batch_size, n)) for i in range(0, n, run.batch_size)]
 
     def call(start: int, stop: int, generator: torch.Generator) -> Tensor:
         with torch.no_grad():
             out = sampler.fn(noise[start:stop], inputs.slice(start, stop), num_steps, generator)
-        sync(device)
+        sync(run.device)
         return out
 
     memory.start()
-    if warmup:
+    if run.warmup:
         call(*spans[0], torch.Generator().manual_seed(seed + 1))
     generator = torch.Generator().manual_seed(seed + 1)
     counter, chunks, timings = NFECounter(sampler.network), [], []
@@ -323,8 +311,8 @@ def _row(
             chunks.append(to_uint8(out))
             if stop - start == spans[0][1] - spans[0][0]:
                 timings.append(elapsed / (stop - start))
-            bar.update(1)
-    for _ in range(max(0, timing_repeats - len(timings))):
+            run.bar.update(1)
+    for _ in range(max(0, run.timing_repeats - len(timings))):
         began = time.perf_counter()
         call(*spans[0], torch.Generator().manual_seed(seed + 1))
         timings.append((time.perf_counter() - began) / (spans[0][1] - spans[0][0]))
@@ -338,9 +326,9 @@ def _row(
         nfe_per_image=counter.samples / n if sampler.network is not None else None,
         seconds_per_image=statistics.median(timings),
         peak_memory_mib=peak,
-        metrics=compute_metrics(metrics, as_float, inputs),
+        metrics=compute_metrics(run.metrics, as_float, inputs),
         schedule=jsonable(sampler.schedule(num_steps)) if sampler.schedule is not None else {},
-        preview=as_float[:grid_images],
+        preview=as_float[: run.grid_images],
     )
     return row, images
 

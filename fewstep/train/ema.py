@@ -18,6 +18,20 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
+def shape_problems(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str:
+    """``""`` when ``given`` has exactly the keys of ``expected``, each with exactly its shape; else what differs
+    (``missing [...], unexpected [...], other shapes ["<key>: <given> for <expected>"]``, five of each at most)."""
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    reshaped = [
+        f"{k}: {list(given[k].shape)} for {list(t.shape)}"
+        for k, t in expected.items()
+        if k in given and tuple(given[k].shape) != tuple(t.shape)
+    ]
+    if not (missing or unexpected or reshaped):
+        return ""
+    return f"missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {reshaped[:5]}"
+
+
 class EMA:
     """EMA shadows of every trainable group.
 
@@ -69,10 +83,21 @@ class EMA:
 
     @torch.no_grad()
     def _copy(self, source: dict[str, dict[str, Tensor]]) -> None:
-        for group, m in self.modules.items():
-            params = trainable_parameters(m)
-            for name, t in source[group].items():
-                params[name].copy_(t)
+        """Copy ``{group: {name: tensor}}`` into the trainable parameters; names and shapes must match exactly (a
+        broadcasting copy would silently spread one row over a whole matrix)."""
+        params = {group: trainable_parameters(m) for group, m in self.modules.items()}
+        problems = shape_problems(
+            {f"{g}/{n}": p for g, d in params.items() for n, p in d.items()},
+            {f"{g}/{n}": t for g, d in source.items() for n, t in d.items()},
+        )
+        if problems:
+            raise ValueError(
+                f"EMA shadows do not fit the trainable parameters ({problems}): the trainable parameters changed "
+                "after the EMA was built. Build the EMA over the modules as they are trained."
+            )
+        for group, d in params.items():
+            for name, p in d.items():
+                p.copy_(source[group][name])
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat ``{"<group>/<param>": tensor}`` (a safetensors-ready dict)."""
@@ -80,18 +105,11 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Tensor], updates: dict[str, int] | None = None) -> None:
         """Load the shadows and the update counts (``None``, from a checkpoint that has none: warm-up over)."""
-        current = self.state_dict()
-        expected = set(current)
-        reshaped = [
-            f"{k}: {list(t.shape)} for {list(current[k].shape)}"
-            for k, t in state.items()
-            if k in current and tuple(t.shape) != tuple(current[k].shape)
-        ]
-        if set(state) != expected or reshaped:
-            missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+        problems = shape_problems(self.state_dict(), state)
+        if problems:
             raise ValueError(
-                f"EMA state does not match the trainable weights (missing {missing}, unexpected {unexpected}, "
-                f"other shapes {reshaped[:5]}). Resume with the same student and objective settings."
+                f"EMA state does not match the trainable weights ({problems}). Resume with the same student and "
+                "objective settings."
             )
         for key, t in state.items():
             group, name = key.split("/", 1)

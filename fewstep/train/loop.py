@@ -304,14 +304,19 @@ class Trainer:
             keep_last=self.cfg.keep_last,
             auxiliary=self.auxiliary,
             auxiliary_ema=self.auxiliary_ema,
+            fingerprint=self._fingerprint(),
         )
         self._last_saved = self.step
         return path
 
     def _load(self, ckpt: Path) -> int:
-        objective_state, meta = load_checkpoint(
-            ckpt, self.acc, self.modules, self.optimizers, self.schedulers, self.ema, self.auxiliary, self.auxiliary_ema
-        )
+        from fewstep.train.checkpoint import intact_checkpoint
+
+        # verified first; train.resume=auto passes over a corrupt newest checkpoint to the newest intact one
+        fallback = self.cfg.resume == "auto"
+        ckpt = self.resumed_from = intact_checkpoint(ckpt, self._fingerprint(), fallback=fallback, accelerator=self.acc)
+        state = (self.modules, self.optimizers, self.schedulers, self.ema, self.auxiliary, self.auxiliary_ema)
+        objective_state, meta = load_checkpoint(ckpt, self.acc, *state, verified=True)
         self.objective.load_state_dict(objective_state)
         if meta.get("grad_scaler") and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(meta["grad_scaler"])
@@ -319,6 +324,13 @@ class Trainer:
         if self.acc.is_main_process:
             _say(f"Resuming from {ckpt} (step {self.step}).")
         return int(meta["data_position"])
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What this run's checkpoints hold (their manifest's fingerprint): trainable shapes, family, objective,
+        teacher."""
+        from fewstep.train.checkpoint import checkpoint_fingerprint
+
+        return checkpoint_fingerprint(self.groups, self.recipe, self.teacher)
 
     # --- periodic evaluation ------------------------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ so they all pick the same checkpoint and the same weights by default: the newest
 of the trained weights when the run kept one (``train.ema_decay``; ``ema.safetensors`` in the checkpoint).
 
 A checkpoint is ``latest`` (the newest ``checkpoints/step_XXXXXXXX``), ``best`` (``checkpoints/best``, kept by
-periodic evaluation) or a path to a checkpoint directory. Every weight is copied with exactly the shape of the
-parameter it lands in; a mismatch (an edited ``resolved_config.yaml``, another LoRA rank) is an error, never a
-broadcast.
+periodic evaluation) or a path to a checkpoint directory. Its files are checked against its ``manifest.json`` before
+the model is built, and its fingerprint against the rebuilt model (``fewstep.train.checkpoint.verify_checkpoint``):
+a changed file or another model's checkpoint is refused with the file named; ``latest`` passes over a corrupt newest
+checkpoint to the newest intact one, with a warning. Every weight is copied with exactly the shape of the parameter
+it lands in; a mismatch (an edited ``resolved_config.yaml``, another LoRA rank) is an error, never a broadcast.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from fewstep.train.checkpoint import (
     BEST,
     COMPLETE,
     EMA_FILE,
+    check_fingerprint,
+    checkpoint_fingerprint,
+    intact_checkpoint,
     latest_checkpoint,
     load_trainable_weights,
     shape_mismatches,
@@ -147,6 +152,8 @@ def load_run(
     Raises:
         ValueError: ``weights`` is not one of ``WEIGHTS``, or the checkpoint does not fit the rebuilt model.
         FileNotFoundError: not a run directory, no such complete checkpoint, or ``ema`` for a run without EMA.
+        CheckpointError: a file of the checkpoint does not match its manifest (``latest``: no intact checkpoint
+            left), or the checkpoint holds another model's weights; the message names the file.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}.")
@@ -157,7 +164,8 @@ def load_run(
             f"{str(run_dir)!r} has no {CONFIG_FILE}, so it is not a fewstep run directory. Pass the recipe's "
             "output_dir (written by `fewstep train`)."
         )
-    ckpt = resolve_checkpoint(run_dir, checkpoint)
+    # every file checked before the model is built; `latest` passes over a corrupt newest checkpoint
+    ckpt = intact_checkpoint(resolve_checkpoint(run_dir, checkpoint), fallback=str(checkpoint) == "latest")
     ema_file = ckpt / EMA_FILE
     if weights == "ema" and not ema_file.is_file():
         raise FileNotFoundError(
@@ -167,6 +175,7 @@ def load_run(
     recipe = load_recipe(config)
     components = build_components(recipe, teacher=teacher)
     groups = components.objective.trainable()
+    check_fingerprint(ckpt, checkpoint_fingerprint(groups, recipe, components.teacher))
     trained = load_trainable_weights(ckpt)
     for group, module in groups.items():
         if group not in trained:

@@ -21,6 +21,7 @@ from fewstep.eval.targets import run_target
 from fewstep.export import WEIGHT_NAME, export_run, read_schedule, read_source
 from fewstep.testing import tiny_path
 from fewstep.train.loop import train
+from fewstep.train.manifest import read_manifest, write_manifest
 from fewstep.train.run import load_run
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -146,6 +147,7 @@ def test_load_run_picks_checkpoint_and_weights_and_checks_shapes(ema_run, tmp_pa
     copy = shutil.copytree(auto.checkpoint, broken / "checkpoints" / auto.checkpoint.name)
     key = next(k for k in ema if k.endswith("lora_B.default.weight"))
     save_file({**ema, key: ema[key][:1]}, copy / "ema.safetensors")
+    write_manifest(copy, read_manifest(copy)["fingerprint"], "checkpoint", exclude=["COMPLETE"])  # hashes agree
     with pytest.raises(ValueError, match=r"other shapes \['student/.*lora_B"):
         load_run(broken)
     assert load_run(broken, weights="raw").weights == "raw"

@@ -21,7 +21,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def _optimizer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt / "optimizers" / "student.pt", weights_only=False)
+    state = torch.load(ckpt / "optimizers" / "student.pt", weights_only=True)
     out = {}
     for pid, s in state["optimizer"]["state"].items():
         for key, value in s.items():
@@ -89,6 +89,6 @@ def test_resume_is_exact_with_an_auxiliary_module(make_recipe, tmp_path):
     assert all(k.startswith("student/") and "lora_" in k for k in load_file(a / "ema.safetensors"))
 
     # One optimizer trains both: its state covers the LoRA and the weighting, which moved from its zero init.
-    state = torch.load(a / "optimizers" / "student.pt", weights_only=False)["optimizer"]
+    state = torch.load(a / "optimizers" / "student.pt", weights_only=True)["optimizer"]
     assert len(state["state"]) == len(load_trainable_weights(a)["student"]) + len(weights)
     assert float(weights["net.2.weight"].abs().max()) > 0
