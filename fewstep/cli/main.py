@@ -1,8 +1,11 @@
 """``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, quickstart,
 pairs).
 
-A user's mistake (a bad recipe, a missing file, a rejected value) prints ``error: ...`` and exits with status 2,
-without a traceback; ``--debug`` adds the traceback. ``key=value`` overrides may come before or after options.
+A user's mistake (a bad recipe, a missing or unwritable path, a corrupt or foreign checkpoint, export or data file)
+prints one ``error: ...`` line naming the cause and the fix and exits with status 2, without a traceback; a run that
+started and failed (the trainer's stop after non-finite steps, a full disk) exits with status 1. ``--debug`` adds the
+traceback. Anything else is a bug in fewstep and keeps its traceback. ``key=value`` overrides may come before or after
+options. ``--allow-code`` lets a recipe import the Python code it names (``objective.reward: custom:<module>:<fn>``).
 
 Start-up stays light: only the verb being run has its module imported (``fewstep --help`` imports none, so no torch);
 the others appear in the verb list by the one-line help kept in ``VERBS``.
@@ -11,10 +14,14 @@ the others appear in the verb list by the one-line help kept in ``VERBS``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import re
 import sys
 import traceback
 from collections.abc import Collection, Sequence
+from pathlib import Path
 
 from fewstep import __version__
 
@@ -28,7 +35,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("fewstep.cli.quickstart", "distill the digits teacher on a CPU and print the quality table"),
     "pairs": ("fewstep.cli.pairs", "write a reflow recipe's teacher pairs"),
 }
-USER_ERROR_EXIT = 2
+USER_ERROR_EXIT = 2  # bad input: recipe, paths, corrupt or foreign files
+RUN_FAILED_EXIT = 1  # a run that started and failed: non-finite stop, disk full
+ALLOW_CODE_ENV = "FEWSTEP_ALLOW_CODE"  # fewstep.objectives.consistency.pcm reads the same variable
+MAX_MESSAGE_CHARS = 4000
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser:
@@ -41,9 +52,19 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    parser.add_argument(
+        "--allow-code",
+        action="store_true",
+        help="let recipes import the Python code they name (custom: rewards); only for trusted recipes",
+    )
     # The verbs accept --debug too; SUPPRESS keeps a subcommand's default from overwriting `fewstep --debug verb`.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    common.add_argument(
+        "--allow-code", action="store_true", default=argparse.SUPPRESS,
+        help="let the recipe import and run the Python module it names (objective.reward: custom:<module>:<fn>); "
+        "only for recipes you trust",
+    )  # fmt: skip
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
         if load is None or verb in load:
@@ -79,28 +100,133 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)
         return USER_ERROR_EXIT
+    consent = os.environ.get(ALLOW_CODE_ENV)
+    if args.allow_code:
+        os.environ[ALLOW_CODE_ENV] = "1"  # an environment variable: ranks started by `accelerate launch` inherit it
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        from fewstep.config.errors import RecipeError  # lazy: only an error needs it
-
-        if not isinstance(err, RecipeError | FileNotFoundError | ValueError):
-            raise
+        status = exit_status(err)
+        if status is None:
+            raise  # not a known user or run error: a bug, with its traceback
         if args.debug:
             traceback.print_exc()
-        print(f"error: {_message(err)}", file=sys.stderr)
-        if not args.debug and not isinstance(err, RecipeError):
+        print(f"error: {error_message(err)}", file=sys.stderr)
+        if not args.debug and not _is(err, "fewstep.config.errors", "RecipeError"):
             print("(run again with --debug for the traceback)", file=sys.stderr)
+        return status
+    finally:
+        if consent is None:
+            os.environ.pop(ALLOW_CODE_ENV, None)
+        else:
+            os.environ[ALLOW_CODE_ENV] = consent
+
+
+def _is(err: BaseException, module: str, name: str) -> bool:
+    """``isinstance(err, module.name)`` without importing ``module``: an error of that class means it is loaded."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and isinstance(err, cls)
+
+
+def _raised_by_trainer(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside ``fewstep/train`` (the trainer's own stop, not a bug elsewhere)."""
+    tb, last = err.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and Path(last.tb_frame.f_code.co_filename).parent.as_posix().endswith("fewstep/train")
+
+
+def exit_status(err: BaseException) -> int | None:
+    """The exit status for an error ``fewstep`` reports in one line: 2 for bad input, 1 for a run that failed;
+    ``None`` for anything else (a bug: its traceback is printed).
+
+    An exception class may set ``exit_status`` (an int) itself; ``fewstep.config.errors.RunFailedError`` sets 1.
+    """
+    status = getattr(err, "exit_status", None)
+    if isinstance(status, int):
+        return status
+    if _disk_full_errno(err) is not None:
+        return RUN_FAILED_EXIT
+    input_errors = (
+        ("fewstep.config.errors", "RecipeError"),
+        ("fewstep.train.checkpoint", "CheckpointError"),
+        ("fewstep.train.manifest", "IntegrityError"),
+        ("safetensors", "SafetensorError"),
+        ("pickle", "UnpicklingError"),
+    )
+    if any(_is(err, module, name) for module, name in input_errors):
         return USER_ERROR_EXIT
+    if isinstance(err, ValueError | OSError | KeyError | TypeError | RecursionError):
+        return USER_ERROR_EXIT
+    if _is(err, "torch", "OutOfMemoryError") or isinstance(err, MemoryError):
+        return RUN_FAILED_EXIT
+    if isinstance(err, RuntimeError) and _raised_by_trainer(err):
+        return RUN_FAILED_EXIT  # e.g. the stop after too many non-finite steps
+    return None
+
+
+def _disk_full_errno(err: BaseException) -> int | None:
+    """ENOSPC / EDQUOT / EFBIG from an ``OSError``, or from safetensors' writer (``... (os error 28)``)."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in _DISK_FULL else None
+    if _is(err, "safetensors", "SafetensorError"):
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found and int(found.group(1)) in _DISK_FULL:
+            return int(found.group(1))
+    return None
+
+
+def error_message(err: BaseException) -> str:
+    """What went wrong and the fix, for the ``error:`` line (long messages are cut)."""
+    text = _message(err)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "no space left on the device: free some space (or point output_dir / --out at another disk) and "
+    "run again; a training run continues from its last checkpoint (train.resume: auto)",
+    errno.EDQUOT: "disk quota exceeded: free some space or point output_dir / --out elsewhere, then run again",
+    errno.EFBIG: "file too large for this file system or process limit (ulimit -f): raise the limit or write elsewhere",
+    errno.EACCES: "permission denied: choose a location you can write to, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a location you can write to, or fix its permissions",
+    errno.EROFS: "read-only file system: point output_dir / --out at a writable location",
+    errno.EEXIST: "a file is in the way where a directory is needed: point output_dir / --out elsewhere, or move "
+    "the file",
+    errno.ENOTDIR: "a path component is a file, not a directory: point output_dir / --out / the path at a directory",
+    errno.EISDIR: "is a directory, but a file is needed here: give the file's path",
+    errno.ENOENT: "no such file or directory: check the path",
+}
 
 
 def _message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno in _OS_FIXES and err.filename is not None:
+        return f"{err.filename}: {_OS_FIXES[err.errno]}"
+    full = _disk_full_errno(err)
+    if full is not None:
+        return f"{_OS_FIXES[full]} ({err})"
     if isinstance(err, FileNotFoundError) and err.filename is not None:
         return f"{err.strerror or 'file not found'}: {err.filename}"
-    return str(err) or type(err).__name__
+    if isinstance(err, RecursionError):
+        return (
+            "a file or value is nested too deeply to read (RecursionError): it is corrupt or not a fewstep file; "
+            "--debug shows where it was read"
+        )
+    if isinstance(err, KeyError | TypeError):
+        from fewstep.config.errors import short_repr
+
+        detail = short_repr(err.args[0], 200) if isinstance(err, KeyError) and err.args else str(err)
+        return (
+            f"{type(err).__name__}: {detail}: a file fewstep read lacks this entry or holds a value of another type "
+            "(a corrupt or foreign file); --debug shows which. If every file is intact, this is a bug in fewstep: "
+            "please report it with the --debug output"
+        )
+    text = str(err)
+    if not text:
+        return type(err).__name__
+    return text
 
 
 if __name__ == "__main__":

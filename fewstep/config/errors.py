@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 Loc = tuple[str | int, ...]
 
 ISSUES_ERROR_TYPE = "fewstep_issues"
+MAX_LISTED_ISSUES = 50  # a message lists this many problems, then says how many more
 
 
 class _Missing:
@@ -91,10 +92,18 @@ class RecipeError(Exception):
             return f"{self.issues[0]}{f' ({self.source})' if self.source else ''}"
         count = len(self.issues)
         head = f"{count} error{'s' if count != 1 else ''}{where}:"
-        return "\n".join([head, *(f"  - {issue}" for issue in self.issues)])
+        more = [f"  ... and {count - MAX_LISTED_ISSUES} more"] if count > MAX_LISTED_ISSUES else []
+        return "\n".join([head, *(f"  - {issue}" for issue in self.issues[:MAX_LISTED_ISSUES]), *more])
 
     def with_source(self, source: str) -> RecipeError:
         return RecipeError(self.issues, source=source)
+
+
+class RunFailedError(RuntimeError):
+    """A run that started and could not go on (e.g. training stopped after too many non-finite steps): ``fewstep``
+    prints the message and exits with status 1, without a traceback."""
+
+    exit_status = 1
 
 
 def format_loc(loc: Loc) -> str:
@@ -105,8 +114,50 @@ def format_loc(loc: Loc) -> str:
     return text
 
 
+class _Full(Exception):
+    pass
+
+
 def short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """``repr(value)`` cut to ``limit`` characters, built only as far as the cut: a value that stands for millions of
+    items (a list repeated through YAML aliases) costs ``limit`` characters, not its full repr."""
+    parts: list[str] = []
+    room = [limit + 1]
+
+    def emit(text: str) -> None:
+        parts.append(text[: room[0]])
+        room[0] -= len(text)
+        if room[0] <= 0:
+            raise _Full
+
+    def walk(item: Any) -> None:
+        if isinstance(item, dict) and type(item).__repr__ is dict.__repr__:
+            emit("{")
+            for i, (key, val) in enumerate(item.items()):
+                emit(", " if i else "")
+                walk(key)
+                emit(": ")
+                walk(val)
+            emit("}")
+        elif isinstance(item, list | tuple) and type(item).__repr__ in (list.__repr__, tuple.__repr__):
+            open_, close = ("[", "]") if isinstance(item, list) else ("(", ",)" if len(item) == 1 else ")")
+            emit(open_)
+            for i, val in enumerate(item):
+                emit(", " if i else "")
+                walk(val)
+            emit(close)
+        elif isinstance(item, str | bytes) and len(item) > limit:
+            emit(repr(item[: limit + 1]))
+        else:
+            emit(repr(item))
+
+    try:
+        walk(value)
+    except _Full:
+        pass
+    except RecursionError:
+        parts.append("...")
+    text = "".join(parts)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -1,7 +1,10 @@
 """Load recipes from YAML (a path or a shipped name), apply ``a.b.c=value`` overrides, validate, dump.
 
 YAML is read with YAML 1.2 scalar rules: only ``true``/``false`` are booleans (so ``mixed_precision: no`` stays the
-string ``"no"``) and ``1e-4`` is a number. Duplicate keys are an error rather than a silent last-one-wins.
+string ``"no"``) and ``1e-4`` is a number. Duplicate keys are an error rather than a silent last-one-wins. A document
+nested deeper than ``MAX_YAML_DEPTH`` blocks and lists, or whose anchors and aliases (``&a`` / ``*a``) expand to more
+than ``MAX_YAML_VALUES`` values, is refused before anything is built from it (a few hundred bytes of aliases can
+otherwise stand for billions of values).
 """
 
 from __future__ import annotations
@@ -16,16 +19,50 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fewstep.config.errors import MISSING, RecipeError, RecipeIssue, did_you_mean, format_loc, issues_from_validation
+from fewstep.config.errors import (
+    MISSING,
+    RecipeError,
+    RecipeIssue,
+    did_you_mean,
+    format_loc,
+    issues_from_validation,
+    short_repr,
+)
 
 if TYPE_CHECKING:
     from fewstep.config.schema import Recipe
 
 RECIPE_SUFFIX = ".yaml"
+MAX_YAML_DEPTH = 64  # nested blocks and lists; a recipe needs about 5
+MAX_YAML_VALUES = 100_000  # values (keys, scalars, blocks, lists) with every alias expanded
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans and floats, and an error on duplicate keys."""
+    """SafeLoader with YAML 1.2 booleans and floats, an error on duplicate keys, and the depth and size limits."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                message = f"nested deeper than {MAX_YAML_DEPTH} levels of blocks and lists; a recipe needs about 5"
+                raise yaml.composer.ComposerError(None, None, message, self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and _expanded_values(node, {}) > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"holds more than {MAX_YAML_VALUES:,} values once its anchors and aliases (&name / *name) are "
+                "expanded; a recipe needs a few hundred. Remove the repeated aliases (long prompt lists belong in a "
+                "file: data.path)",
+                node.start_mark,
+            )  # fmt: skip
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -54,6 +91,26 @@ _RecipeLoader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+def _expanded_values(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias expanded, counted once per distinct node (an alias is
+    the same node object), stopping early past the limit. Depth is bounded by ``MAX_YAML_DEPTH``."""
+    if id(node) in memo:
+        return memo[id(node)]
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_values(child, memo)
+        if total > MAX_YAML_VALUES:
+            break
+    memo[id(node)] = total
+    return total
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
@@ -112,6 +169,10 @@ def read_recipe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise RecipeError(f"cannot read recipe file {str(path)!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"recipe file {str(path)!r} is not UTF-8 text (byte {err.start}): a recipe is a YAML file"
+        ) from None
     data = parse_yaml(text, source=str(path))
     if data is None:
         raise RecipeError(
@@ -131,8 +192,8 @@ def parse_override(override: str) -> tuple[tuple[str, ...], Any]:
     key, sep, raw = override.partition("=")
     keys = tuple(key.strip().split("."))
     if not sep or not all(keys):
-        raise RecipeError(f"override {override!r} should look like dotted.key=value, e.g. train.max_steps=2")
-    return keys, parse_yaml(raw, source=f"override {override!r}")
+        raise RecipeError(f"override {short_repr(override)} should look like dotted.key=value, e.g. train.max_steps=2")
+    return keys, parse_yaml(raw, source=f"override {short_repr(override)}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -155,7 +216,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                         keys[: depth + 1],
                         f"is not a block, so {'.'.join(keys)} cannot be set",
                         child,
-                        hint=f"Check the override {override!r}.",
+                        hint=f"Check the override {short_repr(override)}.",
                     )
                 )
                 break
@@ -168,17 +229,24 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def validate_recipe(data: Any, source: str | None = None, overrides: Sequence[str] = ()) -> Recipe:
-    """Validate a raw mapping into a ``Recipe``; every problem is collected into one ``RecipeError``."""
+    """Validate a raw mapping into a ``Recipe``; every problem is collected into one ``RecipeError``. The checks
+    across blocks (``fewstep.config.checks.recipe_issues``) run once the blocks themselves are valid."""
     from pydantic import ValidationError
 
     from fewstep.config.schema import Recipe  # lazy: listing and reading recipes needs neither pydantic nor schema
 
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe is a mapping of blocks, not a {type(data).__name__}", source=source)
+    from fewstep.config.checks import recipe_issues
+
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         issues = [_name_objectives(i) for i in issues_from_validation(err, Recipe)]
+    else:
+        issues = recipe_issues(recipe)
+        if not issues:
+            return recipe
     raise RecipeError([_mention_override(i, overrides) for i in issues], source=source)
 
 
@@ -200,7 +268,7 @@ def _mention_override(issue: RecipeIssue, overrides: Sequence[str]) -> RecipeIss
     for override in overrides if issue.loc else ():
         key = override.partition("=")[0].strip()
         if issue.path == key or issue.path.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{issue.path}."):
-            hint = f"(set by the override {override!r})"
+            hint = f"(set by the override {short_repr(override)})"
             return RecipeIssue(
                 issue.loc, issue.message, issue.value, issue.allowed, f"{issue.hint} {hint}" if issue.hint else hint
             )

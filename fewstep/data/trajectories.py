@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fewstep.data.paths import listed_file
 from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
@@ -124,6 +125,10 @@ class TrajectoryCache:
         if not path.is_file():
             return {"settings": self.settings, "shards": {}}
         manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
+            raise ValueError(f"{path} is not a trajectory cache manifest (no `shards` mapping): delete {self.root}.")
+        for entry in manifest["shards"].values():
+            listed_file(self.root, entry.get("file") if isinstance(entry, dict) else None, path)
         if manifest.get("settings") != self.settings:
             raise ValueError(
                 f"The trajectory cache {str(self.root)!r} was built with other settings ({manifest.get('settings')}) "
@@ -153,7 +158,8 @@ class TrajectoryCache:
         if key not in self._loaded:
             if len(self._loaded) >= 4:  # keep a few shards in memory
                 self._loaded.pop(next(iter(self._loaded)))
-            self._loaded[key] = load_file(str(self.root / self.manifest["shards"][key]["file"]))
+            path = listed_file(self.root, self.manifest["shards"][key]["file"], self.root / MANIFEST)
+            self._loaded[key] = load_file(str(path))
         return self._loaded[key]
 
     def sample(

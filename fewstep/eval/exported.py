@@ -1,8 +1,9 @@
 """Exported students sampled by stock diffusers (``load_export``; ``fewstep.eval.targets.export_target`` makes them
 an evaluation target).
 
-A LoRA export loads on its base pipeline (``--base``, else the model card's ``base_model``), a merged export as a
-pipeline (in the export directory or ``merged/``); the scheduler is the exported one and each step count runs with
+The export's files are verified against its manifest before anything is loaded (a changed or added file is refused,
+naming it). A LoRA export loads on its base pipeline (``--base``, else the model card's ``base_model``), a merged export
+as a pipeline (in the export directory or ``merged/``); the scheduler is the exported one and each step count runs with
 ``read_schedule(dir).call_kwargs(n)``. Text pipelines are called as they are (``output_type="pt"``, shared initial
 latents). Class-conditional ``UNet2DModel`` exports (``DDPMPipeline`` cannot pass class labels) run the pipeline's own
 loop with the stock scheduler and ``unet(x, t, class_labels=...)``, CFG on a doubled batch when the spec's
@@ -123,14 +124,16 @@ def load_export(
 
     Args:
         export_dir: a directory written by ``fewstep export`` (``fewstep_student.json``, ``scheduler/``, LoRA or
-            pipeline).
+            pipeline); its files are checked against its ``manifest.json`` first (``verify_export``).
         steps: student step counts; each must be one the export lists (``fewstep_student.json``).
         base: the base pipeline of a LoRA (default: the card's ``base_model``).
         device: where to sample.
     """
     from fewstep.export import read_schedule
+    from fewstep.export.files import verify_export
 
     export_dir = Path(export_dir)
+    verify_export(export_dir)  # every file as exported (sha256), before any of them is parsed
     spec = read_schedule(export_dir)
     missing = [n for n in steps if n not in spec.steps]
     if missing:

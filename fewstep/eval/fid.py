@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.eval.features import describe_features, feature_fingerprint
-from fewstep.eval.weights import tensor_sha256
+from fewstep.eval.weights import check_clean_fid_inception, tensor_sha256
 
 STATS_VERSION = 1  # bump when the stored statistics change meaning
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".npy")
@@ -310,8 +310,9 @@ def clean_fid_folders(
 ) -> dict[str, Any]:
     """FID between two folders of image files with clean-fid (``pip install clean-fid``, which needs torchvision).
 
-    clean-fid uses its own Inception file (``inception-2015-12-05.pt`` in the temp directory, downloaded on first
-    use) and its own resize (``mode="clean"``: PIL bicubic with antialiasing), so its numbers differ slightly from
+    clean-fid uses its own Inception file (``inception-2015-12-05.pt`` in ``/tmp``; it is checked against its pinned
+    sha256 first, and downloaded and checked here when missing: ``check_clean_fid_inception``) and its own resize
+    (``mode="clean"``: PIL bicubic with antialiasing), so its numbers differ slightly from
     ``FID(InceptionFeatures())`` on the same images; report which one you use.
 
     Args:
@@ -327,6 +328,7 @@ def clean_fid_folders(
     Raises:
         FileNotFoundError: a folder does not exist.
         ImportError: clean-fid is not importable (the message gives the fix and the in-memory alternative).
+        WeightsMismatchError: clean-fid's Inception file is not the pinned one.
     """
     dirs = [Path(d).expanduser() for d in (dir_a, dir_b)]
     missing = [str(d) for d in dirs if not d.is_dir()]
@@ -340,6 +342,8 @@ def clean_fid_folders(
             "your torch (`pip install 'fewstep[cleanfid]'`), or compute FID in memory without it: "
             "`fewstep.eval.fid.FID(InceptionFeatures(), reference=...)`."
         ) from err
+    if mode in ("clean", "legacy_tensorflow"):  # clean-fid loads its TorchScript Inception from /tmp: check it first
+        check_clean_fid_inception()
     kwargs: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "num_workers": num_workers, "verbose": progress}
     if "use_dataparallel" in inspect.signature(cleanfid_fid.compute_fid).parameters:
         kwargs["use_dataparallel"] = False

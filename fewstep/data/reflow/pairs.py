@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fewstep.data.paths import listed_file
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
@@ -287,6 +288,8 @@ class PairDataset:
             )
         self.settings: dict[str, Any] = data["settings"]
         self.shards: list[dict[str, Any]] = data["shards"]
+        for shard in self.shards:  # names come from the file: each must stay inside the pair directory
+            listed_file(self.path, shard.get("file") if isinstance(shard, dict) else None, manifest)
         self.shard_size = int(self.settings["shard_size"])
         self.num_pairs = int(self.settings["num_pairs"])
         self.cache_shards = max(1, cache_shards)
@@ -298,7 +301,7 @@ class PairDataset:
     def handle(self, k: int) -> Any:
         """The open ``safe_open`` handle of shard ``k``."""
         if k not in self._handles:
-            path = self.path / self.shards[k]["file"]
+            path = listed_file(self.path, self.shards[k]["file"], self.path / MANIFEST)
             if not path.is_file():
                 raise FileNotFoundError(f"Shard {str(path)!r} listed in {MANIFEST} is missing; regenerate the pairs.")
             self._handles[k] = safe_open(str(path), "pt")

@@ -14,6 +14,11 @@ the same LoRA through the curriculum M = 8 → 4 → 2 → 1 (each stage continu
 4. pseudo-Huber distance; optional adversarial term on edge predictions forward-noised into the segment, and an
    optional reward term (any differentiable ``reward(x̂0, cond) -> [b]``, ReFL-style, Hyper-SD).
 
+A recipe's ``reward: custom:<module>:<function>`` imports, and so runs, that Python module. It is imported only when
+the reward is used (``reward_weight > 0``, when training starts) and only with the user's consent: ``fewstep
+--allow-code`` or the environment variable ``FEWSTEP_ALLOW_CODE=1``. The current directory is not searched for it
+implicitly (``python -m`` puts it first on ``sys.path``); put the module's directory on ``PYTHONPATH``.
+
 Segments are aligned with ``TCDScheduler``'s picks from the same skipping grid, so a stock ``TCDScheduler`` at
 M steps visits exactly the trained segment starts, and its γ (``eta``) step is our sampler's.
 """
@@ -21,7 +26,11 @@ M steps visits exactly the trained segment starts, and its γ (``eta``) step is 
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +60,8 @@ from fewstep.solvers.grids import segment_edges, skipping_grid
 from fewstep.solvers.steps import ddim_step, noise_to, transition
 
 RewardFn = Callable[[Tensor, Conditioning], Tensor]
+ALLOW_CODE_ENV = "FEWSTEP_ALLOW_CODE"  # "1": the user lets recipes import the code they name (fewstep --allow-code)
+_REWARD_SPEC = re.compile(r"^custom:([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
 
 
 class CurriculumStage(BaseModel):
@@ -85,7 +96,12 @@ class PCMConfig(BaseModel):
     )
     adv_weight: float = Field(0.0, ge=0.0, description="adversarial term weight (PCM 0.1); 0 turns it off")
     reward_weight: float = Field(0.0, ge=0.0, description="reward-feedback weight; needs `reward`")
-    reward: str | None = Field(None, description="custom:<module>:<function> returning a [b] reward of (x̂0, cond)")
+    reward: str | None = Field(
+        None,
+        description="custom:<module>:<function> returning a [b] reward of (x̂0, cond). Runs code: the module is "
+        "imported when reward_weight > 0 and training starts, only with `fewstep --allow-code` (or "
+        "FEWSTEP_ALLOW_CODE=1)",
+    )
     gamma: float = Field(0.3, ge=0.0, le=1.0, description="TCD γ (diffusers `eta`) of the sampler")
     dmd_weight: float = Field(0.0, ge=0.0, description="Hyper-SD one-step enhancement (DMD term); 0 turns it off")
     dmd_start_step: int = Field(0, ge=0, description="the DMD stage starts here (e.g. after the curriculum)")
@@ -99,8 +115,8 @@ class PCMConfig(BaseModel):
         for m in [s.segments for s in self.curriculum or []] + [self.segments]:
             if m > self.num_ddim_timesteps:
                 raise ValueError(f"segments={m} exceeds num_ddim_timesteps={self.num_ddim_timesteps}.")
-        if self.reward_weight > 0 and self.reward is not None and not self.reward.startswith("custom:"):
-            raise ValueError(f"reward {self.reward!r} must read custom:<module>:<function>.")
+        if self.reward is not None:
+            parse_reward(self.reward)
         return self
 
 
@@ -132,12 +148,62 @@ def jump_gain(schedule: Schedule, tau: Tensor, tau_edge: Tensor) -> Tensor:
     return (s_e - a_e * s / a.clamp(min=1e-4)).abs()
 
 
+def parse_reward(spec: str) -> tuple[str, str]:
+    """``custom:<module>:<function>`` → ``(module, function)``, checked without importing anything."""
+    found = _REWARD_SPEC.match(spec)
+    if found is None:
+        raise ValueError(
+            f"reward {spec!r} must read custom:<module>:<function> (a dotted module path and a function name), "
+            "e.g. custom:my_rewards:aesthetic."
+        )
+    return found.group(1), found.group(2)
+
+
+def code_allowed() -> bool:
+    """Whether the user let recipes import the code they name (``fewstep --allow-code``, ``FEWSTEP_ALLOW_CODE=1``)."""
+    return os.environ.get(ALLOW_CODE_ENV) == "1"
+
+
+@contextmanager
+def _without_implicit_cwd() -> Iterator[None]:
+    """``sys.path`` without the entry ``python -m`` / ``python -c`` put first for the current directory."""
+    implicit = not sys.flags.safe_path and bool(sys.path) and sys.path[0] in ("", os.getcwd())
+    entry = sys.path.pop(0) if implicit else None
+    try:
+        yield
+    finally:
+        if entry is not None:
+            sys.path.insert(0, entry)
+
+
 def load_reward(spec: str) -> RewardFn:
-    """``custom:<module>:<function>`` → the function."""
-    module, _, fn = spec.removeprefix("custom:").rpartition(":")
-    if not module or not fn:
-        raise ValueError(f"reward {spec!r} must read custom:<module>:<function>.")
-    return getattr(importlib.import_module(module), fn)
+    """``custom:<module>:<function>`` → the function. Importing the module runs its code, so this needs the user's
+    consent (``code_allowed``); the current directory is not searched unless it is on ``PYTHONPATH``.
+
+    Raises:
+        ValueError: a malformed spec, no consent, a module that is not found, or a name that is not a function.
+    """
+    module, fn = parse_reward(spec)
+    if not code_allowed():
+        raise ValueError(
+            f"objective.reward {spec!r} would import and run the Python module {module!r}. fewstep runs a recipe's "
+            f"code only when asked: pass --allow-code (or set {ALLOW_CODE_ENV}=1) if you trust this recipe, or set "
+            "objective.reward_weight: 0."
+        )
+    with _without_implicit_cwd():
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name is None or not (module == err.name or module.startswith(f"{err.name}.")):
+                raise
+            raise ValueError(
+                f"objective.reward {spec!r}: no module {err.name!r} on the Python path (the current directory is not "
+                "searched implicitly). Add the directory that holds it to PYTHONPATH."
+            ) from None
+    function = getattr(imported, fn, None)
+    if not callable(function):
+        raise ValueError(f"objective.reward {spec!r}: {module!r} has no function {fn!r}.")
+    return function
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -217,8 +283,9 @@ class PCM:
         self.config, self.teacher, self.student = config, teacher, student
         self.schedule = teacher.schedule
         self.grid = skipping_grid(self.schedule, config.num_ddim_timesteps)  # [N + 1] ascending τ
-        self.reward = reward if reward is not None else (load_reward(config.reward) if config.reward else None)
-        if config.reward_weight > 0 and self.reward is None:
+        self.reward = reward  # a recipe's custom: reward is imported when training starts (attach), if it is used
+        self._reward_spec = config.reward if reward is None and config.reward_weight > 0 else None
+        if config.reward_weight > 0 and self.reward is None and self._reward_spec is None:
             raise ValueError("objective.reward_weight > 0 needs a reward: set objective.reward: custom:<mod>:<fn>.")
         self.discriminator = LatentDiscriminator.for_teacher(teacher) if config.adv_weight > 0 else None
         self.fake, self.generator = None, student
@@ -240,6 +307,11 @@ class PCM:
     def attach(self, prepared: dict[str, nn.Module]) -> None:
         if "discriminator" in prepared:
             self._disc = prepared["discriminator"]
+        self._load_reward()  # training starts: a missing consent or module fails now, not at the first step
+
+    def _load_reward(self) -> None:
+        if self._reward_spec is not None:
+            self.reward, self._reward_spec = load_reward(self._reward_spec), None
 
     def auxiliary(self) -> dict[str, nn.Module]:
         return {}
@@ -291,6 +363,8 @@ class PCM:
             adv = -fake_score.mean()
             loss = loss + cfg.adv_weight * adv
             metrics["adv_g"] = float(adv.detach())
+        if cfg.reward_weight > 0:
+            self._load_reward()
         if self.reward is not None and cfg.reward_weight > 0:
             reward = self.reward(x0_hat, cond).mean()  # ReFL: the one-step x̂0 from a random level
             loss = loss - cfg.reward_weight * reward

@@ -20,6 +20,7 @@ from fewstep.eval.suite import build_metrics
 from fewstep.eval.targets import export_target, load_target, run_target, target_kind
 from fewstep.export import export_run, read_source
 from fewstep.train.loop import train
+from fewstep.train.manifest import IntegrityError
 from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 SHORT = ["train.checkpoint_every=2", "train.sample_every=null", "train.progress=false", "optim.warmup_steps=0",
@@ -128,6 +129,9 @@ def test_text_run_and_its_lora_export_through_stock_diffusers_give_the_same_imag
     no_card = tmp_path / "no_card"
     shutil.copytree(out, no_card)
     (no_card / "README.md").unlink()
+    with pytest.raises(IntegrityError, match="README.md is listed in .* but missing"):
+        export_target(no_card, steps=[1], device="cpu")
+    (no_card / "manifest.json").unlink()  # as an export written before manifests: loaded, unverified
     with pytest.raises(FileNotFoundError, match="--base"):
         export_target(no_card, steps=[1], device="cpu")
 

@@ -89,25 +89,40 @@ def test_nothing_found_without_download_is_one_clear_error():
         locate_inception(search=("nope",))
 
 
-def test_clean_fid_cache_in_the_temp_dir_is_found():
+def _pin(data: bytes) -> dict[str, str]:
+    return {hashlib.sha256(data).hexdigest(): "a test file"}
+
+
+def test_clean_fid_cache_in_the_temp_dir_is_found_when_pinned():
+    """A file in the temp directory is found only if its sha256 is pinned (a planted file is refused, named)."""
     cached = _file(Path(tempfile.gettempdir()) / W.INCEPTION_FILE, b"clean-fid copy")
-    found = locate_inception(search=("clean-fid-cache",))
+    found = locate_inception(search=("clean-fid-cache",), pinned=_pin(b"clean-fid copy"))
     assert (found.source, found.path) == ("clean-fid-cache", cached.resolve())
+    assert found.sha256 == hashlib.sha256(b"clean-fid copy").hexdigest()
+    with pytest.raises(W.WeightsMismatchError, match=f"{cached}.*none of the pinned files.*refusing"):
+        locate_inception(search=("clean-fid-cache",))
+    cached.chmod(0o666)  # writable by anyone: another user could have replaced it
+    with pytest.raises(W.WeightsMismatchError, match="writable by others"):
+        locate_inception(search=("clean-fid-cache",), pinned=_pin(b"clean-fid copy"))
 
 
-def test_download_happens_only_when_allowed(tmp_path):
+def test_download_happens_only_when_allowed_and_is_checked_before_it_lands(tmp_path):
     remote = _file(tmp_path / "remote" / "weights.pt", b"downloaded weights")
     target = Path(tempfile.gettempdir()) / W.INCEPTION_FILE
     with pytest.raises(WeightsNotFoundError):
         locate_inception(search=(), url=remote.as_uri())
     assert not target.exists()
-    found = locate_inception(search=(), allow_download=True, url=remote.as_uri())
+    with pytest.raises(W.WeightsMismatchError, match="the download of .* none of the pinned files"):
+        locate_inception(search=(), allow_download=True, url=remote.as_uri())
+    assert not target.exists() and not list(target.parent.glob("*.part"))
+    pinned = _pin(b"downloaded weights")
+    found = locate_inception(search=(), allow_download=True, url=remote.as_uri(), pinned=pinned)
     assert (found.source, found.path) == ("download", target.resolve())
     assert target.read_bytes() == b"downloaded weights"
-    assert locate_inception(search=("clean-fid-cache",)).path == target.resolve()  # clean-fid would reuse it too
+    assert locate_inception(search=("clean-fid-cache",), pinned=pinned).path == target.resolve()  # clean-fid's too
     target.unlink()
     with pytest.raises(WeightsNotFoundError, match="Downloading .* failed"):
-        locate_inception(search=(), allow_download=True, url=(tmp_path / "nowhere.pt").as_uri())
+        locate_inception(search=(), allow_download=True, url=(tmp_path / "nowhere.pt").as_uri(), pinned=pinned)
     assert not target.exists() and not list(target.parent.glob("*.part"))
 
 

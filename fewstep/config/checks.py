@@ -1,0 +1,188 @@
+"""Checks across a validated recipe's blocks, so that a recipe that cannot train is refused before training starts.
+
+* ``recipe_issues``: what needs no file and no model: ``tiny:`` / ``fewstep:`` names the loaders know, step counts
+  the objective's sampler can take, a reward for a reward weight. ``validate_recipe`` runs them on every recipe.
+* ``input_issues``: what this machine must hold: the teacher directory, ``data.path``, a ``train.resume`` path, and
+  an ``output_dir`` that can be a directory. ``fewstep validate`` runs them (a run directory's recipe is also read
+  back by export and eval, where the training data need not exist any more).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fewstep.config.errors import RecipeIssue, did_you_mean
+
+_PATH_SOURCES = {  # data.source -> (what data.path must be, a file inside it that must exist)
+    "tensors": ("file", None),
+    "prompts": ("file", None),
+    "image_folder": ("dir", "metadata.jsonl"),
+    "pairs": ("dir", "pairs.json"),
+    "fashion_mnist": ("dir", None),
+}
+_RESUME_WORDS = ("auto", "never")
+
+
+def recipe_issues(recipe: Any) -> list[RecipeIssue]:
+    """Problems of a validated recipe that need neither files nor models (an empty list when there are none)."""
+    issues = _teacher_name_issues(recipe.teacher.pretrained)
+    grid = getattr(recipe.objective, "num_ddim_timesteps", None)
+    if isinstance(grid, int):  # LCM / PCM samplers pick their levels from this skipping grid
+        used = []
+        if recipe.train.sample_every is not None:
+            used.append((("train", "sample_steps"), recipe.train.sample_steps))
+        if recipe.eval.every_steps is not None:
+            used.append((("eval", "steps"), recipe.eval.steps))
+        for loc, steps in used:
+            for i, n in enumerate(steps):
+                if n > grid:
+                    issues.append(
+                        RecipeIssue(
+                            (*loc, i),
+                            f"is more steps than the objective's skipping grid has intervals "
+                            f"(objective.num_ddim_timesteps={grid})",
+                            n,
+                            hint=f"Use step counts of at most {grid}, or raise objective.num_ddim_timesteps.",
+                        )
+                    )
+    if getattr(recipe.objective, "reward_weight", 0) > 0 and getattr(recipe.objective, "reward", "") is None:
+        issues.append(
+            RecipeIssue(
+                ("objective", "reward"),
+                f"required when objective.reward_weight > 0 (it is {recipe.objective.reward_weight})",
+                allowed="custom:<module>:<function>",
+                hint="Name the reward function, or set objective.reward_weight: 0.",
+            )
+        )
+    return issues
+
+
+def _teacher_name_issues(pretrained: str) -> list[RecipeIssue]:
+    loc = ("teacher", "pretrained")
+    if pretrained.startswith("tiny:"):
+        from fewstep.testing.zoo import FAMILIES
+
+        if pretrained.removeprefix("tiny:") not in FAMILIES:
+            names = [f"tiny:{f}" for f in FAMILIES]
+            hint = did_you_mean(pretrained, names) or "Pick one of the tiny test pipelines."
+            return [RecipeIssue(loc, "unknown tiny model family", pretrained, ", ".join(names), hint)]
+    elif pretrained.startswith("fewstep:"):
+        from fewstep.assets import asset_names
+
+        key = pretrained.removeprefix("fewstep:").strip().lower().replace("_", "-")
+        if key not in asset_names():
+            names = [f"fewstep:{a}" for a in asset_names()]
+            hint = did_you_mean(pretrained, names) or "Pick one of the shipped assets."
+            return [RecipeIssue(loc, "unknown fewstep asset", pretrained, ", ".join(names), hint)]
+    return []
+
+
+def input_issues(recipe: Any) -> list[RecipeIssue]:
+    """Files and directories the recipe names that are missing or of the wrong kind on this machine."""
+    issues = _teacher_path_issues(recipe.teacher.pretrained)
+    data = recipe.data
+    if data.path is not None and data.source in _PATH_SOURCES:
+        kind, inside = _PATH_SOURCES[data.source]
+        path = Path(data.path).expanduser()
+        if kind == "file" and not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            issues.append(
+                RecipeIssue(
+                    ("data", "path"),
+                    f"{what}; data.source: {data.source} reads a file",
+                    data.path,
+                    hint="Point data.path at the file.",
+                )
+            )
+        elif kind == "dir" and not path.is_dir():
+            what = "is a file" if path.exists() else "does not exist"
+            issues.append(
+                RecipeIssue(
+                    ("data", "path"),
+                    f"{what}; data.source: {data.source} reads a directory",
+                    data.path,
+                    hint="Point data.path at the directory.",
+                )
+            )
+        elif inside is not None and not (path / inside).is_file():
+            issues.append(
+                RecipeIssue(
+                    ("data", "path"),
+                    f"has no {inside}",
+                    data.path,
+                    hint=f"data.source: {data.source} needs {path / inside}.",
+                )
+            )
+    resume = recipe.train.resume
+    if resume not in _RESUME_WORDS and not Path(resume).expanduser().is_dir():
+        issues.append(
+            RecipeIssue(
+                ("train", "resume"),
+                "is neither auto, never nor an existing checkpoint directory",
+                resume,
+                "auto, never, or a <run>/checkpoints/step_XXXXXXXX directory",
+            )
+        )
+    issues += _output_dir_issues(recipe.output_dir)
+    return issues
+
+
+def _teacher_path_issues(pretrained: str) -> list[RecipeIssue]:
+    if pretrained.startswith(("tiny:", "fewstep:")):
+        return []
+    path = Path(pretrained).expanduser()
+    looks_local = pretrained.startswith(("/", ".", "~")) or pretrained.count("/") != 1 or path.exists()
+    if not looks_local:
+        return []  # a Hub id (owner/name): resolved when the teacher loads
+    loc = ("teacher", "pretrained")
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        return [
+            RecipeIssue(
+                loc,
+                f"{what}; a local teacher is a diffusers pipeline directory",
+                pretrained,
+                hint="Give the directory written by pipe.save_pretrained(dir), a Hub id or tiny:<family>.",
+            )
+        ]
+    if not (path / "model_index.json").is_file():
+        return [
+            RecipeIssue(
+                loc,
+                "has no model_index.json, so it is not a diffusers pipeline directory",
+                pretrained,
+                hint="Save the whole pipeline with pipe.save_pretrained(dir).",
+            )
+        ]
+    return []
+
+
+def _output_dir_issues(output_dir: str) -> list[RecipeIssue]:
+    path = Path(output_dir).expanduser()
+    loc = ("output_dir",)
+    if path.exists() and not path.is_dir():
+        return [
+            RecipeIssue(
+                loc,
+                "is a file; the run directory must be a directory",
+                output_dir,
+                hint="Point output_dir elsewhere or move the file.",
+            )
+        ]
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return [
+            RecipeIssue(loc, f"cannot be created: {existing} is a file", output_dir, hint="Point output_dir elsewhere.")
+        ]
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [
+            RecipeIssue(
+                loc,
+                f"cannot be written: {existing} is not writable",
+                output_dir,
+                hint="Point output_dir at a writable location.",
+            )
+        ]
+    return []
