@@ -1,11 +1,14 @@
-"""One AdamW and one LR schedule per trainable group (``objective.trainable()``), from the recipe's ``optim`` block."""
+"""One AdamW and one LR schedule per trainable group (``objective.trainable()``), from the recipe's ``optim`` block;
+the step guard's pieces (``StepRollback``, ``weights_problem``); and ``apply_hyperparameters``, which makes a resumed
+run use the recipe's optimizer settings rather than the checkpoint's."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fewstep.train.ema import trainable_parameters
 
@@ -60,3 +63,124 @@ def build_schedulers(
         )
         for name, opt in optimizers.items()
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Guarding a step: undo it, check the weights it left
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class StepRollback:
+    """A copy of one optimizer's parameters and state (AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``), taken before
+    its step and put back when the step is refused: afterwards the step never happened.
+
+    The copy costs the trainable weights of the group three times over (weights and two moments): a few MB for LoRA;
+    for a large full student turn it off with ``train.rollback: false``.
+
+    Args:
+        optimizer: the optimizer (an accelerate ``AcceleratedOptimizer`` works: its ``param_groups`` and ``state`` are
+            the wrapped optimizer's).
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._live: list[Tensor] = []
+        self._copies: list[Tensor] = []
+        self._stateless: list[nn.Parameter] = []
+
+    @torch.no_grad()
+    def take(self) -> None:
+        """Copy the parameters and the state of every parameter that has one (one fused copy)."""
+        state = self.optimizer.state
+        live = list(self.params)
+        self._stateless = []
+        for p in self.params:
+            entry = state.get(p)
+            if entry:
+                live.extend(t for t in entry.values() if isinstance(t, Tensor))
+            else:
+                self._stateless.append(p)  # its state appears with this step: the undo removes it again
+        if len(live) != len(self._copies) or any(a is not b for a, b in zip(live, self._live)):
+            self._copies = [torch.empty_like(t) for t in live]  # new state tensors (first step, a resume)
+        self._live = live
+        torch._foreach_copy_(self._copies, live)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back what ``take`` copied and drop the state entries the refused step created."""
+        torch._foreach_copy_(self._live, self._copies)
+        for p in self._stateless:
+            self.optimizer.state.pop(p, None)
+
+
+def max_abs(tensors: list[Tensor]) -> float:
+    """The largest ``|x|`` over ``tensors`` (NaN if any element is NaN, inf if any is infinite; 0 for none), with one
+    fused reduction and one device sync."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return 0.0
+    norms = torch._foreach_norm(floats, ord=math.inf)  # per tensor max |x|; NaN propagates
+    device = norms[0].device
+    return float(torch.stack([n.to(device, torch.float32) for n in norms]).max())
+
+
+def weights_problem(named: dict[str, list[Tensor]], limit: float) -> str | None:
+    """``None`` when every tensor of every entry of ``named`` is finite with ``|x| <= limit``, else what is wrong,
+    naming the entries (e.g. ``"student: max |w| = nan; ema/student: max |w| = 3.2e+05"``)."""
+    bad = []
+    for name, tensors in named.items():
+        value = max_abs(tensors)
+        if not math.isfinite(value) or value > limit:
+            bad.append(f"{name}: max |w| = {value:.4g}")
+    return "; ".join(bad) or None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resuming with changed settings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def apply_hyperparameters(optimizers: dict[str, Any], schedulers: dict[str, Any], optim_cfg: OptimConfig) -> list[str]:
+    """Give optimizers and schedules loaded from a checkpoint the recipe's ``lr`` (``group_lr``), ``weight_decay``,
+    ``betas`` and ``eps``: a schedule's base LR becomes the recipe's, and the current LR is recomputed from it at the
+    schedule's position. Returns ``"<group> <key> <old> -> <new>"`` for each change (empty when none)."""
+    changes = []
+    for name, optimizer in optimizers.items():
+        scheduler = schedulers[name]
+        lr = float(optim_cfg.group_lr.get(name, optim_cfg.lr))
+        wanted = {
+            "weight_decay": float(optim_cfg.weight_decay),
+            "betas": tuple(optim_cfg.betas),
+            "eps": float(optim_cfg.eps),
+        }
+        before = len(changes)
+        old_bases = list(getattr(scheduler, "base_lrs", [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]))
+        if any(base != lr for base in old_bases):
+            changes.append(f"{name} lr {_fmt(old_bases[0])} -> {_fmt(lr)}")
+        for key, value in wanted.items():
+            old = optimizer.param_groups[0].get(key)
+            if (tuple(old) if isinstance(old, list | tuple) else old) != value:
+                changes.append(f"{name} {key} {_fmt(old)} -> {_fmt(value)}")
+        if len(changes) == before:
+            continue  # as saved: nothing is recomputed, so an unchanged resume stays bit-exact
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        for k, group in enumerate(optimizer.param_groups):
+            group.update(wanted)
+            if lambdas is not None:  # LambdaLR (every diffusers schedule): lr = base · λ(position)
+                group["lr"] = lr * lambdas[k](scheduler.last_epoch)
+            else:  # any multiplicative schedule: keep the factor it reached
+                group["lr"] = group["lr"] * lr / old_bases[k]
+            group["initial_lr"] = lr
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return "(" + ", ".join(_fmt(v) for v in value) + ")"
+    return repr(value)

@@ -1,4 +1,5 @@
-"""Non-finite losses: the update is skipped and counted; past ``train.max_nonfinite`` the run stops with advice."""
+"""Bad steps: a non-finite loss skips the update, an exploding update is undone; both are counted, and past
+``train.max_nonfinite`` of them in a row the run stops with advice."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_nan_in_data_skips_that_update(make_recipe, tmp_path, capsys):
 
 
 def test_too_many_nonfinite_steps_stop_the_run(make_recipe, tmp_path):
-    # A huge learning rate without clipping blows the weights up after the first update.
+    # A huge learning rate without clipping blows the weights up at every update: each is undone.
     recipe = make_recipe(
         tmp_path / "run",
         optim={"lr": 1e30, "grad_clip": None, "lr_scheduler": "constant", "warmup_steps": 0},
@@ -43,5 +44,6 @@ def test_too_many_nonfinite_steps_stop_the_run(make_recipe, tmp_path):
     with pytest.raises(RuntimeError) as err:
         train(recipe)
     message = str(err.value)
-    assert "Step 4:" in message and "3 skipped so far" in message and "max_nonfinite=2" in message
+    assert "Step 3:" in message and "3 bad in a row" in message and "max_nonfinite=2" in message
+    assert "max |w| = 1" in message and "e+30" in message and "max_weight_abs=10000" in message
     assert "lower optim.lr" in message and "grad_clip" in message and "mixed_precision=no" in message
