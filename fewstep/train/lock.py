@@ -152,6 +152,26 @@ def claim_run_dir(run_dir: str | Path, resume: str, overwrite: bool) -> RunLock:
         raise
 
 
+def claim_on_main(run_dir: str | Path, resume: str, overwrite: bool, accelerator: Any) -> RunLock:
+    """``claim_run_dir`` on the main process (collective): every rank raises if it failed there. Returns the held
+    lock on the main process, an unheld one (``release`` does nothing) on the others."""
+    lock, error = RunLock(run_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock = claim_run_dir(run_dir, resume, overwrite)
+        except Exception as err:
+            error = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([None if error is None else str(error)])[0]
+        if error is None and message is not None:
+            raise RunDirError(message)
+    if error is not None:
+        raise error
+    return lock
+
+
 def earlier_checkpoints(run_dir: str | Path) -> list[Path]:
     """The ``checkpoints/step_*`` directories (complete or not) and ``checkpoints/best`` of a run, by name."""
     root = Path(run_dir) / "checkpoints"

@@ -46,7 +46,7 @@ from fewstep.train.checkpoint import (
 )
 from fewstep.train.ema import EMA, trainable_parameters
 from fewstep.train.evaluator import EvaluatorFactory, PeriodicEvaluator
-from fewstep.train.lock import RunDirError, RunLock, check_launch, claim_run_dir
+from fewstep.train.lock import RunLock, check_launch, claim_on_main
 from fewstep.train.logging import flatten_metrics, write_samples
 from fewstep.train.optim import (
     StepRollback,
@@ -117,15 +117,30 @@ def train(
     from accelerate.utils import set_seed
 
     accelerator = accelerator if accelerator is not None else make_accelerator(recipe)
-    check_launch(accelerator)  # before the teacher loads: a bad launch fails at once
-    set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
-    components = build_components(recipe, teacher=teacher)
-    trainer = Trainer(recipe, accelerator, components, evaluator)
+    check_launch(accelerator)  # before the teacher loads: a bad launch or a taken output_dir fails at once
+    run_lock = claim_on_main(recipe.output_dir, recipe.train.resume, recipe.train.overwrite, accelerator)
+    try:
+        set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
+        components = build_components(recipe, teacher=teacher)
+        trainer = Trainer(recipe, accelerator, components, evaluator, run_lock=run_lock)
+    except BaseException:
+        run_lock.release()
+        raise
     return trainer.fit()
 
 
 class Trainer:
-    """The state of one run. ``fit()`` trains to ``train.max_steps`` (or until a signal) and returns the run dir."""
+    """The state of one run. ``fit()`` trains to ``train.max_steps`` (or until a signal) and returns the run dir.
+
+    Args:
+        recipe: a validated ``Recipe``.
+        accelerator: the run's ``Accelerator``.
+        components: teacher, student and objective (``build_components``).
+        evaluator: builds the periodic evaluation (as for ``train``).
+        run_lock: the output directory's lock when the caller took it already (``train`` does, before the teacher
+            loads; ``fewstep.train.lock.claim_on_main``); otherwise the trainer takes it. ``fit`` releases it, and so
+            does ``release_run_dir`` for a trainer that is never fitted.
+    """
 
     def __init__(
         self,
@@ -133,6 +148,7 @@ class Trainer:
         accelerator: Accelerator,
         components: Components,
         evaluator: EvaluatorFactory | None = None,
+        run_lock: RunLock | None = None,
     ) -> None:
         from accelerate.utils import set_seed
 
@@ -176,7 +192,9 @@ class Trainer:
         self.step, position, self.nonfinite_steps = 0, 0, 0
         self.bad_streak = 0  # bad steps in a row (loss, gradient or weights)
         self._in_step = self._updating = self._saving = False  # where a failure happened (emergency checkpoint)
-        self._run_lock = self._claim_run_dir()  # before anything reads or sweeps the directory
+        self._run_lock: RunLock | None = run_lock  # taken before anything reads or sweeps the directory
+        if run_lock is None:
+            self._run_lock = claim_on_main(self.run_dir, self.cfg.resume, self.cfg.overwrite, accelerator)
         try:
             self.resumed_from = resolve_resume(self.run_dir, self.cfg.resume)
             if self.resumed_from is not None:
@@ -502,25 +520,6 @@ class Trainer:
                 return
         if self.acc.is_main_process:
             _say(f"{failure}: no emergency checkpoint ({why_not}).")
-
-    def _claim_run_dir(self) -> RunLock | None:
-        """Lock the output directory (the main process; ``fewstep.train.lock.claim_run_dir``). Every rank raises if
-        the main process could not."""
-        lock, error = None, None
-        if self.acc.is_main_process:
-            try:
-                lock = claim_run_dir(self.run_dir, self.cfg.resume, self.cfg.overwrite)
-            except Exception as err:
-                error = err
-        if self.acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            message = broadcast_object_list([None if error is None else str(error)])[0]
-            if error is None and message is not None:
-                raise RunDirError(message)
-        if error is not None:
-            raise error
-        return lock
 
     def release_run_dir(self) -> None:
         """Unlock the output directory (``fit`` does it when it ends)."""
