@@ -215,7 +215,7 @@ class TrainConfig(BaseModel):
     """The training loop. ``resume``: ``auto`` (newest complete checkpoint), ``never``, or a checkpoint path.
 
     Guards: a step whose loss or gradient is non-finite, or whose update leaves a trainable weight non-finite or above
-    ``max_weight_abs``, is undone (``rollback``: the weights and optimizer state copied before the step come back);
+    ``max_weight_abs``, is undone (``rollback``: the weights copied before the step come back);
     more than ``max_nonfinite`` such steps in a row stop the run. ``overwrite``: with ``resume: never``, an
     ``output_dir`` holding checkpoints is moved aside to ``<output_dir>.old-<time>`` instead of refused."""
 
@@ -236,7 +236,7 @@ class TrainConfig(BaseModel):
     num_sample_images: PositiveInt = 16
     max_nonfinite: int = Field(10, ge=0)  # bad steps in a row (loss, gradient or weights) tolerated before stopping
     max_weight_abs: PositiveFloat = 1e4  # an update leaving any trainable weight above this is a bad step
-    rollback: bool = True  # keep a copy of the phase's weights and optimizer state to undo a bad step
+    rollback: bool = True  # keep a copy of the phase's weights to undo a bad step
     overwrite: bool = False  # resume: never on a used output_dir moves the earlier run aside instead of refusing
     progress: bool = True
 

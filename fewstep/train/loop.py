@@ -50,6 +50,7 @@ from fewstep.train.lock import RunLock, check_launch, claim_on_main
 from fewstep.train.logging import flatten_metrics, write_samples
 from fewstep.train.optim import (
     StepRollback,
+    WeightCheck,
     apply_hyperparameters,
     build_optimizers,
     build_schedulers,
@@ -171,8 +172,9 @@ class Trainer:
         self.optimizers = dict(zip(names, prepared[len(names) :]))
         self.objective.attach(self.modules)
         # what each optimizer steps (its group and the group's auxiliary module): checked after every update
-        self._step_params = {n: [p for g in o.param_groups for p in g["params"]] for n, o in self.optimizers.items()}
-        self._rollbacks = {n: StepRollback(o) for n, o in self.optimizers.items()} if self.cfg.rollback else {}
+        stepped = {n: [p for g in o.param_groups for p in g["params"]] for n, o in self.optimizers.items()}
+        self._checks = {n: WeightCheck(params) for n, params in stepped.items()}
+        self._rollbacks = {n: StepRollback(params) for n, params in stepped.items()} if self.cfg.rollback else {}
         # what each group's optimizer updates, listed once for clipping (a walk over a large backbone costs ms a step)
         self._clip_params = {
             name: [
@@ -339,14 +341,15 @@ class Trainer:
 
     def _update(self, phase: str) -> str | None:
         """The phase's optimizer step, then the check of the weights it changed; a bad update is undone (the weights
-        and optimizer state copied before it come back) and the schedule, EMA and ``on_step_end`` are skipped.
-        Returns what was wrong, or None."""
+        copied before it come back) and the schedule, EMA and ``on_step_end`` are skipped. Returns what was wrong, or
+        None."""
         optimizer, rollback = self.optimizers[phase], self._rollbacks.get(phase)
         self._updating = True
         if rollback is not None:
             rollback.take()
         optimizer.step()
-        problem = self._weights_problem({phase: self._step_params[phase]})
+        largest, limit = self._checks[phase].max_abs(), self.cfg.max_weight_abs
+        problem = self._agreed(None if largest <= limit else f"{phase}: max |w| = {largest:.4g}")  # NaN fails too
         if problem is not None:
             optimizer.zero_grad(set_to_none=True)
             what = f"the update left non-finite or exploded weights ({problem}; train.max_weight_abs="
@@ -389,7 +392,10 @@ class Trainer:
         """``weights_problem`` of ``named`` against ``train.max_weight_abs`` and of ``finite`` (any finite value),
         agreed by every rank."""
         problems = [weights_problem(named, self.cfg.max_weight_abs), weights_problem(finite or {}, math.inf)]
-        problem = "; ".join(p for p in problems if p) or None
+        return self._agreed("; ".join(p for p in problems if p) or None)
+
+    def _agreed(self, problem: str | None) -> str | None:
+        """``problem`` of this rank, or a note when another rank found one (collective)."""
         if self.acc.num_processes > 1:
             flag = self.acc.reduce(torch.tensor([float(problem is not None)], device=self.acc.device), "sum")
             if problem is None and bool(flag[0] > 0):

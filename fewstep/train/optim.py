@@ -70,48 +70,96 @@ def build_schedulers(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class StepRollback:
-    """A copy of one optimizer's parameters and state (AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``), taken before
-    its step and put back when the step is refused: afterwards the step never happened.
-
-    The copy costs the trainable weights of the group three times over (weights and two moments): a few MB for LoRA;
-    for a large full student turn it off with ``train.rollback: false``.
+class FlatCopy:
+    """A copy of a fixed list of tensors in one contiguous buffer per device and dtype, refreshed with one
+    ``torch.cat`` per buffer (on a CPU, where foreach ops are not fused, a per-tensor op costs microseconds each:
+    a LoRA has hundreds of tensors). ``restore`` writes the copy back. The flat views into the tensors are rebuilt
+    whenever a tensor's storage moved (``data_ptr``).
 
     Args:
-        optimizer: the optimizer (an accelerate ``AcceleratedOptimizer`` works: its ``param_groups`` and ``state`` are
-            the wrapped optimizer's).
+        tensors: the tensors (e.g. one optimizer's parameters).
     """
 
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._live: list[Tensor] = []
-        self._copies: list[Tensor] = []
-        self._stateless: list[nn.Parameter] = []
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = list(tensors)
+        self._ptrs: tuple[int, ...] | None = None
+        self._groups: list[tuple[list[Tensor], list[Tensor], Tensor]] = []  # (tensors, their flat views, buffer)
 
     @torch.no_grad()
-    def take(self) -> None:
-        """Copy the parameters and the state of every parameter that has one (one fused copy)."""
-        state = self.optimizer.state
-        live = list(self.params)
-        self._stateless = []
-        for p in self.params:
-            entry = state.get(p)
-            if entry:
-                live.extend(t for t in entry.values() if isinstance(t, Tensor))
-            else:
-                self._stateless.append(p)  # its state appears with this step: the undo removes it again
-        if len(live) != len(self._copies) or any(a is not b for a, b in zip(live, self._live)):
-            self._copies = [torch.empty_like(t) for t in live]  # new state tensors (first step, a resume)
-        self._live = live
-        torch._foreach_copy_(self._copies, live)
+    def take(self) -> list[Tensor]:
+        """Copy the tensors now; returns the buffers (flat, one per device and dtype)."""
+        ptrs = tuple(t.data_ptr() for t in self.tensors)
+        if ptrs != self._ptrs:
+            self._build()
+            self._ptrs = ptrs
+        for tensors, views, buffer in self._groups:
+            if views:
+                torch.cat(views, out=buffer)
+            else:  # a non-contiguous tensor has no flat view: copied on its own
+                buffer.copy_(tensors[0].reshape(-1))
+        return [buffer for _, _, buffer in self._groups]
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back what ``take`` copied and drop the state entries the refused step created."""
-        torch._foreach_copy_(self._live, self._copies)
-        for p in self._stateless:
-            self.optimizer.state.pop(p, None)
+        """Write the last copy back into the tensors (bit for bit)."""
+        for tensors, views, buffer in self._groups:
+            if views:
+                torch._foreach_copy_(views, list(buffer.split([v.numel() for v in views])))
+            else:
+                tensors[0].copy_(buffer.view_as(tensors[0]))
+
+    def _build(self) -> None:
+        groups: dict[tuple[Any, Any], list[Tensor]] = {}
+        self._groups = []
+        for t in self.tensors:
+            if t.is_contiguous():
+                groups.setdefault((t.device, t.dtype), []).append(t)
+            else:
+                self._groups.append(([t], [], torch.empty(t.numel(), device=t.device, dtype=t.dtype)))
+        for (device, dtype), tensors in groups.items():
+            views = [t.detach().view(-1) for t in tensors]
+            self._groups.append(
+                (tensors, views, torch.empty(sum(v.numel() for v in views), device=device, dtype=dtype))
+            )
+
+
+class StepRollback:
+    """The parameters of one optimizer copied before its step and written back when the step is refused (one
+    ``FlatCopy``: as much memory again as the parameters). AdamW's moments and step count keep the refused step:
+    its gradient was finite (a non-finite one skips the step before it is taken), so they stay finite.
+
+    Args:
+        params: the optimizer's parameters (every ``param_groups`` entry).
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self._copy = FlatCopy(params)
+
+    def take(self) -> None:
+        self._copy.take()
+
+    def restore(self) -> None:
+        self._copy.restore()
+
+
+class WeightCheck:
+    """``max |w|`` over one optimizer's parameters after every step, cheaply: on a CPU through a ``FlatCopy`` and one
+    reduction per buffer; elsewhere with ``torch._foreach_norm`` (one fused kernel, no copy).
+
+    Args:
+        params: the parameters to check.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = list(params)
+        self._copy = FlatCopy(self.params) if all(p.device.type == "cpu" for p in self.params) else None
+
+    def max_abs(self) -> float:
+        """The largest ``|w|`` (NaN if any weight is NaN, inf if any is infinite)."""
+        if self._copy is None:
+            return max_abs(self.params)
+        values = [v for buffer in self._copy.take() if buffer.numel() for v in torch.aminmax(buffer)]
+        return max((abs(float(v)) for v in values), default=0.0, key=lambda v: (math.isnan(v), v))
 
 
 def max_abs(tensors: list[Tensor]) -> float:
