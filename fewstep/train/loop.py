@@ -233,6 +233,12 @@ class Trainer:
             )
             try:
                 self._loop(fixed, bar)
+                if self.bad_streak and not self._stop:
+                    raise TrainingStopped(
+                        f"The run reached train.max_steps={self.cfg.max_steps} with its last {self.bad_streak} steps "
+                        f"bad, so step {self.step} is not saved; the newest checkpoint is "
+                        f"{latest_checkpoint(self.run_dir) or 'none'}. {_ADVICE}"
+                    )
                 self.save_verified()  # the final one (or the one a signal asked for); skipped if saved already
                 if self._stop and acc.is_main_process:
                     _say(f"Stopped by a signal after step {self.step}: {checkpoint_dir(self.run_dir, self.step)}")
@@ -407,8 +413,13 @@ class Trainer:
     def save_verified(self) -> Path | None:
         """``save()`` (collective) once every weight it writes is checked: trainable weights, auxiliary modules and
         EMA shadows finite and within ``train.max_weight_abs``, buffers finite. Bad ones are refused with
-        ``TrainingStopped``; nothing is written. A no-op when this step is saved already."""
+        ``TrainingStopped``; nothing is written. A no-op when this step is saved already, and while the last steps
+        were bad (``bad_streak``): then the newest checkpoint stays the one written before the trouble began."""
         if self._last_saved == self.step:
+            return None
+        if self.bad_streak:  # the weights are an earlier step's: the newest checkpoint stays the last good one
+            if self.acc.is_main_process:
+                _say(f"Step {self.step} is not saved: its last {self.bad_streak} step(s) were bad.")
             return None
         problem = self._weights_problem(*self._saved_tensors())
         if problem is not None:
@@ -512,6 +523,8 @@ class Trainer:
             why_not = "the failure came while writing a checkpoint"
         elif self._updating:
             why_not = "the failure came in the middle of a weight update"
+        elif self.bad_streak:
+            why_not = f"the last {self.bad_streak} step(s) were bad"
         failure = f"{type(err).__name__} during step {self.step + 1}"
         if why_not is None:
             if self._in_step:
@@ -565,7 +578,7 @@ class Trainer:
             flags = acc.reduce(flags, reduction="sum")
         if flags[0] > 0:
             self.save_verified()  # collective; a no-op when this step is saved already
-            if acc.is_main_process:
+            if acc.is_main_process and self._last_saved == self.step:  # not saved after a bad step
                 self.periodic.keep_best(checkpoint_dir(self.run_dir, self.step))
             acc.wait_for_everyone()
         if flags[1] > 0:

@@ -85,8 +85,8 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_huge_lr_stops_with_exit_1_and_the_last_good_checkpoint_newest(tmp_path):
     """``optim.lr=1e10`` used to train weights up to 2e8 and exit 0. Resumed from a healthy checkpoint with that lr,
-    every update is undone, the run stops with one error line and status 1, and every checkpoint and the export hold
-    the last good weights."""
+    every update is undone and nothing is saved while the steps are bad; the run stops with one error line and status
+    1, the healthy checkpoint is still the newest, and the export holds its weights."""
     run = train(make_recipe(tmp_path / "run", max_steps=2))
     good = load_trainable_weights(checkpoint_dir(run, 2))["student"]
     recipe = tmp_path / "recipe.yaml"
@@ -99,10 +99,10 @@ def test_huge_lr_stops_with_exit_1_and_the_last_good_checkpoint_newest(tmp_path)
     assert len(error) == 1 and "Step 5:" in error[0] and "3 bad in a row" in error[0], result.stderr
     assert "max_weight_abs=10000" in error[0] and "lower optim.lr" in error[0]
 
+    assert str(checkpoint_dir(run, 2)) in error[0]
+    assert latest_checkpoint(run) == checkpoint_dir(run, 2)  # steps 3 and 4 were bad: not saved
+    assert same(load_trainable_weights(checkpoint_dir(run, 2))["student"], good)
     assert_every_checkpoint_good(run)
-    newest = latest_checkpoint(run)
-    assert same(load_trainable_weights(newest)["student"], good)  # steps 3 and 4 saved the undone (good) weights
-    assert json.loads((newest / "state.json").read_text())["nonfinite_steps"] == 2
     exported = export_run(run, tmp_path / "export")
     files = list(exported.rglob("*.safetensors"))
     assert files
@@ -110,16 +110,18 @@ def test_huge_lr_stops_with_exit_1_and_the_last_good_checkpoint_newest(tmp_path)
         assert_good(load_file(f), str(f))
 
 
-def test_nan_producing_setting_saves_nothing_nan(tmp_path):
+def test_nan_producing_setting_saves_nothing_nan(tmp_path, capsys):
     """``optim.eps=1e-300`` is 0 in float32: Adam divides 0 by 0 on the LoRA's zero-gradient weights and every update
-    turns them NaN. No checkpoint ever holds a NaN, and the run stops with the NaN named."""
+    turns them NaN. Each is undone and named, nothing is saved, and a run that reaches ``train.max_steps`` with its
+    last steps bad (fewer than ``train.max_nonfinite``) still ends with an error, not as a success."""
     with pytest.raises(TrainingStopped) as err:
-        train(make_recipe(tmp_path / "run", optim={"eps": 1e-300}, max_steps=6, max_nonfinite=1))
-    message = str(err.value)
-    assert "Step 2:" in message and "max |w| = nan" in message and "2 bad in a row" in message
-    assert str(checkpoint_dir(tmp_path / "run", 1)) in message  # the newest checkpoint, named
-    assert_every_checkpoint_good(tmp_path / "run")
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000001"]
+        train(make_recipe(tmp_path / "run", optim={"eps": 1e-300}, max_steps=3))
+    assert "reached train.max_steps=3 with its last 3 steps bad" in str(err.value)
+    assert "the newest checkpoint is none" in str(err.value)
+    said = capsys.readouterr().err
+    assert "Step 1: the update left non-finite or exploded weights (student: max |w| = nan" in said
+    assert "Step 1 is not saved" in said and "Step 3: " in said
+    assert list_checkpoints(tmp_path / "run") == []
 
 
 def snapshot(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
