@@ -173,6 +173,21 @@ def test_torchrun_copies_without_accelerate_are_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_real_torchrun_without_accelerate_is_refused_by_every_copy(tmp_path):
+    """The same through ``torchrun --nproc_per_node 2`` on CPUs: accelerate joins a gloo group but reports one
+    process, so each copy would have trained alone. The copies refuse (torchrun may stop the second once the first
+    has exited) and nothing is written."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fewstep",
+               "train", str(recipe)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("error: WORLD_SIZE=2 says")]
+    assert refusals, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Resuming with changed hyperparameters
 # ---------------------------------------------------------------------------------------------------------------------
