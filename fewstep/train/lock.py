@@ -57,6 +57,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._file: Any = None
+        self._created = False  # the directory was made for this lock: removed again if the run never wrote to it
 
     def acquire(self) -> RunLock:
         """Lock the directory or raise ``RunDirError`` naming the holder. Returns ``self``."""
@@ -64,6 +65,7 @@ class RunLock:
             raise RunDirError(
                 f"output_dir {str(self.run_dir)!r} exists and is not a directory. Set another output_dir."
             )
+        self._created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 (held open for as long as the lock)
         try:
@@ -95,12 +97,17 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Unlock (the file stays: a later trainer rewrites it). Safe to call twice."""
+        """Unlock (the file stays, empty: a later trainer rewrites it; a directory this lock created and nothing else
+        wrote to goes away). Safe to call twice."""
         if self._file is None:
             return
         with contextlib.suppress(OSError):  # releasing must not mask the error that ended the run
             self._file.seek(0)
             self._file.truncate()
+            mine = os.fstat(self._file.fileno()).st_ino == os.stat(self.path).st_ino  # not a moved-away file
+            if self._created and mine and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
+                self.run_dir.rmdir()
         if fcntl is not None:
             with contextlib.suppress(OSError):  # releasing must not mask the error that ended the run
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)

@@ -122,6 +122,16 @@ def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, caplog):
     assert latest_checkpoint(run) == checkpoint_dir(run, 2)
 
 
+def test_a_start_that_fails_leaves_no_directory_behind(tmp_path):
+    """The lock is taken before the teacher loads, in a directory made for it; when the start fails (here: an
+    objective that does not fit the teacher) that directory goes away again instead of holding a stray lock file."""
+    data = recipe_data(tmp_path / "run")
+    data["objective"] = {"name": "lcm", "guidance_embedding": True}
+    with pytest.raises(ValueError, match="does not fit"):
+        train(validate_recipe(data))
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # resume=never on a used directory
 # ---------------------------------------------------------------------------------------------------------------------
