@@ -241,7 +241,9 @@ class Trainer:
                     )
                 self.save_verified()  # the final one (or the one a signal asked for); skipped if saved already
                 if self._stop and acc.is_main_process:
-                    _say(f"Stopped by a signal after step {self.step}: {checkpoint_dir(self.run_dir, self.step)}")
+                    saved = self._last_saved == self.step
+                    newest = checkpoint_dir(self.run_dir, self.step) if saved else latest_checkpoint(self.run_dir)
+                    _say(f"Stopped by a signal after step {self.step}; the newest checkpoint is {newest}")
                 self._write_summary()
             finally:
                 bar.close()
