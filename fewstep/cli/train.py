@@ -1,8 +1,15 @@
-"""``fewstep train RECIPE [key=value ...] [--dry-run]``; also ``accelerate launch -m fewstep train RECIPE``."""
+"""``fewstep train RECIPE [key=value ...] [--dry-run] [--overwrite]``; also ``accelerate launch -m fewstep train
+RECIPE``.
+
+A run stopped by its guard (``fewstep.train.loop.TrainingStopped``: weights went bad, nothing bad was saved) prints
+one ``error:`` line and exits with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 
 from fewstep.cli.validate import OVERRIDES_HELP
 
@@ -18,20 +25,33 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     parser.add_argument("recipe", metavar="RECIPE", help="a recipe file or a shipped name (see `fewstep recipes`)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe as YAML and exit")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with train.resume=never, move an earlier run in output_dir aside to <output_dir>.old-<time> instead of "
+        "refusing (same as train.overwrite=true; nothing is deleted)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fewstep.config.load import dump_recipe, load_recipe  # lazy: the parser alone needs no pydantic
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = [*args.overrides, *(["train.overwrite=true"] if args.overwrite else [])]
+    recipe = load_recipe(args.recipe, overrides)
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
     # lazy: torch, diffusers and accelerate load only when training
     from fewstep.eval.periodic import periodic_evaluator
-    from fewstep.train.loop import train
+    from fewstep.train.loop import TrainingStopped, train
 
-    run_dir = train(recipe, evaluator=periodic_evaluator)
+    try:
+        run_dir = train(recipe, evaluator=periodic_evaluator)
+    except TrainingStopped as err:  # the run failed, not the input: status 1, one line
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"run directory: {run_dir}")
     return 0

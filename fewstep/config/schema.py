@@ -5,15 +5,23 @@ objective's own ``Config``, so ``recipe.objective`` is the objective's typed con
 
 Use ``fewstep.config.validate_recipe`` / ``load_recipe`` to get every error at once as a ``RecipeError``;
 ``Recipe.model_validate`` works too and raises pydantic's ``ValidationError``.
+
+No number in a recipe may be infinite or NaN (``.inf``, ``-.inf``, ``.nan``, ``"inf"``): the blocks defined here refuse
+them through pydantic's ``allow_inf_nan=False``, and every objective's ``Config`` is walked after validation
+(``nonfinite_issues``), so each such value is reported with its key.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from fewstep.config.errors import MISSING, RecipeIssue, did_you_mean, issue, issues_from_validation, raise_issues
+
+BLOCK = ConfigDict(extra="forbid", allow_inf_nan=False)  # every block: unknown keys and inf / nan refused
+FINITE = "should be a finite number"  # pydantic's own words for allow_inf_nan=False
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -22,7 +30,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 class TeacherConfig(BaseModel):
     """What to distill. ``pretrained``: hub id, local dir, ``tiny:<family>`` or ``fewstep:<asset>``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     pretrained: str = Field(min_length=1)
     family: Literal["auto", "sd15", "sdxl", "sd3", "flux", "unet2d"] = "auto"
@@ -35,7 +43,7 @@ class TeacherConfig(BaseModel):
 class LoraBlock(BaseModel):
     """LoRA adapter shape. ``alpha=None`` means ``alpha = rank`` (scale 1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     rank: PositiveInt = 64
     alpha: PositiveFloat | None = None
@@ -46,7 +54,7 @@ class LoraBlock(BaseModel):
 class StudentConfig(BaseModel):
     """``kind: lora`` (adapters on the frozen teacher base) or ``kind: full`` (a trainable copy)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     kind: Literal["lora", "full"] = "lora"
     lora: LoraBlock | None = None  # filled with defaults for kind: lora; must stay unset for kind: full
@@ -76,7 +84,7 @@ class DataConfig(BaseModel):
     Fashion-MNIST (``fashion_mnist``: ``path`` is an optional directory of its idx files, see fewstep.data.fashion),
     or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     source: Literal["digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors"]
     path: str | None = Field(None, min_length=1)
@@ -176,7 +184,7 @@ class DataConfig(BaseModel):
 class OptimConfig(BaseModel):
     """AdamW and its learning-rate schedule; ``group_lr`` overrides ``lr`` per trainable group name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     lr: PositiveFloat = 1e-4
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
@@ -204,9 +212,14 @@ class OptimConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """The training loop. ``resume``: ``auto`` (newest complete checkpoint), ``never``, or a checkpoint path."""
+    """The training loop. ``resume``: ``auto`` (newest complete checkpoint), ``never``, or a checkpoint path.
 
-    model_config = ConfigDict(extra="forbid")
+    Guards: a step whose loss or gradient is non-finite, or whose update leaves a trainable weight non-finite or above
+    ``max_weight_abs``, is undone (``rollback``: the weights copied before the step come back);
+    more than ``max_nonfinite`` such steps in a row stop the run. ``overwrite``: with ``resume: never``, an
+    ``output_dir`` holding checkpoints is moved aside to ``<output_dir>.old-<time>`` instead of refused."""
+
+    model_config = BLOCK
 
     max_steps: PositiveInt = 1000
     gradient_accumulation_steps: PositiveInt = 1
@@ -221,7 +234,10 @@ class TrainConfig(BaseModel):
     sample_every: PositiveInt | None = 500
     sample_steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     num_sample_images: PositiveInt = 16
-    max_nonfinite: int = Field(10, ge=0)
+    max_nonfinite: int = Field(10, ge=0)  # bad steps in a row (loss, gradient or weights) tolerated before stopping
+    max_weight_abs: PositiveFloat = 1e4  # an update leaving any trainable weight above this is a bad step
+    rollback: bool = True  # keep a copy of the phase's weights to undo a bad step
+    overwrite: bool = False  # resume: never on a used output_dir moves the earlier run aside instead of refusing
     progress: bool = True
 
 
@@ -232,7 +248,7 @@ class EvalConfig(BaseModel):
     """Periodic evaluation: every ``every_steps`` (None = only when asked), at each student step count; scalars
     ``eval/<metric>@<steps>`` and the best checkpoint by ``best_metric`` at ``best_steps`` (``checkpoints/best``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     every_steps: PositiveInt | None = None
     steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
@@ -266,7 +282,7 @@ class EvalConfig(BaseModel):
 class ExportConfig(BaseModel):
     """Which artifacts ``fewstep export`` writes: diffusers LoRA, a merged pipeline, ComfyUI/kohya LoRA keys."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     lora: bool = True
     merged: bool = False
@@ -276,7 +292,7 @@ class ExportConfig(BaseModel):
 class Recipe(BaseModel):
     """A whole recipe. ``objective`` is the registered objective's own ``Config`` instance."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = BLOCK
 
     description: str = ""
     teacher: TeacherConfig
@@ -337,7 +353,23 @@ def objective_config(value: Any) -> BaseModel:
         )
     config_cls = OBJECTIVES.get(name).Config
     try:
-        return config_cls.model_validate(value)
+        config = config_cls.model_validate(value)
     except ValidationError as err:
         raise_issues(issues_from_validation(err, config_cls))
         raise  # unreachable: a ValidationError always holds at least one error
+    raise_issues(nonfinite_issues(config))
+    return config
+
+
+def nonfinite_issues(value: Any, loc: tuple[str | int, ...] = ()) -> list[RecipeIssue]:
+    """An issue at each infinite or NaN number in a validated value: the fields of blocks, the items of lists, tuples
+    and mappings, walked all the way down (``loc``: the key path of ``value``)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [issue(loc, FINITE, value)]
+    if isinstance(value, BaseModel):
+        return [i for key in type(value).model_fields for i in nonfinite_issues(getattr(value, key), (*loc, key))]
+    if isinstance(value, dict):
+        return [i for key, item in value.items() for i in nonfinite_issues(item, (*loc, str(key)))]
+    if isinstance(value, list | tuple):
+        return [i for k, item in enumerate(value) for i in nonfinite_issues(item, (*loc, k))]
+    return []

@@ -1,12 +1,19 @@
 """The one training loop: accelerate, one AdamW per trainable group, phases, accumulation, clipping, EMA,
-non-finite guard, checkpoints with exact resume, signals, scalars, sample grids and periodic evaluation
+step guard, checkpoints with exact resume, signals, scalars, sample grids and periodic evaluation
 (``eval.every_steps``: through the ``evaluator`` factory given to ``train``, e.g.
 ``fewstep.eval.periodic.periodic_evaluator``; best checkpoint in ``checkpoints/best``).
 
-Before the first step: ``objective.prepare(batches)`` (after a resume). Per step: ``phase = objective.phase(step)``;
-``gradient_accumulation_steps`` micro-batches of ``objective.loss(batch, step, phase)`` are backpropagated; the
-phase's optimizer clips, steps, and zero-grads its group (and the group's ``objective.auxiliary()`` module) only; EMA
-and ``objective.on_step_end`` follow. A non-finite loss (on any rank) skips the update.
+Before the first step: the output directory is locked for this run (``fewstep.train.lock``), a checkpoint is loaded
+(``train.resume``) and the recipe's optimizer settings replace the saved ones; then ``objective.prepare(batches)``.
+Per step: ``phase = objective.phase(step)``; ``gradient_accumulation_steps`` micro-batches of
+``objective.loss(batch, step, phase)`` are backpropagated; the phase's optimizer clips, steps, and zero-grads its
+group (and the group's ``objective.auxiliary()`` module) only; EMA and ``objective.on_step_end`` follow.
+
+The guard: a non-finite loss (on any rank) or gradient skips the update; an update that leaves a weight non-finite or
+above ``train.max_weight_abs`` is undone (``train.rollback``). More than ``train.max_nonfinite`` such steps in a row
+stop the run (``TrainingStopped``). Every save checks the weights and EMA shadows first and refuses bad ones, so a
+checkpoint never holds them. Any other exception in the loop first writes an emergency checkpoint of the last
+complete step (one process, weights good), then propagates.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from fewstep.models.teacher import Teacher
 from fewstep.train.build import Components, build_components
 from fewstep.train.checkpoint import (
     checkpoint_dir,
+    latest_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -38,8 +46,16 @@ from fewstep.train.checkpoint import (
 )
 from fewstep.train.ema import EMA, trainable_parameters
 from fewstep.train.evaluator import EvaluatorFactory, PeriodicEvaluator
+from fewstep.train.lock import RunLock, check_launch, claim_on_main
 from fewstep.train.logging import flatten_metrics, write_samples
-from fewstep.train.optim import build_optimizers, build_schedulers
+from fewstep.train.optim import (
+    StepRollback,
+    WeightCheck,
+    apply_hyperparameters,
+    build_optimizers,
+    build_schedulers,
+    weights_problem,
+)
 from fewstep.train.sync import average_gradients, check_strategy
 
 if TYPE_CHECKING:
@@ -50,11 +66,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUMMARY = "run_summary.json"
+_ADVICE = (
+    "Try a lower optim.lr, optim.grad_clip (e.g. 1.0), train.mixed_precision=no (fp32), or check the data for NaN/inf "
+    "values; train.resume=auto continues from the newest checkpoint."
+)
 NO_EVALUATOR = (
     "eval.every_steps={every} is set, but train() was called without an evaluator: this run does no periodic "
     "evaluation (no eval/ scalars or reports, no checkpoints/best). Pass "
     "`evaluator=fewstep.eval.periodic.periodic_evaluator` to train(), or train with `fewstep train`, which does."
 )
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped because its weights went bad (too many bad steps in a row, a bad update that cannot be undone,
+    a save refused); nothing non-finite or exploded was saved. ``fewstep train`` exits with status 1."""
+
+    exit_status = 1
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -91,14 +118,30 @@ def train(
     from accelerate.utils import set_seed
 
     accelerator = accelerator if accelerator is not None else make_accelerator(recipe)
-    set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
-    components = build_components(recipe, teacher=teacher)
-    trainer = Trainer(recipe, accelerator, components, evaluator)
+    check_launch(accelerator)  # before the teacher loads: a bad launch or a taken output_dir fails at once
+    run_lock = claim_on_main(recipe.output_dir, recipe.train.resume, recipe.train.overwrite, accelerator)
+    try:
+        set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
+        components = build_components(recipe, teacher=teacher)
+        trainer = Trainer(recipe, accelerator, components, evaluator, run_lock=run_lock)
+    except BaseException:
+        run_lock.release()
+        raise
     return trainer.fit()
 
 
 class Trainer:
-    """The state of one run. ``fit()`` trains to ``train.max_steps`` (or until a signal) and returns the run dir."""
+    """The state of one run. ``fit()`` trains to ``train.max_steps`` (or until a signal) and returns the run dir.
+
+    Args:
+        recipe: a validated ``Recipe``.
+        accelerator: the run's ``Accelerator``.
+        components: teacher, student and objective (``build_components``).
+        evaluator: builds the periodic evaluation (as for ``train``).
+        run_lock: the output directory's lock when the caller took it already (``train`` does, before the teacher
+            loads; ``fewstep.train.lock.claim_on_main``); otherwise the trainer takes it. ``fit`` releases it, and so
+            does ``release_run_dir`` for a trainer that is never fitted.
+    """
 
     def __init__(
         self,
@@ -106,10 +149,12 @@ class Trainer:
         accelerator: Accelerator,
         components: Components,
         evaluator: EvaluatorFactory | None = None,
+        run_lock: RunLock | None = None,
     ) -> None:
         from accelerate.utils import set_seed
 
         self.recipe, self.acc, self.cfg = recipe, accelerator, recipe.train
+        check_launch(accelerator)
         self.run_dir = Path(recipe.output_dir)
         self.teacher, self.objective = components.teacher, components.objective
         self.teacher.denoiser.to(accelerator.device)
@@ -126,6 +171,10 @@ class Trainer:
         self.modules = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(names, prepared[len(names) :]))
         self.objective.attach(self.modules)
+        # what each optimizer steps (its group and the group's auxiliary module): checked after every update
+        stepped = {n: [p for g in o.param_groups for p in g["params"]] for n, o in self.optimizers.items()}
+        self._checks = {n: WeightCheck(params) for n, params in stepped.items()}
+        self._rollbacks = {n: StepRollback(params) for n, params in stepped.items()} if self.cfg.rollback else {}
         # what each group's optimizer updates, listed once for clipping (a walk over a large backbone costs ms a step)
         self._clip_params = {
             name: [
@@ -143,36 +192,74 @@ class Trainer:
                 self.auxiliary_ema = EMA(self.auxiliary, self.cfg.ema_decay, self.cfg.ema_warmup)
 
         self.step, position, self.nonfinite_steps = 0, 0, 0
-        self.resumed_from = resolve_resume(self.run_dir, self.cfg.resume)
-        if self.resumed_from is not None:
-            position = self._load(self.resumed_from)
-        else:
-            set_seed(self.cfg.seed + accelerator.process_index)  # per-rank noise from here on
-        self.batches = build_batches(recipe.data, self.teacher, accelerator, position, seed=self.cfg.seed)
-        self.objective.prepare(self.batches)  # one-time work (TBCM's rollouts), after the resume
-        self._stop_requested = False  # set by a signal on this rank
-        self._stop = False  # the same on every rank: set when any rank got a signal
-        self._last_saved = self.step if self.resumed_from is not None else -1
-        self.periodic = self._build_evaluator(evaluator, components)
+        self.bad_streak = 0  # bad steps in a row (loss, gradient or weights)
+        self._in_step = self._updating = self._saving = False  # where a failure happened (emergency checkpoint)
+        self._run_lock: RunLock | None = run_lock  # taken before anything reads or sweeps the directory
+        if run_lock is None:
+            self._run_lock = claim_on_main(self.run_dir, self.cfg.resume, self.cfg.overwrite, accelerator)
+        try:
+            self.resumed_from = resolve_resume(self.run_dir, self.cfg.resume)
+            if self.resumed_from is not None:
+                position = self._load(self.resumed_from)
+                self._apply_recipe_hyperparameters()
+            else:
+                set_seed(self.cfg.seed + accelerator.process_index)  # per-rank noise from here on
+            self.batches = build_batches(recipe.data, self.teacher, accelerator, position, seed=self.cfg.seed)
+            self.objective.prepare(self.batches)  # one-time work (TBCM's rollouts), after the resume
+            self._stop_requested = False  # set by a signal on this rank
+            self._stop = False  # the same on every rank: set when any rank got a signal
+            self._last_saved = self.step if self.resumed_from is not None else -1
+            self.periodic = self._build_evaluator(evaluator, components)
+        except BaseException:
+            self.release_run_dir()
+            raise
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
     def fit(self) -> Path:
         acc = self.acc
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_resolved_config(self.recipe, self.run_dir / "resolved_config.yaml")
-        acc.init_trackers("fewstep")
-        fixed = self._fixed_sample_inputs()
-        restore = self._install_signal_handlers()
-        bar = tqdm(
-            total=self.cfg.max_steps,
-            initial=self.step,
-            desc="train",
-            disable=not (acc.is_main_process and self.cfg.progress),
-        )
+        try:
+            if acc.is_main_process:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_resolved_config(self.recipe, self.run_dir / "resolved_config.yaml")
+            acc.init_trackers("fewstep")
+            fixed = self._fixed_sample_inputs()
+            restore = self._install_signal_handlers()
+            bar = tqdm(
+                total=self.cfg.max_steps,
+                initial=self.step,
+                desc="train",
+                disable=not (acc.is_main_process and self.cfg.progress),
+            )
+            try:
+                self._loop(fixed, bar)
+                if self.bad_streak and not self._stop:
+                    raise TrainingStopped(
+                        f"The run reached train.max_steps={self.cfg.max_steps} with its last {self.bad_streak} steps "
+                        f"bad, so step {self.step} is not saved; the newest checkpoint is "
+                        f"{latest_checkpoint(self.run_dir) or 'none'}. {_ADVICE}"
+                    )
+                self.save_verified()  # the final one (or the one a signal asked for); skipped if saved already
+                if self._stop and acc.is_main_process:
+                    saved = self._last_saved == self.step
+                    newest = checkpoint_dir(self.run_dir, self.step) if saved else latest_checkpoint(self.run_dir)
+                    _say(f"Stopped by a signal after step {self.step}; the newest checkpoint is {newest}")
+                self._write_summary()
+            finally:
+                bar.close()
+                restore()
+                acc.end_training()
+        finally:
+            self.release_run_dir()
+        return self.run_dir
+
+    def _loop(self, fixed: tuple[torch.Tensor, Any] | None, bar: Any) -> None:
+        """Steps until ``train.max_steps`` or a signal. Any exception but ``TrainingStopped`` (and
+        ``KeyboardInterrupt``: a second Ctrl-C asks to stop at once) first writes an emergency checkpoint."""
+        acc, start = self.acc, self.batches.position
         try:
             while self.step < self.cfg.max_steps and not self._stop:
+                start = self.batches.position
                 scalars = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
@@ -181,18 +268,14 @@ class Trainer:
                 if fixed is not None and self.step % self.cfg.sample_every == 0:
                     fixed = self.write_samples(fixed)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                    self.save()
+                    self.save_verified()
                 if self.periodic is not None and self.periodic.due(self.step):
                     self.evaluate()
-            self.save()  # the final one (or the one a signal asked for); skipped if this step is saved already
-            if self._stop and acc.is_main_process:
-                _say(f"Stopped by a signal after step {self.step}: {checkpoint_dir(self.run_dir, self.step)}")
-            self._write_summary()
-        finally:
-            bar.close()
-            restore()
-            acc.end_training()
-        return self.run_dir
+        except TrainingStopped:
+            raise
+        except Exception as err:
+            self._rescue(err, start)
+            raise
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step of the current phase over ``gradient_accumulation_steps`` micro-batches."""
@@ -200,6 +283,7 @@ class Trainer:
         if phase not in self.optimizers:
             raise ValueError(f"objective.phase({self.step}) returned {phase!r}; its groups are {sorted(self.groups)}.")
         optimizer, losses, metrics = self.optimizers[phase], [], {}
+        self._in_step = True
         for _ in range(self.cfg.gradient_accumulation_steps):
             batch = next(self.batches)
             with acc.accumulate(*self.modules.values()), acc.autocast():
@@ -221,18 +305,16 @@ class Trainer:
         self._stop = bool(flags[1] > 0)
         if skip:
             optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps += 1
-            self._check_nonfinite(float(flags[2]) / acc.num_processes, grad_norm)
+            loss_value = float(flags[2]) / acc.num_processes
+            problem = f"non-finite loss or gradient (loss={loss_value}, grad norm={grad_norm}); the update was skipped"
         else:
-            optimizer.step()
-            self.schedulers[phase].step()
-            optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(phase)
-            if self.auxiliary_ema is not None and phase in self.auxiliary:
-                self.auxiliary_ema.update(phase)
-            self.objective.on_step_end(self.step, phase)
+            problem = self._update(phase)
+        self.bad_streak = self.bad_streak + 1 if problem else 0
+        if problem:
+            self.nonfinite_steps += 1
+            self._check_bad_step(problem)
         self.step += 1
+        self._in_step = False
         scalars = {
             "loss": float(flags[2]) / acc.num_processes,
             "nonfinite_steps": float(self.nonfinite_steps),
@@ -265,20 +347,110 @@ class Trainer:
             )
         return {name: module.to(self.acc.device) for name, module in auxiliary.items()}
 
-    def _check_nonfinite(self, loss: float, grad_norm: float | None) -> None:
+    def _update(self, phase: str) -> str | None:
+        """The phase's optimizer step, then the check of the weights it changed; a bad update is undone (the weights
+        copied before it come back) and the schedule, EMA and ``on_step_end`` are skipped. Returns what was wrong, or
+        None."""
+        optimizer, rollback = self.optimizers[phase], self._rollbacks.get(phase)
+        self._updating = True
+        if rollback is not None:
+            rollback.take()
+        optimizer.step()
+        largest, limit = self._checks[phase].max_abs(), self.cfg.max_weight_abs
+        problem = self._agreed(None if largest <= limit else f"{phase}: max |w| = {largest:.4g}")  # NaN fails too
+        if problem is not None:
+            optimizer.zero_grad(set_to_none=True)
+            what = f"the update left non-finite or exploded weights ({problem}; train.max_weight_abs="
+            what += f"{self.cfg.max_weight_abs:g})"
+            if rollback is None:
+                raise TrainingStopped(
+                    f"Step {self.step + 1}: {what}, and train.rollback=false cannot undo it. Stopping without saving; "
+                    f"the newest checkpoint is {latest_checkpoint(self.run_dir) or 'none'}. {_ADVICE}"
+                )
+            rollback.restore()
+            self._updating = False
+            return f"{what}; the update was undone"
+        self.schedulers[phase].step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:  # averages of checked weights: finite and within the limit too
+            self.ema.update(phase)
+        if self.auxiliary_ema is not None and phase in self.auxiliary:
+            self.auxiliary_ema.update(phase)
+        self.objective.on_step_end(self.step, phase)
+        self._updating = False
+        return None
+
+    def _check_bad_step(self, problem: str) -> None:
+        """Report a bad step; stop past ``train.max_nonfinite`` of them in a row."""
         msg = (
-            f"Step {self.step + 1}: non-finite loss or gradient (loss={loss}, grad norm={grad_norm}); the update was "
-            f"skipped ({self.nonfinite_steps} skipped so far, train.max_nonfinite={self.cfg.max_nonfinite})."
+            f"Step {self.step + 1}: {problem} ({self.bad_streak} bad in a row, {self.nonfinite_steps} in all, "
+            f"train.max_nonfinite={self.cfg.max_nonfinite})."
         )
-        if self.nonfinite_steps > self.cfg.max_nonfinite:
-            raise RuntimeError(
-                f"{msg} Stopping: too many non-finite steps. Try a lower optim.lr, optim.grad_clip (e.g. 1.0), "
-                "train.mixed_precision=no (fp32), or check the data for NaN/inf values."
+        if self.bad_streak > self.cfg.max_nonfinite:
+            raise TrainingStopped(
+                f"{msg} Stopping: too many bad steps in a row. Nothing bad was saved; the newest checkpoint is "
+                f"{latest_checkpoint(self.run_dir) or 'none'}. {_ADVICE}"
             )
         if self.acc.is_main_process:
             _say(msg)
 
+    def _weights_problem(
+        self, named: dict[str, list[torch.Tensor]], finite: dict[str, list[torch.Tensor]] | None = None
+    ) -> str | None:
+        """``weights_problem`` of ``named`` against ``train.max_weight_abs`` and of ``finite`` (any finite value),
+        agreed by every rank."""
+        problems = [weights_problem(named, self.cfg.max_weight_abs), weights_problem(finite or {}, math.inf)]
+        return self._agreed("; ".join(p for p in problems if p) or None)
+
+    def _agreed(self, problem: str | None) -> str | None:
+        """``problem`` of this rank, or a note when another rank found one (collective)."""
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(torch.tensor([float(problem is not None)], device=self.acc.device), "sum")
+            if problem is None and bool(flag[0] > 0):
+                problem = "another rank's weights are non-finite or exploded"
+        return problem
+
     # --- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save_verified(self) -> Path | None:
+        """``save()`` (collective) once every weight it writes is checked: trainable weights, auxiliary modules and
+        EMA shadows finite and within ``train.max_weight_abs``, buffers finite. Bad ones are refused with
+        ``TrainingStopped``; nothing is written. A no-op when this step is saved already, and while the last steps
+        were bad (``bad_streak``): then the newest checkpoint stays the one written before the trouble began."""
+        if self._last_saved == self.step:
+            return None
+        if self.bad_streak:  # the weights are an earlier step's: the newest checkpoint stays the last good one
+            if self.acc.is_main_process:
+                _say(f"Step {self.step} is not saved: its last {self.bad_streak} step(s) were bad.")
+            return None
+        problem = self._weights_problem(*self._saved_tensors())
+        if problem is not None:
+            raise TrainingStopped(
+                f"Refusing to save step {self.step}: the weights are non-finite or exploded ({problem}; "
+                f"train.max_weight_abs={self.cfg.max_weight_abs:g}). Nothing was written; the newest checkpoint is "
+                f"{latest_checkpoint(self.run_dir) or 'none'}. {_ADVICE}"
+            )
+        self._saving = True
+        try:
+            return self.save()
+        finally:
+            self._saving = False
+
+    def _saved_tensors(self) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+        """What a checkpoint writes, by name: weights and EMA shadows (checked against the limit), and the buffers of
+        full models (only checked to be finite: they are not trained)."""
+        weights: dict[str, list[torch.Tensor]] = {}
+        buffers: dict[str, list[torch.Tensor]] = {}
+        modules = {name: self.acc.unwrap_model(m) for name, m in self.modules.items()}
+        modules.update({f"auxiliary/{name}": m for name, m in self.auxiliary.items()})
+        for name, module in modules.items():
+            params = trainable_parameters(module)
+            weights[name] = list(params.values())
+            buffers[f"{name} buffers"] = [t for key, t in trainable_state(module).items() if key not in params]
+        for prefix, ema in (("ema", self.ema), ("auxiliary ema", self.auxiliary_ema)):
+            for group, shadow in ema.shadow.items() if ema is not None else ():
+                weights[f"{prefix}/{group}"] = list(shadow.values())
+        return weights, buffers
 
     def save(self) -> Path | None:
         """Write ``checkpoints/step_XXXXXXXX`` (collective) unless this step is saved already."""
@@ -332,6 +504,50 @@ class Trainer:
 
         return checkpoint_fingerprint(self.groups, self.recipe, self.teacher)
 
+    def _apply_recipe_hyperparameters(self) -> None:
+        """After ``_load``: the recipe's ``optim`` settings (LR and the schedule's base LR, weight decay, betas, eps)
+        replace the checkpoint's, so the run uses what ``resolved_config.yaml`` records."""
+        changes = apply_hyperparameters(self.optimizers, self.schedulers, self.recipe.optim)
+        if changes and self.acc.is_main_process:
+            _say(f"The recipe's optimizer settings replace the checkpoint's: {', '.join(changes)}.")
+
+    def _rescue(self, err: Exception, start_position: int) -> None:
+        """After ``err`` in the loop: write a checkpoint of the last complete step, unless it is saved already, the
+        failure came during an update or a save, several processes run (a save needs all of them), or the weights
+        are bad. Says where, or why not. A step cut short is done again after a resume (its data position is
+        restored)."""
+        why_not = None
+        if self._last_saved == self.step:
+            why_not = f"the newest checkpoint already holds step {self.step}"
+        elif self.acc.num_processes > 1:
+            why_not = "a checkpoint needs every process, and the others may not be able to join"
+        elif self._saving:
+            why_not = "the failure came while writing a checkpoint"
+        elif self._updating:
+            why_not = "the failure came in the middle of a weight update"
+        elif self.bad_streak:
+            why_not = f"the last {self.bad_streak} step(s) were bad"
+        failure = f"{type(err).__name__} during step {self.step + 1}"
+        if why_not is None:
+            if self._in_step:
+                self.batches.position = start_position  # the cut-short step's batches come again on resume
+            try:
+                path = self.save_verified()
+            except Exception as save_err:  # e.g. bad weights, a full disk: the original error matters more
+                why_not = f"{type(save_err).__name__}: {save_err}"
+            else:
+                if self.acc.is_main_process:
+                    _say(f"{failure}: wrote an emergency checkpoint of step {self.step} to {path}.")
+                return
+        if self.acc.is_main_process:
+            _say(f"{failure}: no emergency checkpoint ({why_not}).")
+
+    def release_run_dir(self) -> None:
+        """Unlock the output directory (``fit`` does it when it ends)."""
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
+            self._run_lock = None
+
     # --- periodic evaluation ------------------------------------------------------------------------------------
 
     def _build_evaluator(self, factory: EvaluatorFactory | None, components: Components) -> PeriodicEvaluator | None:
@@ -363,8 +579,8 @@ class Trainer:
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
         if flags[0] > 0:
-            self.save()  # collective; a no-op when this step is saved already
-            if acc.is_main_process:
+            self.save_verified()  # collective; a no-op when this step is saved already
+            if acc.is_main_process and self._last_saved == self.step:  # not saved after a bad step
                 self.periodic.keep_best(checkpoint_dir(self.run_dir, self.step))
             acc.wait_for_everyone()
         if flags[1] > 0:

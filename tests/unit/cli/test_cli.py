@@ -134,6 +134,7 @@ def test_train_and_export_call_their_entry_points(recipes, tmp_path, monkeypatch
     calls = []
     loop = types.ModuleType("fewstep.train.loop")
     loop.train = lambda recipe, evaluator: calls.append((recipe, evaluator)) or tmp_path / "run"
+    loop.TrainingStopped = type("TrainingStopped", (RuntimeError,), {})
     export = types.ModuleType("fewstep.export")
     export.export_run = lambda run_dir, out, **kw: calls.append((run_dir, out, kw)) or out / "lora"
     monkeypatch.setitem(sys.modules, "fewstep.train.loop", loop)
@@ -146,6 +147,10 @@ def test_train_and_export_call_their_entry_points(recipes, tmp_path, monkeypatch
     assert isinstance(recipe, Recipe) and recipe.train.seed == 3
     assert evaluator.__module__ == "fewstep.eval.periodic"  # `fewstep train` evaluates when eval.every_steps asks
     assert capsys.readouterr().out == f"run directory: {tmp_path / 'run'}\n"
+    assert calls[0][0].train.overwrite is False
+    assert main(["train", str(recipes / "quickstart" / "valid.yaml"), "--overwrite"]) == 0
+    assert calls.pop()[0].train.overwrite is True  # --overwrite is train.overwrite=true
+    capsys.readouterr()
 
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     assert calls[1] == (tmp_path, tmp_path / "out", {"checkpoint": "latest", "weights": "auto"})

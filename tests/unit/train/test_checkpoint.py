@@ -15,6 +15,7 @@ from fewstep.train.checkpoint import (
     list_checkpoints,
     load_trainable_weights,
 )
+from fewstep.train.lock import RunDirError
 from fewstep.train.loop import train
 from fewstep.train.manifest import MANIFEST
 
@@ -87,7 +88,13 @@ def test_resume_from_explicit_path_and_mismatched_student(make_recipe, tmp_path)
 
 
 def test_resume_never_starts_over(make_recipe, tmp_path):
+    """``resume: never`` on a used output_dir starts over only with ``overwrite``, after moving the old run aside."""
     run = train(make_recipe(tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2}))
-    train(make_recipe(tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2, "resume": "never"}))
+    never = {"max_steps": 2, "checkpoint_every": 2, "resume": "never"}
+    with pytest.raises(RunDirError, match="holds checkpoints of an earlier run"):
+        train(make_recipe(tmp_path / "run", train=never))
+    train(make_recipe(tmp_path / "run", train={**never, "overwrite": True}))
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["resumed_from"] is None and summary["step"] == 2
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (checkpoint_dir(aside, 2) / "COMPLETE").is_file()
