@@ -8,8 +8,6 @@ one ``error:`` line and exits with status 1.
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 
 from fewstep.cli.validate import OVERRIDES_HELP
 
@@ -35,23 +33,22 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewstep.config.load import dump_recipe, load_recipe  # lazy: the parser alone needs no pydantic
+    from fewstep.config.checks import input_issues  # lazy: the parser alone needs no pydantic
+    from fewstep.config.errors import RecipeError
+    from fewstep.config.load import dump_recipe, load_recipe, resolve_recipe
 
     overrides = [*args.overrides, *(["train.overwrite=true"] if args.overwrite else [])]
     recipe = load_recipe(args.recipe, overrides)
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
+    issues = input_issues(recipe)  # a missing teacher or data path fails here, before anything loads
+    if issues:
+        raise RecipeError(issues, source=str(resolve_recipe(args.recipe)))
     # lazy: torch, diffusers and accelerate load only when training
     from fewstep.eval.periodic import periodic_evaluator
-    from fewstep.train.loop import TrainingStopped, train
+    from fewstep.train.loop import train
 
-    try:
-        run_dir = train(recipe, evaluator=periodic_evaluator)
-    except TrainingStopped as err:  # the run failed, not the input: status 1, one line
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    run_dir = train(recipe, evaluator=periodic_evaluator)  # TrainingStopped: one error line, status 1 (cli.main)
     print(f"run directory: {run_dir}")
     return 0

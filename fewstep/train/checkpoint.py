@@ -133,7 +133,8 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     if newest is None:
         raise CheckpointError(
             f"train.resume={resume!r} is not a complete checkpoint (no {COMPLETE} marker) and holds none. "
-            "Point it to a `<run>/checkpoints/step_XXXXXXXX` directory, or set train.resume=never."
+            "Point it to a `<run>/checkpoints/step_XXXXXXXX` directory, or start over with "
+            "train.resume=never --overwrite."
         )
     return newest
 
@@ -211,7 +212,8 @@ def check_fingerprint(ckpt_dir: str | Path, fingerprint: dict[str, Any]) -> None
         raise CheckpointError(
             f"Checkpoint {ckpt_dir} does not match the model being loaded: it holds weights of another model "
             f"({'; '.join(differences)}; from {ckpt_dir / MANIFEST}). Load it with the recipe it was written with "
-            "(its run's resolved_config.yaml); to train this model instead, start over with train.resume=never."
+            "(its run's resolved_config.yaml); to train this model instead, start over with "
+            "train.resume=never --overwrite (the old run is moved aside)."
         )
 
 
@@ -497,7 +499,8 @@ def _load_ema(ckpt_dir: Path, path: Path, ema: EMA) -> None:
     if not path.is_file():
         raise CheckpointError(
             f"{path} does not exist: the checkpoint was written without EMA but train.ema_decay is set. "
-            "Resume with train.ema_decay=null, or start over with train.resume=never."
+            "Resume with train.ema_decay=null, or start over with "
+            "train.resume=never --overwrite (the old run is moved aside)."
         )
     shadows, metadata = _read(ckpt_dir, path, _load_with_metadata)
     try:
@@ -517,7 +520,7 @@ def _load_weights(module: nn.Module, weights: dict[str, Tensor], ckpt_dir: Path,
             f"{ckpt_dir / file} does not match the {name!r} weights being trained "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {reshaped[:3]}): it was written "
             "with another student or objective. Resume with the recipe it was trained with, or set "
-            "train.resume=never."
+            "train.resume=never --overwrite."
         )
     with torch.no_grad():
         for key, t in expected.items():
@@ -543,13 +546,13 @@ def _torch_load(ckpt_dir: Path, path: Path) -> Any:
             raise CheckpointError(
                 f"Checkpoint file {path} holds numpy objects: the checkpoint {ckpt_dir} was written by an older "
                 "fewstep, whose RNG files fewstep no longer loads (unpickling them could run code). Start over with "
-                "train.resume=never, or resume with the fewstep version that wrote it. It was not loaded."
+                "train.resume=never --overwrite, or resume with the fewstep version that wrote it. It was not loaded."
             ) from err
         raise CheckpointError(
             f"Checkpoint file {path} holds pickled objects other than tensors and plain values. fewstep never writes "
             "such content: the file was changed or written by other software. It was not loaded, because loading it "
             f"could run code. Delete the checkpoint {ckpt_dir} (train.resume=auto then continues from the previous "
-            "one) or set train.resume=never to start over."
+            "one) or start over with train.resume=never --overwrite."
         ) from err
 
 
@@ -575,7 +578,7 @@ _FIX = "Delete this checkpoint (train.resume=auto then continues from the previo
 def _broken(ckpt_dir: Path, path: Path, what: str) -> str:
     return (
         f"Checkpoint file {path} {what}: the checkpoint {ckpt_dir} is corrupt. Delete it (train.resume=auto then "
-        "continues from the previous checkpoint) or set train.resume=never to start over."
+        "continues from the previous checkpoint) or start over with train.resume=never --overwrite."
     )
 
 

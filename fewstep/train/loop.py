@@ -33,11 +33,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fewstep.config.errors import RunFailedError
 from fewstep.data.loader import build_batches
 from fewstep.models.teacher import Teacher
 from fewstep.train.build import Components, build_components
 from fewstep.train.checkpoint import (
     checkpoint_dir,
+    checkpoint_fingerprint,
+    intact_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     resolve_resume,
@@ -77,11 +80,9 @@ NO_EVALUATOR = (
 )
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RunFailedError):
     """The run stopped because its weights went bad (too many bad steps in a row, a bad update that cannot be undone,
     a save refused); nothing non-finite or exploded was saved. ``fewstep train`` exits with status 1."""
-
-    exit_status = 1
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -482,8 +483,6 @@ class Trainer:
         return path
 
     def _load(self, ckpt: Path) -> int:
-        from fewstep.train.checkpoint import intact_checkpoint
-
         # verified first; train.resume=auto passes over a corrupt newest checkpoint to the newest intact one
         fallback = self.cfg.resume == "auto"
         ckpt = self.resumed_from = intact_checkpoint(ckpt, self._fingerprint(), fallback=fallback, accelerator=self.acc)
@@ -500,8 +499,6 @@ class Trainer:
     def _fingerprint(self) -> dict[str, Any]:
         """What this run's checkpoints hold (their manifest's fingerprint): trainable shapes, family, objective,
         teacher."""
-        from fewstep.train.checkpoint import checkpoint_fingerprint
-
         return checkpoint_fingerprint(self.groups, self.recipe, self.teacher)
 
     def _apply_recipe_hyperparameters(self) -> None:

@@ -507,8 +507,9 @@ def _torchrun(a: Audit) -> tuple[str, str]:
     res = Result(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - began)
     if res.rc == 0:
         return "silent-wrong", "two independent single-process runs wrote one directory"
-    if "error:" in res.err and "Traceback (most recent call last)" not in res.err:
-        return "handled", res.error_line
+    children = [line for line in res.err.splitlines() if "error:" in line]  # torchrun prefixes the rank
+    if res.rc != 0 and len(children) >= 2:  # torchrun's own launcher then reports the failed children
+        return "handled", children[0].strip()
     return judge(res, "refuse")
 
 
@@ -570,20 +571,6 @@ for _weight in ("0", "0.1"):
         return judge(res, "refuse" if weight != "0" else "succeed", wrong)
 
     case(13, f"objective.reward=custom:<module in cwd> at weight {_weight}, no opt-in")(_reward_case)
-
-
-@case(13, "a file planted as clean-fid's cached Inception weights in the temp directory")
-def _planted_inception(a: Audit) -> tuple[str, str]:
-    tmp = a.work / f"tmpdir{a.counter}"
-    a.counter += 1
-    tmp.mkdir()
-    (tmp / "inception-2015-12-05.pt").write_bytes(b"PK\x03\x04 not the network you were looking for")
-    _, export = a.fresh()
-    res = a.fewstep("eval", str(export), "--steps", "1", "--no-teacher", "--num-samples", "8", "--metrics",
-                    "inception_fid", "--out", str(export.parent / "ev"), env={"TMPDIR": str(tmp)})  # fmt: skip
-    if res.rc in (1, 2) and not res.traceback and "sha256" in res.err:
-        return "handled", res.error_line
-    return judge(res, "refuse", "the planted file was opened without checking its sha256")
 
 
 # --- the report -------------------------------------------------------------------------------------------------------
