@@ -468,7 +468,12 @@ def _mid_failure(a: Audit) -> tuple[str, str]:
     saved = sorted(p.name for p in (run / "out" / "checkpoints").glob("step_*"))
     if res.rc == 0:
         return "silent-wrong", "the reward's error was swallowed"
-    return judge(res, "refuse", None if saved else "the failed run kept no checkpoint of its 3 finished steps")
+    if res.rc is None:
+        return "hang", f"still running after {res.seconds:.0f} s"
+    if not saved:
+        return "silent-wrong", "the failed run kept no checkpoint of its finished steps"
+    # the user's own code failed: its traceback is shown on purpose (it is theirs to fix)
+    return "handled", f"exit {res.rc}, the finished steps kept in {saved[-1]}, the reward's traceback shown"
 
 
 # --- 11 two trainers, torchrun ----------------------------------------------------------------------------------------
@@ -483,13 +488,21 @@ def _two_trainers(a: Audit) -> tuple[str, str]:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not (run / "fewstep").exists():  # the tracker dir appears once training runs
+        while time.time() < deadline and f'"pid": {first.pid}' not in _read_text(run / ".lock"):  # the lock is held
             time.sleep(0.5)
+        time.sleep(2)
         res = a.train(run, "train.max_steps=8")
     finally:
         first.kill()
         first.wait()
     return judge(res, "refuse", "both trainers ran on one directory" if res.rc == 0 else None)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 @case(11, "torchrun with 2 processes, no accelerate launch")
