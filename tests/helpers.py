@@ -215,3 +215,36 @@ def launch_two(recipe: Path, tmp_path: Path) -> dict[str, Any]:
     from fewstep.config import load_recipe
 
     return json.loads((Path(load_recipe(recipe).output_dir) / "run_summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reliability: tiny digits runs and one-line errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def digits_lora_recipe(
+    output_dir: Path, optim: dict[str, Any] | None = None, max_steps: int = 4, checkpoint_every: int = 1, **train: Any
+) -> dict[str, Any]:
+    """A recipe dict for a tiny run: a rank-4 LoRA on the shipped digits teacher, the diffusion objective, batch 8,
+    constant lr 1e-3, ``max_steps`` steps with a checkpoint every ``checkpoint_every``; ``optim`` and ``train`` update
+    their blocks."""
+    return {
+        "teacher": {"pretrained": "fewstep:digits-vp"},
+        "student": {"kind": "lora", "lora": {"rank": 4}},
+        "objective": {"name": "diffusion"},
+        "data": {"source": "digits", "batch_size": 8},
+        "optim": {"lr": 1e-3, "lr_scheduler": "constant", "warmup_steps": 0, **(optim or {})},
+        "train": {"max_steps": max_steps, "checkpoint_every": checkpoint_every, "keep_last": 10, "sample_every": None,
+                  "progress": False, "resume": "auto", **train},
+        "output_dir": str(output_dir),
+    }  # fmt: skip
+
+
+def one_error(err: str, *needles: str) -> str:
+    """The single ``error:`` line of a command's stderr (no traceback), containing every needle."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from fewstep.cli.main import main
-from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,16 +49,6 @@ def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """``fewstep ARGV`` in this process: (exit status, stderr)."""
     code = main(list(argv))
     return code, capsys.readouterr().err
-
-
-def one_error(err: str, *needles: str) -> str:
-    """The single ``error:`` line of ``err`` (no traceback), containing every needle."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def recipe_error(err: str, *needles: str) -> None:

@@ -19,7 +19,7 @@ from fewstep.export import export_run, read_schedule
 from fewstep.export.files import verify_export
 from fewstep.objectives.spec import SamplingSpec
 from fewstep.train.manifest import MANIFEST, IntegrityError, read_manifest, sha256_file, write_manifest
-from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
 
 RECIPE = """\
 teacher: {pretrained: "fewstep:digits-vp", guidance_scale: 1.0}
@@ -66,15 +66,6 @@ def tree(directory: Path) -> dict[str, str]:
 def eval_export(capsys, export: Path) -> tuple[int, str]:
     code = main(["eval", str(export), "--out", str(export.parent / "eval_out"), *EVAL])
     return code, capsys.readouterr().err
-
-
-def one_error(err: str, *needles: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------- manifest

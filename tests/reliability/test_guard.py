@@ -29,23 +29,14 @@ from fewstep.train.build import build_components
 from fewstep.train.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_trainable_weights
 from fewstep.train.loop import Trainer, TrainingStopped, make_accelerator, train
 from fewstep.train.optim import FlatCopy, WeightCheck
-from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import digits_lora_recipe, fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 1e4  # train.max_weight_abs's default
 
 
 def recipe_data(output_dir: Path, optim: dict[str, Any] | None = None, **train_changes: Any) -> dict[str, Any]:
-    return {
-        "teacher": {"pretrained": "fewstep:digits-vp"},
-        "student": {"kind": "lora", "lora": {"rank": 4}},
-        "objective": {"name": "diffusion"},
-        "data": {"source": "digits", "batch_size": 8},
-        "optim": {"lr": 1e-3, "lr_scheduler": "constant", "warmup_steps": 0, **(optim or {})},
-        "train": {"max_steps": 4, "checkpoint_every": 1, "keep_last": 10, "sample_every": None, "progress": False,
-                  "resume": "auto", **train_changes},
-        "output_dir": str(output_dir),
-    }  # fmt: skip
+    return digits_lora_recipe(output_dir, optim, **train_changes)
 
 
 def make_recipe(output_dir: Path, optim: dict[str, Any] | None = None, **train_changes: Any):

@@ -28,22 +28,14 @@ from fewstep.train.build import build_components
 from fewstep.train.checkpoint import checkpoint_dir, latest_checkpoint, load_trainable_weights
 from fewstep.train.lock import LOCK_FILE, RunDirError
 from fewstep.train.loop import Trainer, make_accelerator, train
-from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import digits_lora_recipe, fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def recipe_data(output_dir: Path, optim: dict[str, Any] | None = None, **train_changes: Any) -> dict[str, Any]:
-    return {
-        "teacher": {"pretrained": "fewstep:digits-vp"},
-        "student": {"kind": "lora", "lora": {"rank": 4}},
-        "objective": {"name": "diffusion"},
-        "data": {"source": "digits", "batch_size": 8},
-        "optim": {"lr": 1e-3, "lr_scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0, **(optim or {})},
-        "train": {"max_steps": 2, "checkpoint_every": 2, "keep_last": 10, "sample_every": None, "progress": False,
-                  "resume": "auto", **train_changes},
-        "output_dir": str(output_dir),
-    }  # fmt: skip
+    train = {"max_steps": 2, "checkpoint_every": 2, **train_changes}
+    return digits_lora_recipe(output_dir, {"weight_decay": 0.0, **(optim or {})}, **train)
 
 
 def make_recipe(output_dir: Path, optim: dict[str, Any] | None = None, **train_changes: Any):
