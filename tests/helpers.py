@@ -240,6 +240,16 @@ def digits_lora_recipe(
     }  # fmt: skip
 
 
+TINY_LCM_RECIPE = """\
+teacher: {pretrained: "fewstep:digits-vp", guidance_scale: 1.0}
+student: {kind: full}
+objective: {name: lcm, w_min: 0.0, w_max: 0.0}
+data: {source: digits, batch_size: 4}
+train: {max_steps: 1, checkpoint_every: 1, sample_every: null, log_every: 1, progress: false}
+output_dir: OUT
+"""  # a one-step LCM run of the shipped digits teacher; OUT is replaced by the test's output directory
+
+
 def one_error(err: str, *needles: str) -> str:
     """The single ``error:`` line of a command's stderr (no traceback), containing every needle."""
     assert "Traceback" not in err, err

@@ -86,24 +86,15 @@ def input_issues(recipe: Any) -> list[RecipeIssue]:
     if data.path is not None and data.source in _PATH_SOURCES:
         kind, inside = _PATH_SOURCES[data.source]
         path = Path(data.path).expanduser()
-        if kind == "file" and not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            other = "a directory" if kind == "file" else "a file"
+            what = f"is {other}" if path.exists() else "does not exist"
             issues.append(
                 RecipeIssue(
                     ("data", "path"),
-                    f"{what}; data.source: {data.source} reads a file",
+                    f"{what}; data.source: {data.source} reads a {'file' if kind == 'file' else 'directory'}",
                     data.path,
-                    hint="Point data.path at the file.",
-                )
-            )
-        elif kind == "dir" and not path.is_dir():
-            what = "is a file" if path.exists() else "does not exist"
-            issues.append(
-                RecipeIssue(
-                    ("data", "path"),
-                    f"{what}; data.source: {data.source} reads a directory",
-                    data.path,
-                    hint="Point data.path at the directory.",
+                    hint=f"Point data.path at the {'file' if kind == 'file' else 'directory'}.",
                 )
             )
         elif inside is not None and not (path / inside).is_file():

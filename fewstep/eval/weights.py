@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.train.manifest import sha256_file
+
 INCEPTION_ENV = "FEWSTEP_INCEPTION"
 CLIP_ENV = "FEWSTEP_CLIP"
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's (and StyleGAN2-ADA's) name for the TorchScript
@@ -124,11 +126,7 @@ def file_sha256(path: str | Path, use_cache: bool = True) -> str:
         if entry and entry.get("size") == key[1] and entry.get("mtime_ns") == key[2]:
             _MEMORY_HASHES[key] = entry["sha256"]
             return entry["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = sha256_file(path)
     if use_cache:
         _MEMORY_HASHES[key] = value
         table[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": value}

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from fewstep.data.paths import inside_path
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 _CHUNK = 1 << 20
@@ -125,8 +127,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 def safe_relative_path(rel: str, where: str | Path) -> PurePosixPath:
     """``rel`` as a relative POSIX path that stays inside its directory; ``IntegrityError`` naming ``where`` for an
     absolute path, a ``..`` part, a backslash or an empty name."""
-    pure = PurePosixPath(rel)
-    if not rel or "\\" in rel or pure.is_absolute() or any(part in ("..", "") for part in pure.parts):
+    pure = inside_path(rel)
+    if pure is None:
         raise IntegrityError(
             f"{where} names the path {rel!r}, which leaves its directory: refusing to open it. Paths in a manifest "
             "must be relative and inside the directory."

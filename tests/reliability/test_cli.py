@@ -18,18 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 from fewstep.cli.main import main
-from tests.helpers import fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import TINY_LCM_RECIPE, fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 
-RECIPE = """\
-teacher: {pretrained: "fewstep:digits-vp", guidance_scale: 1.0}
-student: {kind: full}
-objective: {name: lcm, w_min: 0.0, w_max: 0.0}
-data: {source: digits, batch_size: 4}
-train: {max_steps: 1, checkpoint_every: 1, sample_every: null, log_every: 1, progress: false}
-output_dir: OUT
-"""
+RECIPE = TINY_LCM_RECIPE
 
 # 10 levels of 9-fold aliases: 9**9 strings (about 387 million) under an unknown key, in under 500 bytes.
 BOMB = (

@@ -19,16 +19,9 @@ from fewstep.export import export_run, read_schedule
 from fewstep.export.files import verify_export
 from fewstep.objectives.spec import SamplingSpec
 from fewstep.train.manifest import MANIFEST, IntegrityError, read_manifest, sha256_file, write_manifest
-from tests.helpers import fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import TINY_LCM_RECIPE, fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
 
-RECIPE = """\
-teacher: {pretrained: "fewstep:digits-vp", guidance_scale: 1.0}
-student: {kind: full}
-objective: {name: lcm, w_min: 0.0, w_max: 0.0}
-data: {source: digits, batch_size: 4}
-train: {max_steps: 1, checkpoint_every: 1, sample_every: null, log_every: 1, progress: false}
-output_dir: OUT
-"""
+RECIPE = TINY_LCM_RECIPE
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 EVAL = ["--steps", "1", "--no-teacher", "--num-samples", "2", "--batch-size", "2", "--no-images", "--metrics",
         "accuracy", "--device", "cpu"]  # fmt: skip
