@@ -56,7 +56,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fewstep.train.ema import EMA
+from fewstep.train.ema import EMA, shape_mismatches
 from fewstep.train.manifest import (
     MANIFEST,
     IntegrityError,
@@ -525,16 +525,6 @@ def _load_weights(module: nn.Module, weights: dict[str, Tensor], ckpt_dir: Path,
     with torch.no_grad():
         for key, t in expected.items():
             t.copy_(weights[key])
-
-
-def shape_mismatches(expected: dict[str, Tensor], given: dict[str, Tensor]) -> list[str]:
-    """``"<key>: <given shape> for <expected shape>"`` for every shared key whose shapes differ (copying such a
-    tensor would broadcast it silently, or fail deep inside torch)."""
-    return [
-        f"{key}: {list(given[key].shape)} for {list(t.shape)}"
-        for key, t in expected.items()
-        if key in given and tuple(given[key].shape) != tuple(t.shape)
-    ]
 
 
 def _torch_load(ckpt_dir: Path, path: Path) -> Any:

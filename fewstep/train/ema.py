@@ -18,15 +18,21 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
+def shape_mismatches(expected: dict[str, Tensor], given: dict[str, Tensor]) -> list[str]:
+    """``"<key>: <given shape> for <expected shape>"`` for every shared key whose shapes differ (copying such a
+    tensor would broadcast it silently, or fail deep inside torch)."""
+    return [
+        f"{key}: {list(given[key].shape)} for {list(t.shape)}"
+        for key, t in expected.items()
+        if key in given and tuple(given[key].shape) != tuple(t.shape)
+    ]
+
+
 def shape_problems(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str:
     """``""`` when ``given`` has exactly the keys of ``expected``, each with exactly its shape; else what differs
     (``missing [...], unexpected [...], other shapes ["<key>: <given> for <expected>"]``, five of each at most)."""
     missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-    reshaped = [
-        f"{k}: {list(given[k].shape)} for {list(t.shape)}"
-        for k, t in expected.items()
-        if k in given and tuple(given[k].shape) != tuple(t.shape)
-    ]
+    reshaped = shape_mismatches(expected, given)
     if not (missing or unexpected or reshaped):
         return ""
     return f"missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {reshaped[:5]}"

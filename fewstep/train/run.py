@@ -35,9 +35,8 @@ from fewstep.train.checkpoint import (
     intact_checkpoint,
     latest_checkpoint,
     load_trainable_weights,
-    shape_mismatches,
 )
-from fewstep.train.ema import trainable_parameters
+from fewstep.train.ema import shape_mismatches, trainable_parameters
 
 logger = logging.getLogger(__name__)
 
