@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -202,13 +203,22 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port no one listens on now. Two launches on accelerate's default port 29500 at once (tests run in
+    parallel) collide: the second either fails to bind or joins the first job's rendezvous and aborts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_two(recipe: Path, tmp_path: Path) -> dict[str, Any]:
-    """``accelerate launch`` of ``fewstep train recipe`` with two CPU processes (gloo DDP); the run's summary."""
+    """``accelerate launch`` of ``fewstep train recipe`` with two CPU processes (gloo DDP) on a port of its own;
+    the run's summary."""
     env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "fewstep", "train", str(recipe),
+        "--main_process_port", str(free_port()), "-m", "fewstep", "train", str(recipe),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
