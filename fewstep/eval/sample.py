@@ -233,34 +233,48 @@ def sample(
         ValueError: bad steps, seeds, batch size or guidance; inputs that do not fit the model (``resolve_inputs``).
         FileNotFoundError: a target, checkpoint or base that does not exist.
     """
-    from fewstep.data.video import check_video_format, default_video_format
+    _check_options(steps, seeds, batch_size, fps, guidance_scale, video_format, labels)
+    loaded = _load(target, _check_steps(steps), guidance_scale, checkpoint, weights, base, device)
+    return sample_target(
+        loaded, out_dir, prompts=prompts, labels=labels, inputs=inputs, seeds=seeds, steps=steps, batch_size=batch_size,
+        video_format=video_format, fps=fps, contact_sheet=contact_sheet, progress=progress,
+    )  # fmt: skip
 
-    steps = _check_steps(steps)
-    seeds = _check_seeds(seeds)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 (--batch-size); got {batch_size}.")
-    if fps < 1:
-        raise ValueError(f"fps must be >= 1 (--fps); got {fps}.")
-    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance); got {guidance_scale}.")
-    video_format = check_video_format(video_format) if video_format is not None else None
+
+def sample_target(
+    target: Target,
+    out_dir: str | Path,
+    *,
+    prompts: Sequence[str] = (),
+    labels: Sequence[int] | str | None = None,
+    inputs: Sequence[SampleInput] = (),
+    seeds: Sequence[int] = (0,),
+    steps: Sequence[int] | None = None,
+    batch_size: int = 8,
+    video_format: str | None = None,
+    fps: int = 8,
+    contact_sheet: bool = True,
+    progress: bool = True,
+) -> SampleResult:
+    """``sample`` for a target already loaded (``fewstep.eval.targets``, or a ``Target`` of your own ``Sampler``):
+    its first sampler is drawn. Arguments as for ``sample``; ``steps`` default to ``target.recommended_steps``."""
+    from fewstep.data.video import default_video_format
+
+    _check_options(steps, seeds, batch_size, fps, None, video_format, labels)
+    steps, seeds = _check_steps(steps), _check_seeds(seeds)
+    steps = steps or ([target.recommended_steps] if target.recommended_steps else None)
+    if steps is None:
+        raise ValueError(f"No recommended step count is known for {target.source!r}: pass the steps (--steps N).")
     all_labels = isinstance(labels, str)
-    if all_labels and labels != "all":
-        raise ValueError(f"labels must be a list of class indices or 'all'; got {labels!r}.")
     given = [*inputs, *(SampleInput(prompt=str(p)) for p in prompts)]
     given += [] if labels is None or all_labels else [SampleInput(label=int(i)) for i in labels]
-
-    loaded = _load(target, steps, guidance_scale, checkpoint, weights, base, device)
-    steps = steps or ([loaded.recommended_steps] if loaded.recommended_steps else None)
-    if steps is None:
-        raise ValueError(f"No recommended step count is known for {target!r}: pass the steps (--steps N).")
-    rows = resolve_inputs(loaded, given, all_labels)
-    sampler = loaded.samplers[0]
-    identity = model_identity(loaded)
+    rows = resolve_inputs(target, given, all_labels)
+    sampler = target.samplers[0]
     plan = _plan(rows, seeds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(out_dir, rows, video_format or default_video_format(), fps, identity, sampler)
+    writer = _Writer(out_dir, rows, (video_format or default_video_format()).lower(), fps, model_identity(target),
+                     sampler)  # fmt: skip
     spans = [(n, plan[i : i + batch_size]) for n in steps for i in range(0, len(plan), batch_size)]
     with (
         open(out_dir / RECORDS_FILE, "w", encoding="utf-8") as records_file,
@@ -276,7 +290,28 @@ def sample(
             records_file.flush()
             bar.update(1)
     sheet = writer.contact_sheet(steps, seeds) if contact_sheet else None
-    return SampleResult(out_dir, writer.records, sheet, loaded)
+    return SampleResult(out_dir, writer.records, sheet, target)
+
+
+def _check_options(
+    steps: Sequence[int] | None, seeds: Sequence[int], batch_size: int, fps: int, guidance_scale: float | None,
+    video_format: str | None, labels: Sequence[int] | str | None,
+) -> None:  # fmt: skip
+    """Every cheap check, before anything is loaded."""
+    from fewstep.data.video import check_video_format
+
+    _check_steps(steps)
+    _check_seeds(seeds)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (--batch-size); got {batch_size}.")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1 (--fps); got {fps}.")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance); got {guidance_scale}.")
+    if video_format is not None:
+        check_video_format(video_format)
+    if isinstance(labels, str) and labels != "all":
+        raise ValueError(f"labels must be a list of class indices or 'all'; got {labels!r}.")
 
 
 def _load(
@@ -409,7 +444,7 @@ def model_identity(target: Target) -> dict[str, Any]:
                    weights="exported", source=read_source(info["path"]))  # fmt: skip
         out.update(_manifest_weights(Path(info["path"]), lambda rel: rel.endswith(".safetensors")))
     else:
-        out.update(spec=info["spec"], family=first.get("family"))
+        out.update(spec=info.get("spec", target.source), family=first.get("family"))
     out.update(scheduler=first.get("scheduler"), guidance_convention=GUIDANCE_CONVENTION)
     return out
 
