@@ -8,7 +8,6 @@ frames; WebP is written lossless; GIF quantises to a 256-colour palette (exact f
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,12 @@ MP4_CRF = 12  # x264 constant rate factor: near-lossless (0 is lossless, 23 is x
 
 
 def has_pyav() -> bool:
-    """Whether PyAV (``av``) is importable, so MP4 can be written."""
-    return importlib.util.find_spec("av") is not None
+    """Whether PyAV (``av``) can be imported, so MP4 can be written."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def default_video_format() -> str:
@@ -33,14 +36,13 @@ def check_video_format(name: str) -> str:
     """``name`` lower-cased, one of ``VIDEO_FORMATS``; ``mp4`` needs PyAV.
 
     Raises:
-        ValueError: an unknown format.
-        ModuleNotFoundError: ``mp4`` without PyAV (the message says how to install it).
+        ValueError: an unknown format, or ``mp4`` without PyAV (the message says how to install it).
     """
     fmt = str(name).lower().lstrip(".")
     if fmt not in VIDEO_FORMATS:
         raise ValueError(f"Unknown video format {name!r}; choose one of {', '.join(VIDEO_FORMATS)}.")
     if fmt == "mp4" and not has_pyav():
-        raise ModuleNotFoundError(
+        raise ValueError(
             "Writing MP4 needs PyAV, which is not installed: `pip install 'fewstep[video]'` (or `pip install av`), or "
             "choose webp or gif."
         )

@@ -17,6 +17,9 @@ Files in ``out_dir``: ``<i>_<prompt or label>_seed<s>_<n>steps.png`` per sample 
 w]``: ``.mp4`` / ``.webp`` / ``.gif``, ``fewstep.data.video``), ``contact_sheet.png`` (one row per prompt or label and
 step count, one column per seed; videos show their first frame) and ``samples.jsonl`` (one line per sample: file,
 prompt or label, seed, steps, guidance and the model's identity).
+
+``sample(spec, out_dir, ...)`` loads the target and draws it; ``sample_target(target, out_dir, ...)`` draws a target
+already loaded, or a ``Target`` around a ``Sampler`` of your own.
 """
 
 from __future__ import annotations

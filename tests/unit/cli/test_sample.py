@@ -4,9 +4,9 @@ reproducibly, user mistakes are one ``error:`` line, and video samples are writt
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -14,7 +14,7 @@ from PIL import Image, ImageSequence
 
 from fewstep.cli.main import main
 from fewstep.config import validate_recipe
-from fewstep.data.video import write_video
+from fewstep.data.video import check_video_format, default_video_format, write_video
 from fewstep.eval.harness import Sampler
 from fewstep.eval.sample import sample_target
 from fewstep.eval.targets import Target
@@ -171,6 +171,7 @@ def centre_x(frame: np.ndarray) -> float:
 
 
 def test_mp4_decodes_to_the_same_frames_roughly(tmp_path):
+    av = pytest.importorskip("av")  # the `video` extra
     clip = moving_square()
     path = write_video(clip, tmp_path / "clip.mp4", fps=6)
     with av.open(str(path)) as container:
@@ -222,6 +223,16 @@ def test_video_samples_become_videos_and_first_frames_on_the_sheet(tmp_path):
             assert image.n_frames == 6 and image.size == (32, 16)
     width, height = Image.open(result.contact_sheet).size  # one row, three seeds of 32 x 64 px first frames
     assert width > 3 * 64 and 32 < height < 2 * 32 + 30
-    mp4 = sample_target(target, tmp_path / "mp4", seeds=[0], progress=False)  # default: mp4 (PyAV is installed)
+    av = pytest.importorskip("av")
+    mp4 = sample_target(target, tmp_path / "mp4", seeds=[0], progress=False)  # default with PyAV: mp4
     with av.open(str(tmp_path / "mp4" / mp4.records[0]["file"])) as container:
         assert len(list(container.decode(video=0))) == 6
+
+
+def test_without_pyav_videos_default_to_webp_and_mp4_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` fails, as without the `video` extra
+    assert default_video_format() == "webp"
+    with pytest.raises(ValueError, match=r"pip install 'fewstep\[video\]'"):
+        check_video_format("mp4")
+    assert main(["sample", "fewstep:digits-vp", "--video-format", "mp4", "--out", str(tmp_path), *CPU]) == 2
+    one_error(capsys.readouterr().err, "Writing MP4 needs PyAV")
