@@ -421,7 +421,7 @@ class _Writer:
                 tiles = [self.tiles.get((i, n, s), blank) for s in columns]
                 grid_rows.append(torch.stack(tiles).float() / 255)
                 text = self.rows[i].text()
-                labels.append(text if len(steps) == 1 else f"{n} steps: {text}")
+                labels.append(text if len(steps) == 1 else f"{n} step{'s' if n > 1 else ''}: {text}")
         return save_sample_grid(grid_rows, self.out_dir / SHEET_FILE, gap=2, row_labels=labels,
                                 column_labels=[f"seed {s}" for s in columns])  # fmt: skip
 
