@@ -1,5 +1,5 @@
-"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, quickstart,
-pairs).
+"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, sample,
+quickstart, pairs).
 
 A user's mistake (a bad recipe, a missing or unwritable path, a corrupt or foreign checkpoint, export or data file)
 prints one ``error: ...`` line naming the cause and the fix and exits with status 2, without a traceback; a run that
@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("fewstep.cli.train", "distill a student from a recipe"),
     "export": ("fewstep.cli.export", "export a trained student for diffusers"),
     "eval": ("fewstep.cli.eval", "measure FID / accuracy, NFE, latency and memory of a student or teacher"),
+    "sample": ("fewstep.cli.sample", "write images of a student, an export or a teacher for prompts / labels"),
     "quickstart": ("fewstep.cli.quickstart", "distill the digits teacher on a CPU and print the quality table"),
     "pairs": ("fewstep.cli.pairs", "write a reflow recipe's teacher pairs"),
 }

@@ -6,7 +6,8 @@
 * metrics: ``metric`` (the protocol), ``suite`` (metrics by name), ``fid``, ``features``, ``classifier``,
   ``accuracy``, ``clip``, ``digits``, ``weights``;
 * reports: ``report`` (the one row type, tables, grids, ``eval.json`` / ``eval.md``);
-* workflows: ``periodic`` (evaluation during training), ``quickstart`` (the digits quickstart).
+* workflows: ``periodic`` (evaluation during training), ``quickstart`` (the digits quickstart), ``sample``
+  (``fewstep sample``: one file per prompt or label and seed, a contact sheet, ``samples.jsonl``).
 
 Importing this package loads nothing: import the module you need.
 """

@@ -12,6 +12,7 @@ loop with the stock scheduler and ``unet(x, t, class_labels=...)``, CFG on a dou
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ def load_export(
     steps: Sequence[int] = (1, 2, 4, 8),
     base: str | None = None,
     device: str | torch.device | None = None,
+    guidance_scale: float | None = None,
 ) -> ExportedStudent:
     """Load an exported student into its stock diffusers pipeline with the exported scheduler.
 
@@ -128,6 +130,7 @@ def load_export(
         steps: student step counts; each must be one the export lists (``fewstep_student.json``).
         base: the base pipeline of a LoRA (default: the card's ``base_model``).
         device: where to sample.
+        guidance_scale: the pipeline's ``guidance_scale`` instead of the exported one (``fewstep_student.json``).
     """
     from fewstep.export import read_schedule
     from fewstep.export.files import verify_export
@@ -135,6 +138,9 @@ def load_export(
     export_dir = Path(export_dir)
     verify_export(export_dir)  # every file as exported (sha256), before any of them is parsed
     spec = read_schedule(export_dir)
+    guidance_source = "fewstep_student.json"
+    if guidance_scale is not None:
+        spec, guidance_source = dataclasses.replace(spec, guidance_scale=float(guidance_scale)), "given"
     missing = [n for n in steps if n not in spec.steps]
     if missing:
         raise ValueError(f"{str(export_dir)!r} exports schedules for {sorted(spec.steps)} steps, not {missing}.")
@@ -145,7 +151,7 @@ def load_export(
     pipe.to(device)
     kind, num_classes, null_class = conditioning_kind(pipe)
     info = {"kind": "student", "source": f"{export_dir} ({layout})", "weights": "exported", "objective": spec.objective,
-            "guidance_scale": spec.guidance_scale, "guidance_source": "fewstep_student.json",
+            "guidance_scale": spec.guidance_scale, "guidance_source": guidance_source,
             "guidance_convention": spec.guidance_convention,
             "scheduler": f"stock diffusers {spec.scheduler_class} via {type(pipe).__name__}"
             + ("" if kind == "text" else " loop with class_labels")}  # fmt: skip

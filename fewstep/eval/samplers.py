@@ -9,6 +9,7 @@ the quickstart (``fewstep.eval.quickstart``) and the benchmark scripts build the
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -191,6 +192,7 @@ def student_sampler(
     source: str = "",
     resolution: int | None = None,
     shape: Sequence[int] | None = None,
+    guidance_scale: float | None = None,
 ) -> Sampler:
     """A trained student (``Components`` of a run) as a harness ``Sampler``, sampled by its objective's sampler.
 
@@ -202,12 +204,23 @@ def student_sampler(
         source: the run / checkpoint, for the report.
         resolution: image size for text teachers.
         shape: one image's noise shape (default: the teacher pipeline's latent; needed for custom teachers).
+        guidance_scale: ``w`` (Imagen convention) instead of the one the objective's sampler recommends; only for
+            samplers that take one (``ValueError`` otherwise, e.g. DMD students, which sample without CFG).
     """
     teacher, objective = components.teacher, components.objective
     sampler = objective.sampler()
+    objective_name = getattr(getattr(objective, "config", None), "name", type(objective).__name__.lower())
+    guidance_source = "the objective's sampler (recommended for this student)"
+    if guidance_scale is not None:
+        if not (dataclasses.is_dataclass(sampler) and hasattr(sampler, "guidance_scale")):
+            raise ValueError(
+                f"The {objective_name} student's sampler ({type(sampler).__name__}) takes no guidance scale: it "
+                "samples with the guidance it was distilled with. Leave the guidance unset for this student."
+            )
+        sampler = dataclasses.replace(sampler, guidance_scale=float(guidance_scale))
+        guidance_source = "given"
     denoiser = getattr(sampler, "denoiser", components.student.denoiser)
     device = _device_of(denoiser)
-    objective_name = getattr(getattr(objective, "config", None), "name", type(objective).__name__.lower())
 
     def fn(noise: Tensor, inputs: EvalInputs, num_steps: int, generator: torch.Generator) -> Tensor:
         from fewstep.models.loading import decode_latents
@@ -231,7 +244,7 @@ def student_sampler(
         "kind": "student", "source": source, "weights": weights, "objective": objective_name,
         "student": "lora" if components.student.is_lora else "full",
         "guidance_scale": float(getattr(sampler, "guidance_scale", 1.0)),
-        "guidance_source": "the objective's sampler (recommended for this student)",
+        "guidance_source": guidance_source,
         "scheduler": f"fewstep {type(sampler).__name__}", "family": teacher.family,
     }  # fmt: skip
     return Sampler(

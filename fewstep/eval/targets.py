@@ -34,6 +34,8 @@ from fewstep.eval.suite import benchmark_of
 from fewstep.models.teacher import Teacher
 from fewstep.train.run import load_run
 
+TEACHER_STEPS = 50  # a teacher's step count when none is given (the reference rows of `fewstep eval`, `fewstep sample`)
+
 
 @dataclass
 class Target:
@@ -48,6 +50,8 @@ class Target:
         dataset: the benchmark data set of the images (``digits``, ``fashion_mnist``) or ``None``
             (``fewstep.eval.suite.benchmark_of``); picks the default metrics.
         info: provenance for the report header.
+        recommended_steps: the step count to sample the first model at when none is given: a student's
+            (``sampling_spec().recommended_steps``, as exported), ``TEACHER_STEPS`` for a teacher; ``None`` if unknown.
     """
 
     kind: str
@@ -57,6 +61,7 @@ class Target:
     num_classes: int | None = None
     dataset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    recommended_steps: int | None = None
 
     def inputs(self, num_samples: int, prompts: Sequence[str] | None = None) -> EvalInputs:
         """Balanced labels (class-conditional), cycled ``prompts`` (text; default ``DEFAULT_PROMPTS``) or none."""
@@ -78,20 +83,23 @@ def run_target(
     guidance_scale: float | None = None,
     device: str | torch.device | None = None,
     teacher: Teacher | None = None,
+    student_guidance: float | None = None,
 ) -> Target:
     """A training run's student at ``steps`` and its teacher at ``teacher_steps`` (empty: no teacher rows).
 
     The student's weights come from ``fewstep.train.run.load_run(run_dir, checkpoint, weights)`` (``auto``: EMA when
     the run kept it). The teacher's ``w``: ``guidance_scale``, else the recipe's ``teacher.guidance_scale`` when it is
     not 1, else ``1 + ω`` at the middle of an LCM-style ``w_min..w_max`` range the student was distilled with, else
-    ``default_guidance``.
+    ``default_guidance``. The student samples with the ``w`` its objective's sampler recommends, or
+    ``student_guidance`` (``student_sampler``).
     """
     run = load_run(run_dir, checkpoint, weights, teacher)
     recipe, components = run.recipe, run.components
     _to_device(components, torch.device(device) if device is not None else default_device())
     shape = run_noise_shape(recipe, components.teacher)
     source = f"{run.run_dir} ({run.checkpoint.name})"
-    samplers = [student_sampler(components, steps, weights=run.weights, source=source, shape=shape)]
+    samplers = [student_sampler(components, steps, weights=run.weights, source=source, shape=shape,
+                                guidance_scale=student_guidance)]  # fmt: skip
     if teacher_steps:
         w, why = _run_guidance(recipe, guidance_scale)
         samplers.append(teacher_sampler(components.teacher, teacher_steps, w, source=recipe.teacher.pretrained,
@@ -103,7 +111,20 @@ def run_target(
             "teacher": recipe.teacher.pretrained, "description": recipe.description,
             "parameters": {"student": num_parameters(components.student.denoiser.backbone),
                            "teacher": num_parameters(components.teacher.denoiser.backbone)}}  # fmt: skip
-    return Target("run", str(run.run_dir), samplers, kind, num_classes, dataset, info)
+    return Target("run", str(run.run_dir), samplers, kind, num_classes, dataset, info,
+                  recommended_steps(components.objective))  # fmt: skip
+
+
+def recommended_steps(objective: Any) -> int | None:
+    """The step count a student is advertised at (its ``sampling_spec()``, as an export writes it); ``None`` for an
+    objective without one, or whose teacher no diffusers scheduler describes."""
+    spec = getattr(objective, "sampling_spec", None)
+    if spec is None:
+        return None
+    try:
+        return int(spec().recommended_steps)
+    except ValueError:  # e.g. a custom teacher's schedule that no exportable scheduler describes
+        return None
 
 
 def _to_device(components: Any, device: torch.device) -> None:
@@ -149,9 +170,8 @@ def teacher_target(
     sampler = teacher_sampler(teacher, steps, guidance_scale, source=spec, guidance_source=why)
     kind, num_classes, _ = conditioning_kind(teacher.pipeline)
     info = {"kind": "teacher", "spec": spec}
-    return Target(
-        "teacher", spec, [sampler], kind, num_classes, benchmark_of(sampler.noise_shape, kind, num_classes), info
-    )
+    dataset = benchmark_of(sampler.noise_shape, kind, num_classes)
+    return Target("teacher", spec, [sampler], kind, num_classes, dataset, info, TEACHER_STEPS)
 
 
 def export_target(
@@ -162,6 +182,7 @@ def export_target(
     base: str | None = None,
     guidance_scale: float | None = None,
     device: str | torch.device | None = None,
+    student_guidance: float | None = None,
 ) -> Target:
     """An exported student sampled by stock diffusers (``fewstep.eval.exported.load_export``), and optionally its
     base teacher at ``teacher_steps``.
@@ -173,10 +194,11 @@ def export_target(
         base: the base pipeline of a LoRA (default: the card's ``base_model``).
         guidance_scale: the teacher's ``w``; the student uses the exported ``guidance_scale``.
         device: where to sample.
+        student_guidance: the student's ``guidance_scale`` instead of the exported one.
     """
     export_dir = Path(export_dir)
     device = torch.device(device) if device is not None else default_device()
-    exported = load_export(export_dir, steps=steps, base=base, device=device)
+    exported = load_export(export_dir, steps=steps, base=base, device=device, guidance_scale=student_guidance)
     samplers: list[Sampler] = [exported.sampler]
     if teacher_steps:
         if not exported.base:
@@ -186,7 +208,8 @@ def export_target(
     info = {"kind": "export", "path": str(export_dir), "layout": exported.layout, "base": exported.base,
             "spec": exported.spec.to_json()}  # fmt: skip
     dataset = benchmark_of(exported.sampler.noise_shape, exported.conditioning, exported.num_classes)
-    return Target("export", str(export_dir), samplers, exported.conditioning, exported.num_classes, dataset, info)
+    return Target("export", str(export_dir), samplers, exported.conditioning, exported.num_classes, dataset, info,
+                  exported.spec.recommended_steps)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,9 +217,9 @@ def export_target(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def target_kind(spec: str) -> str:
+def target_kind(spec: str, what: str = "Evaluation target") -> str:
     """``run`` (a directory with ``resolved_config.yaml``), ``export`` (with ``fewstep_student.json``) or
-    ``teacher`` (``tiny:``/``fewstep:`` specs, pipeline directories, hub ids).
+    ``teacher`` (``tiny:``/``fewstep:`` specs, pipeline directories, hub ids). ``what`` names the target in errors.
 
     Raises:
         FileNotFoundError: a path that does not exist, or a directory that is none of these.
@@ -220,7 +243,7 @@ def target_kind(spec: str) -> str:
     looks_like_path = path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
     if looks_like_path:
         raise FileNotFoundError(
-            f"Evaluation target {spec!r} does not exist. Pass a training run directory, an export directory, a "
+            f"{what} {spec!r} does not exist. Pass a training run directory, an export directory, a "
             "pipeline directory, tiny:<family>, fewstep:<asset> or a hub id."
         )
     return "teacher"
@@ -236,14 +259,21 @@ def load_target(
     checkpoint: str = "latest",
     weights: str = "auto",
     base: str | None = None,
+    student_guidance: float | None = None,
+    what: str = "Evaluation target",
 ) -> Target:
     """Any target (``target_kind``). ``steps`` are the student's (default 1,2,4,8), or the teacher's for a teacher
-    target (default ``teacher_steps``); ``teacher_steps`` empty skips the reference teacher rows."""
-    kind = target_kind(spec)
+    target (default ``teacher_steps``, else ``TEACHER_STEPS``); ``teacher_steps`` empty skips the reference teacher
+    rows. ``guidance_scale`` is a teacher's ``w``; ``student_guidance`` replaces a student's recommended one. ``what``
+    names the target in errors."""
+    kind = target_kind(spec, what)
     if kind == "run":
         return run_target(spec, steps=steps or (1, 2, 4, 8), teacher_steps=teacher_steps, checkpoint=checkpoint,
-                          weights=weights, guidance_scale=guidance_scale, device=device)  # fmt: skip
+                          weights=weights, guidance_scale=guidance_scale, device=device,
+                          student_guidance=student_guidance)  # fmt: skip
     if kind == "export":
         return export_target(spec, steps=steps or (1, 2, 4, 8), teacher_steps=teacher_steps, base=base,
-                             guidance_scale=guidance_scale, device=device)  # fmt: skip
-    return teacher_target(spec, steps=steps or teacher_steps or (50,), guidance_scale=guidance_scale, device=device)
+                             guidance_scale=guidance_scale, device=device,
+                             student_guidance=student_guidance)  # fmt: skip
+    return teacher_target(spec, steps=steps or teacher_steps or (TEACHER_STEPS,), guidance_scale=guidance_scale,
+                          device=device)  # fmt: skip

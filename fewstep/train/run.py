@@ -4,17 +4,19 @@
 so they all pick the same checkpoint and the same weights by default: the newest complete checkpoint, with the EMA
 of the trained weights when the run kept one (``train.ema_decay``; ``ema.safetensors`` in the checkpoint).
 
-A checkpoint is ``latest`` (the newest ``checkpoints/step_XXXXXXXX``), ``best`` (``checkpoints/best``, kept by
-periodic evaluation) or a path to a checkpoint directory. Its files are checked against its ``manifest.json`` before
-the model is built, and its fingerprint against the rebuilt model (``fewstep.train.checkpoint.verify_checkpoint``):
-a changed file or another model's checkpoint is refused with the file named; ``latest`` passes over a corrupt newest
-checkpoint to the newest intact one, with a warning. Every weight is copied with exactly the shape of the parameter
-it lands in; a mismatch (an edited ``resolved_config.yaml``, another LoRA rank) is an error, never a broadcast.
+A checkpoint is ``latest`` (or ``newest``: the newest ``checkpoints/step_XXXXXXXX``), ``best`` (``checkpoints/best``,
+kept by periodic evaluation), ``step_N`` (the checkpoint of step N) or a path to a checkpoint directory. Its files are
+checked against its ``manifest.json`` before the model is built, and its fingerprint against the rebuilt model
+(``fewstep.train.checkpoint.verify_checkpoint``): a changed file or another model's checkpoint is refused with the file
+named; ``latest`` passes over a corrupt newest checkpoint to the newest intact one, with a warning. Every weight is
+copied with exactly the shape of the parameter it lands in; a mismatch (an edited ``resolved_config.yaml``, another LoRA
+rank) is an error, never a broadcast.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,13 @@ from fewstep.train.checkpoint import (
     BEST,
     COMPLETE,
     EMA_FILE,
+    PREFIX,
     check_fingerprint,
+    checkpoint_dir,
     checkpoint_fingerprint,
     intact_checkpoint,
     latest_checkpoint,
+    list_checkpoints,
     load_trainable_weights,
 )
 from fewstep.train.ema import shape_mismatches, trainable_parameters
@@ -42,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "resolved_config.yaml"
 WEIGHTS = ("auto", "ema", "raw")
+NEWEST = ("latest", "newest")  # names of the newest complete checkpoint
 
 
 @dataclass
@@ -69,13 +75,16 @@ class LoadedRun:
 
 
 def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path = "latest") -> Path:
-    """``latest`` (the newest complete checkpoint), ``best`` (``checkpoints/best``) or a checkpoint path.
+    """``latest`` or ``newest`` (the newest complete checkpoint), ``best`` (``checkpoints/best``), ``step_N`` (the
+    checkpoint of step N, e.g. ``step_500``) or a checkpoint path.
 
     Raises:
-        FileNotFoundError: the run has no complete checkpoint, or the named one is not complete.
+        FileNotFoundError: the run has no complete checkpoint, or the named one is not complete (for ``step_N``: the
+            message lists the steps the run has).
     """
     run_dir = Path(run_dir)
-    if str(checkpoint) == "latest":
+    name = str(checkpoint)
+    if name in NEWEST:
         found = latest_checkpoint(run_dir)
         if found is None:
             raise FileNotFoundError(
@@ -83,9 +92,19 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path = "latest") -
                 "first checkpoint (train.checkpoint_every) or resume the run; SIGINT/SIGTERM also write one."
             )
         return found
-    path = run_dir / "checkpoints" / BEST if str(checkpoint) == BEST else Path(checkpoint)
+    step = re.fullmatch(rf"{PREFIX}(\d+)", name)
+    if step is not None and not Path(name).is_dir():
+        path = checkpoint_dir(run_dir, int(step.group(1)))
+        if not (path / COMPLETE).is_file():
+            steps = [int(p.name.removeprefix(PREFIX)) for p in list_checkpoints(run_dir)]
+            raise FileNotFoundError(
+                f"{str(run_dir)!r} has no complete checkpoint of step {int(step.group(1))}; its checkpoints are at "
+                f"steps {steps or 'none'}. Pass one of those (step_N), latest or best."
+            )
+        return path
+    path = run_dir / "checkpoints" / BEST if name == BEST else Path(checkpoint)
     if not (path / COMPLETE).is_file():
-        hint = "Set eval.every_steps in the recipe to keep one" if str(checkpoint) == BEST else "Pass latest, best or"
+        hint = "Set eval.every_steps in the recipe to keep one" if name == BEST else "Pass latest, best, step_N or"
         raise FileNotFoundError(
             f"{str(path)!r} is not a complete checkpoint (no {COMPLETE} marker). {hint} a checkpoints/step_XXXXXXXX "
             "directory."
@@ -141,7 +160,7 @@ def load_run(
 
     Args:
         run_dir: the run directory (``resolved_config.yaml`` + ``checkpoints/``).
-        checkpoint: ``latest``, ``best`` or a checkpoint directory.
+        checkpoint: ``latest`` (or ``newest``), ``best``, ``step_N`` or a checkpoint directory.
         weights: ``auto`` (EMA when the checkpoint has ``ema.safetensors``, else raw), ``ema`` or ``raw``.
         teacher: the run's custom teacher (``Teacher.from_module``), if it was trained with one.
 
@@ -164,7 +183,7 @@ def load_run(
             "output_dir (written by `fewstep train`)."
         )
     # every file checked before the model is built; `latest` passes over a corrupt newest checkpoint
-    ckpt = intact_checkpoint(resolve_checkpoint(run_dir, checkpoint), fallback=str(checkpoint) == "latest")
+    ckpt = intact_checkpoint(resolve_checkpoint(run_dir, checkpoint), fallback=str(checkpoint) in NEWEST)
     ema_file = ckpt / EMA_FILE
     if weights == "ema" and not ema_file.is_file():
         raise FileNotFoundError(
