@@ -145,7 +145,8 @@ class AlarmMonitor:
     def samples(self, step: int, rows: list[Tensor]) -> tuple[list[Alarm], list[str]]:
         """Check a sample grid: ``rows`` of images ``[n, c, h, w]`` in ``[0, 1]`` (one per student step count)."""
         cfg = self.cfg
-        images = torch.cat([r.detach().float().cpu() for r in rows])
+        rows = [torch.nan_to_num(r.detach().float().cpu(), nan=0.0) for r in rows]  # NaN shows black in the PNG too
+        images = torch.cat(rows)
         conditions: dict[str, str | None] = {}
         variances = [seed_variance(r) for r in rows]
         if self._variance_reference is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from fewstep.config.checks import TRACKER_PACKAGES, input_issues
 from fewstep.config.errors import RecipeError
 from fewstep.config.load import dump_recipe, validate_recipe
 from fewstep.config.schema import TrackerName
-from fewstep.train.logging import StepMeter, learning_rates, wandb_offline
+from fewstep.train.logging import StepMeter, item_shape, learning_rates, wandb_offline
 from fewstep.train.loop import train
 from tests.helpers import digits_lora_recipe, fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
@@ -166,3 +167,19 @@ def test_learning_rates_name_every_parameter_group():
     assert learning_rates({"student": single, "fake_score": several}) == {
         "lr/student": 1e-3, "lr/fake_score/0": 2e-4, "lr/fake_score/1": 5e-5,
     }  # fmt: skip
+
+
+def test_the_token_count_of_transformer_teachers_feeds_tokens_per_s():
+    from accelerate import Accelerator
+
+    from fewstep.config.schema import TrainConfig
+    from fewstep.models.loading import load_teacher
+    from fewstep.train.logging import TrainingLog
+
+    teacher = load_teacher(SimpleNamespace(pretrained="tiny:sd3"))
+    recipe = SimpleNamespace(train=TrainConfig(), data=SimpleNamespace(resolution=32, batch_size=2))
+    meter = TrainingLog(Accelerator(cpu=True), recipe, teacher).meter
+    shape = item_shape(teacher, 32)  # [c, h, w] of the latent at 32 pixels
+    patch = teacher.denoiser.backbone.config.patch_size
+    assert meter.tokens_per_item == (shape[1] // patch) * (shape[2] // patch) > 0, shape
+    assert meter.frames_per_item is None and meter.samples_per_step == 2
