@@ -2,9 +2,10 @@
 
 * ``recipe_issues``: what needs no file and no model: ``tiny:`` / ``fewstep:`` names the loaders know, step counts
   the objective's sampler can take, a reward for a reward weight. ``validate_recipe`` runs them on every recipe.
-* ``input_issues``: what this machine must hold: the teacher directory, ``data.path``, a ``train.resume`` path, and
-  an ``output_dir`` that can be a directory. ``fewstep validate`` runs them (a run directory's recipe is also read
-  back by export and eval, where the training data need not exist any more).
+* ``input_issues``: what this machine must hold: the teacher directory, ``data.path``, a ``train.resume`` path, an
+  ``output_dir`` that can be a directory, and the packages of the ``train.log_with`` trackers. ``fewstep validate``
+  runs them (a run directory's recipe is also read back by export and eval, where the training data need not exist
+  any more).
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ _PATH_SOURCES = {  # data.source -> (what data.path must be, a file inside it th
     "fashion_mnist": ("dir", None),
 }
 _RESUME_WORDS = ("auto", "never")
+TRACKER_PACKAGES = {  # accelerate tracker name (train.log_with) -> the pip package that provides it
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "aim": "aim",
+    "comet_ml": "comet-ml",
+    "mlflow": "mlflow",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 
 
 def recipe_issues(recipe: Any) -> list[RecipeIssue]:
@@ -117,6 +129,31 @@ def input_issues(recipe: Any) -> list[RecipeIssue]:
             )
         )
     issues += _output_dir_issues(recipe.output_dir)
+    issues += tracker_issues(recipe.train.log_with)
+    return issues
+
+
+def tracker_issues(names: list[str]) -> list[RecipeIssue]:
+    """An issue per ``train.log_with`` tracker that cannot start here: its package is not installed (accelerate's
+    ``is_<name>_available``), or the installed accelerate does not know it. accelerate itself would only skip it."""
+    import accelerate
+    import accelerate.utils
+
+    issues = []
+    for i, name in enumerate(names):
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        if available is None:
+            issues.append(
+                RecipeIssue(("train", "log_with", i), f"is not a tracker of accelerate {accelerate.__version__}", name,
+                            hint="Upgrade accelerate (pip install -U accelerate) or remove it from train.log_with.")
+            )  # fmt: skip
+        elif not available():
+            package = TRACKER_PACKAGES.get(name, name)
+            extra = " (or pip install 'fewstep[wandb]')" if name == "wandb" else ""
+            issues.append(
+                RecipeIssue(("train", "log_with", i), "is not installed", name,
+                            hint=f"Install it with pip install {package}{extra}, or remove it from train.log_with.")
+            )  # fmt: skip
     return issues
 
 

@@ -211,13 +211,35 @@ class OptimConfig(BaseModel):
         return self
 
 
+TrackerName = Literal["tensorboard", "wandb", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "trackio"]
+
+
+class AlarmsConfig(BaseModel):
+    """Collapse alarms (``fewstep.train.alarms``): a warning in the log and ``alarm/<name>`` on the trackers, once per
+    episode, when a run drifts into a known failure mode. Ratios compare with the run's own early values."""
+
+    model_config = BLOCK
+
+    enabled: bool = True
+    warmup_steps: int = Field(100, ge=0)  # trainer steps before the fake/real gap reference is taken
+    window: PositiveInt = 10  # gap observations whose median is the reference (the first ones) and the current value
+    gap_explode: float = Field(10.0, gt=1.0)  # alarm when the gap (dm_grad_norm) exceeds this × its reference
+    gap_collapse: float = Field(0.1, gt=0.0, lt=1.0)  # alarm when it falls below this × its reference
+    variance_collapse: float = Field(0.25, gt=0.0, lt=1.0)  # seed variance of a sample row / its first grid's
+    saturation_share: float = Field(0.85, gt=0.0, le=1.0)  # share of pixels within saturation_margin of 0 or 1
+    saturation_margin: float = Field(0.01, ge=0.0, lt=0.5)
+    solid_std: float = Field(0.01, ge=0.0)  # a sample whose pixel std is below this is a solid frame
+    solid_share: float = Field(0.25, gt=0.0, le=1.0)  # alarm when at least this share of a grid's samples are solid
+
+
 class TrainConfig(BaseModel):
     """The training loop. ``resume``: ``auto`` (newest complete checkpoint), ``never``, or a checkpoint path.
 
     Guards: a step whose loss or gradient is non-finite, or whose update leaves a trainable weight non-finite or above
     ``max_weight_abs``, is undone (``rollback``: the weights copied before the step come back);
     more than ``max_nonfinite`` such steps in a row stop the run. ``overwrite``: with ``resume: never``, an
-    ``output_dir`` holding checkpoints is moved aside to ``<output_dir>.old-<time>`` instead of refused."""
+    ``output_dir`` holding checkpoints is moved aside to ``<output_dir>.old-<time>`` instead of refused. ``log_with``:
+    accelerate's trackers, one name or a list (``fewstep validate`` names the package of one not installed)."""
 
     model_config = BLOCK
 
@@ -239,6 +261,13 @@ class TrainConfig(BaseModel):
     rollback: bool = True  # keep a copy of the phase's weights to undo a bad step
     overwrite: bool = False  # resume: never on a used output_dir moves the earlier run aside instead of refusing
     progress: bool = True
+    log_with: list[TrackerName] = Field(default_factory=lambda: ["tensorboard"])  # accelerate trackers; [] = none
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 EvalMetricName = Literal["fid", "accuracy", "inception_fid", "clip"]  # fewstep.eval.suite.METRIC_NAMES

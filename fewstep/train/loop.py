@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fewstep.config.errors import RunFailedError
+from fewstep.config.errors import RecipeError, RunFailedError
 from fewstep.data.loader import build_batches
 from fewstep.models.teacher import Teacher
 from fewstep.train.build import Components, build_components
@@ -50,7 +50,14 @@ from fewstep.train.checkpoint import (
 from fewstep.train.ema import EMA, trainable_parameters
 from fewstep.train.evaluator import EvaluatorFactory, PeriodicEvaluator
 from fewstep.train.lock import RunLock, check_launch, claim_on_main
-from fewstep.train.logging import flatten_metrics, write_samples
+from fewstep.train.logging import (
+    PROJECT,
+    TrainingLog,
+    flatten_metrics,
+    learning_rates,
+    tracker_init_kwargs,
+    write_samples,
+)
 from fewstep.train.optim import (
     StepRollback,
     WeightCheck,
@@ -86,13 +93,19 @@ class TrainingStopped(RunFailedError):
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
-    """``Accelerator`` from the recipe (DDP/FSDP/DeepSpeed come from ``accelerate launch``'s own config)."""
+    """``Accelerator`` from the recipe (DDP/FSDP/DeepSpeed come from ``accelerate launch``'s own config); a
+    ``train.log_with`` tracker that is not installed is a ``RecipeError`` (accelerate would skip it silently)."""
     from accelerate import Accelerator
 
+    from fewstep.config.checks import tracker_issues
+
+    issues = tracker_issues(recipe.train.log_with)
+    if issues:
+        raise RecipeError(issues)
     return Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
-        log_with="tensorboard",
+        log_with=list(recipe.train.log_with),
         project_dir=str(recipe.output_dir),
     )
 
@@ -211,6 +224,7 @@ class Trainer:
             self._stop = False  # the same on every rank: set when any rank got a signal
             self._last_saved = self.step if self.resumed_from is not None else -1
             self.periodic = self._build_evaluator(evaluator, components)
+            self.tracking = TrainingLog(accelerator, recipe, self.teacher)  # scalars, images, alarms
         except BaseException:
             self.release_run_dir()
             raise
@@ -223,7 +237,7 @@ class Trainer:
             if acc.is_main_process:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 write_resolved_config(self.recipe, self.run_dir / "resolved_config.yaml")
-            acc.init_trackers("fewstep")
+            acc.init_trackers(PROJECT, init_kwargs=tracker_init_kwargs(self.recipe))
             fixed = self._fixed_sample_inputs()
             restore = self._install_signal_handlers()
             bar = tqdm(
@@ -257,15 +271,15 @@ class Trainer:
     def _loop(self, fixed: tuple[torch.Tensor, Any] | None, bar: Any) -> None:
         """Steps until ``train.max_steps`` or a signal. Any exception but ``TrainingStopped`` (and
         ``KeyboardInterrupt``: a second Ctrl-C asks to stop at once) first writes an emergency checkpoint."""
-        acc, start = self.acc, self.batches.position
+        start = self.batches.position
         try:
             while self.step < self.cfg.max_steps and not self._stop:
                 start = self.batches.position
-                scalars = self.train_step()
+                with self.tracking.timed():
+                    scalars = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
-                if self.cfg.log_every and self.step % self.cfg.log_every == 0:
-                    acc.log(scalars, step=self.step)
+                self.tracking.after_step(self.step, scalars)  # scalars every train.log_every steps; alarms
                 if fixed is not None and self.step % self.cfg.sample_every == 0:
                     fixed = self.write_samples(fixed)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
@@ -319,7 +333,7 @@ class Trainer:
         scalars = {
             "loss": float(flags[2]) / acc.num_processes,
             "nonfinite_steps": float(self.nonfinite_steps),
-            **{f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()},
+            **learning_rates(self.optimizers),
         }
         if grad_norm is not None:
             scalars[f"grad_norm/{phase}"] = grad_norm
@@ -607,7 +621,8 @@ class Trainer:
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         try:
             with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-                write_samples(self.objective, self.teacher, noise, cond, list(self.cfg.sample_steps), path)
+                rows = write_samples(self.objective, self.teacher, noise, cond, list(self.cfg.sample_steps), path)
+            self.tracking.samples(self.step, path, rows)  # to the trackers; sample alarms
         except Exception as err:  # a sample grid must never cost the run
             _say(f"WARNING: sample grid at step {self.step} failed ({type(err).__name__}: {err}); grids are off now.")
             return None
