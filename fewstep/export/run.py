@@ -24,7 +24,8 @@ from typing import Any
 
 from fewstep.export.card import write_card
 from fewstep.export.files import KIND, export_fingerprint, staged_directory
-from fewstep.export.lora import save_kohya, save_lora, save_merged, save_student
+from fewstep.export.kohya import save_kohya
+from fewstep.export.lora import save_lora, save_merged, save_student
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.protocol import Objective
