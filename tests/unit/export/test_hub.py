@@ -163,14 +163,18 @@ def test_the_card_snippet_runs_as_pasted_for_a_tiny_sd15_export(sd15_run, tmp_pa
 
 
 def test_the_card_snippet_runs_for_a_class_conditional_pixel_export(tmp_path):
-    """fewstep:digits-vp exports a DDPMPipeline, which cannot pass class labels: the card writes the loop out."""
+    """fewstep:digits-vp exports a DDPMPipeline, which cannot pass class labels: the card writes the loop out. The run
+    evaluates itself during training (FID and accuracy of the digits benchmark), and the card carries that table."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(TINY_LCM_RECIPE.replace("OUT", str(tmp_path / "run")))
-    assert main(["train", str(recipe)]) == 0
+    assert main(["train", str(recipe), "eval.every_steps=1", "eval.steps=[1,2]", "eval.num_samples=20"]) == 0
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert f"* base model: `{asset_path('digits-vp').resolve()}`" in card  # fewstep:digits-vp as its directory
+    periodic = read_report(tmp_path / "run" / "eval" / "step_00000001" / "eval.json")
+    assert "the periodic evaluation during training" in card and format_table(periodic).rstrip() in card
+    assert {"fid", "accuracy"} <= set(periodic.rows[0].metrics)
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert "DDPMPipeline.from_pretrained" in code and "class_labels=labels" in code
     scope: dict = {}
