@@ -19,17 +19,20 @@ exactly), with ``alpha = 3·lora_alpha`` so that ``alpha / rank`` is the student
 the block structure and splits it back into three rank-``r`` LoRAs. A part without a LoRA (a single block's
 ``proj_mlp`` when only attention was trained) is a zero block: it adds nothing.
 
-What cannot be written, and why (each is an error at export time, naming the modules):
+Why SD3 gets diffusers keys: diffusers has no reader for non-diffusers SD3 LoRA keys, so a kohya-style file
+(``lora_transformer_...``) could not be checked; ComfyUI reads the diffusers keys, but ignores the ``lora_alpha`` kept
+in the safetensors metadata, hence the folded scale.
 
-* SD3: diffusers has no reader for non-diffusers SD3 LoRA keys, so a kohya-style file (``lora_transformer_...``) could
-  not be checked; ComfyUI reads the diffusers keys, but ignores the ``lora_alpha`` kept in the file's metadata, hence
-  the folded scale.
+What the layouts cannot hold (an error at export time, naming the modules or widths):
+
 * Flux modules outside the transformer blocks (``x_embedder``, ``context_embedder``, ``time_text_embed.*``,
   ``norm_out``, ``proj_out``): diffusers' reader converts them without the ``transformer.`` prefix, so they would
-  silently not load.
+  silently not load (checked with diffusers 0.42).
 * Flux transformers other than FLUX.1's shape: the reader maps 19 double and 38 single blocks and splits a single
   block's fused ``linear1`` at FLUX.1's widths (3072, 3072, 3072, 12288).
-* Text encoder LoRAs: fewstep trains the backbone only, so the files hold no ``lora_te*`` keys.
+* Per-layer ranks or alphas, DoRA, LoRA biases.
+
+Text encoder LoRAs: fewstep trains the backbone only, so the files hold no ``lora_te*`` keys.
 """
 
 from __future__ import annotations
