@@ -2,7 +2,7 @@
 an evaluation target).
 
 The export's files are verified against its manifest before anything is loaded (a changed or added file is refused,
-naming it). A LoRA export loads on its base pipeline (``--base``, else the model card's ``base_model``), a merged export
+naming it). A LoRA export loads on its base pipeline (``--base``, else the base its manifest records), a merged export
 as a pipeline (in the export directory or ``merged/``); the scheduler is the exported one and each step count runs with
 ``read_schedule(dir).call_kwargs(n)``. Text pipelines are called as they are (``output_type="pt"``, shared initial
 latents). Class-conditional ``UNet2DModel`` exports (``DDPMPipeline`` cannot pass class labels) run the pipeline's own
@@ -24,10 +24,16 @@ from torch import Tensor
 
 from fewstep.eval.harness import EvalInputs, Sampler
 from fewstep.eval.samplers import backbone_of, conditioning_kind, default_device, noise_shape
+from fewstep.train.manifest import read_manifest
 
 
 def card_base_model(export_dir: Path) -> str | None:
-    """``base_model`` from the export's model card header (``README.md``), if any."""
+    """The base model of an export: the spec its manifest records (a Hub id, local path, ``tiny:`` / ``fewstep:``
+    name), else ``base_model`` from its model card header (``README.md``; exports written before manifests)."""
+    manifest = read_manifest(export_dir)
+    base = (manifest or {}).get("fingerprint", {}).get("base_model")
+    if isinstance(base, str) and base and not base.startswith("<"):
+        return base
     card = export_dir / "README.md"
     if not card.is_file():
         return None

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,38 @@ def write_report(report: EvalReport, out_dir: str | Path, save_grid: bool = True
     md_path = out_dir / MARKDOWN_FILE
     md_path.write_text(format_report(report), encoding="utf-8")
     return json_path, md_path
+
+
+def read_report(path: str | Path) -> EvalReport:
+    """An ``eval.json`` back as an ``EvalReport`` (rows and header; non-finite numbers, written as strings, as
+    floats again), e.g. to print its table with ``format_table``.
+
+    Raises:
+        ValueError: the file is not a report written by ``write_report``.
+    """
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} is not an evaluation report (no rows): pass an eval.json written by `fewstep eval`.")
+    names = {f.name for f in fields(Row)} - {"preview"}
+    rows = []
+    for row in data["rows"]:
+        values = {k: v for k, v in row.items() if k in names}
+        for key in ("nfe_per_image", "seconds_per_image", "peak_memory_mib"):
+            values[key] = _number(values.get(key))
+        values["metrics"] = {k: _number(v) for k, v in (values.get("metrics") or {}).items()}
+        rows.append(Row(**values))
+    return EvalReport(rows, {k: v for k, v in data.items() if k != "rows"}, path.parent)
+
+
+def _number(value: Any) -> Any:
+    """``"nan"`` / ``"inf"`` (how ``jsonable`` writes non-finite floats) back to floats; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def write_row_images(row: Row, images: Tensor, out_dir: Path, name: str) -> None:

@@ -1,26 +1,23 @@
 """Export students so stock diffusers loads them: LoRA, merged pipeline, scheduler config, model card."""
 
 from fewstep.export.card import render_card, write_card
-from fewstep.export.lora import (
-    KOHYA_WEIGHT_NAME,
-    WEIGHT_NAME,
-    lora_state_dict,
-    merged_backbone,
-    save_kohya,
-    save_lora,
-    save_merged,
-)
+from fewstep.export.hub import PushError, push_export
+from fewstep.export.kohya import KOHYA_WEIGHT_NAME, kohya_state_dict, save_kohya
+from fewstep.export.lora import WEIGHT_NAME, lora_state_dict, merged_backbone, save_lora, save_merged
 from fewstep.export.run import export_run, export_student, read_source, sampling_spec
 from fewstep.objectives.spec import SamplingSpec, read_schedule, write_schedule
 
 __all__ = [
     "KOHYA_WEIGHT_NAME",
+    "PushError",
     "WEIGHT_NAME",
     "SamplingSpec",
     "export_run",
     "export_student",
+    "kohya_state_dict",
     "lora_state_dict",
     "merged_backbone",
+    "push_export",
     "read_schedule",
     "read_source",
     "render_card",

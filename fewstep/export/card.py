@@ -1,12 +1,41 @@
-"""The model card (``README.md``) of an exported student: what it is, the guidance convention, the recommended steps
-and guidance, the exact schedules it was trained for, how to load it in diffusers, and an optional eval table."""
+"""The model card (``README.md``) of an exported student: what it is, the base model, the guidance convention, the
+recommended steps and guidance, the exact schedules it was trained for, how to load it in diffusers (a snippet that
+runs as pasted), and the evaluation table when one was made for these weights.
+
+The YAML header is written with ``huggingface_hub.ModelCardData``. Its ``base_model`` is only set to a Hub id: the Hub
+refuses a card whose ``base_model`` is a local path, so a student of a local or ``tiny:`` / ``fewstep:`` model names
+its base (as the real local directory) in the text and the snippet only.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+from fewstep.export.kohya import KOHYA_WEIGHT_NAME
 from fewstep.export.lora import WEIGHT_NAME
+from fewstep.models.loading import is_hub_id, resolve_pretrained
 from fewstep.objectives.spec import SamplingSpec
+
+PROMPT = "a photo of a cat"
+
+
+class Usage(NamedTuple):
+    """How the stock pipeline is loaded and called (see ``render_card``)."""
+
+    pipeline_class: str
+    base_model: str
+    conditioning: str
+    sample_shape: Sequence[int]
+    null_class: int | None
+
+
+def card_base_model(spec: str) -> str:
+    """What ``from_pretrained`` takes for a base model: a Hub id as it is; ``tiny:`` / ``fewstep:`` names and local
+    paths as the absolute local directory."""
+    resolved = resolve_pretrained(spec)
+    return resolved if is_hub_id(resolved) else str(Path(resolved).resolve())
 
 
 def _fmt(value: object) -> str:
@@ -18,10 +47,29 @@ def _fmt(value: object) -> str:
     return repr(value)
 
 
-def _snippet(spec: SamplingSpec, pipeline_class: str, base_model: str, student_path: str, lora: bool) -> str:
+def _args(kwargs: dict[str, object]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in kwargs.items())
+
+
+def _load_pipeline(pipeline_class: str, where: str, subfolder: str | None, note: str) -> list[str]:
+    """``pipe = <class>.from_pretrained(...)`` for a full pipeline in ``where`` (a directory or Hub id), or in its
+    ``subfolder`` (a pipeline in a Hub repo's subfolder is downloaded first: ``from_pretrained`` takes no subfolder
+    for pipelines)."""
+    if subfolder is None:
+        return [f'pipe = {pipeline_class}.from_pretrained("{where}")  # {note}']
+    return [
+        "from huggingface_hub import snapshot_download",
+        "",
+        f'folder = snapshot_download("{where}", allow_patterns=["{subfolder}/*"])',
+        f'pipe = {pipeline_class}.from_pretrained(f"{{folder}}/{subfolder}")  # {note}',
+    ]
+
+
+def _text_snippet(
+    spec: SamplingSpec, pipeline_class: str, base_model: str, student_path: str, subfolder: str | None, lora: bool
+) -> list[str]:
+    """A text-to-image pipeline: the LoRA on its base with the student's scheduler, or the full pipeline."""
     kwargs = spec.call_kwargs(spec.recommended_steps)
-    args = ", ".join(f"{k}={_fmt(v)}" for k, v in kwargs.items())
-    seeded = "sigmas" in kwargs  # pipelines that sample these schedulers draw re-noise from the global RNG
     lines = ["import torch", f"from diffusers import {pipeline_class}, {spec.scheduler_class}", ""]
     if lora:
         lines += [
@@ -30,16 +78,61 @@ def _snippet(spec: SamplingSpec, pipeline_class: str, base_model: str, student_p
             f'pipe.load_lora_weights("{student_path}", weight_name="{WEIGHT_NAME}")',
         ]
     else:
-        lines += [f'pipe = {pipeline_class}.from_pretrained("{student_path}")  # scheduler included']
-    if seeded:
-        lines += ["torch.manual_seed(0)"]
-        lines += [f'image = pipe("a photo of a cat", {args}).images[0]']
-    else:
+        lines += _load_pipeline(pipeline_class, student_path, subfolder, "scheduler included")
+    if "sigmas" in kwargs:  # pipelines that sample these schedulers draw re-noise from the global RNG
+        return [*lines, "torch.manual_seed(0)", f'image = pipe("{PROMPT}", {_args(kwargs)}).images[0]']
+    return [
+        *lines,
+        f'image = pipe("{PROMPT}", {_args(kwargs)},',
+        "             generator=torch.Generator().manual_seed(0)).images[0]",
+    ]
+
+
+def _pixel_snippet(
+    spec: SamplingSpec,
+    pipeline_class: str,
+    student_path: str,
+    subfolder: str | None,
+    sample_shape: Sequence[int],
+    null_class: int | None,
+) -> list[str]:
+    """A pixel ``UNet2DModel`` pipeline: the sampling loop written out, because ``DDPMPipeline`` can pass neither
+    class labels nor a schedule (timesteps, sigmas) to its model and scheduler."""
+    kwargs = spec.call_kwargs(spec.recommended_steps)
+    w = float(kwargs.pop("guidance_scale"))
+    step_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("num_inference_steps", "timesteps", "sigmas")}
+    n = null_class if null_class is not None else 4  # one image per class, or four unconditional images
+    shape = ", ".join(str(d) for d in (n, *sample_shape))
+    lines = [
+        "import torch",
+        f"from diffusers import {pipeline_class}",
+        "",
+        *_load_pipeline(pipeline_class, student_path, subfolder, f"the student's {spec.scheduler_class} included"),
+        "scheduler, unet = pipe.scheduler, pipe.unet",
+        f"scheduler.set_timesteps({_args(kwargs)})",
+        "generator = torch.Generator().manual_seed(0)",
+        f"x = torch.randn({shape}, generator=generator) * scheduler.init_noise_sigma",
+    ]
+    if null_class is not None:
+        lines.append(f"labels = torch.arange({null_class})  # class {null_class} is the null class")
+    call = "unet(x_in, t, class_labels=labels).sample" if null_class is not None else "unet(x_in, t).sample"
+    lines += ["with torch.no_grad():", "    for t in scheduler.timesteps:"]
+    lines += ["        x_in = scheduler.scale_model_input(x, t)"]
+    if null_class is not None and w != 1.0:  # CFG on a doubled batch: uncond + w·(cond − uncond)
         lines += [
-            f'image = pipe("a photo of a cat", {args},',
-            "             generator=torch.Generator().manual_seed(0)).images[0]",
+            f"        null = torch.full_like(labels, {null_class})",
+            "        both = unet(torch.cat([x_in, x_in]), t, class_labels=torch.cat([null, labels])).sample",
+            "        uncond, cond = both.chunk(2)",
+            f"        out = uncond + {_fmt(w)} * (cond - uncond)",
         ]
-    return "\n".join(lines)
+    else:
+        lines.append(f"        out = {call}")
+    extra = "".join(f", {k}={_fmt(v)}" for k, v in step_kwargs.items())
+    lines += [
+        f"        x = scheduler.step(out, t, x, generator=generator{extra}).prev_sample",
+        f"images = (x / 2 + 0.5).clamp(0, 1)  # [{shape}] in [0, 1]",
+    ]
+    return lines
 
 
 def _source_line(source: dict[str, str]) -> str:
@@ -59,27 +152,40 @@ def render_card(
     student_path: str,
     lora: bool,
     merged_path: str | None = None,
+    kohya: bool = False,
     description: str = "",
-    metrics: dict[str, dict[int, float]] | None = None,
+    evaluation: str | None = None,
     source: dict[str, str] | None = None,
+    conditioning: str = "text",
+    sample_shape: Sequence[int] = (),
+    null_class: int | None = None,
 ) -> str:
     """The card as Markdown with a YAML header.
 
     Args:
         spec: the student's sampling spec (``objective.sampling_spec()``).
         pipeline_class: the diffusers pipeline class to load with (e.g. ``StableDiffusionPipeline``).
-        base_model: the teacher (hub id or path) the LoRA applies to.
-        student_path: where this export lives (a folder or the Hub id it will be uploaded to).
+        base_model: the teacher the student was distilled from, as ``from_pretrained`` takes it (``card_base_model``).
+        student_path: where this export is loaded from: its directory, or the Hub id it is uploaded to.
         lora: whether ``pytorch_lora_weights.safetensors`` is part of the export.
-        merged_path: the merged pipeline folder, if one was written.
+        merged_path: the merged pipeline's folder next to a LoRA (``merged``), if one was written.
+        kohya: whether ``pytorch_lora_weights_kohya.safetensors`` (ComfyUI / kohya keys) is part of the export.
         description: free text from the recipe.
-        metrics: optional eval table, ``{metric: {num_steps: value}}``.
+        evaluation: the evaluation section (Markdown: provenance and table), e.g. ``fewstep.eval.card``'s.
         source: where the weights came from, ``{"run", "checkpoint", "weights"}`` (``weights``: ``ema`` or ``raw``).
+        conditioning: ``text`` (text-to-image pipelines), ``class`` or ``none`` (pixel ``UNet2DModel`` pipelines).
+        sample_shape: ``[c, h, w]`` of one sample of a pixel pipeline.
+        null_class: the null class of a class-conditional pixel pipeline (its classes are ``0 .. null_class - 1``).
     """
+    from huggingface_hub import ModelCardData
+
     kind = "LoRA" if lora else "full model"
     tags = ["fewstep", "diffusers", spec.objective, "few-step", *(["lora"] if lora else [])]
-    out = ["---", "library_name: diffusers", f"base_model: {base_model}", "tags:", *[f"- {t}" for t in tags], "---", ""]
-    out += [f"# Few-step student ({spec.objective}, {kind})", ""]
+    header = ModelCardData(
+        library_name="diffusers", base_model=base_model if is_hub_id(base_model) else None, tags=tags,
+        pipeline_tag="text-to-image" if conditioning == "text" else None,
+    )  # fmt: skip
+    out = ["---", header.to_yaml(), "---", "", f"# Few-step student ({spec.objective}, {kind})", ""]
     if description:
         out += [description, ""]
     out += [f"Distilled from `{base_model}` with fewstep (objective `{spec.objective}`).", ""]
@@ -88,6 +194,7 @@ def render_card(
     out += [
         "## Recommended settings",
         "",
+        f"* base model: `{base_model}`",
         f"* steps: **{spec.recommended_steps}** (exported: {', '.join(str(s) for s in sorted(spec.steps))})",
         f"* guidance_scale: **{spec.guidance_scale}**",
         f"* guidance convention: {spec.guidance_convention}",
@@ -95,20 +202,26 @@ def render_card(
         "",
         "## Load in diffusers",
         "",
-        "```python",
-        _snippet(spec, pipeline_class, base_model, student_path, lora),
-        "```",
-        "",
     ]
+    if lora and not is_hub_id(base_model):
+        out += [f"`{base_model}` is a local directory of the machine that exported this student: point it at your "
+                "copy of the base model.", ""]  # fmt: skip
+    usage = Usage(pipeline_class, base_model, conditioning, sample_shape, null_class)
+    out += ["```python", *_snippet(spec, usage, student_path, None, lora), "```", ""]
     if lora and merged_path is not None:
+        hub = is_hub_id(student_path)  # a Hub repo: the pipeline is in its subfolder
+        where, subfolder = (student_path, merged_path) if hub else (str(Path(student_path) / merged_path), None)
         out += [
-            f"The same student with the LoRA fused in is a full pipeline in `{merged_path}`:",
+            f"The same student with the LoRA fused in is a full pipeline in `{merged_path}/`:",
             "",
             "```python",
-            _snippet(spec, pipeline_class, base_model, merged_path, False),
+            *_snippet(spec, usage, where, subfolder, False),
             "```",
             "",
         ]
+    if kohya:
+        out += [f"`{KOHYA_WEIGHT_NAME}` is the same LoRA in the layout ComfyUI (Load LoRA), A1111 / Forge and kohya's "
+                "sd-scripts read; `pipe.load_lora_weights` reads it too.", ""]  # fmt: skip
     out += ["## Schedules as trained", "", "| steps | pipeline arguments |", "|---|---|"]
     for n in sorted(spec.steps):
         entry = ", ".join(f"{k}={[round(v, 6) for v in vals]}" for k, vals in spec.steps[n].items())
@@ -116,23 +229,21 @@ def render_card(
     out.append("")
     if spec.notes:
         out += ["## Notes", "", *[f"* {note}" for note in spec.notes], ""]
-    if metrics:
-        steps = sorted({s for row in metrics.values() for s in row})
-        out += [
-            "## Evaluation",
-            "",
-            "| metric | " + " | ".join(f"{s} steps" for s in steps) + " |",
-            "|---|" + "---|" * len(steps),
-        ]
-        for name, row in metrics.items():
-            out.append(f"| {name} | " + " | ".join(f"{row[s]:.4g}" if s in row else "–" for s in steps) + " |")
-        out.append("")
+    if evaluation:
+        out += ["## Evaluation", "", evaluation.strip(), ""]
     return "\n".join(out)
+
+
+def _snippet(spec: SamplingSpec, usage: Usage, student_path: str, subfolder: str | None, lora: bool) -> list[str]:
+    """The loading and sampling code for a text pipeline or a pixel ``UNet2DModel`` pipeline."""
+    if usage.conditioning == "text":
+        return _text_snippet(spec, usage.pipeline_class, usage.base_model, student_path, subfolder, lora)
+    return _pixel_snippet(spec, usage.pipeline_class, student_path, subfolder, usage.sample_shape, usage.null_class)
 
 
 def write_card(out_dir: str | Path, spec: SamplingSpec, **kwargs) -> Path:
     """Write ``<out_dir>/README.md`` (see ``render_card`` for the arguments)."""
     path = Path(out_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_card(spec, **kwargs))
+    path.write_text(render_card(spec, **kwargs), encoding="utf-8")
     return path

@@ -19,7 +19,6 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -28,7 +27,6 @@ from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
 def backbone_component(teacher: Teacher) -> str:
@@ -93,32 +91,6 @@ def save_lora(student: Student, teacher: Teacher, out_dir: str | Path, weight_na
         weight_name=weight_name,
         safe_serialization=True,
     )
-    return out_dir / weight_name
-
-
-def save_kohya(student: Student, teacher: Teacher, out_dir: str | Path, weight_name: str = KOHYA_WEIGHT_NAME) -> Path:
-    """The same LoRA with kohya / ComfyUI keys (``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``,
-    ``.alpha``) for UNet pipelines (SD1.x/2.x, SDXL). diffusers' ``convert_state_dict_to_kohya`` writes
-    ``alpha = rank``; the student's own ``lora_alpha`` is written instead, so the scale ``alpha / rank`` survives.
-    """
-    from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
-
-    component = backbone_component(teacher)
-    if component != "unet":
-        raise ValueError(
-            f"kohya keys exist for UNet LoRAs only; this teacher's backbone is a {component}. Its diffusers-format "
-            f"{WEIGHT_NAME} loads in ComfyUI as it is: set export.kohya: false."
-        )
-    config = student.denoiser.backbone.peft_config[student_adapter_name(student)]
-    if config.alpha_pattern or config.rank_pattern:
-        raise ValueError("kohya export needs one rank and alpha for every layer (no rank_pattern/alpha_pattern).")
-    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict(student).items()})
-    state = {k: torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v.contiguous()
-             for k, v in state.items()}  # fmt: skip
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_dir / weight_name))
     return out_dir / weight_name
 
 

@@ -3,7 +3,8 @@
 Layout of an export directory:
 
 * ``pytorch_lora_weights.safetensors`` (LoRA students with ``export.lora``): ``pipe.load_lora_weights(dir)``;
-  with ``export.kohya`` also ``pytorch_lora_weights_kohya.safetensors`` (kohya / ComfyUI keys, UNet models);
+  with ``export.kohya`` also ``pytorch_lora_weights_kohya.safetensors`` (ComfyUI / kohya keys,
+  ``fewstep.export.kohya``);
 * the merged pipeline (full students, or ``export.merged``): in the directory itself for a full student (so it
   loads with ``DiffusionPipeline.from_pretrained(dir)``), in ``merged/`` next to a LoRA;
 * ``scheduler/scheduler_config.json``: the student's diffusers scheduler; ``fewstep_student.json``: the exact
@@ -19,12 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fewstep.export.card import write_card
+from fewstep.export.card import card_base_model, write_card
 from fewstep.export.files import KIND, export_fingerprint, staged_directory
-from fewstep.export.lora import save_kohya, save_lora, save_merged, save_student
+from fewstep.export.kohya import save_kohya
+from fewstep.export.lora import save_lora, save_merged, save_student
+from fewstep.models.backbones import latent_shape
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.objectives.protocol import Objective
@@ -53,8 +57,9 @@ def export_student(
     kohya: bool = False,
     base_model: str | None = None,
     description: str = "",
-    metrics: dict[str, dict[int, float]] | None = None,
+    evaluation: str | None = None,
     source: dict[str, str] | None = None,
+    hub_id: str | None = None,
 ) -> Path:
     """Write the LoRA and/or merged pipeline, the scheduler config and spec, and the model card.
 
@@ -64,12 +69,15 @@ def export_student(
             docstring); a non-empty directory that is not an export is refused.
         lora: write ``pytorch_lora_weights.safetensors`` for a LoRA student.
         merged: also write a merged pipeline for a LoRA student (a full student is always written merged).
-        kohya: also write the LoRA with kohya / ComfyUI keys (UNet pipelines).
-        base_model: the teacher's hub id or path for the card (default: the pipeline's ``name_or_path``).
+        kohya: also write the LoRA with ComfyUI / kohya keys (``fewstep.export.kohya``).
+        base_model: the teacher's spec (Hub id, path, ``tiny:`` / ``fewstep:`` name; default: the pipeline's
+            ``name_or_path``), recorded in the manifest; the card names what ``from_pretrained`` takes for it.
         description: free text for the card.
-        metrics: optional eval table for the card, ``{metric: {num_steps: value}}``.
+        evaluation: the card's evaluation section (Markdown), e.g. ``fewstep.eval.card.evaluation_section``'s.
         source: where the weights came from, ``{"run", "checkpoint", "weights"}`` (``LoadedRun.source()``); written
             into ``fewstep_student.json`` (key ``source``) and the card.
+        hub_id: the Hub repository this export is for (``fewstep.export.hub.push_export``): the card loads it from
+            there, and the manifest records it; ``None``: the card loads it from ``out_dir``.
 
     Returns:
         ``out_dir``.
@@ -77,34 +85,46 @@ def export_student(
     out_dir = Path(out_dir)
     spec = sampling_spec(objective)
     pipe_cls = type(teacher.pipeline)
-    base = str(base_model or getattr(teacher.pipeline, "name_or_path", None) or "<base model>")
+    named = base_model or getattr(teacher.pipeline, "name_or_path", None)
+    base = str(named or "<base model>")
+    usage = _usage(teacher)
     with staged_directory(out_dir) as staging:
-        wrote_lora = False
+        wrote_lora = wrote_kohya = False
         if student.is_lora and lora:
             if hasattr(pipe_cls, "save_lora_weights"):
                 save_lora(student, teacher, staging)
                 wrote_lora = True
                 if kohya:
                     save_kohya(student, teacher, staging)
+                    wrote_kohya = True
             else:
                 logger.warning("%s cannot load LoRA files; writing a merged pipeline instead.", pipe_cls.__name__)
-        merged_dir = None
         if not wrote_lora or merged:
-            merged_dir = out_dir / "merged" if wrote_lora else out_dir  # where it will be, for the card
-            save_merged(student, teacher, staging / merged_dir.relative_to(out_dir), scheduler=spec.scheduler())
+            save_merged(student, teacher, staging / ("merged" if wrote_lora else ""), scheduler=spec.scheduler())
         write_schedule(spec, staging)
         if source is not None:
             _write_source(staging, source)
         objective.export_extra(staging, lambda extra, path: save_student(extra, teacher, path))  # e.g. AGD adapters
         write_card(
-            staging, spec, pipeline_class=pipe_cls.__name__, base_model=base, student_path=str(out_dir),
-            lora=wrote_lora, merged_path=str(merged_dir) if merged_dir is not None else None,
-            description=description, metrics=metrics, source=source,
+            staging, spec, pipeline_class=pipe_cls.__name__, base_model=card_base_model(base) if named else base,
+            student_path=hub_id or str(out_dir.resolve()),
+            lora=wrote_lora, merged_path="merged" if wrote_lora and merged else None, kohya=wrote_kohya,
+            description=description, evaluation=evaluation, source=source, **usage,
         )  # fmt: skip
         fields = {"family": teacher.family, "objective": spec.objective, "base_model": base,
-                  "layout": "lora" if wrote_lora else "merged"}  # fmt: skip
+                  "layout": "lora" if wrote_lora else "merged", **({"hub_id": hub_id} if hub_id else {})}  # fmt: skip
         write_manifest(staging, export_fingerprint(staging, **fields), KIND)
     return out_dir
+
+
+def _usage(teacher: Teacher) -> dict[str, Any]:
+    """How the card's snippet calls the pipeline: text-to-image, or a pixel ``UNet2DModel`` (class-conditional or
+    unconditional) sampled in a written-out loop."""
+    if teacher.family != "unet2d":
+        return {"conditioning": "text"}
+    num_classes = getattr(teacher.denoiser.backbone.config, "num_class_embeds", None)
+    return {"conditioning": "class" if num_classes else "none", "sample_shape": latent_shape(teacher, 1)[1:],
+            "null_class": num_classes - 1 if num_classes else None}  # fmt: skip
 
 
 def export_run(
@@ -114,6 +134,8 @@ def export_run(
     checkpoint: str | Path = "latest",
     weights: str = "auto",
     teacher: Teacher | None = None,
+    evaluation: Callable[[dict[str, str]], str | None] | None = None,
+    hub_id: str | None = None,
 ) -> Path:
     """Export one checkpoint of a training run, with the weights ``fewstep eval`` samples by default.
 
@@ -128,6 +150,10 @@ def export_run(
         checkpoint: ``latest`` (the newest complete checkpoint), ``best`` or a checkpoint directory.
         weights: ``auto`` (EMA when the checkpoint has it, else raw), ``ema`` or ``raw``.
         teacher: the run's custom teacher, if it was trained with one.
+        evaluation: called with the loaded weights' source (``{"run", "checkpoint", "weights"}``) once the checkpoint
+            is chosen; returns the card's evaluation section or ``None`` (``fewstep.eval.card.evaluation_section``
+            finds the run's eval report of exactly these weights; ``fewstep export`` passes it).
+        hub_id: the Hub repository the export is for (see ``export_student``).
 
     Raises:
         FileNotFoundError: no resolved config or no such complete checkpoint in ``run_dir``, or ``ema`` for a run
@@ -139,6 +165,7 @@ def export_run(
         components.student, components.teacher, components.objective, out_dir or Path(run_dir) / "export",
         lora=recipe.export.lora, merged=recipe.export.merged, kohya=recipe.export.kohya,
         base_model=recipe.teacher.pretrained, description=recipe.description, source=run.source(),
+        evaluation=evaluation(run.source()) if evaluation is not None else None, hub_id=hub_id,
     )  # fmt: skip
 
 

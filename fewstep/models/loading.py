@@ -37,7 +37,7 @@ FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 __all__ = [
-    "FAMILIES", "decode_latents", "detect_family", "encode_images", "load_pipeline", "load_teacher",
+    "FAMILIES", "decode_latents", "detect_family", "encode_images", "is_hub_id", "load_pipeline", "load_teacher",
     "resolve_pretrained", "to_dtype",
 ]  # fmt: skip
 
@@ -54,6 +54,12 @@ def resolve_pretrained(spec: str | os.PathLike) -> str:
 
         return str(asset_path(spec.removeprefix("fewstep:")))
     return os.path.expanduser(spec)
+
+
+def is_hub_id(spec: str | os.PathLike) -> bool:
+    """Whether a resolved spec (``resolve_pretrained``) names a Hugging Face Hub repository, not a local directory."""
+    spec = str(spec)
+    return not (Path(spec).exists() or not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")))
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -117,7 +123,7 @@ def load_pipeline(
 
     spec = resolve_pretrained(path_or_id)
     path = Path(spec)
-    is_local = path.exists() or not _HUB_ID.match(spec) or spec.startswith((".", "/", "~"))
+    is_local = not is_hub_id(spec)
     kwargs: dict[str, Any] = {_dtype_key(): to_dtype(dtype), "revision": revision, "variant": variant}
     if is_local:
         _check_local_pipeline(path)

@@ -135,10 +135,10 @@ def test_train_and_export_call_their_entry_points(recipes, tmp_path, monkeypatch
     loop = types.ModuleType("fewstep.train.loop")
     loop.train = lambda recipe, evaluator: calls.append((recipe, evaluator)) or tmp_path / "run"
     loop.TrainingStopped = type("TrainingStopped", (RuntimeError,), {})
-    export = types.ModuleType("fewstep.export")
-    export.export_run = lambda run_dir, out, **kw: calls.append((run_dir, out, kw)) or out / "lora"
+    monkeypatch.setattr(
+        "fewstep.export.export_run", lambda run_dir, out, **kw: calls.append((run_dir, out, kw)) or out / "lora"
+    )
     monkeypatch.setitem(sys.modules, "fewstep.train.loop", loop)
-    monkeypatch.setitem(sys.modules, "fewstep.export", export)
 
     assert main(["train", str(recipes / "quickstart" / "valid.yaml"), "--dry-run", "train.seed=3"]) == 0
     assert calls == [] and "seed: 3" in capsys.readouterr().out
@@ -153,12 +153,15 @@ def test_train_and_export_call_their_entry_points(recipes, tmp_path, monkeypatch
     capsys.readouterr()
 
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
-    assert calls[1] == (tmp_path, tmp_path / "out", {"checkpoint": "latest", "weights": "auto"})
+    from fewstep.eval.card import evaluation_section  # the card gets the run's eval table of the exported weights
+
+    assert calls[1] == (tmp_path, tmp_path / "out", {"checkpoint": "latest", "weights": "auto",
+                                                      "evaluation": evaluation_section, "hub_id": None})  # fmt: skip
     assert capsys.readouterr().out == f"exported to {tmp_path / 'out' / 'lora'}\n"
     assert (
         main(["export", str(tmp_path), "--out", str(tmp_path / "o2"), "--checkpoint", "best", "--weights", "raw"]) == 0
     )
-    assert calls[2] == (tmp_path, tmp_path / "o2", {"checkpoint": "best", "weights": "raw"})
+    assert calls[2][2]["checkpoint"] == "best" and calls[2][2]["weights"] == "raw"
     assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "out")]) == 2
     assert "run directory" in capsys.readouterr().err
 
