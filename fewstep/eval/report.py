@@ -119,6 +119,18 @@ def write_report(report: EvalReport, out_dir: str | Path, save_grid: bool = True
     return json_path, md_path
 
 
+def read_report(path: str | Path) -> EvalReport:
+    """An ``eval.json`` written by ``write_report``, back as an ``EvalReport`` (its rows and header ``info``); numbers
+    stored as text (``"nan"``, ``"inf"``) come back as floats.
+
+    Raises:
+        OSError, json.JSONDecodeError, KeyError, TypeError: an unreadable file or one that is not such a report.
+    """
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    rows = [Row(**{**row, "metrics": {k: float(v) for k, v in row["metrics"].items()}}) for row in data.pop("rows")]
+    return EvalReport(rows, data, Path(path).parent)
+
+
 def write_row_images(row: Row, images: Tensor, out_dir: Path, name: str) -> None:
     """``images/<name>/00000.png ...`` (``images``: ``[n, c, h, w]`` uint8)."""
     from PIL import Image
