@@ -101,20 +101,24 @@ def _num(value: float | None) -> str:
 
 
 def curve_table(metric: str, runs: list[tuple[str, Path, dict[str, Any]]], points: int, smoothing: float) -> str:
-    """``metric`` of every run at ``points`` evenly spaced steps, smoothed (``–`` outside a run's logged range); a
-    sparse metric (periodic evaluation) raw at each step it was logged, if those are at most ``points``."""
+    """``metric`` of every run at ``points`` evenly spaced steps, smoothed (``–`` before a run's first point or a row
+    past its last). A sparse metric (periodic evaluation) is shown raw: at each logged step if those are at most
+    ``points``, else the last value at or before each row's step."""
     from fewstep.eval.curves import even_steps
 
     curves = [r[2].get(metric) for r in runs]
     present = [c for c in curves if c is not None]
     logged = sorted({s for c in present for s in c.steps})
-    if all(c.sparse for c in present) and len(logged) <= points:
+    sparse = all(c.sparse for c in present)
+    if sparse and len(logged) <= points:
         title = f"{metric} (raw, every logged step)"
         rows = [[str(s), *[_num(c.exact(s) if c is not None else None) for c in curves]] for s in logged]
     else:
-        title = f"{metric}" + (f" (smoothed, weight {smoothing:g})" if smoothing > 0 else " (raw)")
+        weight = 0.0 if sparse else smoothing
+        title = f"{metric} (smoothed, weight {weight:g})" if weight > 0 else f"{metric} (raw)"
         steps = even_steps(present, points)
-        rows = [[str(s), *[_num(c.at(s, smoothing) if c is not None else None) for c in curves]] for s in steps]
+        gap = steps[1] - steps[0] if len(steps) > 1 else 0  # a curve that ends within a row of the end still counts
+        rows = [[str(s), *[_num(c.at(s, weight, gap) if c is not None else None) for c in curves]] for s in steps]
     return title + "\n" + _table(["step", *[label for label, _, _ in runs]], rows, left=0)
 
 
@@ -152,14 +156,15 @@ def recipe_section(run_a: Path, run_b: Path) -> str:
     if not diff:
         return f"recipe differences ({RECIPE_FILE}): none"
     rows = [[key, _yaml(va, MISSING), _yaml(vb, MISSING)] for key, va, vb in diff]
-    return f"recipe differences ({RECIPE_FILE})\n" + _table(["key", "A", "B"], rows)
+    return f"recipe differences ({RECIPE_FILE})\n" + _table(["key", "A", "B"], rows, left=3)
 
 
-def _yaml(value: Any, missing: object) -> str:
-    """A recipe value as it reads in YAML (flow style), ``(absent)`` for a key the run lacks."""
+def _yaml(value: Any, missing: object, max_chars: int = 48) -> str:
+    """A recipe value as it reads in YAML (flow style, cut to ``max_chars``), ``(absent)`` for a key the run lacks."""
     if value is missing:
         return "(absent)"
     import yaml
 
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return text.removesuffix("...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
+    text = text.removesuffix("...").strip()
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"

@@ -12,6 +12,7 @@ evaluation, ``SPARSE_POINTS``) are shown raw, point by point: each point is a me
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 from collections.abc import Sequence
@@ -67,12 +68,12 @@ class Curve:
     def smoothed(self, weight: float = SMOOTHING) -> list[float]:
         return smooth(self.values, weight)
 
-    def at(self, step: int, weight: float = SMOOTHING) -> float | None:
-        """The smoothed value at the last logged step ``<= step``; ``None`` before the first or after the last."""
-        if not self.steps or step < self.steps[0] or step > self.steps[-1]:
+    def at(self, step: int, weight: float = SMOOTHING, tolerance: int = 0) -> float | None:
+        """The smoothed value at the last logged step ``<= step``; ``None`` before the first logged step or more than
+        ``tolerance`` steps after the last."""
+        if not self.steps or step < self.steps[0] or step > self.steps[-1] + tolerance:
             return None
-        index = max(i for i, s in enumerate(self.steps) if s <= step)
-        return self.smoothed(weight)[index]
+        return self.smoothed(weight)[bisect.bisect_right(self.steps, step) - 1]
 
     def exact(self, step: int) -> float | None:
         """The raw value logged at ``step``, or ``None``."""

@@ -15,17 +15,17 @@ from fewstep.eval.periodic import periodic_evaluator
 from fewstep.train.loop import train
 from tests.helpers import digits_lora_recipe, fresh_accelerate_state, one_error, single_thread  # noqa: F401
 
-STEPS = 6
+STEPS = 21  # more than fewstep.eval.curves.SPARSE_POINTS: the loss is a smoothed curve
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Run A: lr 1e-3; run B: lr 3e-3 with an accuracy evaluation every 3 steps. 6 steps each, every step logged."""
+    """Run A: lr 1e-3; run B: lr 3e-3 with an accuracy evaluation every 10 steps. 21 steps each, every step logged."""
     root = tmp_path_factory.mktemp("compare")
     common = dict(max_steps=STEPS, checkpoint_every=STEPS, log_every=1)
     a = digits_lora_recipe(root / "a", **common)
     b = digits_lora_recipe(root / "b", {"lr": 3e-3}, **common)
-    b["eval"] = {"every_steps": 3, "steps": [1], "num_samples": 20, "metrics": ["accuracy"], "batch_size": 20}
+    b["eval"] = {"every_steps": 10, "steps": [1], "num_samples": 20, "metrics": ["accuracy"], "batch_size": 20}
     return train(validate_recipe(a)), train(validate_recipe(b), evaluator=periodic_evaluator)
 
 
@@ -42,7 +42,7 @@ def test_compare_prints_both_curves_the_finals_the_report_and_the_lr_difference(
     table = out.split("loss (smoothed, weight 0.6)\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert table[0].split() == ["step", "A", "B"]
     steps = [int(line.split()[0]) for line in table[1:]]
-    assert steps == [1, 3, 4, 6]  # 4 evenly spaced steps over 1..6
+    assert steps == [1, 8, 14, 21]  # 4 evenly spaced steps over 1..21
     last = table[-1].split()  # the smoothed value at the last step, for both runs
     assert [float(v) for v in last[1:]] == pytest.approx(
         [smooth(loss_a.values)[-1], smooth(loss_b.values)[-1]], rel=1e-3
@@ -56,13 +56,13 @@ def test_compare_prints_both_curves_the_finals_the_report_and_the_lr_difference(
 
     assert "eval report A: none" in out
     report_b = out.split("eval report B: ", 1)[1].split("\n\n", 1)[0]
-    assert report_b.startswith(str(b / "eval" / "step_00000006" / "eval.json"))  # the newest periodic evaluation
+    assert report_b.startswith(str(b / "eval" / "step_00000020" / "eval.json"))  # the newest periodic evaluation
     assert "| student (diffusion, raw) | 1 | 1 |" in report_b
 
     diff = out.split("recipe differences (resolved_config.yaml)\n", 1)[1].splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in diff[1:] if line.strip()}
     assert rows["optim.lr"] == ["0.001", "0.003"]
-    assert rows["eval.every_steps"] == ["null", "3"]
+    assert rows["eval.every_steps"] == ["null", "10"]
     assert "train.max_steps" not in rows  # equal values are not listed
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < png.stat().st_size < 200_000
@@ -73,13 +73,13 @@ def test_default_metrics_are_the_loss_and_the_evaluations_both_runs_logged(runs,
     a, b = runs
     assert main(["compare", str(b), str(b)]) == 0
     out = capsys.readouterr().out
-    assert "loss (raw, every logged step)" in out  # 6 points, no more than --points 10: each one as logged
+    assert "loss (smoothed, weight 0.6)" in out
     eval_table = out.split("eval/accuracy@1 (raw, every logged step)\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert [line.split()[0] for line in eval_table[1:]] == ["3", "6"]  # the evaluated steps, not a smoothed grid
+    assert [line.split()[0] for line in eval_table[1:]] == ["10", "20"]  # the evaluated steps, not a smoothed grid
     assert "recipe differences (resolved_config.yaml): none" in out
     assert main(["compare", str(a), str(b)]) == 0  # A has no evaluation: only the loss
     out = capsys.readouterr().out
-    assert "loss (raw" in out and "eval/accuracy@1 (" not in out
+    assert "loss (smoothed" in out and "eval/accuracy@1 (" not in out
 
 
 def test_a_directory_without_event_files_is_one_error_line(runs, tmp_path, capsys):
