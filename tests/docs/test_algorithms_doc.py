@@ -1,7 +1,7 @@
 """docs/algorithms.md against the code: a section for every registered objective, and every `| field | default |`
 row equal to the pydantic default of that objective's recipe block. Every field has a row in its own section, or, for
 a block that extends another objective's (rCM and TBCM extend sCM's), in that objective's section with the same
-default. Links inside docs/ point at files and headings that exist."""
+default. Links inside docs/ point at files and headings that exist, and the reference curves at small PNGs."""
 
 from __future__ import annotations
 
@@ -120,3 +120,6 @@ def test_links_between_the_docs_point_at_files_and_headings_that_exist():
             assert path.is_file(), f"{doc.name}: link to missing {target}"
             if anchor:
                 assert anchor in anchors(path), f"{doc.name}: no heading #{anchor} in {path.name}"
+        for image in re.findall(r"\]\(([\w./]+\.png)\)", doc.read_text(encoding="utf-8")):
+            assert (DOCS / image).is_file(), f"{doc.name}: image {image} is missing (python scripts/curves.py RUN_DIR)"
+            assert (DOCS / image).stat().st_size < 100_000, f"{image} is over 100 KB"
