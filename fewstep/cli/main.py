@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("fewstep.cli.sample", "write images of a student, an export or a teacher for prompts / labels"),
     "quickstart": ("fewstep.cli.quickstart", "distill the digits teacher on a CPU and print the quality table"),
     "pairs": ("fewstep.cli.pairs", "write a reflow recipe's teacher pairs"),
+    "compare": ("fewstep.cli.compare", "compare two runs: curves, final values, eval reports, recipe differences"),
 }
 USER_ERROR_EXIT = 2  # bad input: recipe, paths, corrupt or foreign files
 RUN_FAILED_EXIT = 1  # a run that started and failed: non-finite stop, disk full

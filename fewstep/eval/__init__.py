@@ -6,6 +6,7 @@
 * metrics: ``metric`` (the protocol), ``suite`` (metrics by name), ``fid``, ``features``, ``classifier``,
   ``accuracy``, ``clip``, ``digits``, ``weights``;
 * reports: ``report`` (the one row type, tables, grids, ``eval.json`` / ``eval.md``);
+* training curves: ``curves`` (a run's TensorBoard scalars, smoothed; ``fewstep compare``, ``scripts/curves.py``);
 * workflows: ``periodic`` (evaluation during training), ``quickstart`` (the digits quickstart), ``sample``
   (``fewstep sample``: one file per prompt or label and seed, a contact sheet, ``samples.jsonl``).
 
