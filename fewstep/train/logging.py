@@ -219,6 +219,11 @@ class TrainingLog:
     """What the trainer reports: scalars with throughput and memory every ``train.log_every`` steps, sample grids as
     images, and collapse alarms (``train.alarms``). Only the main process logs or checks alarms.
 
+    Objectives that alternate phases (DMD2's fake-score and generator steps, rCM's critic, PCM's discriminator)
+    return different scalars on different steps. Each log carries the latest value of every scalar seen since the
+    previous log, so a ``log_every`` that shares a factor with the phase cycle still shows every phase's metrics
+    (at the step of the log, from that phase's most recent step).
+
     Args:
         accelerator: the run's ``Accelerator`` (trackers started with ``init_trackers``).
         recipe: the run's recipe.
@@ -234,6 +239,7 @@ class TrainingLog:
         samples = recipe.data.batch_size * self.cfg.gradient_accumulation_steps * accelerator.num_processes
         self.meter = StepMeter(samples, shape, tokens, accelerator.device)
         self.alarms = AlarmMonitor(self.cfg.alarms) if self.cfg.alarms.enabled else None
+        self._latest: dict[str, float] = {}  # every scalar's latest value since the last log
 
     def timed(self) -> contextlib.AbstractContextManager[None]:
         """Wrap one optimizer step (its time feeds ``time/step_s`` and the throughput)."""
@@ -247,8 +253,10 @@ class TrainingLog:
             prefix = f"{METRICS}/"
             metrics = {k.removeprefix(prefix): v for k, v in scalars.items() if k.startswith(prefix)}
             self._report(step, *self.alarms.metrics(step, metrics))
+        self._latest.update(scalars)
         if self.cfg.log_every and step % self.cfg.log_every == 0:
-            self.acc.log({**scalars, **self.meter.scalars()}, step=step)
+            self.acc.log({**self._latest, **self.meter.scalars()}, step=step)
+            self._latest = {}
 
     def samples(self, step: int, path: Path, rows: list[Tensor]) -> None:
         """A sample grid written at ``step`` (``path``, its ``rows`` in ``[0, 1]``): to the trackers, then alarms."""

@@ -335,6 +335,8 @@ class Trainer:
             "nonfinite_steps": float(self.nonfinite_steps),
             **learning_rates(self.optimizers),
         }
+        if len(self.optimizers) > 1:  # alternating phases: each phase's own loss curve
+            scalars[f"loss/{phase}"] = scalars["loss"]
         if grad_norm is not None:
             scalars[f"grad_norm/{phase}"] = grad_norm
         return {**scalars, **flatten_metrics("metrics", metrics)}

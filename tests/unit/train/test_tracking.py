@@ -183,3 +183,28 @@ def test_the_token_count_of_transformer_teachers_feeds_tokens_per_s():
     patch = teacher.denoiser.backbone.config.patch_size
     assert meter.tokens_per_item == (shape[1] // patch) * (shape[2] // patch) > 0, shape
     assert meter.frames_per_item is None and meter.samples_per_step == 2
+
+
+def test_alternating_phases_are_all_logged_whatever_the_cadence(tmp_path):
+    """DMD2 with one fake-score step per generator step: every second step is the fake score's, and ``log_every: 2``
+    lands on those only. Each log carries every scalar's latest value, so the generator's ``loss_dm`` (from the step
+    before) is logged too, and each group has its own ``loss/<group>`` curve."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = validate_recipe({
+        "teacher": {"pretrained": "fewstep:digits-vp", "guidance_scale": 2.0},
+        "student": {"kind": "lora", "lora": {"rank": 4}},
+        "objective": {"name": "dmd2", "num_student_steps": 1, "fake_steps_per_generator_step": 1},
+        "data": {"source": "digits", "batch_size": 4},
+        "optim": {"lr": 1e-4, "lr_scheduler": "constant"},
+        "train": {"max_steps": 4, "checkpoint_every": 4, "log_every": 2, "sample_every": None, "progress": False},
+        "output_dir": str(tmp_path / "run"),
+    })  # fmt: skip
+    run = train(recipe)
+    (events,) = (run / "fewstep").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"metrics/loss_dm", "metrics/loss_fake", "loss/student", "loss/fake_score"} <= tags, sorted(tags)
+    assert [e.step for e in acc.Scalars("metrics/loss_dm")] == [2, 4]
+    assert [e.step for e in acc.Scalars("loss/fake_score")] == [2, 4]
