@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,23 @@ logger = logging.getLogger(__name__)
 SOURCE_KEY = "source"  # fewstep_student.json: the run, checkpoint and weights an export_run took
 
 
-def sampling_spec(objective: Objective) -> SamplingSpec:
-    """The objective's ``sampling_spec()``: how its student is sampled with a stock diffusers scheduler."""
-    return objective.sampling_spec()
+def sampling_spec(objective: Objective, teacher: Teacher | None = None) -> SamplingSpec:
+    """The objective's ``sampling_spec()``: how its student is sampled with a stock diffusers scheduler.
+
+    A guidance-distilled teacher (FLUX.1-dev: ``guidance_embeds``) takes its guidance as an input the student saw in
+    training (``teacher.guidance_scale`` of the recipe, e.g. 3.5); its pipeline embeds ``guidance_scale``, so that is
+    the value to pass, not the 1 of "no CFG"."""
+    spec = objective.sampling_spec()
+    embedded = teacher.null_cond.guidance if teacher is not None and teacher.null_cond is not None else None
+    if embedded is None:
+        return spec
+    value = float(embedded.flatten()[0])
+    note = (
+        f"The base model takes guidance as an embedded input; the student was trained at {value:g}: pass "
+        f"guidance_scale={value:g} (no classifier-free guidance: one evaluation per step)."
+    )
+    convention = f"embedded guidance {value:g} (the pipeline's guidance_scale); no CFG"
+    return replace(spec, guidance_scale=value, notes=[*spec.notes, note], guidance_convention=convention)
 
 
 def export_student(
@@ -83,7 +98,7 @@ def export_student(
         ``out_dir``.
     """
     out_dir = Path(out_dir)
-    spec = sampling_spec(objective)
+    spec = sampling_spec(objective, teacher)
     pipe_cls = type(teacher.pipeline)
     named = base_model or getattr(teacher.pipeline, "name_or_path", None)
     base = str(named or "<base model>")
