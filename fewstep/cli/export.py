@@ -7,6 +7,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+RUN_DIR_IS = (
+    "fewstep export takes a training run directory (the recipe's output_dir, holding resolved_config.yaml and "
+    "checkpoints/)"
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
@@ -25,9 +30,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from fewstep.cli.main import what_is
+    from fewstep.objectives.spec import SPEC_FILE
+
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist; give the output_dir of a training run")
+        raise FileNotFoundError(f"{str(run_dir)!r} {what_is(run_dir)}: {RUN_DIR_IS}.")
+    if (run_dir / SPEC_FILE).is_file() and not (run_dir / "resolved_config.yaml").is_file():
+        raise ValueError(f"{str(run_dir)!r} is an export ({SPEC_FILE}), not a training run: {RUN_DIR_IS}.")
     from fewstep.export import export_run  # lazy: loads torch and diffusers
 
     out = export_run(run_dir, Path(args.out), checkpoint=args.checkpoint, weights=args.weights)

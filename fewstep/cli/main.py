@@ -1,5 +1,5 @@
 """``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, quickstart,
-pairs).
+pairs, data).
 
 A user's mistake (a bad recipe, a missing or unwritable path, a corrupt or foreign checkpoint, export or data file)
 prints one ``error: ...`` line naming the cause and the fix and exits with status 2, without a traceback; a run that
@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("fewstep.cli.eval", "measure FID / accuracy, NFE, latency and memory of a student or teacher"),
     "quickstart": ("fewstep.cli.quickstart", "distill the digits teacher on a CPU and print the quality table"),
     "pairs": ("fewstep.cli.pairs", "write a reflow recipe's teacher pairs"),
+    "data": ("fewstep.cli.data", "write a recipe's starter data (prompts, or images drawn from its teacher)"),
 }
 USER_ERROR_EXIT = 2  # bad input: recipe, paths, corrupt or foreign files
 RUN_FAILED_EXIT = 1  # a run that started and failed: non-finite stop, disk full
@@ -72,6 +73,22 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
         else:
             subparsers.add_parser(verb, help=help_text)
     return parser
+
+
+def print_once(*values: object, **kwargs: object) -> None:
+    """``print`` on the main process only: once per job under ``accelerate launch``, where every rank runs the verb
+    (``accelerate.PartialState``, which a started run has set up already)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(*values, **kwargs)
+
+
+def what_is(path: Path) -> str:
+    """What stands at ``path`` where a directory was expected: "is a file, not a directory", "does not exist", ..."""
+    if path.is_file():
+        return "is a file, not a directory"
+    return "is not a directory" if path.exists() else "does not exist"
 
 
 def requested_verb(argv: Sequence[str]) -> str | None:

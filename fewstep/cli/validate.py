@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.config.load import load_recipe, resolve_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    issues = [] if args.no_files else input_issues(recipe)
+    issues = [] if args.no_files else input_issues(recipe, args.recipe)
     if issues:
         raise RecipeError(issues, source=str(resolve_recipe(args.recipe)))
     print(

@@ -1,11 +1,13 @@
 """What a run shows while it trains: scalars to tensorboard (accelerate trackers) and sample-grid PNGs.
 
-Sample grids: one row per student step count (``train.sample_steps``), the same fixed noise and conditioning at
-every logged step, so rows are comparable across a run. Files: ``<run_dir>/samples/step_XXXXXXXX.png``.
+Sample grids: one row per student step count (``train.sample_steps``, labelled on the left), one column per fixed
+noise and conditioning (its class or prompt on top), the same at every logged step, so grids are comparable across a
+run. Files: ``<run_dir>/samples/step_XXXXXXXX.png``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ def write_samples(
     sample_steps: list[int],
     path: Path,
     seed: int = 0,
+    labels: Sequence[str] | None = None,
 ) -> Path:
-    """Sample the student at each step count on fixed ``noise``/``cond``, decode and save one grid row per count."""
+    """Sample the student at each step count on fixed ``noise``/``cond``, decode and save one grid row per count,
+    labelled with its step count; ``labels`` (default: the class labels in ``cond``) head the columns."""
     from fewstep.models.loading import decode_latents
 
     sampler = objective.sampler()
@@ -35,7 +39,10 @@ def write_samples(
         gen = torch.Generator().manual_seed(seed)  # re-noising samplers draw the same noise every time
         x0 = sampler(noise, cond, num_steps, gen)
         rows.append(decode_latents(teacher, x0).float())
-    return save_sample_grid(rows, path)
+    if labels is None and cond.class_labels is not None:
+        labels = [str(int(c)) for c in cond.class_labels]
+    row_labels = [f"{n} step{'s' if n != 1 else ''}" for n in sample_steps]
+    return save_sample_grid(rows, path, row_labels=row_labels, column_labels=labels)
 
 
 def flatten_metrics(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
