@@ -98,8 +98,8 @@ def _draw_images(recipe: object, prompts: list[str], args: argparse.Namespace) -
 
 _READ_FROM = {
     "digits": "data.source: digits is scikit-learn's handwritten digits, installed with fewstep: nothing to write.",
-    "fashion_mnist": "data.source: fashion_mnist reads the Fashion-MNIST idx files (data.path, $FEWSTEP_FASHION_MNIST or "
-    "/usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`): nothing to write.",
+    "fashion_mnist": "data.source: fashion_mnist reads the Fashion-MNIST idx files (data.path, $FEWSTEP_FASHION_MNIST "
+    "or /usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`): nothing to write.",
 }
 
 

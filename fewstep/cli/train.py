@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from typing import Any
 
 from fewstep.cli.validate import OVERRIDES_HELP
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    issues = input_issues(recipe, args.recipe)  # a missing teacher or data path fails here, before anything loads
+    # a missing teacher or data path fails here, before anything loads; the hint repeats the command's recipe words
+    issues = input_issues(recipe, shlex.join([args.recipe, *args.overrides]))
     if issues:
         raise RecipeError(issues, source=str(resolve_recipe(args.recipe)))
     from fewstep.cli.main import print_once

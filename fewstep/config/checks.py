@@ -85,7 +85,8 @@ def input_issues(recipe: Any, name: str | None = None, teacher: bool = True) -> 
 
     Args:
         recipe: a validated recipe.
-        name: how the user named the recipe (``lcm/sd15_lcm_lora``), for the ``fewstep data ...`` command in hints.
+        name: how the user named the recipe, with its overrides (``lcm/sd15_lcm_lora data.resolution=256``), for the
+            ``fewstep data ...`` command in hints.
         teacher: also check a local ``teacher.pretrained`` directory (not when a ready teacher object is used).
     """
     issues = _teacher_path_issues(recipe.teacher.pretrained) if teacher else []
@@ -128,7 +129,7 @@ def _get_data_hint(source: str, name: str) -> str:
         return (
             "Point data.path at a folder of images with a metadata.jsonl (one line per image: "
             '{"file_name": "0001.png", "text": "its caption"}), or draw a starter folder from the teacher: '
-            f"`fewstep data {name} --num-images 64` (with the same key=value overrides; docs/recipes.md, Data)."
+            f"`fewstep data {name} --num-images 64`."
         )
     if source == "prompts":
         return (
