@@ -77,10 +77,12 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
 
 def print_once(*values: object, **kwargs: object) -> None:
     """``print`` on the main process only: once per job under ``accelerate launch``, where every rank runs the verb
-    (``accelerate.PartialState``, which a started run has set up already)."""
+    (``accelerate.PartialState``: the state a run has set up already, or a new one set up as ``Accelerator`` would,
+    CPU processes included)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    if PartialState().is_main_process:
+    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process:
         print(*values, **kwargs)
 
 
