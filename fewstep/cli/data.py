@@ -6,13 +6,15 @@
   pipeline at its default steps and guidance), with their prompts as captions in ``metadata.jsonl``
   (``fewstep.data.teacher_images``); an interrupted run continues where it stopped.
 
-Nothing that exists is overwritten. Reflow pairs have their own verb (``fewstep pairs``); the digits and Fashion-MNIST
+Nothing that exists is overwritten. One process draws the images (not under ``accelerate launch``). Reflow pairs have
+their own verb (``fewstep pairs``); the digits and Fashion-MNIST
 sources need nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from fewstep.cli.validate import OVERRIDES_HELP
@@ -65,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if data.source != "image_folder":
         raise ValueError(_cannot_write(data.source, args.recipe))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would draw the same images into one folder
+        raise ValueError("fewstep data runs in one process: start it without accelerate launch or torchrun.")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images and --batch-size must be >= 1; got {args.num_images} and {args.batch_size}.")
     out = _draw_images(recipe, prompts, args)
@@ -77,10 +81,11 @@ def _draw_images(recipe: object, prompts: list[str], args: argparse.Namespace) -
     import torch
 
     from fewstep.data.reflow.generate import TEXT_FAMILIES
-    from fewstep.data.teacher_images import write_teacher_images
+    from fewstep.data.teacher_images import check_not_foreign, write_teacher_images
     from fewstep.models.loading import detect_family, load_pipeline
 
     teacher, data = recipe.teacher, recipe.data
+    check_not_foreign(data.path)  # before the teacher loads
     pipe = load_pipeline(teacher.pretrained, teacher.dtype, teacher.revision, teacher.variant)
     family = detect_family(pipe)
     if family not in TEXT_FAMILIES:

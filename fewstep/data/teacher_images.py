@@ -115,15 +115,26 @@ def write_teacher_images(
     return out
 
 
+def check_not_foreign(out_dir: str | Path) -> None:
+    """Refuse a folder that holds a ``metadata.jsonl`` this module did not write (a user's own images): nothing is
+    ever added to it. Cheap, so callers can run it before they load a pipeline.
+
+    Raises:
+        FileExistsError: naming the folder and what to do.
+    """
+    out = Path(out_dir).expanduser()
+    if (out / METADATA).exists() and not (out / SETTINGS_FILE).is_file():
+        raise FileExistsError(
+            f"{str(out)!r} holds a {METADATA} that fewstep data did not write (your own images?): nothing is "
+            "added to it. Point data.path at another folder to draw teacher images there."
+        )
+
+
 def _resume(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     """The rows already written and the next image index, for a folder this module wrote with ``settings``."""
+    check_not_foreign(out)
     meta, state_file = out / METADATA, out / SETTINGS_FILE
     if not state_file.is_file():
-        if meta.exists():
-            raise FileExistsError(
-                f"{str(out)!r} holds a {METADATA} that fewstep data did not write (your own images?): nothing is "
-                "added to it. Point data.path at another folder to draw teacher images there."
-            )
         return [], 0
     state = json.loads(state_file.read_text())
     if state.get("settings") != settings:

@@ -73,11 +73,12 @@ def test_image_folder_is_drawn_from_the_teacher_and_continued(tmp_path, capsys):
     assert len(listed(folder)) == 5  # nothing mixed in
 
 
-def test_a_users_own_folder_is_never_added_to(tmp_path, capsys):
+def test_a_users_own_folder_is_never_added_to(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "mine"
     folder.mkdir()
     Image.new("RGB", (32, 32)).save(folder / "a.png")
     (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "mine"}\n')
+    monkeypatch.setattr("fewstep.models.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded the teacher"))
     code, _, err = data_cli(capsys, tmp_path, "lcm/sd15_lcm_lora", *TINY, f"data.path={folder}", "--steps", "1")
     assert code == 2
     one_error(err, "fewstep data did not write")
