@@ -7,8 +7,7 @@
   (``fewstep.data.teacher_images``); an interrupted run continues where it stopped.
 
 Nothing that exists is overwritten. One process draws the images (not under ``accelerate launch``). Reflow pairs have
-their own verb (``fewstep pairs``); the digits and Fashion-MNIST
-sources need nothing written.
+their own verb (``fewstep pairs``); the digits and Fashion-MNIST sources need nothing written.
 """
 
 from __future__ import annotations
