@@ -4,8 +4,8 @@ and a ``metadata.jsonl`` with ``file_name`` and the caption column.
 For the objectives that learn from image latents (LCM, PCM / Hyper-SD, sCM, rCM, DMD2's GAN term) when no images of
 your own are at hand. The images are the stock diffusers pipeline's (``pipe(prompt, ...)``), at its own default step
 count and guidance unless given. Image ``i`` takes prompt ``i mod len(prompts)`` and its own generator seeded
-``seed + i`` (on the CPU), so a folder does not depend on the batch size or the device's random generator and an
-interrupted run continues where it stopped. ``fewstep_data.json`` records the settings and the next index: a folder
+``seed + i`` (on the CPU), so it starts from the same noise whatever the batch size or device, and an interrupted
+run continues where it stopped. ``fewstep_data.json`` records the settings and the next index: a folder
 written with other settings, or one holding images of your own, is refused instead of mixed. Images the pipeline's
 safety checker flags (it returns them black) are left out.
 """
