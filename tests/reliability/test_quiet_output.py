@@ -60,11 +60,15 @@ def test_a_tiny_text_to_image_run_logs_no_escapes_and_no_benign_notices(tmp_path
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="with torchvision there is no notice")
 def test_the_image_processor_notice_is_dropped_only_while_a_pipeline_loads(tmp_path):
-    loading = run_python(tmp_path, "-c", "from fewstep.models.loading import load_pipeline; load_pipeline('tiny:sd15')")
-    assert loading.returncode == 0, loading.stderr
-    assert IMAGE_PROCESSOR_NOTICE not in loading.stderr
-    elsewhere = run_python(tmp_path, "-c", "from transformers import CLIPImageProcessor")
-    assert IMAGE_PROCESSOR_NOTICE in elsewhere.stderr  # transformers' own notice is untouched outside the load
+    script = (
+        "import sys; from fewstep.models.loading import load_pipeline; load_pipeline('tiny:sd15'); "
+        "print('LOADED', file=sys.stderr, flush=True); from transformers import ViTImageProcessor"
+    )
+    result = run_python(tmp_path, "-c", script)
+    assert result.returncode == 0, result.stderr
+    during, after = result.stderr.split("LOADED")
+    assert IMAGE_PROCESSOR_NOTICE not in during  # CLIPImageProcessor and SiglipImageProcessor, imported by the load
+    assert "`ViTImageProcessor` " + IMAGE_PROCESSOR_NOTICE in after  # transformers' own notice outside the load
 
 
 def test_the_peft_notice_is_dropped_only_where_fewstep_adds_its_second_adapter():
