@@ -211,16 +211,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two(recipe: Path, tmp_path: Path) -> dict[str, Any]:
-    """``accelerate launch`` of ``fewstep train recipe`` with two CPU processes (gloo DDP) on a port of its own;
-    the run's summary."""
-    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
-    command = [
+def launch_two_command(recipe: Path) -> list[str]:
+    """``accelerate launch`` of ``fewstep train recipe`` with two CPU processes (gloo DDP) on a port of its own."""
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", "fewstep", "train", str(recipe),
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def launch_two(recipe: Path, tmp_path: Path) -> dict[str, Any]:
+    """``launch_two_command``, run; the run's summary."""
+    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(launch_two_command(recipe), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     from fewstep.config import load_recipe
 

@@ -79,6 +79,15 @@ def _check_args(args: argparse.Namespace) -> None:
             from fewstep.registry import unknown_name_message
 
             raise ValueError(unknown_name_message("metric", name, list(METRIC_NAMES)) + " (--metrics)")
+    target = Path(args.target).expanduser()
+    if target.exists() and not target.is_dir():
+        from fewstep.cli.main import what_is
+
+        raise ValueError(
+            f"{args.target!r} {what_is(target)}: fewstep eval takes a training run directory (with "
+            "resolved_config.yaml and checkpoints/), an export directory (with fewstep_student.json), a diffusers "
+            "pipeline directory (with model_index.json), tiny:<family>, fewstep:<asset> or a Hub id."
+        )
     if args.prompts is not None and not Path(args.prompts).is_file():
         raise FileNotFoundError(f"--prompts {args.prompts!r}: no such file (give a text file, one prompt per line).")
 

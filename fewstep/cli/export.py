@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+RUN_DIR_IS = (
+    "fewstep export takes a training run directory (the recipe's output_dir, holding resolved_config.yaml and "
+    "checkpoints/), or an export to push with --push-to-hub"
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
@@ -37,10 +42,15 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from fewstep.cli.main import what_is
+    from fewstep.objectives.spec import SPEC_FILE
+
     target = Path(args.run_dir)
     if not target.is_dir():
-        raise FileNotFoundError(f"run directory {str(target)!r} does not exist; give the output_dir of a training run")
+        raise FileNotFoundError(f"{str(target)!r} {what_is(target)}: {RUN_DIR_IS}.")
     repo_id = args.push_to_hub
+    if repo_id is None and (target / SPEC_FILE).is_file() and not (target / "resolved_config.yaml").is_file():
+        raise ValueError(f"{str(target)!r} is an export ({SPEC_FILE}), not a training run: {RUN_DIR_IS}.")
     if repo_id is None and (args.private or args.hub_token_env):
         raise ValueError("--private and --hub-token-env go with --push-to-hub REPO_ID.")
     token = None

@@ -1,5 +1,5 @@
-"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, train, export, eval, sample,
-quickstart, pairs).
+"""``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, data, train, export, eval, sample,
+quickstart, pairs, compare).
 
 A user's mistake (a bad recipe, a missing or unwritable path, a corrupt or foreign checkpoint, export or data file)
 prints one ``error: ...`` line naming the cause and the fix and exits with status 2, without a traceback; a run that
@@ -36,6 +36,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("fewstep.cli.quickstart", "distill the digits teacher on a CPU and print the quality table"),
     "pairs": ("fewstep.cli.pairs", "write a reflow recipe's teacher pairs"),
     "compare": ("fewstep.cli.compare", "compare two runs: curves, final values, eval reports, recipe differences"),
+    "data": ("fewstep.cli.data", "write a recipe's starter data (prompts, or images drawn from its teacher)"),
 }
 USER_ERROR_EXIT = 2  # bad input: recipe, paths, corrupt or foreign files
 RUN_FAILED_EXIT = 1  # a run that started and failed: non-finite stop, disk full
@@ -74,6 +75,24 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
         else:
             subparsers.add_parser(verb, help=help_text)
     return parser
+
+
+def print_once(*values: object, **kwargs: object) -> None:
+    """``print`` on the main process only: once per job under ``accelerate launch``, where every rank runs the verb
+    (``accelerate.PartialState``: the state a run has set up already, or a new one set up as ``Accelerator`` would,
+    CPU processes included)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process:
+        print(*values, **kwargs)
+
+
+def what_is(path: Path) -> str:
+    """What stands at ``path`` where a directory was expected: "is a file, not a directory", "does not exist", ..."""
+    if path.is_file():
+        return "is a file, not a directory"
+    return "is not a directory" if path.exists() else "does not exist"
 
 
 def requested_verb(argv: Sequence[str]) -> str | None:

@@ -46,5 +46,7 @@ def run(args: argparse.Namespace) -> int:
         recipe, args.num_pairs, args.steps, args.guidance, prompts, args.shard_size, args.batch_size, args.seed,
         accelerator=Accelerator(),
     )  # fmt: skip
-    print(out)
+    from fewstep.cli.main import print_once
+
+    print_once(out)  # every rank wrote its shards; the directory is named once
     return 0

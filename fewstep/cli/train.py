@@ -2,12 +2,17 @@
 RECIPE``.
 
 A run stopped by its guard (``fewstep.train.loop.TrainingStopped``: weights went bad, nothing bad was saved) prints
-one ``error:`` line and exits with status 1.
+one ``error:`` line and exits with status 1. Ctrl-C (SIGINT) writes a checkpoint of the current step and exits with
+status 130; SIGTERM does the same and exits with 0. A run whose newest checkpoint is at ``train.max_steps`` already
+says so and exits with 0 before any model loads. Under ``accelerate launch`` the main process alone prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+from typing import Any
 
 from fewstep.cli.validate import OVERRIDES_HELP
 
@@ -42,13 +47,42 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    issues = input_issues(recipe)  # a missing teacher or data path fails here, before anything loads
+    # a missing teacher or data path fails here, before anything loads; the hint repeats the command's recipe words
+    issues = input_issues(recipe, shlex.join([args.recipe, *args.overrides]))
     if issues:
         raise RecipeError(issues, source=str(resolve_recipe(args.recipe)))
+    from fewstep.cli.main import print_once
+
+    done = finished_step(recipe)
+    if done is not None:
+        print_once(
+            f"{recipe.output_dir} is already complete at step {done} (train.max_steps={recipe.train.max_steps}): "
+            "nothing to train. Raise train.max_steps to train further, or start over with --overwrite "
+            "train.resume=never."
+        )
+        return 0
     # lazy: torch, diffusers and accelerate load only when training
     from fewstep.eval.periodic import periodic_evaluator
     from fewstep.train.loop import train
 
     run_dir = train(recipe, evaluator=periodic_evaluator)  # TrainingStopped: one error line, status 1 (cli.main)
-    print(f"run directory: {run_dir}")
+    print_once(f"run directory: {run_dir}")
     return 0
+
+
+def finished_step(recipe: Any) -> int | None:
+    """The step of the run's newest checkpoint when ``train.resume: auto`` would resume at ``train.max_steps`` or
+    beyond (nothing left to train); ``None`` otherwise, and when that checkpoint cannot be read (the resume then
+    verifies it and reports what is wrong)."""
+    if recipe.train.resume != "auto" or recipe.train.overwrite:
+        return None
+    from fewstep.train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(recipe.output_dir)
+    if newest is None:
+        return None
+    try:
+        step = int(json.loads((newest / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if step >= recipe.train.max_steps else None

@@ -5,6 +5,7 @@ the checks across blocks, and the files and directories the recipe names on this
 from __future__ import annotations
 
 import argparse
+import shlex
 
 OVERRIDES_HELP = "overrides such as train.max_steps=2 or teacher.pretrained=tiny:sd15 (values are YAML)"
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.config.load import load_recipe, resolve_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    issues = [] if args.no_files else input_issues(recipe)
+    issues = [] if args.no_files else input_issues(recipe, shlex.join([args.recipe, *args.overrides]))
     if issues:
         raise RecipeError(issues, source=str(resolve_recipe(args.recipe)))
     print(

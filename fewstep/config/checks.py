@@ -3,9 +3,10 @@
 * ``recipe_issues``: what needs no file and no model: ``tiny:`` / ``fewstep:`` names the loaders know, step counts
   the objective's sampler can take, a reward for a reward weight. ``validate_recipe`` runs them on every recipe.
 * ``input_issues``: what this machine must hold: the teacher directory, ``data.path``, a ``train.resume`` path, an
-  ``output_dir`` that can be a directory, and the packages of the ``train.log_with`` trackers. ``fewstep validate``
-  runs them (a run directory's recipe is also read back by export and eval, where the training data need not exist
-  any more).
+  ``output_dir`` that can be a directory (with a hint on how to get missing data), and the packages of the
+  ``train.log_with`` trackers. ``fewstep validate`` runs them, and so do ``fewstep train`` and
+  ``fewstep.train.loop.train`` before any model loads (a run directory's recipe is also read back by export and eval,
+  where the training data need not exist any more).
 """
 
 from __future__ import annotations
@@ -91,33 +92,17 @@ def _teacher_name_issues(pretrained: str) -> list[RecipeIssue]:
     return []
 
 
-def input_issues(recipe: Any) -> list[RecipeIssue]:
-    """Files and directories the recipe names that are missing or of the wrong kind on this machine."""
-    issues = _teacher_path_issues(recipe.teacher.pretrained)
-    data = recipe.data
-    if data.path is not None and data.source in _PATH_SOURCES:
-        kind, inside = _PATH_SOURCES[data.source]
-        path = Path(data.path).expanduser()
-        if not (path.is_file() if kind == "file" else path.is_dir()):
-            other = "a directory" if kind == "file" else "a file"
-            what = f"is {other}" if path.exists() else "does not exist"
-            issues.append(
-                RecipeIssue(
-                    ("data", "path"),
-                    f"{what}; data.source: {data.source} reads a {'file' if kind == 'file' else 'directory'}",
-                    data.path,
-                    hint=f"Point data.path at the {'file' if kind == 'file' else 'directory'}.",
-                )
-            )
-        elif inside is not None and not (path / inside).is_file():
-            issues.append(
-                RecipeIssue(
-                    ("data", "path"),
-                    f"has no {inside}",
-                    data.path,
-                    hint=f"data.source: {data.source} needs {path / inside}.",
-                )
-            )
+def input_issues(recipe: Any, name: str | None = None, teacher: bool = True) -> list[RecipeIssue]:
+    """Files and directories the recipe names that are missing or of the wrong kind on this machine.
+
+    Args:
+        recipe: a validated recipe.
+        name: how the user named the recipe, with its overrides (``lcm/sd15_lcm_lora data.resolution=256``), for the
+            ``fewstep data ...`` command in hints.
+        teacher: also check a local ``teacher.pretrained`` directory (not when a ready teacher object is used).
+    """
+    issues = _teacher_path_issues(recipe.teacher.pretrained) if teacher else []
+    issues += _data_path_issues(recipe.data, name or "RECIPE")
     resume = recipe.train.resume
     if resume not in _RESUME_WORDS and not Path(resume).expanduser().is_dir():
         issues.append(
@@ -155,6 +140,47 @@ def tracker_issues(names: list[str]) -> list[RecipeIssue]:
                             hint=f"Install it with pip install {package}{extra}, or remove it from train.log_with.")
             )  # fmt: skip
     return issues
+
+
+def _data_path_issues(data: Any, name: str) -> list[RecipeIssue]:
+    """``data.path`` of the sources that read one: present, of the right kind, with its index file; the hint says how
+    to get the data (``fewstep data`` writes a starter set, ``fewstep pairs`` the reflow pairs)."""
+    if data.path is None or data.source not in _PATH_SOURCES:
+        return []
+    kind, inside = _PATH_SOURCES[data.source]
+    path = Path(data.path).expanduser()
+    if not (path.is_file() if kind == "file" else path.is_dir()):
+        other = "a directory" if kind == "file" else "a file"
+        what = f"is {other}" if path.exists() else "does not exist"
+        problem = f"{what}; data.source: {data.source} reads a {kind if kind == 'file' else 'directory'}"
+    elif inside is not None and not (path / inside).is_file():
+        problem = f"has no {inside}"
+    else:
+        return []
+    return [RecipeIssue(("data", "path"), problem, data.path, hint=_get_data_hint(data.source, name))]
+
+
+def _get_data_hint(source: str, name: str) -> str:
+    """How to get the data a source reads."""
+    if source == "image_folder":
+        return (
+            "Point data.path at a folder of images with a metadata.jsonl (one line per image: "
+            '{"file_name": "0001.png", "text": "its caption"}), or draw a starter folder from the teacher: '
+            f"`fewstep data {name} --num-images 64`."
+        )
+    if source == "prompts":
+        return (
+            "Point data.path at a text file with one prompt a line, list them under data.prompts, or write a starter "
+            f"set: `fewstep data {name}`."
+        )
+    if source == "pairs":
+        return f"Write the pairs first: `fewstep pairs {name} --num-pairs N --prompts FILE`."
+    if source == "fashion_mnist":
+        return (
+            "Point data.path at the directory of the Fashion-MNIST idx files (`apt-get install dataset-fashion-mnist` "
+            "fills /usr/share/datasets/fashion-mnist)."
+        )
+    return "Point data.path at a safetensors file holding x0 (and optionally class_labels)."
 
 
 def _teacher_path_issues(pretrained: str) -> list[RecipeIssue]:

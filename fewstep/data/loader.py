@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fewstep.data.batch import Batch
 from fewstep.data.digits import DigitsDataset
-from fewstep.data.fashion import FashionMNISTDataset
+from fewstep.data.fashion import CLASS_NAMES, FashionMNISTDataset
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_items
 from fewstep.data.prompts import PromptDataset
 from fewstep.data.tensors import TensorFileDataset
@@ -125,14 +125,33 @@ class BatchStream:
 
     def preview(self, n: int) -> Batch:
         """A fixed batch of ``n`` for sample grids: digits and Fashion-MNIST cycle through the classes, other sources
-        take the first ``n`` items (cycled). Does not move ``position``."""
+        take the first ``n`` items (cycled). ``extra["labels"]`` names each item for the grid (its class or its
+        prompt) when the source knows it. Does not move ``position``."""
         if self.cfg.source in ("digits", "fashion_mnist"):
             labels = self.dataset.labels
             classes = labels.unique().tolist()  # 0..9 (a small idx directory may lack some)
             idx = [int((labels == classes[k % len(classes)]).nonzero()[0]) for k in range(n)]
         else:
             idx = [i % len(self.dataset) for i in range(n)]
-        return self.make_batch(idx)
+        batch = self.make_batch(idx)
+        names = self.item_labels(idx)
+        if names is not None:
+            batch.extra["labels"] = names
+        return batch
+
+    def item_labels(self, idx: list[int]) -> list[str] | None:
+        """What each item is conditioned on, as text: the prompt or caption, or the class (Fashion-MNIST's by name);
+        ``None`` for sources that keep no such text (pairs, tensors)."""
+        source = self.cfg.source
+        if source == "prompts":
+            return [self.dataset[i] for i in idx]
+        if source == "image_folder":
+            return [self.dataset[i][1] for i in idx]
+        if source == "digits":
+            return [str(int(self.dataset.labels[i])) for i in idx]
+        if source == "fashion_mnist":
+            return [CLASS_NAMES[int(self.dataset.labels[i])] for i in idx]
+        return None
 
     def make_batch(self, idx: list[int]) -> Batch:
         if self.cfg.source == "digits":

@@ -35,3 +35,77 @@ class PromptDataset:
 
     def __getitem__(self, i: int) -> str:
         return self.prompts[i]
+
+
+# A small, varied prompt set for a first run when you have none of your own (``fewstep data`` writes it, and draws a
+# starter image folder from the teacher with it). For a real distillation, use prompts from your own domain.
+STARTER_PROMPTS = (
+    "a photo of a cat sitting on a windowsill",
+    "a golden retriever running on a beach at sunset",
+    "a red bicycle leaning against a brick wall",
+    "a bowl of ramen with a soft-boiled egg, top view",
+    "a lighthouse on a rocky coast during a storm",
+    "a snowy mountain lake at sunrise, reflections on the water",
+    "a city street at night with neon signs and rain",
+    "a watercolor painting of a small village in the hills",
+    "an astronaut riding a horse, digital art",
+    "a close-up portrait of an old fisherman, natural light",
+    "a cozy living room with a fireplace and bookshelves",
+    "a field of sunflowers under a blue sky",
+    "a steam locomotive crossing a stone bridge",
+    "a plate of fresh fruit on a wooden table",
+    "a hummingbird drinking from a red flower, macro photo",
+    "a futuristic city skyline with flying cars",
+    "an oil painting of a ship on rough seas",
+    "a fox in a snowy forest",
+    "a cup of coffee with latte art on a cafe table",
+    "a medieval castle on a hill at dusk",
+    "a pencil sketch of a sleeping dog",
+    "a tropical beach with palm trees and turquoise water",
+    "a vintage car parked in front of a diner",
+    "a stack of pancakes with berries and syrup",
+    "a koi pond in a Japanese garden",
+    "a desert landscape with sand dunes and a camel caravan",
+    "a robot reading a book in a library",
+    "a bouquet of tulips in a glass vase",
+    "a waterfall in a green rainforest",
+    "a cyberpunk portrait of a woman with glowing tattoos",
+    "a wooden cabin by a lake in autumn",
+    "a hot air balloon over a patchwork of fields",
+    "an owl perched on a branch at night",
+    "a bustling market street with colorful stalls",
+    "a minimalist living room with a large window",
+    "a sailboat on a calm sea at golden hour",
+    "a chocolate cake with strawberries on top",
+    "a panda eating bamboo",
+    "a cathedral interior with stained glass windows",
+    "a pixel art landscape with mountains and a river",
+    "a child flying a kite in a park",
+    "an aerial view of a winding river through a forest",
+    "a teapot and cups on a tray, still life",
+    "a jellyfish glowing in the deep ocean",
+    "a horse galloping through a meadow",
+    "a lantern-lit alley in an old town",
+    "a bowl of salad with avocado and tomatoes",
+    "a mountain road with a red sports car",
+)
+
+
+def write_prompt_file(path: str | Path, prompts: list[str] | tuple[str, ...] = STARTER_PROMPTS) -> Path:
+    """Write ``prompts`` to ``path``, one a line (what ``data.source: prompts`` reads back with ``data.path``).
+
+    Raises:
+        FileExistsError: ``path`` exists already (it is never overwritten).
+        ValueError: no prompts, or a prompt that holds a line break.
+    """
+    file = Path(path).expanduser()
+    if file.exists():
+        raise FileExistsError(f"{str(file)!r} exists already; it is never overwritten (remove it or pick another).")
+    items = [str(p).strip() for p in prompts if str(p).strip()]
+    if not items:
+        raise ValueError("No prompts to write.")
+    if any("\n" in p or "\r" in p for p in items):
+        raise ValueError("A prompt holds a line break: one prompt a line cannot hold it.")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text("\n".join(items) + "\n", encoding="utf-8")
+    return file

@@ -14,9 +14,13 @@ Specs accepted everywhere a pretrained model is named (``resolve_pretrained``):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 __all__ = [
     "FAMILIES", "decode_latents", "detect_family", "encode_images", "is_hub_id", "load_pipeline", "load_teacher",
+    "quiet_loading",
     "resolve_pretrained", "to_dtype",
 ]  # fmt: skip
 
@@ -60,6 +65,43 @@ def is_hub_id(spec: str | os.PathLike) -> bool:
     """Whether a resolved spec (``resolve_pretrained``) names a Hugging Face Hub repository, not a local directory."""
     spec = str(spec)
     return not (Path(spec).exists() or not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")))
+
+
+# transformers' notice, once per class, that an image processor falls back to its PIL version without torchvision:
+# diffusers' pipeline modules import CLIPImageProcessor (and the IP-adapter loader SiglipImageProcessor), which
+# fewstep never uses.
+IMAGE_PROCESSOR_NOTICE = "requires torchvision (not installed); falling back to"
+_NOTICE_LOGGER = "transformers.utils.import_utils"
+
+
+class _DropImageProcessorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return IMAGE_PROCESSOR_NOTICE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Around a pipeline load (``load_pipeline``): drop transformers' image-processor notice above, and when stderr
+    is not a terminal turn diffusers' and transformers' loading bars off (transformers' bar nested inside diffusers'
+    writes cursor-up escapes, ``ESC[A``, into log files). Everything is restored on exit: the notice still shows for
+    other code, and the bars on a terminal or outside the load."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    notice_logger, drop = logging.getLogger(_NOTICE_LOGGER), _DropImageProcessorNotice()
+    notice_logger.addFilter(drop)
+    restore = []
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        for lib in (diffusers_logging, transformers_logging):
+            if lib.is_progress_bar_enabled():
+                lib.disable_progress_bar()
+                restore.append(lib.enable_progress_bar)
+    try:
+        yield
+    finally:
+        notice_logger.removeFilter(drop)
+        for enable in restore:
+            enable()
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -119,6 +161,12 @@ def load_pipeline(
     Raises:
         FileNotFoundError: the directory, one of its components, or the Hub id cannot be found.
     """
+    with quiet_loading():  # the tiny zoo builds (and saves) its pipelines inside resolve_pretrained
+        return _load_pipeline(path_or_id, dtype, revision, variant)
+
+
+def _load_pipeline(path_or_id: str | os.PathLike, dtype: str | torch.dtype, revision: str | None,
+                   variant: str | None) -> Any:  # fmt: skip
     from diffusers import DiffusionPipeline
 
     spec = resolve_pretrained(path_or_id)

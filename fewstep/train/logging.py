@@ -11,9 +11,10 @@ video latents) and peak memory (``memory/cuda_max_allocated_mib`` on CUDA, else 
 (``fewstep.train.alarms``) are checked every step and at every grid: a warning in the log, ``alarm/<name>`` = 1 on the
 trackers (0 when the episode ends) and the message as text where the tracker takes text.
 
-Sample grids: one row per student step count (``train.sample_steps``), the same fixed noise and conditioning at
-every logged step, so rows are comparable across a run. Files: ``<run_dir>/samples/step_XXXXXXXX.png``; the same
-grid goes to every tracker that takes images (tensorboard, wandb, aim, clearml, swanlab) as ``samples``.
+Sample grids: one row per student step count (``train.sample_steps``, labelled on the left), one column per fixed
+noise and conditioning (its class or prompt on top), the same at every logged step, so grids are comparable across a
+run. Files: ``<run_dir>/samples/step_XXXXXXXX.png``; the same grid goes to every tracker that takes images
+(tensorboard, wandb, aim, clearml, swanlab) as ``samples``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import netrc
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,9 +57,11 @@ def write_samples(
     sample_steps: list[int],
     path: Path,
     seed: int = 0,
+    labels: Sequence[str] | None = None,
 ) -> list[Tensor]:
-    """Sample the student at each step count on fixed ``noise``/``cond``, decode and save one grid row per count.
-    Returns the rows: images ``[n, c, H, W]`` in ``[0, 1]``, one per step count."""
+    """Sample the student at each step count on fixed ``noise``/``cond``, decode and save one grid row per count,
+    labelled with its step count; ``labels`` (default: the class labels in ``cond``) head the columns. Returns the
+    rows: images ``[n, c, H, W]`` in ``[0, 1]``, one per step count."""
     from fewstep.models.loading import decode_latents
 
     sampler = objective.sampler()
@@ -67,7 +70,10 @@ def write_samples(
         gen = torch.Generator().manual_seed(seed)  # re-noising samplers draw the same noise every time
         x0 = sampler(noise, cond, num_steps, gen)
         rows.append(decode_latents(teacher, x0).float())
-    save_sample_grid(rows, path)
+    if labels is None and cond.class_labels is not None:
+        labels = [str(int(c)) for c in cond.class_labels]
+    row_labels = [f"{n} step{'s' if n != 1 else ''}" for n in sample_steps]
+    save_sample_grid(rows, path, row_labels=row_labels, column_labels=labels)
     return rows
 
 

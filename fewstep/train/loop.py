@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fewstep.config.checks import input_issues
 from fewstep.config.errors import RecipeError, RunFailedError
 from fewstep.data.loader import build_batches
 from fewstep.models.teacher import Teacher
@@ -119,7 +120,9 @@ def train(
     """Train ``recipe`` and return its run directory (``recipe.output_dir``).
 
     Resumes from ``train.resume`` (``auto``: the newest complete checkpoint of the run). SIGTERM/SIGINT finish the
-    current step, write a checkpoint and return normally.
+    current step and write a checkpoint; then SIGTERM returns normally and SIGINT (Ctrl-C) raises
+    ``KeyboardInterrupt``, as Ctrl-C does anywhere in Python (``fewstep train`` exits with status 130). The files the
+    recipe names (data, a local teacher, a resume path, the output directory) are checked before anything loads.
 
     Args:
         recipe: a validated ``fewstep.config.schema.Recipe``.
@@ -131,6 +134,9 @@ def train(
     """
     from accelerate.utils import set_seed
 
+    issues = input_issues(recipe, teacher=teacher is None)  # a missing data path fails now, not after the teacher loads
+    if issues:
+        raise RecipeError(issues)
     accelerator = accelerator if accelerator is not None else make_accelerator(recipe)
     check_launch(accelerator)  # before the teacher loads: a bad launch or a taken output_dir fails at once
     run_lock = claim_on_main(recipe.output_dir, recipe.train.resume, recipe.train.overwrite, accelerator)
@@ -221,6 +227,7 @@ class Trainer:
             self.batches = build_batches(recipe.data, self.teacher, accelerator, position, seed=self.cfg.seed)
             self.objective.prepare(self.batches)  # one-time work (TBCM's rollouts), after the resume
             self._stop_requested = False  # set by a signal on this rank
+            self._signal: int | None = None  # which one: SIGINT ends fit() with KeyboardInterrupt after the checkpoint
             self._stop = False  # the same on every rank: set when any rank got a signal
             self._last_saved = self.step if self.resumed_from is not None else -1
             self.periodic = self._build_evaluator(evaluator, components)
@@ -266,9 +273,11 @@ class Trainer:
                 acc.end_training()
         finally:
             self.release_run_dir()
+        if self._signal == signal.SIGINT:  # Ctrl-C: saved above, now interrupted as the user asked
+            raise KeyboardInterrupt(f"stopped after step {self.step}")
         return self.run_dir
 
-    def _loop(self, fixed: tuple[torch.Tensor, Any] | None, bar: Any) -> None:
+    def _loop(self, fixed: tuple[torch.Tensor, Any, Any] | None, bar: Any) -> None:
         """Steps until ``train.max_steps`` or a signal. Any exception but ``TrainingStopped`` (and
         ``KeyboardInterrupt``: a second Ctrl-C asks to stop at once) first writes an emergency checkpoint."""
         start = self.batches.position
@@ -601,8 +610,8 @@ class Trainer:
 
     # --- samples, summary, signals -------------------------------------------------------------------------------
 
-    def _fixed_sample_inputs(self) -> tuple[torch.Tensor, Any] | None:
-        """The noise and conditioning every sample grid of this run uses (drawn from ``train.seed``)."""
+    def _fixed_sample_inputs(self) -> tuple[torch.Tensor, Any, list[str] | None] | None:
+        """The noise, conditioning and column labels every sample grid of this run uses (drawn from ``train.seed``)."""
         n = self.cfg.num_sample_images
         if not self.cfg.sample_every or n <= 0 or not self.acc.is_main_process:
             return None
@@ -614,16 +623,18 @@ class Trainer:
 
             shape = latent_shape(self.teacher, n, self.recipe.data.resolution)[1:]
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        return torch.randn((n, *shape), generator=gen).to(self.acc.device), preview.cond
+        return torch.randn((n, *shape), generator=gen).to(self.acc.device), preview.cond, preview.extra.get("labels")
 
-    def write_samples(self, fixed: tuple[torch.Tensor, Any]) -> tuple[torch.Tensor, Any] | None:
+    def write_samples(self, fixed: tuple[torch.Tensor, Any, Any]) -> tuple[torch.Tensor, Any, Any] | None:
         """``samples/step_XXXXXXXX.png`` (EMA weights if any). A failure turns grids off instead of ending the run;
         returns the inputs for the next grid, or None."""
-        noise, cond = fixed
+        noise, cond, labels = fixed
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         try:
             with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-                rows = write_samples(self.objective, self.teacher, noise, cond, list(self.cfg.sample_steps), path)
+                rows = write_samples(
+                    self.objective, self.teacher, noise, cond, list(self.cfg.sample_steps), path, 0, labels
+                )
             self.tracking.samples(self.step, path, rows)  # to the trackers; sample alarms
         except Exception as err:  # a sample grid must never cost the run
             _say(f"WARNING: sample grid at step {self.step} failed ({type(err).__name__}: {err}); grids are off now.")
@@ -663,7 +674,7 @@ class Trainer:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum: int, frame: Any) -> None:  # only sets flags: printing here could re-enter stdio
-            self._stop_requested = True
+            self._stop_requested, self._signal = True, signum
             signal.signal(signum, previous[signum])
 
         for sig in previous:
