@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from fewstep.config.errors import RecipeError
 from fewstep.train.checkpoint import (
     COMPLETE,
     CheckpointError,
@@ -68,9 +69,9 @@ def test_missing_file_in_checkpoint(make_recipe, tmp_path):
 
 def test_resume_from_missing_path(make_recipe, tmp_path):
     nowhere = tmp_path / "no" / "checkpoints" / "step_00000002"
-    with pytest.raises(CheckpointError, match="no such checkpoint") as err:
-        train(make_recipe(tmp_path / "run", train={"resume": str(nowhere)}))
-    assert str(nowhere) in str(err.value) and "never" in str(err.value)
+    with pytest.raises(RecipeError, match="train.resume: is neither auto, never nor an existing checkpoint"):
+        train(make_recipe(tmp_path / "run", train={"resume": str(nowhere)}))  # checked before the teacher loads
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_from_explicit_path_and_mismatched_student(make_recipe, tmp_path):
