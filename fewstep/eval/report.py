@@ -233,7 +233,10 @@ def format_report(report: EvalReport) -> str:
     """``eval.md``: the table, then every field that makes its numbers comparable."""
     info = report.info
     env = info.get("environment", {})
-    out = ["# Evaluation", "", format_table(report), "## How these numbers were made", ""]
+    out = ["# Evaluation", "", format_table(report)]
+    if info.get("warnings"):
+        out += ["## Warnings", "", *[f"- {w}" for w in info["warnings"]], ""]
+    out += ["## How these numbers were made", ""]
     out.append(
         f"- {info.get('num_samples')} images per row; seed {info.get('seed')}; batch size {info.get('batch_size')}."
     )

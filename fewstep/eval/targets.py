@@ -48,6 +48,8 @@ class Target:
         dataset: the benchmark data set of the images (``digits``, ``fashion_mnist``) or ``None``
             (``fewstep.eval.suite.benchmark_of``); picks the default metrics.
         info: provenance for the report header.
+        teacher: the teacher's ``Sampler`` (the run's teacher with its guidance, the export's base, the teacher
+            itself), whether or not its rows are in ``samplers``; ``None`` when it was not loaded.
     """
 
     kind: str
@@ -57,6 +59,7 @@ class Target:
     num_classes: int | None = None
     dataset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    teacher: Sampler | None = None
 
     def inputs(self, num_samples: int, prompts: Sequence[str] | None = None) -> EvalInputs:
         """Balanced labels (class-conditional), cycled ``prompts`` (text; default ``DEFAULT_PROMPTS``) or none."""
@@ -92,10 +95,11 @@ def run_target(
     shape = run_noise_shape(recipe, components.teacher)
     source = f"{run.run_dir} ({run.checkpoint.name})"
     samplers = [student_sampler(components, steps, weights=run.weights, source=source, shape=shape)]
+    w, why = _run_guidance(recipe, guidance_scale)
+    teacher_rows = teacher_sampler(components.teacher, teacher_steps or [50], w, source=recipe.teacher.pretrained,
+                                   guidance_source=why, shape=shape)  # fmt: skip
     if teacher_steps:
-        w, why = _run_guidance(recipe, guidance_scale)
-        samplers.append(teacher_sampler(components.teacher, teacher_steps, w, source=recipe.teacher.pretrained,
-                                        guidance_source=why, shape=shape))  # fmt: skip
+        samplers.append(teacher_rows)
     kind, num_classes = teacher_conditioning(components.teacher)
     dataset = benchmark_of(shape, kind, num_classes)
     info = {"kind": "run", "path": str(run.run_dir), "checkpoint": str(run.checkpoint), "weights": run.weights,
@@ -103,7 +107,7 @@ def run_target(
             "teacher": recipe.teacher.pretrained, "description": recipe.description,
             "parameters": {"student": num_parameters(components.student.denoiser.backbone),
                            "teacher": num_parameters(components.teacher.denoiser.backbone)}}  # fmt: skip
-    return Target("run", str(run.run_dir), samplers, kind, num_classes, dataset, info)
+    return Target("run", str(run.run_dir), samplers, kind, num_classes, dataset, info, teacher_rows)
 
 
 def _to_device(components: Any, device: torch.device) -> None:
@@ -137,8 +141,10 @@ def teacher_target(
     guidance_scale: float | None = None,
     device: str | torch.device | None = None,
     dtype: str = "float32",
+    shape: Sequence[int] | None = None,
 ) -> Target:
-    """A teacher (hub id, local pipeline, ``tiny:<family>``, ``fewstep:<asset>``) at ``steps`` with its usual CFG."""
+    """A teacher (hub id, local pipeline, ``tiny:<family>``, ``fewstep:<asset>``) at ``steps`` with its usual CFG;
+    ``shape``: one image's noise shape (default: the pipeline's latent at its default size)."""
     from fewstep.models.loading import load_teacher
 
     teacher = load_teacher(SimpleNamespace(pretrained=spec, dtype=dtype, guidance_scale=1.0))
@@ -146,12 +152,11 @@ def teacher_target(
     teacher.denoiser.to(device)
     teacher.pipeline.to(device)
     why = "given (--guidance)" if guidance_scale is not None else ""
-    sampler = teacher_sampler(teacher, steps, guidance_scale, source=spec, guidance_source=why)
+    sampler = teacher_sampler(teacher, steps, guidance_scale, source=spec, guidance_source=why, shape=shape)
     kind, num_classes, _ = conditioning_kind(teacher.pipeline)
     info = {"kind": "teacher", "spec": spec}
-    return Target(
-        "teacher", spec, [sampler], kind, num_classes, benchmark_of(sampler.noise_shape, kind, num_classes), info
-    )
+    dataset = benchmark_of(sampler.noise_shape, kind, num_classes)
+    return Target("teacher", spec, [sampler], kind, num_classes, dataset, info, sampler)
 
 
 def export_target(
@@ -178,15 +183,18 @@ def export_target(
     device = torch.device(device) if device is not None else default_device()
     exported = load_export(export_dir, steps=steps, base=base, device=device)
     samplers: list[Sampler] = [exported.sampler]
+    teacher = None
     if teacher_steps:
         if not exported.base:
             raise ValueError(f"No base model known for {str(export_dir)!r}: pass --base, or --no-teacher.")
-        samplers += teacher_target(exported.base, steps=teacher_steps, guidance_scale=guidance_scale,
-                                   device=device).samplers  # fmt: skip
+        teacher = teacher_target(exported.base, steps=teacher_steps, guidance_scale=guidance_scale, device=device,
+                                 shape=exported.sampler.noise_shape).teacher  # fmt: skip
+        samplers.append(teacher)
     info = {"kind": "export", "path": str(export_dir), "layout": exported.layout, "base": exported.base,
             "spec": exported.spec.to_json()}  # fmt: skip
     dataset = benchmark_of(exported.sampler.noise_shape, exported.conditioning, exported.num_classes)
-    return Target("export", str(export_dir), samplers, exported.conditioning, exported.num_classes, dataset, info)
+    return Target("export", str(export_dir), samplers, exported.conditioning, exported.num_classes, dataset, info,
+                  teacher)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
