@@ -51,13 +51,18 @@ def benchmark_of(shape: Sequence[int], conditioning: str, num_classes: int | Non
 
 
 def default_metrics(
-    dataset: str | None, conditioning: str, reference_dir: str | Path | None = None, clip_model: str | None = None
+    dataset: str | None,
+    conditioning: str,
+    reference_dir: str | Path | None = None,
+    clip_model: str | None = None,
+    with_teacher: bool = True,
 ) -> tuple[str, ...]:
-    """``DEFAULT_METRICS`` for a benchmark data set; for text models ``TEXT_METRICS`` plus ``inception_fid`` with a
-    reference folder and ``clip`` with CLIP weights; otherwise ``inception_fid`` with a reference folder, or nothing."""
+    """``DEFAULT_METRICS`` for a benchmark data set; for text models ``TEXT_METRICS`` (``with_teacher``: the teacher's
+    samples are the reference) plus ``inception_fid`` with a reference folder and ``clip`` with CLIP weights;
+    otherwise ``inception_fid`` with a reference folder, or nothing."""
     if dataset is not None:
         return DEFAULT_METRICS + (("inception_fid",) if reference_dir is not None else ())
-    names = TEXT_METRICS if conditioning == "text" else ()
+    names = TEXT_METRICS if conditioning == "text" and with_teacher else ()
     names += ("inception_fid",) if reference_dir is not None else ()
     return names + (("clip",) if clip_model is not None and conditioning == "text" else ())
 
@@ -134,7 +139,7 @@ def build_metrics(
         FileNotFoundError: missing Inception / CLIP weights (the message says how to provide them).
     """
     if names is None:
-        names = default_metrics(dataset, conditioning, reference_dir, clip_model)
+        names = default_metrics(dataset, conditioning, reference_dir, clip_model, with_teacher=teacher is not None)
     unknown = [n for n in names if n not in METRIC_NAMES]
     if unknown:
         from fewstep.registry import unknown_name_message
