@@ -14,6 +14,7 @@ also take precomputed features (``compute_features``) for rows whose images are 
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.eval.diversity import KNN_K, diversity, group_ids, precision_recall
+from fewstep.eval.diversity import KNN_K, diversity, group_diversity, group_ids, precision_recall
 from fewstep.eval.features import FeatureExtractor
 
 RATIO_COLUMN = "diversity_ratio"
@@ -65,9 +66,12 @@ class Diversity:
     def compute_features(
         self, features: Tensor, labels: Tensor | None = None, prompts: Sequence[str] | None = None
     ) -> float:
-        """Diversity of precomputed features ``[n, F]`` of this feature space."""
+        """Diversity of precomputed features ``[n, F]`` of this feature space; NaN when no prompt or class has two
+        samples (fewer images than prompts or classes: nothing to compare)."""
         groups = _groups_by(self.by, len(features), labels, prompts)
         self.num_groups = int(torch.unique(groups).numel()) if groups is not None else 1
+        if not group_diversity(features, groups if groups is not None else torch.zeros(len(features))):
+            return math.nan
         return diversity(features, groups)
 
     def describe(self) -> dict[str, Any]:
@@ -184,7 +188,7 @@ def subset_reference(
 
 def _reference_row(report: Any, reference: tuple[str, int | None] | None, metric: str) -> Any:
     """The row the ratios are taken against: ``reference`` (model, steps), else the teacher row with the most steps."""
-    rows = [r for r in report.rows if metric in r.metrics]
+    rows = [r for r in report.rows if math.isfinite(r.metrics.get(metric, math.nan))]
     if reference is not None:
         return next((r for r in rows if (r.model, r.num_steps) == tuple(reference)), None)
     models = report.info.get("models", {})
@@ -218,7 +222,7 @@ def diversity_check(
     models = report.info.get("models", {})
     flagged = []
     for row in report.rows:
-        if metric not in row.metrics:
+        if not math.isfinite(row.metrics.get(metric, math.nan)):
             continue
         ratio = row.metrics[metric] / base.metrics[metric]
         row.metrics[RATIO_COLUMN] = ratio
