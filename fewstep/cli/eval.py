@@ -51,8 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     parser.add_argument("--no-teacher", action="store_true", help="no reference teacher rows")
     parser.add_argument("--num-samples", type=int, default=1000, help="images per row (default 1000)")
     parser.add_argument("--metrics", type=_names, default=None,
-                        help="comma-separated: fid, accuracy, inception_fid, clip (default: fid,accuracy for "
-                        "the digits / Fashion-MNIST benchmark models, none otherwise)")  # fmt: skip
+                        help="comma-separated: fid, accuracy, inception_fid, clip, fid_teacher, diversity, precision, "
+                        "recall (default: fid,accuracy,precision,recall,diversity for the digits / Fashion-MNIST "
+                        "models; fid_teacher,diversity for text models, with clip given --clip and inception_fid given "
+                        "--reference)")  # fmt: skip
     parser.add_argument(
         "--prompts",
         metavar="FILE",
@@ -177,7 +179,7 @@ def _reference_teacher(args: argparse.Namespace, target: Any, num_steps: int, de
     from fewstep.eval.targets import teacher_target
 
     shape = target.samplers[0].noise_shape
-    spec = args.teacher or (None if target.teacher is not None else target.info.get("base"))
+    spec = args.teacher or (None if target.teacher is not None else target.info.get("base") or None)
     if spec is None and target.teacher is None:
         raise ValueError(f"No teacher is known for {args.target!r}: pass --teacher ID (or --base for a LoRA export).")
     if spec is None:
