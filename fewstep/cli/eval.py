@@ -4,12 +4,19 @@ TARGET is a training run directory (its student, EMA weights when kept, plus its
 directory (sampled by stock diffusers) or a teacher (hub id, pipeline directory, ``tiny:<family>``,
 ``fewstep:<asset>``). Writes ``eval.json``, ``eval.md``, the images and sample grids into ``--out`` and prints the
 table (``fewstep.eval.harness``, ``fewstep.eval.report``).
+
+Text-to-image targets are measured against their teacher's own samples on the same prompts and seeds
+(``fewstep.eval.teacher_reference``: sampled once, cached): ``fid_teacher`` and ``diversity`` by default,
+``inception_fid`` against ``--reference DIR``, ``clip`` with ``--clip``. Every target with a diversity column gets the
+ratio to its teacher's, and students below ``--min-diversity-ratio`` are flagged (``fewstep.eval.coverage``).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 
 def _steps(text: str) -> list[int]:
@@ -44,10 +51,44 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     parser.add_argument("--no-teacher", action="store_true", help="no reference teacher rows")
     parser.add_argument("--num-samples", type=int, default=1000, help="images per row (default 1000)")
     parser.add_argument("--metrics", type=_names, default=None,
-                        help="comma-separated: fid, accuracy, inception_fid, clip (default: fid,accuracy for "
-                        "the digits / Fashion-MNIST benchmark models, none otherwise)")  # fmt: skip
-    parser.add_argument("--prompts", metavar="FILE", help="text models: a file with one prompt per line")
-    parser.add_argument("--out", metavar="DIR", help="output directory (default: TARGET/eval, or eval/<teacher>)")
+                        help="comma-separated: fid, accuracy, inception_fid, clip, fid_teacher, diversity, precision, "
+                        "recall (default: fid,accuracy,precision,recall,diversity for the digits / Fashion-MNIST "
+                        "models; fid_teacher,diversity for text models, with clip given --clip and inception_fid given "
+                        "--reference)")  # fmt: skip
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help='text models: a file with one prompt per line, or .jsonl with {"prompt": ...} per line',
+    )
+    parser.add_argument("--images-per-prompt", type=int, default=None, metavar="N",
+                        help="text models: N seeds per prompt (the image count becomes N x prompts; default: "
+                        "--num-samples, prompts cycled)")  # fmt: skip
+    parser.add_argument(
+        "--teacher",
+        metavar="ID",
+        help="text models: the teacher whose samples are the reference of fid_teacher and the "
+        "diversity ratio (default: the run's teacher, the export's base, or TARGET itself)",
+    )
+    parser.add_argument(
+        "--reference-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="text models: the reference teacher's steps (default: the largest --teacher-steps)",
+    )
+    parser.add_argument(
+        "--reference", metavar="DIR", help="a folder of reference images for inception_fid (TF-Inception, offline)"
+    )
+    parser.add_argument(
+        "--min-diversity-ratio",
+        type=float,
+        default=0.7,
+        metavar="R",
+        help="flag students whose diversity is below R times the teacher's (default 0.7)",
+    )
+    parser.add_argument("--out", metavar="DIR",
+                        help="output directory (default: RUN/eval for runs, eval/<name> in the current directory for "
+                        "exports and teachers)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the shared noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per sampler call (default 64)")
     parser.add_argument("--guidance", type=float, default=None, metavar="W",
@@ -90,6 +131,14 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.prompts is not None and not Path(args.prompts).is_file():
         raise FileNotFoundError(f"--prompts {args.prompts!r}: no such file (give a text file, one prompt per line).")
+    if args.images_per_prompt is not None and args.images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be >= 1; got {args.images_per_prompt}.")
+    if args.reference_steps is not None and args.reference_steps < 1:
+        raise ValueError(f"--reference-steps must be >= 1; got {args.reference_steps}.")
+    if not 0 <= args.min_diversity_ratio <= 1:
+        raise ValueError(f"--min-diversity-ratio must be in [0, 1]; got {args.min_diversity_ratio}.")
+    if args.reference is not None and not Path(args.reference).expanduser().is_dir():
+        raise FileNotFoundError(f"--reference {args.reference!r}: no such folder (give a folder of image files).")
 
 
 def _prompts(path: str | None) -> list[str] | None:
@@ -101,40 +150,118 @@ def _prompts(path: str | None) -> list[str] | None:
 
 
 def default_out(target: str, kind: str) -> Path:
-    """``TARGET/eval`` for run and export directories, ``eval/<teacher>`` for teachers."""
+    """``RUN/eval`` for a run directory; ``eval/<name>`` in the current directory for an export (never inside it: an
+    export is verified against its manifest and stays as exported) and for a teacher."""
     from fewstep.eval.report import slug
 
-    return Path(target) / "eval" if kind in ("run", "export") else Path("eval") / slug(target)
+    if kind == "run":
+        return Path(target) / "eval"
+    name = Path(target).expanduser().resolve().name if kind == "export" else target
+    return Path("eval") / slug(name)
+
+
+def _check_out(out: Path, target: str, kind: str) -> None:
+    if kind == "export" and out.resolve().is_relative_to(Path(target).expanduser().resolve()):
+        raise ValueError(
+            f"--out {str(out)!r} is inside the export {target!r}; an export is never modified (its manifest must "
+            "still verify). Choose a folder outside it, or leave --out out (default: eval/<export name>)."
+        )
+
+
+def _inputs(args: argparse.Namespace, target: Any, prompts: list[str] | None) -> Any:
+    if target.conditioning != "text":
+        if prompts is not None or args.images_per_prompt is not None or args.teacher is not None:
+            raise ValueError(f"--prompts, --images-per-prompt and --teacher are for text-to-image targets; "
+                             f"{args.target!r} is {target.conditioning}-conditioned.")  # fmt: skip
+        return target.inputs(args.num_samples)
+    if args.images_per_prompt is None:
+        return target.inputs(args.num_samples, prompts)
+    from fewstep.eval.harness import DEFAULT_PROMPTS
+
+    distinct = list(dict.fromkeys(prompts or DEFAULT_PROMPTS))
+    return target.inputs(args.images_per_prompt * len(distinct), distinct)  # prompt i % P: N seeds per prompt
+
+
+def _reference_teacher(args: argparse.Namespace, target: Any, num_steps: int, device: Any) -> Any:
+    """The teacher ``Sampler`` whose samples are the text reference: ``--teacher``, else the target's own teacher,
+    else an export's base model; at the student's noise shape (the same seeds)."""
+    from fewstep.eval.targets import teacher_target
+
+    shape = target.samplers[0].noise_shape
+    spec = args.teacher or (None if target.teacher is not None else target.info.get("base") or None)
+    if spec is None and target.teacher is None:
+        raise ValueError(f"No teacher is known for {args.target!r}: pass --teacher ID (or --base for a LoRA export).")
+    if spec is None:
+        return target.teacher
+    return teacher_target(spec, steps=[num_steps], guidance_scale=args.guidance, device=device, shape=shape).teacher
+
+
+def _without_reference_rows(target: Any, reference: Any) -> None:
+    """A run's or export's teacher rows at the reference's steps are the cached reference row (not sampled again)."""
+    if target.kind == "teacher" or reference.sampler is not target.teacher:
+        return
+    samplers = []
+    for sampler in target.samplers:
+        if sampler is target.teacher:
+            sampler = replace(sampler, steps=[n for n in sampler.steps if n != reference.num_steps])
+        if sampler.steps:
+            samplers.append(sampler)
+    target.samplers = samplers
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    from fewstep.eval.harness import evaluate  # lazy: torch and diffusers
-    from fewstep.eval.report import format_table
-    from fewstep.eval.suite import build_metrics
+    from fewstep.eval.coverage import diversity_check  # lazy: torch and diffusers
+    from fewstep.eval.harness import evaluate
+    from fewstep.eval.report import format_table, jsonable
+    from fewstep.eval.suite import TEACHER_METRICS, build_metrics, default_metrics, inception_extractor
     from fewstep.eval.targets import load_target, target_kind
+    from fewstep.eval.teacher_reference import TeacherReference
 
     kind = target_kind(args.target)
+    out = Path(args.out) if args.out else default_out(args.target, kind)
+    _check_out(out, args.target, kind)
     prompts = _prompts(args.prompts)
     teacher_steps = [] if args.no_teacher else args.teacher_steps
     target = load_target(
         args.target, steps=args.steps, teacher_steps=teacher_steps, guidance_scale=args.guidance, device=args.device,
         checkpoint=args.checkpoint, weights=args.weights, base=args.base,
     )  # fmt: skip
-    if prompts is not None and target.conditioning != "text":
-        raise ValueError(f"--prompts was given but {args.target!r} is {target.conditioning}-conditioned, not text.")
+    inputs = _inputs(args, target, prompts)
     network = target.samplers[0].network
     device = next(network.parameters()).device if network is not None else args.device  # where the models are
-    metrics = build_metrics(args.metrics, target.dataset, target.conditioning, device=device, progress=True,
-                            clip_model=args.clip, inception=args.inception)  # fmt: skip
-    out = Path(args.out) if args.out else default_out(args.target, kind)
+    names = args.metrics or default_metrics(target.dataset, target.conditioning, args.reference, args.clip)
+    reference = None
+    if target.conditioning == "text" and TEACHER_METRICS & set(names):
+        num_steps = args.reference_steps or max(args.teacher_steps or [50])
+        sampler = _reference_teacher(args, target, num_steps, device)
+        extractor = inception_extractor(args.inception, device=device, progress=True)
+        reference = TeacherReference(sampler, num_steps, inputs, extractor, seed=args.seed, batch_size=args.batch_size)
+        _without_reference_rows(target, reference)
+    metrics = build_metrics(names, target.dataset, target.conditioning, device=device, progress=True,
+                            clip_model=args.clip, inception=args.inception, reference_dir=args.reference,
+                            teacher=reference)  # fmt: skip
+    if reference is not None:  # before the student rows: a LoRA student is merged into the shared base while sampled
+        reference.load(image_metrics=[m for m in metrics if not callable(getattr(m, "compute_features", None))])
+
+    def finish(report: Any) -> None:
+        key = None
+        if reference is not None:
+            report.rows.append(reference.row(metrics))
+            described = jsonable(reference.describe())
+            report.info["models"][reference.name] = jsonable({**reference.sampler.info, "reference": described})
+            report.info["teacher_reference"] = described
+            key = (reference.name, reference.num_steps)
+        diversity_check(report, args.min_diversity_ratio, reference=key)
+
     report = evaluate(
-        target.samplers, metrics, target.inputs(args.num_samples, prompts), seed=args.seed,
-        batch_size=args.batch_size, out_dir=out, save_images=not args.no_images, device=device,
-        info={"target": target.info},
+        target.samplers, metrics, inputs, seed=args.seed, batch_size=args.batch_size, out_dir=out,
+        save_images=not args.no_images, device=device, info={"target": target.info}, finish=finish,
     )  # fmt: skip
     print()
     print(format_table(report), end="")
+    for warning in report.info.get("warnings", []):
+        print(f"warning: {warning}")
     if not metrics:
         print("(no quality metric for this target: pass --metrics, or use the harness API with your own Metric)")
     print(f"report: {out / 'eval.md'} and {out / 'eval.json'}")

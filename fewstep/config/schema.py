@@ -270,7 +270,7 @@ class TrainConfig(BaseModel):
         return [value] if isinstance(value, str) else value
 
 
-EvalMetricName = Literal["fid", "accuracy", "inception_fid", "clip"]  # fewstep.eval.suite.METRIC_NAMES
+EvalMetricName = Literal["fid", "accuracy", "inception_fid", "clip", "diversity", "precision", "recall"]  # eval.suite
 
 
 class EvalConfig(BaseModel):
@@ -282,7 +282,7 @@ class EvalConfig(BaseModel):
     every_steps: PositiveInt | None = None
     steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     num_samples: PositiveInt = 256
-    metrics: list[EvalMetricName] | None = None  # None: benchmark teachers (digits, fashion): fid, accuracy
+    metrics: list[EvalMetricName] | None = None  # None: benchmark teachers: fid, accuracy, precision, recall, diversity
     best_metric: EvalMetricName | None = None  # None: the first metric
     best_steps: PositiveInt | None = None  # None: the largest of `steps`
     best_mode: Literal["auto", "min", "max"] = "auto"  # auto: the metric's own direction (FID min, accuracy max)

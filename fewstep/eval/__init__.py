@@ -4,7 +4,9 @@
   ``targets`` (``fewstep eval TARGET``: a run, an export or a teacher);
 * the harness: ``harness`` (``evaluate``: shared noise and inputs, NFE, latency, memory, metrics), ``measure``;
 * metrics: ``metric`` (the protocol), ``suite`` (metrics by name), ``fid``, ``features``, ``classifier``,
-  ``accuracy``, ``clip``, ``digits``, ``weights``;
+  ``accuracy``, ``clip``, ``digits``, ``weights``; ``diversity`` and ``video`` (pure functions on features),
+  ``coverage`` (diversity and precision / recall as metrics, the diversity check), ``teacher_reference`` (a
+  teacher's cached samples as the reference of text-to-image students);
 * reports: ``report`` (the one row type, tables, grids, ``eval.json`` / ``eval.md``);
 * training curves: ``curves`` (a run's TensorBoard scalars, smoothed; ``fewstep compare``, ``scripts/curves.py``);
 * workflows: ``periodic`` (evaluation during training), ``quickstart`` (the digits quickstart), ``sample``

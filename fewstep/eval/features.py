@@ -10,11 +10,15 @@ under it).
   ``x`` in 0..255 (its ``INPUT_RANGE_TF = (-1, 0.9921875)``). Both fid-helper's ``default_1.pt`` and clean-fid's
   ``inception-2015-12-05.pt`` work: the trunk (``.layers``) is called directly, as clean-fid does.
 * ``ClassifierFeatures``: the ``features(x)`` of any classifier (digits, Fashion-MNIST, ...) after an input transform.
+
+``FeatureExtractor`` runs one of them over an image set in batches and remembers the features of the latest set, so
+FID, diversity and precision / recall of one evaluation row run the network once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,6 +197,64 @@ def _infer_num_features(classifier: nn.Module) -> int:
     return int(value)
 
 
+class FeatureExtractor:
+    """Features ``[n, F]`` of image sets through a feature network, in batches, remembering the latest set.
+
+    The evaluation harness hands the same image tensor to every metric of a row; metrics that share an extractor
+    (FID, diversity, precision / recall in one feature space) therefore compute the features once.
+
+    Args:
+        net: images ``[b, c, h, w]`` in ``[0, 1]`` → ``[b, F]``, with ``num_features``; frozen, eval mode.
+        batch_size: images per network call.
+        device: where the network runs (it is moved there).
+        progress: a progress bar over batches (only when there is more than one).
+    """
+
+    def __init__(
+        self, net: nn.Module, batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.device = torch.device(device)
+        self.net = net.eval().requires_grad_(False).to(self.device)
+        self.batch_size = batch_size
+        self.progress = progress
+        self._last: tuple[weakref.ref[Tensor], Tensor] | None = None
+
+    @property
+    def num_features(self) -> int:
+        return int(self.net.num_features)
+
+    def __call__(self, images: Tensor, remember: bool = True, desc: str = "features") -> Tensor:
+        """Features ``[n, F]`` (float64, CPU) of ``images`` ``[n, c, h, w]`` in ``[0, 1]``.
+
+        Args:
+            images: the image set.
+            remember: keep the result for the next call with this very tensor (the metrics of one row); ``False``
+                for one-off sets such as reference images.
+            desc: the progress bar's label.
+        """
+        if self._last is not None and self._last[0]() is images:
+            return self._last[1]
+        from tqdm.auto import tqdm
+
+        chunks = images.split(self.batch_size)
+        out = []
+        with torch.no_grad():
+            for chunk in tqdm(chunks, desc=desc, disable=not self.progress or len(chunks) < 2, leave=False):
+                out.append(self.net(chunk.to(self.device, torch.float32)).double().cpu())
+        features = torch.cat(out) if out else torch.zeros(0, self.num_features, dtype=torch.float64)
+        if remember:
+            self._last = (weakref.ref(images), features)
+        return features
+
+    def fingerprint(self) -> str:
+        return feature_fingerprint(self.net)
+
+    def describe(self) -> dict[str, Any]:
+        return describe_features(self.net)
+
+
 def feature_fingerprint(net: nn.Module) -> str:
     """``net.fingerprint()`` when it has one, else a hash of its class and weights (16 hex digits)."""
     if callable(getattr(net, "fingerprint", None)):
@@ -216,6 +278,7 @@ __all__ = [
     "INCEPTION_FEATURES",
     "INCEPTION_RESOLUTION",
     "ClassifierFeatures",
+    "FeatureExtractor",
     "InceptionFeatures",
     "callable_name",
     "describe_features",

@@ -1,11 +1,16 @@
 """FID (Fréchet distance of feature statistics) in memory with torchmetrics, and between image folders with clean-fid.
 
-``FID`` wraps torchmetrics' ``FrechetInceptionDistance`` around any feature network (``InceptionFeatures``,
-``ClassifierFeatures`` or a module with ``num_features``); torch-fidelity is never needed. The reference set's
+``FID`` computes features with any feature network (``InceptionFeatures``, ``ClassifierFeatures`` or a module with
+``num_features``) through a ``FeatureExtractor`` (shared with the diversity and precision / recall metrics of the
+same feature space, so a row's features are computed once) and hands them to torchmetrics'
+``FrechetInceptionDistance``, which keeps the sufficient statistics and computes the distance; torch-fidelity is
+never needed. The reference is a set of images, a folder of image files (any sizes: each is resized by the feature
+network) or precomputed features (e.g. a teacher's samples, ``fewstep.eval.teacher_reference``). The reference set's
 statistics (mean ``mu`` [F] and covariance ``sigma`` [F, F], float64) are computed once and cached on disk under
 ``$FEWSTEP_CACHE/fid_stats/<feature fingerprint>-<reference key>.safetensors`` (+ ``.json`` with provenance), so a
 report costs only the generated images' features. A different feature network (other weights or preprocessing)
-has another fingerprint and therefore never reuses stale statistics.
+has another fingerprint and therefore never reuses stale statistics. ``frechet_distance`` is the same distance
+between two feature tensors.
 
 ``clean_fid_folders`` compares two folders of image files with clean-fid (an optional extra: it needs torchvision).
 
@@ -30,11 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.eval.features import describe_features, feature_fingerprint
+from fewstep.eval.features import FeatureExtractor
 from fewstep.eval.weights import check_clean_fid_inception, tensor_sha256
 
 STATS_VERSION = 1  # bump when the stored statistics change meaning
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".npy")
+PIL_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e != ".npy")  # what a reference folder may hold
 
 
 @dataclass(frozen=True)
@@ -56,16 +62,46 @@ class ReferenceStats:
     cache_hit: bool
 
 
-def _torchmetrics_fid(feature_net: nn.Module) -> Any:
+class FeatureInput(nn.Module):
+    """The "feature network" torchmetrics is given: the identity on features ``[b, F]`` that fewstep computed."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def _torchmetrics_fid(num_features: int) -> Any:
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as err:
         raise ImportError(
             "FID needs torchmetrics: `pip install 'fewstep[eval]'` (or `pip install torchmetrics`)."
         ) from err
-    if not hasattr(feature_net, "num_features"):
-        raise TypeError(f"{type(feature_net).__name__} has no `num_features`; FID needs the feature size.")
-    return FrechetInceptionDistance(feature=feature_net, reset_real_features=True)
+    return FrechetInceptionDistance(feature=FeatureInput(num_features), reset_real_features=True)
+
+
+def _check_feature_set(features: Tensor, what: str) -> Tensor:
+    if not isinstance(features, Tensor) or features.ndim != 2:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"FID takes {what} as a tensor [n, F]; got {shape}.")
+    if len(features) < 2:
+        raise ValueError(f"FID needs at least 2 {what} (a covariance of one sample is undefined); got {len(features)}.")
+    return features
+
+
+def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
+    """The Fréchet distance between the Gaussians fitted to two feature sets ``[n, F]`` and ``[m, F]`` (torchmetrics'
+    ``FrechetInceptionDistance`` on features: ``|mu_a - mu_b|² + Tr(S_a + S_b - 2 (S_a S_b)^½)``)."""
+    a, b = _check_feature_set(features_a, "features (first set)"), _check_feature_set(features_b, "features (second)")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"The feature sets have different sizes: {a.shape[1]} and {b.shape[1]}.")
+    metric = _torchmetrics_fid(a.shape[1])
+    metric.update(a.double(), real=True)
+    metric.update(b.double(), real=False)
+    return float(metric.compute())
 
 
 def _check_images(images: Tensor, what: str) -> Tensor:
@@ -75,6 +111,67 @@ def _check_images(images: Tensor, what: str) -> Tensor:
     if len(images) < 2:
         raise ValueError(f"FID needs at least 2 {what} (a covariance of one image is undefined); got {len(images)}.")
     return images
+
+
+def _folder_files(directory: Path) -> list[Path]:
+    """The image files of a reference folder, recursively, in sorted order."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Reference image folder {str(directory)!r} does not exist.")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in PIL_EXTENSIONS and p.is_file())
+    if len(files) < 2:
+        raise ValueError(
+            f"Reference image folder {str(directory)!r} holds {len(files)} image file(s) "
+            f"({', '.join(PIL_EXTENSIONS)}); FID needs at least 2."
+        )
+    return files
+
+
+def folder_id(directory: str | Path) -> str:
+    """What identifies a folder's images in the statistics cache: its resolved path and a hash of every image file's
+    relative name, size and modification time (an edited, added or removed file is another reference)."""
+    root = Path(directory).expanduser().resolve()
+    digest = hashlib.sha256()
+    for path in _folder_files(root):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return f"folder:{root}:{digest.hexdigest()[:16]}"
+
+
+def load_folder_image(path: Path) -> Tensor:
+    """One image file as ``[3, h, w]`` RGB in ``[0, 1]`` (8-bit levels)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
+
+
+def folder_features(directory: str | Path, extractor: FeatureExtractor) -> Tensor:
+    """Features ``[n, F]`` of every image file in ``directory`` (recursively); images of any size, batched by size."""
+    from tqdm.auto import tqdm
+
+    files, out, batch = _folder_files(Path(directory).expanduser()), [], []
+
+    def flush() -> None:
+        if batch:
+            out.append(extractor(torch.stack(batch), remember=False))
+            batch.clear()
+
+    for path in tqdm(files, desc="reference folder", disable=not extractor.progress, leave=False):
+        image = load_folder_image(path)
+        if batch and (image.shape != batch[0].shape or len(batch) == extractor.batch_size):
+            flush()
+        batch.append(image)
+    flush()
+    return torch.cat(out)
+
+
+def stats_of(features: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(mu, sigma, n)`` of features ``[n, F]``: float64 mean and unbiased covariance, as torchmetrics keeps them."""
+    metric = _torchmetrics_fid(_check_feature_set(features, "reference features").shape[1])
+    metric.update(features.double(), real=True)
+    return _real_stats(metric)
 
 
 def _set_real_stats(metric: Any, stats: ReferenceStats) -> None:
@@ -99,11 +196,18 @@ class FID:
     """FID of generated images to a fixed reference set, torchmetrics in memory, with any feature network.
 
     Args:
-        feature_net: a module mapping images ``[b, c, h, w]`` in ``[0, 1]`` to ``[b, F]``, with ``num_features``.
-        reference: the reference images ``[n, c, h, w]`` in ``[0, 1]``, or a function returning them (called only
-            when the statistics are not cached; then ``reference_id`` is required).
+        feature_net: a module mapping images ``[b, c, h, w]`` in ``[0, 1]`` to ``[b, F]``, with ``num_features``, or
+            a ``FeatureExtractor`` shared with other metrics of the same feature space (then ``batch_size``,
+            ``device`` and ``progress`` are the extractor's).
+        reference: the reference images ``[n, c, h, w]`` in ``[0, 1]``, a function returning them (called only
+            when the statistics are not cached; then ``reference_id`` is required), or a folder of image files
+            (``str`` / ``Path``; any sizes; keyed by ``folder_id``).
         reference_name: how reports name the reference set, e.g. ``"fashion-mnist test split"``.
-        reference_id: what identifies the reference images in the cache key (default: a hash of the tensor).
+        reference_id: what identifies the reference images in the cache key (default: a hash of the tensor, or the
+            folder's ``folder_id``).
+        reference_features: instead of ``reference``, a function returning the reference's features ``[n, F]`` in
+            this feature space (e.g. a teacher's cached samples); their statistics are cached only with a
+            ``reference_id``.
         cache_dir: where statistics are cached (default ``$FEWSTEP_CACHE/fid_stats``); ``use_cache=False`` disables.
         use_cache: read and write cached reference statistics.
         batch_size: images per feature-network call.
@@ -114,11 +218,12 @@ class FID:
 
     needs: frozenset[str] = frozenset()
     higher_is_better = False
+    self_value: float | None = None  # 0.0 when the reference is a teacher's samples: that teacher's own row
 
     def __init__(
         self,
-        feature_net: nn.Module,
-        reference: Tensor | Callable[[], Tensor] | None = None,
+        feature_net: nn.Module | FeatureExtractor,
+        reference: Tensor | Callable[[], Tensor] | str | Path | None = None,
         reference_name: str = "reference",
         reference_id: str | None = None,
         cache_dir: str | Path | None = None,
@@ -127,23 +232,44 @@ class FID:
         device: str | torch.device = "cpu",
         progress: bool = True,
         name: str = "fid",
+        reference_features: Callable[[], Tensor] | None = None,
     ) -> None:
-        if reference is not None and not isinstance(reference, Tensor) and reference_id is None:
+        if isinstance(reference, str | Path):
+            reference = Path(reference).expanduser()
+            reference_id = reference_id or folder_id(reference)
+        elif reference is not None and not isinstance(reference, Tensor) and reference_id is None:
             raise ValueError("A lazy `reference` (a function) needs `reference_id=` to key its cached statistics.")
-        self.feature_net = feature_net.eval().requires_grad_(False)
+        if reference is not None and reference_features is not None:
+            raise ValueError("Give the reference as images (`reference=`) or as features (`reference_features=`).")
+        if isinstance(feature_net, FeatureExtractor):
+            self.extractor = feature_net
+        else:
+            if not hasattr(feature_net, "num_features"):
+                raise TypeError(f"{type(feature_net).__name__} has no `num_features`; FID needs the feature size.")
+            self.extractor = FeatureExtractor(feature_net, batch_size, device, progress)
         self.reference = reference
+        self.reference_features = reference_features
         self.reference_name = reference_name
         self._reference_id = reference_id
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.use_cache = use_cache
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.progress = progress
+        self.use_cache = use_cache and (reference_features is None or reference_id is not None)
         self.name = name
         self._metric: Any = None
         self._stats: ReferenceStats | None = None
         self._stats_key: str | None = None
         self.num_generated_images: int | None = None
+
+    @property
+    def feature_net(self) -> nn.Module:
+        return self.extractor.net
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.device
+
+    def features(self, images: Tensor) -> Tensor:
+        """Features ``[n, F]`` (float64, CPU) of ``images``; computed once per image set (``FeatureExtractor``)."""
+        return self.extractor(_check_images(images, "generated images"), desc="FID")
 
     # ------------------------------------------------------------------------------------------------- reference
 
@@ -156,41 +282,45 @@ class FID:
 
     def stats_path(self) -> Path | None:
         """The cache file of the reference statistics for the current feature network (``None``: no caching)."""
-        if not self.use_cache or self.reference is None:
+        if not self.use_cache or (self.reference is None and self.reference_features is None):
             return None
         from fewstep.data.image_folder import fewstep_cache_dir
 
         root = self.cache_dir or fewstep_cache_dir() / "fid_stats"
         ref_key = hashlib.sha256(f"v{STATS_VERSION}|{self.reference_id}".encode()).hexdigest()[:16]
-        return root / f"{feature_fingerprint(self.feature_net)}-{ref_key}.safetensors"
+        return root / f"{self.extractor.fingerprint()}-{ref_key}.safetensors"
 
     def reference_stats(self) -> ReferenceStats:
         """The reference statistics: in memory, else from the cache, else computed (and cached)."""
-        if self.reference is None:
+        if self.reference is None and self.reference_features is None:
             raise ValueError("This FID has no reference set: pass `reference=` (images or a function returning them).")
         path = self.stats_path()
-        key = str(path) if path is not None else feature_fingerprint(self.feature_net)
+        key = str(path) if path is not None else self.extractor.fingerprint()
         if self._stats is not None and self._stats_key == key:
             return self._stats
-        stats = _load_stats(path, self.feature_net) if path is not None else None
+        stats = _load_stats(path, self.extractor.num_features) if path is not None else None
         if stats is None:
             stats = self._compute_reference_stats(path)
         self._stats, self._stats_key = stats, key
         return stats
 
-    def _compute_reference_stats(self, path: Path | None) -> ReferenceStats:
+    def _reference_feature_set(self) -> Tensor:
+        if self.reference_features is not None:
+            return self.reference_features()
+        if isinstance(self.reference, Path):
+            return folder_features(self.reference, self.extractor)
         images = self.reference if isinstance(self.reference, Tensor) else self.reference()
-        metric = self._torchmetrics()
-        metric.reset()
-        self._update(metric, _check_images(images, "reference images"), real=True, desc="FID reference")
-        mu, sigma, n = _real_stats(metric)
+        return self.extractor(_check_images(images, "reference images"), remember=False, desc="FID reference")
+
+    def _compute_reference_stats(self, path: Path | None) -> ReferenceStats:
+        mu, sigma, n = stats_of(self._reference_feature_set())
         if path is not None:
             info = {
                 "stats_version": STATS_VERSION,
                 "reference_name": self.reference_name,
                 "reference_id": self.reference_id,
                 "num_images": n,
-                "feature_network": describe_features(self.feature_net),
+                "feature_network": self.extractor.describe(),
                 "torchmetrics": _version("torchmetrics"),
             }
             _save_stats(path, mu, sigma, info)
@@ -200,35 +330,31 @@ class FID:
 
     def _torchmetrics(self) -> Any:
         if self._metric is None:
-            self._metric = _torchmetrics_fid(self.feature_net).to(self.device)
+            self._metric = _torchmetrics_fid(self.extractor.num_features).to(self.device)
         return self._metric
-
-    def _update(self, metric: Any, images: Tensor, real: bool, desc: str) -> None:
-        from tqdm.auto import tqdm
-
-        chunks = images.split(self.batch_size)
-        with torch.no_grad():
-            for chunk in tqdm(chunks, desc=desc, disable=not self.progress or len(chunks) < 2, leave=False):
-                metric.update(chunk.to(self.device, torch.float32), real=real)
 
     def compute(self, images: Tensor, labels: Tensor | None = None, prompts: Sequence[str] | None = None) -> float:
         """FID of ``images`` (``[n, c, h, w]`` in ``[0, 1]``, n ≥ 2) to the reference set. Lower is better."""
-        _check_images(images, "generated images")
+        return self.compute_features(self.features(images))
+
+    def compute_features(
+        self, features: Tensor, labels: Tensor | None = None, prompts: Sequence[str] | None = None
+    ) -> float:
+        """FID of precomputed features ``[n, F]`` of this feature network to the reference set."""
+        _check_feature_set(features, "generated images")
         stats = self.reference_stats()
         metric = self._torchmetrics()
         metric.reset()
         _set_real_stats(metric, stats)
-        self._update(metric, images, real=False, desc="FID")
-        self.num_generated_images = len(images)
+        metric.update(features.to(self.device, torch.float64), real=False)
+        self.num_generated_images = len(features)
         return float(metric.compute())
 
     def fid(self, images_a: Tensor, images_b: Tensor) -> float:
         """FID between two image sets with this feature network (no reference set, no cache)."""
-        metric = self._torchmetrics()
-        metric.reset()
-        self._update(metric, _check_images(images_a, "images (first set)"), real=True, desc="FID a")
-        self._update(metric, _check_images(images_b, "images (second set)"), real=False, desc="FID b")
-        return float(metric.compute())
+        a = self.extractor(_check_images(images_a, "images (first set)"), remember=False, desc="FID a")
+        b = self.extractor(_check_images(images_b, "images (second set)"), remember=False, desc="FID b")
+        return frechet_distance(a, b)
 
     def describe(self) -> dict[str, Any]:
         """Implementation and version, feature network (with its weights hash), reference set and image counts.
@@ -242,7 +368,7 @@ class FID:
             "implementation": "torchmetrics",
             "version": _version("torchmetrics"),
             "class": "FrechetInceptionDistance",
-            "feature_network": describe_features(self.feature_net),
+            "feature_network": self.extractor.describe(),
             "reference": {
                 "name": self.reference_name,
                 "id": self.reference_id,
@@ -267,7 +393,7 @@ def _save_stats(path: Path, mu: Tensor, sigma: Tensor, info: dict[str, Any]) -> 
     os.replace(tmp, path)  # the .safetensors appears last: its presence means the pair is complete
 
 
-def _load_stats(path: Path, feature_net: nn.Module) -> ReferenceStats | None:
+def _load_stats(path: Path, num_features: int) -> ReferenceStats | None:
     """Cached statistics, or ``None`` when absent, unreadable or of another shape (then they are recomputed)."""
     meta = path.with_suffix(".json")
     if not (path.is_file() and meta.is_file()):
@@ -279,7 +405,7 @@ def _load_stats(path: Path, feature_net: nn.Module) -> ReferenceStats | None:
         mu, sigma, n = tensors["mu"], tensors["sigma"], int(info["num_images"])
     except (OSError, ValueError, KeyError):
         return None
-    f = int(getattr(feature_net, "num_features", mu.shape[0]))
+    f = int(num_features)
     if mu.shape != (f,) or sigma.shape != (f, f) or n < 2 or info.get("stats_version") != STATS_VERSION:
         return None
     return ReferenceStats(mu, sigma, n, path, cache_hit=True)
@@ -360,4 +486,14 @@ def clean_fid_folders(
     }
 
 
-__all__ = ["FID", "ReferenceStats", "clean_fid_folders"]
+__all__ = [
+    "FID",
+    "FeatureInput",
+    "ReferenceStats",
+    "clean_fid_folders",
+    "folder_features",
+    "folder_id",
+    "frechet_distance",
+    "load_folder_image",
+    "stats_of",
+]

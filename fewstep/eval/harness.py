@@ -194,6 +194,7 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = True,
     info: dict[str, Any] | None = None,
+    finish: Callable[[EvalReport], None] | None = None,
 ) -> EvalReport:
     """Sample every sampler at each of its step counts from the same noise and inputs, and measure everything.
 
@@ -212,6 +213,8 @@ def evaluate(
         device: where the samplers run (memory and synchronisation); default: the first network's device.
         progress: show a tqdm bar.
         info: extra fields for the report header (target, checkpoint, ...).
+        finish: called with the report before it is written, to add rows or derived columns (e.g. a cached
+            reference row and the diversity ratio, ``fewstep.eval.coverage``).
 
     Returns:
         An ``EvalReport``; with ``out_dir`` it is written there too (``write_report``).
@@ -241,6 +244,8 @@ def evaluate(
             with sampler.context() if sampler.context is not None else nullcontext():
                 rows += _rows(sampler, noise_cache[shape], run, out_dir if save_images else None, slugs)
     report = EvalReport(rows, _header(samplers, metrics, inputs, seed, batch_size, device, memory, info))
+    if finish is not None:
+        finish(report)
     if out_dir is not None:
         write_report(report, out_dir, save_grid=save_grids)
     return report
@@ -285,16 +290,58 @@ def _first_device(samplers: Sequence[Sampler]) -> torch.device:
     return torch.device("cpu")
 
 
+def _call(sampler: Sampler, noise: Tensor, inputs: EvalInputs, num_steps: int, generator: torch.Generator,
+          device: torch.device) -> Tensor:  # fmt: skip
+    """One sampler call without gradients (CUDA synchronised after it)."""
+    with torch.no_grad():
+        out = sampler.fn(noise, inputs, num_steps, generator)
+    sync(device)
+    if out.shape[0] != noise.shape[0]:
+        raise ValueError(f"{sampler.name!r} returned {out.shape[0]} images for a batch of {noise.shape[0]}.")
+    return out
+
+
+def _spans(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def sample_images(
+    sampler: Sampler,
+    num_steps: int,
+    inputs: EvalInputs,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, float | None]:
+    """One row's images exactly as ``evaluate`` draws them (the same noise, inputs and generator), untimed.
+
+    Returns:
+        ``(images [n, c, h, w] uint8, NFE per image)`` (NFE ``None`` when the sampler has no ``network``).
+    """
+    n = len(inputs)
+    if n < 1:
+        raise ValueError("Nothing to sample: the inputs hold no images.")
+    device = torch.device(device) if device is not None else _first_device([sampler])
+    noise = shared_noise(n, sampler.noise_shape, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    counter, chunks = NFECounter(sampler.network), []
+    spans = _spans(n, batch_size)
+    with sampler.context() if sampler.context is not None else nullcontext(), counter.counting():
+        for start, stop in tqdm(spans, desc=f"{sampler.name} @ {num_steps}", unit="batch", disable=not progress):
+            out = _call(sampler, noise[start:stop], inputs.slice(start, stop), num_steps, generator, device)
+            chunks.append(to_uint8(out))
+    return torch.cat(chunks), (counter.samples / n if sampler.network is not None else None)
+
+
 def _row(sampler: Sampler, num_steps: int, noise: Tensor, run: _RowSettings) -> tuple[Row, Tensor]:
     """One row; returns it with its images (``[n, c, h, w]`` uint8)."""
     n, inputs, seed, memory = noise.shape[0], run.inputs, run.seed, run.memory
-    spans = [(i, min(i + run.batch_size, n)) for i in range(0, n, run.batch_size)]
+    spans = _spans(n, run.batch_size)
 
     def call(start: int, stop: int, generator: torch.Generator) -> Tensor:
-        with torch.no_grad():
-            out = sampler.fn(noise[start:stop], inputs.slice(start, stop), num_steps, generator)
-        sync(run.device)
-        return out
+        return _call(sampler, noise[start:stop], inputs.slice(start, stop), num_steps, generator, run.device)
 
     memory.start()
     if run.warmup:
@@ -306,8 +353,6 @@ def _row(sampler: Sampler, num_steps: int, noise: Tensor, run: _RowSettings) -> 
             began = time.perf_counter()
             out = call(start, stop, generator)
             elapsed = time.perf_counter() - began
-            if out.shape[0] != stop - start:
-                raise ValueError(f"{sampler.name!r} returned {out.shape[0]} images for a batch of {stop - start}.")
             chunks.append(to_uint8(out))
             if stop - start == spans[0][1] - spans[0][0]:
                 timings.append(elapsed / (stop - start))

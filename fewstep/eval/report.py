@@ -227,7 +227,11 @@ def format_table(report: EvalReport) -> str:
 
 
 def _steps(row: Row) -> str:
-    return NO_VALUE if row.num_steps is None else str(row.num_steps)
+    return _steps_of(row.num_steps)
+
+
+def _steps_of(num_steps: int | None) -> str:
+    return NO_VALUE if num_steps is None else str(num_steps)
 
 
 # The benchmark table (the quickstart's): FID and accuracy of the benchmark classifier, seconds per 1,000 images.
@@ -265,7 +269,10 @@ def format_report(report: EvalReport) -> str:
     """``eval.md``: the table, then every field that makes its numbers comparable."""
     info = report.info
     env = info.get("environment", {})
-    out = ["# Evaluation", "", format_table(report), "## How these numbers were made", ""]
+    out = ["# Evaluation", "", format_table(report)]
+    if info.get("warnings"):
+        out += ["## Warnings", "", *[f"- {w}" for w in info["warnings"]], ""]
+    out += ["## How these numbers were made", ""]
     out.append(
         f"- {info.get('num_samples')} images per row; seed {info.get('seed')}; batch size {info.get('batch_size')}."
     )
@@ -285,6 +292,16 @@ def format_report(report: EvalReport) -> str:
         out.append(f"- metric `{name}`: " + "; ".join(f"{k}: {_short(v)}" for k, v in _flat(desc).items()) + ".")
     if not info.get("metrics"):
         out.append("- no quality metric was computed (NFE, latency and memory only).")
+    reference = info.get("teacher_reference")
+    if reference:
+        how = "read from the cache" if reference.get("cache_hit") else "sampled for this evaluation and cached"
+        out.append(f"- teacher reference `{reference.get('model')}`: the teacher's samples on the same prompts and "
+                   f"seeds, {how} ({reference.get('cache_file')}, sampled {reference.get('sampled')}).")  # fmt: skip
+    check = info.get("diversity_check")
+    if check:
+        base, limit = check["reference"], check["min_ratio"]
+        out.append(f"- diversity_ratio: a row's diversity over {base['model']} at {_steps_of(base['num_steps'])} "
+                   f"steps ({_short(base.get('diversity'))}); students below {limit:g} are flagged.")  # fmt: skip
     if info.get("target"):
         out.append(
             "- target: "

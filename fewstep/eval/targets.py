@@ -52,6 +52,8 @@ class Target:
         info: provenance for the report header.
         recommended_steps: the step count to sample the first model at when none is given: a student's
             (``sampling_spec().recommended_steps``, as exported), ``TEACHER_STEPS`` for a teacher; ``None`` if unknown.
+        teacher: the teacher's ``Sampler`` (the run's teacher with its guidance, the export's base, the teacher
+            itself), whether or not its rows are in ``samplers``; ``None`` when it was not loaded.
     """
 
     kind: str
@@ -62,6 +64,7 @@ class Target:
     dataset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     recommended_steps: int | None = None
+    teacher: Sampler | None = None
 
     def inputs(self, num_samples: int, prompts: Sequence[str] | None = None) -> EvalInputs:
         """Balanced labels (class-conditional), cycled ``prompts`` (text; default ``DEFAULT_PROMPTS``) or none."""
@@ -100,10 +103,11 @@ def run_target(
     source = f"{run.run_dir} ({run.checkpoint.name})"
     samplers = [student_sampler(components, steps, weights=run.weights, source=source, shape=shape,
                                 guidance_scale=student_guidance)]  # fmt: skip
+    w, why = _run_guidance(recipe, guidance_scale)
+    teacher_rows = teacher_sampler(components.teacher, teacher_steps or [TEACHER_STEPS], w,
+                                   source=recipe.teacher.pretrained, guidance_source=why, shape=shape)  # fmt: skip
     if teacher_steps:
-        w, why = _run_guidance(recipe, guidance_scale)
-        samplers.append(teacher_sampler(components.teacher, teacher_steps, w, source=recipe.teacher.pretrained,
-                                        guidance_source=why, shape=shape))  # fmt: skip
+        samplers.append(teacher_rows)
     kind, num_classes = teacher_conditioning(components.teacher)
     dataset = benchmark_of(shape, kind, num_classes)
     info = {"kind": "run", "path": str(run.run_dir), "checkpoint": str(run.checkpoint), "weights": run.weights,
@@ -112,7 +116,7 @@ def run_target(
             "parameters": {"student": num_parameters(components.student.denoiser.backbone),
                            "teacher": num_parameters(components.teacher.denoiser.backbone)}}  # fmt: skip
     return Target("run", str(run.run_dir), samplers, kind, num_classes, dataset, info,
-                  recommended_steps(components.objective))  # fmt: skip
+                  recommended_steps=recommended_steps(components.objective), teacher=teacher_rows)  # fmt: skip
 
 
 def recommended_steps(objective: Any) -> int | None:
@@ -158,8 +162,10 @@ def teacher_target(
     guidance_scale: float | None = None,
     device: str | torch.device | None = None,
     dtype: str = "float32",
+    shape: Sequence[int] | None = None,
 ) -> Target:
-    """A teacher (hub id, local pipeline, ``tiny:<family>``, ``fewstep:<asset>``) at ``steps`` with its usual CFG."""
+    """A teacher (hub id, local pipeline, ``tiny:<family>``, ``fewstep:<asset>``) at ``steps`` with its usual CFG;
+    ``shape``: one image's noise shape (default: the pipeline's latent at its default size)."""
     from fewstep.models.loading import load_teacher
 
     teacher = load_teacher(SimpleNamespace(pretrained=spec, dtype=dtype, guidance_scale=1.0))
@@ -167,11 +173,12 @@ def teacher_target(
     teacher.denoiser.to(device)
     teacher.pipeline.to(device)
     why = "given (--guidance)" if guidance_scale is not None else ""
-    sampler = teacher_sampler(teacher, steps, guidance_scale, source=spec, guidance_source=why)
+    sampler = teacher_sampler(teacher, steps, guidance_scale, source=spec, guidance_source=why, shape=shape)
     kind, num_classes, _ = conditioning_kind(teacher.pipeline)
     info = {"kind": "teacher", "spec": spec}
     dataset = benchmark_of(sampler.noise_shape, kind, num_classes)
-    return Target("teacher", spec, [sampler], kind, num_classes, dataset, info, TEACHER_STEPS)
+    return Target("teacher", spec, [sampler], kind, num_classes, dataset, info, recommended_steps=TEACHER_STEPS,
+                  teacher=sampler)  # fmt: skip
 
 
 def export_target(
@@ -200,16 +207,18 @@ def export_target(
     device = torch.device(device) if device is not None else default_device()
     exported = load_export(export_dir, steps=steps, base=base, device=device, guidance_scale=student_guidance)
     samplers: list[Sampler] = [exported.sampler]
+    teacher = None
     if teacher_steps:
         if not exported.base:
             raise ValueError(f"No base model known for {str(export_dir)!r}: pass --base, or --no-teacher.")
-        samplers += teacher_target(exported.base, steps=teacher_steps, guidance_scale=guidance_scale,
-                                   device=device).samplers  # fmt: skip
+        teacher = teacher_target(exported.base, steps=teacher_steps, guidance_scale=guidance_scale, device=device,
+                                 shape=exported.sampler.noise_shape).teacher  # fmt: skip
+        samplers.append(teacher)
     info = {"kind": "export", "path": str(export_dir), "layout": exported.layout, "base": exported.base,
             "spec": exported.spec.to_json()}  # fmt: skip
     dataset = benchmark_of(exported.sampler.noise_shape, exported.conditioning, exported.num_classes)
     return Target("export", str(export_dir), samplers, exported.conditioning, exported.num_classes, dataset, info,
-                  exported.spec.recommended_steps)  # fmt: skip
+                  recommended_steps=exported.spec.recommended_steps, teacher=teacher)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -154,10 +154,18 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def module_sha256(module: nn.Module) -> str:
-    """sha256 of a module's state dict (names, dtypes, shapes, values): changes whenever its weights do."""
+def module_sha256(module: nn.Module, without_adapters: bool = False) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes, values): changes whenever its weights do.
+
+    With ``without_adapters`` the hash is the base model's: peft LoRA tensors (``lora_`` in the name) are skipped and
+    the ``.base_layer`` that peft inserts into wrapped layers' names is dropped, so a base with or without adapters
+    attached hashes the same.
+    """
+    items = module.state_dict().items()
+    if without_adapters:
+        items = [(name.replace(".base_layer", ""), value) for name, value in items if "lora_" not in name]
     digest = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
+    for name, value in sorted(items, key=lambda item: item[0]):
         digest.update(name.encode())
         digest.update(tensor_sha256(value).encode())
     return digest.hexdigest()

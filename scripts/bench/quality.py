@@ -22,7 +22,12 @@ recipes. For each recipe:
 2. evaluate with the harness (``fewstep.eval.targets.run_target`` + ``fewstep.eval.harness.evaluate``): the student
    at 1/2/4 steps and, once per teacher, the teacher at 1/2/4/8/50 steps with the recipe's CFG, from the same seeded
    noise and balanced labels; metrics: FID in the data set's classifier feature space against the train split,
-   class accuracy, and with ``--inception`` the TF-Inception FID (``fid_inception``; ~0.2–0.3 s per image on a CPU).
+   class accuracy, precision / recall (Kynkäänniemi et al., k = 3) against as many train images as samples and the
+   diversity (mean pairwise feature distance between seeds of one class) in the same feature space, and with
+   ``--inception`` the TF-Inception FID (``fid_inception``; ~0.2–0.3 s per image on a CPU).
+
+``--teachers-only`` re-measures only the teacher rows (and the real-data row) of the chosen recipes' teachers, without
+their students: e.g. after a new metric, ``python scripts/bench/quality.py --datasets digits --teachers-only``.
 
 A ``test split (real)`` row per data set gives the floor the metrics reach on held-out real images. Training time and
 hardware (CPU model or GPU name) are recorded per row; the harness reports (``eval.json``, ``eval.md``, grids) are
@@ -224,10 +229,12 @@ def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> t
 
 
 def dataset_metrics(dataset: str, args: argparse.Namespace) -> list[Any]:
-    """Classifier FID and class accuracy (``classifier_benchmark_metrics``), plus the Inception FID if asked."""
-    from fewstep.eval.classifier import benchmark_dataset, classifier_benchmark_metrics
+    """The benchmark's classifier metrics (``fewstep.eval.suite.DEFAULT_METRICS``: FID, accuracy, precision, recall,
+    diversity), plus the Inception FID if asked."""
+    from fewstep.eval.classifier import benchmark_dataset
+    from fewstep.eval.suite import DEFAULT_METRICS, build_metrics
 
-    metrics = classifier_benchmark_metrics(dataset, device=args.device, batch_size=1000, progress=False)
+    metrics = build_metrics(DEFAULT_METRICS, dataset, "class", device=args.device)
     if args.inception:
         from fewstep.eval.features import InceptionFeatures
         from fewstep.eval.fid import FID
@@ -253,6 +260,30 @@ def data_record(dataset: str, metrics: list[Any], num_images: int) -> dict[str, 
     return {"kind": "data", "model": row.model, "teacher": None, "objective": None, "recipe": None,
             "steps": row.num_steps, "nfe": row.nfe_per_image, "num_images": row.num_images, "metrics": row.metrics,
             "seconds_per_image": row.seconds_per_image}  # fmt: skip
+
+
+def evaluate_teacher(bench: BenchRecipe, metrics: list[Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The teacher rows of a recipe's teacher alone (``--teachers-only``): the teacher at ``--teacher-steps`` with the
+    recipe's guidance, through the harness, as ``evaluate_recipe`` makes them."""
+    from fewstep.eval.harness import evaluate
+    from fewstep.eval.report import slug
+    from fewstep.eval.samplers import num_parameters
+    from fewstep.eval.targets import teacher_target
+
+    spec, w = bench.cfg.teacher.pretrained, bench.cfg.teacher.guidance_scale
+    target = teacher_target(spec, steps=args.teacher_steps, guidance_scale=w, device=args.device)
+    (sampler,) = target.samplers
+    out = args.out_dir / "eval" / f"teacher_{slug(spec)}"
+    report = evaluate(
+        target.samplers, metrics, target.inputs(args.num_images), seed=args.seed, batch_size=args.eval_batch_size,
+        out_dir=out, save_images=args.save_images, device=args.device, progress=True,
+        info={"target": target.info, "benchmark": "scripts/bench/quality.py", "recipe": str(bench.path)},
+    )  # fmt: skip
+    return [{"kind": "teacher", "model": row.model, "teacher": spec, "objective": None, "recipe": None,
+             "steps": row.num_steps, "nfe": row.nfe_per_image, "num_images": row.num_images, "metrics": row.metrics,
+             "seconds_per_image": row.seconds_per_image, "eval_dir": _rel(out), "guidance_scale": w,
+             "parameters": num_parameters(sampler.network), "teacher_parameters": None}
+            for row in report.rows]  # fmt: skip
 
 
 def evaluate_recipe(
@@ -315,6 +346,9 @@ def finish_record(raw: dict[str, Any], dataset: str, extra: dict[str, Any]) -> d
         "model": raw["model"],
         "steps": raw["steps"],
         "fid_inception": _round(m.get("fid_inception")),
+        "precision": _round(m.get("precision")),
+        "recall": _round(m.get("recall")),
+        "diversity": _round(m.get("diversity")),
         "num_images": raw["num_images"],
         "seconds_per_image": _round(raw["seconds_per_image"], 6),
         "guidance_scale": raw.get("guidance_scale"),
@@ -357,7 +391,8 @@ def format_dataset(dataset: str, rows: list[dict[str, Any]]) -> str:
 
     inception = any(r.get("fid_inception") is not None for r in rows)
     head = ["teacher", "model", "steps", "NFE", "FID ↓"] + (["FID Inception ↓"] if inception else [])
-    head += ["accuracy ↑", "ms / image", "training s"]
+    head += ["accuracy ↑", "precision ↑", "recall ↑", "diversity", "diversity / teacher", "ms / image", "training s"]
+    teacher_div = teacher_diversity(rows)
     lines = [f"### {DATASET_TITLES.get(dataset, dataset)}", "", "| " + " | ".join(head) + " |",
              "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]  # fmt: skip
     teachers = list(dict.fromkeys(r["teacher"] for r in rows if r["teacher"]))
@@ -368,7 +403,17 @@ def format_dataset(dataset: str, rows: list[dict[str, Any]]) -> str:
         cells = [f"`{r['teacher']}`" if r["teacher"] else "–", model_cell(r), fmt(r["steps"], "d"), fmt(r["nfe"], "g"),
                  fmt(r["fid"], ".2f")] + ([fmt(r.get("fid_inception"), ".2f")] if inception else [])  # fmt: skip
         ms = r["seconds_per_image"] * 1000 if r["seconds_per_image"] is not None else None
-        cells += [fmt(r["class_accuracy"], ".3f"), fmt(ms, ".3g"), fmt(r["training_seconds"], ".0f")]
+        base = teacher_div.get(r["teacher"])
+        ratio = r["diversity"] / base if r.get("diversity") and base else None
+        cells += [
+            fmt(r["class_accuracy"], ".3f"),
+            fmt(r.get("precision"), ".3f"),
+            fmt(r.get("recall"), ".3f"),
+            fmt(r.get("diversity"), ".3g"),
+            fmt(ratio, ".2f"),
+            fmt(ms, ".3g"),
+            fmt(r["training_seconds"], ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     data = benchmark_dataset(dataset)
     sizes = ", ".join(str(n) for n in sorted({r["num_images"] for r in rows if r["kind"] != "data"}))
@@ -380,6 +425,16 @@ def format_dataset(dataset: str, rows: list[dict[str, Any]]) -> str:
     note = f"{sizes} images per model row (labels 0–9 balanced, the same seeded noise for every model); {reference}. "
     note += f"Measured on {where}. Harness reports: {reports or '–'}."
     return "\n".join([*lines, "", note]) + "\n"
+
+
+def teacher_diversity(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each teacher's diversity at its most steps (the reference of the ``diversity / teacher`` column)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["kind"] == "teacher" and r.get("diversity") and (r["teacher"] not in best or
+                                                               r["steps"] > best[r["teacher"]]["steps"]):  # fmt: skip
+            best[r["teacher"]] = r
+    return {teacher: r["diversity"] for teacher, r in best.items()}
 
 
 def format_section(records: list[dict[str, Any]], command: str) -> str:
@@ -394,9 +449,14 @@ def format_section(records: list[dict[str, Any]], command: str) -> str:
         "both); students sample with their objective's own sampler (guidance distilled in, one evaluation per "
         "step). **FID** is the Fréchet distance in the data set's classifier feature space (lower is better; "
         "comparable only within a table, at equal image counts); **accuracy** is the fraction of samples the "
-        "classifier assigns to the class they were conditioned on; **training s** is the wall time of the "
-        "student's distillation run. The `test split (real)` row passes held-out real images through the same "
-        "metrics.",
+        "classifier assigns to the class they were conditioned on; **precision** / **recall** are Kynkäänniemi et "
+        "al.'s k-NN manifold precision (samples inside the real data's manifold: quality) and recall (real data "
+        "inside the samples' manifold: coverage of the modes), k = 3, against as many train images as samples; "
+        "**diversity** is the mean pairwise feature distance between samples of one class (different seeds), and "
+        "**diversity / teacher** its ratio to the teacher's at its most steps (below 0.7: the student collapsed); "
+        "all in the classifier feature space. **training s** is the wall time of the student's distillation run. The "
+        "`test split (real)` row passes held-out real images through the same metrics; `–`: not measured (rows "
+        "from before a metric existed).",
         "",
     ]
     for dataset in datasets:
@@ -434,6 +494,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-only", action="store_true",
                         help="only train (or reuse) the runs; a later run without it evaluates them (run recipes in "
                         "parallel with --train-only --recipes NAME)")  # fmt: skip
+    parser.add_argument("--teachers-only", action="store_true",
+                        help="only the teacher rows (and the real-data row) of the chosen recipes' teachers: no "
+                        "student is trained or evaluated")  # fmt: skip
     parser.add_argument("--inception", action="store_true", help="also TF-Inception FID (slow on a CPU)")
     parser.add_argument("--inception-reference-images", type=int, default=10000)
     parser.add_argument("--eval-batch-size", type=int, default=250)
@@ -475,7 +538,17 @@ def main(argv: list[str] | None = None) -> int:
         raw = [data_record(dataset, metrics, args.num_images)]
         extras = [{"hardware": where, "date": date}]
         seen_teachers = set()
-        for bench in (b for b in recipes if b.dataset == dataset):
+        for bench in (b for b in recipes if b.dataset == dataset and args.teachers_only):
+            key = (bench.cfg.teacher.pretrained, bench.cfg.teacher.guidance_scale)
+            if key in seen_teachers or bench.requires is not None:
+                continue
+            seen_teachers.add(key)
+            started = time.perf_counter()
+            rows = evaluate_teacher(bench, metrics, args)
+            print(f"[quality] {key[0]}: teacher rows in {time.perf_counter() - started:.0f} s", flush=True)
+            raw += rows
+            extras += [{"hardware": where, "date": date}] * len(rows)
+        for bench in (b for b in recipes if b.dataset == dataset and not args.teachers_only):
             prepare(bench, every, args)
             run_dir, seconds, trained_on = train_or_reuse(bench, args.retrain, args.device)
             key = (bench.cfg.teacher.pretrained, bench.cfg.teacher.guidance_scale)

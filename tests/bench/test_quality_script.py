@@ -105,6 +105,31 @@ def test_tiny_end_to_end_run_writes_well_formed_rows(quality, tmp_path):
     assert reused == [r["training_seconds"] for r in student]  # read back from the run, not retrained
 
 
+def test_teachers_only_remeasures_teacher_rows_with_the_new_columns_and_keeps_the_students(quality, tmp_path):
+    """An old student row (before precision / recall / diversity existed) is kept with `–` cells; the teacher rows
+    get real numbers and the diversity ratio to the teacher's most steps; no run is trained."""
+    md, js = tmp_path / "results.md", tmp_path / "results.json"
+    old = {"benchmark": "quality", "dataset": "digits", "teacher": "fewstep:digits-vp", "objective": "lcm",
+           "student_steps": 1, "nfe": 1.0, "fid": 1.67, "class_accuracy": 0.98, "training_seconds": 782,
+           "hardware": "CPU: old", "date": "2026-11-30", "kind": "student", "model": "student (lcm, raw)", "steps": 1,
+           "num_images": 1000, "seconds_per_image": 0.001, "recipe": "recipes/bench/digits_lcm.yaml"}  # fmt: skip
+    js.write_text(json.dumps({"rows": [old]}))
+    argv = ["--recipes", "digits_lcm", "--teachers-only", "--num-images", "20", "--teacher-steps", "1,4",
+            "--eval-batch-size", "10", "--out-dir", str(tmp_path / "out"), "--results-md", str(md),
+            "--results-json", str(js)]  # fmt: skip
+    assert quality.main(argv) == 0
+    assert not (tmp_path / "out" / "runs").exists()  # nothing trained
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[0] == old and [(r["kind"], r["steps"]) for r in rows[1:]] == [("data", None), ("teacher", 1),
+                                                                             ("teacher", 4)]  # fmt: skip
+    for r in rows[1:]:
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["diversity"] > 0
+    section = md.read_text().split("<!-- quality:start -->")[1]
+    assert "| FID ↓ | accuracy ↑ | precision ↑ | recall ↑ | diversity | diversity / teacher | ms / image |" in section
+    assert "| `fewstep:digits-vp` | student (lcm, raw) | 1 | 1 | 1.67 | 0.980 | – | – | – | – | 1 | 782 |" in section
+    assert f"| 1.00 | {rows[3]['seconds_per_image'] * 1000:.3g} | – |" in section  # the teacher at 4 steps: ratio 1
+
+
 def test_reflow_recipes_get_their_data_set_pairs_and_upstream_run(quality, tmp_path):
     recipes, _ = quality.discover(
         ROOT / "recipes" / "bench", ["digits"], ["reflow", "instaflow"], [], tmp_path / "runs"

@@ -15,11 +15,12 @@ from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (f
 
 def test_eval_of_a_teacher_prints_the_table_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "teacher_eval"
-    rc = main(["eval", "fewstep:digits-flow", "--steps", "2,4", "--num-samples", "10", "--batch-size", "5",
+    rc = main(["eval", "fewstep:digits-flow", "--steps", "2,4", "--num-samples", "20", "--batch-size", "10",
                "--guidance", "1.5", "--seed", "1", "--out", str(out)])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| model | steps | NFE | fid ↓ | accuracy ↑ | ms / image | peak MiB |" in printed
+    assert ("| model | steps | NFE | fid ↓ | accuracy ↑ | precision ↑ | recall ↑ | diversity ↑ | diversity_ratio ↑ "
+            "| ms / image | peak MiB |") in printed  # fmt: skip
     assert "| teacher (Euler, w=1.5) | 4 | 8 |" in printed and str(out / "eval.md") in printed
     report = json.loads((out / "eval.json").read_text())
     assert [(r["num_steps"], r["nfe_per_image"]) for r in report["rows"]] == [(2, 4), (4, 8)]
@@ -27,7 +28,10 @@ def test_eval_of_a_teacher_prints_the_table_and_writes_the_report(tmp_path, caps
     model = report["models"]["teacher (Euler, w=1.5)"]
     assert model["guidance_source"] == "given (--guidance)" and model["schedule"] == "flow"
     assert "FlowMatchEulerDiscreteScheduler" in model["scheduler"]  # the pipeline's own scheduler grid
-    assert len(list((out / "images" / "teacher_euler_w_1.5_4steps").glob("*.png"))) == 10
+    assert len(list((out / "images" / "teacher_euler_w_1.5_4steps").glob("*.png"))) == 20
+    # diversity per class (2 seeds each), as a ratio to the teacher at its most steps; no student, nothing flagged
+    assert report["diversity_check"]["reference"]["num_steps"] == 4 and report["diversity_check"]["flagged"] == []
+    assert [r["metrics"]["diversity_ratio"] for r in report["rows"]][1] == 1.0
 
 
 def test_eval_of_a_run_defaults_to_its_eval_folder(tmp_path, capsys):

@@ -43,7 +43,9 @@ def test_nfe_is_exact_and_cfg_counts_two(report):
     assert nfe == {("teacher (DDIM, w=2)", 1): 2, ("teacher (DDIM, w=2)", 4): 8, ("teacher (DDIM, w=1)", 4): 4}
     for row in rep.rows:
         assert row.num_images == 20 and row.seconds_per_image > 0 and row.peak_memory_mib >= 0
-        assert set(row.metrics) == {"fid", "accuracy"} and row.metrics["fid"] > 0 and 0 <= row.metrics["accuracy"] <= 1
+        assert set(row.metrics) == {"fid", "accuracy", "precision", "recall", "diversity"}
+        assert row.metrics["fid"] > 0 and 0 <= row.metrics["accuracy"] <= 1 and row.metrics["diversity"] > 0
+        assert 0 <= row.metrics["precision"] <= 1 and 0 <= row.metrics["recall"] <= 1
     # The 4-step guided teacher is a good digits sampler: the classifier recognises its labels.
     assert rep.value("accuracy", "teacher (DDIM, w=2)", 4) >= 0.9
     assert rep.value("fid", "teacher (DDIM, w=2)", 4) < rep.value("fid", "teacher (DDIM, w=2)", 1)
@@ -72,7 +74,7 @@ def test_report_records_everything_that_makes_numbers_comparable(report):
     assert data["target"] == {"kind": "test"}
 
     md = (out / "eval.md").read_text()
-    assert "| model | steps | NFE | fid ↓ | accuracy ↑ | ms / image | peak MiB |" in md
+    assert "| model | steps | NFE | fid ↓ | accuracy ↑ | precision ↑ | recall ↑ | diversity ↑ | ms / image |" in md
     assert "| teacher (DDIM, w=2) | 4 | 8 |" in md and GUIDANCE_CONVENTION in md
     assert "digits-classifier" in md and "trailing grid" in md and "torch " + torch.__version__ in md
 
