@@ -120,13 +120,10 @@ def run_target(
 
 
 def recommended_steps(objective: Any) -> int | None:
-    """The step count a student is advertised at (its ``sampling_spec()``, as an export writes it); ``None`` for an
-    objective without one, or whose teacher no diffusers scheduler describes."""
-    spec = getattr(objective, "sampling_spec", None)
-    if spec is None:
-        return None
+    """The step count a student is advertised at (its ``sampling_spec()``, as an export writes it); ``None`` when
+    no diffusers scheduler describes its teacher's schedule (a custom teacher)."""
     try:
-        return int(spec().recommended_steps)
+        return int(objective.sampling_spec().recommended_steps)
     except ValueError:  # e.g. a custom teacher's schedule that no exportable scheduler describes
         return None
 

@@ -23,6 +23,7 @@ from tests.helpers import TINY_LCM_RECIPE, fresh_accelerate_state, one_error, si
 REPO = Path(__file__).resolve().parents[2]
 
 RECIPE = TINY_LCM_RECIPE
+HANG_S = 30.0  # a guard against a blow-up (minutes), not a speed target: the measured time is ~0.1 s
 
 # 10 levels of 9-fold aliases: 9**9 strings (about 387 million) under an unknown key, in under 500 bytes.
 BOMB = (
@@ -63,7 +64,7 @@ def test_alias_bomb_under_an_unknown_key_is_refused_in_well_under_a_second(tmp_p
     assert path.stat().st_size < 500
     start = time.perf_counter()
     code, err = cli(capsys, "validate", str(path))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_S  # an exponential blow-up would take minutes
     assert code == 2
     one_error(err, f"{path}:", "more than 100,000 values once its anchors and aliases", "Remove the repeated aliases")
 
@@ -79,14 +80,14 @@ def test_aliases_below_the_limit_are_reported_with_short_values(tmp_path, capsys
     path.write_text(text)
     start = time.perf_counter()
     code, err = cli(capsys, "validate", str(path))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_S  # an exponential blow-up would take minutes
     assert code == 2 and "Traceback" not in err
     assert "  - lol: unknown key; got {'a': ['lol', 'lol'," in err and "  - more: unknown key; got [[[[['lol'," in err
     assert max(len(line) for line in err.splitlines()) < 300
 
 
 @pytest.mark.parametrize("where", ["file", "override"])
-def test_deep_nesting_is_refused_in_well_under_a_second(tmp_path, capsys, where):
+def test_deep_nesting_is_refused_without_a_traceback_or_a_hang(tmp_path, capsys, where):
     """20,000 nested brackets raised RecursionError inside the YAML parser and printed a traceback."""
     deep = "[" * 20_000 + "]" * 20_000
     if where == "file":
@@ -96,7 +97,7 @@ def test_deep_nesting_is_refused_in_well_under_a_second(tmp_path, capsys, where)
         argv = ["validate", str(recipe(tmp_path)), f"train.sample_steps={deep}"]
     start = time.perf_counter()
     code, err = cli(capsys, *argv)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_S  # an exponential blow-up would take minutes
     assert code == 2
     one_error(err, "nested deeper than 64 levels of blocks and lists")
 
