@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("fewstep.cli.eval", "measure FID / accuracy, NFE, latency and memory of a student or teacher"),
     "quickstart": ("fewstep.cli.quickstart", "distill the digits teacher on a CPU and print the quality table"),
     "pairs": ("fewstep.cli.pairs", "write a reflow recipe's teacher pairs"),
+    "plan": ("fewstep.cli.plan", "predict a recipe's GPU memory per rank and the cheapest layout that fits"),
 }
 USER_ERROR_EXIT = 2  # bad input: recipe, paths, corrupt or foreign files
 RUN_FAILED_EXIT = 1  # a run that started and failed: non-finite stop, disk full
