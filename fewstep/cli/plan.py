@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine, for hybrid sharding (8)")
     parser.add_argument("--frames", type=int, default=None, help="frames per sample for video backbones (81)")
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens per sample (family maximum)")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of each GPU left unplanned for the CUDA context, communication buffers and "
+                        "fragmentation (0.1)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(run=run)
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan = plan_recipe(recipe, args.gpus, args.gpu_memory, args.gpus_per_node, frames=args.frames,
-                       text_tokens=args.text_tokens)  # fmt: skip
+                       text_tokens=args.text_tokens, headroom=args.headroom)  # fmt: skip
     if args.json:
         print(json.dumps(to_json(plan, args.recipe, args.overrides), indent=2))
     else:

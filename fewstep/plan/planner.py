@@ -36,6 +36,8 @@ class Plan:
         uses: how each phase uses the backbone (``objective.backbone_use()``).
         activations: the estimate without and (when the backbone supports it) with checkpointing.
         world_size, gpus_per_node, gpu_memory_bytes: the machine asked about.
+        headroom: the fraction of each GPU kept free for what is not planned (the CUDA context, communication
+            buffers, the allocator's fragmentation).
         ranks: the per-rank peak of every layout, cheapest first.
         wrap_classes: the blocks FSDP wraps one by one.
         notes: what else the reader should know.
@@ -53,10 +55,16 @@ class Plan:
     gpu_memory_bytes: int
     ranks: list[RankMemory]
     wrap_classes: list[str]
+    headroom: float = 0.1
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def usable_bytes(self) -> int:
+        """What a rank may plan to use: the GPU's memory less the headroom."""
+        return int(self.gpu_memory_bytes * (1.0 - self.headroom))
+
     def fits(self, rank: RankMemory) -> bool:
-        return rank.refused is None and rank.total_bytes <= self.gpu_memory_bytes
+        return rank.refused is None and rank.total_bytes <= self.usable_bytes
 
     @property
     def recommended(self) -> RankMemory | None:
@@ -92,18 +100,24 @@ def training_shape(models: MetaModels, recipe: Recipe, frames: int | None, text_
 
 
 def wrap_units(backbone: nn.Module) -> tuple[list[str], int, int]:
-    """The classes FSDP wraps block by block (the backbone's ``_no_split_modules``), the largest such block's
-    parameter bytes and the bytes outside every block (the root's own parameters)."""
+    """The classes FSDP wraps block by block (the backbone's ``_no_split_modules``, else ``BLOCK_CLASSES``), the
+    largest unit's parameter bytes (a unit gathers the parameters of no unit nested inside it) and the root's own
+    bytes (parameters outside every unit)."""
     classes = list(getattr(backbone, "_no_split_modules", None) or BLOCK_CLASSES)
-    largest, inside, seen = 0, 0, set()
+    owner: dict[int, int] = {}  # parameter -> the innermost unit holding it (modules() runs outer before inner)
+    sizes: dict[int, int] = {}
     for module in backbone.modules():
-        if type(module).__name__ in classes and id(module) not in seen:
-            params = list(module.parameters())
-            seen.update(id(m) for m in module.modules())
-            size = sum(p.numel() * p.element_size() for p in params)
-            largest, inside = max(largest, size), inside + size
-    total = sum(p.numel() * p.element_size() for p in backbone.parameters())
-    return classes, largest, total - inside
+        if type(module).__name__ in classes:
+            for p in module.parameters():
+                owner[id(p)] = id(module)
+    root = 0
+    for p in backbone.parameters():
+        size = p.numel() * p.element_size()
+        if id(p) in owner:
+            sizes[owner[id(p)]] = sizes.get(owner[id(p)], 0) + size
+        else:
+            root += size
+    return classes, max(sizes.values(), default=0), root
 
 
 def sharding_refusal(objective: Any) -> str | None:
@@ -123,6 +137,7 @@ def plan_recipe(
     device: str = "cuda",
     frames: int | None = None,
     text_tokens: int | None = None,
+    headroom: float = 0.1,
 ) -> Plan:
     """Per-rank memory of ``recipe`` for every layout on ``world_size`` GPUs of ``gpu_memory_bytes`` each.
 
@@ -135,15 +150,16 @@ def plan_recipe(
             weight check's copy live with the weights).
         frames: video frames per sample (video backbones).
         text_tokens: prompt tokens per sample (default: the family's pipeline maximum).
+        headroom: fraction of each GPU not to plan for (CUDA context, communication buffers, fragmentation).
 
     Raises:
         FileNotFoundError: the teacher's configs are not on this machine.
         ValueError: bad sizes, or a recipe that does not fit its teacher.
     """
-    if world_size < 1 or gpus_per_node < 1 or gpu_memory_bytes <= 0:
+    if world_size < 1 or gpus_per_node < 1 or gpu_memory_bytes <= 0 or not 0.0 <= headroom < 1.0:
         raise ValueError(
             f"--gpus {world_size}, --gpus-per-node {gpus_per_node} and --gpu-memory {gpu_memory_bytes} bytes must "
-            "all be positive."
+            f"all be positive and --headroom {headroom} in [0, 1)."
         )
     models = build_meta_models(recipe)
     roles = parameter_roles(models)
@@ -174,7 +190,7 @@ def plan_recipe(
             "(`python scripts/bench/plan_coefficients.py` measures them)."
         )
     return Plan(recipe, models, roles, groups, shape, uses, activations, world_size, gpus_per_node,
-                gpu_memory_bytes, ranks, classes, notes)  # fmt: skip
+                gpu_memory_bytes, ranks, classes, headroom, notes)  # fmt: skip
 
 
 def layout_by_name(plan: Plan, name: str) -> RankMemory:

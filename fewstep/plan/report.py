@@ -80,7 +80,8 @@ def render_text(plan: Plan, recipe_arg: str, overrides: list[str]) -> str:
         f"per rank: batch {s.batch} at {s.resolution} px, {s.text_tokens} prompt tokens; backbone forwards kept for "
         f"backward per phase: {', '.join(f'{k} {u.graphs:g}' for k, u in plan.uses.items())}; activation "
         f"coefficients of {act.coefficients_of} ({act.num_blocks} blocks)",
-        f"machine: {plan.world_size} GPU(s) of {gib(plan.gpu_memory_bytes)} GiB, {plan.gpus_per_node} per node",
+        f"machine: {plan.world_size} GPU(s) of {gib(plan.gpu_memory_bytes)} GiB, {plan.gpus_per_node} per node; a "
+        f"layout fits when its peak is at most {gib(plan.usable_bytes)} GiB ({plan.headroom:.0%} headroom)",
         "",
         *roles_table(plan),
         "",
@@ -90,7 +91,7 @@ def render_text(plan: Plan, recipe_arg: str, overrides: list[str]) -> str:
     best = plan.recommended
     if best is None:
         out.append(
-            f"No layout fits {gib(plan.gpu_memory_bytes)} GiB per GPU: use more GPUs (--gpus), a smaller "
+            f"No layout fits {gib(plan.usable_bytes)} GiB per GPU: use more GPUs (--gpus), a smaller "
             "data.batch_size or data.resolution, a LoRA student, or train.mixed_precision=bf16."
         )
     else:
@@ -118,6 +119,7 @@ def to_json(plan: Plan, recipe_arg: str, overrides: list[str]) -> dict[str, Any]
         "world_size": plan.world_size,
         "gpus_per_node": plan.gpus_per_node,
         "gpu_memory_bytes": plan.gpu_memory_bytes,
+        "usable_bytes": plan.usable_bytes,
         "shape": vars(plan.shape),
         "backbone_use": {k: vars(u) for k, u in plan.uses.items()},
         "activations": {
