@@ -48,43 +48,212 @@ BLOCK_CLASSES = (
 )
 
 # coefficients:start (written by scripts/bench/plan_coefficients.py)
-MEASURED = '2026-12-03, torch 2.13.0: tiny models, rank-4 LoRA, batch 2, two resolutions each, exact CPU tensor bytes (scripts/bench/plan_coefficients.py)'
+MEASURED = (
+    "2026-12-03, torch 2.13.0: tiny models, rank-4 LoRA, batch 2, two resolutions each, exact CPU tensor "
+    "bytes (scripts/bench/plan_coefficients.py)"
+)
 COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
-    'UNet2DModel': {
-        'fp32': {'Attention': 34.25, 'Downsample2D': 4.5, 'ResnetBlock2D': 30.114, 'Upsample2D': 8.25, 'rest': 21.721, 'transient': 0.296, 'forward': 1.253},
-        'fp32+ckpt': {'Attention': 34.25, 'Downsample2D': 4.5, 'ResnetBlock2D': 5.864, 'Upsample2D': 8.25, 'rest': 27.487, 'transient': 1.293, 'forward': 1.253},
-        'bf16': {'Attention': 19.25, 'Downsample2D': 10.25, 'ResnetBlock2D': 22.511, 'Upsample2D': 6.125, 'rest': 10.874, 'transient': 0.341, 'forward': 1.158},
-        'bf16+ckpt': {'Attention': 19.25, 'Downsample2D': 10.25, 'ResnetBlock2D': 3.295, 'Upsample2D': 6.125, 'rest': 13.769, 'transient': 1.123, 'forward': 1.158},
+    "UNet2DModel": {
+        "fp32": {
+            "Attention": 34.25,
+            "Downsample2D": 4.5,
+            "ResnetBlock2D": 30.114,
+            "Upsample2D": 8.25,
+            "rest": 21.721,
+            "transient": 0.296,
+            "forward": 1.253,
+        },
+        "fp32+ckpt": {
+            "Attention": 34.25,
+            "Downsample2D": 4.5,
+            "ResnetBlock2D": 5.864,
+            "Upsample2D": 8.25,
+            "rest": 27.487,
+            "transient": 1.293,
+            "forward": 1.253,
+        },
+        "bf16": {
+            "Attention": 19.25,
+            "Downsample2D": 10.25,
+            "ResnetBlock2D": 22.511,
+            "Upsample2D": 6.125,
+            "rest": 10.874,
+            "transient": 0.341,
+            "forward": 1.158,
+        },
+        "bf16+ckpt": {
+            "Attention": 19.25,
+            "Downsample2D": 10.25,
+            "ResnetBlock2D": 3.295,
+            "Upsample2D": 6.125,
+            "rest": 13.769,
+            "transient": 1.123,
+            "forward": 1.158,
+        },
     },
-    'UNet2DConditionModel': {
-        'fp32': {'BasicTransformerBlock': 118.75, 'BasicTransformerBlock/text': 9.0, 'Downsample2D': 5.0, 'ResnetBlock2D': 30.409, 'Upsample2D': 8.5, 'rest': 63.186, 'transient': 0.229, 'forward': 1.189},
-        'fp32+ckpt': {'BasicTransformerBlock': 4.0, 'Downsample2D': 5.0, 'ResnetBlock2D': 5.909, 'Upsample2D': 8.5, 'rest': 68.936, 'transient': 0.951, 'forward': 1.189},
-        'bf16': {'BasicTransformerBlock': 68.75, 'BasicTransformerBlock/text': 17.539, 'Downsample2D': 10.5, 'ResnetBlock2D': 22.659, 'Upsample2D': 6.25, 'rest': 43.321, 'transient': 0.397, 'forward': 1.151},
-        'bf16+ckpt': {'BasicTransformerBlock': 2.0, 'BasicTransformerBlock/text': 1.558, 'Downsample2D': 10.5, 'ResnetBlock2D': 3.318, 'Upsample2D': 6.25, 'rest': 46.196, 'transient': 1.188, 'forward': 1.151},
+    "UNet2DConditionModel": {
+        "fp32": {
+            "BasicTransformerBlock": 118.75,
+            "BasicTransformerBlock/text": 9.0,
+            "Downsample2D": 5.0,
+            "ResnetBlock2D": 30.409,
+            "Upsample2D": 8.5,
+            "rest": 63.186,
+            "transient": 0.229,
+            "forward": 1.189,
+        },
+        "fp32+ckpt": {
+            "BasicTransformerBlock": 4.0,
+            "Downsample2D": 5.0,
+            "ResnetBlock2D": 5.909,
+            "Upsample2D": 8.5,
+            "rest": 68.936,
+            "transient": 0.951,
+            "forward": 1.189,
+        },
+        "bf16": {
+            "BasicTransformerBlock": 68.75,
+            "BasicTransformerBlock/text": 17.539,
+            "Downsample2D": 10.5,
+            "ResnetBlock2D": 22.659,
+            "Upsample2D": 6.25,
+            "rest": 43.321,
+            "transient": 0.397,
+            "forward": 1.151,
+        },
+        "bf16+ckpt": {
+            "BasicTransformerBlock": 2.0,
+            "BasicTransformerBlock/text": 1.558,
+            "Downsample2D": 10.5,
+            "ResnetBlock2D": 3.318,
+            "Upsample2D": 6.25,
+            "rest": 46.196,
+            "transient": 1.188,
+            "forward": 1.151,
+        },
     },
-    'SD3Transformer2DModel': {
-        'fp32': {'JointTransformerBlock': 71.875, 'JointTransformerBlock/text': 11.201, 'rest': 1.373, 'transient': 0.179, 'forward': 0.626},
-        'fp32+ckpt': {'JointTransformerBlock': 4.0, 'rest': 6.959, 'transient': 1.161, 'forward': 0.626},
-        'bf16': {'JointTransformerBlock': 40.188, 'JointTransformerBlock/text': 9.671, 'rest': 0.724, 'transient': 0.379, 'forward': 0.689},
-        'bf16+ckpt': {'JointTransformerBlock': 2.0, 'JointTransformerBlock/text': 0.36, 'rest': 3.517, 'transient': 1.459, 'forward': 0.689},
+    "SD3Transformer2DModel": {
+        "fp32": {
+            "JointTransformerBlock": 71.875,
+            "JointTransformerBlock/text": 11.201,
+            "rest": 1.373,
+            "transient": 0.179,
+            "forward": 0.626,
+        },
+        "fp32+ckpt": {
+            "JointTransformerBlock": 4.0,
+            "rest": 6.959,
+            "transient": 1.161,
+            "forward": 0.626,
+        },
+        "bf16": {
+            "JointTransformerBlock": 40.188,
+            "JointTransformerBlock/text": 9.671,
+            "rest": 0.724,
+            "transient": 0.379,
+            "forward": 0.689,
+        },
+        "bf16+ckpt": {
+            "JointTransformerBlock": 2.0,
+            "JointTransformerBlock/text": 0.36,
+            "rest": 3.517,
+            "transient": 1.459,
+            "forward": 0.689,
+        },
     },
-    'FluxTransformer2DModel': {
-        'fp32': {'FluxSingleTransformerBlock': 54.5, 'FluxSingleTransformerBlock/text': 0.031, 'FluxTransformerBlock': 80.0, 'FluxTransformerBlock/text': 0.109, 'rest': 0.0, 'transient': 0.55, 'forward': 0.796},
-        'fp32+ckpt': {'FluxSingleTransformerBlock': 4.0, 'FluxTransformerBlock': 4.0, 'rest': 7.505, 'transient': 1.127, 'forward': 0.796},
-        'bf16': {'FluxSingleTransformerBlock': 35.625, 'FluxSingleTransformerBlock/text': 0.812, 'FluxTransformerBlock': 48.375, 'FluxTransformerBlock/text': 1.461, 'rest': 0.762, 'transient': 0.513, 'forward': 0.774},
-        'bf16+ckpt': {'FluxSingleTransformerBlock': 2.0, 'FluxSingleTransformerBlock/text': 0.047, 'FluxTransformerBlock': 2.0, 'FluxTransformerBlock/text': 0.281, 'rest': 4.763, 'transient': 1.292, 'forward': 0.774},
+    "FluxTransformer2DModel": {
+        "fp32": {
+            "FluxSingleTransformerBlock": 54.5,
+            "FluxSingleTransformerBlock/text": 0.031,
+            "FluxTransformerBlock": 80.0,
+            "FluxTransformerBlock/text": 0.109,
+            "rest": 0.0,
+            "transient": 0.55,
+            "forward": 0.796,
+        },
+        "fp32+ckpt": {
+            "FluxSingleTransformerBlock": 4.0,
+            "FluxTransformerBlock": 4.0,
+            "rest": 7.505,
+            "transient": 1.127,
+            "forward": 0.796,
+        },
+        "bf16": {
+            "FluxSingleTransformerBlock": 35.625,
+            "FluxSingleTransformerBlock/text": 0.812,
+            "FluxTransformerBlock": 48.375,
+            "FluxTransformerBlock/text": 1.461,
+            "rest": 0.762,
+            "transient": 0.513,
+            "forward": 0.774,
+        },
+        "bf16+ckpt": {
+            "FluxSingleTransformerBlock": 2.0,
+            "FluxSingleTransformerBlock/text": 0.047,
+            "FluxTransformerBlock": 2.0,
+            "FluxTransformerBlock/text": 0.281,
+            "rest": 4.763,
+            "transient": 1.292,
+            "forward": 0.774,
+        },
     },
-    'WanTransformer3DModel': {
-        'fp32': {'WanTransformerBlock': 71.25, 'WanTransformerBlock/text': 13.184, 'rest': 14.938, 'transient': 0.198, 'forward': 0.713},
-        'fp32+ckpt': {'WanTransformerBlock': 4.0, 'rest': 19.062, 'transient': 1.161, 'forward': 0.713},
-        'bf16': {'WanTransformerBlock': 56.375, 'WanTransformerBlock/text': 13.426, 'rest': 3.354, 'transient': 0.305, 'forward': 0.647},
-        'bf16+ckpt': {'WanTransformerBlock': 2.0, 'WanTransformerBlock/text': 0.125, 'rest': 12.75, 'transient': 1.28, 'forward': 0.647},
+    "WanTransformer3DModel": {
+        "fp32": {
+            "WanTransformerBlock": 71.25,
+            "WanTransformerBlock/text": 13.184,
+            "rest": 14.938,
+            "transient": 0.198,
+            "forward": 0.713,
+        },
+        "fp32+ckpt": {
+            "WanTransformerBlock": 4.0,
+            "rest": 19.062,
+            "transient": 1.161,
+            "forward": 0.713,
+        },
+        "bf16": {
+            "WanTransformerBlock": 56.375,
+            "WanTransformerBlock/text": 13.426,
+            "rest": 3.354,
+            "transient": 0.305,
+            "forward": 0.647,
+        },
+        "bf16+ckpt": {
+            "WanTransformerBlock": 2.0,
+            "WanTransformerBlock/text": 0.125,
+            "rest": 12.75,
+            "transient": 1.28,
+            "forward": 0.647,
+        },
     },
-    'QwenImageTransformer2DModel': {
-        'fp32': {'QwenImageTransformerBlock': 59.25, 'QwenImageTransformerBlock/text': 0.117, 'rest': 0.0, 'transient': 0.776, 'forward': 0.882},
-        'fp32+ckpt': {'QwenImageTransformerBlock': 4.0, 'rest': 2.448, 'transient': 1.464, 'forward': 0.882},
-        'bf16': {'QwenImageTransformerBlock': 42.0, 'QwenImageTransformerBlock/text': 1.496, 'rest': 0.0, 'transient': 0.692, 'forward': 0.878},
-        'bf16+ckpt': {'QwenImageTransformerBlock': 2.0, 'QwenImageTransformerBlock/text': 0.125, 'rest': 1.422, 'transient': 1.466, 'forward': 0.878},
+    "QwenImageTransformer2DModel": {
+        "fp32": {
+            "QwenImageTransformerBlock": 59.25,
+            "QwenImageTransformerBlock/text": 0.117,
+            "rest": 0.0,
+            "transient": 0.776,
+            "forward": 0.882,
+        },
+        "fp32+ckpt": {
+            "QwenImageTransformerBlock": 4.0,
+            "rest": 2.448,
+            "transient": 1.464,
+            "forward": 0.882,
+        },
+        "bf16": {
+            "QwenImageTransformerBlock": 42.0,
+            "QwenImageTransformerBlock/text": 1.496,
+            "rest": 0.0,
+            "transient": 0.692,
+            "forward": 0.878,
+        },
+        "bf16+ckpt": {
+            "QwenImageTransformerBlock": 2.0,
+            "QwenImageTransformerBlock/text": 0.125,
+            "rest": 1.422,
+            "transient": 1.466,
+            "forward": 0.878,
+        },
     },
 }
 # coefficients:end
@@ -151,7 +320,10 @@ def block_outputs(backbone: nn.Module, forward: Callable[[], Any]) -> list[Block
     """Every outermost block of one forward, in the order they run (without gradients: on the meta device this
     costs no memory)."""
     found: list[Block] = []
-    with torch.no_grad(), block_hooks(backbone, lambda m: None, lambda m, size: found.append(Block(type(m).__name__, *size))):
+    with (
+        torch.no_grad(),
+        block_hooks(backbone, lambda m: None, lambda m, size: found.append(Block(type(m).__name__, *size))),
+    ):
         forward()
     return found
 
@@ -202,7 +374,9 @@ class ActivationEstimate:
 def block_bytes(coef: dict[str, float], block: Block, text_tokens: int) -> float:
     """Bytes one block keeps per sample: ``coef[cls]`` per output element plus ``coef[cls + "/text"]`` per text token
     and unit of width (a cross-attention's keys and values of the prompt)."""
-    fallback = max((v for k, v in coef.items() if k not in ("rest", "transient", "forward") and "/" not in k), default=0.0)
+    fallback = max(
+        (v for k, v in coef.items() if k not in ("rest", "transient", "forward") and "/" not in k), default=0.0
+    )
     per_element = coef.get(block.cls, fallback)
     return per_element * block.numel + coef.get(f"{block.cls}/text", 0.0) * text_tokens * block.width
 
@@ -218,7 +392,9 @@ def estimate_from_blocks(
     saved += coef.get("rest", 0.0) * mean_block
     largest = max((block_bytes(plain, b, text_tokens) for b in blocks), default=0.0)
     transient, forward = coef.get("transient", 0.0) * largest, coef.get("forward", 0.0) * largest
-    return ActivationEstimate(int(batch * saved), int(batch * transient), int(batch * forward), mode, source, len(blocks))
+    return ActivationEstimate(
+        int(batch * saved), int(batch * transient), int(batch * forward), mode, source, len(blocks)
+    )
 
 
 def estimate_activations(backbone: nn.Module, teacher: Any, shape: TrainingShape, mode: str) -> ActivationEstimate:

@@ -67,13 +67,17 @@ def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype:
         if getattr(cfg, "time_cond_proj_dim", None):
             cond = cond.replace(timestep_cond=rand(b, cfg.time_cond_proj_dim))
         return cond
-    cond = Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim), pooled_prompt_embeds=rand(b, cfg.pooled_projection_dim))
+    cond = Conditioning(
+        prompt_embeds=rand(b, n, cfg.joint_attention_dim), pooled_prompt_embeds=rand(b, cfg.pooled_projection_dim)
+    )
     if adapter == "flux" and getattr(cfg, "guidance_embeds", False):
         cond = cond.replace(guidance=torch.full((b,), 3.5, device=device))
     return cond
 
 
-def _adapted(backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype) -> Callable[[], Any]:
+def _adapted(
+    backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype
+) -> Callable[[], Any]:
     """A forward through fewstep's own adapter for the backbone's family."""
     x = torch.randn(latent_shape(teacher, shape.batch, shape.resolution), device=device, dtype=dtype)
     cond = _conditioning(backbone, shape, device, dtype)
@@ -92,7 +96,9 @@ def _wan(backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, d
     return lambda: backbone(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
 
 
-def _qwen_image(backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype) -> Callable[[], Any]:
+def _qwen_image(
+    backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype
+) -> Callable[[], Any]:
     """Qwen-Image: 16-channel latents at 1/8 of the pixels, packed in 2×2 patches (``in_channels`` = 64)."""
     cfg, b, n = backbone.config, shape.batch, shape.text_tokens
     side = shape.resolution // 16
@@ -101,13 +107,20 @@ def _qwen_image(backbone: nn.Module, teacher: Any, shape: TrainingShape, device:
     mask = torch.ones(b, n, device=device, dtype=torch.long)
     t = torch.full((b,), 0.5, device=device, dtype=dtype)
     kwargs = {"img_shapes": [[(1, side, side)]] * b, "return_dict": False}
-    return lambda: backbone(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t, **kwargs)[0]
+    return lambda: backbone(
+        hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t, **kwargs
+    )[0]
 
 
-DIRECT: dict[str, Callable[..., Callable[[], Any]]] = {"WanTransformer3DModel": _wan, "QwenImageTransformer2DModel": _qwen_image}
+DIRECT: dict[str, Callable[..., Callable[[], Any]]] = {
+    "WanTransformer3DModel": _wan,
+    "QwenImageTransformer2DModel": _qwen_image,
+}
 
 
-def backbone_forward(backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any = "meta", dtype: torch.dtype | None = None) -> Callable[[], Any]:
+def backbone_forward(
+    backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any = "meta", dtype: torch.dtype | None = None
+) -> Callable[[], Any]:
     """A zero-argument callable running one forward of ``backbone`` at ``shape``.
 
     Args:

@@ -53,7 +53,8 @@ class Role:
     """One owner of parameters.
 
     Attributes:
-        name: ``student``, ``fake_score``, ``student (auxiliary)``, ``teacher``, ``text_encoder_2``, ``objective.target``.
+        name: ``student``, ``fake_score``, ``student (auxiliary)``, ``teacher``, ``text_encoder_2``,
+            ``objective.target``.
         kind: ``trainable``, ``frozen`` or ``encoder`` (see ``KINDS``).
         params: its parameters.
         buffers: its buffers (never sharded).
@@ -79,7 +80,9 @@ class _Distinct:
         return fresh
 
 
-def owned_modules(obj: Any, prefix: str, depth: int = 4, visited: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:
+def owned_modules(
+    obj: Any, prefix: str, depth: int = 4, visited: set[int] | None = None
+) -> Iterator[tuple[str, nn.Module]]:
     """``(attribute path, module)`` for every module an object holds in its attributes, lists and dicts (modules are
     not entered: their parameters come with them)."""
     visited = set() if visited is None else visited

@@ -134,7 +134,9 @@ def _div(value: int, n: int) -> int:
     return math.ceil(value / n)
 
 
-def persistent_bytes(roles: list[Role], groups: dict[str, Tensors], layout: Layout, world_size: int, recipe, device: str) -> tuple[dict[str, int], int]:
+def persistent_bytes(
+    roles: list[Role], groups: dict[str, Tensors], layout: Layout, world_size: int, recipe, device: str
+) -> tuple[dict[str, int], int]:
     """GPU bytes held for the whole run by what they are, and the bytes offloaded to the host (per rank)."""
     n = layout.shard_size
     sharded = layout.strategy != "ddp"
@@ -159,9 +161,7 @@ def persistent_bytes(roles: list[Role], groups: dict[str, Tensors], layout: Layo
     return parts, host
 
 
-def step_bytes(
-    group: Tensors, cost: StepCost, gathered: dict[str, int], layout: Layout, recipe
-) -> dict[str, int]:
+def step_bytes(group: Tensors, cost: StepCost, gathered: dict[str, int], layout: Layout, recipe) -> dict[str, int]:
     """What one phase adds at its peak (the larger of its backward and its optimizer step), per rank."""
     n = layout.shard_size
     grads = 0 if layout.offload else _div(gradient_bytes(group), n)

@@ -117,7 +117,9 @@ def meta_teacher(pipeline: Any, guidance_scale: float) -> tuple[Teacher, str, li
             "training it needs one (`Teacher.from_module(..., adapter=...)`)."
         )
     # memory does not depend on what the backbone is fed as its timestep: any flow scale serves unknown families
-    schedule, prediction = schedule_and_prediction(pipeline.scheduler, family if family in FLOW_TIMESTEP_SCALE else "sd3")
+    schedule, prediction = schedule_and_prediction(
+        pipeline.scheduler, family if family in FLOW_TIMESTEP_SCALE else "sd3"
+    )
     adapter = ADAPTER_BY_CLASS.get(type(backbone).__name__, "custom")
     denoiser = Denoiser(backbone, schedule, prediction, adapter)
     return Teacher(denoiser, guidance_scale, pipeline, Conditioning(), family), family, notes

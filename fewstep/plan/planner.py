@@ -80,7 +80,9 @@ def backbone_use(objective: Any, groups: dict[str, Tensors]) -> dict[str, Backbo
     return {group: uses.get(group, BackboneUse()) for group in groups}
 
 
-def training_shape(models: MetaModels, recipe: Recipe, frames: int | None, text_tokens: int | None) -> tuple[TrainingShape, list[str]]:
+def training_shape(
+    models: MetaModels, recipe: Recipe, frames: int | None, text_tokens: int | None
+) -> tuple[TrainingShape, list[str]]:
     """The micro-batch of one rank: ``data.batch_size`` samples at the resolution they are drawn at: ``data.resolution``
     for data with images, the objective's own ``resolution`` for data-free (prompt) runs, else the pipeline's
     default."""
@@ -169,7 +171,9 @@ def plan_recipe(
     backbone = models.components.student.denoiser.backbone
     can_checkpoint = bool(getattr(backbone, "_supports_gradient_checkpointing", False))
     teacher = models.components.teacher
-    activations = {ckpt: estimate_activations(backbone, teacher, shape, mode_of(recipe, ckpt)) for ckpt in {False, can_checkpoint}}
+    activations = {
+        ckpt: estimate_activations(backbone, teacher, shape, mode_of(recipe, ckpt)) for ckpt in {False, can_checkpoint}
+    }
     classes, largest, root = wrap_units(backbone)
     gathered = {"largest unit": largest, "root": root,
                 "all": sum(r.params.bytes for r in roles if r.kind in ("frozen", "trainable"))}  # fmt: skip

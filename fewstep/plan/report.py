@@ -126,8 +126,14 @@ def to_json(plan: Plan, recipe_arg: str, overrides: list[str]) -> dict[str, Any]
             ("checkpointing" if ckpt else "plain"): vars(estimate) for ckpt, estimate in plan.activations.items()
         },
         "roles": [
-            {"name": r.name, "kind": r.kind, "group": r.group, "params": r.params.numel, "param_bytes": r.params.bytes,
-             "buffer_bytes": r.buffers.bytes}  # fmt: skip
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "group": r.group,
+                "params": r.params.numel,
+                "param_bytes": r.params.bytes,
+                "buffer_bytes": r.buffers.bytes,
+            }  # fmt: skip
             for r in plan.roles
         ],
         "layouts": [

@@ -161,16 +161,26 @@ def coefficients(low: dict[str, dict[str, Any]], high: dict[str, dict[str, Any]]
     return table
 
 
+def _literal(value: Any, indent: int) -> str:
+    """``value`` as Python source the way the formatter lays it out: one key per line, trailing commas."""
+    if not isinstance(value, dict):
+        return repr(value)
+    pad = " " * (indent + 4)
+    items = "".join(f'{pad}"{k}": {_literal(v, indent + 4)},\n' for k, v in value.items())
+    return "{\n" + items + " " * indent + "}"
+
+
 def render(table: dict[str, dict[str, dict[str, float]]], measured: str) -> str:
     """The Python source between the markers."""
-    lines = [f"MEASURED = {measured!r}", "COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {"]
-    for backbone, modes in table.items():
-        lines.append(f"    {backbone!r}: {{")
-        for mode, row in modes.items():
-            lines.append(f"        {mode!r}: {row!r},")
-        lines.append("    },")
-    lines.append("}")
-    return "\n".join(lines)
+    words, lines, line = measured.split(" "), [], ""
+    for word in words:  # the note as implicitly joined string pieces within the line length
+        if len(line) + len(word) > 100:
+            lines.append(line)
+            line = ""
+        line += word + " "
+    lines.append(line.rstrip())
+    note = "\n".join(f"    {piece!r}" for piece in lines).replace("'", '"')
+    return f"MEASURED = (\n{note}\n)\nCOEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {_literal(table, 0)}"
 
 
 def main(argv: list[str] | None = None) -> None:

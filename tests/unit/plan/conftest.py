@@ -30,8 +30,13 @@ def sd15_dmd2(output_dir: Path, batch_size: int = 4, resolution: int = 64, dtype
     return {
         "teacher": {"pretrained": "tiny:sd15", "dtype": dtype},
         "student": {"kind": "lora", "lora": {"rank": 4}},
-        "objective": {"name": "dmd2", "health_reference_steps": 0, "fake_steps_per_generator_step": 1,
-                      "real_guidance_scale": 2.0, "resolution": resolution},  # fmt: skip
+        "objective": {
+            "name": "dmd2",
+            "health_reference_steps": 0,
+            "fake_steps_per_generator_step": 1,
+            "real_guidance_scale": 2.0,
+            "resolution": resolution,
+        },  # fmt: skip
         "data": {"source": "prompts", "prompts": ["a cat", "a dog"], "batch_size": batch_size},
         "train": TRAIN,
         "output_dir": str(output_dir),
