@@ -78,8 +78,11 @@ class LiveTensorBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
-            storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
+            try:
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # a wrapper without storage of its own (torch.func's)
+                continue
             if size == 0 or key in self._live or key in self._before:
                 continue
             self._live[key] = size

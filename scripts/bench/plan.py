@@ -38,14 +38,15 @@ MEASURED = {
                                          "objective={name: diffusion}"]),
     "digits full, LCM (EMA target), batch 64": ("quickstart/digits_lcm", []),
     "tiny SD1.5 LoRA, DMD2, 64 px, batch 4": ("dmd/sd15_dmd2", [
-        "teacher.pretrained=tiny:sd15", "student.kind=lora", "student.lora={rank: 4}", "objective.resolution=64",
+        "teacher.pretrained=tiny:sd15", "teacher.dtype=float32", "train.mixed_precision=no",
+        "student={kind: lora, lora: {rank: 4}}", "objective.resolution=64",
         "objective.gan_weight=0", "objective.health_reference_steps=0", "objective.fake_steps_per_generator_step=1",
         "data={source: prompts, prompts: [a cat, a dog], batch_size: 4}"]),
     "digits full, DMD2, batch 64": ("bench/digits_dmd2", ["objective.health_reference_steps=0"]),
     "digits full, sCM (JVP), batch 64": ("bench/digits_flow_scm", []),
     "digits full, rCM, batch 64": ("bench/digits_flow_rcm", []),
     "digits full, PCM, batch 64": ("bench/digits_pcm", []),
-    "digits LoRA, phased DMD, batch 64": ("bench/digits_phased_dmd", ["objective.health_reference_steps=0"]),
+    "digits LoRA, phased DMD, batch 64": ("bench/digits_phased_dmd", []),
     "digits AGD, batch 64": ("bench/digits_flow_agd", []),
     "digits full, guidance distillation, batch 64": ("bench/digits_flow_guidance_distill", []),
 }  # fmt: skip
