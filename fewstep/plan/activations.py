@@ -1,18 +1,19 @@
 """Activation memory of a training step, from coefficients measured on the tiny models and block sizes read off a
 meta-device forward of the real backbone.
 
-A backbone is a chain of blocks (``BLOCK_CLASSES``: ResNet blocks, transformer blocks, attention layers; the
-outermost one counts). What one forward with gradients keeps for its backward grows with each block's output: a
-block of class ``C`` whose output holds ``n`` elements per sample keeps about ``COEFFICIENTS[backbone][mode][C] · n``
-bytes. Everything outside the blocks (embeddings, in/out projections) keeps ``rest`` bytes per element of an average
-block output; while a block runs its backward (or, with activation checkpointing, its recomputation) the working
-memory on top is ``transient`` times the largest block's non-checkpointed bytes, and a forward without gradients (a
-teacher's) needs ``forward`` times it.
+A backbone is a chain of blocks (``BLOCK_CLASSES``: ResNet blocks, transformer blocks, attention layers, resamplers;
+the outermost one counts). What one forward with gradients keeps for its backward grows with each block's output: a
+block of class ``C`` whose output holds ``n`` elements per sample, ``w`` wide, keeps about
+``COEFFICIENTS[backbone][mode][C] · n + COEFFICIENTS[backbone][mode][C + "/text"] · text_tokens · w`` bytes (the
+second term: a cross-attention's keys and values of the prompt, which do not grow with the image). Everything outside
+the blocks (embeddings, in/out projections) keeps ``rest`` bytes per element of an average block output. While a block
+runs its backward (or, with activation checkpointing, its recomputation) the working memory on top is ``transient``
+times the largest block's non-checkpointed bytes; a forward without gradients (a teacher's) needs ``forward`` times it.
 
 The real model's blocks and their output sizes come from one forward on the meta device at the recipe's shape (no
-memory, a second or two), so UNet levels, joint text+image token streams and video latents are all read off the
-model itself rather than derived from its config. ``scripts/bench/plan_coefficients.py`` measures the coefficients on
-the tiny model of each family (a rank-4 LoRA on every default target, exact CPU tensor bytes with
+memory, a second or two), so UNet levels, joint text+image token streams and video latents are read off the model
+itself rather than derived from its config. ``scripts/bench/plan_coefficients.py`` measures the coefficients on the
+tiny model of each family at two resolutions (a rank-4 LoRA on every default target, exact CPU tensor bytes with
 ``fewstep.plan.measure``) and rewrites the table between the markers below.
 
 Modes: ``fp32``, or ``bf16`` (bf16/fp16 mixed precision or a half-precision teacher: measured under CPU bf16

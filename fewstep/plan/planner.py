@@ -122,6 +122,20 @@ def wrap_units(backbone: nn.Module) -> tuple[list[str], int, int]:
     return classes, max(sizes.values(), default=0), root
 
 
+def sampling_notes(recipe: Recipe, shape: TrainingShape, plain: ActivationEstimate) -> list[str]:
+    """What the plan leaves out but a run may do: sample grids run the student without gradients on
+    ``train.num_sample_images`` images at once (then the VAE decodes them)."""
+    if not recipe.train.sample_every:
+        return []
+    images = recipe.train.num_sample_images
+    working = plain.forward_bytes / max(shape.batch, 1) * images
+    return [
+        f"Sample grids (train.sample_every={recipe.train.sample_every}) run the student without gradients on "
+        f"{images} images at once: about {working / GIB:.2f} GiB of working memory on top of the static state, plus "
+        "the VAE decode, which this plan does not count (lower train.num_sample_images if that is too much)."
+    ]
+
+
 def sharding_refusal(objective: Any) -> str | None:
     """Why fewstep's trainer refuses FSDP for this objective (``fewstep.train.sync.check_strategy``), or None."""
     try:
@@ -187,7 +201,7 @@ def plan_recipe(
         }
         refused = refusal if layout.strategy != "ddp" else None
         ranks.append(rank_memory(roles, groups, costs, gathered, layout, world_size, recipe, device, refused))
-    notes = [*models.notes, *notes]
+    notes = [*models.notes, *notes, *sampling_notes(recipe, shape, activations[False])]
     if activations[False].coefficients_of != type(backbone).__name__:
         notes.append(
             f"No activation coefficients measured for {type(backbone).__name__}: borrowed the largest measured "

@@ -44,7 +44,7 @@ MEASURED = {
         "data={source: prompts, prompts: [a cat, a dog], batch_size: 4}"]),
     "digits full, DMD2, batch 64": ("bench/digits_dmd2", ["objective.health_reference_steps=0"]),
     "digits full, sCM (JVP), batch 64": ("bench/digits_flow_scm", []),
-    "digits full, rCM, batch 64": ("bench/digits_flow_rcm", []),
+    "digits full, rCM, batch 64": ("bench/digits_flow_rcm", ["objective.tangent_warmup_steps=0"]),
     "digits full, PCM, batch 64": ("bench/digits_pcm", []),
     "digits LoRA, phased DMD, batch 64": ("bench/digits_phased_dmd", []),
     "digits AGD, batch 64": ("bench/digits_flow_agd", []),

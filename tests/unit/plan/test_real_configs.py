@@ -12,9 +12,13 @@ from fewstep.plan import layout_by_name, plan_recipe
 from fewstep.plan.meta import meta_pipeline
 from fewstep.plan.sources import config_directory, shipped_models
 
-# Backbone parameters as published: the SDXL report's 2.6 B UNet, FLUX.1's 12 B (11.9 B on its Hub page), SD3.5
-# Large's 8.1 B, Wan 2.1 14B's 28.6 GB of bf16 weights (14.3 B) and Qwen-Image's 20.4 B MMDiT (its Hub page).
+# Backbone parameters as published: Stable Diffusion's 860 M UNet, the SDXL report's 2.6 B UNet, SD3 Medium's 2 B,
+# FLUX.1's 12 B (11.9 B on its Hub page), SD3.5 Large's 8.1 B, Wan 2.1 14B's 28.6 GB of bf16 weights (14.3 B) and
+# Qwen-Image's 20.4 B MMDiT (its Hub page).
 PUBLISHED = {
+    "runwayml/stable-diffusion-v1-5": 860e6,
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": 860e6,
+    "stabilityai/stable-diffusion-3-medium-diffusers": 2.0e9,
     "stabilityai/stable-diffusion-xl-base-1.0": 2.6e9,
     "black-forest-labs/FLUX.1-dev": 11.9e9,
     "stabilityai/stable-diffusion-3.5-large": 8.1e9,
