@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fewstep.plan.inventory import (
     Role,
@@ -35,6 +36,9 @@ from fewstep.plan.inventory import (
     gradient_bytes,
     step_guard_bytes,
 )
+
+if TYPE_CHECKING:
+    from fewstep.config.schema import Recipe
 
 STRATEGIES = ("ddp", "fsdp2_shard_grad_op", "hsdp", "fsdp2_full_shard")
 
@@ -135,7 +139,7 @@ def _div(value: int, n: int) -> int:
 
 
 def persistent_bytes(
-    roles: list[Role], groups: dict[str, Tensors], layout: Layout, world_size: int, recipe, device: str
+    roles: list[Role], groups: dict[str, Tensors], layout: Layout, world_size: int, recipe: Recipe, device: str
 ) -> tuple[dict[str, int], int]:
     """GPU bytes held for the whole run by what they are, and the bytes offloaded to the host (per rank)."""
     n = layout.shard_size
@@ -161,7 +165,9 @@ def persistent_bytes(
     return parts, host
 
 
-def step_bytes(group: Tensors, cost: StepCost, gathered: dict[str, int], layout: Layout, recipe) -> dict[str, int]:
+def step_bytes(
+    group: Tensors, cost: StepCost, gathered: dict[str, int], layout: Layout, recipe: Recipe
+) -> dict[str, int]:
     """What one phase adds at its peak (the larger of its backward and its optimizer step), per rank."""
     n = layout.shard_size
     grads = 0 if layout.offload else _div(gradient_bytes(group), n)
@@ -185,7 +191,7 @@ def rank_memory(
     gathered: dict[str, int],
     layout: Layout,
     world_size: int,
-    recipe,
+    recipe: Recipe,
     device: str = "cuda",
     refused: str | None = None,
 ) -> RankMemory:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from fewstep.models.backbones import ADAPTER_BY_CLASS, pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
@@ -156,8 +158,9 @@ def build_meta_models(recipe: Recipe) -> MetaModels:
             f"teacher.family is {wanted!r} but {recipe.teacher.pretrained!r} is a {family} pipeline. Set "
             f"teacher.family to 'auto' or {family!r}."
         )
-    # No init_empty_weights here: it re-registers every parameter as a new object, which would split the parameters an
-    # adapter role shares with the backbone. peft puts LoRA layers on their base layer's device (meta), copies of meta
-    # modules are meta; only small heads are built for real.
-    components = build_components(recipe, teacher=teacher)
+    # New tensors default to the meta device (LoRA layers, heads, a backbone rebuilt with an extra embedding). Not
+    # init_empty_weights: it re-registers every parameter as a new object, which would split the parameters an adapter
+    # role shares with the backbone.
+    with torch.device("meta"):
+        components = build_components(recipe, teacher=teacher)
     return MetaModels(pipeline, components, family, f"{where}: {directory}", notes)

@@ -67,13 +67,17 @@ def config_directory(pretrained: str, revision: str | None = None) -> tuple[Path
             )
         return path, "local"
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "", 1)
-    if not looks_local:
-        shipped = shipped_config_directory(spec)
-        if shipped is not None:
-            return shipped, "shipped"
-        cached = cached_config_directory(spec, revision)
-        if cached is not None:
-            return cached, "cache"
+    if looks_local:
+        raise FileNotFoundError(
+            f"Teacher directory {spec!r} does not exist. Create it first (e.g. the run or export that writes it), "
+            "or point teacher.pretrained at an existing pipeline directory or a Hub id."
+        )
+    shipped = shipped_config_directory(spec)
+    if shipped is not None:
+        return shipped, "shipped"
+    cached = cached_config_directory(spec, revision)
+    if cached is not None:
+        return cached, "cache"
     raise FileNotFoundError(
         f"No configs for teacher {pretrained!r} on this machine: it is not a local pipeline directory, not one of "
         f"the models whose configs ship with fewstep ({', '.join(shipped_models())}), and not in the local Hugging "

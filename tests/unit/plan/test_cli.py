@@ -53,3 +53,9 @@ def test_bad_memory_size_is_refused():
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "dmd/sd15_dmd2", "--gpu-memory", "lots"])
     assert exit_info.value.code == 2
+
+
+def test_missing_teacher_directory_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no" / "export"
+    assert main(["plan", "dmd/sd15_dmd2", f"teacher.pretrained={missing}"]) == 2
+    one_error(capsys.readouterr().err, str(missing), "does not exist")
