@@ -156,10 +156,11 @@ def real_rows() -> list[dict[str, Any]]:
 
 
 def render(measured: list[dict[str, Any]], fsdp: dict[str, Any] | None, real: list[dict[str, Any]], where: str) -> str:
-    lines = [f"### `fewstep plan`: predicted vs measured ({where}, {today()})", "",
-             "Single process, CPU, exact tensor bytes (every storage alive before a step plus the step's largest "
-             "increase; the CPU analogue of `max_memory_allocated`). `RSS +` is the process's peak resident size "
-             "increase over the same run (libraries and allocator included). `python scripts/bench/plan.py`.", "",
+    lines = ["### `fewstep plan`: predicted vs measured", "",
+             f"{where}, {today()}. Single process, exact tensor bytes (every storage alive before a step plus the "
+             "step's largest increase; the CPU analogue of `max_memory_allocated`). `RSS +` is the process's peak "
+             "resident size increase over the same run (libraries and allocator included). "
+             "`python scripts/bench/plan.py`.", "",
              "| recipe | predicted MiB | measured MiB | error | RSS + MiB |", "|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in measured:
         error = (r["predicted_bytes"] - r["measured_bytes"]) / r["measured_bytes"]
