@@ -1,8 +1,8 @@
 """The package's layers, checked from its imports (module level and inside functions alike).
 
 Bottom to top: leaves (registry, assets, kernels, testing) → noise → solvers → models → data → objectives → config →
-train → export → eval → cli. A module may import its own package or any lower layer, never a higher one, and no two
-modules may import each other, directly or around a longer circle.
+train → plan → export → eval → cli. A module may import its own package or any lower layer, never a higher one, and no
+two modules may import each other, directly or around a longer circle.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ LAYERS = [
     ("objectives",),
     ("config",),
     ("train",),
+    ("plan",),
     ("export",),
     ("eval",),
     ("cli", "__main__"),

@@ -42,8 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 __all__ = [
     "FAMILIES", "decode_latents", "detect_family", "encode_images", "is_hub_id", "load_pipeline", "load_teacher",
-    "quiet_loading",
-    "resolve_pretrained", "to_dtype",
+    "quiet_loading", "resolve_pretrained", "schedule_and_prediction", "to_dtype",
 ]  # fmt: skip
 
 
@@ -218,7 +217,8 @@ def detect_family(pipeline: Any) -> str:
     )
 
 
-def _schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
+def schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
+    """The teacher's ``Schedule`` and prediction type from its diffusers scheduler (flow or VP)."""
     config = dict(scheduler.config)
     if "FlowMatch" in type(scheduler).__name__:
         return FlowSchedule.from_diffusers(config, FLOW_TIMESTEP_SCALE[family]), "flow"
@@ -256,7 +256,7 @@ def load_teacher(cfg: Any) -> Teacher:
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     backbone = pipeline_backbone(pipe)
-    schedule, prediction_type = _schedule_and_prediction(pipe.scheduler, family)
+    schedule, prediction_type = schedule_and_prediction(pipe.scheduler, family)
     denoiser = Denoiser(backbone, schedule, prediction_type, ADAPTER_BY_FAMILY[family])
     guidance_scale = float(getattr(cfg, "guidance_scale", 1.0))
     embedded = None

@@ -12,9 +12,9 @@ Importing this package registers every one.
 import importlib
 
 from fewstep.data.batch import Batch
-from fewstep.objectives.protocol import OBJECTIVES, LossOutput, Objective, StudentSampler, StudentWriter
+from fewstep.objectives.protocol import OBJECTIVES, BackboneUse, LossOutput, Objective, StudentSampler, StudentWriter
 
-__all__ = ["OBJECTIVES", "Batch", "LossOutput", "Objective", "StudentSampler", "StudentWriter"]
+__all__ = ["OBJECTIVES", "BackboneUse", "Batch", "LossOutput", "Objective", "StudentSampler", "StudentWriter"]
 
 MODULES = (
     "diffusion",

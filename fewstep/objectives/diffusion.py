@@ -35,7 +35,7 @@ from fewstep.noise import timesteps
 from fewstep.noise.convert import Prediction, from_x0_eps
 from fewstep.noise.schedules import Schedule
 from fewstep.noise.timesteps import TAU_EPS
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.protocol import OBJECTIVES, BackboneUse, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec, deterministic_spec
 from fewstep.solvers.grids import sampling_taus
 from fewstep.solvers.samplers import sample_ddim
@@ -154,6 +154,10 @@ class Diffusion:
 
     def auxiliary(self) -> dict[str, nn.Module]:
         return {}
+
+    def backbone_use(self) -> dict[str, BackboneUse]:
+        """For ``fewstep plan``: one forward with gradients, no teacher forward."""
+        return {"student": BackboneUse(graphs=1.0, no_grad_batch=0.0)}
 
     def prepare(self, batches: Iterator[Batch]) -> None:
         """Nothing to prepare."""

@@ -14,6 +14,8 @@ Lifecycle of one run (``fewstep.train.loop.Trainer``):
 3. every step: ``phase(step)``, ``loss(batch, step, phase)`` per micro-batch, the phase's optimizer step, EMA, then
    ``on_step_end(step, phase)``;
 4. sample grids and evaluation call ``sampler()``; export calls ``sampling_spec()`` and ``export_extra()``.
+
+``fewstep plan`` also reads an optional ``backbone_use()`` (``BackboneUse`` per phase) to size activations.
 """
 
 from __future__ import annotations
@@ -42,6 +44,24 @@ class LossOutput:
 
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackboneUse:
+    """How one phase of an objective uses the backbone in a micro-step, for memory planning (``fewstep plan``).
+
+    An objective may declare it with an optional ``backbone_use() -> dict[phase, BackboneUse]``; without one every
+    phase counts as one plain forward with gradients. The trainer never reads it.
+
+    Attributes:
+        graphs: backbone forwards whose activations are kept for the phase's backward, in micro-batches (a forward on
+            twice the batch counts 2; a frozen network differentiated for its input counts too).
+        no_grad_batch: the largest batch of a forward without gradients in the phase (a teacher's), in micro-batches:
+            2 for a teacher run on ``[uncond, cond]`` for classifier-free guidance, 0 when there is none.
+    """
+
+    graphs: float = 1.0
+    no_grad_batch: float = 1.0
 
 
 @runtime_checkable

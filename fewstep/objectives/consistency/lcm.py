@@ -37,7 +37,7 @@ from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.convert import bcast
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.losses import pseudo_huber
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.protocol import OBJECTIVES, BackboneUse, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import lcm_timesteps, skipping_grid
 from fewstep.solvers.samplers import sample_consistency
@@ -286,6 +286,11 @@ class LCM:
 
     def phase(self, step: int) -> str:
         return "student"
+
+    def backbone_use(self) -> dict[str, BackboneUse]:
+        """For ``fewstep plan``: the student's forward kept for backward while the teacher takes its guided step on
+        ``[uncond, cond]`` (twice the batch, unless ω is always 0) and the target its plain one."""
+        return {"student": BackboneUse(graphs=1.0, no_grad_batch=1.0 if self.config.w_max == 0 else 2.0)}
 
     def loss(self, batch: Batch, step: int, phase: str) -> LossOutput:
         """LCM loss ``d(f_θ(x_{τ_{n+k}}, τ_{n+k}), f_θ⁻(x̂_{τ_n}, τ_n))`` for one batch of data ``x0``."""

@@ -26,7 +26,7 @@ from fewstep.objectives.dmd.gan import GANHead, head_for, tap
 from fewstep.objectives.dmd.health import health_metrics, sample_stats
 from fewstep.objectives.dmd.roles import fake_role, student_role
 from fewstep.objectives.dmd.sampler import DMDSampler, dmd_sampling_spec
-from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
+from fewstep.objectives.protocol import OBJECTIVES, BackboneUse, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec
 from fewstep.solvers.grids import dmd_student_taus, teacher_taus
 from fewstep.solvers.steps import noise_to, renoise_step
@@ -148,6 +148,17 @@ class DMD2:
 
     def auxiliary(self) -> dict[str, nn.Module]:
         return {}
+
+    def backbone_use(self) -> dict[str, BackboneUse]:
+        """For ``fewstep plan``: the generator's forward (twice the batch with regression pairs) plus, with the GAN,
+        the frozen fake score's classify-mode forward, both kept for one backward, next to the teacher's guided
+        forward on ``[uncond, cond]``; the fake score's one forward over ``[x_t, x_fake, x_real]`` (3×) with the GAN,
+        else over ``x_t``, after the generator's forward without gradients."""
+        cfg, gan = self.config, self.config.gan_weight > 0
+        cfg_batch = 2.0 if cfg.real_guidance_scale != 1.0 and not cfg.decoupled else 1.0
+        student = (2.0 if cfg.regression_weight > 0 else 1.0) + (1.0 if gan else 0.0)
+        fake = 3.0 if gan else 1.0
+        return {"student": BackboneUse(student, cfg_batch), "fake_score": BackboneUse(fake, 1.0)}
 
     def prepare(self, batches: Iterator[Batch]) -> None:
         """Nothing to prepare."""

@@ -1,0 +1,145 @@
+"""Example inputs for one backbone forward at a training shape: what the planner runs on the meta device to learn the
+size of every block's output, and what the coefficient script runs on the tiny models.
+
+Backbones fewstep trains go through their own adapter (``fewstep.models.backbones.BACKBONES``) with a
+``Conditioning`` shaped from the backbone's config; the latent shape comes from ``latent_shape``. Backbones without
+an adapter yet (Wan 2.1, Qwen-Image) are called directly, with their shape rules here until they get one.
+
+``TEXT_TOKENS`` is the prompt length each family's pipeline feeds (padded to its maximum): CLIP 77 (SD1.5, SDXL),
+CLIP 77 + T5 256 (SD3), T5 512 (FLUX.1-dev), umT5 512 (Wan 2.1), Qwen2.5-VL up to 512 (Qwen-Image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.models.backbones import ADAPTER_BY_CLASS, BACKBONES, latent_shape
+from fewstep.models.conditioning import Conditioning
+
+TEXT_TOKENS: dict[str, int] = {
+    "UNet2DModel": 0,
+    "UNet2DConditionModel": 77,
+    "SD3Transformer2DModel": 333,
+    "FluxTransformer2DModel": 512,
+    "WanTransformer3DModel": 512,
+    "QwenImageTransformer2DModel": 512,
+}
+VIDEO_FRAMES = 81  # Wan 2.1's default clip length (5 s at 16 fps)
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """One micro-batch as the backbone sees it: ``batch`` samples at ``resolution`` pixels (``frames`` for video)
+    with ``text_tokens`` prompt tokens."""
+
+    batch: int
+    resolution: int
+    text_tokens: int
+    frames: int = VIDEO_FRAMES
+
+
+def default_text_tokens(backbone: nn.Module) -> int:
+    """The family's prompt length (``TEXT_TOKENS``; 77 for an unknown text-conditioned backbone)."""
+    return TEXT_TOKENS.get(type(backbone).__name__, 77)
+
+
+def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype: torch.dtype) -> Conditioning:
+    """A ``Conditioning`` with the widths the backbone's config asks for (random values; meta on the meta device)."""
+    cfg, b, n = backbone.config, shape.batch, shape.text_tokens
+    adapter = ADAPTER_BY_CLASS[type(backbone).__name__]
+
+    def rand(*size: int) -> Tensor:
+        return torch.randn(*size, device=device, dtype=dtype)
+
+    if adapter == "unet2d":
+        classes = getattr(cfg, "num_class_embeds", None)
+        return Conditioning(class_labels=torch.zeros(b, dtype=torch.long, device=device) if classes else None)
+    if adapter == "unet2d_condition":
+        cond = Conditioning(prompt_embeds=rand(b, n, int(cfg.cross_attention_dim)))
+        if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 micro-conditioning ids
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            cond = cond.replace(pooled_prompt_embeds=rand(b, pooled), time_ids=rand(b, 6))
+        if getattr(cfg, "time_cond_proj_dim", None):
+            cond = cond.replace(timestep_cond=rand(b, cfg.time_cond_proj_dim))
+        return cond
+    cond = Conditioning(
+        prompt_embeds=rand(b, n, cfg.joint_attention_dim), pooled_prompt_embeds=rand(b, cfg.pooled_projection_dim)
+    )
+    if adapter == "flux" and getattr(cfg, "guidance_embeds", False):
+        cond = cond.replace(guidance=torch.full((b,), 3.5, device=device))
+    return cond
+
+
+def _adapted(
+    backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype
+) -> Callable[[], Any]:
+    """A forward through fewstep's own adapter for the backbone's family."""
+    x = torch.randn(latent_shape(teacher, shape.batch, shape.resolution), device=device, dtype=dtype)
+    cond = _conditioning(backbone, shape, device, dtype)
+    t = torch.full((shape.batch,), 500.0, device=device, dtype=dtype)
+    adapter = BACKBONES.get(ADAPTER_BY_CLASS[type(backbone).__name__])
+    return lambda: adapter(backbone, x, t, cond)
+
+
+def _wan(backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype) -> Callable[[], Any]:
+    """Wan 2.1: latents ``[b, 16, 1 + (frames − 1)/4, h/8, w/8]`` (its VAE: 4× in time, 8× in space)."""
+    cfg, b = backbone.config, shape.batch
+    frames, side = 1 + (shape.frames - 1) // 4, shape.resolution // 8
+    x = torch.randn(b, cfg.in_channels, frames, side, side, device=device, dtype=dtype)
+    text = torch.randn(b, shape.text_tokens, cfg.text_dim, device=device, dtype=dtype)
+    t = torch.full((b,), 500.0, device=device, dtype=dtype)
+    return lambda: backbone(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def _qwen_image(
+    backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype
+) -> Callable[[], Any]:
+    """Qwen-Image: 16-channel latents at 1/8 of the pixels, packed in 2×2 patches (``in_channels`` = 64)."""
+    cfg, b, n = backbone.config, shape.batch, shape.text_tokens
+    side = shape.resolution // 16
+    x = torch.randn(b, side * side, cfg.in_channels, device=device, dtype=dtype)
+    text = torch.randn(b, n, cfg.joint_attention_dim, device=device, dtype=dtype)
+    mask = torch.ones(b, n, device=device, dtype=torch.long)
+    t = torch.full((b,), 0.5, device=device, dtype=dtype)
+    kwargs = {"img_shapes": [[(1, side, side)]] * b, "return_dict": False}
+    return lambda: backbone(
+        hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t, **kwargs
+    )[0]
+
+
+DIRECT: dict[str, Callable[..., Callable[[], Any]]] = {
+    "WanTransformer3DModel": _wan,
+    "QwenImageTransformer2DModel": _qwen_image,
+}
+
+
+def backbone_forward(
+    backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any = "meta", dtype: torch.dtype | None = None
+) -> Callable[[], Any]:
+    """A zero-argument callable running one forward of ``backbone`` at ``shape``.
+
+    Args:
+        backbone: a diffusers backbone (on the meta device for planning, or a real tiny one).
+        teacher: its ``Teacher`` (``latent_shape`` reads its pipeline and family).
+        shape: the micro-batch.
+        device: where the inputs are made (``meta`` for planning).
+        dtype: the inputs' dtype (default: the backbone's).
+
+    Raises:
+        ValueError: a backbone class with neither a fewstep adapter nor an entry in ``DIRECT``.
+    """
+    dtype = dtype or next(backbone.parameters()).dtype
+    name = type(backbone).__name__
+    if name in DIRECT:
+        return DIRECT[name](backbone, teacher, shape, device, dtype)
+    if name in ADAPTER_BY_CLASS:
+        return _adapted(backbone, teacher, shape, device, dtype)
+    raise ValueError(
+        f"`fewstep plan` cannot build example inputs for {name}; supported: "
+        f"{', '.join(sorted({*ADAPTER_BY_CLASS, *DIRECT}))}."
+    )
