@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     print(section)
     records = [{"benchmark": SECTION, "kind": "measured", "device": where, "date": today(), **r} for r in measured]
     records += [{"benchmark": SECTION, "kind": "real", "date": today(), **r} for r in real]
-    merge_records(args.results_json, records, lambda r: (r.get("benchmark"), r.get("kind"), r.get("name"), r.get("gpus")))
+    key = lambda r: (r.get("benchmark"), r.get("kind"), r.get("name"), r.get("gpus"))  # noqa: E731
+    merge_records(args.results_json, records, key)
     write_section(args.results_md, SECTION, section)
 
 
