@@ -9,8 +9,9 @@ the recipe's tiny variant; `APPENDED` lists them and says why:
   (argparse keeps the last `--num-images`).
 * `accelerate launch -m fewstep train ...`: the tiny teacher at 32 px, 2 steps of batch 2 with a rank-4 LoRA in fp32
   (the recipe's bf16 and gradient checkpointing only slow a CPU down), one labelled sample grid.
-* The other commands load no model (`recipes`, `validate --no-files`, `train --dry-run`) or read back what the run
-  wrote (`export`), so they run exactly as written.
+* The other commands load no model (`recipes`, `validate --no-files`, `train --dry-run`, `plan`: SDXL from the
+  configs fewstep ships, on the meta device) or read back what the run wrote (`export`), so they run exactly as
+  written.
 
 A README edit that breaks a command, renames a path the recipe does not write, or adds a command that needs a model
 without an entry here fails this test.
@@ -39,7 +40,7 @@ APPENDED = {  # command prefix -> words appended to it
         "train.sample_steps=[1,2] train.num_sample_images=2 train.checkpoint_every=2 train.progress=false"
     ),
 }
-NEEDS_NO_MODEL = ("fewstep recipes", "fewstep validate ", "fewstep export ")
+NEEDS_NO_MODEL = ("fewstep recipes", "fewstep validate ", "fewstep plan ", "fewstep export ")
 
 
 def readme_commands() -> list[str]:
@@ -69,7 +70,8 @@ def as_run(command: str) -> str:
 def test_readme_block_is_what_this_test_maps():
     verbs = [" ".join(c.split()[:2]) for c in readme_commands()]
     assert verbs == [
-        "fewstep recipes", "fewstep validate", "fewstep data", "fewstep train", "accelerate launch", "fewstep export",
+        "fewstep recipes", "fewstep validate", "fewstep data", "fewstep train", "fewstep plan", "accelerate launch",
+        "fewstep export",
     ], verbs  # fmt: skip
 
 
@@ -90,6 +92,7 @@ def test_readme_using_it_commands_run_as_written(tmp_path: Path):
     assert "lcm/sd15_lcm_lora" in outputs["fewstep recipes"]
     assert outputs["fewstep validate"].startswith("valid: ")
     assert "max_steps: 2000" in outputs["fewstep train"]  # the --dry-run prints the resolved recipe
+    assert "fsdp" in outputs["fewstep plan"].lower() and "accelerate launch" in outputs["fewstep plan"]
 
     images = tmp_path / "data" / "train_images"  # the recipe's data.path, written by `fewstep data`
     lines = (images / "metadata.jsonl").read_text().splitlines()

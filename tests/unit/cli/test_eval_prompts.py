@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from fewstep.cli.main import main
 from fewstep.config import load_recipe
@@ -18,7 +16,7 @@ from fewstep.export import export_run
 from fewstep.export.files import verify_export
 from fewstep.train.loop import train
 from fewstep.train.manifest import sha256_file
-from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import captioned_noise_images, fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(autouse=True)
@@ -41,13 +39,7 @@ def prompts(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def sd15_run(tmp_path_factory) -> Path:
     """The SD1.5 LCM-LoRA recipe on tiny:sd15 (16 px images with captions), trained 2 steps."""
-    images = tmp_path_factory.mktemp("images")
-    lines = []
-    for i in range(2):
-        pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"pattern {i}"}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images = captioned_noise_images(tmp_path_factory.mktemp("images"))
     run = tmp_path_factory.mktemp("sd15") / "run"
     overrides = ["train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=null", "train.progress=false",
                  "optim.warmup_steps=0", "train.mixed_precision=no", "teacher.pretrained=tiny:sd15", "optim.lr=1e-2",

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from fewstep.config import load_recipe
@@ -21,7 +18,7 @@ from fewstep.eval.targets import export_target, load_target, run_target, target_
 from fewstep.export import export_run, read_source
 from fewstep.train.loop import train
 from fewstep.train.manifest import IntegrityError
-from tests.helpers import fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import captioned_noise_images, fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 
 SHORT = ["train.checkpoint_every=2", "train.sample_every=null", "train.progress=false", "optim.warmup_steps=0",
          "train.mixed_precision=no", "train.max_steps=2"]  # fmt: skip
@@ -39,13 +36,7 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sd15_run(tmp_path_factory) -> Path:
     """The SD1.5 LCM-LoRA recipe on tiny:sd15 (16 px images with captions), 2 steps."""
-    images = tmp_path_factory.mktemp("images")
-    lines = []
-    for i in range(2):
-        pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"pattern {i}"}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images = captioned_noise_images(tmp_path_factory.mktemp("images"))
     run = tmp_path_factory.mktemp("sd15") / "run"
     overrides = [*SHORT, "teacher.pretrained=tiny:sd15", "optim.lr=1e-2", "data.batch_size=2", f"data.path={images}",
                  "data.resolution=16", "data.num_workers=0", "student.lora.rank=4",

@@ -4,15 +4,12 @@ does not. The export records which checkpoint and weights it took."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import diffusers
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fewstep.config import load_recipe
@@ -23,6 +20,7 @@ from fewstep.testing import tiny_path
 from fewstep.train.loop import train
 from fewstep.train.manifest import read_manifest, write_manifest
 from fewstep.train.run import load_run
+from tests.helpers import captioned_noise_images
 
 PROMPTS = ["a red circle", "a blue square"]
 STEPS = (1, 2)
@@ -50,13 +48,7 @@ def fresh_accelerate_state():
 def ema_run(tmp_path_factory) -> Path:
     """The SD1.5 LCM-LoRA recipe on tiny:sd15, 3 steps at a large LR with an EMA of decay 0.9 and no warm-up, so the
     EMA (mostly the zero-initialised adapters) is far from the trained weights."""
-    images = tmp_path_factory.mktemp("images")
-    lines = []
-    for i in range(2):
-        pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"pattern {i}"}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images = captioned_noise_images(tmp_path_factory.mktemp("images"))
     run = tmp_path_factory.mktemp("sd15") / "run"
     overrides = ["teacher.pretrained=tiny:sd15", "optim.lr=1e-2", "optim.warmup_steps=0", "data.batch_size=2",
                  f"data.path={images}", "data.resolution=16", "data.num_workers=0", "student.lora.rank=4",

@@ -7,7 +7,6 @@ There is no network here: the two ``huggingface_hub.HfApi`` calls that reach the
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
-from PIL import Image
 
 from fewstep.assets import asset_path
 from fewstep.cli.main import main
@@ -28,7 +26,7 @@ from fewstep.export.files import verify_export
 from fewstep.testing import tiny_path
 from fewstep.train.loop import train
 from fewstep.train.manifest import MANIFEST, read_manifest
-from tests.helpers import TINY_LCM_RECIPE, fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
+from tests.helpers import TINY_LCM_RECIPE, captioned_noise_images, fresh_accelerate_state, one_error, single_thread  # noqa: F401 (fixtures)
 
 REPO = "alice/tiny-lcm-lora"
 EVAL = ["--no-teacher", "--num-samples", "2", "--batch-size", "2", "--no-images", "--device", "cpu"]
@@ -37,13 +35,7 @@ EVAL = ["--no-teacher", "--num-samples", "2", "--batch-size", "2", "--no-images"
 @pytest.fixture(scope="module")
 def sd15_run(tmp_path_factory) -> Path:
     """The SD1.5 LCM-LoRA recipe on tiny:sd15, 2 steps (a checkpoint each), evaluated at both checkpoints."""
-    images = tmp_path_factory.mktemp("images")
-    lines = []
-    for i in range(2):
-        pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"pattern {i}"}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images = captioned_noise_images(tmp_path_factory.mktemp("images"))
     run = tmp_path_factory.mktemp("sd15") / "run"
     overrides = [
         "teacher.pretrained=tiny:sd15", f"data.path={images}", "data.resolution=16", "data.batch_size=2",
