@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.eval.harness import evaluate
     from fewstep.eval.report import format_table, jsonable
     from fewstep.eval.suite import TEACHER_METRICS, build_metrics, default_metrics, inception_extractor
-    from fewstep.eval.targets import load_target, target_kind
+    from fewstep.eval.targets import TEACHER_STEPS, load_target, target_kind
     from fewstep.eval.teacher_reference import TeacherReference
 
     kind = target_kind(args.target)
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.metrics or default_metrics(target.dataset, target.conditioning, args.reference, args.clip)
     reference = None
     if target.conditioning == "text" and TEACHER_METRICS & set(names):
-        num_steps = args.reference_steps or max(args.teacher_steps or [50])
+        num_steps = args.reference_steps or max(args.teacher_steps or [TEACHER_STEPS])
         sampler = _reference_teacher(args, target, num_steps, device)
         extractor = inception_extractor(args.inception, device=device, progress=True)
         reference = TeacherReference(sampler, num_steps, inputs, extractor, seed=args.seed, batch_size=args.batch_size)

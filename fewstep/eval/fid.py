@@ -83,13 +83,19 @@ def _torchmetrics_fid(num_features: int) -> Any:
     return FrechetInceptionDistance(feature=FeatureInput(num_features), reset_real_features=True)
 
 
+def _check_set(values: Tensor, what: str, ndim: int, layout: str) -> Tensor:
+    """``values`` as FID takes them: a tensor of ``ndim`` dimensions (``layout`` names them in the error) with
+    ``n >= 2`` (the covariance of one sample is undefined)."""
+    if not isinstance(values, Tensor) or values.ndim != ndim:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"FID takes {what} as a tensor {layout}; got {shape}.")
+    if len(values) < 2:
+        raise ValueError(f"FID needs at least 2 {what} (a covariance of one sample is undefined); got {len(values)}.")
+    return values
+
+
 def _check_feature_set(features: Tensor, what: str) -> Tensor:
-    if not isinstance(features, Tensor) or features.ndim != 2:
-        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"FID takes {what} as a tensor [n, F]; got {shape}.")
-    if len(features) < 2:
-        raise ValueError(f"FID needs at least 2 {what} (a covariance of one sample is undefined); got {len(features)}.")
-    return features
+    return _check_set(features, what, 2, "[n, F]")
 
 
 def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
@@ -105,12 +111,7 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
 
 
 def _check_images(images: Tensor, what: str) -> Tensor:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"FID takes {what} as a tensor [n, c, h, w] in [0, 1]; got {shape}.")
-    if len(images) < 2:
-        raise ValueError(f"FID needs at least 2 {what} (a covariance of one image is undefined); got {len(images)}.")
-    return images
+    return _check_set(images, what, 4, "[n, c, h, w] in [0, 1]")
 
 
 def _folder_files(directory: Path) -> list[Path]:
