@@ -232,6 +232,22 @@ class AlarmsConfig(BaseModel):
     solid_share: float = Field(0.25, gt=0.0, le=1.0)  # alarm when at least this share of a grid's samples are solid
 
 
+class FSDPConfig(BaseModel):
+    """FSDP2 sharding of every backbone of the run (``fewstep.train.sharding``), launched with plain ``accelerate
+    launch --multi_gpu`` or torchrun. Without this block, an ``accelerate launch`` with an FSDP2 config file shards
+    with that file's settings."""
+
+    model_config = BLOCK
+
+    enabled: bool = True
+    reshard_after_forward: bool = Field(
+        True, description="full shard (ZeRO-3); false: shard gradients and optimizer state only (ZeRO-2)"
+    )
+    replicate: PositiveInt = Field(1, description="hybrid shard: replica groups, each sharding over world/replicate")
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+
+
 class TrainConfig(BaseModel):
     """The training loop. ``resume``: ``auto`` (newest complete checkpoint), ``never``, or a checkpoint path.
 
@@ -263,6 +279,12 @@ class TrainConfig(BaseModel):
     progress: bool = True
     log_with: list[TrackerName] = Field(default_factory=lambda: ["tensorboard"])  # accelerate trackers; [] = none
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
+    fsdp: FSDPConfig | None = None
+    seed_per_microbatch: bool = Field(
+        False,
+        description="re-seed the RNG before every micro-batch from (seed, step, global micro-batch index): N "
+        "processes draw the same noise as 1 process with N-fold gradient accumulation",
+    )
 
     @field_validator("log_with", mode="before")
     @classmethod

@@ -10,6 +10,9 @@ Layout of ``<run_dir>/checkpoints/step_XXXXXXXX/``::
     objective.pt                    objective.state_dict() (target nets, counters)
     rng/rank_<r>.pt                 python / numpy / torch (/ cuda) RNG states of every rank, as tensors and numbers
     state.json                      step, data position, non-finite count, world size
+    sharded/                        FSDP runs: the weights, optimizer moments and EMA shadows, one safetensors shard
+                                    per rank (``fewstep.train.sharded_checkpoint``) instead of ``trainable/``,
+                                    ``ema.safetensors`` and the tensors of ``optimizers/``
     manifest.json                   sha256 of every file above, and the fingerprint of the model they belong to
     COMPLETE                        written last; a directory without it is never resumed from
 
@@ -65,6 +68,14 @@ from fewstep.train.manifest import (
     verify_manifest,
     weights_fingerprint,
     write_manifest,
+)
+from fewstep.train.sharded_checkpoint import (
+    SHARDED_DIR,
+    has_sharded,
+    load_sharded,
+    read_sharded,
+    save_sharded,
+    sharded_state,
 )
 
 if TYPE_CHECKING:
@@ -179,12 +190,31 @@ def checkpoint_fingerprint(groups: dict[str, nn.Module], recipe: Recipe, teacher
 
 
 def load_trainable_weights(ckpt_dir: str | Path) -> dict[str, dict[str, Tensor]]:
-    """``{group: {name: tensor}}`` from ``trainable/*.safetensors`` of a checkpoint (CPU tensors)."""
+    """``{group: {name: tensor}}`` from ``trainable/*.safetensors`` of a checkpoint, or consolidated from the shards of
+    a sharded one (CPU tensors)."""
     ckpt_dir = Path(ckpt_dir)
+    if has_sharded(ckpt_dir):
+        return _read(ckpt_dir, ckpt_dir / SHARDED_DIR, lambda p: read_sharded(ckpt_dir, "trainable"))
     files = sorted((ckpt_dir / "trainable").glob("*.safetensors"))
     if not files:
         raise CheckpointError(_broken(ckpt_dir, ckpt_dir / "trainable", "holds no *.safetensors file"))
     return {f.stem: _read(ckpt_dir, f, load_file) for f in files}
+
+
+def has_ema(ckpt_dir: str | Path) -> bool:
+    """Whether the checkpoint holds EMA shadows (``ema.safetensors``, or the EMA record of a sharded one)."""
+    ckpt_dir = Path(ckpt_dir)
+    return (ckpt_dir / EMA_FILE).is_file() or (has_sharded(ckpt_dir) and (ckpt_dir / "ema_updates.json").is_file())
+
+
+def load_ema_weights(ckpt_dir: str | Path) -> dict[str, Tensor]:
+    """The EMA shadows ``{"<group>/<param>": tensor}`` of a checkpoint (``ema.safetensors``, or consolidated from the
+    shards of a sharded one; CPU tensors)."""
+    ckpt_dir = Path(ckpt_dir)
+    if has_sharded(ckpt_dir):
+        shadows = _read(ckpt_dir, ckpt_dir / SHARDED_DIR, lambda p: read_sharded(ckpt_dir, "ema"))
+        return {f"{group}/{name}": t for group, named in shadows.items() for name, t in named.items()}
+    return _read(ckpt_dir, ckpt_dir / EMA_FILE, load_file)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,8 +326,10 @@ def save_checkpoint(
     auxiliary: dict[str, nn.Module] | None = None,
     auxiliary_ema: EMA | None = None,
     fingerprint: dict[str, Any] | None = None,
+    sharded: bool = False,
 ) -> None:
-    """Write one checkpoint atomically from every rank (collective: all ranks must call it).
+    """Write one checkpoint atomically from every rank (collective: all ranks must call it). ``sharded`` (FSDP runs):
+    weights, optimizer moments and EMA shadows go to ``sharded/``, each rank writing its shard.
 
     ``auxiliary`` (``objective.auxiliary()``) and ``auxiliary_ema`` (their EMA shadows) go to ``auxiliary/``.
     ``fingerprint`` (``checkpoint_fingerprint``) goes to ``manifest.json``; without it, one of the trainable shapes
@@ -311,8 +343,8 @@ def save_checkpoint(
     _check_plain(
         objective_state, f"objective {objective!r}: its state_dict()" if objective else "objective.state_dict()"
     )
-    states = {name: {"optimizer": optimizers[name].state_dict(), "scheduler": schedulers[name].state_dict()}
-              for name in trainable}  # fmt: skip
+    states = {name: {"optimizer": _optimizer_record(optimizers[name], sharded),
+                     "scheduler": schedulers[name].state_dict()} for name in trainable}  # fmt: skip
     for name, state in states.items():
         _check_plain(state, f"trainable group {name!r}: its optimizer or LR-schedule state")
     main = accelerator.is_main_process
@@ -321,15 +353,19 @@ def save_checkpoint(
     if main:
         (tmp / "rng").mkdir(parents=True)
     accelerator.wait_for_everyone()
+    if sharded:  # every rank its shard; the main process the rest
+        save_sharded(sharded_state(trainable, optimizers, ema, auxiliary), tmp)
     if main:
-        (tmp / "trainable").mkdir()
         (tmp / "optimizers").mkdir()
         for name, module in trainable.items():
-            save_file(
-                _cpu(trainable_state(accelerator.unwrap_model(module))), tmp / "trainable" / f"{name}.safetensors"
-            )
+            if not sharded:
+                (tmp / "trainable").mkdir(exist_ok=True)
+                path = tmp / "trainable" / f"{name}.safetensors"
+                save_file(_cpu(trainable_state(accelerator.unwrap_model(module))), path)
             torch.save(states[name], tmp / "optimizers" / f"{name}.pt")
-        if ema is not None:
+        if ema is not None and sharded:
+            (tmp / "ema_updates.json").write_text(json.dumps(ema.updates))
+        elif ema is not None:
             _save_ema(ema, tmp / EMA_FILE)
         if auxiliary:
             (tmp / "auxiliary").mkdir()
@@ -358,6 +394,14 @@ def save_checkpoint(
             shutil.rmtree(aside, ignore_errors=True)
         prune_checkpoints(ckpt_dir.parent.parent, keep_last)
     accelerator.wait_for_everyone()
+
+
+def _optimizer_record(optimizer: Any, sharded: bool) -> dict[str, Any]:
+    """What ``optimizers/<group>.pt`` holds: the optimizer's state dict, or for a sharded run its hyperparameters
+    alone (the per-parameter state is in ``sharded/``)."""
+    if not sharded:
+        return optimizer.state_dict()
+    return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
 
 
 def _save_ema(ema: EMA, path: Path) -> None:
@@ -461,6 +505,15 @@ def load_checkpoint(
     if not verified:
         intact_checkpoint(ckpt_dir, fingerprint, accelerator=accelerator)
     meta = _read(ckpt_dir, ckpt_dir / "state.json", lambda p: json.loads(p.read_text()))
+    if has_sharded(ckpt_dir):
+        _load_sharded_checkpoint(ckpt_dir, trainable, optimizers, schedulers, ema, auxiliary)
+        trainable, ema = {}, None  # loaded
+    elif _is_sharded_run(trainable):
+        raise CheckpointError(
+            f"{ckpt_dir} is an unsharded checkpoint, and this run shards its weights (train.fsdp or an FSDP launch). "
+            "Resume it the way it was written (without FSDP), or start the sharded run over with "
+            "train.resume=never --overwrite."
+        )
     for name, module in trainable.items():
         weights = _read(ckpt_dir, ckpt_dir / "trainable" / f"{name}.safetensors", load_file)
         _load_weights(accelerator.unwrap_model(module), weights, ckpt_dir, Path("trainable") / f"{name}.safetensors")
@@ -479,6 +532,40 @@ def load_checkpoint(
     _read(ckpt_dir, rank_file, lambda p: set_rng_state(_torch_load(ckpt_dir, p)))
     objective_state = _read(ckpt_dir, ckpt_dir / "objective.pt", lambda p: _torch_load(ckpt_dir, p))
     return objective_state, meta
+
+
+def _load_sharded_checkpoint(
+    ckpt_dir: Path,
+    trainable: dict[str, nn.Module],
+    optimizers: dict[str, Any],
+    schedulers: dict[str, Any],
+    ema: EMA | None,
+    auxiliary: dict[str, nn.Module] | None,
+) -> None:
+    """Weights, optimizer moments and EMA from ``sharded/`` (any world size), hyperparameters and schedules from
+    ``optimizers/``, EMA update counts from ``ema_updates.json``."""
+    state = sharded_state(trainable, optimizers, ema, auxiliary, for_loading=True)
+    with torch.no_grad():
+        _read(ckpt_dir, ckpt_dir / SHARDED_DIR, lambda p: load_sharded(state, ckpt_dir))
+    for name in trainable:
+        record = _read(ckpt_dir, ckpt_dir / "optimizers" / f"{name}.pt", lambda p: _torch_load(ckpt_dir, p))
+        for group, saved in zip(optimizers[name].param_groups, record["optimizer"]["param_groups"]):
+            group.update(saved)
+        schedulers[name].load_state_dict(record["scheduler"])
+    if ema is not None:
+        updates = ckpt_dir / "ema_updates.json"
+        if not updates.is_file():
+            raise CheckpointError(
+                f"{updates} does not exist: the checkpoint was written without EMA but train.ema_decay is set. "
+                "Resume with train.ema_decay=null, or start over with train.resume=never --overwrite."
+            )
+        ema.updates = _read(ckpt_dir, updates, lambda p: json.loads(p.read_text()))
+
+
+def _is_sharded_run(trainable: dict[str, nn.Module]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for m in trainable.values() for p in m.parameters())
 
 
 def _load_optimizer(state: dict[str, Any], optimizer: Any, scheduler: Any) -> None:
@@ -552,7 +639,7 @@ def _load_with_metadata(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _read(ckpt_dir: Path, path: Path, reader: Callable[[Path], Any]) -> Any:
-    if not path.is_file():
+    if not (path.is_file() or (path.name == SHARDED_DIR and path.is_dir())):
         raise CheckpointError(_broken(ckpt_dir, path, "is missing"))
     try:
         return reader(path)

@@ -58,10 +58,12 @@ def write_samples(
     path: Path,
     seed: int = 0,
     labels: Sequence[str] | None = None,
+    save: bool = True,
 ) -> list[Tensor]:
     """Sample the student at each step count on fixed ``noise``/``cond``, decode and save one grid row per count,
     labelled with its step count; ``labels`` (default: the class labels in ``cond``) head the columns. Returns the
-    rows: images ``[n, c, H, W]`` in ``[0, 1]``, one per step count."""
+    rows: images ``[n, c, H, W]`` in ``[0, 1]``, one per step count. ``save=False`` samples without writing (the
+    other processes of a sharded run, whose forwards the main one needs)."""
     from fewstep.models.loading import decode_latents
 
     sampler = objective.sampler()
@@ -73,7 +75,8 @@ def write_samples(
     if labels is None and cond.class_labels is not None:
         labels = [str(int(c)) for c in cond.class_labels]
     row_labels = [f"{n} step{'s' if n != 1 else ''}" for n in sample_steps]
-    save_sample_grid(rows, path, row_labels=row_labels, column_labels=labels)
+    if save:
+        save_sample_grid(rows, path, row_labels=row_labels, column_labels=labels)
     return rows
 
 

@@ -67,6 +67,16 @@ from fewstep.train.optim import (
     build_schedulers,
     weights_problem,
 )
+from fewstep.train.sharding import (
+    clip_grad_norm,
+    device_mesh,
+    fsdp_layout,
+    full,
+    local,
+    rebind,
+    shard_roots,
+    sharding_roots,
+)
 from fewstep.train.sync import average_gradients, check_strategy
 
 if TYPE_CHECKING:
@@ -183,16 +193,25 @@ class Trainer:
 
         self.groups: dict[str, nn.Module] = self.objective.trainable()  # unwrapped
         self.auxiliary = self._auxiliary_modules()  # never wrapped; trained by their group's optimizer
+        self.layout = fsdp_layout(self.cfg.fsdp, accelerator, self.cfg.mixed_precision)
+        check_strategy(self.objective, accelerator, sharded_by_fewstep=self.layout is not None)
+        if self.layout is not None:  # FSDP2: every backbone sharded here, before the optimizers see the weights
+            roots = sharding_roots(self.groups, self.teacher.denoiser.backbone)
+            rebind(list(self.groups.values()), shard_roots(roots, self.layout, device_mesh(self.layout, accelerator)))
         optimizers = build_optimizers(self.groups, recipe.optim, self.auxiliary)
         self.schedulers = build_schedulers(optimizers, recipe.optim, self.cfg.max_steps)
         names = list(self.groups)
-        prepared = accelerator.prepare(*self.groups.values(), *optimizers.values())
-        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-        self.modules = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(names, prepared[len(names) :]))
+        if self.layout is None:
+            prepared = accelerator.prepare(*self.groups.values(), *optimizers.values())
+            prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+            self.modules = dict(zip(names, prepared[: len(names)]))
+            self.optimizers = dict(zip(names, prepared[len(names) :]))
+        else:  # sharded modules need no wrapper: FSDP's hooks are on the modules themselves
+            self.modules, self.optimizers = dict(self.groups), optimizers
         self.objective.attach(self.modules)
-        # what each optimizer steps (its group and the group's auxiliary module): checked after every update
-        stepped = {n: [p for g in o.param_groups for p in g["params"]] for n, o in self.optimizers.items()}
+        # what each optimizer steps (its group and the group's auxiliary module): checked after every update; the
+        # checks and the rollback copy see this rank's shard of sharded weights
+        stepped = {n: [local(p) for g in o.param_groups for p in g["params"]] for n, o in self.optimizers.items()}
         self._checks = {n: WeightCheck(params) for n, params in stepped.items()}
         self._rollbacks = {n: StepRollback(params) for n, params in stepped.items()} if self.cfg.rollback else {}
         # what each group's optimizer updates, listed once for clipping (a walk over a large backbone costs ms a step)
@@ -203,7 +222,6 @@ class Trainer:
             ]
             for name, m in self.modules.items()
         }
-        check_strategy(self.objective, accelerator)
         self.ema: EMA | None = None
         self.auxiliary_ema: EMA | None = None  # the auxiliary modules' shadows: checkpointed, never applied
         if self.cfg.ema_decay is not None:
@@ -308,7 +326,9 @@ class Trainer:
             raise ValueError(f"objective.phase({self.step}) returned {phase!r}; its groups are {sorted(self.groups)}.")
         optimizer, losses, metrics = self.optimizers[phase], [], {}
         self._in_step = True
-        for _ in range(self.cfg.gradient_accumulation_steps):
+        for micro in range(self.cfg.gradient_accumulation_steps):
+            if self.cfg.seed_per_microbatch:
+                seed_microbatch(self.cfg.seed, self.step, micro * acc.num_processes + acc.process_index)
             batch = next(self.batches)
             with acc.accumulate(*self.modules.values()), acc.autocast():
                 out = self.objective.loss(batch, self.step, phase)
@@ -354,11 +374,13 @@ class Trainer:
         """Average the gradients DDP did not (``bypasses_prepared``, auxiliary modules; ``fewstep.train.sync``), then
         clip the phase's parameters and its auxiliary module's together. Returns the norm (None: DeepSpeed clips)."""
         acc, auxiliary = self.acc, self.auxiliary.get(phase)
-        if acc.num_processes > 1 and self.objective.bypasses_prepared:
-            average_gradients(self.groups[phase], acc)  # DDP's hooks never ran
+        if acc.num_processes > 1 and self.objective.bypasses_prepared and self.layout is None:
+            average_gradients(self.groups[phase], acc)  # DDP's hooks never ran (FSDP's run in any forward)
         if acc.num_processes > 1 and auxiliary is not None:
             average_gradients(auxiliary, acc)
         max_norm = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip is not None else math.inf
+        if self.layout is not None:
+            return clip_grad_norm(self._clip_params[phase], max_norm)
         grad_norm = acc.clip_grad_norm_(self._clip_params[phase], max_norm)
         return float(grad_norm) if grad_norm is not None else None
 
@@ -471,11 +493,11 @@ class Trainer:
         modules.update({f"auxiliary/{name}": m for name, m in self.auxiliary.items()})
         for name, module in modules.items():
             params = trainable_parameters(module)
-            weights[name] = list(params.values())
-            buffers[f"{name} buffers"] = [t for key, t in trainable_state(module).items() if key not in params]
+            weights[name] = [local(p) for p in params.values()]  # this rank's shard (every rank checks its own)
+            buffers[f"{name} buffers"] = [local(t) for key, t in trainable_state(module).items() if key not in params]
         for prefix, ema in (("ema", self.ema), ("auxiliary ema", self.auxiliary_ema)):
             for group, shadow in ema.shadow.items() if ema is not None else ():
-                weights[f"{prefix}/{group}"] = list(shadow.values())
+                weights[f"{prefix}/{group}"] = [local(t) for t in shadow.values()]
         return weights, buffers
 
     def save(self) -> Path | None:
@@ -503,6 +525,7 @@ class Trainer:
             auxiliary=self.auxiliary,
             auxiliary_ema=self.auxiliary_ema,
             fingerprint=self._fingerprint(),
+            sharded=self.layout is not None,
         )
         self._last_saved = self.step
         return path
@@ -577,6 +600,12 @@ class Trainer:
         every = self.recipe.eval.every_steps
         if not every:
             return None
+        if self.layout is not None:
+            raise ValueError(
+                f"eval.every_steps={every} evaluates on the main process alone, but sharded (FSDP) weights need every "
+                "process in each forward. Unset eval.every_steps and evaluate the checkpoints afterwards with "
+                "`fewstep eval RUN_DIR --checkpoint step_XXXXXXXX` (it reads sharded checkpoints whole)."
+            )
         if factory is None:
             if self.acc.is_main_process:
                 logger.warning(NO_EVALUATOR.format(every=every))
@@ -613,7 +642,8 @@ class Trainer:
     def _fixed_sample_inputs(self) -> tuple[torch.Tensor, Any, list[str] | None] | None:
         """The noise, conditioning and column labels every sample grid of this run uses (drawn from ``train.seed``)."""
         n = self.cfg.num_sample_images
-        if not self.cfg.sample_every or n <= 0 or not self.acc.is_main_process:
+        every_rank = self.layout is not None  # sharded forwards are collective: every rank samples, main writes
+        if not self.cfg.sample_every or n <= 0 or not (self.acc.is_main_process or every_rank):
             return None
         preview = self.batches.preview(n)
         if preview.x0 is not None:
@@ -633,7 +663,15 @@ class Trainer:
         try:
             with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
                 rows = write_samples(
-                    self.objective, self.teacher, noise, cond, list(self.cfg.sample_steps), path, 0, labels
+                    self.objective,
+                    self.teacher,
+                    noise,
+                    cond,
+                    list(self.cfg.sample_steps),
+                    path,
+                    0,
+                    labels,
+                    save=self.acc.is_main_process,
                 )
             self.tracking.samples(self.step, path, rows)  # to the trackers; sample alarms
         except Exception as err:  # a sample grid must never cost the run
@@ -652,7 +690,7 @@ class Trainer:
         for name in sorted(states):
             for key, t in sorted(states[name].items()):
                 digest.update(key.encode())
-                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(full(t).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         fingerprints = gather_object([digest.hexdigest()])
         if self.acc.is_main_process:
             summary = {
@@ -680,6 +718,20 @@ class Trainer:
         for sig in previous:
             signal.signal(sig, handler)
         return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+def seed_microbatch(seed: int, step: int, index: int) -> None:
+    """Seed Python's, numpy's and torch's RNGs for global micro-batch ``index`` of ``step``
+    (``train.seed_per_microbatch``: the noise of a micro-batch then depends on where it is in the global batch, not on
+    which process draws it)."""
+    import random
+
+    import numpy as np
+
+    value = ((seed * 1_000_003 + step) * 65_537 + index) % (2**63)
+    random.seed(value)
+    np.random.seed(value % (2**32))
+    torch.manual_seed(value)
 
 
 def _say(message: str) -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from fewstep.config.load import load_recipe
@@ -36,9 +35,11 @@ from fewstep.train.checkpoint import (
     check_fingerprint,
     checkpoint_dir,
     checkpoint_fingerprint,
+    has_ema,
     intact_checkpoint,
     latest_checkpoint,
     list_checkpoints,
+    load_ema_weights,
     load_trainable_weights,
 )
 from fewstep.train.ema import shape_mismatches, trainable_parameters
@@ -185,7 +186,7 @@ def load_run(
     # every file checked before the model is built; `latest` passes over a corrupt newest checkpoint
     ckpt = intact_checkpoint(resolve_checkpoint(run_dir, checkpoint), fallback=str(checkpoint) in NEWEST)
     ema_file = ckpt / EMA_FILE
-    if weights == "ema" and not ema_file.is_file():
+    if weights == "ema" and not has_ema(ckpt):
         raise FileNotFoundError(
             f"{str(ema_file)!r} does not exist: the run kept no EMA (train.ema_decay was null). Load the raw weights "
             "(weights='raw', --weights raw)."
@@ -199,9 +200,9 @@ def load_run(
         if group not in trained:
             raise ValueError(f"Checkpoint {str(ckpt)!r} has no weights for {group!r} (has {sorted(trained)}).")
         load_trainable(module, trained[group], group)
-    used = "ema" if weights != "raw" and ema_file.is_file() else "raw"
+    used = "ema" if weights != "raw" and has_ema(ckpt) else "raw"
     if used == "ema":
-        apply_ema(groups, load_file(ema_file), ema_file)
+        apply_ema(groups, load_ema_weights(ckpt), ema_file)
     components.student.eval()
     logger.info("Loaded %s (%s weights)", ckpt, used)
     return LoadedRun(run_dir, recipe, components, ckpt, used)

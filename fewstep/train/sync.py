@@ -5,7 +5,9 @@ DDP all-reduces gradients from hooks it arms in its own ``forward``. sCM, rCM an
 Such an objective sets ``bypasses_prepared = True``; the trainer then averages the phase's gradients over ranks
 once per optimizer step (after the accumulation loop, before clipping), which is what DDP would have done. The same
 holds for an objective's ``auxiliary()`` modules, which are never wrapped.
-Sharded strategies (FSDP, DeepSpeed ZeRO) own the gradients and cannot be averaged like this: refused up front.
+DeepSpeed ZeRO owns the gradients and cannot be averaged like this: refused up front for such objectives. FSDP2 as
+fewstep applies it (``fewstep.train.sharding``) reduces gradients from hooks on the sharded modules themselves, so
+every objective runs under it; only the auxiliary modules, which stay whole, are averaged here.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ if TYPE_CHECKING:
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
-def check_strategy(objective: Objective, accelerator: Any) -> None:
-    """Refuse a sharded strategy for an objective that bypasses the prepared modules or has auxiliary modules.
+def check_strategy(objective: Objective, accelerator: Any, sharded_by_fewstep: bool = False) -> None:
+    """Refuse a sharded strategy that accelerate's wrapper would run for an objective that bypasses the prepared
+    modules or has auxiliary modules. FSDP2 applied by fewstep itself (``sharded_by_fewstep``;
+    ``fewstep.train.sharding``) shards the modules, not a wrapper, and takes every objective.
 
     Raises:
-        ValueError: FSDP / DeepSpeed with such an objective (the message names the objective and the fix).
+        ValueError: DeepSpeed (or a wrapper FSDP) with such an objective (the message names the objective and the fix).
     """
     kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
-    if kind not in SHARDED:
+    if kind not in SHARDED or sharded_by_fewstep:
         return
     if objective.bypasses_prepared:
         raise ValueError(

@@ -82,7 +82,7 @@ class GANHead(nn.Module):
         else:
             h = self.mlp(f.mean(1) if f.ndim == 3 else f.flatten(1))
         h = h + 0 * sum(p.sum() for p in self.parameters())  # every parameter in the graph: DDP needs no unused ones
-        return self.out(h).squeeze(-1)
+        return self.out(h).sum(-1)  # [b]; not a view of the output (FSDP hooks the backward on what a module returns)
 
 
 def head_for(backbone: nn.Module, module_name: str | None, width: int = 256) -> tuple[str, GANHead]:
