@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # not a known user or run error: a bug, with its traceback
         if args.debug:
             traceback.print_exc()
-        print(f"error: {error_message(err)}", file=sys.stderr)
+        print(f"error: {_which_process()}{error_message(err)}", file=sys.stderr)
         if not args.debug and not _is(err, "fewstep.config.errors", "RecipeError"):
             print("(run again with --debug for the traceback)", file=sys.stderr)
         return status
@@ -145,6 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.pop(ALLOW_CODE_ENV, None)
         else:
             os.environ[ALLOW_CODE_ENV] = consent
+
+
+def _which_process() -> str:
+    """``[process R of N] `` under a multi-process launch (torchrun / accelerate set RANK and WORLD_SIZE), so the
+    launcher's output says which rank failed; nothing otherwise."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"[process {os.environ.get('RANK', '?')} of {world}] " if world.isdigit() and int(world) > 1 else ""
 
 
 def _is(err: BaseException, module: str, name: str) -> bool:

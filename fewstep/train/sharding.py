@@ -178,10 +178,7 @@ def shard_roots(roots: list[nn.Module], layout: FSDPLayout, mesh: Any) -> dict[i
 
 def _backbone_of(root: nn.Module) -> nn.Module:
     """The diffusers model inside a role module (the root itself when it is one)."""
-    for module in root.modules():
-        if hasattr(module, "_no_split_modules") or hasattr(module, "_repeated_blocks"):
-            return module
-    return root
+    return next((m for m in root.modules() if is_backbone(m)), root)
 
 
 def _checkpoint_blocks(backbone: nn.Module) -> None:
@@ -211,8 +208,11 @@ def rebind(modules: list[nn.Module], mapping: dict[int, nn.Parameter]) -> int:
 
 def sharding_roots(groups: dict[str, nn.Module], teacher_backbone: nn.Module) -> list[nn.Module]:
     """The modules to shard: the teacher's backbone (the frozen base; also the home of LoRA students and LoRA roles)
-    and, inside every trainable group, the largest submodules whose weights are their own (a full student, a full
-    fake score, a GAN head). Weights that live in the teacher's backbone (adapter views) are only re-bound."""
+    and, inside every trainable group, each part whose weights are its own (a full student's or a full fake score's
+    backbone, a GAN head). Weights that live in the teacher's backbone (adapter views) are only re-bound.
+
+    A part is sharded where it is called: a backbone itself, not the wrappers around it (objectives call
+    ``student.denoiser`` rather than ``student``, and FSDP gathers a unit's own weights in that unit's forward)."""
     owned = {id(p) for p in teacher_backbone.parameters()}
     roots = [teacher_backbone]
 
@@ -220,15 +220,21 @@ def sharding_roots(groups: dict[str, nn.Module], teacher_backbone: nn.Module) ->
         params = list(module.parameters())
         if not params:
             return []
-        if not any(id(p) in owned for p in params):
-            return [module]
-        return [part for child in module.children() for part in own_parts(child)]
+        wraps_backbone = any(is_backbone(m) for m in module.modules() if m is not module)
+        if any(id(p) in owned for p in params) or (wraps_backbone and not is_backbone(module)):
+            return [part for child in module.children() for part in own_parts(child)]
+        return [module]
 
     for module in groups.values():
         for part in own_parts(module):
             if all(part is not r for r in roots):
                 roots.append(part)
     return roots
+
+
+def is_backbone(module: nn.Module) -> bool:
+    """A diffusers model (what a ``Denoiser`` calls)."""
+    return hasattr(module, "_no_split_modules") and hasattr(module, "config")
 
 
 def is_sharded(t: Tensor) -> bool:

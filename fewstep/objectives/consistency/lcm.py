@@ -326,7 +326,8 @@ class LCM:
         with torch.no_grad():
             for p_t, p in zip(self.target.parameters(), self.student.denoiser.parameters()):
                 if p.requires_grad:
-                    p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - self.config.target_ema_decay)
+                    whole = p.full_tensor() if hasattr(p, "full_tensor") else p  # a sharded (FSDP) student's weight
+                    p_t.lerp_(whole.detach().to(p_t.dtype), 1.0 - self.config.target_ema_decay)
 
     def sampler(self) -> LCMSampler:
         return LCMSampler(

@@ -115,9 +115,12 @@ class GuidanceEmbedder(nn.Module):
             return output
         b = output.shape[0]
         w = self._w.to(output.device).reshape(-1)
-        w = w.expand(b) if w.numel() == 1 else w
-        emb = self.mlp(sinusoidal(w * 1000.0).to(self.mlp[0].weight.dtype))  # [b, D]
+        emb = self(w.expand(b) if w.numel() == 1 else w)  # through forward: a sharded (FSDP) embedder gathers there
         return output + emb.reshape(b, *([1] * (output.ndim - 2)), -1).to(output.dtype)
+
+    def forward(self, w: Tensor) -> Tensor:
+        """The embedding ``[b, D]`` of guidance scales ``w`` ``[b]``."""
+        return self.mlp(sinusoidal(w * 1000.0).to(self.mlp[0].weight.dtype))
 
 
 def _embed_target(backbone: nn.Module, name: str | None) -> tuple[str, nn.Module, int]:
