@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from fewstep.config.schema import Recipe
 
 RECIPE_SUFFIX = ".yaml"
-LAUNCH_CONFIG_DIR = "accelerate"  # <recipes>/accelerate/: accelerate launch configs (fewstep.config.launch), not recipes
+LAUNCH_CONFIG_DIR = "accelerate"  # <recipes>/accelerate/ holds accelerate launch configs, not recipes
 MAX_YAML_DEPTH = 64  # nested blocks and lists; a recipe needs about 5
 MAX_YAML_VALUES = 100_000  # values (keys, scalars, blocks, lists) with every alias expanded
 
