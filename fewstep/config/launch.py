@@ -104,8 +104,8 @@ def launch_config_issues(
     if raw is None:
         return issues
     issues += _key_issues(raw)
-    if issues:
-        return issues  # accelerate refuses unknown top-level keys; nested ones would be dropped: fix these first
+    if any(len(i.loc) == 1 for i in issues):
+        return issues  # accelerate's loader refuses unknown top-level keys: nothing more can be read
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
     try:
