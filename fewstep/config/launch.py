@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -348,20 +349,21 @@ def _parallelism_issues(config: Any) -> list[RecipeIssue]:
                             "(replicate x shard); tensor, context and sequence parallelism are not supported",
                             size[name], "1")
             )  # fmt: skip
-    processes, replicate, shard = config.num_processes, size["dp_replicate_size"], size["dp_shard_size"]
-    if not processes or processes < 1:
-        return issues  # given on the command line (--num_processes): nothing to compare here
-    if processes % shard:
+    processes, replicate = config.num_processes, size["dp_replicate_size"]
+    group = size["dp_shard_size"] * math.prod(size[n] for n in MODEL_PARALLEL_SIZES)  # processes per replica
+    if not processes or processes < 1 or replicate * group == 1:
+        return issues  # num_processes given on the command line; or all 1: accelerate replicates over every process
+    if processes % group:
         issues.append(
             RecipeIssue(("parallelism_config", "parallelism_config_dp_shard_size"), f"does not divide num_processes "
-                        f"({processes}): every shard group needs the same number of processes", shard,
+                        f"({processes}): every shard group needs the same number of processes", size["dp_shard_size"],
                         f"a divisor of {processes}")
         )  # fmt: skip
-    elif replicate * shard != processes:
+    elif replicate * group != processes:
         issues.append(
-            RecipeIssue(("parallelism_config", "parallelism_config_dp_replicate_size"), f"times dp_shard_size "
-                        f"({shard}) is {replicate * shard}, but num_processes is {processes} (accelerate needs them "
-                        "equal)", replicate, str(processes // shard))
+            RecipeIssue(("parallelism_config", "parallelism_config_dp_replicate_size"), f"times the shard group size "
+                        f"({group}) is {replicate * group}, but num_processes is {processes} (accelerate needs them "
+                        "equal)", replicate, str(processes // group))
         )  # fmt: skip
     return issues
 
