@@ -7,7 +7,7 @@ onto its own command-line options, and a key that is no option is dropped withou
 against the options of accelerate's launch parser. Then:
 
 * FSDP must be FSDP2 (``fsdp_version: 2``, torch ``fully_shard``); FSDP1 is refused.
-* DeepSpeed needs the ``deepspeed`` package; with ``use_cpu: true`` accelerate drops DeepSpeed silently.
+* DeepSpeed needs the ``deepspeed`` package; with ``use_cpu: true`` accelerate drops FSDP and DeepSpeed silently.
 * the recipe decides precision, gradient accumulation and clipping (``train.mixed_precision`` is what fewstep
   passes to ``Accelerator``): a config that says otherwise is reported.
 * a hybrid mesh (``parallelism_config``) multiplies out to ``num_processes``; fewstep trains data-parallel only.
@@ -116,6 +116,7 @@ def launch_config_issues(
     if not isinstance(config, ClusterConfig):
         return []  # a SageMaker config: accelerate launches it through AWS, nothing here applies
     issues += _precision_issues(config, raw, recipe)
+    issues += _cpu_issues(config)
     issues += _fsdp_issues(config)
     issues += _deepspeed_issues(config, recipe, machine)
     issues += _parallelism_issues(config)
@@ -287,8 +288,20 @@ def _fsdp_issues(config: Any) -> list[RecipeIssue]:
     return issues
 
 
+def _cpu_issues(config: Any) -> list[RecipeIssue]:
+    """FSDP and DeepSpeed with ``use_cpu: true``: accelerate sets neither up on CPUs (nor with ACCELERATE_USE_CPU=1)."""
+    kind = str(config.distributed_type.value)
+    if not config.use_cpu or kind not in ("FSDP", "DEEPSPEED"):
+        return []
+    return [
+        RecipeIssue(("use_cpu",), f"accelerate does not set up {kind} on CPUs: the run would be plain data "
+                    "parallelism (every rank holding the whole model)", True,
+                    hint=f"Set use_cpu: false ({kind} runs on GPUs), or use ddp.yaml.")
+    ]  # fmt: skip
+
+
 def _deepspeed_issues(config: Any, recipe: Any | None, machine: bool) -> list[RecipeIssue]:
-    """DeepSpeed: installed, not dropped for CPUs, and clipping / accumulation as the recipe says."""
+    """DeepSpeed: installed, a ZeRO stage, and clipping / accumulation as the recipe says."""
     if str(config.distributed_type.value) != "DEEPSPEED":
         return []
     ds = config.deepspeed_config
@@ -297,11 +310,6 @@ def _deepspeed_issues(config: Any, recipe: Any | None, machine: bool) -> list[Re
         issues.append(
             RecipeIssue(("distributed_type",), "DEEPSPEED needs the deepspeed package, which is not installed",
                         "DEEPSPEED", hint=f"Install it: {DEEPSPEED_INSTALL}.")
-        )  # fmt: skip
-    if config.use_cpu:
-        issues.append(
-            RecipeIssue(("use_cpu",), "accelerate drops DeepSpeed on CPUs and runs plain data parallelism instead",
-                        True, hint="Set use_cpu: false (DeepSpeed runs on GPUs), or use ddp.yaml for CPUs.")
         )  # fmt: skip
     config_file = ds.get("deepspeed_config_file")
     if machine and config_file and not Path(str(config_file)).expanduser().is_file():

@@ -155,7 +155,8 @@ CASES = {  # name -> (config, the issue's key path, words it must hold)
         "fsdp_config.fsdp_state_dict_type",
         "allowed: SHARDED_STATE_DICT, FULL_STATE_DICT",
     ),
-    "DeepSpeed on CPUs": ({**DS, "use_cpu": True}, "use_cpu", "accelerate drops DeepSpeed on CPUs"),
+    "DeepSpeed on CPUs": ({**DS, "use_cpu": True}, "use_cpu", "accelerate does not set up DEEPSPEED on CPUs"),
+    "FSDP on CPUs": ({**FSDP2, "use_cpu": True}, "use_cpu", "accelerate does not set up FSDP on CPUs"),
     "unquoted no": ({**FSDP2, "mixed_precision": False}, "mixed_precision", "Quote it: mixed_precision: 'no'"),
     "precision against the recipe": (
         {**FSDP2, "mixed_precision": "bf16"},
