@@ -263,3 +263,19 @@ def test_validate_verb_checks_an_accelerate_config_alone(tmp_path, capsys):
     )
     assert main(["validate", str(file), "train.max_steps=2"]) == 2
     assert "is an accelerate config, not a recipe: give the recipe first" in capsys.readouterr().err
+
+
+def test_the_distributed_doc_names_every_shipped_config_and_only_those():
+    import re
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "distributed.md").read_text()
+    in_table = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", text, re.M))
+    assert {name for pair in in_table for name in pair if name} == set(SHIPPED)
+    named = set(re.findall(r"recipes/accelerate/(\w+)\.yaml", text)) | set(
+        re.findall(r"--accelerate-config (\w+)", text)
+    )
+    assert named and named <= set(SHIPPED)
+    recipes = set(re.findall(r"fewstep (?:train|validate) (\w+/\w+)", text))
+    assert recipes == {"dmd/sdxl_dmd2_lora"}
+    for recipe in recipes:
+        load_recipe(recipe)  # the recipe the examples launch exists
