@@ -104,6 +104,10 @@ def launch_config_issues(
     raw, issues = _read(Path(path))
     if raw is None:
         return issues
+    if {"teacher", "objective"} & raw.keys():
+        return [
+            RecipeIssue((), "is a fewstep recipe, not an accelerate config (distributed_type:, num_processes:, ...)")
+        ]
     issues += _key_issues(raw)
     if any(len(i.loc) == 1 for i in issues):
         return issues  # accelerate's loader refuses unknown top-level keys: nothing more can be read

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fewstep.cli.main import main
-from fewstep.config import list_recipes, load_recipe
+from fewstep.config import list_recipes, load_recipe, resolve_recipe
 from fewstep.config.errors import RecipeError
 from fewstep.config.launch import (
     describe_launch_config,
@@ -263,6 +263,9 @@ def test_validate_verb_checks_an_accelerate_config_alone(tmp_path, capsys):
     )
     assert main(["validate", str(file), "train.max_steps=2"]) == 2
     assert "is an accelerate config, not a recipe: give the recipe first" in capsys.readouterr().err
+    recipe = str(resolve_recipe("quickstart/digits_lcm"))
+    assert main(["validate", "quickstart/digits_lcm", "--accelerate-config", recipe]) == 2
+    assert "is a fewstep recipe, not an accelerate config" in capsys.readouterr().err
 
 
 def test_the_distributed_doc_names_every_shipped_config_and_only_those():
