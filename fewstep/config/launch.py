@@ -106,7 +106,9 @@ def launch_config_issues(
         return issues
     if {"teacher", "objective"} & raw.keys():
         return [
-            RecipeIssue((), "is a fewstep recipe, not an accelerate config (distributed_type:, num_processes:, ...)")
+            RecipeIssue(
+                (), "this file is a fewstep recipe, not an accelerate config (distributed_type:, num_processes:, ...)"
+            )
         ]
     issues += _key_issues(raw)
     if any(len(i.loc) == 1 for i in issues):
@@ -116,7 +118,7 @@ def launch_config_issues(
     try:
         config = load_config_from_file(str(path))
     except (ValueError, TypeError) as err:  # no distributed_type, a value outside accelerate's enums
-        return [RecipeIssue((), f"accelerate cannot load it: {err}")]
+        return [*issues, RecipeIssue((), f"accelerate cannot load it: {err}")]
     if not isinstance(config, ClusterConfig):
         return []  # a SageMaker config: accelerate launches it through AWS, nothing here applies
     issues += _precision_issues(config, raw, recipe)
