@@ -77,17 +77,19 @@ class RecipeError(Exception):
     Args:
         issues: the problems, or one message for a file-level problem.
         source: the file or recipe name the problems belong to.
+        kind: what ``source`` is, for the message ("recipe"; "accelerate config" for a launch config).
     """
 
-    def __init__(self, issues: Sequence[RecipeIssue] | str, source: str | None = None) -> None:
+    def __init__(self, issues: Sequence[RecipeIssue] | str, source: str | None = None, kind: str = "recipe") -> None:
         if isinstance(issues, str):
             issues = [RecipeIssue((), issues)]
         self.issues: list[RecipeIssue] = list(issues)
         self.source = source
+        self.kind = kind
         super().__init__(self._format())
 
     def _format(self) -> str:
-        where = f" in recipe {self.source}" if self.source else " in recipe"
+        where = f" in {self.kind} {self.source}" if self.source else f" in {self.kind}"
         if len(self.issues) == 1 and not self.issues[0].loc:
             return f"{self.issues[0]}{f' ({self.source})' if self.source else ''}"
         count = len(self.issues)
@@ -96,7 +98,7 @@ class RecipeError(Exception):
         return "\n".join([head, *(f"  - {issue}" for issue in self.issues[:MAX_LISTED_ISSUES]), *more])
 
     def with_source(self, source: str) -> RecipeError:
-        return RecipeError(self.issues, source=source)
+        return RecipeError(self.issues, source=source, kind=self.kind)
 
 
 class RunFailedError(RuntimeError):

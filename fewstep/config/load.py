@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from fewstep.config.schema import Recipe
 
 RECIPE_SUFFIX = ".yaml"
+LAUNCH_CONFIG_DIR = "accelerate"  # <recipes>/accelerate/ holds accelerate launch configs, not recipes
 MAX_YAML_DEPTH = 64  # nested blocks and lists; a recipe needs about 5
 MAX_YAML_VALUES = 100_000  # values (keys, scalars, blocks, lists) with every alias expanded
 
@@ -135,11 +136,13 @@ def recipes_dir() -> Path:
 
 
 def list_recipes(root: str | os.PathLike[str] | None = None) -> list[str]:
-    """Names of the recipes under ``root`` (default: the shipped ones), e.g. ``["lcm/sd15_lcm_lora", ...]``."""
+    """Names of the recipes under ``root`` (default: the shipped ones), e.g. ``["lcm/sd15_lcm_lora", ...]``; the
+    accelerate configs in its ``accelerate/`` folder are not recipes and are left out."""
     base = Path(root) if root is not None else recipes_dir()
     if not base.is_dir():
         return []
-    return sorted(p.relative_to(base).with_suffix("").as_posix() for p in base.rglob(f"*{RECIPE_SUFFIX}"))
+    names = (p.relative_to(base).with_suffix("").as_posix() for p in base.rglob(f"*{RECIPE_SUFFIX}"))
+    return sorted(name for name in names if name.split("/")[0] != LAUNCH_CONFIG_DIR)
 
 
 def resolve_recipe(path_or_name: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:

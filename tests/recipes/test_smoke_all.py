@@ -17,12 +17,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from fewstep.config import load_recipe
+from fewstep.config.load import LAUNCH_CONFIG_DIR
 from fewstep.export.run import export_run
 from fewstep.testing import FAMILIES
 from fewstep.train.loop import train
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
+RECIPES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if p.relative_to(RECIPES_DIR).parts[0] != LAUNCH_CONFIG_DIR)
 
 
 def recipe_id(path: Path) -> str:

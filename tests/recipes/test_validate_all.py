@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from fewstep.config import dump_recipe, list_recipes, load_recipe
-from fewstep.config.load import recipe_description
+from fewstep.config.load import LAUNCH_CONFIG_DIR, recipe_description
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
+RECIPES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if p.relative_to(RECIPES_DIR).parts[0] != LAUNCH_CONFIG_DIR)
 
 
 def recipe_id(path: Path) -> str:

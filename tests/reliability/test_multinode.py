@@ -1,0 +1,61 @@
+"""Two machines on localhost: ``accelerate launch --num_machines 2 --machine_rank 0/1`` with one CPU process each
+(gloo) trains the same weights on both ranks, and the same weights as one machine with two processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import digits_lora_recipe, free_port, launch_two, subprocess_env
+
+STEPS = 3
+TIMEOUT_S = 300
+
+
+def machine_command(recipe: Path, machine_rank: int, port: int) -> list[str]:
+    """What each machine runs: ``accelerate launch`` as one of two machines, one process on each."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "fewstep", "train", str(recipe),
+    ]  # fmt: skip
+
+
+def write_recipe(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(digits_lora_recipe(tmp_path / name, max_steps=STEPS, checkpoint_every=STEPS)))
+    return path
+
+
+@pytest.mark.slow
+def test_two_machines_train_the_weights_of_one_machine_with_two_processes(tmp_path):
+    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
+    recipe = write_recipe(tmp_path, "two_machines")
+    port = free_port()
+    machines = [
+        subprocess.Popen(
+            machine_command(recipe, rank, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [machine.communicate(timeout=TIMEOUT_S)[0] for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    for rank, (machine, output) in enumerate(zip(machines, outputs)):
+        assert machine.returncode == 0, f"machine {rank}:\n{output[-3000:]}"
+    summary = json.loads((tmp_path / "two_machines" / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == STEPS
+    prints = summary["weight_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1], "the machines' ranks diverged"
+
+    one_machine = launch_two(write_recipe(tmp_path, "one_machine"), tmp_path)
+    assert one_machine["world_size"] == 2 and one_machine["step"] == STEPS
+    assert one_machine["weight_fingerprints"] == prints  # same ranks, same data shards, same all-reduce: same weights
