@@ -210,13 +210,23 @@ def buffer_order(num_samples: int, buffer: int, rng: Any) -> list[int]:
 
 def iter_samples(path: Path) -> Iterator[dict[str, Any]]:
     """The raw samples of a shard in file order (``{"__key__": ..., "png": bytes, "txt": bytes, ...}``), through
-    webdataset's tar iterators; a damaged tar raises when the damage is reached."""
+    webdataset's tar iterators. A damaged tar ends the samples where the damage is (the sample read before it is
+    still yielded), then raises."""
     from webdataset.handlers import ignore_and_continue, reraise_exception
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    damage: list[Exception] = []
+
+    def files(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+        try:
+            yield from tar_file_expander([{"url": str(path), "stream": stream}], handler=reraise_exception)
+        except (tarfile.TarError, OSError) as err:
+            damage.append(err)
+
     with open(path, "rb") as stream:
-        files = tar_file_expander([{"url": str(path), "stream": stream}], handler=reraise_exception)
-        yield from group_by_keys(files, handler=ignore_and_continue)  # a duplicate member is dropped
+        yield from group_by_keys(files(stream), handler=ignore_and_continue)  # a duplicate member is dropped
+    if damage:
+        raise damage[0]
 
 
 def read_plan(path: Path, plan: Sequence[int], offset: int = 0) -> Iterator[dict[str, Any] | None]:
@@ -247,7 +257,8 @@ def read_plan(path: Path, plan: Sequence[int], offset: int = 0) -> Iterator[dict
                 k += 1
                 yield sample
     except (tarfile.TarError, OSError, ValueError) as err:
-        logger.warning("shard %s could not be read to its end (%s); its remaining samples are skipped", path, err)
+        why = err.args[0] if err.args else err  # webdataset appends the stream and url to the arguments
+        logger.warning("shard %s could not be read to its end (%s); its remaining samples are skipped", path, why)
     for i in wanted[k:]:
         sample = held.get(i)
         release(i)

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 WARN_SKIPS = 10  # the first skipped samples are named in the log; all are counted (``skipped``, ``data/skipped``)
 Slot = tuple[dict[str, Any] | None, int | None, Path]  # (raw sample, bucket index, shard)
+Item = tuple[Tensor, str, str]  # (pixels, caption, "<shard file>/<key>")
 
 
 class SampleError(ValueError):
@@ -96,18 +97,20 @@ def decode_clip(data: bytes, size: int | tuple[int, int], num_frames: int, frame
     """
     import av
 
-    frames = []
+    frames, total = [], 0
     try:
         with av.open(io.BytesIO(data)) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i % frame_stride == 0:
+            for total, frame in enumerate(container.decode(video=0), start=1):
+                if (total - 1) % frame_stride == 0:
                     frames.append(crop_to(frame.to_image(), size))
                 if len(frames) == num_frames:
                     break
     except (av.FFmpegError, OSError, ValueError, IndexError) as err:
         raise SampleError(f"its video could not be decoded ({type(err).__name__}: {err})") from err
     if len(frames) < num_frames:
-        raise SampleError(f"its video has {len(frames)} frames at stride {frame_stride}; {num_frames} are needed")
+        raise SampleError(
+            f"its video has {total} frames, {len(frames)} at stride {frame_stride}; {num_frames} are needed"
+        )
     return torch.stack(frames, dim=1)  # [3, f, h, w]
 
 
@@ -311,7 +314,7 @@ class ShardStream:
             raise ValueError(f"No sample of {self.shards[0]}, ... could be decoded for the sample grid.")
         items = [items[i % len(items)] for i in range(n)]
         batch = self._batch(items, size)
-        batch.extra["labels"] = [caption for _, caption in items]
+        batch.extra["labels"] = [caption for _, caption, _ in items]
         return batch
 
     def _shape(self, bucket: int | None) -> tuple[int | tuple[int, int], int | None]:
@@ -328,15 +331,16 @@ class ShardStream:
         size = media_size(ext, io.BytesIO(raw[ext])) if ext is not None else None
         return nearest_bucket(*size, self.buckets) if size is not None else 0
 
-    def _decode(self, slot: Slot, size: Any, frames: int | None) -> tuple[Tensor, str] | str:
-        """``(pixels, caption)``, or why the place has no usable sample."""
-        raw, _, _ = slot
+    def _decode(self, slot: Slot, size: Any, frames: int | None) -> Item | str:
+        """``(pixels, caption, "<shard file>/<key>")``, or why the place has no usable sample."""
+        raw, _, shard = slot
         if raw is None:
             return "the sample is missing from its shard"
         try:
-            return decode_sample(raw, size, self.cfg.caption_column, frames, int(self.cfg.frame_stride))
+            pixels, caption = decode_sample(raw, size, self.cfg.caption_column, frames, int(self.cfg.frame_stride))
         except SampleError as err:
             return str(err)
+        return pixels, caption, f"{shard.name}/{raw['__key__']}"
 
     def _skip(self, shard: Path, why: str, raw: dict[str, Any] | None = None, number: int = 1) -> None:
         """Count ``number`` skipped samples; the first ``WARN_SKIPS`` are named in the log."""
@@ -345,25 +349,31 @@ class ShardStream:
             logger.warning("skipped %s: %s (data/skipped counts every skip)", what, why)
         self.skipped += number
 
-    def _look_ahead(self, size: Any, frames: int | None) -> tuple[Tensor, str]:
-        """The next good sample of the stream, without consuming it (its places are kept for the next batches)."""
+    def _look_ahead(self, size: Any, frames: int | None) -> Item:
+        """The stream's next good sample, without consuming it: the places drawn for it stay queued for the next
+        batches (where a bad one is counted)."""
+        for slot in list(self._ahead):
+            item = self._decode(slot, size, frames)
+            if not isinstance(item, str):
+                return item
         for _ in range(self.epoch_samples):
             slot = next(self._slots)
             self._ahead.append(slot)
-            item = self._decode(slot, size, frames)  # counted when its own batch comes
+            item = self._decode(slot, size, frames)
             if not isinstance(item, str):
                 return item
         raise ValueError(f"No sample in a whole epoch of {len(self.shards)} shard(s) ({self.shards[0]}, ...) decodes.")
 
-    def _batch(self, items: list[tuple[Tensor, str]], size: Any) -> Batch:
+    def _batch(self, items: list[Item], size: Any) -> Batch:
+        """Encode ``items``; ``extra["keys"]`` names each sample (``<shard file>/<key>``)."""
         from fewstep.models.loading import encode_images
 
-        pixels = torch.stack([pixels for pixels, _ in items]).to(self.device)  # [b, 3, h, w] or [b, 3, f, h, w]
+        pixels = torch.stack([pixels for pixels, _, _ in items]).to(self.device)  # [b, 3, h, w] or [b, 3, f, h, w]
         with torch.no_grad():
             x0 = encode_images(self.teacher, pixels).float().to(self.device)
-        cond, uncond = self.prompts([caption for _, caption in items], self.device)
+        cond, uncond = self.prompts([caption for _, caption, _ in items], self.device)
         if self.buckets is not None:
             shape = size if isinstance(size, tuple) else (size, size)
             cond = sized_conditioning(self.teacher, cond, shape)
             uncond = sized_conditioning(self.teacher, uncond, shape)
-        return Batch(cond=cond, uncond=uncond, x0=x0)
+        return Batch(cond=cond, uncond=uncond, x0=x0, extra={"keys": [key for _, _, key in items]})
