@@ -2,8 +2,8 @@
 nearest its own, and every batch holds one bucket's samples, so the whole batch has one shape.
 
 A bucket is ``[height, width]`` (images) or ``[frames, height, width]`` (video clips). Presets: ``sdxl`` (the 41
-shapes of about 1024² pixels SDXL was trained on, sides multiples of 64) and ``sd15`` (the same aspect ratios at half
-the side, about 512², for 512-px models). Each image is resized to cover its bucket and center-cropped to it
+shapes SDXL was trained on, 90-100% of 1024² pixels, sides multiples of 64) and ``sd15`` (the same aspect ratios at
+half the side, for 512-px models). Each image is resized to cover its bucket and center-cropped to it
 (``fewstep.data.image_folder.crop_to``, the rule of every image source).
 
 Sides must be multiples of the teacher's pixel multiple (``fewstep.models.backbones.pixel_multiple``: the VAE's
