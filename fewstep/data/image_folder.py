@@ -1,8 +1,8 @@
 """Image folders with captions (the diffusers / HF ``imagefolder`` convention) encoded to teacher latents.
 
 A folder holds images and a ``metadata.jsonl`` with one JSON object per line: ``{"file_name": "a.png", "text": ...}``
-(the caption column is configurable). Images are resized (shorter side) and center-cropped to ``resolution``, then
-encoded once through the teacher's VAE; latents are cached on disk keyed by the file (path, size, mtime), the
+(the caption column is configurable). Images are resized to cover ``resolution`` (or their bucket, ``data.buckets``)
+and center-cropped to it (``crop_to``, the rule of every image source), then encoded once through the teacher's VAE; latents are cached on disk keyed by the file (path, size, mtime), the
 resolution and the VAE, so later epochs and later runs read them back instead of encoding again.
 """
 
