@@ -199,3 +199,14 @@ def test_bucket_keys_in_recipes(tmp_path):
     recipe = digits_lora_recipe(tmp_path / "run")
     recipe["data"] = ok
     assert validate_recipe(recipe).data.buckets == [[9, 16, 16]]
+
+
+def test_the_data_docs_recipes_validate():
+    import yaml
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "data.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    assert len(blocks) == 2
+    for block in blocks:
+        data = yaml.safe_load(block)["data"]
+        DataConfig.model_validate(data)

@@ -300,3 +300,13 @@ def test_video_clips(tmp_path, sd15):
     assert scan_shard(tmp_path / "v.tar", sizes=True) == [(16, 24)]
     with pytest.raises(ValueError, match="is an image model; video shards need a video teacher"):
         stream(tmp_path / "v.tar", sd15, num_frames=3)
+
+
+def test_a_streaming_source_keeps_a_bounded_number_of_captions(sd15):
+    from fewstep.data.loader import PromptCache
+
+    cache = PromptCache(sd15, max_prompts=2)
+    first, _ = cache(["a", "b", "c"])
+    assert list(cache._rows) == ["b", "c"]  # the oldest went
+    again, _ = cache(["a"])  # encoded again, the same
+    assert torch.allclose(again.prompt_embeds, first.prompt_embeds[:1], atol=1e-6)
