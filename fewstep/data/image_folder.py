@@ -2,8 +2,9 @@
 
 A folder holds images and a ``metadata.jsonl`` with one JSON object per line: ``{"file_name": "a.png", "text": ...}``
 (the caption column is configurable). Images are resized to cover ``resolution`` (or their bucket, ``data.buckets``)
-and center-cropped to it (``crop_to``, the rule of every image source), then encoded once through the teacher's VAE; latents are cached on disk keyed by the file (path, size, mtime), the
-resolution and the VAE, so later epochs and later runs read them back instead of encoding again.
+and center-cropped to it (``crop_to``, the rule of every image source), then encoded once through the teacher's VAE;
+latents are cached on disk keyed by the file (path, size, mtime), the resolution and the VAE, so later epochs and
+later runs read them back instead of encoding again.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from fewstep.data.batch import Batch
@@ -135,7 +136,7 @@ def decode_sample(
         return decode_clip(sample[ext], size, num_frames, frame_stride), caption
     try:
         return load_image(sample[ext], size), caption
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL: unidentified or truncated image
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:  # PIL's decoders
         raise SampleError(f"its {ext} could not be decoded ({err})") from err
 
 
@@ -208,6 +209,8 @@ class ShardStream:
                 f"{self.batch_size} × {world_size} processes. Resume with the batch size and processes of the run."
             )
         self._ahead: deque[Slot] = deque()  # places drawn ahead (the fill-in of a batch with no good sample)
+        workers = int(data_cfg.num_workers)
+        self._map = ThreadPoolExecutor(workers, thread_name_prefix="decode").map if workers else map
         self._slots = self._slot_stream(local)
 
     # --- where the stream is ------------------------------------------------------------------------------------
@@ -281,11 +284,7 @@ class ShardStream:
     def __next__(self) -> Batch:
         slots = [self._ahead.popleft() if self._ahead else next(self._slots) for _ in range(self.batch_size)]
         size, frames = self._shape(slots[0][1])
-        if self.cfg.num_workers:
-            with ThreadPoolExecutor(self.cfg.num_workers) as pool:
-                results = list(pool.map(lambda slot: self._decode(slot, size, frames), slots))
-        else:
-            results = [self._decode(slot, size, frames) for slot in slots]
+        results = list(self._map(lambda slot: self._decode(slot, size, frames), slots))
         for (raw, _, shard), result in zip(slots, results):
             if isinstance(result, str):
                 self._skip(shard, result, raw)
