@@ -82,6 +82,13 @@ def check_buckets(buckets: Sequence[Bucket], multiple: int, why: str) -> None:
         raise ValueError(f"{listed}. Bucket sides must be multiples of {multiple} ({why}).")
 
 
+def check_teacher_buckets(buckets: Sequence[Bucket], teacher: Any) -> None:
+    """``check_buckets`` with the teacher's pixel multiple (``fewstep.models.backbones.pixel_multiple``)."""
+    from fewstep.models.backbones import pixel_multiple
+
+    check_buckets(buckets, pixel_multiple(teacher), "the VAE's downsampling × the backbone's patch size")
+
+
 def image_sizes(files: Sequence[Path]) -> list[tuple[int, int]]:
     """``(height, width)`` of each image file, from its header only (nothing is decoded)."""
     from PIL import Image
@@ -94,15 +101,19 @@ def image_sizes(files: Sequence[Path]) -> list[tuple[int, int]]:
     return sizes
 
 
-def sized_conditioning(teacher: Any, cond: Any, size: Bucket) -> Any:
-    """``cond`` with SDXL's size micro-conditioning (``time_ids``) set to the bucket's ``(height, width)``, as the
-    SDXL pipeline sets it when it generates at that size; conditioning without ``time_ids`` is returned as it is."""
-    if cond is None or cond.time_ids is None:
-        return cond
+def sized_conditioning(teacher: Any, size: Bucket, *conds: Any) -> tuple[Any, ...]:
+    """``conds`` (e.g. ``cond, uncond``) with SDXL's size micro-conditioning (``time_ids``) set to the bucket's
+    ``(height, width)``, as the SDXL pipeline sets it when it generates at that size; conditioning without
+    ``time_ids`` (and None) comes back as it is."""
     from fewstep.models.prompts import sdxl_time_ids
 
-    ids = sdxl_time_ids(teacher.pipeline, (size[-2], size[-1]), cond.time_ids.shape[0], cond.time_ids.dtype)
-    return cond.replace(time_ids=ids.to(cond.time_ids.device))
+    out = []
+    for cond in conds:
+        if cond is not None and cond.time_ids is not None:
+            ids = sdxl_time_ids(teacher.pipeline, (size[-2], size[-1]), cond.time_ids.shape[0], cond.time_ids.dtype)
+            cond = cond.replace(time_ids=ids.to(cond.time_ids.device))
+        out.append(cond)
+    return tuple(out)
 
 
 class BucketSampler:

@@ -20,7 +20,7 @@ from torch import Tensor
 from fewstep.data.batch import Batch
 from fewstep.data.buckets import (
     BucketSampler,
-    check_buckets,
+    check_teacher_buckets,
     image_sizes,
     nearest_bucket,
     resolve_buckets,
@@ -132,10 +132,8 @@ class BatchStream:
             self._cache = LatentCache(_vae_key(teacher))
 
     def _use_buckets(self, seed: int) -> None:
-        from fewstep.models.backbones import pixel_multiple
-
         self.buckets = resolve_buckets(self.cfg.buckets)
-        check_buckets(self.buckets, pixel_multiple(self.teacher), "the VAE's downsampling × the backbone's patch size")
+        check_teacher_buckets(self.buckets, self.teacher)
         sizes = image_sizes([file for file, _ in self.dataset.items])
         self.item_buckets = [nearest_bucket(h, w, self.buckets) for h, w in sizes]
         global_batch = self.batch_size * self.world_size
@@ -213,7 +211,7 @@ class BatchStream:
         x0 = encode_items(list(files), size, self._encode, self._cache, self.device, self.cfg.num_workers)
         cond, uncond = self._prompts(list(captions), self.device)
         if self.buckets:
-            cond, uncond = sized_conditioning(self.teacher, cond, size), sized_conditioning(self.teacher, uncond, size)
+            cond, uncond = sized_conditioning(self.teacher, size, cond, uncond)
         return Batch(cond=cond, uncond=uncond, x0=x0)
 
     def _encode(self, images: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from fewstep.data.batch import Batch
-from fewstep.data.buckets import Bucket, check_buckets, nearest_bucket, resolve_buckets, sized_conditioning
+from fewstep.data.buckets import Bucket, check_teacher_buckets, nearest_bucket, resolve_buckets, sized_conditioning
 from fewstep.data.image_folder import crop_to, load_image
 from fewstep.data.order import epoch_order, keyed_random
 from fewstep.data.shards import (
@@ -56,7 +56,6 @@ from fewstep.data.shards import (
     read_plan,
     require_webdataset,
 )
-from fewstep.models.backbones import pixel_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ class ShardStream:
                 f"({teacher.family}) is an image model; video shards need a video teacher."
             )
         if self.buckets:
-            check_buckets(self.buckets, pixel_multiple(teacher), "the VAE's downsampling × the backbone's patch size")
+            check_teacher_buckets(self.buckets, teacher)
         shards = list_shards(data_cfg.path)
         self.shard_ids = list(range(rank, len(shards), world_size))  # shard i → rank i % world_size
         if not self.shard_ids:
@@ -371,8 +370,6 @@ class ShardStream:
         with torch.no_grad():
             x0 = encode_images(self.teacher, pixels).float().to(self.device)
         cond, uncond = self.prompts([caption for _, caption, _ in items], self.device)
-        if self.buckets is not None:
-            shape = size if isinstance(size, tuple) else (size, size)
-            cond = sized_conditioning(self.teacher, cond, shape)
-            uncond = sized_conditioning(self.teacher, uncond, shape)
+        if self.buckets is not None:  # size is the bucket's (height, width)
+            cond, uncond = sized_conditioning(self.teacher, size, cond, uncond)
         return Batch(cond=cond, uncond=uncond, x0=x0, extra={"keys": [key for _, _, key in items]})
