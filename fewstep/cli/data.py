@@ -5,6 +5,8 @@
 * ``data.source: image_folder``: ``--num-images`` images drawn from the recipe's own teacher (the stock diffusers
   pipeline at its default steps and guidance), with their prompts as captions in ``metadata.jsonl``
   (``fewstep.data.teacher_images``); an interrupted run continues where it stopped.
+* ``--to-shards DIR [--shard-size N]``: the recipe's image folder (drawn first if it has no ``metadata.jsonl``) as
+  WebDataset shards for ``data.source: webdataset`` (``fewstep.data.shards.write_shards``).
 
 Nothing that exists is overwritten. One process draws the images (not under ``accelerate launch``). Reflow pairs have
 their own verb (``fewstep pairs``); the digits and Fashion-MNIST sources need nothing written.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from fewstep.cli.validate import OVERRIDES_HELP
 
@@ -39,6 +42,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--batch-size", type=int, default=4, help="image_folder: images per pipeline call (default 4)")
     p.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument(
+        "--to-shards",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="image_folder: also write the folder as WebDataset shards in DIR (data.source: webdataset)",
+    )
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="--to-shards: samples a shard (1000)")
     p.set_defaults(run=run)
 
 
@@ -52,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts {str(args.prompts)!r}: no such file (give a text file, one prompt a line).")
     prompts = PromptDataset(path=args.prompts).prompts if args.prompts is not None else list(STARTER_PROMPTS)
+    if args.to_shards is not None and data.source != "image_folder":
+        raise ValueError(f"--to-shards writes an image folder as shards; the recipe's data.source is {data.source}.")
     if data.source == "prompts":
         if data.path is None:
             print_once("data.prompts lists the prompts inline: nothing to write.")
@@ -70,9 +83,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("fewstep data runs in one process: start it without accelerate launch or torchrun.")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images and --batch-size must be >= 1; got {args.num_images} and {args.batch_size}.")
+    if args.to_shards is not None and (Path(data.path).expanduser() / "metadata.jsonl").is_file():
+        return _write_shards(data, args)
     out = _draw_images(recipe, prompts, args)
     listed = sum(1 for line in (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
     print_once(f"image folder: {out} ({listed} images, captions in metadata.jsonl)")
+    return _write_shards(data, args) if args.to_shards is not None else 0
+
+
+def _write_shards(data: Any, args: argparse.Namespace) -> int:
+    from fewstep.cli.main import print_once
+    from fewstep.data.shards import write_shards
+
+    shards = write_shards(data.path, args.to_shards, args.shard_size, data.caption_column)
+    print_once(f"shards: {len(shards)} in {args.to_shards} (data.source: webdataset, data.path: {args.to_shards})")
     return 0
 
 

@@ -145,6 +145,8 @@ def tracker_issues(names: list[str]) -> list[RecipeIssue]:
 def _data_path_issues(data: Any, name: str) -> list[RecipeIssue]:
     """``data.path`` of the sources that read one: present, of the right kind, with its index file; the hint says how
     to get the data (``fewstep data`` writes a starter set, ``fewstep pairs`` the reflow pairs)."""
+    if data.source == "webdataset" and data.path is not None:
+        return _shard_issues(data.path)
     if data.path is None or data.source not in _PATH_SOURCES:
         return []
     kind, inside = _PATH_SOURCES[data.source]
@@ -158,6 +160,24 @@ def _data_path_issues(data: Any, name: str) -> list[RecipeIssue]:
     else:
         return []
     return [RecipeIssue(("data", "path"), problem, data.path, hint=_get_data_hint(data.source, name))]
+
+
+def _shard_issues(path: str | list[str]) -> list[RecipeIssue]:
+    """The webdataset package is installed and ``data.path`` names existing local shards."""
+    from fewstep.data.shards import INSTALL_HINT, list_shards
+
+    try:
+        list_shards(path)
+    except ImportError:
+        return [RecipeIssue(("data", "source"), "needs the webdataset package, which is not installed", "webdataset",
+                            hint=f"Install it: {INSTALL_HINT}.")]  # fmt: skip
+    except (OSError, ValueError) as err:
+        hint = (
+            "Point data.path at .tar shards, or write them from an image folder with `fewstep data RECIPE "
+            "--to-shards DIR` (a recipe whose data.source is image_folder)."
+        )
+        return [RecipeIssue(("data", "path"), str(err).removeprefix("data.path ").rstrip("."), path, hint=hint)]
+    return []
 
 
 def _get_data_hint(source: str, name: str) -> str:

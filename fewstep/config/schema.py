@@ -82,46 +82,62 @@ class DataConfig(BaseModel):
     """Training data: the digits set, an image folder (images + metadata.jsonl), a prompt list / file, or clean
     samples in a safetensors file (``tensors``: ``x0`` and optional ``class_labels``, for custom teachers), or
     Fashion-MNIST (``fashion_mnist``: ``path`` is an optional directory of its idx files, see fewstep.data.fashion),
-    or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``)."""
+    or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``), or WebDataset tar shards
+    (``webdataset``: ``path`` is a brace pattern, a directory of .tar files, a .txt list of shards, or a list of
+    these; see fewstep.data.webdataset).
+
+    ``buckets`` (image_folder, webdataset): a preset (``sdxl``, ``sd15``) or ``[height, width]`` shapes
+    (``[frames, height, width]`` for video); each image trains at the bucket of nearest aspect ratio, each batch is
+    one bucket (fewstep.data.buckets); it takes the place of ``resolution``. ``num_frames`` / ``frame_stride``
+    (webdataset): video clips of that many frames, every ``frame_stride``-th. ``shuffle_buffer`` (webdataset): the
+    samples a shard is shuffled across."""
 
     model_config = BLOCK
 
-    source: Literal["digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors"]
-    path: str | None = Field(None, min_length=1)
+    source: Literal["digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset"]
+    path: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     prompts: list[str] | None = Field(None, min_length=1)
     resolution: PositiveInt | None = None
+    buckets: str | list[list[PositiveInt]] | None = Field(None, min_length=1)
     batch_size: PositiveInt = 8
     num_workers: int = Field(0, ge=0)
     shuffle: bool = True
+    shuffle_buffer: PositiveInt = 1000
     caption_column: str = Field("text", min_length=1)
+    num_frames: PositiveInt | None = None
+    frame_stride: PositiveInt = 1
 
     @model_validator(mode="after")
     def _source_fields(self) -> DataConfig:
-        issues: list[RecipeIssue] = []
-        if self.source == "image_folder":
+        issues: list[RecipeIssue] = _stream_issues(self)
+        if self.source in ("image_folder", "webdataset"):
             if self.path is None:
                 issues.append(
                     issue(
                         "path",
-                        "required for source: image_folder",
-                        hint=("Set data.path to a folder of images with a metadata.jsonl (file_name, text)."),
+                        f"required for source: {self.source}",
+                        hint=_PATH_HINTS[self.source],
                     )
                 )
-            if self.resolution is None:
+            if (self.resolution is None) == (self.buckets is None):
                 issues.append(
                     issue(
                         "resolution",
-                        "required for source: image_folder",
-                        hint=("Set data.resolution to the image size fed to the teacher (e.g. 512 for SD1.5)."),
+                        f"source: {self.source} needs exactly one of data.resolution or data.buckets",
+                        {"resolution": self.resolution, "buckets": self.buckets} if self.buckets else MISSING,
+                        hint=(
+                            "Set data.resolution to the image size fed to the teacher (e.g. 512 for SD1.5), or "
+                            "data.buckets to a preset (sdxl, sd15) or a list of [height, width] shapes."
+                        ),
                     )
                 )
             if self.prompts is not None:
                 issues.append(
                     issue(
                         "prompts",
-                        "not used with source: image_folder",
+                        f"not used with source: {self.source}",
                         self.prompts,
-                        hint=("Captions come from data.caption_column in metadata.jsonl; remove data.prompts."),
+                        hint=("Captions come with the images (data.caption_column); remove data.prompts."),
                     )
                 )
         elif self.source == "prompts":
@@ -179,6 +195,41 @@ class DataConfig(BaseModel):
                     )
         raise_issues(issues)
         return self
+
+
+_PATH_HINTS = {
+    "image_folder": "Set data.path to a folder of images with a metadata.jsonl (file_name, text).",
+    "webdataset": "Set data.path to shards: a pattern (shards/train-{000000..000009}.tar), a directory or a list.",
+}
+
+
+def _stream_issues(data: DataConfig) -> list[RecipeIssue]:
+    """The keys only some sources read (a list of paths, buckets, video frames), and the shape of ``buckets``."""
+    issues = []
+    if isinstance(data.path, list) and data.source != "webdataset":
+        issues.append(issue("path", f"a list of paths is only for source: webdataset, not {data.source}", data.path))
+    if data.buckets is not None and data.source not in ("image_folder", "webdataset"):
+        issues.append(
+            issue("buckets", f"not used with source: {data.source}", data.buckets, hint="Remove data.buckets.")
+        )
+    if data.num_frames is not None and data.source != "webdataset":
+        issues.append(issue("num_frames", f"not used with source: {data.source}", data.num_frames,
+                            hint="Video clips come from source: webdataset; remove data.num_frames."))  # fmt: skip
+    if isinstance(data.buckets, str):
+        from fewstep.data.buckets import PRESETS  # lazy: the CLI starts without the data layer
+
+        if data.buckets not in PRESETS:
+            hint = did_you_mean(data.buckets, list(PRESETS)) or "Or list [height, width] shapes."
+            issues.append(issue("buckets", "unknown bucket preset", data.buckets, ", ".join(PRESETS), hint))
+    elif data.buckets is not None:
+        lengths = {len(b) for b in data.buckets}
+        if lengths - {2, 3} or len(lengths) > 1:
+            issues.append(issue("buckets", "every bucket is [height, width] (or [frames, height, width] for video), "
+                                "all of one kind", data.buckets))  # fmt: skip
+        elif lengths == {3} and (data.source != "webdataset" or data.num_frames is not None):
+            issues.append(issue("buckets", "[frames, height, width] buckets are for video from source: webdataset, "
+                                "and give the frames in place of data.num_frames", data.buckets))  # fmt: skip
+    return issues
 
 
 class OptimConfig(BaseModel):

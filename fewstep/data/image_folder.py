@@ -1,14 +1,16 @@
 """Image folders with captions (the diffusers / HF ``imagefolder`` convention) encoded to teacher latents.
 
 A folder holds images and a ``metadata.jsonl`` with one JSON object per line: ``{"file_name": "a.png", "text": ...}``
-(the caption column is configurable). Images are resized (shorter side) and center-cropped to ``resolution``, then
-encoded once through the teacher's VAE; latents are cached on disk keyed by the file (path, size, mtime), the
-resolution and the VAE, so later epochs and later runs read them back instead of encoding again.
+(the caption column is configurable). Images are resized to cover ``resolution`` (or their bucket, ``data.buckets``)
+and center-cropped to it (``crop_to``, the rule of every image source), then encoded once through the teacher's VAE;
+latents are cached on disk keyed by the file (path, size, mtime), the resolution and the VAE, so later epochs and
+later runs read them back instead of encoding again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -30,18 +32,31 @@ def fewstep_cache_dir() -> Path:
     return Path(os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep").expanduser()
 
 
-def load_image(path: str | Path, resolution: int) -> Tensor:
-    """An RGB image resized (shorter side, bicubic) and center-cropped to ``resolution``: ``[3, r, r]`` in [-1, 1]."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = resolution / min(w, h)
-        new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # [3, r, r], 0..255
+def crop_to(image: Image.Image, size: int | tuple[int, int]) -> Tensor:
+    """``image`` resized (bicubic) to cover ``size`` and center-cropped to it: ``[3, h, w]`` RGB in [-1, 1].
+
+    ``size`` is a side (a square) or ``(height, width)`` (a bucket). The one resize/crop rule of every image source.
+    """
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = max(width / w, height / h)  # the smallest scale that covers the target
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # [3, h, w], 0..255
     return pixels / 127.5 - 1.0
+
+
+def load_image(source: str | Path | bytes, size: int | tuple[int, int]) -> Tensor:
+    """An image file (a path, or its bytes) through ``crop_to(image, size)``: ``[3, h, w]`` in [-1, 1].
+
+    Raises:
+        OSError: the file is not an image PIL can read, or it is truncated.
+    """
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return crop_to(image, size)
 
 
 class ImageFolderDataset:
@@ -98,16 +113,16 @@ class LatentCache:
         base = Path(root) if root is not None else fewstep_cache_dir() / "latents"
         self.dir = base / hashlib.sha1(vae_key.encode()).hexdigest()[:16]
 
-    def path(self, file: Path, resolution: int) -> Path:
+    def path(self, file: Path, resolution: int | tuple[int, int]) -> Path:
         stat = file.stat()
         key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{resolution}"
         return self.dir / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
 
-    def get(self, file: Path, resolution: int) -> Tensor | None:
+    def get(self, file: Path, resolution: int | tuple[int, int]) -> Tensor | None:
         path = self.path(file, resolution)
         return load_file(path)["latent"] if path.is_file() else None
 
-    def put(self, file: Path, resolution: int, latent: Tensor) -> None:
+    def put(self, file: Path, resolution: int | tuple[int, int], latent: Tensor) -> None:
         path = self.path(file, resolution)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -118,7 +133,7 @@ class LatentCache:
 
 def encode_items(
     files: list[Path],
-    resolution: int,
+    resolution: int | tuple[int, int],
     encode: Callable[[Tensor], Tensor],
     cache: LatentCache | None,
     device: torch.device | str = "cpu",
@@ -127,7 +142,8 @@ def encode_items(
     """Latents ``[b, c, h, w]`` (float32) for ``files``: cached ones are read, the rest encoded in one call.
 
     Args:
-        encode: images ``[n, 3, r, r]`` in [-1, 1] → latents ``[n, c, h, w]`` (the teacher's VAE, normalised).
+        resolution: a side, or ``(height, width)`` (a bucket).
+        encode: images ``[n, 3, H, W]`` in [-1, 1] → latents ``[n, c, h, w]`` (the teacher's VAE, normalised).
         num_workers: threads that decode images (0: in this thread).
     """
     latents: list[Tensor | None] = [cache.get(f, resolution) if cache is not None else None for f in files]

@@ -4,35 +4,42 @@ The stream is one endless sequence of dataset indices: epoch ``e`` is a permutat
 identity when ``shuffle`` is off), epochs follow each other. ``position`` is the number of samples consumed by all
 ranks together, so a run resumed at ``position = k`` sees exactly the samples an uninterrupted run saw after ``k``.
 Each optimizer micro-step consumes ``batch_size × world_size`` samples; rank ``r`` takes the ``r``-th contiguous
-chunk of ``batch_size``, so ranks never share a sample within a global batch.
+chunk of ``batch_size``, so ranks never share a sample within a global batch. With ``data.buckets`` (image folders) a
+``BucketSampler`` takes the permutation's place, so each global batch holds one bucket's images.
+``data.source: webdataset`` streams tar shards instead (``fewstep.data.webdataset.ShardStream``, same interface).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from fewstep.data.batch import Batch
+from fewstep.data.buckets import (
+    BucketSampler,
+    check_teacher_buckets,
+    image_sizes,
+    nearest_bucket,
+    resolve_buckets,
+    sized_conditioning,
+)
 from fewstep.data.digits import DigitsDataset
 from fewstep.data.fashion import CLASS_NAMES, FashionMNISTDataset
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_items
+from fewstep.data.order import epoch_order
 from fewstep.data.prompts import PromptDataset
 from fewstep.data.tensors import TensorFileDataset
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
-SOURCES = ("digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors")
+if TYPE_CHECKING:
+    from fewstep.data.webdataset import ShardStream
 
-
-def epoch_order(num_items: int, epoch: int, seed: int, shuffle: bool = True) -> Tensor:
-    """The index order of one epoch: a permutation seeded by ``(seed, epoch)``, or ``arange`` without shuffling."""
-    if not shuffle:
-        return torch.arange(num_items)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=gen)
+SOURCES = ("digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset")
+STREAM_PROMPTS = 4096  # captions a streaming source keeps encoded (its captions rarely repeat)
 
 
 class IndexStream:
@@ -40,6 +47,7 @@ class IndexStream:
 
     def __init__(self, num_items: int, seed: int, shuffle: bool) -> None:
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.epoch_samples = num_items
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     def indices(self, start: int, count: int) -> list[int]:
@@ -53,10 +61,11 @@ class IndexStream:
 
 
 class PromptCache:
-    """Encodes each distinct prompt once with the teacher's own encoders and keeps its ``(cond, uncond)`` rows."""
+    """Encodes each distinct prompt once with the teacher's own encoders and keeps its ``(cond, uncond)`` rows
+    (the ``max_prompts`` most recently added ones, when given)."""
 
-    def __init__(self, teacher: Teacher, resolution: int | None = None) -> None:
-        self.teacher, self.resolution = teacher, resolution
+    def __init__(self, teacher: Teacher, resolution: int | None = None, max_prompts: int | None = None) -> None:
+        self.teacher, self.resolution, self.max_prompts = teacher, resolution, max_prompts
         self._rows: dict[str, tuple[Conditioning, Conditioning | None]] = {}
 
     def __call__(self, prompts: list[str], device: Any = None) -> tuple[Conditioning, Conditioning | None]:
@@ -72,6 +81,8 @@ class PromptCache:
         cond = Conditioning.cat([self._rows[p][0] for p in prompts]).to(device)
         unconds = [self._rows[p][1] for p in prompts]
         uncond = Conditioning.cat(unconds).to(device) if all(u is not None for u in unconds) else None
+        while self.max_prompts is not None and len(self._rows) > self.max_prompts:
+            del self._rows[next(iter(self._rows))]  # the oldest
         return cond, uncond
 
 
@@ -87,7 +98,10 @@ class BatchStream:
     """An endless, resumable iterator of ``Batch`` for one rank. ``position`` counts samples of all ranks.
 
     Build it with ``build_batches``. ``preview(n)`` gives a fixed batch (for sample grids) without moving.
+    ``skipped`` counts unusable samples (always 0 here: these sources refuse bad data up front).
     """
+
+    skipped = 0
 
     def __init__(
         self,
@@ -105,14 +119,30 @@ class BatchStream:
         self.rank, self.world_size, self.position = rank, world_size, start_position
         self.batch_size = int(data_cfg.batch_size)
         self.dataset = _build_dataset(data_cfg)
-        self.index_stream = IndexStream(len(self.dataset), seed, bool(data_cfg.shuffle))
+        self.index_stream: IndexStream | BucketSampler = IndexStream(len(self.dataset), seed, bool(data_cfg.shuffle))
         with_prompts = data_cfg.source in ("image_folder", "prompts")
         self._prompts = PromptCache(teacher, data_cfg.resolution) if with_prompts else None
         self._cache: LatentCache | None = None
+        self.buckets, self.item_buckets = None, None  # data.buckets: each image's bucket (its batch's shape)
         if data_cfg.source == "image_folder":
-            if not data_cfg.resolution:
+            if data_cfg.buckets:
+                self._use_buckets(seed)
+            elif not data_cfg.resolution:
                 raise ValueError("data.source=image_folder needs data.resolution (the image size fed to the VAE).")
             self._cache = LatentCache(_vae_key(teacher))
+
+    def _use_buckets(self, seed: int) -> None:
+        self.buckets = resolve_buckets(self.cfg.buckets)
+        check_teacher_buckets(self.buckets, self.teacher)
+        sizes = image_sizes([file for file, _ in self.dataset.items])
+        self.item_buckets = [nearest_bucket(h, w, self.buckets) for h, w in sizes]
+        global_batch = self.batch_size * self.world_size
+        self.index_stream = BucketSampler(self.item_buckets, global_batch, seed, bool(self.cfg.shuffle))
+
+    def stream_state(self) -> dict[str, int | None]:
+        """Where the next global batch starts: ``{"epoch", "shard": None, "offset"}`` (samples into the epoch)."""
+        epoch, offset = divmod(self.position, self.index_stream.epoch_samples)
+        return {"epoch": epoch, "shard": None, "offset": offset}
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -176,10 +206,12 @@ class BatchStream:
             cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device)
             return Batch(cond=cond, uncond=uncond, x0=None)
         files, captions = zip(*(self.dataset[i] for i in idx))
-        x0 = encode_items(
-            list(files), int(self.cfg.resolution), self._encode, self._cache, self.device, self.cfg.num_workers
-        )
+        # with buckets the batch takes its first image's bucket (a training batch is one bucket; a preview may mix)
+        size = self.buckets[self.item_buckets[idx[0]]] if self.buckets else int(self.cfg.resolution)
+        x0 = encode_items(list(files), size, self._encode, self._cache, self.device, self.cfg.num_workers)
         cond, uncond = self._prompts(list(captions), self.device)
+        if self.buckets:
+            cond, uncond = sized_conditioning(self.teacher, size, cond, uncond)
         return Batch(cond=cond, uncond=uncond, x0=x0)
 
     def _encode(self, images: Tensor) -> Tensor:
@@ -190,7 +222,7 @@ class BatchStream:
 
 def build_batches(
     data_cfg: Any, teacher: Teacher, accelerator: Any = None, start_position: int = 0, seed: int = 0
-) -> BatchStream:
+) -> BatchStream | ShardStream:
     """The batch stream of this rank.
 
     Args:
@@ -204,6 +236,11 @@ def build_batches(
     device = accelerator.device if accelerator is not None else "cpu"
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
+    if data_cfg.source == "webdataset":
+        from fewstep.data.webdataset import ShardStream
+
+        prompts = PromptCache(teacher, data_cfg.resolution, max_prompts=STREAM_PROMPTS)
+        return ShardStream(data_cfg, teacher, prompts, device, rank, world, start_position, seed)
     return BatchStream(data_cfg, teacher, device, rank, world, start_position, seed)
 
 

@@ -92,15 +92,30 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     Flux packs 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its ``patch_size``. This is
     the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``, ``FlowSchedule.mu``).
     """
-    if len(shape) != 4:
+    if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3"):
         return None
-    h, w = shape[-2], shape[-1]
-    if denoiser.adapter_name == "flux":
-        return (h // 2) * (w // 2)
-    if denoiser.adapter_name == "sd3":
-        patch = int(getattr(denoiser.backbone.config, "patch_size", 2))
-        return (h // patch) * (w // patch)
-    return None
+    patch = patch_size(denoiser.adapter_name, denoiser.backbone)
+    return (shape[-2] // patch) * (shape[-1] // patch)
+
+
+def patch_size(family: str, backbone: Any) -> int:
+    """The side of the latent patches one token covers: 2 for Flux (its 2×2 packing), SD3's ``patch_size``, and 1
+    for backbones that take latents as they are (UNets)."""
+    if family == "flux":
+        return 2
+    if family == "sd3":
+        return int(getattr(backbone.config, "patch_size", 2))
+    return 1
+
+
+def pixel_multiple(teacher: _FromPipeline) -> int:
+    """What every image side must be a multiple of: the VAE's downsampling × the backbone's ``patch_size`` (e.g. 8
+    for SD1.5 / SDXL, 16 for SD3 and Flux; 1 for a pixel-space teacher without a pipeline)."""
+    pipe = teacher.pipeline
+    if pipe is None:
+        return 1
+    scale = int(pipe.vae_scale_factor) if getattr(pipe, "vae", None) is not None else 1
+    return scale * patch_size(teacher.family, pipeline_backbone(pipe))
 
 
 def pipeline_backbone(pipeline: Any) -> Any:

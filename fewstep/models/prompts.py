@@ -43,9 +43,10 @@ def _sd15(pipe: Any, prompts: list[str], negatives: list[str] | None, **_: Any) 
     return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
 
 
-def sdxl_time_ids(pipe: Any, resolution: int, batch_size: int, dtype: torch.dtype) -> Tensor:
-    """SDXL micro-conditioning ``[b, 6]`` = ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
-    size = (resolution, resolution)
+def sdxl_time_ids(pipe: Any, resolution: int | tuple[int, int], batch_size: int, dtype: torch.dtype) -> Tensor:
+    """SDXL micro-conditioning ``[b, 6]`` = ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` for a
+    square side or a ``(height, width)``."""
+    size = (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
     te2 = getattr(pipe, "text_encoder_2", None)
     proj_dim = te2.config.projection_dim if te2 is not None else None
     ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj_dim)

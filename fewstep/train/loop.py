@@ -362,6 +362,7 @@ class Trainer:
         scalars = {
             "loss": float(flags[2]) / acc.num_processes,
             "nonfinite_steps": float(self.nonfinite_steps),
+            "data/skipped": float(self.batches.skipped),  # unusable samples the stream passed over (webdataset)
             **learning_rates(self.optimizers),
         }
         if len(self.optimizers) > 1:  # alternating phases: each phase's own loss curve
@@ -508,6 +509,7 @@ class Trainer:
         meta = {
             "step": self.step,
             "data_position": self.batches.position,
+            "data_state": self.batches.stream_state(),  # where the stream was (information; data_position resumes)
             "nonfinite_steps": self.nonfinite_steps,
             "world_size": self.acc.num_processes,
             "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
