@@ -136,6 +136,60 @@ def adapter_switched(module: nn.Module, name: str) -> AbstractContextManager[Non
     return _flag_set(module, "_active_adapter", name)
 
 
+def enable_gradient_checkpointing(backbone: nn.Module) -> None:
+    """diffusers' per-block gradient checkpointing of ``backbone``, with each block recomputed in the backward in the
+    state of its forward: the same adapter, and the same weights frozen.
+
+    Roles share one base and switch adapters between forwards (DMD's student and fake score, the teacher's view with
+    adapters off), and DMD2 freezes the fake score around the generator's GAN forward. A plain checkpoint recomputes a
+    block in whatever state holds when the backward runs: under the student's adapter for a block that ran under the
+    fake score's, or with the fake score trainable again. torch refuses the recomputation (other tensors saved) or,
+    worse, it gives other values. The state (each adapter layer's active adapter and disabled flag, each weight's
+    ``requires_grad``) is recorded when the block runs and put back around its recomputation.
+
+    Raises:
+        ValueError: the backbone has no ``enable_gradient_checkpointing``.
+    """
+    if not hasattr(backbone, "enable_gradient_checkpointing"):
+        raise ValueError(f"{type(backbone).__name__} has no `enable_gradient_checkpointing()`.")
+    from torch.utils.checkpoint import checkpoint
+
+    def in_the_same_state(function: Any, *args: Any, **kwargs: Any) -> Any:
+        adapters = [(layer, layer._active_adapter, layer._disable_adapters) for layer in tuner_layers(backbone)]
+        block = function if isinstance(function, nn.Module) else nn.Module()
+        frozen = {name: p.requires_grad for name, p in block.named_parameters()}
+
+        def contexts() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+            return nullcontext(), _forward_state(adapters, block, frozen)
+
+        return checkpoint(function, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+    backbone.enable_gradient_checkpointing(gradient_checkpointing_func=in_the_same_state)
+
+
+@contextmanager
+def _forward_state(
+    adapters: list[tuple[nn.Module, Any, bool]], block: nn.Module, frozen: dict[str, bool]
+) -> Iterator[None]:
+    """Each adapter layer's ``(active adapter, disabled)`` and each of ``block``'s weights' ``requires_grad`` (by name:
+    under FSDP the block holds its gathered weights by then, other tensors than in its forward call) set for the
+    recomputation, restored afterwards."""
+    before = [(layer._active_adapter, layer._disable_adapters) for layer, _, _ in adapters]
+    params = [(p, frozen[name]) for name, p in block.named_parameters() if name in frozen]
+    grads = [p.requires_grad for p, _ in params]
+    for layer, active, disabled in adapters:
+        layer.__dict__["_active_adapter"], layer.__dict__["_disable_adapters"] = active, disabled
+    for p, flag in params:
+        p.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for (layer, _, _), (active, disabled) in zip(adapters, before):
+            layer.__dict__["_active_adapter"], layer.__dict__["_disable_adapters"] = active, disabled
+        for (p, _), flag in zip(params, grads):
+            p.requires_grad_(flag)
+
+
 @contextmanager
 def lora_merged(module: nn.Module, exact_restore: bool = True) -> Iterator[int]:
     """Merge the active LoRA adapter of every peft layer in ``module`` into its base weights for the block (peft's

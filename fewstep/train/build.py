@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import BaseModel
 
-from fewstep.models.student import Student
+from fewstep.models.student import Student, enable_gradient_checkpointing
 from fewstep.models.teacher import Teacher
 from fewstep.objectives import OBJECTIVES, Objective
 
@@ -45,7 +45,7 @@ def build_student(student_cfg: StudentConfig, teacher: Teacher) -> Student:
                 f"student.gradient_checkpointing=true, but {type(backbone).__name__} has no "
                 "`enable_gradient_checkpointing()`. Set it to false."
             )
-        backbone.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(backbone)  # recomputed under the adapter each block ran with
     return student
 
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from fewstep.models.student import enable_gradient_checkpointing
+
 if TYPE_CHECKING:
     from fewstep.config.schema import FSDPConfig
 
@@ -155,7 +157,7 @@ def shard_roots(roots: list[nn.Module], layout: FSDPLayout, mesh: Any) -> dict[i
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for root in roots:
         backbone = _backbone_of(root)
-        if layout.activation_checkpointing:
+        if layout.activation_checkpointing and is_backbone(backbone):  # not small parts such as a GAN head
             _checkpoint_blocks(backbone)
         names = set(block_classes(backbone))
         blocks = [m for m in root.modules() if type(m).__name__ in names and m is not root]
@@ -189,7 +191,7 @@ def _checkpoint_blocks(backbone: nn.Module) -> None:
             f"train.fsdp.activation_checkpointing=true, but {type(backbone).__name__} has no "
             "`enable_gradient_checkpointing()`. Set it to false."
         )
-    backbone.enable_gradient_checkpointing()
+    enable_gradient_checkpointing(backbone)  # each block recomputed under the adapter it ran with
 
 
 def rebind(modules: list[nn.Module], mapping: dict[int, nn.Parameter]) -> int:

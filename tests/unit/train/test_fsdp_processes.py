@@ -90,8 +90,13 @@ def flat_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 @pytest.mark.parametrize(
     ("layout", "fsdp"),
-    [(LORA_DMD2, {"enabled": True}), (FULL_DMD2, {"reshard_after_forward": False}), (SCM, {"enabled": True})],
-    ids=["lora-roles-on-one-base", "full-student-and-fake-score", "scm-jvp"],
+    [
+        (LORA_DMD2, {"enabled": True}),
+        (LORA_DMD2, {"replicate": 2, "activation_checkpointing": True}),
+        (FULL_DMD2, {"reshard_after_forward": False}),
+        (SCM, {"enabled": True}),
+    ],
+    ids=["lora-roles-on-one-base", "hybrid-with-activation-checkpointing", "full-student-and-fake-score", "scm-jvp"],
 )
 def test_two_sharded_processes_equal_one_process(layout, fsdp, tmp_path):
     steps = 4
