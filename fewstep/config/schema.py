@@ -82,11 +82,13 @@ class DataConfig(BaseModel):
     """Training data: the digits set, an image folder (images + metadata.jsonl), a prompt list / file, or clean
     samples in a safetensors file (``tensors``: ``x0`` and optional ``class_labels``, for custom teachers), or
     Fashion-MNIST (``fashion_mnist``: ``path`` is an optional directory of its idx files, see fewstep.data.fashion),
-    or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``)."""
+    or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``), or a precomputed cache of text
+    embeddings and VAE latents (``cache``: ``path`` is a directory written by ``fewstep cache``; ``resolution``, if
+    set, must be the cache's; see fewstep.data.cache)."""
 
     model_config = BLOCK
 
-    source: Literal["digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors"]
+    source: Literal["cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors"]
     path: str | None = Field(None, min_length=1)
     prompts: list[str] | None = Field(None, min_length=1)
     resolution: PositiveInt | None = None
@@ -163,6 +165,17 @@ class DataConfig(BaseModel):
                     issues.append(
                         issue(key, "not used with source: pairs", getattr(self, key), hint=f"Remove data.{key}.")
                     )
+        elif self.source == "cache":  # written by `fewstep cache` from image_folder or prompts data
+            if self.path is None:
+                issues.append(
+                    issue("path", "required for source: cache",
+                          hint="Set data.path to a directory written by `fewstep cache RECIPE`.")
+                )  # fmt: skip
+            if self.prompts is not None:
+                issues.append(
+                    issue("prompts", "not used with source: cache", self.prompts,
+                          hint="The cache holds its prompts' embeddings already; remove data.prompts.")
+                )  # fmt: skip
         elif self.source == "fashion_mnist":  # path: optional directory of the idx files
             for key in ("prompts", "resolution"):
                 if getattr(self, key) is not None:

@@ -24,7 +24,7 @@ from fewstep.data.tensors import TensorFileDataset
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
-SOURCES = ("digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors")
+SOURCES = ("cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors")
 
 
 def epoch_order(num_items: int, epoch: int, seed: int, shuffle: bool = True) -> Tensor:
@@ -147,6 +147,8 @@ class BatchStream:
             return [self.dataset[i] for i in idx]
         if source == "image_folder":
             return [self.dataset[i][1] for i in idx]
+        if source == "cache":
+            return self.dataset.captions(idx)
         if source == "digits":
             return [str(int(self.dataset.labels[i])) for i in idx]
         if source == "fashion_mnist":
@@ -175,12 +177,27 @@ class BatchStream:
         if self.cfg.source == "prompts":
             cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device)
             return Batch(cond=cond, uncond=uncond, x0=None)
+        if self.cfg.source == "cache":  # what image_folder / prompts give, read from fewstep.data.cache
+            return self._cached_batch(idx)
         files, captions = zip(*(self.dataset[i] for i in idx))
         x0 = encode_items(
             list(files), int(self.cfg.resolution), self._encode, self._cache, self.device, self.cfg.num_workers
         )
         cond, uncond = self._prompts(list(captions), self.device)
         return Batch(cond=cond, uncond=uncond, x0=x0)
+
+    def _cached_batch(self, idx: list[int]) -> Batch:
+        x0, cond, uncond = self.dataset.batch(idx)
+        null = self.teacher.null_cond
+        if null is not None and null.guidance is not None:  # Flux's embedded guidance: the teacher's, never cached
+            guidance = null.guidance.repeat(len(idx))
+            cond = cond.replace(guidance=guidance)
+            uncond = uncond.replace(guidance=guidance) if uncond is not None else None
+        return Batch(
+            cond=cond.to(self.device),
+            uncond=uncond.to(self.device) if uncond is not None else None,
+            x0=x0.to(self.device) if x0 is not None else None,
+        )
 
     def _encode(self, images: Tensor) -> Tensor:
         from fewstep.models.loading import encode_images
@@ -196,7 +213,8 @@ def build_batches(
     Args:
         data_cfg: the recipe's ``data`` block (``source``, ``path``, ``prompts``, ``resolution``, ``batch_size`` per
             rank, ``shuffle``, ``caption_column``).
-        teacher: encodes prompts and images (its own text encoders and VAE) and supplies the null conditioning.
+        teacher: encodes prompts and images (its own text encoders and VAE) and supplies the null conditioning
+            (for ``data.source: cache`` it encodes nothing: ``fewstep.data.cache.load_cached_teacher``).
         accelerator: gives the device, rank and world size (``None``: CPU, one process).
         start_position: samples already consumed by all ranks (from a checkpoint).
         seed: seeds the epoch permutations (the same on every rank).
@@ -220,6 +238,10 @@ def _build_dataset(data_cfg: Any) -> Any:
         return PairDataset(data_cfg.path)
     if data_cfg.source == "prompts":
         return PromptDataset(data_cfg.prompts, data_cfg.path)
+    if data_cfg.source == "cache":
+        from fewstep.data.cache import CachedDataset
+
+        return CachedDataset(data_cfg.path)
     if not data_cfg.path:
         raise ValueError("data.source=image_folder needs data.path (a folder with images and metadata.jsonl).")
     return ImageFolderDataset(data_cfg.path, data_cfg.caption_column)
