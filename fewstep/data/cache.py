@@ -306,5 +306,7 @@ def load_cached_teacher(recipe: Any) -> Any:
     root, manifest = open_cache(recipe.data.path)
     differences = training_differences(manifest, recipe)
     if differences:
-        raise stale(root, differences, REBUILD)
+        source = manifest["source"]
+        made_from = f"{source['kind']} {source['path']}" if source.get("path") else "the recipe's data.prompts"
+        raise stale(root, differences, f"`{REBUILD}` with this run's recipe and overrides (re-encodes {made_from})")
     return load_teacher(recipe.teacher, encoders=False, null_cond=read_null(root))

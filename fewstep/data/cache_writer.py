@@ -227,6 +227,6 @@ def build_cache(
             tensors, metadata = encode_shard(
                 teacher, items[first : first + count], source["resolution"], batch_size, recipe.data.num_workers, bar
             )
-            write_atomic(root / shards[k]["file"], tensors, metadata)
+            write_atomic(root / shards[k]["file"], tensors, metadata | {"rank": str(state.process_index)})
     state.wait_for_everyone()
     return root
