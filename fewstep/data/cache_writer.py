@@ -44,6 +44,15 @@ DEFAULT_SHARD_SIZE = 256  # items per shard file
 DEFAULT_BATCH_SIZE = 16  # items per encoder call
 
 
+def check_cacheable(data_cfg: Any) -> None:
+    """Refuse data that has no text embeddings or VAE latents to cache (digits, Fashion-MNIST, tensors, pairs)."""
+    if data_cfg.source not in (*CACHEABLE, "cache"):
+        raise ValueError(
+            f"data.source: {data_cfg.source} has nothing to cache: caches hold the text embeddings and VAE latents of "
+            f"{' or '.join(CACHEABLE)} data."
+        )
+
+
 def cache_source(data_cfg: Any) -> dict[str, Any]:
     """What a recipe's ``data`` block asks to cache: ``kind``, ``path``, ``prompts``, ``caption_column`` and
     ``resolution``. A ``data.source: cache`` block names its own cache, whose manifest says what it was made of (so the
@@ -58,11 +67,7 @@ def cache_source(data_cfg: Any) -> dict[str, Any]:
         resolution = data_cfg.resolution if data_cfg.resolution is not None else made.get("resolution")
         return {"kind": made["kind"], "path": made["path"], "prompts": None,
                 "caption_column": made.get("caption_column", "text"), "resolution": resolution}  # fmt: skip
-    if data_cfg.source not in CACHEABLE:
-        raise ValueError(
-            f"data.source: {data_cfg.source} has nothing to cache: caches hold the text embeddings and VAE latents of "
-            f"{' or '.join(CACHEABLE)} data."
-        )
+    check_cacheable(data_cfg)
     return {"kind": data_cfg.source, "path": data_cfg.path, "prompts": data_cfg.prompts,
             "caption_column": data_cfg.caption_column, "resolution": data_cfg.resolution}  # fmt: skip
 
@@ -70,6 +75,7 @@ def cache_source(data_cfg: Any) -> dict[str, Any]:
 def default_cache_dir(data_cfg: Any) -> Path:
     """Where a cache goes without ``--out``: ``<image folder>/.fewstep_cache``, ``<prompt file>.fewstep_cache`` next to
     a prompt file, or the ``data.path`` of a ``data.source: cache`` recipe."""
+    check_cacheable(data_cfg)
     if data_cfg.source == "cache":
         return Path(data_cfg.path).expanduser()
     if data_cfg.path is None:
