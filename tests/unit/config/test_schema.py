@@ -139,7 +139,7 @@ def test_a_scalar_where_a_block_belongs():
         ("teacher.dtype", "fp32", "'float32', 'bfloat16', 'float16'"),
         ("teacher.family", "sd5", "'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'unet2d'"),
         ("optim.lr_scheduler", "cosin", "'constant', 'constant_with_warmup', 'linear', 'cosine'"),
-        ("data.source", "folder", "'digits', 'fashion_mnist', 'image_folder', 'pairs', 'prompts', 'tensors'"),
+        ("data.source", "folder", "'cache', 'digits', 'fashion_mnist', 'image_folder', 'pairs', 'prompts', 'tensors'"),
         ("objective.loss_type", "l1", "'l2', 'huber'"),
     ],
 )
