@@ -82,10 +82,15 @@ def test_cache_then_train_from_it_resume_and_stale(tmp_path, capsys):
                        "output_dir=other")  # fmt: skip
     assert code == 2
     one_error(err, "teacher pretrained: cache 'tiny:sd15', now 'tiny:sdxl'", "fewstep cache RECIPE --overwrite")
-    # a recipe whose data cannot be cached says so
+    # a recipe whose data cannot be cached says so; a missing cache is reported before anything loads
     code, _, err = cli(capsys, "cache", "quickstart/digits_lcm")
     assert code == 2
     one_error(err, "data.source: digits has nothing to cache")
+    code, _, err = cli(capsys, "validate", RECIPE, *TINY, "data.source=cache", "data.path=nowhere")
+    assert code == 2 and "data.path: does not exist" in err and "fewstep cache RECIPE --out DIR" in err
+    code, _, err = cli(capsys, "data", RECIPE, *TINY, "data.source=cache", "data.path=nowhere")
+    assert code == 2
+    one_error(err, "data.source: cache is written by `fewstep cache`")
 
 
 def test_two_processes_write_disjoint_shards_equal_to_one_process(tmp_path):
