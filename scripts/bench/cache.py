@@ -177,7 +177,10 @@ def render(measured: list[dict[str, Any]], real: list[dict[str, Any]], where: st
         f"{where}, {today()}. `params` is the exact parameter bytes the teacher holds when loaded for the image folder "
         "and for its cache. `peak RSS` is the peak resident set size of a fresh process that trains 3 DMD2 LoRA steps "
         "(batch 2) from the folder or from the cache (one process each, one after the other, same recipe; no sample "
-        "grids). `python scripts/bench/cache.py`.", "",
+        "grids). RSS counts only the pages a process touches: the weights are memory-mapped from their safetensors "
+        "files, so parts never run on the CPU here (the VAE's decoder without grids, the unused rows of a token "
+        "table) stay off it even in the folder run; on a GPU every loaded weight takes memory, as `params` says. "
+        "`python scripts/bench/cache.py`.", "",
         "| teacher | params folder MiB | params cache MiB | skipped | peak RSS folder MiB | peak RSS cache MiB | "
         "RSS saved MiB |", "|---|---:|---:|---|---:|---:|---:|",
     ]  # fmt: skip
