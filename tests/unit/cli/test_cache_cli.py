@@ -112,3 +112,19 @@ def test_two_processes_write_disjoint_shards_equal_to_one_process(tmp_path):
         ours, theirs = load_file(tmp_path / "two" / name), load_file(single / name)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
     assert writers == {0: "0", 1: "1", 2: "0", 3: "1"}
+
+
+def test_plan_of_a_cache_recipe_counts_no_encoders(capsys):
+    """`fewstep plan` builds the recipe on the meta device as training would load it: without the text encoders
+    and the VAE when it trains from a cache (SDXL's 1.68 GiB in bf16)."""
+
+    def plan(*overrides: str) -> dict:
+        assert main(["plan", "dmd/sdxl_dmd2_lora", "--gpus", "1", "--json", *overrides]) == 0
+        return json.loads(capsys.readouterr().out)["layouts"][0]
+
+    folder = plan()
+    cache = plan("data.source=cache", "data.path=cache", "data.prompts=null")
+    assert folder["persistent"]["encoders, VAE, buffers"] > 1.6 * 2**30
+    assert cache["persistent"]["encoders, VAE, buffers"] == 0
+    saved = folder["persistent"]["encoders, VAE, buffers"]
+    assert folder["peak_bytes"] - cache["peak_bytes"] == saved
