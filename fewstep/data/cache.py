@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ DEFAULT_DIRNAME = ".fewstep_cache"  # inside an image folder (its metadata.jsonl
 CACHEABLE = ("image_folder", "prompts")  # the data sources a cache can be made of
 NOT_CACHED_FIELDS = ("guidance", "extra")  # Flux's embedded guidance is set from the teacher; extra is for custom ones
 REBUILD = "fewstep cache RECIPE --overwrite"  # with a data.source: cache recipe it rebuilds from the manifest's source
+OPEN_SHARDS = 64  # shard files a reader keeps open
 
 
 class StaleCacheError(ValueError):
@@ -231,25 +233,30 @@ class CachedDataset:
     """The items of a complete cache: ``batch(idx)`` gives ``(x0 or None, cond, uncond or None)`` on the CPU, as the
     source data would give them through the teacher's encoders; ``captions(idx)`` the captions or prompts.
 
-    Shards are memory-mapped and read item by item (``safetensors.safe_open``), so a cache larger than memory works.
+    Shards are memory-mapped and read item by item (``safetensors.safe_open``), so a cache larger than memory works;
+    the ``OPEN_SHARDS`` most recently read stay open.
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.root, self.manifest = open_cache(directory)
         self.shards = self.manifest["shards"]
         self._firsts = [s["first"] for s in self.shards]
-        self._open: dict[int, tuple[Any, set[str], set[str], list[str]]] = {}
+        self._open: OrderedDict[int, tuple[Any, set[str], set[str], list[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.manifest["source"]["num_items"])
 
     def _shard(self, k: int) -> tuple[Any, set[str], set[str], list[str]]:
-        """Shard ``k``'s open file, its shared and unbatched keys and its captions (opened once)."""
-        if k not in self._open:
-            handle = safe_open(str(self.root / self.shards[k]["file"]), framework="pt")
-            meta = handle.metadata() or {}
-            shared, unbatched = (set(json.loads(meta.get(key, "[]"))) for key in ("shared", "unbatched"))
-            self._open[k] = (handle, shared, unbatched, json.loads(meta.get("captions", "[]")))
+        """Shard ``k``'s open file, its shared and unbatched keys and its captions."""
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        handle = safe_open(str(self.root / self.shards[k]["file"]), framework="pt")
+        meta = handle.metadata() or {}
+        shared, unbatched = (set(json.loads(meta.get(key, "[]"))) for key in ("shared", "unbatched"))
+        self._open[k] = (handle, shared, unbatched, json.loads(meta.get("captions", "[]")))
+        if len(self._open) > OPEN_SHARDS:  # a large cache read in random order: bounded file handles
+            self._open.popitem(last=False)
         return self._open[k]
 
     def _locate(self, i: int) -> tuple[int, int]:

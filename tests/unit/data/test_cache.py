@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from fewstep.config.errors import RecipeError
 from fewstep.config.load import load_recipe, validate_recipe
-from fewstep.data.cache import MANIFEST, NULL_FILE, StaleCacheError, load_cached_teacher, open_cache
+from fewstep.data import cache as cache_module
+from fewstep.data.cache import MANIFEST, NULL_FILE, CachedDataset, StaleCacheError, load_cached_teacher, open_cache
 from fewstep.data.cache_writer import build_cache
 from fewstep.data.loader import BatchStream
 from fewstep.models.conditioning import Conditioning
@@ -124,7 +125,7 @@ def test_prompt_cache_of_flux_keeps_every_field_and_the_teachers_guidance(tmp_pa
     assert float(b.cond.guidance[0]) == 4.5
 
 
-def test_an_interrupted_cache_keeps_its_finished_shards(tmp_path, folder):
+def test_an_interrupted_cache_keeps_its_finished_shards(tmp_path, folder, monkeypatch):
     recipe = load_recipe(str(write_recipe(tmp_path, {"source": "image_folder", "path": str(folder), "resolution": 16})))
     cache = build_cache(recipe, tmp_path / "cache", shard_size=1, progress=False)
     whole = {n: load_file(cache / n) for n in ("shard-00001.safetensors", "shard-00002.safetensors")}
@@ -143,7 +144,14 @@ def test_an_interrupted_cache_keeps_its_finished_shards(tmp_path, folder):
     for name, tensors in whole.items():
         rewritten = load_file(cache / name)
         assert rewritten.keys() == tensors.keys() and all(torch.equal(rewritten[k], tensors[k]) for k in tensors)
-    open_cache(cache)
+
+    # read across shards with one file open at a time: the same rows
+    monkeypatch.setattr(cache_module, "OPEN_SHARDS", 1)
+    dataset = CachedDataset(cache)
+    x0, cond, _ = dataset.batch([2, 0, 2])
+    assert dataset.captions([2, 0]) == ["pattern 2", "pattern 0"]
+    assert torch.equal(x0[0], x0[2]) and torch.equal(x0[1], load_file(cache / "shard-00000.safetensors")["latents"][0])
+    assert torch.equal(cond.prompt_embeds[0], whole["shard-00002.safetensors"]["cond.prompt_embeds"][0])
 
 
 def test_a_cache_made_otherwise_is_refused_with_what_differs(tmp_path, folder):
