@@ -132,6 +132,11 @@ _READ_FROM = {
 
 
 def _cannot_write(source: str, recipe: str) -> str:
+    if source == "cache":
+        return (
+            f"data.source: cache is written by `fewstep cache` from image_folder or prompts data (e.g. `fewstep cache "
+            f"{recipe} data.source=image_folder data.path=FOLDER --out DIR`), not by fewstep data."
+        )
     if source == "pairs":
         return (
             f"data.source: pairs is written by `fewstep pairs {recipe} --num-pairs N --prompts FILE` (the teacher's "

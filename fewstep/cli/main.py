@@ -1,5 +1,5 @@
 """``fewstep <verb> ...``: argparse with one module per verb (recipes, validate, data, train, export, eval, sample,
-quickstart, pairs, compare, plan).
+quickstart, pairs, compare, plan, cache).
 
 A user's mistake (a bad recipe, a missing or unwritable path, a corrupt or foreign checkpoint, export or data file)
 prints one ``error: ...`` line naming the cause and the fix and exits with status 2, without a traceback; a run that
@@ -38,6 +38,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "compare": ("fewstep.cli.compare", "compare two runs: curves, final values, eval reports, recipe differences"),
     "data": ("fewstep.cli.data", "write a recipe's starter data (prompts, or images drawn from its teacher)"),
     "plan": ("fewstep.cli.plan", "predict a recipe's GPU memory per rank and the cheapest layout that fits"),
+    "cache": ("fewstep.cli.cache", "precompute text embeddings and VAE latents, to train without the encoders"),
 }
 USER_ERROR_EXIT = 2  # bad input: recipe, paths, corrupt or foreign files
 RUN_FAILED_EXIT = 1  # a run that started and failed: non-finite stop, disk full

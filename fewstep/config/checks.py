@@ -23,6 +23,7 @@ _PATH_SOURCES = {  # data.source -> (what data.path must be, a file inside it th
     "image_folder": ("dir", "metadata.jsonl"),
     "pairs": ("dir", "pairs.json"),
     "fashion_mnist": ("dir", None),
+    "cache": ("dir", "manifest.json"),
 }
 _RESUME_WORDS = ("auto", "never")
 TRACKER_PACKAGES = {  # accelerate tracker name (train.log_with) -> the pip package that provides it
@@ -60,6 +61,17 @@ def recipe_issues(recipe: Any) -> list[RecipeIssue]:
                             hint=f"Use step counts of at most {grid}, or raise objective.num_ddim_timesteps.",
                         )
                     )
+    if recipe.data.source == "cache" and recipe.eval.every_steps is not None:
+        issues.append(
+            RecipeIssue(
+                ("eval", "every_steps"),
+                "cannot be used with data.source: cache (periodic evaluation encodes its prompts with the text "
+                "encoders, which training from a cache leaves on disk)",
+                recipe.eval.every_steps,
+                hint="Remove eval.every_steps and evaluate the run afterwards (`fewstep eval RUN --prompts FILE`), or "
+                "train from the source data.",
+            )
+        )
     if getattr(recipe.objective, "reward_weight", 0) > 0 and getattr(recipe.objective, "reward", "") is None:
         issues.append(
             RecipeIssue(
@@ -195,6 +207,11 @@ def _get_data_hint(source: str, name: str) -> str:
         )
     if source == "pairs":
         return f"Write the pairs first: `fewstep pairs {name} --num-pairs N --prompts FILE`."
+    if source == "cache":
+        return (
+            "Write the cache first from the recipe's image folder or prompts: `fewstep cache RECIPE --out DIR` "
+            "(with data.source: image_folder or prompts), then set data.path to DIR."
+        )
     if source == "fashion_mnist":
         return (
             "Point data.path at the directory of the Fashion-MNIST idx files (`apt-get install dataset-fashion-mnist` "

@@ -84,7 +84,9 @@ class DataConfig(BaseModel):
     Fashion-MNIST (``fashion_mnist``: ``path`` is an optional directory of its idx files, see fewstep.data.fashion),
     or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``), or WebDataset tar shards
     (``webdataset``: ``path`` is a brace pattern, a directory of .tar files, a .txt list of shards, or a list of
-    these; see fewstep.data.webdataset).
+    these; see fewstep.data.webdataset), or a precomputed cache of text embeddings and VAE latents (``cache``:
+    ``path`` is a directory written by ``fewstep cache``; ``resolution``, if set, must be the cache's; see
+    fewstep.data.cache).
 
     ``buckets`` (image_folder, webdataset): a preset (``sdxl``, ``sd15``) or ``[height, width]`` shapes
     (``[frames, height, width]`` for video); each image trains at the bucket of nearest aspect ratio, each batch is
@@ -94,7 +96,7 @@ class DataConfig(BaseModel):
 
     model_config = BLOCK
 
-    source: Literal["digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset"]
+    source: Literal["cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset"]
     path: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     prompts: list[str] | None = Field(None, min_length=1)
     resolution: PositiveInt | None = None
@@ -179,6 +181,17 @@ class DataConfig(BaseModel):
                     issues.append(
                         issue(key, "not used with source: pairs", getattr(self, key), hint=f"Remove data.{key}.")
                     )
+        elif self.source == "cache":  # written by `fewstep cache` from image_folder or prompts data
+            if self.path is None:
+                issues.append(
+                    issue("path", "required for source: cache",
+                          hint="Set data.path to a directory written by `fewstep cache RECIPE`.")
+                )  # fmt: skip
+            if self.prompts is not None:
+                issues.append(
+                    issue("prompts", "not used with source: cache", self.prompts,
+                          hint="The cache holds its prompts' embeddings already; remove data.prompts.")
+                )  # fmt: skip
         elif self.source == "fashion_mnist":  # path: optional directory of the idx files
             for key in ("prompts", "resolution"):
                 if getattr(self, key) is not None:

@@ -38,7 +38,7 @@ from fewstep.models.teacher import Teacher
 if TYPE_CHECKING:
     from fewstep.data.webdataset import ShardStream
 
-SOURCES = ("digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset")
+SOURCES = ("cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset")
 STREAM_PROMPTS = 4096  # captions a streaming source keeps encoded (its captions rarely repeat)
 
 
@@ -177,6 +177,8 @@ class BatchStream:
             return [self.dataset[i] for i in idx]
         if source == "image_folder":
             return [self.dataset[i][1] for i in idx]
+        if source == "cache":
+            return self.dataset.captions(idx)
         if source == "digits":
             return [str(int(self.dataset.labels[i])) for i in idx]
         if source == "fashion_mnist":
@@ -205,6 +207,8 @@ class BatchStream:
         if self.cfg.source == "prompts":
             cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device)
             return Batch(cond=cond, uncond=uncond, x0=None)
+        if self.cfg.source == "cache":  # what image_folder / prompts give, read from fewstep.data.cache
+            return self._cached_batch(idx)
         files, captions = zip(*(self.dataset[i] for i in idx))
         # with buckets the batch takes its first image's bucket (a training batch is one bucket; a preview may mix)
         size = self.buckets[self.item_buckets[idx[0]]] if self.buckets else int(self.cfg.resolution)
@@ -213,6 +217,19 @@ class BatchStream:
         if self.buckets:
             cond, uncond = sized_conditioning(self.teacher, size, cond, uncond)
         return Batch(cond=cond, uncond=uncond, x0=x0)
+
+    def _cached_batch(self, idx: list[int]) -> Batch:
+        x0, cond, uncond = self.dataset.batch(idx)
+        null = self.teacher.null_cond
+        if null is not None and null.guidance is not None:  # Flux's embedded guidance: the teacher's, never cached
+            guidance = null.guidance.repeat(len(idx))
+            cond = cond.replace(guidance=guidance)
+            uncond = uncond.replace(guidance=guidance) if uncond is not None else None
+        return Batch(
+            cond=cond.to(self.device),
+            uncond=uncond.to(self.device) if uncond is not None else None,
+            x0=x0.to(self.device) if x0 is not None else None,
+        )
 
     def _encode(self, images: Tensor) -> Tensor:
         from fewstep.models.loading import encode_images
@@ -228,7 +245,8 @@ def build_batches(
     Args:
         data_cfg: the recipe's ``data`` block (``source``, ``path``, ``prompts``, ``resolution``, ``batch_size`` per
             rank, ``shuffle``, ``caption_column``).
-        teacher: encodes prompts and images (its own text encoders and VAE) and supplies the null conditioning.
+        teacher: encodes prompts and images (its own text encoders and VAE) and supplies the null conditioning
+            (for ``data.source: cache`` it encodes nothing: ``fewstep.data.cache.load_cached_teacher``).
         accelerator: gives the device, rank and world size (``None``: CPU, one process).
         start_position: samples already consumed by all ranks (from a checkpoint).
         seed: seeds the epoch permutations (the same on every rank).
@@ -257,6 +275,10 @@ def _build_dataset(data_cfg: Any) -> Any:
         return PairDataset(data_cfg.path)
     if data_cfg.source == "prompts":
         return PromptDataset(data_cfg.prompts, data_cfg.path)
+    if data_cfg.source == "cache":
+        from fewstep.data.cache import CachedDataset
+
+        return CachedDataset(data_cfg.path)
     if not data_cfg.path:
         raise ValueError("data.source=image_folder needs data.path (a folder with images and metadata.jsonl).")
     return ImageFolderDataset(data_cfg.path, data_cfg.caption_column)

@@ -127,9 +127,17 @@ def pipeline_backbone(pipeline: Any) -> Any:
     raise ValueError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer` component.")
 
 
+def has_vae(pipeline: Any) -> bool:
+    """Whether a pipeline denoises VAE latents: its ``vae`` is loaded, or listed but left on disk (a teacher loaded
+    without its encoders, ``load_teacher(cfg, encoders=False)``)."""
+    if pipeline is None:
+        return False
+    return getattr(pipeline, "vae", None) is not None or "vae" in getattr(pipeline, "config", {})
+
+
 def default_resolution(pipeline: Any) -> int:
     """The image size (pixels) a pipeline generates by default."""
-    vae_scale = getattr(pipeline, "vae_scale_factor", 1) if getattr(pipeline, "vae", None) is not None else 1
+    vae_scale = getattr(pipeline, "vae_scale_factor", 1) if has_vae(pipeline) else 1
     size = getattr(pipeline, "default_sample_size", None)
     if size is None:
         size = pipeline_backbone(pipeline).config.sample_size
@@ -147,7 +155,7 @@ def latent_shape(teacher: _FromPipeline, batch_size: int, resolution: int | None
     if teacher.family == "flux":  # packing needs an even latent size
         scale = pipe.vae_scale_factor
         return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
-    scale = pipe.vae_scale_factor if getattr(pipe, "vae", None) is not None else 1
+    scale = pipe.vae_scale_factor if has_vae(pipe) else 1
     return batch_size, config.in_channels, res // scale, res // scale
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_UNBATCHED = ("txt_ids", "img_ids")
+UNBATCHED_FIELDS = ("txt_ids", "img_ids")  # shared by every sample of a batch (not indexed by it)
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Conditioning:
                 out["extra"] = {k: fn_batched(t) if isinstance(t, Tensor) else t for k, t in v.items()}
             elif v is None:
                 out[f.name] = None
-            elif f.name in _UNBATCHED:
+            elif f.name in UNBATCHED_FIELDS:
                 out[f.name] = fn_shared(v) if fn_shared else v
             else:
                 out[f.name] = fn_batched(v)
@@ -47,7 +47,7 @@ class Conditioning:
     def batch_size(self) -> int | None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, Tensor) and f.name not in _UNBATCHED:
+            if isinstance(v, Tensor) and f.name not in UNBATCHED_FIELDS:
                 return v.shape[0]
         return None
 
@@ -88,7 +88,7 @@ class Conditioning:
                 out[f.name] = None
             elif any(v is None for v in vals):
                 raise ValueError(f"Cannot batch conditionings where only some have {f.name!r}.")
-            elif f.name in _UNBATCHED:
+            elif f.name in UNBATCHED_FIELDS:
                 out[f.name] = vals[0]
             else:
                 out[f.name] = torch.cat(vals)

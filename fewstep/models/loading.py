@@ -5,6 +5,11 @@ path, a missing component or an unreachable Hub id gives one ``FileNotFoundError
 piece and the fix. ``load_teacher`` turns a pipeline into a ``Teacher``: the backbone adapter, the schedule and
 prediction type from the scheduler config, and the null conditioning for classifier-free guidance.
 
+Training from a precomputed cache (``fewstep.data.cache``) loads the teacher without its text encoders and VAE
+(``load_teacher(cfg, encoders=False, null_cond=...)``): they stay on disk, the null conditioning comes from the cache,
+and the VAE is loaded only while images are decoded (``vae_loaded``). ``encoder_identity`` names those encoders (class
+and config hash, read from their config files) so a cache can tell whether it was made by them.
+
 Specs accepted everywhere a pretrained model is named (``resolve_pretrained``):
 
 * ``tiny:<family>``: the tiny offline model of that family (``fewstep.testing.tiny_path``),
@@ -15,12 +20,15 @@ Specs accepted everywhere a pretrained model is named (``resolve_pretrained``):
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +48,11 @@ ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
 __all__ = [
-    "FAMILIES", "decode_latents", "detect_family", "encode_images", "is_hub_id", "load_pipeline", "load_teacher",
-    "quiet_loading", "resolve_pretrained", "schedule_and_prediction", "to_dtype",
+    "FAMILIES", "decode_latents", "detect_family", "encode_images", "encoder_components", "encoder_identity",
+    "is_hub_id", "load_component", "load_pipeline", "load_teacher", "pipeline_index", "quiet_loading",
+    "resolve_pretrained", "schedule_and_prediction", "to_dtype", "vae_loaded",
 ]  # fmt: skip
 
 
@@ -119,8 +129,9 @@ def _dtype_key() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def _check_local_pipeline(path: Path) -> None:
-    """Fail early, naming the missing piece, before diffusers gives a less specific error."""
+def _check_local_pipeline(path: Path, skip: Sequence[str] = ()) -> None:
+    """Fail early, naming the missing piece, before diffusers gives a less specific error (components in ``skip`` are
+    not loaded, so they need not be there)."""
     if not path.exists():
         raise FileNotFoundError(
             f"Pipeline directory {str(path)!r} does not exist. Pass a diffusers pipeline directory (one written by "
@@ -134,7 +145,7 @@ def _check_local_pipeline(path: Path) -> None:
         )
     components = json.loads(index.read_text())
     for name, value in components.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None or name in skip:
             continue
         if not (path / name).is_dir():
             raise FileNotFoundError(
@@ -148,6 +159,7 @@ def load_pipeline(
     dtype: str | torch.dtype = torch.float32,
     revision: str | None = None,
     variant: str | None = None,
+    skip: Sequence[str] = (),
 ) -> Any:
     """Load a diffusers pipeline from a local directory (offline) or a Hub id.
 
@@ -156,24 +168,27 @@ def load_pipeline(
         dtype: the dtype of every component (``torch_dtype``).
         revision: the Hub revision (branch, tag or commit).
         variant: the weight variant, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
+        skip: components left on disk (``from_pretrained(..., name=None)``), e.g. ``encoder_components``. A skipped
+            ``vae`` keeps the pipeline's ``vae_scale_factor`` (read from the VAE's config).
 
     Raises:
         FileNotFoundError: the directory, one of its components, or the Hub id cannot be found.
     """
     with quiet_loading():  # the tiny zoo builds (and saves) its pipelines inside resolve_pretrained
-        return _load_pipeline(path_or_id, dtype, revision, variant)
+        return _load_pipeline(path_or_id, dtype, revision, variant, tuple(skip))
 
 
 def _load_pipeline(path_or_id: str | os.PathLike, dtype: str | torch.dtype, revision: str | None,
-                   variant: str | None) -> Any:  # fmt: skip
+                   variant: str | None, skip: tuple[str, ...]) -> Any:  # fmt: skip
     from diffusers import DiffusionPipeline
 
     spec = resolve_pretrained(path_or_id)
     path = Path(spec)
     is_local = not is_hub_id(spec)
     kwargs: dict[str, Any] = {_dtype_key(): to_dtype(dtype), "revision": revision, "variant": variant}
+    kwargs.update({name: None for name in skip})
     if is_local:
-        _check_local_pipeline(path)
+        _check_local_pipeline(path, skip)
         try:
             pipe = DiffusionPipeline.from_pretrained(spec, local_files_only=True, **kwargs)
         except (OSError, ValueError) as err:
@@ -192,10 +207,91 @@ def _load_pipeline(path_or_id: str | os.PathLike, dtype: str | torch.dtype, revi
                 f"({reason}). Fix: download it where the Hub is reachable (`huggingface-cli download {spec}`) and "
                 "pass the local directory, or point HF_HOME at a cache that holds it."
             ) from err
+    if "vae" in skip and hasattr(pipe, "vae_scale_factor"):  # without a VAE the pipelines assume 8
+        vae_config = _component_config(spec, "vae", pipeline_index(spec, revision)["vae"][0], revision)
+        pipe.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as the pipelines compute it
     from fewstep.testing import apply_resolution_marker
 
     apply_resolution_marker(pipe, spec)  # tiny zoo directories record their default resolution
     return pipe
+
+
+def pipeline_index(path_or_id: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """A pipeline's ``model_index.json`` (its components and their classes), without loading anything."""
+    from diffusers import DiffusionPipeline
+
+    spec = resolve_pretrained(path_or_id)
+    local = not is_hub_id(spec)
+    if local and not (Path(spec) / "model_index.json").is_file():
+        _check_local_pipeline(Path(spec))  # raises, naming what is missing
+    try:
+        return dict(DiffusionPipeline.load_config(spec, revision=revision, local_files_only=local))
+    except OSError as err:
+        raise FileNotFoundError(
+            f"Could not read the model_index.json of {spec!r} ({str(err).splitlines()[0][:300]}). Download the "
+            f"pipeline where the Hub is reachable (`huggingface-cli download {spec}`) or pass a local directory."
+        ) from err
+
+
+def encoder_components(index: Mapping[str, Any]) -> list[str]:
+    """The text encoders and the VAE a ``model_index.json`` lists: what training from a cache leaves on disk."""
+    return [
+        name
+        for name, value in index.items()
+        if isinstance(value, list | tuple) and len(value) == 2 and value[0] is not None
+        and (name.startswith("text_encoder") or name == "vae")
+    ]  # fmt: skip
+
+
+def _component_config(spec: str, name: str, library: str, revision: str | None) -> dict[str, Any]:
+    """The ``config.json`` of one component as a dict, read with its library's own loader (no weights)."""
+    local = not is_hub_id(spec)
+    if library == "transformers":
+        from transformers import PretrainedConfig
+
+        config, _ = PretrainedConfig.get_config_dict(spec, subfolder=name, revision=revision, local_files_only=local)
+        return dict(config)
+    from diffusers import ConfigMixin
+
+    class _AnyConfig(ConfigMixin):  # ConfigMixin reads the file its class names; any diffusers config.json
+        config_name = "config.json"
+
+    return dict(_AnyConfig.load_config(spec, subfolder=name, revision=revision, local_files_only=local))
+
+
+def encoder_identity(path_or_id: str | os.PathLike, revision: str | None = None) -> dict[str, dict[str, str]]:
+    """``{component: {"class", "config_sha256"}}`` for each text encoder and the VAE of a pipeline, from its
+    ``model_index.json`` and their ``config.json`` files (nothing is loaded). The hash covers every architecture key of
+    the config (not versions or the saved dtype), so two pipelines with these encoders agree and any other differs."""
+    spec = resolve_pretrained(path_or_id)
+    index = pipeline_index(spec, revision)
+    identity = {}
+    for name in encoder_components(index):
+        library, class_name = index[name]
+        config = _component_config(spec, name, library, revision)
+        kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in CONFIG_VOLATILE_KEYS}
+        digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+        identity[name] = {"class": str(class_name), "config_sha256": digest}
+    return identity
+
+
+def load_component(
+    path_or_id: str | os.PathLike,
+    name: str,
+    dtype: str | torch.dtype = torch.float32,
+    revision: str | None = None,
+    variant: str | None = None,
+) -> torch.nn.Module:
+    """One model component of a pipeline (e.g. its ``vae``), frozen, with its library's ``from_pretrained``."""
+    spec = resolve_pretrained(path_or_id)
+    library, class_name = pipeline_index(spec, revision)[name]
+    cls = getattr(importlib.import_module(str(library)), str(class_name))
+    with quiet_loading():
+        module = cls.from_pretrained(
+            spec, subfolder=name, revision=revision, variant=variant, local_files_only=not is_hub_id(spec),
+            **{_dtype_key(): to_dtype(dtype)},
+        )  # fmt: skip
+    return module.eval().requires_grad_(False)
 
 
 def detect_family(pipeline: Any) -> str:
@@ -230,7 +326,7 @@ def schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
     )
 
 
-def load_teacher(cfg: Any) -> Teacher:
+def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None = None) -> Teacher:
     """Build a ``Teacher`` from a ``TeacherConfig`` (or any object with its attributes).
 
     ``cfg`` fields: ``pretrained``, ``family`` (``auto`` or one of ``FAMILIES``), ``dtype``, ``guidance_scale``
@@ -239,11 +335,19 @@ def load_teacher(cfg: Any) -> Teacher:
     Guidance-distilled Flux (``guidance_embeds``) takes its guidance as an input: there ``guidance_scale`` is the
     embedded guidance value (FLUX.1-dev uses 3.5), stored in ``null_cond.guidance`` and used by
     ``encode_prompts``; the teacher's CFG scale is 1 (no second forward).
+
+    Args:
+        encoders: ``False`` leaves the text encoders and the VAE on disk (training from a cache): the teacher cannot
+            encode prompts or images, and decodes latents by loading its VAE for the moment (``vae_loaded``).
+        null_cond: the null conditioning when ``encoders`` is ``False`` (the cache's; without encoders the empty
+            prompt cannot be encoded). Flux's embedded guidance is set from ``cfg`` as usual.
     """
     from fewstep.models.prompts import null_conditioning
 
-    pipe = load_pipeline(cfg.pretrained, getattr(cfg, "dtype", "float32"), getattr(cfg, "revision", None),
-                         getattr(cfg, "variant", None))  # fmt: skip
+    dtype = getattr(cfg, "dtype", "float32")
+    revision, variant = getattr(cfg, "revision", None), getattr(cfg, "variant", None)
+    skip = () if encoders else tuple(encoder_components(pipeline_index(cfg.pretrained, revision)))
+    pipe = load_pipeline(cfg.pretrained, dtype, revision, variant, skip=skip)
     pipe.set_progress_bar_config(disable=True)
     family = detect_family(pipe)
     wanted = getattr(cfg, "family", "auto") or "auto"
@@ -264,9 +368,19 @@ def load_teacher(cfg: Any) -> Teacher:
         embedded, guidance_scale = guidance_scale, 1.0
     if family == "unet2d":
         null_cond = _null_class(backbone)
-    else:
+    elif encoders:
         null_cond = null_conditioning(pipe, family, guidance=embedded)
-    return Teacher(denoiser, guidance_scale, pipe, null_cond, family)
+    elif null_cond is None:
+        raise ValueError(
+            f"load_teacher(..., encoders=False) needs null_cond: without its text encoders the {family} teacher "
+            "cannot encode the empty prompt. Pass the null conditioning of the cache (fewstep.data.cache)."
+        )
+    elif embedded is not None:
+        null_cond = null_cond.replace(guidance=torch.full((1,), float(embedded), dtype=torch.float32))
+    teacher = Teacher(denoiser, guidance_scale, pipe, null_cond, family)
+    if "vae" in skip:
+        teacher.vae_loader = functools.partial(load_component, cfg.pretrained, "vae", dtype, revision, variant)
+    return teacher
 
 
 def _null_class(unet: Any) -> Conditioning | None:
@@ -277,13 +391,36 @@ def _null_class(unet: Any) -> Conditioning | None:
     return Conditioning(class_labels=torch.tensor([n - 1], dtype=torch.long))
 
 
+@contextlib.contextmanager
+def vae_loaded(teacher: Teacher) -> Iterator[Any]:
+    """The teacher's VAE for the block (``None`` for pixel teachers). A teacher loaded without it (``load_teacher(cfg,
+    encoders=False)``) gets it from disk onto its backbone's device for the block and lets it go afterwards, so
+    training from a cache holds no VAE between sample grids. Nested blocks share one load."""
+    pipe = teacher.pipeline
+    vae = getattr(pipe, "vae", None) if pipe is not None else None
+    if vae is not None or teacher.vae_loader is None:
+        yield vae
+        return
+    param = next(teacher.denoiser.backbone.parameters())
+    pipe.vae = teacher.vae_loader().to(param.device)
+    try:
+        yield pipe.vae
+    finally:
+        pipe.vae = None
+
+
 def decode_latents(teacher: Teacher, x0: Tensor) -> Tensor:
     """Clean latents ``[b, c, h, w]`` to images ``[b, 3|1, H, W]`` in ``[0, 1]`` (float32).
 
-    Latent teachers: the VAE on ``x0 / scaling_factor + shift_factor``. Pixel teachers: ``(x0 + 1) / 2``.
+    Latent teachers: the VAE on ``x0 / scaling_factor + shift_factor`` (loaded for the call if it was left on disk;
+    wrap several calls in ``vae_loaded`` to load it once). Pixel teachers: ``(x0 + 1) / 2``.
     Gradients flow to ``x0`` if it requires them (the VAE itself is frozen).
     """
-    vae = getattr(teacher.pipeline, "vae", None) if teacher.pipeline is not None else None
+    with vae_loaded(teacher) as vae:
+        return _decode(vae, x0)
+
+
+def _decode(vae: Any, x0: Tensor) -> Tensor:
     if vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
     scaling = vae.config.scaling_factor
@@ -300,6 +437,11 @@ def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
     Uses the posterior mean (deterministic). Pixel teachers return the images unchanged (float32).
     """
     vae = getattr(teacher.pipeline, "vae", None) if teacher.pipeline is not None else None
+    if vae is None and teacher.vae_loader is not None:
+        raise ValueError(
+            "This teacher was loaded without its VAE (training from a cache), so it cannot encode images: the cache "
+            "holds their latents already. Load it with load_teacher(cfg) to encode new images."
+        )
     if vae is None:
         return images.float()
     scaling = vae.config.scaling_factor

@@ -37,6 +37,11 @@ class Teacher:
         pipeline: the diffusers pipeline it came from, if any (VAE, encoders, scheduler, export).
         null_cond: the unconditional ``Conditioning`` for one sample (batch 1), repeated as needed.
         family: the backbone family name (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``unet2d``, ``custom``).
+
+    Attributes:
+        vae_loader: for a teacher loaded without its VAE (training from a cache, ``load_teacher(cfg,
+            encoders=False)``): loads the VAE from disk when images are decoded
+            (``fewstep.models.loading.vae_loaded``); ``None`` otherwise.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class Teacher:
         self.pipeline = pipeline
         self.null_cond = null_cond
         self.family = family
+        self.vae_loader: Callable[[], nn.Module] | None = None
         self._views: list[Callable[[], AbstractContextManager]] = []
         denoiser.eval()
         denoiser.requires_grad_(False)

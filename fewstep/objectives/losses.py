@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewstep.models.backbones import has_vae
 from fewstep.models.teacher import Teacher
 
 RFPP_HUBER_C = 0.00054  # rfpp: c = 0.00054·d with d the number of elements per sample
@@ -89,7 +90,7 @@ def lpips_distance(net: nn.Module, a: Tensor, b: Tensor) -> Tensor:
 
 def check_lpips_space(teacher: Teacher) -> None:
     """Refuse LPIPS for a latent teacher: the loss compares images and does not decode latents."""
-    if getattr(teacher.pipeline, "vae", None) is not None:
+    if has_vae(teacher.pipeline):
         raise ValueError(
             "LPIPS compares images, but this teacher denoises VAE latents; fewstep does not decode inside the loss "
             "(decoding every step costs a VAE forward and backward). Use loss_type: pseudo_huber for latent teachers."

@@ -23,7 +23,14 @@ import torch
 from fewstep.models.backbones import ADAPTER_BY_CLASS, pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.loading import FAMILIES, FLOW_TIMESTEP_SCALE, detect_family, schedule_and_prediction, to_dtype
+from fewstep.models.loading import (
+    FAMILIES,
+    FLOW_TIMESTEP_SCALE,
+    detect_family,
+    encoder_components,
+    schedule_and_prediction,
+    to_dtype,
+)
 from fewstep.models.teacher import Teacher
 from fewstep.plan.sources import INDEX, config_directory
 from fewstep.train.build import Components, build_components
@@ -151,6 +158,9 @@ def build_meta_models(recipe: Recipe) -> MetaModels:
     directory, where = config_directory(recipe.teacher.pretrained, recipe.teacher.revision)
     with quiet_diffusers():
         pipeline = meta_pipeline(directory, to_dtype(recipe.teacher.dtype))
+    if recipe.data.source == "cache":  # training from a cache leaves the text encoders and the VAE on disk
+        for name in encoder_components(json.loads((directory / INDEX).read_text())):
+            setattr(pipeline, name, None)
     teacher, family, notes = meta_teacher(pipeline, float(recipe.teacher.guidance_scale))
     wanted = recipe.teacher.family
     if wanted not in ("auto", family) and family in FAMILIES:

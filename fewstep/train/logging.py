@@ -64,14 +64,15 @@ def write_samples(
     labelled with its step count; ``labels`` (default: the class labels in ``cond``) head the columns. Returns the
     rows: images ``[n, c, H, W]`` in ``[0, 1]``, one per step count. ``save=False`` samples without writing (the
     other processes of a sharded run, whose forwards the main one needs)."""
-    from fewstep.models.loading import decode_latents
+    from fewstep.models.loading import decode_latents, vae_loaded
 
     sampler = objective.sampler()
     rows = []
-    for num_steps in sample_steps:
-        gen = torch.Generator().manual_seed(seed)  # re-noising samplers draw the same noise every time
-        x0 = sampler(noise, cond, num_steps, gen)
-        rows.append(decode_latents(teacher, x0).float())
+    with vae_loaded(teacher):  # a teacher trained from a cache loads its VAE for the grid only
+        for num_steps in sample_steps:
+            gen = torch.Generator().manual_seed(seed)  # re-noising samplers draw the same noise every time
+            x0 = sampler(noise, cond, num_steps, gen)
+            rows.append(decode_latents(teacher, x0).float())
     if labels is None and cond.class_labels is not None:
         labels = [str(int(c)) for c in cond.class_labels]
     row_labels = [f"{n} step{'s' if n != 1 else ''}" for n in sample_steps]

@@ -152,6 +152,10 @@ def train(
     run_lock = claim_on_main(recipe.output_dir, recipe.train.resume, recipe.train.overwrite, accelerator)
     try:
         set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
+        if teacher is None and recipe.data.source == "cache":  # no text encoders or VAE: the cache holds their outputs
+            from fewstep.data.cache import load_cached_teacher
+
+            teacher = load_cached_teacher(recipe)
         components = build_components(recipe, teacher=teacher)
         trainer = Trainer(recipe, accelerator, components, evaluator, run_lock=run_lock)
     except BaseException:

@@ -142,7 +142,7 @@ def test_a_scalar_where_a_block_belongs():
         (
             "data.source",
             "folder",
-            "'digits', 'fashion_mnist', 'image_folder', 'pairs', 'prompts', 'tensors', 'webdataset'",
+            "'cache', 'digits', 'fashion_mnist', 'image_folder', 'pairs', 'prompts', 'tensors', 'webdataset'",
         ),
         ("objective.loss_type", "l1", "'l2', 'huber'"),
     ],
