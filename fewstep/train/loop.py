@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fewstep.config.checks import input_issues
@@ -698,6 +698,7 @@ class Trainer:
                 digest.update(key.encode())
                 digest.update(full(t).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         fingerprints = gather_object([digest.hexdigest()])
+        state_bytes = gather_object([self._state_bytes()])
         if self.acc.is_main_process:
             summary = {
                 "step": self.step,
@@ -706,10 +707,33 @@ class Trainer:
                 "stopped_by_signal": self._stop,
                 "resumed_from": str(self.resumed_from) if self.resumed_from is not None else None,
                 "weight_fingerprints": fingerprints,
+                "state_bytes_per_rank": state_bytes,
             }
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
             if len(set(fingerprints)) > 1:
                 _say(f"WARNING: the ranks ended with different weights: {fingerprints}")
+
+    def _state_bytes(self) -> dict[str, int]:
+        """This rank's resident training state in bytes (its shards when sharded): the frozen and the trainable
+        weights of every role, AdamW's state and the EMA shadows. What ``fewstep plan`` predicts as static memory."""
+        modules = [self.teacher.denoiser.backbone, *self.modules.values(), *self.auxiliary.values()]
+        seen: dict[int, Tensor] = {}
+        for module in modules:
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        trainable = sum(local(p).nbytes for p in seen.values() if p.requires_grad)
+        frozen = sum(local(p).nbytes for p in seen.values() if not p.requires_grad)
+        optimizer = sum(
+            local(v).nbytes
+            for o in self.optimizers.values()
+            for state in o.state.values()
+            for v in state.values()
+            if isinstance(v, Tensor)
+        )
+        shadows = [t for ema in (self.ema, self.auxiliary_ema) if ema is not None for d in ema.shadow.values()
+                   for t in d.values()]  # fmt: skip
+        ema = sum(local(t).nbytes for t in shadows)
+        return {"frozen_weights": frozen, "trainable_weights": trainable, "optimizer": optimizer, "ema": ema}
 
     def _install_signal_handlers(self) -> Any:
         """SIGTERM/SIGINT ask for a clean stop (checkpoint after this step); a second signal acts as usual."""
