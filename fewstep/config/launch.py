@@ -56,7 +56,7 @@ def launch_configs_dir() -> Path:
 
 
 def list_launch_configs() -> list[str]:
-    """Names of the shipped accelerate configs, e.g. ``["ddp", "deepspeed_zero2", ..., "multi_node"]``."""
+    """Names of the shipped accelerate configs, e.g. ``["ddp", "fsdp2_full_shard", ..., "multi_node"]``."""
     base = launch_configs_dir()
     return sorted(p.stem for p in base.glob(f"*{RECIPE_SUFFIX}")) if base.is_dir() else []
 

@@ -77,7 +77,7 @@ from fewstep.train.sharding import (
     shard_roots,
     sharding_roots,
 )
-from fewstep.train.sync import average_gradients, check_strategy
+from fewstep.train.sync import average_gradients, check_engine, check_strategy
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -149,6 +149,7 @@ def train(
         raise RecipeError(issues)
     accelerator = accelerator if accelerator is not None else make_accelerator(recipe)
     check_launch(accelerator)  # before the teacher loads: a bad launch or a taken output_dir fails at once
+    check_engine(accelerator)
     run_lock = claim_on_main(recipe.output_dir, recipe.train.resume, recipe.train.overwrite, accelerator)
     try:
         set_seed(recipe.train.seed)  # the same on every rank: identical initial weights (LoRA init, heads)

@@ -23,6 +23,29 @@ if TYPE_CHECKING:
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
+DEEPSPEED_REFUSAL = (
+    "fewstep's trainer does not run under DeepSpeed: DeepSpeed drives one model per engine, while most distillation "
+    "objectives train two or more roles (DMD2's student and fake score, a GAN head, adapters), and its optimizer state "
+    "holds objects that fewstep's checkpoints (tensors and plain values only, so that no checkpoint can run code) do "
+    "not store. Shard with FSDP2, which takes every objective: accelerate launch --config_file "
+    "recipes/accelerate/fsdp2_full_shard.yaml (as ZeRO-3), fsdp2_shard_grad_op.yaml (ZeRO-2) or fsdp2_offload.yaml "
+    "(ZeRO-Offload), or train.fsdp in the recipe."
+)
+
+
+def check_engine(accelerator: Any) -> None:
+    """Refuse engines the trainer cannot drive (DeepSpeed, Megatron-LM), before anything loads.
+
+    Raises:
+        ValueError: the launch's distributed type is DeepSpeed or Megatron-LM (the message says what to use).
+    """
+    kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(
+            DEEPSPEED_REFUSAL.replace("DeepSpeed", "Megatron-LM", 1) if kind == "MEGATRON_LM" else DEEPSPEED_REFUSAL
+        )
+
+
 def check_strategy(objective: Objective, accelerator: Any, sharded_by_fewstep: bool = False) -> None:
     """Refuse a sharded strategy that accelerate's wrapper would run for an objective that bypasses the prepared
     modules or has auxiliary modules. FSDP2 applied by fewstep itself (``sharded_by_fewstep``;

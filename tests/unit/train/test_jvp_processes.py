@@ -11,7 +11,7 @@ import torch
 
 from fewstep.objectives.consistency.scm import SCM
 from fewstep.objectives.diffusion import Diffusion
-from fewstep.train.sync import average_gradients, check_strategy
+from fewstep.train.sync import average_gradients, check_engine, check_strategy
 from tests.helpers import launch_two
 
 
@@ -40,15 +40,12 @@ def test_one_process_average_is_a_no_op_and_sharding_is_refused():
 
     assert SCM.bypasses_prepared and not Diffusion.bypasses_prepared
     check_strategy(SCM, SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))  # DDP: fine
+    fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP")
+    check_strategy(SCM, fsdp, sharded_by_fewstep=True)  # FSDP2 as fewstep applies it: every objective
     with pytest.raises(ValueError, match="FSDP cannot shard.*--multi_gpu"):
-        check_strategy(SCM, SimpleNamespace(distributed_type="DistributedType.FSDP"))
+        check_strategy(SCM, fsdp)  # a wrapper FSDP (never built by the trainer) would not see the JVP
 
-    class WithAuxiliary:  # an objective whose auxiliary module (trained outside the wrapped model) DDP never sees
-        bypasses_prepared = False
-
-        def auxiliary(self):
-            return {"student": layer}
-
-    check_strategy(WithAuxiliary(), SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))
-    with pytest.raises(ValueError, match="auxiliary modules.*DEEPSPEED cannot shard"):
-        check_strategy(WithAuxiliary(), SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"))
+    check_engine(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))
+    for engine in ("DEEPSPEED", "MEGATRON_LM"):
+        with pytest.raises(ValueError, match="does not run under.*fsdp2_full_shard.yaml"):
+            check_engine(SimpleNamespace(distributed_type=f"DistributedType.{engine}"))
