@@ -198,7 +198,7 @@ class Trainer:
 
         self.groups: dict[str, nn.Module] = self.objective.trainable()  # unwrapped
         self.auxiliary = self._auxiliary_modules()  # never wrapped; trained by their group's optimizer
-        self.layout = fsdp_layout(self.cfg.fsdp, accelerator, self.cfg.mixed_precision)
+        self.layout = fsdp_layout(self.cfg.fsdp, accelerator)
         check_strategy(self.objective, accelerator, sharded_by_fewstep=self.layout is not None)
         if self.layout is not None:  # FSDP2: every backbone sharded here, before the optimizers see the weights
             roots = sharding_roots(self.groups, self.teacher.denoiser.backbone)

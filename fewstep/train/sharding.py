@@ -47,7 +47,9 @@ class FSDPLayout:
             (shard within a node, replicate across nodes); 1 shards over every rank.
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
         activation_checkpointing: recompute each block's activations in backward.
-        param_dtype: the dtype blocks compute in (mixed precision; None: the weights' own).
+        param_dtype: the dtype FSDP gathers weights in (an FSDP2 accelerate config's mixed-precision policy; None:
+            each weight's stored dtype, e.g. a bf16 frozen base and fp32 trainable weights). ``train.fsdp`` leaves it
+            None: compute precision comes from ``train.mixed_precision`` (autocast), as in unsharded runs.
         reduce_dtype: the dtype gradients are reduced in (None: the gradients' own).
     """
 
@@ -59,10 +61,7 @@ class FSDPLayout:
     reduce_dtype: torch.dtype | None = None
 
 
-MIXED = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def fsdp_layout(config: FSDPConfig | None, accelerator: Any, mixed_precision: str = "no") -> FSDPLayout | None:
+def fsdp_layout(config: FSDPConfig | None, accelerator: Any) -> FSDPLayout | None:
     """The run's layout: the recipe's ``train.fsdp`` when set, else the FSDP plugin of an ``accelerate launch`` with
     an FSDP config, else None (no sharding).
 
@@ -71,15 +70,12 @@ def fsdp_layout(config: FSDPConfig | None, accelerator: Any, mixed_precision: st
             not divide the number of processes.
     """
     world = accelerator.num_processes
-    param_dtype = MIXED.get(mixed_precision)
     if config is not None and config.enabled:
         layout = FSDPLayout(
             reshard_after_forward=config.reshard_after_forward,
             replicate=config.replicate,
             cpu_offload=config.cpu_offload,
             activation_checkpointing=config.activation_checkpointing,
-            param_dtype=param_dtype,
-            reduce_dtype=torch.float32 if param_dtype is not None else None,
         )
     else:
         plugin = getattr(accelerator.state, "fsdp_plugin", None) if _launched_fsdp(accelerator) else None
@@ -97,8 +93,13 @@ def fsdp_layout(config: FSDPConfig | None, accelerator: Any, mixed_precision: st
             replicate=_replicate_degree(accelerator),
             cpu_offload=plugin.cpu_offload is not None and type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
             activation_checkpointing=bool(plugin.activation_checkpointing),
-            param_dtype=getattr(policy, "param_dtype", None) or param_dtype,
+            param_dtype=getattr(policy, "param_dtype", None),
             reduce_dtype=getattr(policy, "reduce_dtype", None),
+        )
+    if layout.cpu_offload and accelerator.device.type == "cpu":
+        raise ValueError(
+            "train.fsdp.cpu_offload=true moves the shards from the GPUs to host memory; this run is on CPUs, where "
+            "they are in host memory already. Set it to false."
         )
     if layout.replicate < 1 or world % layout.replicate:
         raise ValueError(

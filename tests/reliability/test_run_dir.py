@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -185,7 +186,9 @@ def test_real_torchrun_without_accelerate_is_refused_by_every_copy(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    refusals = [line for line in result.stderr.splitlines() if line.startswith("error: WORLD_SIZE=2 says")]
+    refusals = [
+        line for line in result.stderr.splitlines() if re.match(r"error: \[process \d of 2\] WORLD_SIZE=2 says", line)
+    ]
     assert refusals, result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
