@@ -47,9 +47,9 @@ class FSDPLayout:
             (shard within a node, replicate across nodes); 1 shards over every rank.
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
         activation_checkpointing: recompute each block's activations in backward.
-        param_dtype: the dtype FSDP gathers weights in (an FSDP2 accelerate config's mixed-precision policy; None:
-            each weight's stored dtype, e.g. a bf16 frozen base and fp32 trainable weights). ``train.fsdp`` leaves it
-            None: compute precision comes from ``train.mixed_precision`` (autocast), as in unsharded runs.
+        param_dtype: the dtype FSDP gathers weights in (None: each weight's stored dtype, e.g. a bf16 frozen base and
+            fp32 trainable weights). fewstep leaves it None, also under an accelerate config with a mixed-precision
+            policy: compute precision comes from ``train.mixed_precision`` (autocast), as in unsharded runs.
         reduce_dtype: the dtype gradients are reduced in (None: the gradients' own).
     """
 
@@ -86,15 +86,14 @@ def fsdp_layout(config: FSDPConfig | None, accelerator: Any) -> FSDPLayout | Non
                 "The accelerate config asks for FSDP version 1; fewstep shards with FSDP2 only. Set "
                 "`fsdp_version: 2` in its fsdp_config (see recipes/accelerate/fsdp2_full_shard.yaml)."
             )
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
         reshard = plugin.reshard_after_forward
-        policy = plugin.mixed_precision_policy
-        layout = FSDPLayout(
+        layout = FSDPLayout(  # precision as in every fewstep run: autocast from train.mixed_precision
             reshard_after_forward=bool(reshard) if isinstance(reshard, bool) else True,
             replicate=_replicate_degree(accelerator),
-            cpu_offload=plugin.cpu_offload is not None and type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
+            cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
             activation_checkpointing=bool(plugin.activation_checkpointing),
-            param_dtype=getattr(policy, "param_dtype", None),
-            reduce_dtype=getattr(policy, "reduce_dtype", None),
         )
     if layout.cpu_offload and accelerator.device.type == "cpu":
         raise ValueError(
