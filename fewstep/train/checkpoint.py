@@ -59,7 +59,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fewstep.train.ema import EMA, shape_mismatches
+from fewstep.train.ema import EMA, shape_mismatches, trainable_state
 from fewstep.train.manifest import (
     MANIFEST,
     IntegrityError,
@@ -166,15 +166,6 @@ def sweep_leftovers(run_dir: str | Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             swept.append(path)
     return swept
-
-
-def trainable_state(module: nn.Module) -> dict[str, Tensor]:
-    """The weights that train: parameters with ``requires_grad``; for a full model (nothing frozen) also buffers.
-    A LoRA student therefore saves only its adapters."""
-    state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-    if all(p.requires_grad for p in module.parameters()):
-        state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
-    return state
 
 
 def checkpoint_fingerprint(groups: dict[str, nn.Module], recipe: Recipe, teacher: Teacher) -> dict[str, Any]:

@@ -18,6 +18,15 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
+def trainable_state(module: nn.Module) -> dict[str, Tensor]:
+    """The weights that train: parameters with ``requires_grad``; for a full model (nothing frozen) also buffers.
+    A LoRA student therefore saves only its adapters."""
+    state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    if all(p.requires_grad for p in module.parameters()):
+        state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
+    return state
+
+
 def shape_mismatches(expected: dict[str, Tensor], given: dict[str, Tensor]) -> list[str]:
     """``"<key>: <given shape> for <expected shape>"`` for every shared key whose shapes differ (copying such a
     tensor would broadcast it silently, or fail deep inside torch)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from fewstep.train.ema import trainable_parameters
+from fewstep.train.ema import trainable_parameters, trainable_state
 
 if TYPE_CHECKING:
     from fewstep.train.ema import EMA
@@ -50,8 +50,6 @@ def sharded_state(
     """The flat DCP state of a run: its tensors themselves (sharded ones as DTensors), so that ``dcp.load`` fills
     them in place. ``for_loading``: optimizer state not yet created (a fresh optimizer) is created first, zeros of
     the parameter's layout, for the checkpoint's values to land in."""
-    from fewstep.train.checkpoint import trainable_state
-
     state: dict[str, Tensor] = {}
     for group, module in trainable.items():
         state.update({f"trainable/{group}/{k}": t for k, t in trainable_state(module).items()})
