@@ -41,11 +41,12 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image")
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
-                     "unet2d": "unet2d"}  # fmt: skip
-# What a flow backbone is fed: SD3 (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s, Flux s.
-FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
+                     "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image"}  # fmt: skip
+# What a flow backbone is fed: SD3 / SD3.5 (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s; Flux and
+# Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
+FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -295,20 +296,27 @@ def load_component(
 
 
 def detect_family(pipeline: Any) -> str:
-    """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` from a pipeline's backbone class and config."""
+    """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` from a pipeline's backbone
+    class and config.
+
+    Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
+    (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
     backbone = pipeline_backbone(pipeline)
     cls = type(backbone).__name__
     if cls == "FluxTransformer2DModel":
         return "flux"
     if cls == "SD3Transformer2DModel":
-        return "sd3"
+        return "sd35" if getattr(backbone.config, "qk_norm", None) else "sd3"
+    if cls == "QwenImageTransformer2DModel":
+        return "qwen_image"
     if cls == "UNet2DConditionModel":
         return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd15"
     if cls == "UNet2DModel":
         return "unet2d"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
-        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel. For other models use "
+        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
+        "QwenImageTransformer2DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 

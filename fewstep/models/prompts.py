@@ -102,7 +102,7 @@ def _flux(
     return cond, uncond
 
 
-_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3}
 
 
 def encode_with_pipeline(

@@ -10,6 +10,9 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   conditioning) with SDXL's ``EulerDiscreteScheduler`` config.
 * ``sd3``: ``StableDiffusion3Pipeline`` (two CLIP encoders + a T5 encoder) with ``FlowMatchEulerDiscreteScheduler``
   (static shift 3.0).
+* ``sd35``: ``StableDiffusion3Pipeline`` with Stable Diffusion 3.5's transformer features: RMS-normalised queries and
+  keys (``qk_norm="rms_norm"``, as in 3.5 Large and Medium) and a second, image-only attention in the first block
+  (``dual_attention_layers``, as 3.5 Medium has in its first 13), with 3.5's scheduler (static shift 3.0).
 * ``flux``: ``FluxPipeline`` (CLIP + T5, guidance embedding on) with ``FlowMatchEulerDiscreteScheduler`` using
   dynamic (resolution-dependent) shifting as FLUX.1 does.
 
@@ -32,7 +35,7 @@ import torch
 
 from fewstep.testing.tokenizer import clip_tokenizer, t5_tokenizer
 
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "sd35")
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
 RESOLUTION = 16  # default image size of every tiny pipeline (latents 8×8)
@@ -219,6 +222,37 @@ def _build_sd3() -> Any:
     )
 
 
+def _build_sd35() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",  # SD3.5 Large and Medium
+        dual_attention_layers=(0,),  # SD3.5 Medium: blocks 0-12 add an image-only attention (MMDiT-X)
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3.5's scheduler config
+        vae=_vae(1.5305, 0.0609, quant_conv=False),
+        text_encoder=_clip(projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip(projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(d_model=64),
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
 def _build_flux() -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -259,6 +293,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "sdxl": _build_sdxl,
     "sd3": _build_sd3,
     "flux": _build_flux,
+    "sd35": _build_sd35,
 }
 
 
