@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import pipeline_backbone
+from fewstep.models.backbones import pipeline_backbone, qwen_true_cfg_rescale
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
@@ -386,6 +386,8 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     elif embedded is not None:
         null_cond = null_cond.replace(guidance=torch.full((1,), float(embedded), dtype=torch.float32))
     teacher = Teacher(denoiser, guidance_scale, pipe, null_cond, family)
+    if family == "qwen_image":  # its pipeline rescales the guided velocity to the conditional one's norm
+        teacher.cfg_rescale = qwen_true_cfg_rescale
     if "vae" in skip:
         teacher.vae_loader = functools.partial(load_component, cfg.pretrained, "vae", dtype, revision, variant)
     return teacher
@@ -431,6 +433,8 @@ def decode_latents(teacher: Teacher, x0: Tensor) -> Tensor:
 def _decode(vae: Any, x0: Tensor) -> Tensor:
     if vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
+    if is_frame_vae(vae):
+        return _decode_frame(vae, x0)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
@@ -452,8 +456,41 @@ def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
         )
     if vae is None:
         return images.float()
+    if is_frame_vae(vae):
+        return _encode_frame(vae, images)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
     mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean
     return ((mean.float() - shift) * scaling).float()
+
+
+def is_frame_vae(vae: Any) -> bool:
+    """A video-style VAE used on single images (Qwen-Image's ``AutoencoderKLQwenImage``): ``[b, c, frames, h, w]``
+    tensors and per-channel ``latents_mean`` / ``latents_std`` instead of one scaling factor."""
+    return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def _latent_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``latents_mean``, ``latents_std`` as ``[1, c, 1, 1, 1]`` on ``like``'s device and dtype."""
+    shape = (1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
+    return mean, std
+
+
+def _decode_frame(vae: Any, x0: Tensor) -> Tensor:
+    """Normalised latents ``[b, c, h, w]`` to images: ``z = x0·std + mean`` on one frame (``QwenImagePipeline``)."""
+    param = next(vae.parameters())
+    z = x0.to(device=param.device, dtype=param.dtype)[:, :, None]  # [b, c, 1, h, w]
+    mean, std = _latent_stats(vae, z)
+    images = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]  # [-1, 1]
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _encode_frame(vae: Any, images: Tensor) -> Tensor:
+    """Images ``[b, 3, H, W]`` in ``[-1, 1]`` to ``(mean_z - latents_mean) / latents_std`` ``[b, c, h, w]``."""
+    param = next(vae.parameters())
+    z = vae.encode(images.to(device=param.device, dtype=param.dtype)[:, :, None]).latent_dist.mean
+    mean, std = _latent_stats(vae, z)
+    return ((z - mean) / std)[:, :, 0].float()
