@@ -33,7 +33,8 @@ def _pipeline_vs_teacher(teacher, seed: int, guidance: float) -> tuple[torch.Ten
     cfg = {"negative_prompt": [QWEN_NULL_PROMPT] * b} if guidance > 1 else {}
     out = pipe(prompt=PROMPTS, num_inference_steps=STEPS, true_cfg_scale=guidance, output_type="latent",
                generator=torch.Generator().manual_seed(seed), **cfg).images  # fmt: skip
-    noise = pipe.prepare_latents(b, c, resolution, resolution, torch.float32, "cpu", torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    noise = pipe.prepare_latents(b, c, resolution, resolution, torch.float32, "cpu", generator)
     noise, out = unpack_latents(noise, h, w), unpack_latents(out, h, w)
     cond, uncond = encode_prompts(teacher, PROMPTS)
     taus = scheduler_taus(pipe.scheduler, teacher.schedule, STEPS, num_tokens=num_tokens(teacher.denoiser, noise.shape))
