@@ -199,7 +199,7 @@ def kohya_state_dict(student: Student, teacher: Teacher) -> dict[str, Tensor]:
     component, family = backbone_component(teacher), teacher.family
     if component == "unet":
         return unet_kohya_state_dict(state, config.lora_alpha)
-    if family == "sd3":
+    if family in ("sd3", "sd35"):
         return folded_state_dict(state, config.r, config.lora_alpha, component)
     if family == "flux":
         return flux_kohya_state_dict(state, config.r, config.lora_alpha,

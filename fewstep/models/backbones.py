@@ -16,6 +16,8 @@ name                      model                        inputs
 ``flux``                  ``FluxTransformer2DModel``   packed 2×2 latents, ``timestep`` (= s), ``guidance``,
                                                        ``pooled_projections``, ``encoder_hidden_states``,
                                                        ``txt_ids``, ``img_ids``
+``qwen_image``            ``QwenImageTransformer2DModel``  packed 2×2 latents, ``timestep`` (= s),
+                                                       ``encoder_hidden_states`` (+ ``_mask``), ``img_shapes``
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -67,6 +69,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "UNet2DConditionModel": "unet2d_condition",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "QwenImageTransformer2DModel": "qwen_image",
 }
 
 
@@ -89,10 +92,11 @@ def adapter_for(backbone: nn.Module) -> str:
 def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     """The image tokens the backbone sees for a latent of ``shape`` ``[b, c, h, w]``; None where it has none.
 
-    Flux packs 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its ``patch_size``. This is
-    the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``, ``FlowSchedule.mu``).
+    Flux and Qwen-Image pack 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its
+    ``patch_size``. This is the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``,
+    ``FlowSchedule.mu``).
     """
-    if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3"):
+    if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3", "qwen_image"):
         return None
     patch = patch_size(denoiser.adapter_name, denoiser.backbone)
     return (shape[-2] // patch) * (shape[-1] // patch)
@@ -101,9 +105,9 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
 def patch_size(family: str, backbone: Any) -> int:
     """The side of the latent patches one token covers: 2 for Flux (its 2×2 packing), SD3's ``patch_size``, and 1
     for backbones that take latents as they are (UNets)."""
-    if family == "flux":
+    if family in ("flux", "qwen_image"):
         return 2
-    if family == "sd3":
+    if family in ("sd3", "sd35"):
         return int(getattr(backbone.config, "patch_size", 2))
     return 1
 
@@ -152,7 +156,7 @@ def latent_shape(teacher: _FromPipeline, batch_size: int, resolution: int | None
         raise ValueError("latent_shape needs a teacher loaded from a pipeline; for custom teachers use your shape.")
     res = resolution or default_resolution(pipe)
     config = pipeline_backbone(pipe).config
-    if teacher.family == "flux":  # packing needs an even latent size
+    if teacher.family in ("flux", "qwen_image"):  # packing needs an even latent size
         scale = pipe.vae_scale_factor
         return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
     scale = pipe.vae_scale_factor if has_vae(pipe) else 1
@@ -268,3 +272,41 @@ def flux_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditi
         return_dict=False,
     )[0]
     return unpack_latents(out, h, w)
+
+
+def qwen_image_shapes(b: int, height: int, width: int) -> list[list[tuple[int, int, int]]]:
+    """``img_shapes`` of ``QwenImagePipeline`` for ``b`` latents of ``height × width``: one frame of
+    ``(h/2)·(w/2)`` packed tokens each (the transformer's image RoPE grid)."""
+    return [[(1, height // 2, width // 2)]] * b
+
+
+@BACKBONES.register("qwen_image")
+def qwen_image_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``QwenImageTransformer2DModel`` on unpacked latents ``[b, c, h, w]``; returns the unpacked velocity.
+
+    As ``QwenImagePipeline`` calls it: ``timestep = t / 1000 = s`` (``FlowSchedule(timestep_scale=1)``), the text
+    tokens with their mask (left out when every token is real, as the pipeline does) and ``img_shapes``.
+    """
+    b, _, h, w = x.shape
+    mask = cond.prompt_embeds_mask
+    if mask is not None and bool(mask.all()):
+        mask = None
+    out = backbone(
+        hidden_states=pack_latents(x),
+        timestep=timestep.to(x.dtype),
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Qwen-Image"), x),
+        encoder_hidden_states_mask=None if mask is None else mask.to(x.device),
+        img_shapes=qwen_image_shapes(b, h, w),
+        return_dict=False,
+    )[0]
+    return unpack_latents(out, h, w)
+
+
+def qwen_true_cfg_rescale(guided: Tensor, cond_out: Tensor) -> Tensor:
+    """Qwen-Image's true-CFG rescale: each packed token of the guided velocity is scaled back to the norm of the
+    conditional one, ``ĝ = g · ‖v_c‖ / ‖g‖`` over the 4c values of its 2×2 patch (``QwenImagePipeline.__call__``).
+    Unpacked ``[b, c, h, w]`` in and out."""
+    _, _, h, w = guided.shape
+    g, c = pack_latents(guided), pack_latents(cond_out)
+    g = g * (c.norm(dim=-1, keepdim=True) / g.norm(dim=-1, keepdim=True))
+    return unpack_latents(g, h, w)

@@ -27,6 +27,7 @@ class Conditioning:
     timestep_cond: Tensor | None = None  # [b, d] LCM guidance-scale embedding
     txt_ids: Tensor | None = None  # [L, 3] Flux, shared across the batch
     img_ids: Tensor | None = None  # [h·w, 3] Flux, shared across the batch
+    prompt_embeds_mask: Tensor | None = None  # [b, L] long, 1 = a real text token (Qwen-Image: lengths differ)
     extra: dict[str, Any] = field(default_factory=dict)  # custom teachers: passed through as keyword arguments
 
     def _map(self, fn_batched: Any, fn_shared: Any = None) -> Conditioning:
@@ -75,6 +76,7 @@ class Conditioning:
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
         """Concatenate along the batch (e.g. ``[uncond, cond]`` for one 2B CFG forward)."""
+        items = pad_prompts(items)
         first = items[0]
         out: dict[str, Any] = {}
         for f in dataclasses.fields(first):
@@ -93,3 +95,24 @@ class Conditioning:
             else:
                 out[f.name] = torch.cat(vals)
         return Conditioning(**out)
+
+
+def pad_prompts(items: list[Conditioning]) -> list[Conditioning]:
+    """Bring masked text tokens (``prompt_embeds_mask``) of several conditionings to one length: zero embeddings with
+    mask 0 are appended, which the backbone does not attend to (a prompt of 12 tokens next to a negative of 5)."""
+    masked = [c for c in items if c.prompt_embeds_mask is not None and c.prompt_embeds is not None]
+    if len(masked) < 2:
+        return items
+    length = max(c.prompt_embeds.shape[1] for c in masked)
+
+    def pad(c: Conditioning) -> Conditioning:
+        extra = length - c.prompt_embeds.shape[1]
+        if c.prompt_embeds_mask is None or extra == 0:
+            return c
+        pe, mask = c.prompt_embeds, c.prompt_embeds_mask
+        return c.replace(
+            prompt_embeds=torch.cat([pe, pe.new_zeros(pe.shape[0], extra, *pe.shape[2:])], 1),
+            prompt_embeds_mask=torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1),
+        )
+
+    return [pad(c) for c in items]

@@ -35,17 +35,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import pipeline_backbone
+from fewstep.models.backbones import pipeline_backbone, qwen_true_cfg_rescale
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image")
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
-                     "unet2d": "unet2d"}  # fmt: skip
-# What a flow backbone is fed: SD3 (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s, Flux s.
-FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
+                     "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image"}  # fmt: skip
+# What a flow backbone is fed: SD3 / SD3.5 (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s; Flux and
+# Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
+FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -295,20 +296,27 @@ def load_component(
 
 
 def detect_family(pipeline: Any) -> str:
-    """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` from a pipeline's backbone class and config."""
+    """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` from a pipeline's backbone
+    class and config.
+
+    Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
+    (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
     backbone = pipeline_backbone(pipeline)
     cls = type(backbone).__name__
     if cls == "FluxTransformer2DModel":
         return "flux"
     if cls == "SD3Transformer2DModel":
-        return "sd3"
+        return "sd35" if getattr(backbone.config, "qk_norm", None) else "sd3"
+    if cls == "QwenImageTransformer2DModel":
+        return "qwen_image"
     if cls == "UNet2DConditionModel":
         return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd15"
     if cls == "UNet2DModel":
         return "unet2d"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
-        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel. For other models use "
+        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
+        "QwenImageTransformer2DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 
@@ -378,6 +386,8 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     elif embedded is not None:
         null_cond = null_cond.replace(guidance=torch.full((1,), float(embedded), dtype=torch.float32))
     teacher = Teacher(denoiser, guidance_scale, pipe, null_cond, family)
+    if family == "qwen_image":  # its pipeline rescales the guided velocity to the conditional one's norm
+        teacher.cfg_rescale = qwen_true_cfg_rescale
     if "vae" in skip:
         teacher.vae_loader = functools.partial(load_component, cfg.pretrained, "vae", dtype, revision, variant)
     return teacher
@@ -423,6 +433,8 @@ def decode_latents(teacher: Teacher, x0: Tensor) -> Tensor:
 def _decode(vae: Any, x0: Tensor) -> Tensor:
     if vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
+    if is_frame_vae(vae):
+        return _decode_frame(vae, x0)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
@@ -444,8 +456,41 @@ def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
         )
     if vae is None:
         return images.float()
+    if is_frame_vae(vae):
+        return _encode_frame(vae, images)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
     mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean
     return ((mean.float() - shift) * scaling).float()
+
+
+def is_frame_vae(vae: Any) -> bool:
+    """A video-style VAE used on single images (Qwen-Image's ``AutoencoderKLQwenImage``): ``[b, c, frames, h, w]``
+    tensors and per-channel ``latents_mean`` / ``latents_std`` instead of one scaling factor."""
+    return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def _latent_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``latents_mean``, ``latents_std`` as ``[1, c, 1, 1, 1]`` on ``like``'s device and dtype."""
+    shape = (1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
+    return mean, std
+
+
+def _decode_frame(vae: Any, x0: Tensor) -> Tensor:
+    """Normalised latents ``[b, c, h, w]`` to images: ``z = x0·std + mean`` on one frame (``QwenImagePipeline``)."""
+    param = next(vae.parameters())
+    z = x0.to(device=param.device, dtype=param.dtype)[:, :, None]  # [b, c, 1, h, w]
+    mean, std = _latent_stats(vae, z)
+    images = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]  # [-1, 1]
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _encode_frame(vae: Any, images: Tensor) -> Tensor:
+    """Images ``[b, 3, H, W]`` in ``[-1, 1]`` to ``(mean_z - latents_mean) / latents_std`` ``[b, c, h, w]``."""
+    param = next(vae.parameters())
+    z = vae.encode(images.to(device=param.device, dtype=param.dtype)[:, :, None]).latent_dist.mean
+    mean, std = _latent_stats(vae, z)
+    return ((z - mean) / std)[:, :, 0].float()

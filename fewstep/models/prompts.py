@@ -6,7 +6,8 @@ backbone, so teacher sampling reproduces the pipeline (``tests/unit/models/test_
 The null (unconditional) prompt is the empty string ``""``, as in every pipeline here, with each pipeline's own
 twist: SDXL zeroes its negative embeddings when no negative prompt is given (``force_zeros_for_empty_prompt``,
 also DMD2's choice); SD1.5 and SD3 encode ``""``; Flux has no negative branch of its own (its guidance is an
-input), so ``""`` is encoded for true CFG. Pass ``negative_prompts`` to use other negatives.
+input), so ``""`` is encoded for true CFG; Qwen-Image's true CFG uses the negative ``" "`` of its model card (its
+pipeline guides only when a negative prompt is given). Pass ``negative_prompts`` to use other negatives.
 
 Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches.
 """
@@ -102,7 +103,27 @@ def _flux(
     return cond, uncond
 
 
-_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+QWEN_NULL_PROMPT = " "  # Qwen-Image's model card: negative_prompt = " " turns true CFG on with no negative content
+
+
+def _qwen_image(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    """Qwen2.5-VL's last hidden states of the prompt in Qwen-Image's chat template, the template's system turn dropped
+    (``QwenImagePipeline.encode_prompt``); each prompt keeps its own length, recorded in ``prompt_embeds_mask``."""
+
+    def enc(texts: list[str]) -> Conditioning:
+        pe, mask = pipe.encode_prompt(
+            prompt=texts, device=_device(pipe), num_images_per_prompt=1, max_sequence_length=max_sequence_length or 512
+        )  # the pipeline's default length
+        if mask is None:  # every token real: the pipeline drops the mask
+            mask = torch.ones(pe.shape[:2], dtype=torch.long, device=pe.device)
+        return Conditioning(prompt_embeds=pe, prompt_embeds_mask=mask.long())
+
+    return enc(prompts), enc(negatives or [QWEN_NULL_PROMPT] * len(prompts))
+
+
+_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image}
 
 
 def encode_with_pipeline(
@@ -145,7 +166,8 @@ def encode_prompts(
         prompts: ``b`` prompts.
         negative_prompts: optional ``b`` negatives; default is the pipeline's own null (see the module docstring).
         resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution).
-        max_sequence_length: T5 tokens for SD3 (default 256) and Flux (default 512), as the pipelines use.
+        max_sequence_length: T5 tokens for SD3 (default 256) and Flux (default 512), Qwen2.5-VL tokens for
+            Qwen-Image (default 512), as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
 
     Returns:

@@ -56,6 +56,10 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
         "ff.net.2",
         "ff_context.net.0.proj",
         "ff_context.net.2",
+        "img_mlp.net.0.proj",  # Qwen-Image's image and text MLPs
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
     ],
 }
 

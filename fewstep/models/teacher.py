@@ -42,6 +42,8 @@ class Teacher:
         vae_loader: for a teacher loaded without its VAE (training from a cache, ``load_teacher(cfg,
             encoders=False)``): loads the VAE from disk when images are decoded
             (``fewstep.models.loading.vae_loaded``); ``None`` otherwise.
+        cfg_rescale: ``(guided, cond) -> guided`` applied to the raw guided output whenever CFG is on, for
+            pipelines that renormalise it (Qwen-Image's true CFG, ``qwen_true_cfg_rescale``); ``None``: plain CFG.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Teacher:
         self.null_cond = null_cond
         self.family = family
         self.vae_loader: Callable[[], nn.Module] | None = None
+        self.cfg_rescale: Callable[[Tensor, Tensor], Tensor] | None = None
         self._views: list[Callable[[], AbstractContextManager]] = []
         denoiser.eval()
         denoiser.requires_grad_(False)
@@ -132,7 +135,8 @@ class Teacher:
                 raise ValueError("Guidance w != 1 needs an unconditional input: pass `uncond` or set `null_cond`.")
             both = self.denoiser.raw(torch.cat([x, x]), torch.cat([tau, tau]), Conditioning.cat([uncond, cond]))
             out_u, out_c = both.float().chunk(2)
-            return out_u + bcast(torch.as_tensor(w, dtype=torch.float32), out_u) * (out_c - out_u)
+            guided = out_u + bcast(torch.as_tensor(w, dtype=torch.float32), out_u) * (out_c - out_u)
+            return guided if self.cfg_rescale is None else self.cfg_rescale(guided, out_c)
 
     def predict(
         self,

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from fewstep.models.backbones import num_tokens
-from fewstep.models.conditioning import Conditioning
+from fewstep.models.conditioning import Conditioning, pad_prompts
 from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
@@ -74,6 +74,7 @@ def sample_tau(schedule: Schedule, n: int, config: DiffusionConfig) -> Tensor:
 
 def mix_conditioning(cond: Conditioning, uncond: Conditioning, drop: Tensor) -> Conditioning:
     """Per sample: ``uncond`` where ``drop[i]`` else ``cond``. Fields only ``cond`` has (or shared ids) are kept."""
+    cond, uncond = pad_prompts([cond, uncond])  # masked text tokens (Qwen-Image) of different lengths
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cond):
         c, u = getattr(cond, f.name), getattr(uncond, f.name)

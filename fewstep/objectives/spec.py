@@ -256,8 +256,11 @@ def flow_scheduler_config(teacher: Teacher, stochastic_sampling: bool) -> dict[s
     the consistency re-noise step ``x' = (1 − s')·x̂0 + s'·z`` (deterministic Euler otherwise)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    # no terminal stretch (Qwen-Image's shift_terminal 0.02): students are trained and sampled on FlowSchedule.shift
+    # levels, which end at 0, so the exported scheduler must not move them
+    overrides = {"shift_terminal": None} if teacher_scheduler_config(teacher).get("shift_terminal") else {}
     scheduler = scheduler_from_teacher(
-        FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=stochastic_sampling
+        FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=stochastic_sampling, **overrides
     )
     return dict(scheduler.config)
 

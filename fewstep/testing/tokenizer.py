@@ -5,6 +5,8 @@ tokens and padding behaviour, so the ones here are built in memory:
 
 * ``clip_tokenizer``: byte-level BPE with no merges (every byte is a token), the CLIP special tokens at the end of
   the vocabulary exactly as CLIP places them, ``model_max_length = 77``.
+* ``qwen2_tokenizer``: byte-level BPE with no merges plus Qwen's chat special tokens (``<|im_start|>``,
+  ``<|im_end|>``; ``<|endoftext|>`` pads), as Qwen-Image's prompt template needs them.
 * ``t5_tokenizer``: a SentencePiece-style Unigram tokenizer over printable ASCII characters (T5's ``<pad>=0``,
   ``</s>=1``, ``<unk>=2`` layout, no sentinel tokens).
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import string
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -56,3 +58,16 @@ def t5_vocab() -> list[tuple[str, float]]:
 def t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
     """A character-level Unigram T5 tokenizer (``pad = 0``, ``eos = 1``, ``unk = 2``), no sentinel tokens."""
     return T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=model_max_length)
+
+
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen2 tokenizer with no merges: the 256 byte symbols, then ``<|endoftext|> = 256`` (pad),
+    ``<|im_start|> = 257``, ``<|im_end|> = 258`` (259 tokens)."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(symbols + list(QWEN_SPECIAL_TOKENS))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=32768)
+    tokenizer.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)  # matched whole, never split into bytes
+    return tokenizer

@@ -10,8 +10,15 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   conditioning) with SDXL's ``EulerDiscreteScheduler`` config.
 * ``sd3``: ``StableDiffusion3Pipeline`` (two CLIP encoders + a T5 encoder) with ``FlowMatchEulerDiscreteScheduler``
   (static shift 3.0).
+* ``sd35``: ``StableDiffusion3Pipeline`` with Stable Diffusion 3.5's transformer features: RMS-normalised queries and
+  keys (``qk_norm="rms_norm"``, as in 3.5 Large and Medium) and a second, image-only attention in the first block
+  (``dual_attention_layers``, as 3.5 Medium has in its first 13), with 3.5's scheduler (static shift 3.0).
 * ``flux``: ``FluxPipeline`` (CLIP + T5, guidance embedding on) with ``FlowMatchEulerDiscreteScheduler`` using
   dynamic (resolution-dependent) shifting as FLUX.1 does.
+* ``qwen_image``: ``QwenImagePipeline`` (``QwenImageTransformer2DModel`` on 2×2-packed latents,
+  ``AutoencoderKLQwenImage`` with per-channel latent mean and std, a two-layer ``Qwen2_5_VLForConditionalGeneration``
+  text encoder with a one-block vision tower) with Qwen-Image's scheduler config (dynamic exponential shift up to 0.9,
+  ``shift_terminal`` 0.02).
 
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
@@ -30,9 +37,9 @@ from typing import Any
 
 import torch
 
-from fewstep.testing.tokenizer import clip_tokenizer, t5_tokenizer
+from fewstep.testing.tokenizer import clip_tokenizer, qwen2_tokenizer, t5_tokenizer
 
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image")
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
 RESOLUTION = 16  # default image size of every tiny pipeline (latents 8×8)
@@ -219,6 +226,37 @@ def _build_sd3() -> Any:
     )
 
 
+def _build_sd35() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",  # SD3.5 Large and Medium
+        dual_attention_layers=(0,),  # SD3.5 Medium: blocks 0-12 add an image-only attention (MMDiT-X)
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3.5's scheduler config
+        vae=_vae(1.5305, 0.0609, quant_conv=False),
+        text_encoder=_clip(projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip(projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(d_model=64),
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
 def _build_flux() -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -254,11 +292,77 @@ def _build_flux() -> Any:
     )
 
 
+def _qwen2_5_vl() -> Any:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {"bos_token_id": 256, "eos_token_id": 258, "pad_token_id": 256}  # qwen2_tokenizer's special tokens
+    text = dict(
+        vocab_size=259, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1e6,
+        rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [1, 1, 2]},  # sums to head_dim / 2
+        tie_word_embeddings=False, **ids,
+    )  # fmt: skip
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
+        spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0], in_channels=3,
+    )  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, vocab_size=259, image_token_id=255, video_token_id=254,
+        vision_start_token_id=253, vision_end_token_id=252, **ids,
+    )  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _build_qwen_image() -> Any:
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed in 2×2 patches
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # = the text encoder's width
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],  # one downsampling: vae_scale_factor = 2
+        latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075],  # Qwen-Image's first four channels
+        latents_std=[2.8184, 1.4541, 2.3275, 2.6558],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's scheduler config
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=_qwen2_5_vl(), tokenizer=qwen2_tokenizer(), transformer=transformer
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
     "sd3": _build_sd3,
     "flux": _build_flux,
+    "sd35": _build_sd35,
+    "qwen_image": _build_qwen_image,
 }
 
 

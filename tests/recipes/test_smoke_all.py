@@ -31,8 +31,8 @@ def recipe_id(path: Path) -> str:
 
 
 def family_of(path: Path) -> str | None:
-    prefix = path.stem.split("_")[0]
-    return prefix if prefix in FAMILIES else None
+    # the longest family the name starts with: family names may hold "_" themselves (qwen_image_dmd2_lora)
+    return next((f for f in sorted(FAMILIES, key=len, reverse=True) if path.stem.startswith(f + "_")), None)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 from fewstep.solvers.grids import sampling_taus
 
-TEXT_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+TEXT_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image")
 
 
 def class_conditions(teacher: Teacher) -> ConditionFn:

@@ -9,6 +9,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -24,6 +25,8 @@ PIPELINE_CLASS = {
     "sdxl": StableDiffusionXLPipeline,
     "sd3": StableDiffusion3Pipeline,
     "flux": FluxPipeline,
+    "sd35": StableDiffusion3Pipeline,
+    "qwen_image": QwenImagePipeline,
 }
 
 
