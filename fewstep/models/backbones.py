@@ -16,6 +16,8 @@ name                      model                        inputs
 ``flux``                  ``FluxTransformer2DModel``   packed 2×2 latents, ``timestep`` (= s), ``guidance``,
                                                        ``pooled_projections``, ``encoder_hidden_states``,
                                                        ``txt_ids``, ``img_ids``
+``wan``                   ``WanTransformer3DModel``    video latents ``[b, c, f, h, w]``, ``encoder_hidden_states``
+                                                       (UMT5), ``timestep`` (= 1000·s)
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -67,6 +69,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "UNet2DConditionModel": "unet2d_condition",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "WanTransformer3DModel": "wan",
 }
 
 
@@ -90,8 +93,11 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     """The image tokens the backbone sees for a latent of ``shape`` ``[b, c, h, w]``; None where it has none.
 
     Flux packs 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its ``patch_size``. This is
-    the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``, ``FlowSchedule.mu``).
+    the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``, ``FlowSchedule.mu``). Video
+    latents ``[b, c, f, h, w]`` (Wan): ``video_tokens``.
     """
+    if denoiser.adapter_name == "wan" and len(shape) == 5:
+        return video_tokens(denoiser.backbone, shape)
     if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3"):
         return None
     patch = patch_size(denoiser.adapter_name, denoiser.backbone)
@@ -105,6 +111,8 @@ def patch_size(family: str, backbone: Any) -> int:
         return 2
     if family == "sd3":
         return int(getattr(backbone.config, "patch_size", 2))
+    if family in VIDEO_FAMILIES:
+        return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
     return 1
 
 
@@ -114,6 +122,8 @@ def pixel_multiple(teacher: _FromPipeline) -> int:
     pipe = teacher.pipeline
     if pipe is None:
         return 1
+    if teacher.family in VIDEO_FAMILIES:  # Wan's VAE names its factors per axis; it is also loaded without a VAE
+        return int(pipe.vae_scale_factor_spatial) * patch_size(teacher.family, pipeline_backbone(pipe))
     scale = int(pipe.vae_scale_factor) if getattr(pipe, "vae", None) is not None else 1
     return scale * patch_size(teacher.family, pipeline_backbone(pipe))
 
@@ -136,7 +146,9 @@ def has_vae(pipeline: Any) -> bool:
 
 
 def default_resolution(pipeline: Any) -> int:
-    """The image size (pixels) a pipeline generates by default."""
+    """The image size (pixels) a pipeline generates by default (a video pipeline: its default height)."""
+    if is_video_pipeline(pipeline):
+        return video_defaults(pipeline)[1]
     vae_scale = getattr(pipeline, "vae_scale_factor", 1) if has_vae(pipeline) else 1
     size = getattr(pipeline, "default_sample_size", None)
     if size is None:
@@ -145,11 +157,16 @@ def default_resolution(pipeline: Any) -> int:
     return int(size) * int(vae_scale)
 
 
-def latent_shape(teacher: _FromPipeline, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
-    """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels."""
+def latent_shape(
+    teacher: _FromPipeline, batch_size: int, resolution: int | None = None, num_frames: int | None = None
+) -> tuple[int, ...]:
+    """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels; ``(b, c, f, h, w)``
+    for a video teacher (``video_latent_shape``: ``num_frames`` frames, default the pipeline's)."""
     pipe = teacher.pipeline
     if pipe is None:
         raise ValueError("latent_shape needs a teacher loaded from a pipeline; for custom teachers use your shape.")
+    if teacher.family in VIDEO_FAMILIES:
+        return video_latent_shape(pipe, batch_size, resolution, num_frames)
     res = resolution or default_resolution(pipe)
     config = pipeline_backbone(pipe).config
     if teacher.family == "flux":  # packing needs an even latent size
@@ -157,6 +174,48 @@ def latent_shape(teacher: _FromPipeline, batch_size: int, resolution: int | None
         return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
     scale = pipe.vae_scale_factor if has_vae(pipe) else 1
     return batch_size, config.in_channels, res // scale, res // scale
+
+
+# Video (Wan): latents [b, c, f, h, w]; the VAE compresses 4× in time after the first frame and 8× in space.
+VIDEO_FAMILIES = ("wan21",)
+WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
+
+
+def is_video_pipeline(pipeline: Any) -> bool:
+    """Whether a pipeline generates video latents ``[b, c, f, h, w]`` (its VAE has a temporal factor)."""
+    return pipeline is not None and hasattr(pipeline, "vae_scale_factor_temporal")
+
+
+def video_defaults(pipeline: Any) -> tuple[int, int, int]:
+    """``(frames, height, width)`` a video pipeline generates by default: ``default_video_size`` if the pipeline has
+    one (the tiny zoo records its own), else Wan's ``WAN_DEFAULT_VIDEO``."""
+    return tuple(getattr(pipeline, "default_video_size", None) or WAN_DEFAULT_VIDEO)  # type: ignore[return-value]
+
+
+def video_latent_shape(
+    pipeline: Any, batch_size: int, resolution: int | tuple[int, int] | None = None, num_frames: int | None = None
+) -> tuple[int, int, int, int, int]:
+    """``(b, c, f, h, w)`` as ``WanPipeline.prepare_latents``: ``f = (num_frames − 1) // 4 + 1``, ``h, w`` = pixels
+    / 8. ``resolution`` is a side (square) or ``(height, width)``; both default to ``video_defaults``."""
+    frames, height, width = video_defaults(pipeline)
+    frames = num_frames or frames
+    if resolution is not None:
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if (frames - 1) % pipeline.vae_scale_factor_temporal:  # WanPipeline would round with a warning
+        raise ValueError(
+            f"A Wan video has 4k + 1 frames (its VAE keeps the first frame and compresses the rest 4× in time); got "
+            f"{frames}. Use e.g. {(frames - 1) // pipeline.vae_scale_factor_temporal * 4 + 1}."
+        )
+    channels = pipeline_backbone(pipeline).config.in_channels
+    temporal, spatial = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
+    return batch_size, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def video_tokens(backbone: Any, shape: Sequence[int]) -> int:
+    """Tokens of a video latent ``[b, c, f, h, w]``: ``(f / p_t)·(h / p_h)·(w / p_w)`` for the backbone's 3-D
+    ``patch_size`` (Wan: ``(1, 2, 2)``)."""
+    p_t, p_h, p_w = backbone.config.patch_size
+    return (shape[-3] // p_t) * (shape[-2] // p_h) * (shape[-1] // p_w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,3 +327,15 @@ def flux_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditi
         return_dict=False,
     )[0]
     return unpack_latents(out, h, w)
+
+
+@BACKBONES.register("wan")
+def wan_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``WanTransformer3DModel`` on video latents ``[b, c, f, h, w]``: the timestep is ``1000·s``
+    (``FlowSchedule(timestep_scale=1000)``), the text is UMT5's ``prompt_embeds`` as ``WanPipeline`` pads them."""
+    return backbone(
+        hidden_states=x,
+        timestep=timestep,
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Wan"), x),
+        return_dict=False,
+    )[0]

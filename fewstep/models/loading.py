@@ -41,18 +41,18 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "wan21")
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
-                     "unet2d": "unet2d"}  # fmt: skip
-# What a flow backbone is fed: SD3 (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s, Flux s.
-FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0}
+                     "unet2d": "unet2d", "wan21": "wan"}  # fmt: skip
+# What a flow backbone is fed: SD3, Wan (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s, Flux s.
+FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "wan21": 1000.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
 __all__ = [
     "FAMILIES", "decode_latents", "detect_family", "encode_images", "encoder_components", "encoder_identity",
-    "is_hub_id", "load_component", "load_pipeline", "load_teacher", "pipeline_index", "quiet_loading",
-    "resolve_pretrained", "schedule_and_prediction", "to_dtype", "vae_loaded",
+    "is_hub_id", "latent_normalization", "load_component", "load_pipeline", "load_teacher", "pipeline_index",
+    "quiet_loading", "resolve_pretrained", "schedule_and_prediction", "to_dtype", "vae_loaded",
 ]  # fmt: skip
 
 
@@ -295,7 +295,7 @@ def load_component(
 
 
 def detect_family(pipeline: Any) -> str:
-    """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` from a pipeline's backbone class and config."""
+    """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` | ``wan21`` from a pipeline's backbone class and config."""
     backbone = pipeline_backbone(pipeline)
     cls = type(backbone).__name__
     if cls == "FluxTransformer2DModel":
@@ -306,18 +306,28 @@ def detect_family(pipeline: Any) -> str:
         return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd15"
     if cls == "UNet2DModel":
         return "unet2d"
+    if cls == "WanTransformer3DModel":
+        return "wan21"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
-        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel. For other models use "
+        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, WanTransformer3DModel. "
+        "For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 
 
 def schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
-    """The teacher's ``Schedule`` and prediction type from its diffusers scheduler (flow or VP)."""
+    """The teacher's ``Schedule`` and prediction type from its diffusers scheduler (flow or VP).
+
+    A multistep scheduler in flow mode (``use_flow_sigmas`` with ``prediction_type: flow_prediction``, as the Wan 2.1
+    and 2.2 Hub repositories ship ``UniPCMultistepScheduler``) is a flow schedule with ``shift = flow_shift``.
+    """
     config = dict(scheduler.config)
     if "FlowMatch" in type(scheduler).__name__:
         return FlowSchedule.from_diffusers(config, FLOW_TIMESTEP_SCALE[family]), "flow"
+    if config.get("use_flow_sigmas") and config.get("prediction_type") == "flow_prediction":
+        flow = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "shift": config.get("flow_shift", 1.0)}
+        return FlowSchedule.from_diffusers(flow, FLOW_TIMESTEP_SCALE[family]), "flow"
     if "beta_schedule" in config or "trained_betas" in config:
         return VPSchedule.from_diffusers(config), config.get("prediction_type", "epsilon")
     raise ValueError(
@@ -410,29 +420,45 @@ def vae_loaded(teacher: Teacher) -> Iterator[Any]:
 
 
 def decode_latents(teacher: Teacher, x0: Tensor) -> Tensor:
-    """Clean latents ``[b, c, h, w]`` to images ``[b, 3|1, H, W]`` in ``[0, 1]`` (float32).
+    """Clean latents ``[b, c, h, w]`` to images ``[b, 3|1, H, W]`` in ``[0, 1]`` (float32); video latents ``[b, c, f,
+    h, w]`` to videos ``[b, 3, F, H, W]``.
 
-    Latent teachers: the VAE on ``x0 / scaling_factor + shift_factor`` (loaded for the call if it was left on disk;
-    wrap several calls in ``vae_loaded`` to load it once). Pixel teachers: ``(x0 + 1) / 2``.
+    Latent teachers: the VAE on ``x0 / scale + shift`` (``latent_normalization``; the VAE is loaded for the call if it
+    was left on disk: wrap several calls in ``vae_loaded`` to load it once). Pixel teachers: ``(x0 + 1) / 2``.
     Gradients flow to ``x0`` if it requires them (the VAE itself is frozen).
     """
     with vae_loaded(teacher) as vae:
         return _decode(vae, x0)
 
 
+def latent_normalization(vae: Any, like: Tensor) -> tuple[Any, Any]:
+    """``(shift, scale)`` with ``normalised = (vae_latent − shift) · scale``, shaped to broadcast against ``like``.
+
+    Image VAEs: ``shift_factor`` (0 if unset) and ``scaling_factor``. Video VAEs with per-channel statistics
+    (Wan's ``AutoencoderKLWan``): ``latents_mean`` and ``1 / latents_std`` as ``[1, c, 1, 1, 1]``, as ``WanPipeline``.
+    """
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        view = (1, len(config.latents_mean)) + (1,) * (like.ndim - 2)  # [1, c, 1, 1, 1]
+        mean = torch.tensor(config.latents_mean).view(view).to(like.device, like.dtype)
+        scale = 1.0 / torch.tensor(config.latents_std).view(view).to(like.device, like.dtype)
+        return mean, scale
+    return getattr(config, "shift_factor", None) or 0.0, config.scaling_factor
+
+
 def _decode(vae: Any, x0: Tensor) -> Tensor:
     if vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
-    z = x0.to(device=param.device, dtype=param.dtype) / scaling + shift
-    images = vae.decode(z, return_dict=False)[0]  # [-1, 1]
+    x0 = x0.to(device=param.device, dtype=param.dtype)
+    shift, scale = latent_normalization(vae, x0)
+    images = vae.decode(x0 / scale + shift, return_dict=False)[0]  # [-1, 1]; video: [b, 3, f, H, W]
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
-    """Images ``[b, 3, H, W]`` in ``[-1, 1]`` to normalised latents ``(mean - shift_factor) · scaling_factor``.
+    """Images ``[b, 3, H, W]`` (videos ``[b, 3, F, H, W]``) in ``[-1, 1]`` to normalised latents ``(mean − shift) ·
+    scale`` (``latent_normalization``: ``shift_factor`` / ``scaling_factor``, or Wan's per-channel statistics).
 
     Uses the posterior mean (deterministic). Pixel teachers return the images unchanged (float32).
     """
@@ -444,8 +470,7 @@ def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
         )
     if vae is None:
         return images.float()
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
-    mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean
-    return ((mean.float() - shift) * scaling).float()
+    mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean.float()
+    shift, scale = latent_normalization(vae, mean)
+    return ((mean - shift) * scale).float()
