@@ -332,7 +332,11 @@ def flux_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditi
 @BACKBONES.register("wan")
 def wan_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
     """``WanTransformer3DModel`` on video latents ``[b, c, f, h, w]``: the timestep is ``1000·s``
-    (``FlowSchedule(timestep_scale=1000)``), the text is UMT5's ``prompt_embeds`` as ``WanPipeline`` pads them."""
+    (``FlowSchedule(timestep_scale=1000)``), the text is UMT5's ``prompt_embeds`` as ``WanPipeline`` pads them.
+
+    Inputs are cast to the patch embedding's dtype: Wan keeps some parameters in float32 in a bf16 model (its
+    ``_keep_in_fp32_modules``, among them the first parameter, ``scale_shift_table``)."""
+    x = x.to(backbone.patch_embedding.weight.dtype)
     return backbone(
         hidden_states=x,
         timestep=timestep,
