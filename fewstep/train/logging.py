@@ -62,8 +62,8 @@ def write_samples(
 ) -> list[Tensor]:
     """Sample the student at each step count on fixed ``noise``/``cond``, decode and save one grid row per count,
     labelled with its step count; ``labels`` (default: the class labels in ``cond``) head the columns. Returns the
-    rows: images ``[n, c, H, W]`` in ``[0, 1]`` (a video's first frame), one per step count. ``save=False`` samples without writing (the
-    other processes of a sharded run, whose forwards the main one needs)."""
+    rows: images ``[n, c, H, W]`` in ``[0, 1]`` (a video's first frame), one per step count. ``save=False`` samples
+    without writing (the other processes of a sharded run, whose forwards the main one needs)."""
     from fewstep.models.loading import decode_latents, vae_loaded
 
     sampler = objective.sampler()
