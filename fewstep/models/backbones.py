@@ -18,6 +18,8 @@ name                      model                        inputs
                                                        ``txt_ids``, ``img_ids``
 ``wan``                   ``WanTransformer3DModel``    video latents ``[b, c, f, h, w]``, ``encoder_hidden_states``
                                                        (UMT5), ``timestep`` (= 1000·s)
+``wan_experts``           ``WanExperts`` (Wan 2.2)     as ``wan``; ``transformer`` at ``timestep ≥ boundary``,
+                                                       ``transformer_2`` below it
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -70,6 +72,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
     "WanTransformer3DModel": "wan",
+    "WanExperts": "wan_experts",
 }
 
 
@@ -177,7 +180,7 @@ def latent_shape(
 
 
 # Video (Wan): latents [b, c, f, h, w]; the VAE compresses 4× in time after the first frame and 8× in space.
-VIDEO_FAMILIES = ("wan21",)
+VIDEO_FAMILIES = ("wan21", "wan22")
 WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
 
 
@@ -343,3 +346,53 @@ def wan_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditio
         encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Wan"), x),
         return_dict=False,
     )[0]
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2's two experts as one backbone: ``high`` (the pipeline's ``transformer``) denoises timesteps at or above
+    ``boundary_timestep = boundary_ratio · num_train_timesteps``, ``low`` (``transformer_2``) those below, as
+    ``WanPipeline`` switches them. ``config`` is the high-noise expert's (both share their shapes).
+
+    Args:
+        high: the high-noise expert (``pipe.transformer``).
+        low: the low-noise expert (``pipe.transformer_2``).
+        boundary_timestep: the switch, in the backbone's timestep units (Wan 2.2 T2V-A14B: 0.875 · 1000).
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, boundary_timestep: float) -> None:
+        super().__init__()
+        self.high, self.low = high, low
+        self.boundary_timestep = float(boundary_timestep)
+
+    @property
+    def config(self) -> Any:
+        return self.high.config
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any) -> WanExperts:
+        """The experts of a Wan 2.2 ``WanPipeline`` (``transformer``, ``transformer_2``, ``boundary_ratio``)."""
+        ratio = pipeline.config.boundary_ratio
+        return cls(pipeline.transformer, pipeline.transformer_2, ratio * pipeline.scheduler.config.num_train_timesteps)
+
+
+def is_wan_experts_pipeline(pipeline: Any) -> bool:
+    """Whether a pipeline is Wan 2.2 with two experts (a ``transformer_2`` and a ``boundary_ratio``)."""
+    config = getattr(pipeline, "config", {})
+    return getattr(pipeline, "transformer_2", None) is not None and config.get("boundary_ratio") is not None
+
+
+@BACKBONES.register("wan_experts")
+def wan_experts_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``WanExperts``: each sample goes to the expert of its timestep (``≥ boundary``: high-noise, else low-noise);
+    a batch on both sides of the boundary runs both experts, each on its own samples."""
+    high = timestep >= backbone.boundary_timestep  # [b] bool, as WanPipeline's `t >= boundary_timestep`
+    if bool(high.all()):
+        return wan_adapter(backbone.high, x, timestep, cond)
+    if not bool(high.any()):
+        return wan_adapter(backbone.low, x, timestep, cond)
+    idx_high, idx_low = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
+    out_high = wan_adapter(backbone.high, x[idx_high], timestep[idx_high], cond.index(idx_high))
+    out_low = wan_adapter(backbone.low, x[idx_low], timestep[idx_low], cond.index(idx_low))
+    out = out_high.new_empty((x.shape[0], *out_high.shape[1:]))
+    out[idx_high], out[idx_low] = out_high, out_low
+    return out

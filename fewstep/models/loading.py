@@ -35,17 +35,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import pipeline_backbone
+from fewstep.models.backbones import WanExperts, is_wan_experts_pipeline, pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "wan21")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "wan21", "wan22")
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
-                     "unet2d": "unet2d", "wan21": "wan"}  # fmt: skip
+                     "unet2d": "unet2d", "wan21": "wan", "wan22": "wan_experts"}  # fmt: skip
 # What a flow backbone is fed: SD3, Wan (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s, Flux s.
-FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "wan21": 1000.0}
+FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "wan21": 1000.0, "wan22": 1000.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -295,7 +295,8 @@ def load_component(
 
 
 def detect_family(pipeline: Any) -> str:
-    """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` | ``wan21`` from a pipeline's backbone class and config."""
+    """``sd15`` | ``sdxl`` | ``sd3`` | ``flux`` | ``unet2d`` | ``wan21`` | ``wan22`` (two experts) from a pipeline's
+    backbone class and config."""
     backbone = pipeline_backbone(pipeline)
     cls = type(backbone).__name__
     if cls == "FluxTransformer2DModel":
@@ -307,7 +308,12 @@ def detect_family(pipeline: Any) -> str:
     if cls == "UNet2DModel":
         return "unet2d"
     if cls == "WanTransformer3DModel":
-        return "wan21"
+        if getattr(pipeline, "config", {}).get("expand_timesteps"):
+            raise ValueError(
+                "Wan 2.2 TI2V (expand_timesteps: one timestep per latent token) is not supported; Wan 2.1 and Wan 2.2 "
+                "T2V-A14B (two experts) are."
+            )
+        return "wan22" if is_wan_experts_pipeline(pipeline) else "wan21"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, WanTransformer3DModel. "
@@ -340,7 +346,8 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     """Build a ``Teacher`` from a ``TeacherConfig`` (or any object with its attributes).
 
     ``cfg`` fields: ``pretrained``, ``family`` (``auto`` or one of ``FAMILIES``), ``dtype``, ``guidance_scale``
-    (Imagen convention, 1 = off), ``revision``, ``variant``.
+    (Imagen convention, 1 = off), ``revision``, ``variant``; Wan 2.2 also ``guidance_scale_2``, the low-noise
+    expert's guidance (``WanPipeline``'s; default: ``guidance_scale``).
 
     Guidance-distilled Flux (``guidance_embeds``) takes its guidance as an input: there ``guidance_scale`` is the
     embedded guidance value (FLUX.1-dev uses 3.5), stored in ``null_cond.guidance`` and used by
@@ -369,7 +376,7 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     for module in pipe.components.values():  # encoders and VAE are frozen too
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    backbone = pipeline_backbone(pipe)
+    backbone = WanExperts.from_pipeline(pipe) if family == "wan22" else pipeline_backbone(pipe)
     schedule, prediction_type = schedule_and_prediction(pipe.scheduler, family)
     denoiser = Denoiser(backbone, schedule, prediction_type, ADAPTER_BY_FAMILY[family])
     guidance_scale = float(getattr(cfg, "guidance_scale", 1.0))
@@ -388,9 +395,23 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     elif embedded is not None:
         null_cond = null_cond.replace(guidance=torch.full((1,), float(embedded), dtype=torch.float32))
     teacher = Teacher(denoiser, guidance_scale, pipe, null_cond, family)
+    if family == "wan22" and getattr(cfg, "guidance_scale_2", None) is not None:
+        teacher.guidance_by_level = expert_guidance(teacher, guidance_scale, float(cfg.guidance_scale_2))
     if "vae" in skip:
         teacher.vae_loader = functools.partial(load_component, cfg.pretrained, "vae", dtype, revision, variant)
     return teacher
+
+
+def expert_guidance(teacher: Teacher, high: float, low: float) -> Any:
+    """``w(τ)`` for Wan 2.2's experts, ``[b]``: ``high`` where the high-noise expert denoises (``timestep ≥
+    boundary``, the comparison ``WanPipeline`` and the ``wan_experts`` adapter make), ``low`` below (its
+    ``guidance_scale_2``)."""
+    boundary = teacher.denoiser.backbone.boundary_timestep
+
+    def w(tau: Tensor) -> Tensor:
+        return torch.where(teacher.schedule.model_timestep(tau) >= boundary, high, low).float()
+
+    return w
 
 
 def _null_class(unet: Any) -> Conditioning | None:

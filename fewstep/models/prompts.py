@@ -113,7 +113,7 @@ def _wan(
     return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
 
 
-_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan21": _wan}
+_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan21": _wan, "wan22": _wan}
 
 
 def encode_with_pipeline(

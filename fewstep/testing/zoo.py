@@ -15,6 +15,8 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
 * ``wan21``: ``WanPipeline`` (Wan 2.1 text-to-video: ``WanTransformer3DModel``, ``AutoencoderKLWan`` with Wan's
   4× temporal and 8× spatial compression, a ``UMT5EncoderModel``) with ``FlowMatchEulerDiscreteScheduler`` at Wan's
   480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
+* ``wan22``: Wan 2.2 T2V-A14B's layout: the same pipeline with two experts, ``transformer`` (high noise) and
+  ``transformer_2`` (low noise), switched at ``boundary_ratio = 0.875``, and Wan 2.2 A14B's flow shift 12.0.
 
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
@@ -35,7 +37,7 @@ import torch
 
 from fewstep.testing.tokenizer import clip_tokenizer, t5_tokenizer
 
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "wan21")
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "wan21", "wan22")
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
 RESOLUTION = 16  # default image size of every tiny pipeline (latents 8×8)
@@ -317,15 +319,32 @@ def _build_wan21() -> Any:
     )
 
 
+def _build_wan22() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_umt5(d_model=32),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0),  # A14B's sample_shift
+        transformer=_wan_transformer(),  # high-noise expert: timesteps ≥ 875
+        transformer_2=_wan_transformer(),  # low-noise expert (other weights: the RNG has moved on)
+        boundary_ratio=0.875,
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
     "sd3": _build_sd3,
     "flux": _build_flux,
     "wan21": _build_wan21,
+    "wan22": _build_wan22,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
-_VIDEO: dict[str, dict[str, int]] = {"wan21": {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES}}
+_VIDEO: dict[str, dict[str, int]] = {
+    family: {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES} for family in ("wan21", "wan22")
+}
 
 
 def build_tiny_pipeline(family: str, seed: int = SEED) -> Any:
@@ -358,7 +377,7 @@ def tiny_path(family: str) -> Path:
     """The directory of the tiny ``family`` pipeline, built and saved on first use (atomic: temp dir + rename).
 
     Args:
-        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``).
+        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``).
 
     Returns:
         A ``save_pretrained`` directory loadable with ``DiffusionPipeline.from_pretrained(path)`` offline.

@@ -101,3 +101,68 @@ def test_wan21_video_vae_round_trip_matches_the_pipeline(teacher):
         pipe.vae.config.latents_std
     ).view(1, 16, 1, 1, 1)
     torch.testing.assert_close(encoded, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Wan 2.2: two experts switched at boundary_ratio
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher22():
+    cfg = SimpleNamespace(pretrained="tiny:wan22", family="auto", dtype="float32", guidance_scale=4.0,
+                          revision=None, variant=None)  # fmt: skip
+    return load_teacher(cfg)
+
+
+def test_wan22_experts_switch_at_the_boundary(teacher22):
+    from fewstep.models.backbones import WanExperts
+
+    experts = teacher22.denoiser.backbone
+    assert teacher22.family == "wan22" and isinstance(experts, WanExperts)
+    assert experts.high is teacher22.pipeline.transformer and experts.low is teacher22.pipeline.transformer_2
+    assert experts.boundary_timestep == 875.0 and teacher22.schedule.shift_factor == 12.0
+    scheduler = teacher22.pipeline.scheduler
+    scheduler.set_timesteps(STEPS)
+    high = (scheduler.timesteps >= 875).tolist()
+    assert True in high and False in high, "the 4-step grid must use both experts for the parity test to cover both"
+    # A batch on both sides of the boundary: each sample is denoised by its own expert.
+    x = torch.randn(latent_shape(teacher22, 2), generator=torch.Generator().manual_seed(0))
+    cond, _ = encode_prompts(teacher22, PROMPTS, max_sequence_length=MAX_TOKENS)
+    tau = torch.tensor([0.95, 0.5])
+    mixed = teacher22.denoiser.raw(x, tau, cond)
+    for i, expert in enumerate((experts.high, experts.low)):
+        alone = expert(hidden_states=x[i : i + 1], timestep=1000 * tau[i : i + 1], return_dict=False,
+                       encoder_hidden_states=cond.prompt_embeds[i : i + 1])[0]  # fmt: skip
+        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-6, rtol=0)
+    other = experts.low(hidden_states=x[:1], timestep=1000 * tau[:1], encoder_hidden_states=cond.prompt_embeds[:1],
+                        return_dict=False)[0]  # fmt: skip
+    assert (other - mixed[:1]).abs().max() > 1e-3, "the two experts must differ"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wan22_flow_parity_across_the_expert_switch(teacher22, seed):
+    x, ref = _pipeline_vs_teacher(teacher22, seed, guidance=4.0)
+    assert ref.abs().max() > 1
+    for frame in range(x.shape[2]):
+        assert (x[:, :, frame] - ref[:, :, frame]).abs().max() < 1e-5, f"latent frame {frame}"
+
+
+def test_wan22_parity_with_a_guidance_scale_per_expert():
+    # WanPipeline's guidance_scale (high-noise expert) and guidance_scale_2 (low-noise expert); A14B uses 4 and 3.
+    cfg = SimpleNamespace(pretrained="tiny:wan22", family="wan22", dtype="float32", guidance_scale=4.0,
+                          guidance_scale_2=2.0, revision=None, variant=None)  # fmt: skip
+    teacher = load_teacher(cfg)
+    pipe = teacher.pipeline
+    b, c, f, h, w = latent_shape(teacher, len(PROMPTS))
+    size = dict(height=h * 8, width=w * 8, num_frames=4 * (f - 1) + 1)
+    ref = pipe(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0, guidance_scale_2=2.0,
+               output_type="latent", max_sequence_length=MAX_TOKENS, generator=torch.Generator().manual_seed(0),
+               **size).frames  # fmt: skip
+    noise = pipe.prepare_latents(b, c, *size.values(), torch.float32, "cpu", torch.Generator().manual_seed(0))
+    cond, uncond = encode_prompts(teacher, PROMPTS, max_sequence_length=MAX_TOKENS)
+    taus = scheduler_taus(pipe.scheduler, teacher.schedule, STEPS)
+    x = teacher.sample(noise, cond, taus, uncond)  # no guidance_scale passed: the teacher's per-expert default
+    assert (x - ref).abs().max() < 1e-5
+    same = teacher.sample(noise, cond, taus, uncond, guidance_scale=4.0)  # one scale for both experts
+    assert (same - ref).abs().max() > 1e-3, "the low-noise expert's guidance must matter for the check to mean much"
