@@ -18,6 +18,10 @@ name                      model                        inputs
                                                        ``txt_ids``, ``img_ids``
 ``qwen_image``            ``QwenImageTransformer2DModel``  packed 2×2 latents, ``timestep`` (= s),
                                                        ``encoder_hidden_states`` (+ ``_mask``), ``img_shapes``
+``wan``                   ``WanTransformer3DModel``    video latents ``[b, c, f, h, w]``, ``encoder_hidden_states``
+                                                       (UMT5), ``timestep`` (= 1000·s)
+``wan_experts``           ``WanExperts`` (Wan 2.2)     as ``wan``; ``transformer`` at ``timestep ≥ boundary``,
+                                                       ``transformer_2`` below it
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -70,6 +74,8 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
     "QwenImageTransformer2DModel": "qwen_image",
+    "WanTransformer3DModel": "wan",
+    "WanExperts": "wan_experts",
 }
 
 
@@ -94,8 +100,10 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
 
     Flux and Qwen-Image pack 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its
     ``patch_size``. This is the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``,
-    ``FlowSchedule.mu``).
+    ``FlowSchedule.mu``). Video latents ``[b, c, f, h, w]`` (Wan): ``video_tokens``.
     """
+    if denoiser.adapter_name == "wan" and len(shape) == 5:
+        return video_tokens(denoiser.backbone, shape)
     if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3", "qwen_image"):
         return None
     patch = patch_size(denoiser.adapter_name, denoiser.backbone)
@@ -109,6 +117,8 @@ def patch_size(family: str, backbone: Any) -> int:
         return 2
     if family in ("sd3", "sd35"):
         return int(getattr(backbone.config, "patch_size", 2))
+    if family in VIDEO_FAMILIES:
+        return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
     return 1
 
 
@@ -118,6 +128,8 @@ def pixel_multiple(teacher: _FromPipeline) -> int:
     pipe = teacher.pipeline
     if pipe is None:
         return 1
+    if teacher.family in VIDEO_FAMILIES:  # Wan's VAE names its factors per axis; it is also loaded without a VAE
+        return int(pipe.vae_scale_factor_spatial) * patch_size(teacher.family, pipeline_backbone(pipe))
     scale = int(pipe.vae_scale_factor) if getattr(pipe, "vae", None) is not None else 1
     return scale * patch_size(teacher.family, pipeline_backbone(pipe))
 
@@ -140,7 +152,9 @@ def has_vae(pipeline: Any) -> bool:
 
 
 def default_resolution(pipeline: Any) -> int:
-    """The image size (pixels) a pipeline generates by default."""
+    """The image size (pixels) a pipeline generates by default (a video pipeline: its default height)."""
+    if is_video_pipeline(pipeline):
+        return video_defaults(pipeline)[1]
     vae_scale = getattr(pipeline, "vae_scale_factor", 1) if has_vae(pipeline) else 1
     size = getattr(pipeline, "default_sample_size", None)
     if size is None:
@@ -149,11 +163,16 @@ def default_resolution(pipeline: Any) -> int:
     return int(size) * int(vae_scale)
 
 
-def latent_shape(teacher: _FromPipeline, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
-    """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels."""
+def latent_shape(
+    teacher: _FromPipeline, batch_size: int, resolution: int | None = None, num_frames: int | None = None
+) -> tuple[int, ...]:
+    """``(b, c, h, w)`` of the (unpacked) latents the teacher denoises at ``resolution`` pixels; ``(b, c, f, h, w)``
+    for a video teacher (``video_latent_shape``: ``num_frames`` frames, default the pipeline's)."""
     pipe = teacher.pipeline
     if pipe is None:
         raise ValueError("latent_shape needs a teacher loaded from a pipeline; for custom teachers use your shape.")
+    if teacher.family in VIDEO_FAMILIES:
+        return video_latent_shape(pipe, batch_size, resolution, num_frames)
     res = resolution or default_resolution(pipe)
     config = pipeline_backbone(pipe).config
     if teacher.family in ("flux", "qwen_image"):  # packing needs an even latent size
@@ -161,6 +180,48 @@ def latent_shape(teacher: _FromPipeline, batch_size: int, resolution: int | None
         return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
     scale = pipe.vae_scale_factor if has_vae(pipe) else 1
     return batch_size, config.in_channels, res // scale, res // scale
+
+
+# Video (Wan): latents [b, c, f, h, w]; the VAE compresses 4× in time after the first frame and 8× in space.
+VIDEO_FAMILIES = ("wan21", "wan22")
+WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
+
+
+def is_video_pipeline(pipeline: Any) -> bool:
+    """Whether a pipeline generates video latents ``[b, c, f, h, w]`` (its VAE has a temporal factor)."""
+    return pipeline is not None and hasattr(pipeline, "vae_scale_factor_temporal")
+
+
+def video_defaults(pipeline: Any) -> tuple[int, int, int]:
+    """``(frames, height, width)`` a video pipeline generates by default: ``default_video_size`` if the pipeline has
+    one (the tiny zoo records its own), else Wan's ``WAN_DEFAULT_VIDEO``."""
+    return tuple(getattr(pipeline, "default_video_size", None) or WAN_DEFAULT_VIDEO)  # type: ignore[return-value]
+
+
+def video_latent_shape(
+    pipeline: Any, batch_size: int, resolution: int | tuple[int, int] | None = None, num_frames: int | None = None
+) -> tuple[int, int, int, int, int]:
+    """``(b, c, f, h, w)`` as ``WanPipeline.prepare_latents``: ``f = (num_frames − 1) // 4 + 1``, ``h, w`` = pixels
+    / 8. ``resolution`` is a side (square) or ``(height, width)``; both default to ``video_defaults``."""
+    frames, height, width = video_defaults(pipeline)
+    frames = num_frames or frames
+    if resolution is not None:
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if (frames - 1) % pipeline.vae_scale_factor_temporal:  # WanPipeline would round with a warning
+        raise ValueError(
+            f"A Wan video has 4k + 1 frames (its VAE keeps the first frame and compresses the rest 4× in time); got "
+            f"{frames}. Use e.g. {(frames - 1) // pipeline.vae_scale_factor_temporal * 4 + 1}."
+        )
+    channels = pipeline_backbone(pipeline).config.in_channels
+    temporal, spatial = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
+    return batch_size, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def video_tokens(backbone: Any, shape: Sequence[int]) -> int:
+    """Tokens of a video latent ``[b, c, f, h, w]``: ``(f / p_t)·(h / p_h)·(w / p_w)`` for the backbone's 3-D
+    ``patch_size`` (Wan: ``(1, 2, 2)``)."""
+    p_t, p_h, p_w = backbone.config.patch_size
+    return (shape[-3] // p_t) * (shape[-2] // p_h) * (shape[-1] // p_w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -310,3 +371,69 @@ def qwen_true_cfg_rescale(guided: Tensor, cond_out: Tensor) -> Tensor:
     g, c = pack_latents(guided), pack_latents(cond_out)
     g = g * (c.norm(dim=-1, keepdim=True) / g.norm(dim=-1, keepdim=True))
     return unpack_latents(g, h, w)
+
+
+@BACKBONES.register("wan")
+def wan_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``WanTransformer3DModel`` on video latents ``[b, c, f, h, w]``: the timestep is ``1000·s``
+    (``FlowSchedule(timestep_scale=1000)``), the text is UMT5's ``prompt_embeds`` as ``WanPipeline`` pads them.
+
+    Inputs are cast to the patch embedding's dtype: Wan keeps some parameters in float32 in a bf16 model (its
+    ``_keep_in_fp32_modules``, among them the first parameter, ``scale_shift_table``)."""
+    x = x.to(backbone.patch_embedding.weight.dtype)
+    return backbone(
+        hidden_states=x,
+        timestep=timestep,
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Wan"), x),
+        return_dict=False,
+    )[0]
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2's two experts as one backbone: ``high`` (the pipeline's ``transformer``) denoises timesteps at or above
+    ``boundary_timestep = boundary_ratio · num_train_timesteps``, ``low`` (``transformer_2``) those below, as
+    ``WanPipeline`` switches them. ``config`` is the high-noise expert's (both share their shapes).
+
+    Args:
+        high: the high-noise expert (``pipe.transformer``).
+        low: the low-noise expert (``pipe.transformer_2``).
+        boundary_timestep: the switch, in the backbone's timestep units (Wan 2.2 T2V-A14B: 0.875 · 1000).
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, boundary_timestep: float) -> None:
+        super().__init__()
+        self.high, self.low = high, low
+        self.boundary_timestep = float(boundary_timestep)
+
+    @property
+    def config(self) -> Any:
+        return self.high.config
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any) -> WanExperts:
+        """The experts of a Wan 2.2 ``WanPipeline`` (``transformer``, ``transformer_2``, ``boundary_ratio``)."""
+        ratio = pipeline.config.boundary_ratio
+        return cls(pipeline.transformer, pipeline.transformer_2, ratio * pipeline.scheduler.config.num_train_timesteps)
+
+
+def is_wan_experts_pipeline(pipeline: Any) -> bool:
+    """Whether a pipeline is Wan 2.2 with two experts (a ``transformer_2`` and a ``boundary_ratio``)."""
+    config = getattr(pipeline, "config", {})
+    return getattr(pipeline, "transformer_2", None) is not None and config.get("boundary_ratio") is not None
+
+
+@BACKBONES.register("wan_experts")
+def wan_experts_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``WanExperts``: each sample goes to the expert of its timestep (``≥ boundary``: high-noise, else low-noise);
+    a batch on both sides of the boundary runs both experts, each on its own samples."""
+    high = timestep >= backbone.boundary_timestep  # [b] bool, as WanPipeline's `t >= boundary_timestep`
+    if bool(high.all()):
+        return wan_adapter(backbone.high, x, timestep, cond)
+    if not bool(high.any()):
+        return wan_adapter(backbone.low, x, timestep, cond)
+    idx_high, idx_low = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
+    out_high = wan_adapter(backbone.high, x[idx_high], timestep[idx_high], cond.index(idx_high))
+    out_low = wan_adapter(backbone.low, x[idx_low], timestep[idx_low], cond.index(idx_low))
+    out = out_high.new_empty((x.shape[0], *out_high.shape[1:]))
+    out[idx_high], out[idx_low] = out_high, out_low
+    return out

@@ -35,25 +35,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import pipeline_backbone, qwen_true_cfg_rescale
+from fewstep.models.backbones import WanExperts, is_wan_experts_pipeline, pipeline_backbone, qwen_true_cfg_rescale
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22")
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
-                     "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image"}  # fmt: skip
-# What a flow backbone is fed: SD3 / SD3.5 (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s; Flux and
-# Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
-FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0}
+                     "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
+                     "wan22": "wan_experts"}  # fmt: skip
+# What a flow backbone is fed: SD3 / SD3.5, Wan (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s; Flux
+# and Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
+FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
+                       "wan21": 1000.0, "wan22": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
 __all__ = [
     "FAMILIES", "decode_latents", "detect_family", "encode_images", "encoder_components", "encoder_identity",
-    "is_hub_id", "load_component", "load_pipeline", "load_teacher", "pipeline_index", "quiet_loading",
-    "resolve_pretrained", "schedule_and_prediction", "to_dtype", "vae_loaded",
+    "is_hub_id", "latent_normalization", "load_component", "load_pipeline", "load_teacher", "pipeline_index",
+    "quiet_loading", "resolve_pretrained", "schedule_and_prediction", "to_dtype", "vae_loaded",
 ]  # fmt: skip
 
 
@@ -296,8 +298,8 @@ def load_component(
 
 
 def detect_family(pipeline: Any) -> str:
-    """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` from a pipeline's backbone
-    class and config.
+    """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan22`` (two
+    experts) from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -313,19 +315,33 @@ def detect_family(pipeline: Any) -> str:
         return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd15"
     if cls == "UNet2DModel":
         return "unet2d"
+    if cls == "WanTransformer3DModel":
+        if getattr(pipeline, "config", {}).get("expand_timesteps"):
+            raise ValueError(
+                "Wan 2.2 TI2V (expand_timesteps: one timestep per latent token) is not supported; Wan 2.1 and Wan 2.2 "
+                "T2V-A14B (two experts) are."
+            )
+        return "wan22" if is_wan_experts_pipeline(pipeline) else "wan21"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
-        "QwenImageTransformer2DModel. For other models use "
+        "QwenImageTransformer2DModel, WanTransformer3DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 
 
 def schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
-    """The teacher's ``Schedule`` and prediction type from its diffusers scheduler (flow or VP)."""
+    """The teacher's ``Schedule`` and prediction type from its diffusers scheduler (flow or VP).
+
+    A multistep scheduler in flow mode (``use_flow_sigmas`` with ``prediction_type: flow_prediction``, as the Wan 2.1
+    and 2.2 Hub repositories ship ``UniPCMultistepScheduler``) is a flow schedule with ``shift = flow_shift``.
+    """
     config = dict(scheduler.config)
     if "FlowMatch" in type(scheduler).__name__:
         return FlowSchedule.from_diffusers(config, FLOW_TIMESTEP_SCALE[family]), "flow"
+    if config.get("use_flow_sigmas") and config.get("prediction_type") == "flow_prediction":
+        flow = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "shift": config.get("flow_shift", 1.0)}
+        return FlowSchedule.from_diffusers(flow, FLOW_TIMESTEP_SCALE[family]), "flow"
     if "beta_schedule" in config or "trained_betas" in config:
         return VPSchedule.from_diffusers(config), config.get("prediction_type", "epsilon")
     raise ValueError(
@@ -338,7 +354,8 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     """Build a ``Teacher`` from a ``TeacherConfig`` (or any object with its attributes).
 
     ``cfg`` fields: ``pretrained``, ``family`` (``auto`` or one of ``FAMILIES``), ``dtype``, ``guidance_scale``
-    (Imagen convention, 1 = off), ``revision``, ``variant``.
+    (Imagen convention, 1 = off), ``revision``, ``variant``; Wan 2.2 also ``guidance_scale_2``, the low-noise
+    expert's guidance (``WanPipeline``'s; default: ``guidance_scale``).
 
     Guidance-distilled Flux (``guidance_embeds``) takes its guidance as an input: there ``guidance_scale`` is the
     embedded guidance value (FLUX.1-dev uses 3.5), stored in ``null_cond.guidance`` and used by
@@ -367,7 +384,7 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     for module in pipe.components.values():  # encoders and VAE are frozen too
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    backbone = pipeline_backbone(pipe)
+    backbone = WanExperts.from_pipeline(pipe) if family == "wan22" else pipeline_backbone(pipe)
     schedule, prediction_type = schedule_and_prediction(pipe.scheduler, family)
     denoiser = Denoiser(backbone, schedule, prediction_type, ADAPTER_BY_FAMILY[family])
     guidance_scale = float(getattr(cfg, "guidance_scale", 1.0))
@@ -388,9 +405,23 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     teacher = Teacher(denoiser, guidance_scale, pipe, null_cond, family)
     if family == "qwen_image":  # its pipeline rescales the guided velocity to the conditional one's norm
         teacher.cfg_rescale = qwen_true_cfg_rescale
+    if family == "wan22" and getattr(cfg, "guidance_scale_2", None) is not None:
+        teacher.guidance_by_level = expert_guidance(teacher, guidance_scale, float(cfg.guidance_scale_2))
     if "vae" in skip:
         teacher.vae_loader = functools.partial(load_component, cfg.pretrained, "vae", dtype, revision, variant)
     return teacher
+
+
+def expert_guidance(teacher: Teacher, high: float, low: float) -> Any:
+    """``w(τ)`` for Wan 2.2's experts, ``[b]``: ``high`` where the high-noise expert denoises (``timestep ≥
+    boundary``, the comparison ``WanPipeline`` and the ``wan_experts`` adapter make), ``low`` below (its
+    ``guidance_scale_2``)."""
+    boundary = teacher.denoiser.backbone.boundary_timestep
+
+    def w(tau: Tensor) -> Tensor:
+        return torch.where(teacher.schedule.model_timestep(tau) >= boundary, high, low).float()
+
+    return w
 
 
 def _null_class(unet: Any) -> Conditioning | None:
@@ -420,31 +451,47 @@ def vae_loaded(teacher: Teacher) -> Iterator[Any]:
 
 
 def decode_latents(teacher: Teacher, x0: Tensor) -> Tensor:
-    """Clean latents ``[b, c, h, w]`` to images ``[b, 3|1, H, W]`` in ``[0, 1]`` (float32).
+    """Clean latents ``[b, c, h, w]`` to images ``[b, 3|1, H, W]`` in ``[0, 1]`` (float32); video latents ``[b, c, f,
+    h, w]`` to videos ``[b, 3, F, H, W]``.
 
-    Latent teachers: the VAE on ``x0 / scaling_factor + shift_factor`` (loaded for the call if it was left on disk;
-    wrap several calls in ``vae_loaded`` to load it once). Pixel teachers: ``(x0 + 1) / 2``.
+    Latent teachers: the VAE on ``x0 / scale + shift`` (``latent_normalization``; the VAE is loaded for the call if it
+    was left on disk: wrap several calls in ``vae_loaded`` to load it once). Pixel teachers: ``(x0 + 1) / 2``.
     Gradients flow to ``x0`` if it requires them (the VAE itself is frozen).
     """
     with vae_loaded(teacher) as vae:
         return _decode(vae, x0)
 
 
+def latent_normalization(vae: Any, like: Tensor) -> tuple[Any, Any]:
+    """``(shift, scale)`` with ``normalised = (vae_latent − shift) · scale``, shaped to broadcast against ``like``.
+
+    Image VAEs: ``shift_factor`` (0 if unset) and ``scaling_factor``. Video VAEs with per-channel statistics
+    (Wan's ``AutoencoderKLWan``): ``latents_mean`` and ``1 / latents_std`` as ``[1, c, 1, 1, 1]``, as ``WanPipeline``.
+    """
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        view = (1, len(config.latents_mean)) + (1,) * (like.ndim - 2)  # [1, c, 1, 1, 1]
+        mean = torch.tensor(config.latents_mean).view(view).to(like.device, like.dtype)
+        scale = 1.0 / torch.tensor(config.latents_std).view(view).to(like.device, like.dtype)
+        return mean, scale
+    return getattr(config, "shift_factor", None) or 0.0, config.scaling_factor
+
+
 def _decode(vae: Any, x0: Tensor) -> Tensor:
     if vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
-    if is_frame_vae(vae):
-        return _decode_frame(vae, x0)
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    if is_frame_vae(vae) and x0.ndim == 4:  # Qwen-Image: one frame of its video-style VAE
+        return _decode(vae, x0[:, :, None])[:, :, 0]
     param = next(vae.parameters())
-    z = x0.to(device=param.device, dtype=param.dtype) / scaling + shift
-    images = vae.decode(z, return_dict=False)[0]  # [-1, 1]
+    x0 = x0.to(device=param.device, dtype=param.dtype)
+    shift, scale = latent_normalization(vae, x0)
+    images = vae.decode(x0 / scale + shift, return_dict=False)[0]  # [-1, 1]; video: [b, 3, f, H, W]
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
-    """Images ``[b, 3, H, W]`` in ``[-1, 1]`` to normalised latents ``(mean - shift_factor) · scaling_factor``.
+    """Images ``[b, 3, H, W]`` (videos ``[b, 3, F, H, W]``) in ``[-1, 1]`` to normalised latents ``(mean − shift) ·
+    scale`` (``latent_normalization``: ``shift_factor`` / ``scaling_factor``, or Wan's per-channel statistics).
 
     Uses the posterior mean (deterministic). Pixel teachers return the images unchanged (float32).
     """
@@ -456,41 +503,19 @@ def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
         )
     if vae is None:
         return images.float()
-    if is_frame_vae(vae):
-        return _encode_frame(vae, images)
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return _encode(vae, images)
+
+
+def _encode(vae: Any, images: Tensor) -> Tensor:
+    if is_frame_vae(vae) and images.ndim == 4:  # Qwen-Image: one frame of its video-style VAE
+        return _encode(vae, images[:, :, None])[:, :, 0]
     param = next(vae.parameters())
-    mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean
-    return ((mean.float() - shift) * scaling).float()
+    mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean.float()
+    shift, scale = latent_normalization(vae, mean)
+    return ((mean - shift) * scale).float()
 
 
 def is_frame_vae(vae: Any) -> bool:
     """A video-style VAE used on single images (Qwen-Image's ``AutoencoderKLQwenImage``): ``[b, c, frames, h, w]``
     tensors and per-channel ``latents_mean`` / ``latents_std`` instead of one scaling factor."""
     return type(vae).__name__ == "AutoencoderKLQwenImage"
-
-
-def _latent_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``latents_mean``, ``latents_std`` as ``[1, c, 1, 1, 1]`` on ``like``'s device and dtype."""
-    shape = (1, -1, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
-    return mean, std
-
-
-def _decode_frame(vae: Any, x0: Tensor) -> Tensor:
-    """Normalised latents ``[b, c, h, w]`` to images: ``z = x0·std + mean`` on one frame (``QwenImagePipeline``)."""
-    param = next(vae.parameters())
-    z = x0.to(device=param.device, dtype=param.dtype)[:, :, None]  # [b, c, 1, h, w]
-    mean, std = _latent_stats(vae, z)
-    images = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]  # [-1, 1]
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-def _encode_frame(vae: Any, images: Tensor) -> Tensor:
-    """Images ``[b, 3, H, W]`` in ``[-1, 1]`` to ``(mean_z - latents_mean) / latents_std`` ``[b, c, h, w]``."""
-    param = next(vae.parameters())
-    z = vae.encode(images.to(device=param.device, dtype=param.dtype)[:, :, None]).latent_dist.mean
-    mean, std = _latent_stats(vae, z)
-    return ((z - mean) / std)[:, :, 0].float()

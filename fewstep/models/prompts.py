@@ -7,7 +7,8 @@ The null (unconditional) prompt is the empty string ``""``, as in every pipeline
 twist: SDXL zeroes its negative embeddings when no negative prompt is given (``force_zeros_for_empty_prompt``,
 also DMD2's choice); SD1.5 and SD3 encode ``""``; Flux has no negative branch of its own (its guidance is an
 input), so ``""`` is encoded for true CFG; Qwen-Image's true CFG uses the negative ``" "`` of its model card (its
-pipeline guides only when a negative prompt is given). Pass ``negative_prompts`` to use other negatives.
+pipeline guides only when a negative prompt is given); Wan encodes ``""`` as its pipeline does without a negative
+prompt (UMT5 states zeroed past each prompt's length). Pass ``negative_prompts`` to use other negatives.
 
 Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches.
 """
@@ -123,7 +124,18 @@ def _qwen_image(
     return enc(prompts), enc(negatives or [QWEN_NULL_PROMPT] * len(prompts))
 
 
-_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image}
+def _wan(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    pe, npe = pipe.encode_prompt(
+        prompt=prompts, negative_prompt=negatives, do_classifier_free_guidance=True, num_videos_per_prompt=1,
+        max_sequence_length=max_sequence_length or 512, device=_device(pipe),
+    )  # fmt: skip
+    return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
+
+
+_ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
+             "wan21": _wan, "wan22": _wan}  # fmt: skip
 
 
 def encode_with_pipeline(
@@ -166,7 +178,7 @@ def encode_prompts(
         prompts: ``b`` prompts.
         negative_prompts: optional ``b`` negatives; default is the pipeline's own null (see the module docstring).
         resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution).
-        max_sequence_length: T5 tokens for SD3 (default 256) and Flux (default 512), Qwen2.5-VL tokens for
+        max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), Qwen2.5-VL tokens for
             Qwen-Image (default 512), as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
 

@@ -39,6 +39,9 @@ class Teacher:
         family: the backbone family name (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``unet2d``, ``custom``).
 
     Attributes:
+        guidance_by_level: a default guidance that depends on the noise level, ``w(τ) -> [b]``, used where no
+            ``guidance_scale`` is passed (Wan 2.2: one scale per expert, ``load_teacher`` with ``guidance_scale_2``);
+            ``None``: ``guidance_scale`` everywhere.
         vae_loader: for a teacher loaded without its VAE (training from a cache, ``load_teacher(cfg,
             encoders=False)``): loads the VAE from disk when images are decoded
             (``fewstep.models.loading.vae_loaded``); ``None`` otherwise.
@@ -61,6 +64,7 @@ class Teacher:
         self.family = family
         self.vae_loader: Callable[[], nn.Module] | None = None
         self.cfg_rescale: Callable[[Tensor, Tensor], Tensor] | None = None
+        self.guidance_by_level: Callable[[Tensor], Tensor] | None = None
         self._views: list[Callable[[], AbstractContextManager]] = []
         denoiser.eval()
         denoiser.requires_grad_(False)
@@ -126,6 +130,8 @@ class Teacher:
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         tau = torch.as_tensor(tau, dtype=torch.float32, device=x.device)
         tau = tau.expand(x.shape[0]) if tau.ndim == 0 else tau
+        if guidance_scale is None and self.guidance_by_level is not None:
+            w = self.guidance_by_level(tau)
         no_cfg = not isinstance(w, Tensor) and w == 1.0
         with torch.no_grad(), self.view():
             if no_cfg:

@@ -19,6 +19,11 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   ``AutoencoderKLQwenImage`` with per-channel latent mean and std, a two-layer ``Qwen2_5_VLForConditionalGeneration``
   text encoder with a one-block vision tower) with Qwen-Image's scheduler config (dynamic exponential shift up to 0.9,
   ``shift_terminal`` 0.02).
+* ``wan21``: ``WanPipeline`` (Wan 2.1 text-to-video: ``WanTransformer3DModel``, ``AutoencoderKLWan`` with Wan's
+  4× temporal and 8× spatial compression, a ``UMT5EncoderModel``) with ``FlowMatchEulerDiscreteScheduler`` at Wan's
+  480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
+* ``wan22``: Wan 2.2 T2V-A14B's layout: the same pipeline with two experts, ``transformer`` (high noise) and
+  ``transformer_2`` (low noise), switched at ``boundary_ratio = 0.875``, and Wan 2.2 A14B's flow shift 12.0.
 
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
@@ -39,11 +44,13 @@ import torch
 
 from fewstep.testing.tokenizer import clip_tokenizer, qwen2_tokenizer, t5_tokenizer
 
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image")
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan22")
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
 RESOLUTION = 16  # default image size of every tiny pipeline (latents 8×8)
 SEED = 0
+VIDEO_RESOLUTION = 32  # the Wan VAE compresses 8× in space: 4×4 latents, 2×2 tokens per latent frame
+VIDEO_FRAMES = 5  # 4k + 1 frames (the Wan VAE compresses 4× in time after the first frame): 2 latent frames
 
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -356,6 +363,78 @@ def _build_qwen_image() -> Any:
     )
 
 
+def _umt5(d_model: int) -> Any:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=98,  # = t5_tokenizer's vocabulary
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def _wan_vae() -> Any:
+    from diffusers import AutoencoderKLWan
+
+    # Wan's layout (four levels: 8× in space, the last two downsamplings also 2× in time: 4×) at width 4; Wan 2.1's
+    # per-channel latents_mean / latents_std defaults are kept.
+    return AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])  # fmt: skip
+
+
+def _wan_transformer() -> Any:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,  # the 3-D rotary embedding splits it over (frames, height, width)
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,  # = UMT5 width
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def _build_wan21() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_umt5(d_model=32),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # flow_shift 3.0 (480p)
+        transformer=_wan_transformer(),
+    )
+
+
+def _build_wan22() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_umt5(d_model=32),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0),  # A14B's sample_shift
+        transformer=_wan_transformer(),  # high-noise expert: timesteps ≥ 875
+        transformer_2=_wan_transformer(),  # low-noise expert (other weights: the RNG has moved on)
+        boundary_ratio=0.875,
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -363,6 +442,12 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "flux": _build_flux,
     "sd35": _build_sd35,
     "qwen_image": _build_qwen_image,
+    "wan21": _build_wan21,
+    "wan22": _build_wan22,
+}
+# Video families: their marker also records the default frame count (``num_frames``).
+_VIDEO: dict[str, dict[str, int]] = {
+    family: {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES} for family in ("wan21", "wan22")
 }
 
 
@@ -396,7 +481,7 @@ def tiny_path(family: str) -> Path:
     """The directory of the tiny ``family`` pipeline, built and saved on first use (atomic: temp dir + rename).
 
     Args:
-        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``).
+        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``).
 
     Returns:
         A ``save_pretrained`` directory loadable with ``DiffusionPipeline.from_pretrained(path)`` offline.
@@ -408,7 +493,7 @@ def tiny_path(family: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=path.parent))
     try:
         build_tiny_pipeline(family).save_pretrained(tmp, safe_serialization=True)
-        marker = {"family": family, "version": ZOO_VERSION, "resolution": RESOLUTION}
+        marker = {"family": family, "version": ZOO_VERSION, "resolution": RESOLUTION, **_VIDEO.get(family, {})}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         _move_into_place(tmp, path, family)
     finally:
@@ -434,11 +519,18 @@ def _move_into_place(tmp: Path, path: Path, family: str) -> None:
 
 def apply_resolution_marker(pipe: Any, path: str | os.PathLike) -> None:
     """Give a pipeline loaded from a tiny directory its recorded default resolution (``MARKER``); Flux pipelines
-    otherwise assume 128·8 pixels. Directories without the marker are left alone."""
+    otherwise assume 128·8 pixels. Video pipelines (Wan) get ``default_video_size = (frames, height, width)``, which
+    ``fewstep.models.backbones.latent_shape`` reads in place of the pipeline's 81 × 480 × 832 call defaults.
+    Directories without the marker are left alone."""
     marker = Path(path) / MARKER
-    if marker.is_file() and hasattr(pipe, "default_sample_size"):
-        resolution = json.loads(marker.read_text())["resolution"]
-        pipe.default_sample_size = resolution // pipe.vae_scale_factor
+    if not marker.is_file():
+        return
+    recorded = json.loads(marker.read_text())
+    if "num_frames" in recorded:
+        side = recorded["resolution"]
+        pipe.default_video_size = (recorded["num_frames"], side, side)
+    elif hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = recorded["resolution"] // pipe.vae_scale_factor
 
 
 def load_tiny_pipeline(family: str, dtype: torch.dtype = torch.float32) -> Any:

@@ -62,8 +62,8 @@ def write_samples(
 ) -> list[Tensor]:
     """Sample the student at each step count on fixed ``noise``/``cond``, decode and save one grid row per count,
     labelled with its step count; ``labels`` (default: the class labels in ``cond``) head the columns. Returns the
-    rows: images ``[n, c, H, W]`` in ``[0, 1]``, one per step count. ``save=False`` samples without writing (the
-    other processes of a sharded run, whose forwards the main one needs)."""
+    rows: images ``[n, c, H, W]`` in ``[0, 1]`` (a video's first frame), one per step count. ``save=False`` samples
+    without writing (the other processes of a sharded run, whose forwards the main one needs)."""
     from fewstep.models.loading import decode_latents, vae_loaded
 
     sampler = objective.sampler()
@@ -72,7 +72,8 @@ def write_samples(
         for num_steps in sample_steps:
             gen = torch.Generator().manual_seed(seed)  # re-noising samplers draw the same noise every time
             x0 = sampler(noise, cond, num_steps, gen)
-            rows.append(decode_latents(teacher, x0).float())
+            images = decode_latents(teacher, x0).float()
+            rows.append(images[:, :, 0] if images.ndim == 5 else images)  # videos [n, c, f, H, W]: the first frame
     if labels is None and cond.class_labels is not None:
         labels = [str(int(c)) for c in cond.class_labels]
     row_labels = [f"{n} step{'s' if n != 1 else ''}" for n in sample_steps]

@@ -13,6 +13,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    WanPipeline,
 )
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
@@ -27,6 +28,8 @@ PIPELINE_CLASS = {
     "flux": FluxPipeline,
     "sd35": StableDiffusion3Pipeline,
     "qwen_image": QwenImagePipeline,
+    "wan21": WanPipeline,
+    "wan22": WanPipeline,
 }
 
 
@@ -123,10 +126,14 @@ def test_family_configs_match_the_real_models():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
     pipe = load_tiny_pipeline(family)
-    kwargs = {"max_sequence_length": 16} if family in ("sd3", "flux") else {}
-    images = pipe("a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
-                  **kwargs).images  # fmt: skip
-    assert images.shape == (1, 3, 16, 16)
+    video = family in ("wan21", "wan22")
+    kwargs = {"max_sequence_length": 16} if family in ("sd3", "flux") or video else {}
+    if video:  # video: the marker's 5 frames of 32×32 pixels (WanPipeline's defaults are 81 × 480 × 832)
+        frames, height, width = pipe.default_video_size
+        kwargs.update(num_frames=frames, height=height, width=width)
+    out = pipe("a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs)
+    images = out.frames if video else out.images
+    assert images.shape == ((1, 5, 3, 32, 32) if video else (1, 3, 16, 16))
     assert torch.isfinite(images).all()
     backbone = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     n_params = sum(p.numel() for p in backbone.parameters())
