@@ -72,6 +72,18 @@ def recipe_issues(recipe: Any) -> list[RecipeIssue]:
                 "train from the source data.",
             )
         )
+    fsdp = recipe.train.fsdp
+    if fsdp is not None and fsdp.enabled and recipe.eval.every_steps is not None:
+        issues.append(
+            RecipeIssue(
+                ("eval", "every_steps"),
+                "cannot be used with train.fsdp (periodic evaluation runs on the main process alone, and sharded "
+                "weights need every process in each forward)",
+                recipe.eval.every_steps,
+                hint="Remove eval.every_steps and evaluate the checkpoints afterwards (`fewstep eval RUN --checkpoint "
+                "step_XXXXXXXX` reads a sharded checkpoint whole).",
+            )
+        )
     if getattr(recipe.objective, "reward_weight", 0) > 0 and getattr(recipe.objective, "reward", "") is None:
         issues.append(
             RecipeIssue(

@@ -76,3 +76,15 @@ def test_diffusers_blocks_are_the_units():
     from diffusers import FluxTransformer2DModel
 
     assert block_classes(FluxTransformer2DModel) == ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def test_periodic_evaluation_with_sharding_is_refused_by_validate(tmp_path):
+    from fewstep.config.errors import RecipeError
+
+    data = dmd2(tmp_path, "lora").model_dump(mode="json")
+    data["train"]["fsdp"] = {"enabled": True}
+    data["eval"]["every_steps"] = 100
+    with pytest.raises(RecipeError, match=r"eval\.every_steps: cannot be used with train\.fsdp"):
+        validate_recipe(data)
+    data["eval"]["every_steps"] = None
+    assert validate_recipe(data).train.fsdp.enabled
