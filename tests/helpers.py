@@ -286,3 +286,19 @@ def one_error(err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def train_dmd2_adapters(objective: Any, cond: Any, uncond: Any, shape: tuple[int, ...], steps: int = 4) -> None:
+    """Alternate fake-score and generator steps of a DMD2 ``objective`` (AdamW, lr 1e-2) on random ``x0`` of
+    ``shape``, so that both LoRA adapters move away from B = 0 before an export is checked."""
+    import torch
+
+    from fewstep.data.batch import Batch
+
+    opts = {k: torch.optim.AdamW(list(m.parameters()), lr=1e-2) for k, m in objective.trainable().items()}
+    for step in range(steps):
+        phase = "fake_score" if step % 2 == 0 else "student"
+        out = objective.loss(Batch(cond=cond, uncond=uncond, x0=torch.randn(shape)), step, phase)
+        opts[phase].zero_grad()
+        out.loss.backward()
+        opts[phase].step()

@@ -204,7 +204,8 @@ def _build_sdxl() -> Any:
     )
 
 
-def _build_sd3() -> Any:
+def _build_sd3(**transformer_extra: Any) -> Any:
+    """The tiny SD3 pipeline; ``transformer_extra``: config keys of later SD3 transformers (SD3.5's)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     transformer = SD3Transformer2DModel(
@@ -219,10 +220,11 @@ def _build_sd3() -> Any:
         caption_projection_dim=32,
         pooled_projection_dim=64,  # both CLIP projections concatenated
         pos_embed_max_size=16,
+        **transformer_extra,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3's and SD3.5's config
         vae=_vae(1.5305, 0.0609, quant_conv=False),
         text_encoder=_clip(projection=True),
         tokenizer=clip_tokenizer(),
@@ -234,33 +236,9 @@ def _build_sd3() -> Any:
 
 
 def _build_sd35() -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    transformer = SD3Transformer2DModel(
-        sample_size=RESOLUTION // 2,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,
-        pos_embed_max_size=16,
+    return _build_sd3(
         qk_norm="rms_norm",  # SD3.5 Large and Medium
         dual_attention_layers=(0,),  # SD3.5 Medium: blocks 0-12 add an image-only attention (MMDiT-X)
-    )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3.5's scheduler config
-        vae=_vae(1.5305, 0.0609, quant_conv=False),
-        text_encoder=_clip(projection=True),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=_clip(projection=True),
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=_t5(d_model=64),
-        tokenizer_3=t5_tokenizer(),
     )
 
 

@@ -17,8 +17,7 @@ from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
-from fewstep.objectives.protocol import Batch
-from tests.helpers import RELOAD, TOLERANCE, max_diff_to_student, single_thread  # noqa: F401 (fixture)
+from tests.helpers import RELOAD, TOLERANCE, max_diff_to_student, single_thread, train_dmd2_adapters  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
@@ -30,14 +29,7 @@ def test_stock_pipeline_reproduces_the_dmd2_lora_student(family, tmp_path):
     objective = DMD2(config, teacher, student)
     cond, uncond = encode_prompts(teacher, ["a red circle", "a blue square"])
     shape = latent_shape(teacher, 2)
-    groups = objective.trainable()
-    opts = {k: torch.optim.AdamW(list(m.parameters()), lr=1e-2) for k, m in groups.items()}
-    for step in range(4):  # fake, then generator steps: both adapters move away from B = 0
-        phase = "fake_score" if step % 2 == 0 else "student"
-        out = objective.loss(Batch(cond=cond, uncond=uncond, x0=torch.randn(shape)), step, phase)
-        opts[phase].zero_grad()
-        out.loss.backward()
-        opts[phase].step()
+    train_dmd2_adapters(objective, cond, uncond, shape)  # both adapters move away from B = 0
 
     out = export_student(student, teacher, objective, tmp_path / "export")
     spec = read_schedule(out)

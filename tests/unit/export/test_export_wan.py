@@ -18,8 +18,7 @@ from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
-from fewstep.objectives.protocol import Batch
-from tests.helpers import TOLERANCE, single_thread  # noqa: F401 (fixture)
+from tests.helpers import TOLERANCE, single_thread, train_dmd2_adapters  # noqa: F401 (fixture)
 
 
 def stock_wan_latents(pipe, cond, noise: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -39,14 +38,7 @@ def test_stock_wan_pipeline_reproduces_the_dmd2_lora_student(tmp_path):
     cond, uncond = encode_prompts(teacher, ["a red circle rolling", "a blue square falling"], max_sequence_length=32)
     shape = latent_shape(teacher, 2)
     assert shape == (2, 16, 2, 4, 4)
-    groups = objective.trainable()
-    opts = {k: torch.optim.AdamW(list(m.parameters()), lr=1e-2) for k, m in groups.items()}
-    for step in range(4):  # fake, then generator steps: both adapters move away from B = 0
-        phase = "fake_score" if step % 2 == 0 else "student"
-        out = objective.loss(Batch(cond=cond, uncond=uncond, x0=torch.randn(shape)), step, phase)
-        opts[phase].zero_grad()
-        out.loss.backward()
-        opts[phase].step()
+    train_dmd2_adapters(objective, cond, uncond, shape)  # both adapters move away from B = 0
 
     out = export_student(student, teacher, objective, tmp_path / "export")
     spec = read_schedule(out)
