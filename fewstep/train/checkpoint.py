@@ -75,6 +75,7 @@ from fewstep.train.sharded_checkpoint import (
     load_sharded,
     read_sharded,
     save_sharded,
+    saved_keys,
     sharded_state,
 )
 
@@ -535,7 +536,8 @@ def _load_sharded_checkpoint(
 ) -> None:
     """Weights, optimizer moments and EMA from ``sharded/`` (any world size), hyperparameters and schedules from
     ``optimizers/``, EMA update counts from ``ema_updates.json``."""
-    state = sharded_state(trainable, optimizers, ema, auxiliary, for_loading=True)
+    keys = _read(ckpt_dir, ckpt_dir / SHARDED_DIR, lambda p: saved_keys(ckpt_dir))
+    state = sharded_state(trainable, optimizers, ema, auxiliary, saved=keys)
     with torch.no_grad():
         _read(ckpt_dir, ckpt_dir / SHARDED_DIR, lambda p: load_sharded(state, ckpt_dir))
     for name in trainable:

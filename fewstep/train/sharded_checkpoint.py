@@ -45,18 +45,20 @@ def sharded_state(
     ema: EMA | None,
     auxiliary: dict[str, nn.Module] | None = None,
     *,
-    for_loading: bool = False,
+    saved: set[str] | None = None,
 ) -> dict[str, Tensor]:
     """The flat DCP state of a run: its tensors themselves (sharded ones as DTensors), so that ``dcp.load`` fills
-    them in place. ``for_loading``: optimizer state not yet created (a fresh optimizer) is created first, zeros of
-    the parameter's layout, for the checkpoint's values to land in."""
+    them in place. ``saved`` (loading): the checkpoint's keys; optimizer state the checkpoint holds but a fresh
+    optimizer has not created yet is created first, zeros of the parameter's layout, for the values to land in (a
+    group whose optimizer had not stepped when the checkpoint was written, such as DMD2's generator before its first
+    turn, has none and stays fresh)."""
     state: dict[str, Tensor] = {}
     for group, module in trainable.items():
         state.update({f"trainable/{group}/{k}": t for k, t in trainable_state(module).items()})
         optimizer = optimizers[group]
         for name, param in named_optimizer_params(module, (auxiliary or {}).get(group)).items():
             slots = optimizer.state.get(param)
-            if not slots and for_loading:
+            if not slots and saved is not None and f"optimizer/{group}/{name}/exp_avg" in saved:
                 slots = optimizer.state[param] = _fresh_adam_state(param)
             for key, value in (slots or {}).items():
                 if isinstance(value, Tensor):
@@ -94,7 +96,7 @@ def load_sharded(state: dict[str, Tensor], ckpt_dir: Path) -> None:
 
     reader = dcp.HuggingFaceStorageReader(str(ckpt_dir / SHARDED_DIR))
     saved = reader.read_metadata().state_dict_metadata
-    missing = sorted(k for k in state if k not in saved and not k.endswith("/step"))
+    missing = sorted(k for k in state if k not in saved)
     reshaped = sorted(k for k in state if k in saved and tuple(saved[k].size) != tuple(state[k].shape))
     if missing or reshaped:
         raise ValueError(
@@ -125,6 +127,13 @@ def read_sharded(ckpt_dir: Path, prefix: str) -> dict[str, dict[str, Tensor]]:
         _, group, name = key.split("/", 2)
         out.setdefault(group, {})[name] = tensor
     return out
+
+
+def saved_keys(ckpt_dir: Path) -> set[str]:
+    """The tensor names a sharded checkpoint holds (read from the shards' headers)."""
+    import torch.distributed.checkpoint as dcp
+
+    return set(dcp.HuggingFaceStorageReader(str(ckpt_dir / SHARDED_DIR)).read_metadata().state_dict_metadata)
 
 
 def has_sharded(ckpt_dir: Path) -> bool:

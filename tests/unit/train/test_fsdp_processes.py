@@ -173,3 +173,13 @@ def test_a_failing_rank_stops_the_sharded_job_with_its_error(tmp_path):
     assert time.monotonic() - start < 240
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert any("[process 1 of 2]" in line and "3.png" in line for line in errors), result.stderr[-3000:]
+
+
+def test_a_sharded_checkpoint_from_before_a_groups_first_step_resumes(tmp_path):
+    """DMD2 alternates its groups: after step 1 only one optimizer has state. The checkpoint holds none for the other,
+    which resumes fresh, as it would have run on."""
+    path = recipe(tmp_path / "run.yaml", LORA_DMD2, 1, {"enabled": True})
+    train_one(path, tmp_path)
+    train_one(recipe(tmp_path / "run.yaml", LORA_DMD2, 3, {"enabled": True}), tmp_path)
+    summary = yaml.safe_load((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["step"] == 3 and "step_00000001" in summary["resumed_from"]
