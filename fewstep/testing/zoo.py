@@ -583,10 +583,9 @@ def _move_into_place(tmp: Path, path: Path, family: str) -> None:
 
 def apply_resolution_marker(pipe: Any, path: str | os.PathLike) -> None:
     """Give a pipeline loaded from a tiny directory its recorded default resolution (``MARKER``); Flux pipelines
-    otherwise assume 128·8 pixels. Video pipelines (Wan, LTX) get ``default_video_size = (frames, height, width)``, which
-    ``fewstep.models.backbones.latent_shape`` reads in place of the pipeline's call defaults (Wan 81 × 480 × 832, LTX
-    161 × 512 × 704).
-    Directories without the marker are left alone."""
+    otherwise assume 128·8 pixels. Video pipelines (Wan, LTX) get ``default_video_size = (frames, height,
+    width)``, which ``fewstep.models.backbones.latent_shape`` reads in place of the pipeline's call defaults (Wan
+    81 × 480 × 832, LTX 161 × 512 × 704). Directories without the marker are left alone."""
     marker = Path(path) / MARKER
     if not marker.is_file():
         return
