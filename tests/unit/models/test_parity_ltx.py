@@ -2,6 +2,9 @@
 ``LTXPipeline``'s own latents (``output_type="latent"``, unpacked) for the same seed, steps and guidance, frame by
 frame; packing, the dynamic shift over the video token count, prompt encoding with masks and the VAE round trip
 (per-channel statistics, the decode timestep) follow the pipeline.
+
+Measured on the tiny zoo (2 prompts, seeds 0-2, 4 steps, guidance 3, latents ``[2, 8, 2, 2, 2]`` of max |x| ≈ 4.2-5.5):
+max |Δ| 7e-7 to 1e-6 (the pipeline runs the two CFG branches as one 2B forward too).
 """
 
 from types import SimpleNamespace
