@@ -22,6 +22,10 @@ name                      model                        inputs
                                                        (UMT5), ``timestep`` (= 1000·s)
 ``wan_experts``           ``WanExperts`` (Wan 2.2)     as ``wan``; ``transformer`` at ``timestep ≥ boundary``,
                                                        ``transformer_2`` below it
+``ltx``                   ``LTXVideoTransformer3DModel``  video latents packed into tokens, ``timestep`` (= 1000·s),
+                                                       ``encoder_hidden_states`` (T5) + ``encoder_attention_mask``,
+                                                       ``num_frames``/``height``/``width``,
+                                                       ``rope_interpolation_scale``
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -76,6 +80,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "QwenImageTransformer2DModel": "qwen_image",
     "WanTransformer3DModel": "wan",
     "WanExperts": "wan_experts",
+    "LTXVideoTransformer3DModel": "ltx",
 }
 
 
@@ -104,6 +109,8 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     """
     if denoiser.adapter_name == "wan" and len(shape) == 5:
         return video_tokens(denoiser.backbone, shape)
+    if denoiser.adapter_name == "ltx" and len(shape) == 5:  # LTXPipeline's video_sequence_length: f·h·w latents
+        return shape[-3] * shape[-2] * shape[-1]
     if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3", "qwen_image"):
         return None
     patch = patch_size(denoiser.adapter_name, denoiser.backbone)
@@ -117,6 +124,8 @@ def patch_size(family: str, backbone: Any) -> int:
         return 2
     if family in ("sd3", "sd35"):
         return int(getattr(backbone.config, "patch_size", 2))
+    if family == "ltx":  # LTX-Video: one int for height and width (``patch_size_t`` for frames)
+        return int(backbone.config.patch_size)
     if family in VIDEO_FAMILIES:
         return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
     return 1
@@ -128,8 +137,8 @@ def pixel_multiple(teacher: _FromPipeline) -> int:
     pipe = teacher.pipeline
     if pipe is None:
         return 1
-    if teacher.family in VIDEO_FAMILIES:  # Wan's VAE names its factors per axis; it is also loaded without a VAE
-        return int(pipe.vae_scale_factor_spatial) * patch_size(teacher.family, pipeline_backbone(pipe))
+    if teacher.family in VIDEO_FAMILIES:  # video VAEs name their factors per axis; also loaded without a VAE
+        return video_compression(pipe)[1] * patch_size(teacher.family, pipeline_backbone(pipe))
     scale = int(pipe.vae_scale_factor) if getattr(pipe, "vae", None) is not None else 1
     return scale * patch_size(teacher.family, pipeline_backbone(pipe))
 
@@ -182,38 +191,53 @@ def latent_shape(
     return batch_size, config.in_channels, res // scale, res // scale
 
 
-# Video (Wan): latents [b, c, f, h, w]; the VAE compresses 4× in time after the first frame and 8× in space.
-VIDEO_FAMILIES = ("wan21", "wan22")
+# Video: latents [b, c, f, h, w]; the VAE keeps the first frame and compresses the rest in time (Wan 4×, LTX 8×),
+# and compresses space (Wan 8×, LTX 32×).
+VIDEO_FAMILIES = ("wan21", "wan22", "ltx")
 WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
+LTX_DEFAULT_VIDEO = (161, 512, 704)  # LTXPipeline's call defaults (6.4 s at 25 fps)
 
 
 def is_video_pipeline(pipeline: Any) -> bool:
-    """Whether a pipeline generates video latents ``[b, c, f, h, w]`` (its VAE has a temporal factor)."""
-    return pipeline is not None and hasattr(pipeline, "vae_scale_factor_temporal")
+    """Whether a pipeline generates video latents ``[b, c, f, h, w]`` (its VAE has a temporal factor: Wan's
+    ``vae_scale_factor_temporal``, LTX's ``vae_temporal_compression_ratio``)."""
+    return pipeline is not None and (
+        hasattr(pipeline, "vae_scale_factor_temporal") or hasattr(pipeline, "vae_temporal_compression_ratio")
+    )
+
+
+def video_compression(pipeline: Any) -> tuple[int, int]:
+    """``(temporal, spatial)`` compression of a video pipeline's VAE: Wan ``(4, 8)``, LTX-Video ``(8, 32)``."""
+    if hasattr(pipeline, "vae_temporal_compression_ratio"):  # LTXPipeline's names
+        return int(pipeline.vae_temporal_compression_ratio), int(pipeline.vae_spatial_compression_ratio)
+    return int(pipeline.vae_scale_factor_temporal), int(pipeline.vae_scale_factor_spatial)
 
 
 def video_defaults(pipeline: Any) -> tuple[int, int, int]:
     """``(frames, height, width)`` a video pipeline generates by default: ``default_video_size`` if the pipeline has
-    one (the tiny zoo records its own), else Wan's ``WAN_DEFAULT_VIDEO``."""
-    return tuple(getattr(pipeline, "default_video_size", None) or WAN_DEFAULT_VIDEO)  # type: ignore[return-value]
+    one (the tiny zoo records its own), else its call defaults (``LTX_DEFAULT_VIDEO``, ``WAN_DEFAULT_VIDEO``)."""
+    default = LTX_DEFAULT_VIDEO if hasattr(pipeline, "vae_temporal_compression_ratio") else WAN_DEFAULT_VIDEO
+    return tuple(getattr(pipeline, "default_video_size", None) or default)  # type: ignore[return-value]
 
 
 def video_latent_shape(
     pipeline: Any, batch_size: int, resolution: int | tuple[int, int] | None = None, num_frames: int | None = None
 ) -> tuple[int, int, int, int, int]:
-    """``(b, c, f, h, w)`` as ``WanPipeline.prepare_latents``: ``f = (num_frames − 1) // 4 + 1``, ``h, w`` = pixels
-    / 8. ``resolution`` is a side (square) or ``(height, width)``; both default to ``video_defaults``."""
+    """``(b, c, f, h, w)`` as ``WanPipeline.prepare_latents`` (``LTXPipeline``'s, before packing): ``f = (num_frames −
+    1) // temporal + 1``, ``h, w`` = pixels / spatial (``video_compression``: Wan 4 and 8, LTX 8 and 32).
+    ``resolution`` is a side (square) or ``(height, width)``; both default to ``video_defaults``."""
     frames, height, width = video_defaults(pipeline)
     frames = num_frames or frames
     if resolution is not None:
         height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-    if (frames - 1) % pipeline.vae_scale_factor_temporal:  # WanPipeline would round with a warning
+    temporal, spatial = video_compression(pipeline)
+    if (frames - 1) % temporal:  # WanPipeline would round with a warning
+        name = "An LTX-Video" if temporal == 8 else "A Wan"
         raise ValueError(
-            f"A Wan video has 4k + 1 frames (its VAE keeps the first frame and compresses the rest 4× in time); got "
-            f"{frames}. Use e.g. {(frames - 1) // pipeline.vae_scale_factor_temporal * 4 + 1}."
+            f"{name} video has {temporal}k + 1 frames (its VAE keeps the first frame and compresses the rest "
+            f"{temporal}× in time); got {frames}. Use e.g. {(frames - 1) // temporal * temporal + 1}."
         )
     channels = pipeline_backbone(pipeline).config.in_channels
-    temporal, spatial = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
     return batch_size, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
@@ -437,3 +461,62 @@ def wan_experts_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: 
     out = out_high.new_empty((x.shape[0], *out_high.shape[1:]))
     out[idx_high], out[idx_low] = out_high, out_low
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LTX-Video: video latents packed into tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+LTX_FRAME_RATE = 25  # LTXPipeline's default frame_rate: with the VAE's compression, the rotary position scale
+LTX_ROPE_SCALE = (8 / LTX_FRAME_RATE, 32.0, 32.0)  # LTX-Video's (8× temporal, 32× spatial VAE) at 25 fps
+
+
+def ltx_rope_interpolation_scale(pipeline: Any, frame_rate: float = LTX_FRAME_RATE) -> tuple[float, float, float]:
+    """``LTXPipeline``'s ``rope_interpolation_scale``: ``(temporal compression / frame_rate, spatial, spatial)``,
+    the seconds and pixels between latent positions (LTX-Video: ``(8 / 25, 32, 32)``)."""
+    temporal, spatial = video_compression(pipeline)
+    return temporal / frame_rate, float(spatial), float(spatial)
+
+
+def ltx_pack_latents(x: Tensor, patch_size: int = 1, patch_size_t: int = 1) -> Tensor:
+    """``[b, c, f, h, w] -> [b, (f/p_t)·(h/p)·(w/p), c·p_t·p·p]`` (``LTXPipeline._pack_latents``)."""
+    b, c, f, h, w = x.shape
+    x = x.reshape(b, c, f // patch_size_t, patch_size_t, h // patch_size, patch_size, w // patch_size, patch_size)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+
+
+def ltx_unpack_latents(x: Tensor, frames: int, height: int, width: int, patch_size: int = 1,
+                       patch_size_t: int = 1) -> Tensor:  # fmt: skip
+    """Inverse of ``ltx_pack_latents`` for ``frames × height × width`` tokens (after patching)."""
+    b = x.shape[0]
+    x = x.reshape(b, frames, height, width, -1, patch_size_t, patch_size, patch_size)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+@BACKBONES.register("ltx")
+def ltx_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``LTXVideoTransformer3DModel`` on unpacked video latents ``[b, c, f, h, w]``; returns the unpacked velocity.
+
+    As ``LTXPipeline`` calls it: latents packed by the backbone's ``patch_size`` / ``patch_size_t``, ``timestep =
+    1000·s`` (``FlowSchedule(timestep_scale=1000)``), T5's ``prompt_embeds`` with their attention mask, the token grid
+    (``num_frames``, ``height``, ``width``) and ``rope_interpolation_scale`` (``cond``'s ``[b, 3]``, the first row:
+    a batch shares its frame rate; default LTX-Video's at 25 fps, ``(8 / 25, 32, 32)``). Positions come from the grid
+    (no ``video_coords``), as in the pipeline.
+    """
+    b, _, f, h, w = x.shape
+    p, p_t = int(backbone.config.patch_size), int(backbone.config.patch_size_t)
+    mask = _require(cond.prompt_embeds_mask, "prompt_embeds_mask", "LTX-Video")
+    rope = cond.rope_interpolation_scale
+    rope = LTX_ROPE_SCALE if rope is None else tuple(float(v) for v in rope[0].tolist())  # one clip rate a batch
+    out = backbone(
+        hidden_states=ltx_pack_latents(x, p, p_t),
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "LTX-Video"), x),
+        timestep=timestep,
+        encoder_attention_mask=mask.to(x.device),
+        num_frames=f // p_t,
+        height=h // p,
+        width=w // p,
+        rope_interpolation_scale=rope,
+        return_dict=False,
+    )[0]
+    return ltx_unpack_latents(out, f // p_t, h // p, w // p, p, p_t)

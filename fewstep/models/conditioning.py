@@ -28,6 +28,7 @@ class Conditioning:
     txt_ids: Tensor | None = None  # [L, 3] Flux, shared across the batch
     img_ids: Tensor | None = None  # [h·w, 3] Flux, shared across the batch
     prompt_embeds_mask: Tensor | None = None  # [b, L] long, 1 = a real text token (Qwen-Image: lengths differ)
+    rope_interpolation_scale: Tensor | None = None  # [b, 3] LTX-Video: (temporal compression / fps, spatial, spatial)
     extra: dict[str, Any] = field(default_factory=dict)  # custom teachers: passed through as keyword arguments
 
     def _map(self, fn_batched: Any, fn_shared: Any = None) -> Conditioning:

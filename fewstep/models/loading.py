@@ -41,14 +41,14 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22", "ltx")
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
-                     "wan22": "wan_experts"}  # fmt: skip
-# What a flow backbone is fed: SD3 / SD3.5, Wan (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s; Flux
-# and Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
+                     "wan22": "wan_experts", "ltx": "ltx"}  # fmt: skip
+# What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
+# 1000·s; Flux and Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
-                       "wan21": 1000.0, "wan22": 1000.0}  # fmt: skip
+                       "wan21": 1000.0, "wan22": 1000.0, "ltx": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -299,7 +299,7 @@ def load_component(
 
 def detect_family(pipeline: Any) -> str:
     """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan22`` (two
-    experts) from a pipeline's backbone class and config.
+    experts) | ``ltx`` from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -322,10 +322,12 @@ def detect_family(pipeline: Any) -> str:
                 "T2V-A14B (two experts) are."
             )
         return "wan22" if is_wan_experts_pipeline(pipeline) else "wan21"
+    if cls == "LTXVideoTransformer3DModel":
+        return "ltx"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
-        "QwenImageTransformer2DModel, WanTransformer3DModel. For other models use "
+        "QwenImageTransformer2DModel, WanTransformer3DModel, LTXVideoTransformer3DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 
@@ -467,8 +469,15 @@ def latent_normalization(vae: Any, like: Tensor) -> tuple[Any, Any]:
 
     Image VAEs: ``shift_factor`` (0 if unset) and ``scaling_factor``. Video VAEs with per-channel statistics
     (Wan's ``AutoencoderKLWan``): ``latents_mean`` and ``1 / latents_std`` as ``[1, c, 1, 1, 1]``, as ``WanPipeline``.
+    LTX-Video's ``AutoencoderKLLTXVideo`` keeps them in buffers: ``latents_mean`` and ``scaling_factor /
+    latents_std``, as ``LTXPipeline._normalize_latents``.
     """
     config = vae.config
+    if is_ltx_vae(vae):
+        view = (1, -1) + (1,) * (like.ndim - 2)
+        mean = vae.latents_mean.view(view).to(like.device, like.dtype)
+        scale = (config.scaling_factor / vae.latents_std).view(view).to(like.device, like.dtype)
+        return mean, scale
     if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
         view = (1, len(config.latents_mean)) + (1,) * (like.ndim - 2)  # [1, c, 1, 1, 1]
         mean = torch.tensor(config.latents_mean).view(view).to(like.device, like.dtype)
@@ -485,7 +494,8 @@ def _decode(vae: Any, x0: Tensor) -> Tensor:
     param = next(vae.parameters())
     x0 = x0.to(device=param.device, dtype=param.dtype)
     shift, scale = latent_normalization(vae, x0)
-    images = vae.decode(x0 / scale + shift, return_dict=False)[0]  # [-1, 1]; video: [b, 3, f, H, W]
+    args = (ltx_decode_timestep(vae, x0),) if is_ltx_vae(vae) else ()
+    images = vae.decode(x0 / scale + shift, *args, return_dict=False)[0]  # [-1, 1]; video: [b, 3, f, H, W]
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
@@ -519,3 +529,19 @@ def is_frame_vae(vae: Any) -> bool:
     """A video-style VAE used on single images (Qwen-Image's ``AutoencoderKLQwenImage``): ``[b, c, frames, h, w]``
     tensors and per-channel ``latents_mean`` / ``latents_std`` instead of one scaling factor."""
     return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def is_ltx_vae(vae: Any) -> bool:
+    """LTX-Video's ``AutoencoderKLLTXVideo``: latent statistics in buffers, a decoder that may take a timestep."""
+    return type(vae).__name__ == "AutoencoderKLLTXVideo"
+
+
+LTX_DECODE_TIMESTEP = 0.0  # LTXPipeline's default decode_timestep (and decode_noise_scale: no noise is mixed in)
+
+
+def ltx_decode_timestep(vae: Any, latents: Tensor) -> Tensor | None:
+    """The ``temb`` ``LTXPipeline`` decodes with: ``None`` for a decoder without timestep conditioning (LTX-Video
+    0.9.0), else its default ``decode_timestep`` per sample; at 0 the pipeline's decode noise is scaled by 0."""
+    if not vae.config.timestep_conditioning:
+        return None
+    return torch.full((latents.shape[0],), LTX_DECODE_TIMESTEP, device=latents.device, dtype=latents.dtype)

@@ -8,7 +8,8 @@ twist: SDXL zeroes its negative embeddings when no negative prompt is given (``f
 also DMD2's choice); SD1.5 and SD3 encode ``""``; Flux has no negative branch of its own (its guidance is an
 input), so ``""`` is encoded for true CFG; Qwen-Image's true CFG uses the negative ``" "`` of its model card (its
 pipeline guides only when a negative prompt is given); Wan encodes ``""`` as its pipeline does without a negative
-prompt (UMT5 states zeroed past each prompt's length). Pass ``negative_prompts`` to use other negatives.
+prompt (UMT5 states zeroed past each prompt's length); LTX-Video encodes ``""`` with T5 and keeps the attention masks
+of both branches. Pass ``negative_prompts`` to use other negatives.
 
 Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import default_resolution
+from fewstep.models.backbones import default_resolution, ltx_rope_interpolation_scale
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
@@ -134,8 +135,24 @@ def _wan(
     return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
 
 
+def _ltx(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    """T5 states padded to ``max_sequence_length`` (default 128, the pipeline's) with their attention mask, and the
+    pipeline's rotary position scale at its default frame rate (``ltx_rope_interpolation_scale``)."""
+    pe, mask, npe, nmask = pipe.encode_prompt(
+        prompt=prompts, negative_prompt=negatives, do_classifier_free_guidance=True, num_videos_per_prompt=1,
+        max_sequence_length=max_sequence_length or 128, device=_device(pipe),
+    )  # fmt: skip
+    rope = torch.tensor([ltx_rope_interpolation_scale(pipe)], dtype=torch.float32).repeat(len(prompts), 1)
+    return (
+        Conditioning(prompt_embeds=pe, prompt_embeds_mask=mask.long(), rope_interpolation_scale=rope),
+        Conditioning(prompt_embeds=npe, prompt_embeds_mask=nmask.long(), rope_interpolation_scale=rope),
+    )
+
+
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
-             "wan21": _wan, "wan22": _wan}  # fmt: skip
+             "wan21": _wan, "wan22": _wan, "ltx": _ltx}  # fmt: skip
 
 
 def encode_with_pipeline(
@@ -178,8 +195,8 @@ def encode_prompts(
         prompts: ``b`` prompts.
         negative_prompts: optional ``b`` negatives; default is the pipeline's own null (see the module docstring).
         resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution).
-        max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), Qwen2.5-VL tokens for
-            Qwen-Image (default 512), as the pipelines use.
+        max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default
+            128), Qwen2.5-VL tokens for Qwen-Image (default 512), as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
 
     Returns:

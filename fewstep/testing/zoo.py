@@ -24,6 +24,10 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
 * ``wan22``: Wan 2.2 T2V-A14B's layout: the same pipeline with two experts, ``transformer`` (high noise) and
   ``transformer_2`` (low noise), switched at ``boundary_ratio = 0.875``, and Wan 2.2 A14B's flow shift 12.0.
+* ``ltx``: ``LTXPipeline`` (LTX-Video: ``LTXVideoTransformer3DModel`` on packed video tokens,
+  ``AutoencoderKLLTXVideo`` with LTX's 8× temporal and 32× spatial compression, per-channel latent mean and std and a
+  timestep-conditioned decoder, a T5 encoder) with LTX-Video's scheduler config (dynamic shift over the video token
+  count, ``shift_terminal`` 0.1). Videos are 9 frames of 64×64 pixels (latents ``[b, 8, 2, 2, 2]``).
 
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
@@ -44,13 +48,15 @@ import torch
 
 from fewstep.testing.tokenizer import clip_tokenizer, qwen2_tokenizer, t5_tokenizer
 
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan22")
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan22", "ltx")
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
 RESOLUTION = 16  # default image size of every tiny pipeline (latents 8×8)
 SEED = 0
 VIDEO_RESOLUTION = 32  # the Wan VAE compresses 8× in space: 4×4 latents, 2×2 tokens per latent frame
 VIDEO_FRAMES = 5  # 4k + 1 frames (the Wan VAE compresses 4× in time after the first frame): 2 latent frames
+LTX_RESOLUTION = 64  # the LTX VAE compresses 32× in space: 2×2 latents (one token each)
+LTX_FRAMES = 9  # 8k + 1 frames (LTX compresses 8× in time after the first frame): 2 latent frames
 
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -413,6 +419,62 @@ def _build_wan22() -> Any:
     )
 
 
+def _ltx_vae() -> Any:
+    from diffusers import AutoencoderKLLTXVideo
+
+    # LTX-Video's layout at width 8: a 4×4 pixel patch and three spatio-temporal downsamplings (32× in space, 8× in
+    # time), a decoder conditioned on the decode timestep (LTX-Video 0.9.1 and later).
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=True,
+        patch_size=4,
+        patch_size_t=1,
+    )
+    with torch.no_grad():  # LTX keeps its per-channel statistics in buffers (saved with the weights), not the config
+        vae.latents_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+        vae.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
+    return vae
+
+
+def _build_ltx() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,  # = heads × head_dim
+        num_layers=2,
+        caption_channels=32,  # = T5 width
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # LTX-Video's scheduler config
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTXPipeline(
+        scheduler=scheduler, vae=_ltx_vae(), text_encoder=_t5(d_model=32), tokenizer=t5_tokenizer(),
+        transformer=transformer,
+    )  # fmt: skip
+
+
 _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -422,11 +484,13 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "qwen_image": _build_qwen_image,
     "wan21": _build_wan21,
     "wan22": _build_wan22,
+    "ltx": _build_ltx,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
     family: {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES} for family in ("wan21", "wan22")
 }
+_VIDEO["ltx"] = {"resolution": LTX_RESOLUTION, "num_frames": LTX_FRAMES}
 
 
 def build_tiny_pipeline(family: str, seed: int = SEED) -> Any:
@@ -459,7 +523,7 @@ def tiny_path(family: str) -> Path:
     """The directory of the tiny ``family`` pipeline, built and saved on first use (atomic: temp dir + rename).
 
     Args:
-        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``).
+        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``, ``ltx``).
 
     Returns:
         A ``save_pretrained`` directory loadable with ``DiffusionPipeline.from_pretrained(path)`` offline.
@@ -497,9 +561,9 @@ def _move_into_place(tmp: Path, path: Path, family: str) -> None:
 
 def apply_resolution_marker(pipe: Any, path: str | os.PathLike) -> None:
     """Give a pipeline loaded from a tiny directory its recorded default resolution (``MARKER``); Flux pipelines
-    otherwise assume 128·8 pixels. Video pipelines (Wan) get ``default_video_size = (frames, height, width)``, which
-    ``fewstep.models.backbones.latent_shape`` reads in place of the pipeline's 81 × 480 × 832 call defaults.
-    Directories without the marker are left alone."""
+    otherwise assume 128·8 pixels. Video pipelines (Wan, LTX) get ``default_video_size = (frames, height,
+    width)``, which ``fewstep.models.backbones.latent_shape`` reads in place of the pipeline's call defaults (Wan
+    81 × 480 × 832, LTX 161 × 512 × 704). Directories without the marker are left alone."""
     marker = Path(path) / MARKER
     if not marker.is_file():
         return

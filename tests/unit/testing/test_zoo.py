@@ -9,6 +9,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
+    LTXPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -30,6 +31,7 @@ PIPELINE_CLASS = {
     "qwen_image": QwenImagePipeline,
     "wan21": WanPipeline,
     "wan22": WanPipeline,
+    "ltx": LTXPipeline,
 }
 
 
@@ -126,14 +128,14 @@ def test_family_configs_match_the_real_models():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
     pipe = load_tiny_pipeline(family)
-    video = family in ("wan21", "wan22")
+    video = family in ("wan21", "wan22", "ltx")
     kwargs = {"max_sequence_length": 16} if family in ("sd3", "flux") or video else {}
-    if video:  # video: the marker's 5 frames of 32×32 pixels (WanPipeline's defaults are 81 × 480 × 832)
+    if video:  # video: the marker's frames (Wan 5 of 32×32 pixels, LTX 9 of 64×64), not the pipelines' defaults
         frames, height, width = pipe.default_video_size
         kwargs.update(num_frames=frames, height=height, width=width)
     out = pipe("a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs)
     images = out.frames if video else out.images
-    assert images.shape == ((1, 5, 3, 32, 32) if video else (1, 3, 16, 16))
+    assert images.shape == ((1, frames, 3, height, width) if video else (1, 3, 16, 16))
     assert torch.isfinite(images).all()
     backbone = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     n_params = sum(p.numel() for p in backbone.parameters())
