@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -216,7 +217,7 @@ def layout_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for run in args.runs:
         ddp: dict[str, Any] | None = None
-        for layout in LAYOUTS:
+        for layout in ["DDP", *args.sharded]:
             measured = launch(write_recipe(work, run, layout, args), work)
             rank0 = measured["state_bytes_per_rank"][0]
             row = {
@@ -298,7 +299,7 @@ def loader_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        os.environ["FEWSTEP_CACHE"] = str(work / f"loader_cache_{r}")  # an empty latent cache each round
+        empty_cache = mock.patch.dict(os.environ, {"FEWSTEP_CACHE": str(work / f"loader_cache_{r}")})
         measures = [
             ("image folder", "VAE", lambda: build_batches(data("image_folder", folder), teacher)),
             ("webdataset shards", "VAE", lambda: build_batches(data("webdataset", shards_dir), teacher)),
@@ -306,7 +307,8 @@ def loader_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         if r % 2:
             measures.reverse()
         for source, vae, build in measures:
-            stream = build()
+            with empty_cache:  # the image folder's latent cache lives there: empty each round
+                stream = build()
             rates.setdefault(f"{source}|{vae}", []).append(epoch_rate(stream, batches, batch))
             if source == "image folder":  # the same stream's second epoch: latents from the cache it wrote
                 rates.setdefault(f"{source}|cached latents", []).append(epoch_rate(stream, batches, batch))
@@ -362,7 +364,7 @@ def render(layouts: list[dict[str, Any]], loaders: list[dict[str, Any]], args: a
         f"Data loading, one process: {args.images} noise PNGs of {args.image_size} px with captions, batches of "
         f"{args.loader_batch} at {args.resolution} px through `tiny:sd15` (VAE and text encoder); median of "
         f"{args.rounds} rounds. `cached latents`: the image folder's second epoch, read from the latent cache its "
-        "first epoch wrote. `decode only`: reading and decoding the images, no encoders.",
+        "first epoch wrote (captions already encoded). `decode only`: reading and decoding the images, no encoders.",
         "",
         "| source | | samples / s | × image folder |",
         "|---|---|---:|---:|",
@@ -383,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="samples per process and step (8)")
     parser.add_argument("--resolution", type=int, default=32, help="px of tiny:sd15 training and loading (32)")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (all)")
+    sharded = [k for k in LAYOUTS if k != "DDP"]
+    parser.add_argument("--sharded", nargs="+", choices=sharded, default=sharded, help="layouts next to DDP (both)")
     parser.add_argument("--images", type=int, default=256, help="images of the data-loading benchmark (256)")
     parser.add_argument("--image-size", type=int, default=64, help="px of those image files (64)")
     parser.add_argument("--loader-batch", type=int, default=16, help="batch of the data-loading benchmark (16)")
