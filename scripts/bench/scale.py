@@ -18,7 +18,9 @@ and ``docs/results.json``.
    (the main process writes safetensors and ``torch.save`` files), sharded with FSDP2 (every rank writes its shard
    with ``torch.distributed.checkpoint``). Save: the time of ``Trainer.save`` (collective; between barriers).
    Load: what a resume does, ``load_checkpoint`` with verification into the live run (collective; between
-   barriers), right after each save. Medians after the warm-up steps; size: the bytes of the newest checkpoint.
+   barriers), right after each save. Medians after the warm-up steps (at least one: DMD2's fake score first steps
+   on the second step, and a sharded checkpoint written before every optimizer group has stepped does not resume);
+   size: the bytes of the newest checkpoint.
 3. Data loading, one process: samples/s of ``build_batches`` over one epoch of ``--images`` seeded noise PNGs of
    ``--image-size`` px with captions, read as an image folder and as WebDataset tar shards of the same files
    (``fewstep.data.shards.write_shards``), both at ``--resolution`` through ``tiny:sd15``'s VAE and its text encoder
@@ -144,9 +146,11 @@ def timed(fn: Callable[[], Any], seconds: list[float], barrier: Callable[[], Non
     return call
 
 
-def train_worker(recipe_path: str, out: str) -> None:
+def train_worker(recipe_path: str, out: str, warmup: int) -> None:
     """One process of a two-process run (under ``accelerate launch``): trains the recipe, timing each
-    ``Trainer.train_step``, each ``Trainer.save`` and, right after it, a verified load of that checkpoint."""
+    ``Trainer.train_step``, each ``Trainer.save`` and, right after each save after the ``warmup`` steps, a verified
+    load of that checkpoint (by then every optimizer group has stepped: a sharded checkpoint written before a group's
+    first step does not resume)."""
     from fewstep.config import load_recipe
     from fewstep.train.build import build_components
     from fewstep.train.checkpoint import checkpoint_fingerprint, latest_checkpoint, load_checkpoint
@@ -170,7 +174,8 @@ def train_worker(recipe_path: str, out: str) -> None:
 
     def save_and_load() -> Path | None:
         path = save()
-        timed(load, loads, acc.wait_for_everyone)()
+        if trainer.step > warmup:
+            timed(load, loads, acc.wait_for_everyone)()
         return path
 
     trainer.train_step = timed(trainer.train_step, steps)  # what fit() calls each step
@@ -187,14 +192,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(recipe: Path, work: Path) -> dict[str, Any]:
+def launch(recipe: Path, work: Path, warmup: int) -> dict[str, Any]:
     """``train_worker`` on two CPU processes; its timings and the run's ``state_bytes_per_rank``."""
     out = recipe.with_suffix(".json")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process",
         "1", "--main_process_port", str(free_port()), str(Path(__file__).resolve()), "--worker", "train",
-        "--recipe", str(recipe), "--out", str(out),
+        "--recipe", str(recipe), "--out", str(out), "--warmup", str(warmup),
     ]  # fmt: skip
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(work / "hf"),
@@ -218,14 +223,14 @@ def layout_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     for run in args.runs:
         ddp: dict[str, Any] | None = None
         for layout in ["DDP", *args.sharded]:
-            measured = launch(write_recipe(work, run, layout, args), work)
+            measured = launch(write_recipe(work, run, layout, args), work, args.warmup)
             rank0 = measured["state_bytes_per_rank"][0]
             row = {
                 "run": run,
                 "layout": layout,
                 "step_s": median_after(measured["step_s"], args.warmup),
                 "save_s": median_after(measured["save_s"], args.warmup),
-                "load_s": median_after(measured["load_s"], args.warmup),
+                "load_s": statistics.median(measured["load_s"]),  # timed after the warm-up only
                 "checkpoint_bytes": measured["checkpoint_bytes"][-1],
                 "state_bytes_rank0": rank0,
                 "state_bytes_per_rank": measured["state_bytes_per_rank"],
@@ -381,7 +386,7 @@ def record_key(r: dict[str, Any]) -> tuple:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run after the warm-up (6)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per run (2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per run, at least 1 (2)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per process and step (8)")
     parser.add_argument("--resolution", type=int, default=32, help="px of tiny:sd15 training and loading (32)")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (all)")
@@ -399,10 +404,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        train_worker(args.recipe, args.out)
+        train_worker(args.recipe, args.out, args.warmup)
         return
-    if min(args.steps, args.batch_size, args.images, args.loader_batch, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--steps, --batch-size, --images, --loader-batch and --rounds must be >= 1, --warmup >= 0")
+    if min(args.steps, args.batch_size, args.images, args.loader_batch, args.rounds, args.warmup) < 1:
+        parser.error("--steps, --warmup, --batch-size, --images, --loader-batch and --rounds must be >= 1")
     if args.images < args.loader_batch:
         parser.error(f"--images {args.images} must be at least --loader-batch {args.loader_batch}")
     torch.set_num_threads(1)
