@@ -219,6 +219,10 @@ def median_after(values: list[float], warmup: int) -> float:
 
 def layout_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every run in every layout: time per step, per-rank static bytes, checkpoint save and load."""
+    from fewstep.testing.zoo import tiny_path
+
+    with mock.patch.dict(os.environ, {"FEWSTEP_CACHE": str(work / "cache")}):
+        tiny_path("sd15")  # built once here, not by both processes of the first run at once
     rows = []
     for run in args.runs:
         ddp: dict[str, Any] | None = None
