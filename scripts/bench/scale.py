@@ -336,16 +336,29 @@ def loader_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 # --- report ---------------------------------------------------------------------------------------------------------
 
 
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}" if values else "–"
+
+
 def render(layouts: list[dict[str, Any]], loaders: list[dict[str, Any]], args: argparse.Namespace, where: str) -> str:
+    sharded = [r for r in layouts if r["layout"] != "DDP"]
+    static = [sum(r["state_bytes_rank0"].values()) / sum(d["state_bytes_rank0"].values())
+              for r in sharded for d in layouts if d["run"] == r["run"] and d["layout"] == "DDP"]  # fmt: skip
     lines = [
-        "## Scaling: DDP vs FSDP2, sharded checkpoints, WebDataset shards (`scripts/bench/scale.py`)",
+        "### Scaling: DDP vs FSDP2, sharded checkpoints, WebDataset shards",
         "",
         f"{where}; 2 processes (gloo, one thread each), batch {args.batch_size} per process; {today()}. Time per step: "
         f"median of {args.steps} steps after {args.warmup} warm-up steps, of `Trainer.train_step` on rank 0. Static: "
-        "rank 0's `state_bytes_per_rank` (frozen and trainable weights, AdamW state, EMA; its shards when sharded); "
-        "ratios to DDP per part. Ratios are the result; CPU times say little about GPUs.",
+        "rank 0's `state_bytes_per_rank` (frozen and trainable weights, AdamW state, EMA; its shards when sharded) "
+        "and each part's ratio to DDP's. `python scripts/bench/scale.py`.",
         "",
-        "| run | layout | ms / step | × DDP | static MiB / rank | frozen | trainable | AdamW | EMA |",
+        f"FSDP2 holds {spread(static)} × DDP's static bytes per rank (each part halves on 2 ranks) and takes "
+        f"{spread([r['step_vs_ddp'] for r in sharded])} × its time per step: on CPUs over gloo, the per-block "
+        "all-gathers and reduce-scatters of these tiny models cost more than their compute. Ratios are the result; "
+        "CPU times say little about GPUs.",
+        "",
+        "| run | layout | ms / step | × DDP | static MiB / rank | frozen × DDP | trainable × DDP | AdamW × DDP | "
+        "EMA × DDP |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in layouts:
@@ -358,7 +371,8 @@ def render(layouts: list[dict[str, Any]], loaders: list[dict[str, Any]], args: a
         "",
         "Checkpoints of the same runs, one after every step: DDP writes them unsharded (main process), FSDP2 sharded "
         "(every rank its shard, `torch.distributed.checkpoint`). Save: `Trainer.save`; load: a resume's verified "
-        "`load_checkpoint` into the live run; medians, between barriers.",
+        f"`load_checkpoint` into the live run; medians of the checkpoints after the {args.warmup} warm-up steps, "
+        "between barriers.",
         "",
         "| run | layout | checkpoint MiB | save s | × DDP | load s | × DDP |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -372,8 +386,9 @@ def render(layouts: list[dict[str, Any]], loaders: list[dict[str, Any]], args: a
         "",
         f"Data loading, one process: {args.images} noise PNGs of {args.image_size} px with captions, batches of "
         f"{args.loader_batch} at {args.resolution} px through `tiny:sd15` (VAE and text encoder); median of "
-        f"{args.rounds} rounds. `cached latents`: the image folder's second epoch, read from the latent cache its "
-        "first epoch wrote (captions already encoded). `decode only`: reading and decoding the images, no encoders.",
+        f"{args.rounds} rounds. `VAE`: one epoch, every image decoded and encoded (the image folder also writes its "
+        "latent cache). `cached latents`: the image folder's second epoch, read from that cache (captions already "
+        "encoded). `decode only`: reading and decoding the images, no encoders.",
         "",
         "| source | | samples / s | × image folder |",
         "|---|---|---:|---:|",
