@@ -195,21 +195,29 @@ def free_port() -> int:
 def launch(recipe: Path, work: Path, warmup: int) -> dict[str, Any]:
     """``train_worker`` on two CPU processes; its timings and the run's ``state_bytes_per_rank``."""
     out = recipe.with_suffix(".json")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process",
-        "1", "--main_process_port", str(free_port()), str(Path(__file__).resolve()), "--worker", "train",
-        "--recipe", str(recipe), "--out", str(out), "--warmup", str(warmup),
-    ]  # fmt: skip
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(work / "hf"),
                FEWSTEP_CACHE=str(work / "cache"), PYTHONPATH=path)  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise RuntimeError(f"{recipe.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    from fewstep.config import load_recipe
-
-    summary = json.loads((Path(load_recipe(recipe).output_dir) / "run_summary.json").read_text())
+    run_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, also in a reused --work-dir
+    out.unlink(missing_ok=True)
+    for attempt in (1, 2):  # now and then a process of a gloo job on a loaded machine aborts at start: one more try
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+            str(Path(__file__).resolve()), "--worker", "train", "--recipe", str(recipe), "--out", str(out),
+            "--warmup", str(warmup),
+        ]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if result.returncode == 0:
+            break
+        failure = f"{recipe.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        if attempt == 2 or out.is_file():
+            raise RuntimeError(failure)
+        print(f"WARNING: retrying once. {failure[-600:]}", file=sys.stderr, flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    summary = json.loads((run_dir / "run_summary.json").read_text())
     return {**json.loads(out.read_text()), "state_bytes_per_rank": summary["state_bytes_per_rank"]}
 
 
