@@ -345,7 +345,9 @@ def loader_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def spread(values: list[float]) -> str:
-    return f"{min(values):.2f}–{max(values):.2f}" if values else "–"
+    """``0.48–0.52``, or one number when they all round alike."""
+    low, high = (f"{min(values):.2f}", f"{max(values):.2f}") if values else ("–", "–")
+    return low if low == high else f"{low}–{high}"
 
 
 def render(layouts: list[dict[str, Any]], loaders: list[dict[str, Any]], args: argparse.Namespace, where: str) -> str:
