@@ -94,7 +94,6 @@ class RankMemory:
         step: bytes on top at the peak (activations, gradients, gathered parameters, ...), by what they are.
         phase: the trainable group whose step peaks.
         host_bytes: bytes this rank keeps on the host (offload).
-        refused: why fewstep cannot run this layout for this recipe (None: it can).
     """
 
     layout: Layout
@@ -102,7 +101,6 @@ class RankMemory:
     step: dict[str, int] = field(default_factory=dict)
     phase: str = ""
     host_bytes: int = 0
-    refused: str | None = None
 
     @property
     def static_bytes(self) -> int:
@@ -193,7 +191,6 @@ def rank_memory(
     world_size: int,
     recipe: Recipe,
     device: str = "cuda",
-    refused: str | None = None,
 ) -> RankMemory:
     """The per-rank peak of ``layout``: persistent state plus the heaviest phase's step."""
     persistent, host = persistent_bytes(roles, groups, layout, world_size, recipe, device)
@@ -202,4 +199,4 @@ def rank_memory(
         step = step_bytes(group, costs[phase], gathered, layout, recipe)
         if sum(step.values()) > best[0]:
             best = (sum(step.values()), phase, step)
-    return RankMemory(layout, persistent, best[2], best[1], host, refused)
+    return RankMemory(layout, persistent, best[2], best[1], host)

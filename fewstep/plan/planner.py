@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from fewstep.models.backbones import default_resolution
 from fewstep.objectives.protocol import BackboneUse
-from fewstep.plan.activations import BLOCK_CLASSES, ActivationEstimate, estimate_activations, mode_of
+from fewstep.plan.activations import ActivationEstimate, estimate_activations, mode_of
 from fewstep.plan.inputs import VIDEO_FRAMES, TrainingShape, default_text_tokens
 from fewstep.plan.inventory import Role, Tensors, parameter_roles, trainable_groups
 from fewstep.plan.layouts import Layout, RankMemory, StepCost, candidate_layouts, rank_memory
 from fewstep.plan.meta import MetaModels, build_meta_models
-from fewstep.train.sync import check_strategy
+from fewstep.train.sharding import block_classes
 
 if TYPE_CHECKING:
     from fewstep.config.schema import Recipe
@@ -64,7 +63,7 @@ class Plan:
         return int(self.gpu_memory_bytes * (1.0 - self.headroom))
 
     def fits(self, rank: RankMemory) -> bool:
-        return rank.refused is None and rank.total_bytes <= self.usable_bytes
+        return rank.total_bytes <= self.usable_bytes
 
     @property
     def recommended(self) -> RankMemory | None:
@@ -102,10 +101,10 @@ def training_shape(
 
 
 def wrap_units(backbone: nn.Module) -> tuple[list[str], int, int]:
-    """The classes FSDP wraps block by block (the backbone's ``_no_split_modules``, else ``BLOCK_CLASSES``), the
-    largest unit's parameter bytes (a unit gathers the parameters of no unit nested inside it) and the root's own
-    bytes (parameters outside every unit)."""
-    classes = list(getattr(backbone, "_no_split_modules", None) or BLOCK_CLASSES)
+    """The classes the trainer's FSDP2 wraps block by block (``fewstep.train.sharding.block_classes``), the largest
+    unit's parameter bytes (a unit gathers the parameters of no unit nested inside it) and the root's own bytes
+    (parameters outside every unit)."""
+    classes = list(block_classes(backbone))
     owner: dict[int, int] = {}  # parameter -> the innermost unit holding it (modules() runs outer before inner)
     sizes: dict[int, int] = {}
     for module in backbone.modules():
@@ -134,15 +133,6 @@ def sampling_notes(recipe: Recipe, shape: TrainingShape, plain: ActivationEstima
         f"{images} images at once: about {working / GIB:.2f} GiB of working memory on top of the static state, plus "
         "the VAE decode, which this plan does not count (lower train.num_sample_images if that is too much)."
     ]
-
-
-def sharding_refusal(objective: Any) -> str | None:
-    """Why fewstep's trainer refuses FSDP for this objective (``fewstep.train.sync.check_strategy``), or None."""
-    try:
-        check_strategy(objective, SimpleNamespace(distributed_type="FSDP"))
-    except ValueError as err:
-        return str(err)
-    return None
 
 
 def plan_recipe(
@@ -191,7 +181,6 @@ def plan_recipe(
     classes, largest, root = wrap_units(backbone)
     gathered = {"largest unit": largest, "root": root,
                 "all": sum(r.params.bytes for r in roles if r.kind in ("frozen", "trainable"))}  # fmt: skip
-    refusal = sharding_refusal(models.components.objective)
     ranks = []
     for layout in candidate_layouts(world_size, gpus_per_node, can_checkpoint):
         act = activations[layout.checkpointing]
@@ -199,8 +188,7 @@ def plan_recipe(
             g: StepCost(act.graph_bytes, act.transient_bytes, act.forward_bytes, u.graphs, u.no_grad_batch)
             for g, u in uses.items()
         }
-        refused = refusal if layout.strategy != "ddp" else None
-        ranks.append(rank_memory(roles, groups, costs, gathered, layout, world_size, recipe, device, refused))
+        ranks.append(rank_memory(roles, groups, costs, gathered, layout, world_size, recipe, device))
     notes = [*models.notes, *notes, *sampling_notes(recipe, shape, activations[False])]
     if activations[False].coefficients_of != type(backbone).__name__:
         notes.append(
