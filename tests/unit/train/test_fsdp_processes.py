@@ -167,6 +167,8 @@ def test_a_failing_rank_stops_the_sharded_job_with_its_error(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     env = {**subprocess_env(tmp_path), "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf")}
+    build = "from fewstep.testing import tiny_path; tiny_path('sd15')"  # once, not by both ranks at the same time
+    subprocess.run([sys.executable, "-c", build], env={**env, "PYTHONPATH": str(ROOT)}, check=True, timeout=300)
     start = time.monotonic()
     result = subprocess.run(launch_two_command(path), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
