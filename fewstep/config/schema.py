@@ -33,7 +33,9 @@ class TeacherConfig(BaseModel):
     model_config = BLOCK
 
     pretrained: str = Field(min_length=1)
-    family: Literal["auto", "sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22"] = "auto"
+    family: Literal[
+        "auto", "sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22", "pixart_sigma", "sana"
+    ] = "auto"  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     guidance_scale: float = Field(1.0, ge=0.0)  # Imagen convention: cfg = uncond + w·(cond − uncond), w = 1 is off
     guidance_scale_2: float | None = Field(None, ge=0.0)  # Wan 2.2: the low-noise expert's (None: guidance_scale)

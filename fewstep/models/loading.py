@@ -41,14 +41,15 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22", "pixart_sigma", "sana")
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
-                     "wan22": "wan_experts"}  # fmt: skip
+                     "wan22": "wan_experts", "pixart_sigma": "pixart", "sana": "sana"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan (and pixel UNets trained with FlowMatchEuler timesteps) 1000·s; Flux
-# and Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
+# and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its adapter also applies
+# the model's own timestep_scale).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
-                       "wan21": 1000.0, "wan22": 1000.0}  # fmt: skip
+                       "wan21": 1000.0, "wan22": 1000.0, "sana": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -299,7 +300,7 @@ def load_component(
 
 def detect_family(pipeline: Any) -> str:
     """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan22`` (two
-    experts) from a pipeline's backbone class and config.
+    experts) | ``pixart_sigma`` | ``sana`` from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -322,10 +323,25 @@ def detect_family(pipeline: Any) -> str:
                 "T2V-A14B (two experts) are."
             )
         return "wan22" if is_wan_experts_pipeline(pipeline) else "wan21"
+    if cls == "PixArtTransformer2DModel":
+        if getattr(backbone, "use_additional_conditions", False):
+            raise ValueError(
+                "PixArt-α at 1024 px (resolution and aspect-ratio micro-conditions) is not supported; PixArt-Σ "
+                "(PixArtSigmaPipeline, use_additional_conditions: false) is."
+            )
+        return "pixart_sigma"
+    if cls == "SanaTransformer2DModel":
+        if getattr(backbone.config, "guidance_embeds", False):
+            raise ValueError(
+                "Sana Sprint (guidance embedding, TrigFlow timesteps) is already a few-step model and not supported "
+                "as a teacher; Sana (SanaPipeline) is."
+            )
+        return "sana"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
-        "QwenImageTransformer2DModel, WanTransformer3DModel. For other models use "
+        "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel. "
+        "For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 
@@ -510,7 +526,9 @@ def _encode(vae: Any, images: Tensor) -> Tensor:
     if is_frame_vae(vae) and images.ndim == 4:  # Qwen-Image: one frame of its video-style VAE
         return _encode(vae, images[:, :, None])[:, :, 0]
     param = next(vae.parameters())
-    mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean.float()
+    encoded = vae.encode(images.to(device=param.device, dtype=param.dtype))
+    # KL VAEs give a posterior (its mean); Sana's deterministic DC-AE (AutoencoderDC) gives the latent itself
+    mean = (encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent).float()
     shift, scale = latent_normalization(vae, mean)
     return ((mean - shift) * scale).float()
 

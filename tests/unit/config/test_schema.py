@@ -137,7 +137,12 @@ def test_a_scalar_where_a_block_belongs():
     [
         ("train.mixed_precision", "fp8", "'no', 'fp16', 'bf16'"),
         ("teacher.dtype", "fp32", "'float32', 'bfloat16', 'float16'"),
-        ("teacher.family", "sd5", "'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'unet2d', 'sd35', 'qwen_image', 'wan21', 'wan22'"),
+        (
+            "teacher.family",
+            "sd5",
+            "'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'unet2d', 'sd35', 'qwen_image', 'wan21', 'wan22', 'pixart_sigma', "
+            "'sana'",
+        ),
         ("optim.lr_scheduler", "cosin", "'constant', 'constant_with_warmup', 'linear', 'cosine'"),
         (
             "data.source",
