@@ -19,6 +19,7 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import decode_latents, detect_family, encode_images, load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
+from fewstep.plan.inputs import TrainingShape, backbone_forward
 from fewstep.solvers.grids import scheduler_taus
 from tests.helpers import single_thread  # noqa: F401 (fixture)
 
@@ -130,3 +131,12 @@ def test_the_text_mask_matters(family, pixart, sana):
     masked = teacher.denoiser.raw(x, tau, cond)
     unmasked = teacher.denoiser.raw(x, tau, cond.replace(prompt_embeds_mask=torch.ones_like(cond.prompt_embeds_mask)))
     assert (masked - unmasked).abs().max() > 1e-4, "padding tokens must not be attended to"
+
+
+@pytest.mark.parametrize("family", ["pixart", "sana"])
+def test_planner_inputs_run_through_the_adapter(family, pixart, sana):
+    teacher = {"pixart": pixart, "sana": sana}[family]
+    backbone = teacher.denoiser.backbone
+    side = latent_shape(teacher, 1)[-1] * teacher.pipeline.vae_scale_factor
+    out = backbone_forward(backbone, teacher, TrainingShape(batch=2, resolution=side, text_tokens=300), device="cpu")()
+    assert out.shape == latent_shape(teacher, 2)  # ε / velocity only: PixArt's variance half is dropped
