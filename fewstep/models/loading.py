@@ -213,7 +213,8 @@ def _load_pipeline(path_or_id: str | os.PathLike, dtype: str | torch.dtype, revi
             ) from err
     if "vae" in skip and hasattr(pipe, "vae_scale_factor"):  # without a VAE the pipelines assume 8
         vae_config = _component_config(spec, "vae", pipeline_index(spec, revision)["vae"][0], revision)
-        pipe.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as the pipelines compute it
+        levels = vae_config.get("block_out_channels") or vae_config["encoder_block_out_channels"]  # DC-AE: Sana
+        pipe.vae_scale_factor = 2 ** (len(levels) - 1)  # as the pipelines compute it
     from fewstep.testing import apply_resolution_marker
 
     apply_resolution_marker(pipe, spec)  # tiny zoo directories record their default resolution

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from fewstep.models.backbones import latent_shape
@@ -140,3 +141,24 @@ def test_planner_inputs_run_through_the_adapter(family, pixart, sana):
     side = latent_shape(teacher, 1)[-1] * teacher.pipeline.vae_scale_factor
     out = backbone_forward(backbone, teacher, TrainingShape(batch=2, resolution=side, text_tokens=300), device="cpu")()
     assert out.shape == latent_shape(teacher, 2)  # ε / velocity only: PixArt's variance half is dropped
+
+
+def test_pixart_alpha_micro_conditions_and_sana_sprint_are_refused(pixart, sana):
+    with init_empty_weights():
+        alpha = type(pixart.denoiser.backbone).from_config(
+            {**pixart.denoiser.backbone.config, "use_additional_conditions": True}
+        )
+        sprint = type(sana.denoiser.backbone).from_config({**sana.denoiser.backbone.config, "guidance_embeds": True})
+    with pytest.raises(ValueError, match="PixArt-α at 1024 px"):
+        detect_family(SimpleNamespace(transformer=alpha))
+    with pytest.raises(ValueError, match="Sana Sprint"):
+        detect_family(SimpleNamespace(transformer=sprint))
+
+
+def test_sana_without_its_encoders_keeps_the_dc_ae_scale(sana):
+    lean = load_teacher(SimpleNamespace(pretrained="tiny:sana"), encoders=False, null_cond=sana.null_cond)
+    assert lean.pipeline.vae is None and lean.pipeline.text_encoder is None
+    assert lean.pipeline.vae_scale_factor == sana.pipeline.vae_scale_factor == 4  # read from the DC-AE's config
+    assert latent_shape(lean, 1) == latent_shape(sana, 1)
+    latents = torch.randn(latent_shape(sana, 1), generator=torch.Generator().manual_seed(0))
+    assert (decode_latents(lean, latents) - decode_latents(sana, latents)).abs().max() < 1e-6  # VAE loaded for it
