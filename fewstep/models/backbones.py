@@ -26,6 +26,10 @@ name                      model                        inputs
                                                        ``encoder_hidden_states`` (T5) + ``encoder_attention_mask``,
                                                        ``num_frames``/``height``/``width``,
                                                        ``rope_interpolation_scale``
+``pixart``                ``PixArtTransformer2DModel``  latents, ``timestep`` (VP index), T5 ``encoder_hidden_states``
+                                                       + ``encoder_attention_mask``; ε of a learned-σ output
+``sana``                  ``SanaTransformer2DModel``   latents, ``timestep`` (= 1000·s · ``timestep_scale``), Gemma
+                                                       ``encoder_hidden_states`` + ``encoder_attention_mask``
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -81,6 +85,8 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "WanTransformer3DModel": "wan",
     "WanExperts": "wan_experts",
     "LTXVideoTransformer3DModel": "ltx",
+    "PixArtTransformer2DModel": "pixart",
+    "SanaTransformer2DModel": "sana",
 }
 
 
@@ -128,6 +134,8 @@ def patch_size(family: str, backbone: Any) -> int:
         return int(backbone.config.patch_size)
     if family in VIDEO_FAMILIES:
         return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
+    if family in ("pixart_sigma", "sana"):
+        return int(backbone.config.patch_size)  # PixArt-Σ 2, Sana 1
     return 1
 
 
@@ -520,3 +528,44 @@ def ltx_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditio
         return_dict=False,
     )[0]
     return ltx_unpack_latents(out, f // p_t, h // p, w // p, p, p_t)
+
+
+def learned_sigma_eps(out: Tensor, x: Tensor) -> Tensor:
+    """The prediction of a backbone that also outputs its variance (``out_channels = 2 × latent channels``, PixArt):
+    the first half of the channels, as the PixArt and Sana pipelines keep it; other outputs unchanged."""
+    return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x.shape[1] else out
+
+
+def _text_mask(cond: Conditioning, x: Tensor) -> Tensor | None:
+    """The text tokens' mask (1 = real) on ``x``'s device; PixArt and Sana pass it on every call, all ones too."""
+    return None if cond.prompt_embeds_mask is None else cond.prompt_embeds_mask.to(x.device)
+
+
+@BACKBONES.register("pixart")
+def pixart_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``PixArtTransformer2DModel`` as ``PixArtSigmaPipeline`` calls it: the VP timestep index, the T5 tokens with
+    their mask, no micro-conditions (``added_cond_kwargs`` resolution and aspect ratio ``None``: PixArt-Σ has none);
+    the learned variance is dropped (``learned_sigma_eps``)."""
+    out = backbone(
+        x,
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "PixArt"), x),
+        encoder_attention_mask=_text_mask(cond, x),
+        timestep=timestep,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )[0]
+    return learned_sigma_eps(out, x)
+
+
+@BACKBONES.register("sana")
+def sana_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``SanaTransformer2DModel`` as ``SanaPipeline`` calls it: ``timestep = 1000·s`` (``FlowSchedule(timestep_scale=
+    1000)``) times the model's own ``timestep_scale``, Gemma's tokens with their mask; flow velocity out."""
+    out = backbone(
+        x,
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Sana"), x),
+        encoder_attention_mask=_text_mask(cond, x),
+        timestep=timestep * float(getattr(backbone.config, "timestep_scale", 1.0)),
+        return_dict=False,
+    )[0]
+    return learned_sigma_eps(out, x)

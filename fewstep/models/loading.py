@@ -41,14 +41,16 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22", "ltx")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22", "ltx", "pixart_sigma",
+            "sana")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
-                     "wan22": "wan_experts", "ltx": "ltx"}  # fmt: skip
+                     "wan22": "wan_experts", "ltx": "ltx", "pixart_sigma": "pixart", "sana": "sana"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
-# 1000·s; Flux and Qwen-Image s (their pipelines divide by 1000 and the models multiply back).
+# 1000·s; Flux and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
+# adapter also applies the model's own timestep_scale).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
-                       "wan21": 1000.0, "wan22": 1000.0, "ltx": 1000.0}  # fmt: skip
+                       "wan21": 1000.0, "wan22": 1000.0, "ltx": 1000.0, "sana": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -212,7 +214,8 @@ def _load_pipeline(path_or_id: str | os.PathLike, dtype: str | torch.dtype, revi
             ) from err
     if "vae" in skip and hasattr(pipe, "vae_scale_factor"):  # without a VAE the pipelines assume 8
         vae_config = _component_config(spec, "vae", pipeline_index(spec, revision)["vae"][0], revision)
-        pipe.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as the pipelines compute it
+        levels = vae_config.get("block_out_channels") or vae_config["encoder_block_out_channels"]  # DC-AE: Sana
+        pipe.vae_scale_factor = 2 ** (len(levels) - 1)  # as the pipelines compute it
     from fewstep.testing import apply_resolution_marker
 
     apply_resolution_marker(pipe, spec)  # tiny zoo directories record their default resolution
@@ -299,7 +302,7 @@ def load_component(
 
 def detect_family(pipeline: Any) -> str:
     """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan22`` (two
-    experts) | ``ltx`` from a pipeline's backbone class and config.
+    experts) | ``ltx`` | ``pixart_sigma`` | ``sana`` from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -324,10 +327,25 @@ def detect_family(pipeline: Any) -> str:
         return "wan22" if is_wan_experts_pipeline(pipeline) else "wan21"
     if cls == "LTXVideoTransformer3DModel":
         return "ltx"
+    if cls == "PixArtTransformer2DModel":
+        if getattr(backbone, "use_additional_conditions", False):
+            raise ValueError(
+                "PixArt-α at 1024 px (resolution and aspect-ratio micro-conditions) is not supported; PixArt-Σ "
+                "(PixArtSigmaPipeline, use_additional_conditions: false) is."
+            )
+        return "pixart_sigma"
+    if cls == "SanaTransformer2DModel":
+        if getattr(backbone.config, "guidance_embeds", False):
+            raise ValueError(
+                "Sana Sprint (guidance embedding, TrigFlow timesteps) is already a few-step model and not supported "
+                "as a teacher; Sana (SanaPipeline) is."
+            )
+        return "sana"
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
-        "QwenImageTransformer2DModel, WanTransformer3DModel, LTXVideoTransformer3DModel. For other models use "
+        "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel, "
+        "LTXVideoTransformer3DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 
@@ -520,7 +538,9 @@ def _encode(vae: Any, images: Tensor) -> Tensor:
     if is_frame_vae(vae) and images.ndim == 4:  # Qwen-Image: one frame of its video-style VAE
         return _encode(vae, images[:, :, None])[:, :, 0]
     param = next(vae.parameters())
-    mean = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean.float()
+    encoded = vae.encode(images.to(device=param.device, dtype=param.dtype))
+    # KL VAEs give a posterior (its mean); Sana's deterministic DC-AE (AutoencoderDC) gives the latent itself
+    mean = (encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent).float()
     shift, scale = latent_normalization(vae, mean)
     return ((mean - shift) * scale).float()
 

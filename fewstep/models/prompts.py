@@ -9,13 +9,15 @@ also DMD2's choice); SD1.5 and SD3 encode ``""``; Flux has no negative branch of
 input), so ``""`` is encoded for true CFG; Qwen-Image's true CFG uses the negative ``" "`` of its model card (its
 pipeline guides only when a negative prompt is given); Wan encodes ``""`` as its pipeline does without a negative
 prompt (UMT5 states zeroed past each prompt's length); LTX-Video encodes ``""`` with T5 and keeps the attention masks
-of both branches. Pass ``negative_prompts`` to use other negatives.
+of both branches; PixArt-Σ and Sana encode ``""`` too, each token with its mask (Sana's prompt behind its complex human
+instruction, the negative without it, as ``SanaPipeline`` does). Pass ``negative_prompts`` to use other negatives.
 
 Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -151,8 +153,53 @@ def _ltx(
     )
 
 
+def _caption_cleaning(default: bool) -> bool:
+    """The pipeline's ``clean_caption`` default where it can clean (it needs ``bs4`` and ``ftfy``; without them the
+    pipeline warns and encodes the raw caption, which is what ``False`` does without the warning)."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return default and is_bs4_available() and is_ftfy_available()
+
+
+def _call_default(pipe: Any, name: str) -> Any:
+    """A keyword default of the pipeline's ``__call__`` (Sana's complex human instruction, PixArt's caption cleaning),
+    read from its signature so the text matches the installed diffusers."""
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
+def _masked_t5_or_gemma(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **extra: Any
+) -> tuple[Conditioning, Conditioning]:
+    """PixArt-Σ (T5) and Sana (Gemma 2): ``encode_prompt`` gives embeddings and attention masks, both padded to
+    ``max_sequence_length`` (default 300, the pipelines')."""
+    pe, mask, npe, nmask = pipe.encode_prompt(
+        prompts, True, negative_prompt=negatives or "", num_images_per_prompt=1, device=_device(pipe),
+        max_sequence_length=max_sequence_length or 300, **extra,
+    )  # fmt: skip
+    return (
+        Conditioning(prompt_embeds=pe, prompt_embeds_mask=mask.long()),
+        Conditioning(prompt_embeds=npe, prompt_embeds_mask=nmask.long()),
+    )
+
+
+def _pixart_sigma(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    clean = _caption_cleaning(_call_default(pipe, "clean_caption"))
+    return _masked_t5_or_gemma(pipe, prompts, negatives, max_sequence_length, clean_caption=clean)
+
+
+def _sana(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    clean = _caption_cleaning(_call_default(pipe, "clean_caption"))
+    instruction = _call_default(pipe, "complex_human_instruction")
+    return _masked_t5_or_gemma(pipe, prompts, negatives, max_sequence_length, clean_caption=clean,
+                               complex_human_instruction=instruction)  # fmt: skip
+
+
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
-             "wan21": _wan, "wan22": _wan, "ltx": _ltx}  # fmt: skip
+             "wan21": _wan, "wan22": _wan, "ltx": _ltx, "pixart_sigma": _pixart_sigma, "sana": _sana}  # fmt: skip
 
 
 def encode_with_pipeline(
@@ -195,8 +242,9 @@ def encode_prompts(
         prompts: ``b`` prompts.
         negative_prompts: optional ``b`` negatives; default is the pipeline's own null (see the module docstring).
         resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution).
-        max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default
-            128), Qwen2.5-VL tokens for Qwen-Image (default 512), as the pipelines use.
+        max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
+            PixArt-Σ (default 300), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300),
+            as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
 
     Returns:

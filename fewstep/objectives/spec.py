@@ -258,7 +258,10 @@ def flow_scheduler_config(teacher: Teacher, stochastic_sampling: bool) -> dict[s
 
     # no terminal stretch (Qwen-Image's shift_terminal 0.02): students are trained and sampled on FlowSchedule.shift
     # levels, which end at 0, so the exported scheduler must not move them
-    overrides = {"shift_terminal": None} if teacher_scheduler_config(teacher).get("shift_terminal") else {}
+    config = teacher_scheduler_config(teacher)
+    overrides: dict[str, Any] = {"shift_terminal": None} if config.get("shift_terminal") else {}
+    if config.get("use_flow_sigmas"):  # a multistep scheduler on flow sigmas (Sana's DPM-Solver): its `flow_shift`
+        overrides["shift"] = teacher.schedule.shift_factor  # is the shift (FlowMatchEuler's `shift` key is absent)
     scheduler = scheduler_from_teacher(
         FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=stochastic_sampling, **overrides
     )

@@ -6,7 +6,8 @@ Backbones fewstep trains go through their own adapter (``fewstep.models.backbone
 an adapter yet (Wan 2.1, Qwen-Image) are called directly, with their shape rules here until they get one.
 
 ``TEXT_TOKENS`` is the prompt length each family's pipeline feeds (padded to its maximum): CLIP 77 (SD1.5, SDXL),
-CLIP 77 + T5 256 (SD3), T5 512 (FLUX.1-dev), umT5 512 (Wan 2.1), Qwen2.5-VL up to 512 (Qwen-Image).
+CLIP 77 + T5 256 (SD3), T5 512 (FLUX.1-dev), umT5 512 (Wan 2.1), Qwen2.5-VL up to 512 (Qwen-Image), T5 300
+(PixArt-Σ), Gemma 2 300 (Sana).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ TEXT_TOKENS: dict[str, int] = {
     "FluxTransformer2DModel": 512,
     "WanTransformer3DModel": 512,
     "QwenImageTransformer2DModel": 512,
+    "PixArtTransformer2DModel": 300,
+    "SanaTransformer2DModel": 300,
 }
 VIDEO_FRAMES = 81  # Wan 2.1's default clip length (5 s at 16 fps)
 
@@ -67,6 +70,9 @@ def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype:
         if getattr(cfg, "time_cond_proj_dim", None):
             cond = cond.replace(timestep_cond=rand(b, cfg.time_cond_proj_dim))
         return cond
+    if adapter in ("pixart", "sana"):  # T5 / Gemma 2 tokens with their attention mask
+        mask = torch.ones(b, n, dtype=torch.long, device=device)
+        return Conditioning(prompt_embeds=rand(b, n, int(cfg.caption_channels)), prompt_embeds_mask=mask)
     cond = Conditioning(
         prompt_embeds=rand(b, n, cfg.joint_attention_dim), pooled_prompt_embeds=rand(b, cfg.pooled_projection_dim)
     )

@@ -9,15 +9,20 @@ tokens and padding behaviour, so the ones here are built in memory:
   ``<|im_end|>``; ``<|endoftext|>`` pads), as Qwen-Image's prompt template needs them.
 * ``t5_tokenizer``: a SentencePiece-style Unigram tokenizer over printable ASCII characters (T5's ``<pad>=0``,
   ``</s>=1``, ``<unk>=2`` layout, no sentinel tokens).
+* ``gemma_tokenizer``: Gemma's layout (``<pad>=0``, ``<eos>=1``, ``<bos>=2``, ``<unk>=3``, ``<mask>=4``, then the 256
+  byte-fallback tokens ``<0x00>``…``<0xFF>``) over printable ASCII characters with no merges, ``<bos>`` prepended as
+  Gemma's tokenizer does (Sana's text encoder).
 
-Both save with ``save_pretrained`` (``tokenizer.json`` and friends) and reload with ``from_pretrained(dir)`` offline.
+All of them save with ``save_pretrained`` (``tokenizer.json`` and friends) and reload with ``from_pretrained(dir)``
+offline.
 """
 
 from __future__ import annotations
 
 import string
 
-from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
+from tokenizers import processors
+from transformers import CLIPTokenizer, GemmaTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -70,4 +75,21 @@ def qwen2_tokenizer() -> Qwen2Tokenizer:
     vocab = {t: i for i, t in enumerate(symbols + list(QWEN_SPECIAL_TOKENS))}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=32768)
     tokenizer.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)  # matched whole, never split into bytes
+    return tokenizer
+
+
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+
+
+def gemma_tokenizer(model_max_length: int = 8192) -> GemmaTokenizer:
+    """A character-level Gemma tokenizer: ``pad = 0``, ``eos = 1``, ``bos = 2`` (prepended), ``unk = 3``, the 256
+    byte-fallback tokens (``"\\n"`` is ``<0x0A>``), ``▁`` for spaces and printable ASCII (356 tokens)."""
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = {t: i for i, t in enumerate([*GEMMA_SPECIAL_TOKENS, *byte_tokens, "▁", *chars])}
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    bos = GEMMA_SPECIAL_TOKENS[2]
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(  # Gemma's add_bos_token
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
     return tokenizer

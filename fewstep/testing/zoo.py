@@ -28,6 +28,14 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   ``AutoencoderKLLTXVideo`` with LTX's 8× temporal and 32× spatial compression, per-channel latent mean and std and a
   timestep-conditioned decoder, a T5 encoder) with LTX-Video's scheduler config (dynamic shift over the video token
   count, ``shift_terminal`` 0.1). Videos are 9 frames of 64×64 pixels (latents ``[b, 8, 2, 2, 2]``).
+* ``pixart_sigma``: ``PixArtSigmaPipeline`` (``PixArtTransformer2DModel`` predicting ε with a learned variance:
+  ``out_channels = 2 × 4``, no micro-conditions; a T5 encoder) with PixArt-Σ's ``DPMSolverMultistepScheduler`` config
+  (linear betas 1e-4…0.02, DPM-Solver++ 2M, ε prediction). Its transformer's ``sample_size`` of 8 is not one of the
+  pipeline's aspect-ratio bins: call it with ``use_resolution_binning=False``.
+* ``sana``: ``SanaPipeline`` (``SanaTransformer2DModel`` with linear attention, ``AutoencoderDC`` (Sana's DC-AE, here
+  4× instead of 32×), a two-layer ``Gemma2Model`` text encoder) with Sana's ``DPMSolverMultistepScheduler`` in flow
+  mode (``use_flow_sigmas``, ``flow_shift`` 3.0, flow prediction). ``use_resolution_binning=False`` as above. Images are
+  32×32 (``SanaPipeline`` wants sides divisible by 32), the DC-AE compresses 4× instead of Sana's 32×: latents 8×8.
 
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
@@ -46,13 +54,16 @@ from typing import Any
 
 import torch
 
-from fewstep.testing.tokenizer import clip_tokenizer, qwen2_tokenizer, t5_tokenizer
+from fewstep.testing.tokenizer import clip_tokenizer, gemma_tokenizer, qwen2_tokenizer, t5_tokenizer
 
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan22", "ltx")
+FAMILIES: tuple[str, ...] = (
+    "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan22", "ltx", "pixart_sigma", "sana"
+)  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
 RESOLUTION = 16  # default image size of every tiny pipeline (latents 8×8)
 SEED = 0
+SANA_RESOLUTION = 32  # SanaPipeline wants sides divisible by 32: its tiny DC-AE compresses 4× (latents 8×8)
 VIDEO_RESOLUTION = 32  # the Wan VAE compresses 8× in space: 4×4 latents, 2×2 tokens per latent frame
 VIDEO_FRAMES = 5  # 4k + 1 frames (the Wan VAE compresses 4× in time after the first frame): 2 latent frames
 LTX_RESOLUTION = 64  # the LTX VAE compresses 32× in space: 2×2 latents (one token each)
@@ -475,6 +486,77 @@ def _build_ltx() -> Any:
     )  # fmt: skip
 
 
+def _build_pixart_sigma() -> Any:
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,  # ε and the learned variance; the pipeline keeps the first half
+        num_layers=2,
+        cross_attention_dim=16,  # = heads × head_dim
+        sample_size=RESOLUTION // 2,
+        patch_size=2,
+        caption_channels=32,  # = T5 width
+        use_additional_conditions=False,  # PixArt-Σ: no resolution / aspect-ratio embedding
+    )
+    scheduler = DPMSolverMultistepScheduler(  # PixArt-Σ's scheduler config
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
+    )  # fmt: skip
+    return PixArtSigmaPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=_t5(d_model=32), vae=_vae(0.13025), transformer=transformer,
+        scheduler=scheduler,
+    )  # fmt: skip
+
+
+def _gemma2() -> Any:
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(
+        vocab_size=356, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2,
+    )  # fmt: skip
+    return Gemma2Model(config).eval()
+
+
+def _build_sana() -> Any:
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,  # = heads × head_dim
+        caption_channels=32,  # = Gemma width
+        sample_size=SANA_RESOLUTION // 4,
+        patch_size=1,
+    )
+    blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")  # DC-AE's: residual, then multi-scale linear attention
+    vae = AutoencoderDC(  # three levels: 4× (Sana's f32c32 has six: 32×)
+        in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=blocks, decoder_block_types=blocks,
+        encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
+        decoder_act_fns="silu", scaling_factor=0.41407,  # Sana's DC-AE f32c32
+    )  # fmt: skip
+    scheduler = DPMSolverMultistepScheduler(  # Sana 1600M 1024px's scheduler config: DPM-Solver++ on flow sigmas
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, algorithm_type="dpmsolver++",
+        solver_order=2, timestep_spacing="linspace",
+    )  # fmt: skip
+    tokenizer = gemma_tokenizer()
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=_gemma2(), vae=vae, transformer=transformer,
+                        scheduler=scheduler)  # fmt: skip
+
+
 _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -485,6 +567,8 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "wan21": _build_wan21,
     "wan22": _build_wan22,
     "ltx": _build_ltx,
+    "pixart_sigma": _build_pixart_sigma,
+    "sana": _build_sana,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
@@ -535,7 +619,8 @@ def tiny_path(family: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=path.parent))
     try:
         build_tiny_pipeline(family).save_pretrained(tmp, safe_serialization=True)
-        marker = {"family": family, "version": ZOO_VERSION, "resolution": RESOLUTION, **_VIDEO.get(family, {})}
+        resolution = SANA_RESOLUTION if family == "sana" else RESOLUTION
+        marker = {"family": family, "version": ZOO_VERSION, "resolution": resolution, **_VIDEO.get(family, {})}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         _move_into_place(tmp, path, family)
     finally:
