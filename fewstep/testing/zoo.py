@@ -116,11 +116,12 @@ def _clip(projection: bool = False) -> Any:
     return CLIPTextModel(_clip_config()).eval()
 
 
-def _t5(d_model: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
+def _t5(d_model: int, umt5: bool = False) -> Any:
+    """A two-layer T5 encoder (``umt5``: Wan's UMT5) over ``t5_tokenizer``'s vocabulary."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
-        vocab_size=98,
+    config = (UMT5Config if umt5 else T5Config)(
+        vocab_size=98,  # = t5_tokenizer's vocabulary
         d_model=d_model,
         d_kv=8,
         d_ff=37,
@@ -131,7 +132,7 @@ def _t5(d_model: int) -> Any:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return T5EncoderModel(config).eval()
+    return (UMT5EncoderModel if umt5 else T5EncoderModel)(config).eval()
 
 
 def _vae(scaling_factor: float, shift_factor: float | None = None, quant_conv: bool = True) -> Any:
@@ -358,24 +359,6 @@ def _build_qwen_image() -> Any:
     )
 
 
-def _umt5(d_model: int) -> Any:
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=98,  # = t5_tokenizer's vocabulary
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(config).eval()
-
-
 def _wan_vae() -> Any:
     from diffusers import AutoencoderKLWan
 
@@ -409,7 +392,7 @@ def _build_wan21() -> Any:
 
     return WanPipeline(
         tokenizer=t5_tokenizer(),
-        text_encoder=_umt5(d_model=32),
+        text_encoder=_t5(d_model=32, umt5=True),
         vae=_wan_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # flow_shift 3.0 (480p)
         transformer=_wan_transformer(),
@@ -421,7 +404,7 @@ def _build_wan22() -> Any:
 
     return WanPipeline(
         tokenizer=t5_tokenizer(),
-        text_encoder=_umt5(d_model=32),
+        text_encoder=_t5(d_model=32, umt5=True),
         vae=_wan_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0),  # A14B's sample_shift
         transformer=_wan_transformer(),  # high-noise expert: timesteps ≥ 875
