@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import torch
 
 from fewstep.config import load_recipe
 from fewstep.plan import layout_by_name, plan_recipe
@@ -37,12 +38,15 @@ def accelerate_layout(command: str) -> tuple[FSDPLayout | None, list[str]]:
     args, _, _ = _validate_launch_command(args)
     env = prepare_multi_gpu_env(args)
     ours = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_", "PARALLELISM_CONFIG_"))}
-    accelerator = SimpleNamespace(num_processes=args.num_processes, distributed_type="MULTI_GPU", state=None)
+    gpu = torch.device("cuda")  # what these launches run on (the trainer reads the device for offload)
+    accelerator = SimpleNamespace(
+        num_processes=args.num_processes, distributed_type="MULTI_GPU", state=None, device=gpu
+    )
     if args.use_fsdp:
         with mock.patch.dict(os.environ, ours):
             plugin = FullyShardedDataParallelPlugin()
             mesh = ParallelismConfig() if env.get("ACCELERATE_USE_PARALLELISM_CONFIG") == "true" else None
-        accelerator = SimpleNamespace(num_processes=args.num_processes, distributed_type="FSDP",
+        accelerator = SimpleNamespace(num_processes=args.num_processes, distributed_type="FSDP", device=gpu,
                                       state=SimpleNamespace(fsdp_plugin=plugin), parallelism_config=mesh)  # fmt: skip
     recipe = load_recipe(args.training_script_args[1], args.training_script_args[2:])
     return fsdp_layout(recipe.train.fsdp, accelerator), args.training_script_args

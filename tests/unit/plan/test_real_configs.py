@@ -57,12 +57,12 @@ def test_flux_dmd2_lora_plan():
     assert plan.recommended is not None
 
 
-def test_wan_and_qwen_plan_with_a_note(tmp_path):
-    for hub_id in ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Qwen/Qwen-Image"):
+def test_wan_and_qwen_plan_from_their_configs(tmp_path):
+    for hub_id, family in (("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan21"), ("Qwen/Qwen-Image", "qwen_image")):
         overrides = [f"teacher.pretrained={hub_id}", "data.resolution=512", "student.lora.target_modules=[to_q,to_v]"]
         recipe = load_recipe("dmd/flux_dmd2_lora", overrides)
         plan = plan_recipe(recipe, world_size=8, frames=17)
-        assert plan.models.family == "custom" and any("no backbone adapter" in n for n in plan.notes)
+        assert plan.models.family == family and not any("no backbone adapter" in n for n in plan.notes)
         assert (
             plan.activations[False].coefficients_of == type(plan.models.components.teacher.denoiser.backbone).__name__
         )
