@@ -68,9 +68,18 @@ def _load_pipeline(pipeline_class: str, where: str, subfolder: str | None, note:
 def _text_snippet(
     spec: SamplingSpec, pipeline_class: str, base_model: str, student_path: str, subfolder: str | None, lora: bool
 ) -> list[str]:
-    """A text-to-image pipeline: the LoRA on its base with the student's scheduler, or the full pipeline."""
+    """A text-to-image (or text-to-video) pipeline: the LoRA on its base with the student's scheduler, or the full
+    pipeline. A pipeline that takes no ``sigmas=`` (WanPipeline, LTXPipeline) can only run its own step grid, which is
+    the student's at one step: the snippet samples one step and says how to sample more."""
+    call = _pipeline_call_parameters(pipeline_class)
     kwargs = spec.call_kwargs(spec.recommended_steps)
     lines = ["import torch", f"from diffusers import {pipeline_class}, {spec.scheduler_class}", ""]
+    if "sigmas" in kwargs and call is not None and "sigmas" not in call and 1 in spec.steps:
+        kwargs = {k: v for k, v in spec.call_kwargs(1).items() if k != "sigmas"} | {"num_inference_steps": 1}
+        lines.insert(0, f"# {pipeline_class} takes no sigmas=, so it runs the student's schedule at one step only; for "
+                     f"{spec.recommended_steps} steps use `fewstep sample`.")  # fmt: skip
+    output = "frames" if call is not None and "num_frames" in call else "images"
+    result = "video" if output == "frames" else "image"
     if lora:
         lines += [
             f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
@@ -80,12 +89,22 @@ def _text_snippet(
     else:
         lines += _load_pipeline(pipeline_class, student_path, subfolder, "scheduler included")
     if "sigmas" in kwargs:  # pipelines that sample these schedulers draw re-noise from the global RNG
-        return [*lines, "torch.manual_seed(0)", f'image = pipe("{PROMPT}", {_args(kwargs)}).images[0]']
+        return [*lines, "torch.manual_seed(0)", f'{result} = pipe("{PROMPT}", {_args(kwargs)}).{output}[0]']
     return [
         *lines,
-        f'image = pipe("{PROMPT}", {_args(kwargs)},',
-        "             generator=torch.Generator().manual_seed(0)).images[0]",
+        f'{result} = pipe("{PROMPT}", {_args(kwargs)},',
+        f"{' ' * (len(result) + 8)}generator=torch.Generator().manual_seed(0)).{output}[0]",
     ]
+
+
+def _pipeline_call_parameters(pipeline_class: str) -> set[str] | None:
+    """The keyword names ``pipeline_class.__call__`` takes (None: not a diffusers class here)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    return set(inspect.signature(cls.__call__).parameters) if cls is not None else None
 
 
 def _pixel_snippet(

@@ -6,6 +6,7 @@ is the DMD student's (σ = 1, then 0)."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import diffusers
@@ -40,7 +41,7 @@ def test_stock_wan_pipeline_reproduces_the_dmd2_lora_student(tmp_path):
     assert shape == (2, 16, 2, 4, 4)
     train_dmd2_adapters(objective, cond, uncond, shape)  # both adapters move away from B = 0
 
-    out = export_student(student, teacher, objective, tmp_path / "export")
+    out = export_student(student, teacher, objective, tmp_path / "export", base_model=teacher.pipeline.name_or_path)
     spec = read_schedule(out)
     assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler"
     assert spec.guidance_scale == 1.0 and spec.recommended_steps == 4 and spec.objective == "dmd2"
@@ -61,3 +62,9 @@ def test_stock_wan_pipeline_reproduces_the_dmd2_lora_student(tmp_path):
     assert (theirs - ours).abs().max() < TOLERANCE
     pipe.unload_lora_weights()  # the LoRA is what makes the stock pipeline the student
     assert (stock_wan_latents(pipe, cond, noise, spec.guidance_scale) - ours).abs().max() > 100 * TOLERANCE
+
+    # the card's snippet: WanPipeline takes no sigmas=, so it samples the one step it reproduces, and returns frames
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    compile(code, "README.md", "exec")  # not run here: WanPipeline's default clip is 81 frames at 480×832
+    assert "sigmas" not in code.split("# WanPipeline takes no sigmas=")[-1].split("\n", 1)[-1]
+    assert "num_inference_steps=1" in code and ".frames[0]" in code and "fewstep sample" in code
