@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 from fewstep.noise.convert import from_x0_eps
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
+from fewstep.testing.images import captioned_noise_images  # noqa: F401 (the tests import it from here)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fixtures
@@ -195,20 +195,6 @@ def max_diff_to_student(objective, pipe, spec, cond, shape) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Training in subprocesses
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def captioned_noise_images(folder: Path, count: int = 2, size: int = 16) -> Path:
-    """``folder`` as an image folder with captions: ``count`` seeded RGB noise PNGs of ``size`` px and their
-    ``metadata.jsonl`` (text "pattern i"), the data of the tiny text-to-image runs."""
-    from PIL import Image
-
-    lines = []
-    for i in range(count):
-        pixels = np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"pattern {i}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def subprocess_env(tmp_path: Path) -> dict[str, str]:

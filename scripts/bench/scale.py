@@ -49,12 +49,13 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import numpy as np
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import fmt, hardware, merge_records, today, write_section  # noqa: E402
+
+from fewstep.testing.images import captioned_noise_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "scale"
@@ -93,28 +94,13 @@ RUNS = {
 # --- the runs -------------------------------------------------------------------------------------------------------
 
 
-def noise_images(folder: Path, count: int, size: int) -> Path:
-    """``folder`` as an image folder: ``count`` seeded RGB noise PNGs of ``size`` px and ``metadata.jsonl`` (text
-    "pattern i")."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        pixels = np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"pattern {i}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 def write_recipe(work: Path, run: str, layout: str, args: argparse.Namespace) -> Path:
     """The recipe of ``run`` in ``layout``: ``--warmup`` + ``--steps`` steps, a checkpoint after each, EMA."""
     roles = RUNS[run]
     if roles is SD15_LORA:
         images = work / "train_images"
         if not images.is_dir():
-            noise_images(images, 4 * args.batch_size, args.resolution)
+            captioned_noise_images(images, 4 * args.batch_size, args.resolution)
         data = {"source": "image_folder", "path": str(images), "resolution": args.resolution,
                 "batch_size": args.batch_size}  # fmt: skip
     else:
@@ -289,7 +275,7 @@ def loader_rows(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     from fewstep.models.loading import load_teacher
 
     torch.set_num_threads(1)
-    folder = noise_images(work / "loader_images", args.images, args.image_size)
+    folder = captioned_noise_images(work / "loader_images", args.images, args.image_size)
     shards_dir = work / "loader_shards"
     write_shards(folder, shards_dir, shard_size=max(1, args.images // 4))
     teacher = load_teacher(SimpleNamespace(pretrained="tiny:sd15", guidance_scale=1.0))
