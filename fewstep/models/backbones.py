@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.models.conditioning import Conditioning
+from fewstep.noise.convert import rescale_to_norm
 from fewstep.registry import Registry
 
 BackboneAdapter = Callable[[nn.Module, Tensor, Tensor, Conditioning], Tensor]
@@ -400,9 +401,7 @@ def qwen_true_cfg_rescale(guided: Tensor, cond_out: Tensor) -> Tensor:
     conditional one, ``ĝ = g · ‖v_c‖ / ‖g‖`` over the 4c values of its 2×2 patch (``QwenImagePipeline.__call__``).
     Unpacked ``[b, c, h, w]`` in and out."""
     _, _, h, w = guided.shape
-    g, c = pack_latents(guided), pack_latents(cond_out)
-    g = g * (c.norm(dim=-1, keepdim=True) / g.norm(dim=-1, keepdim=True))
-    return unpack_latents(g, h, w)
+    return unpack_latents(rescale_to_norm(pack_latents(guided), pack_latents(cond_out), dim=-1), h, w)
 
 
 @BACKBONES.register("wan")

@@ -35,6 +35,19 @@ def bcast(coef: Tensor, like: Tensor) -> Tensor:
     return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
 
 
+def rescale_to_norm(x: Tensor, ref: Tensor, dim: int | tuple[int, ...] = -1, min_norm: float = 0.0) -> Tensor:
+    """``x · ‖ref‖ / ‖x‖`` with the L2 norms taken over ``dim``: ``x``'s direction at ``ref``'s length.
+
+    The guided-output renormalisation of Qwen-Image's true CFG (over each packed token) and of the DMD real-score
+    option ``real_cfg_normalize`` (over each sample). ``min_norm`` clamps ``‖x‖`` from below (0: no clamp, the
+    pipeline's own arithmetic).
+    """
+    x_norm = x.norm(dim=dim, keepdim=True)
+    if min_norm > 0:
+        x_norm = x_norm.clamp(min=min_norm)
+    return x * (ref.norm(dim=dim, keepdim=True) / x_norm)
+
+
 def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(

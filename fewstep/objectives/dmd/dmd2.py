@@ -5,6 +5,10 @@ the fake score ``F_ψ`` starts as the teacher and learns to denoise the generato
 three share one frozen base (``roles``): teacher = adapters off, student = adapter ``default``, fake = adapter
 ``fake``. Two-time-scale updates (TTUR): the trainer's ``phase(step)`` runs one generator step, then
 ``fake_steps_per_generator_step`` fake-score steps. Multi-step students use backward simulation by default.
+
+One-step stabilisers (all off by default): ``dm_projection`` (projected DMD), ``real_cfg_normalize`` (the guided real
+x0 at the conditional prediction's norm) and ``dm_timestep_shift`` / ``fake_timestep_shift`` (extra static flow shift
+of the noise levels).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
+from fewstep.noise.convert import rescale_to_norm
+from fewstep.noise.schedules import FlowSchedule
 from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.gan import GANHead, head_for, tap
 from fewstep.objectives.dmd.health import health_metrics, sample_stats
@@ -65,6 +71,16 @@ class DMD2Config(BaseModel):
     health_reference_steps: int = Field(16, ge=0, description="teacher steps for the reference stats; 0 = off")
     resolution: int | None = Field(None, ge=8, description="pixel size for data-free batches (default: pipeline's)")
     sync_seed: int = Field(0, description="seed of the rank-synchronised backward-simulation depth")
+    dm_projection: Literal["none", "radial"] = Field(
+        "none", description="radial: remove g's per-sample component along the centred sample (projected DMD)"
+    )
+    real_cfg_normalize: bool = Field(False, description="guided real x0 rescaled to the conditional x0's norm")
+    dm_timestep_shift: float | None = Field(
+        None, gt=0, description="flow teachers: extra static shift k of the DM (and CA) noise levels; None = off"
+    )
+    fake_timestep_shift: float | None = Field(
+        None, gt=0, description="flow teachers: extra static shift k of the fake score's denoising levels"
+    )
 
 
 def check_teacher(teacher: Teacher, what: str = "DMD") -> None:
@@ -74,15 +90,43 @@ def check_teacher(teacher: Teacher, what: str = "DMD") -> None:
         )
 
 
-def sample_levels(teacher: Teacher, n: int, lo: float, hi: float, num_tokens: int | None, device: Any) -> Tensor:
-    """``n`` noise levels τ: VP integer timesteps ``U{⌊lo·N⌋ … ⌊hi·N⌋}``; flow ``shift(U[lo, hi])``."""
+def check_timestep_shifts(teacher: Teacher, config: DMD2Config) -> None:
+    """The extra level shifts warp a flow time ``s``; a VP teacher has integer timesteps, not a shift to add to."""
+    for key in ("dm_timestep_shift", "fake_timestep_shift"):
+        if getattr(config, key) is not None and teacher.schedule.kind != "flow":
+            raise ValueError(
+                f"objective.{key} is a static flow shift and needs a flow teacher; this teacher has a "
+                f"{teacher.schedule.kind!r} schedule: remove {key} (or set it to null), or narrow the VP levels with "
+                "min_step_percent / max_step_percent instead."
+            )
+
+
+def sample_levels(
+    teacher: Teacher,
+    n: int,
+    lo: float,
+    hi: float,
+    num_tokens: int | None,
+    device: Any,
+    extra_shift: float | None = None,
+) -> Tensor:
+    """``n`` noise levels τ: VP integer timesteps ``U{⌊lo·N⌋ … ⌊hi·N⌋}``; flow ``shift(U[lo, hi])``.
+
+    ``extra_shift`` (flow only): a further static shift ``k`` on top of the teacher's own (SD3's
+    ``s' = k·s / (1 + (k − 1)·s)``, ``FlowSchedule.shift``); ``k > 1`` moves the levels towards noise.
+    """
     schedule = teacher.schedule
     if schedule.kind == "vp":
+        if extra_shift is not None:
+            raise ValueError("A timestep shift needs a flow teacher; this one is VP (use the *_step_percent range).")
         n_train = schedule.num_train_timesteps
         low, high = int(lo * n_train), max(int(hi * n_train), int(lo * n_train) + 1)
         t = torch.randint(low, min(high, n_train), (n,))
         return schedule.tau_from_model_timestep(t).to(device)
-    return schedule.shift(lo + (hi - lo) * torch.rand(n), num_tokens).clamp(1e-4, 1.0).to(device)
+    tau = schedule.shift(lo + (hi - lo) * torch.rand(n), num_tokens)
+    if extra_shift is not None:
+        tau = FlowSchedule(shift_factor=extra_shift).shift(tau)
+    return tau.clamp(1e-4, 1.0).to(device)
 
 
 class FakeScore(nn.Module):
@@ -120,6 +164,7 @@ class DMD2:
 
     def __init__(self, config: DMD2Config, teacher: Teacher, student: Student) -> None:
         check_teacher(teacher, "DMD2")
+        check_timestep_shifts(teacher, config)
         self.config, self.teacher, self.student, self.schedule = config, teacher, student, teacher.schedule
         kind = config.fake_score or ("lora" if student.is_lora else "full")
         lora = student.lora_config
@@ -255,26 +300,46 @@ class DMD2:
             return self.student.denoiser(x_in, tau_in, cond).x0.float()
 
     def real_fake_x0(self, x_t: Tensor, tau: Tensor, cond: Conditioning, uncond: Conditioning | None, w: float):
-        """``(x̂0_real with CFG w, x̂0_fake without CFG)`` at ``(x_t, τ)``, no gradients."""
+        """``(x̂0_real with CFG w, x̂0_fake without CFG)`` at ``(x_t, τ)``, no gradients.
+
+        With ``real_cfg_normalize`` (and ``w ≠ 1``) the guided x̂0_real is rescaled per sample to the norm of the
+        conditional x̂0 (true-CFG rescale in x0 space): CFG keeps its direction but can no longer inflate the
+        prediction. A teacher that already renormalises its guided output (``teacher.cfg_rescale``, Qwen-Image) is
+        left as it is: its own rescale is the one applied, never both.
+        """
         with torch.no_grad():
-            real = self.teacher.predict(x_t, tau, cond, uncond, guidance_scale=w).x0
+            if self.config.real_cfg_normalize and w != 1.0 and self.teacher.cfg_rescale is None:
+                real = self.normalized_real_x0(x_t, tau, cond, uncond, w)
+            else:
+                real = self.teacher.predict(x_t, tau, cond, uncond, guidance_scale=w).x0
             fake = self.fake.core(x_t, tau, cond).x0.float()
         return real, fake
+
+    def normalized_real_x0(self, x_t: Tensor, tau: Tensor, cond: Conditioning, uncond: Conditioning | None, w: float):
+        """Guided x̂0 at the conditional x̂0's per-sample norm, from the two unguided branches (the same 2·b rows as
+        one guided call): ``x̂0_cfg = x̂0_c − (w − 1)·(x̂0_∅ − x̂0_c)`` (the CA identity), then ``rescale_to_norm``."""
+        uncond = uncond if uncond is not None else self.teacher.uncond_like(cond)
+        if uncond is None:
+            raise ValueError("real_cfg_normalize with real_guidance_scale != 1 needs an unconditional input.")
+        x0_c = self.teacher.predict(x_t, tau, cond, guidance_scale=1.0).x0.float()
+        x0_u = self.teacher.predict(x_t, tau, uncond, guidance_scale=1.0).x0.float()
+        guided = x0_c - Fn.ca_gradient(x0_u, x0_c, w)
+        return rescale_to_norm(guided.flatten(1), x0_c.flatten(1), dim=1, min_norm=1e-12).reshape(guided.shape)
 
     def dm_direction(self, x: Tensor, cond: Conditioning, uncond: Conditioning | None) -> tuple[Tensor, dict]:
         """The generator's gradient ``g`` at sample ``x``: normalised DM, or Decoupled DMD's weighted DM + CA
         terms with separate noise levels."""
-        cfg, b = self.config, x.shape[0]
+        cfg, b, k = self.config, x.shape[0], self.config.dm_timestep_shift
         ntok = num_tokens(self.teacher.denoiser, x.shape)
-        tau = sample_levels(self.teacher, b, cfg.min_step_percent, cfg.max_step_percent, ntok, x.device)
+        tau = sample_levels(self.teacher, b, cfg.min_step_percent, cfg.max_step_percent, ntok, x.device, k)
         x_t = noise_to(self.schedule, x.detach(), torch.randn_like(x), tau)
         if not cfg.decoupled:
             real, fake = self.real_fake_x0(x_t, tau, cond, uncond, cfg.real_guidance_scale)
-            g = Fn.dm_gradient(fake, real, x.detach())
-            return g, {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean())}
+            g, metrics = self.projected(Fn.dm_gradient(fake, real, x.detach()), x, {})
+            return g, {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean()), **metrics}
         real_c, fake = self.real_fake_x0(x_t, tau, cond, uncond, 1.0)
         g_dm = Fn.dm_gradient(fake, real_c, x.detach())
-        tau_ca = sample_levels(self.teacher, b, cfg.ca_min_step_percent, cfg.ca_max_step_percent, ntok, x.device)
+        tau_ca = sample_levels(self.teacher, b, cfg.ca_min_step_percent, cfg.ca_max_step_percent, ntok, x.device, k)
         x_ca = noise_to(self.schedule, x.detach(), torch.randn_like(x), tau_ca)
         if uncond is None:
             raise ValueError("decoupled: true needs an unconditional input for the CFG-augmentation term.")
@@ -285,7 +350,15 @@ class DMD2:
         g = cfg.dm_weight * g_dm + cfg.ca_weight * torch.nan_to_num(g_ca)
         metrics = {"dm_grad_norm": float(g_dm.flatten(1).norm(dim=1).mean())}
         metrics["ca_grad_norm"] = float(g_ca.flatten(1).norm(dim=1).mean())
-        return g, metrics
+        return self.projected(g, x, metrics)
+
+    def projected(self, g: Tensor, x: Tensor, metrics: dict) -> tuple[Tensor, dict]:
+        """``dm_projection: radial``: ``g`` without its component along the centred sample (``Fn.project_radial``);
+        logs the removed part's mean per-sample norm as ``dm_radial_norm``."""
+        if self.config.dm_projection == "none":
+            return g, metrics
+        g_proj = Fn.project_radial(g, x.detach())
+        return g_proj, {**metrics, "dm_radial_norm": float((g - g_proj).flatten(1).norm(dim=1).mean())}
 
     def generator_loss(self, batch, cond, uncond, shape, device, step) -> LossOutput:
         """``L_G = 0.5·mse(x, sg(x − g))`` (+ GAN, + DMD1 regression) through the prepared generator."""
@@ -337,7 +410,7 @@ class DMD2:
         cfg, b = self.config, shape[0]
         x = self.generate(batch, cond, shape, device, step)
         ntok = num_tokens(self.teacher.denoiser, shape)
-        tau = sample_levels(self.teacher, b, 0.0, 1.0, ntok, device)
+        tau = sample_levels(self.teacher, b, 0.0, 1.0, ntok, device, cfg.fake_timestep_shift)
         eps = torch.randn_like(x)
         inputs, taus, conds = [noise_to(self.schedule, x, eps, tau)], [tau], [cond]
         gan = cfg.gan_weight > 0
