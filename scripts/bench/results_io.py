@@ -93,6 +93,21 @@ def merge_records(
     return rows
 
 
+def update_records(
+    path: Path, updates: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], tuple]
+) -> list[dict[str, Any]]:
+    """Replace the records of ``path`` that have an update's ``key`` in place (the file's order is kept); updates
+    without a record in the file are dropped.
+
+    Returns:
+        Every record of the file after the update.
+    """
+    by_key = {key(r): r for r in updates}
+    rows = [by_key.get(key(r), r) for r in read_records(path)]
+    path.write_text(json.dumps({"rows": rows}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return rows
+
+
 def fmt(value: float | None, spec: str) -> str:
     """A table cell: ``–`` for missing values."""
     return "–" if value is None else format(value, spec)
