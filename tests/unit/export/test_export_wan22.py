@@ -132,3 +132,27 @@ def test_stock_wan22_pipeline_reproduces_the_two_expert_student(trained):
     compile(code, "README.md", "exec")  # not run: WanPipeline's default clip is 81 frames at 480×832
     assert f'weight_name="{WEIGHT_NAME}")' in code and "load_into_transformer_2=True" in code
     assert "num_inference_steps=4" in code and "torch.manual_seed(0)" in code and ".frames[0]" in code
+
+
+def test_merged_wan22_pipeline_fuses_each_experts_lora_into_its_own_component(tmp_path):
+    from fewstep.export import save_merged
+    from fewstep.models.conditioning import Conditioning
+    from fewstep.models.student import adapters_disabled
+
+    teacher = load_teacher(SimpleNamespace(pretrained="tiny:wan22"))
+    student = Student.lora(teacher, rank=4, alpha=8)
+    with torch.no_grad():  # both experts' LoRAs non-zero, and different
+        for name, p in student.denoiser.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    pipe = diffusers.WanPipeline.from_pretrained(
+        str(save_merged(student, teacher, tmp_path / "m")), local_files_only=True
+    )
+    x, emb = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 8, 32)
+    for tau, component in ((0.95, pipe.transformer), (0.5, pipe.transformer_2)):
+        ours = student.denoiser.raw(x, torch.full((1,), tau), Conditioning(prompt_embeds=emb))
+        with adapters_disabled(student.denoiser.backbone):  # the teacher
+            base = student.denoiser.raw(x, torch.full((1,), tau), Conditioning(prompt_embeds=emb))
+        timestep = torch.full((1,), 1000 * tau)
+        theirs = component(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
+        assert (theirs - ours).abs().max() < TOLERANCE and (ours - base).abs().max() > 100 * TOLERANCE, tau
