@@ -253,10 +253,10 @@ class PhasedDMD:
 
     def sampling_spec(self) -> SamplingSpec:
         """LCMScheduler (VP) or the flow re-noise scheduler at the ``num_phases · steps_per_phase`` trained steps."""
-        k = self.config.num_phases * self.config.steps_per_phase
-        cfg = self.config
         if self.by_expert:
             return self.expert_sampling_spec()
+        k = self.config.num_phases * self.config.steps_per_phase
+        cfg = self.config
         note = (
             f"trained with teacher CFG w = {cfg.real_guidance_scale}; {cfg.num_phases} experts (LoRA adapters) "
             f"switched by phase every {cfg.steps_per_phase} steps, see docs/dmd.md"
