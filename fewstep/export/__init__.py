@@ -3,7 +3,14 @@
 from fewstep.export.card import render_card, write_card
 from fewstep.export.hub import PushError, push_export
 from fewstep.export.kohya import KOHYA_WEIGHT_NAME, kohya_state_dict, save_kohya
-from fewstep.export.lora import WEIGHT_NAME, lora_state_dict, merged_backbone, save_lora, save_merged
+from fewstep.export.lora import (
+    TRANSFORMER_2_WEIGHT_NAME,
+    WEIGHT_NAME,
+    lora_state_dict,
+    merged_backbone,
+    save_lora,
+    save_merged,
+)
 from fewstep.export.run import export_run, export_student, read_source, sampling_spec
 from fewstep.objectives.spec import SamplingSpec, read_schedule, write_schedule
 
@@ -12,6 +19,7 @@ __all__ = [
     "PushError",
     "WEIGHT_NAME",
     "SamplingSpec",
+    "TRANSFORMER_2_WEIGHT_NAME",
     "export_run",
     "export_student",
     "kohya_state_dict",

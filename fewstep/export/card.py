@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fewstep.export.kohya import KOHYA_WEIGHT_NAME
-from fewstep.export.lora import WEIGHT_NAME
+from fewstep.export.lora import TRANSFORMER_2_WEIGHT_NAME, WEIGHT_NAME
 from fewstep.models.loading import is_hub_id, resolve_pretrained
 from fewstep.objectives.spec import SamplingSpec
 
@@ -29,6 +29,7 @@ class Usage(NamedTuple):
     conditioning: str
     sample_shape: Sequence[int]
     null_class: int | None
+    lora_2: bool = False
 
 
 def card_base_model(spec: str) -> str:
@@ -66,8 +67,9 @@ def _load_pipeline(pipeline_class: str, where: str, subfolder: str | None, note:
 
 
 def _text_snippet(
-    spec: SamplingSpec, pipeline_class: str, base_model: str, student_path: str, subfolder: str | None, lora: bool
-) -> list[str]:
+    spec: SamplingSpec, pipeline_class: str, base_model: str, student_path: str, subfolder: str | None, lora: bool,
+    lora_2: bool = False,
+) -> list[str]:  # fmt: skip
     """A text-to-image (or text-to-video) pipeline: the LoRA on its base with the student's scheduler, or the full
     pipeline. A pipeline that takes no ``sigmas=`` (WanPipeline, LTXPipeline) can only run its own step grid, which is
     the student's at one step: the snippet samples one step and says how to sample more."""
@@ -86,9 +88,13 @@ def _text_snippet(
             f'pipe.scheduler = {spec.scheduler_class}.from_pretrained("{student_path}", subfolder="scheduler")',
             f'pipe.load_lora_weights("{student_path}", weight_name="{WEIGHT_NAME}")',
         ]
+        if lora_2:  # Wan 2.2: the low-noise expert's LoRA
+            lines += [f'pipe.load_lora_weights("{student_path}", weight_name="{TRANSFORMER_2_WEIGHT_NAME}", '
+                      "load_into_transformer_2=True)"]  # fmt: skip
     else:
         lines += _load_pipeline(pipeline_class, student_path, subfolder, "scheduler included")
-    if "sigmas" in kwargs:  # pipelines that sample these schedulers draw re-noise from the global RNG
+    renoised = spec.scheduler_config.get("stochastic_sampling") and kwargs.get("num_inference_steps", 1) > 1
+    if "sigmas" in kwargs or renoised:  # pipelines that sample these schedulers draw re-noise from the global RNG
         return [*lines, "torch.manual_seed(0)", f'{result} = pipe("{PROMPT}", {_args(kwargs)}).{output}[0]']
     return [
         *lines,
@@ -178,6 +184,7 @@ def render_card(
     conditioning: str = "text",
     sample_shape: Sequence[int] = (),
     null_class: int | None = None,
+    lora_2: bool = False,
 ) -> str:
     """The card as Markdown with a YAML header.
 
@@ -195,6 +202,7 @@ def render_card(
         conditioning: ``text`` (text-to-image pipelines), ``class`` or ``none`` (pixel ``UNet2DModel`` pipelines).
         sample_shape: ``[c, h, w]`` of one sample of a pixel pipeline.
         null_class: the null class of a class-conditional pixel pipeline (its classes are ``0 .. null_class - 1``).
+        lora_2: whether ``pytorch_lora_weights_transformer_2.safetensors`` (Wan 2.2's ``transformer_2``) is part of it.
     """
     from huggingface_hub import ModelCardData
 
@@ -225,7 +233,7 @@ def render_card(
     if lora and not is_hub_id(base_model):
         out += [f"`{base_model}` is a local directory of the machine that exported this student: point it at your "
                 "copy of the base model.", ""]  # fmt: skip
-    usage = Usage(pipeline_class, base_model, conditioning, sample_shape, null_class)
+    usage = Usage(pipeline_class, base_model, conditioning, sample_shape, null_class, lora_2)
     out += ["```python", *_snippet(spec, usage, student_path, None, lora), "```", ""]
     if lora and merged_path is not None:
         hub = is_hub_id(student_path)  # a Hub repo: the pipeline is in its subfolder
@@ -256,7 +264,7 @@ def render_card(
 def _snippet(spec: SamplingSpec, usage: Usage, student_path: str, subfolder: str | None, lora: bool) -> list[str]:
     """The loading and sampling code for a text pipeline or a pixel ``UNet2DModel`` pipeline."""
     if usage.conditioning == "text":
-        return _text_snippet(spec, usage.pipeline_class, usage.base_model, student_path, subfolder, lora)
+        return _text_snippet(spec, usage.pipeline_class, usage.base_model, student_path, subfolder, lora, usage.lora_2)
     return _pixel_snippet(spec, usage.pipeline_class, student_path, subfolder, usage.sample_shape, usage.null_class)
 
 

@@ -5,7 +5,10 @@
   ``get_peft_model_state_dict(unet)`` + ``unet_lora_adapter_metadata``; transformer pipelines (SD3, Flux) the raw
   ``get_peft_model_state_dict(transformer)`` + ``transformer_lora_adapter_metadata`` (diffusers'
   ``convert_state_dict_to_diffusers`` silently drops their attention LoRA layers).
-  ``pipe.load_lora_weights(dir, weight_name=WEIGHT_NAME)`` reloads it.
+  ``pipe.load_lora_weights(dir, weight_name=WEIGHT_NAME)`` reloads it. Wan 2.2 (two experts) gets one file per
+  pipeline component: ``transformer``'s in ``WEIGHT_NAME``, ``transformer_2``'s in ``TRANSFORMER_2_WEIGHT_NAME``
+  (``pipe.load_lora_weights(dir, weight_name=TRANSFORMER_2_WEIGHT_NAME, load_into_transformer_2=True)``); both carry
+  diffusers' ``transformer.`` keys, as that loader expects.
 * ``save_merged``: the LoRA fused into a copy of the backbone (or the full student's backbone) inside a copy of the
   teacher's pipeline, with the student's scheduler, written with ``save_pretrained``.
 * ``save_student``: a LoRA where the pipeline loads one, a merged pipeline otherwise (further students an objective
@@ -23,10 +26,14 @@ from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from fewstep.models.backbones import WAN_EXPERT_COMPONENTS, WanExperts
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Wan 2.2's low-noise expert; the name must not end in WEIGHT_NAME, or diffusers' guess of the file to load from a
+# folder (`load_lora_weights(dir)`) would see two candidates
+TRANSFORMER_2_WEIGHT_NAME = "pytorch_lora_weights_transformer_2.safetensors"
 
 
 def backbone_component(teacher: Teacher) -> str:
@@ -79,19 +86,42 @@ def save_lora(student: Student, teacher: Teacher, out_dir: str | Path, weight_na
             f"{pipe_cls.__name__} has no LoRA loader in diffusers, so a LoRA file could not be loaded with it. "
             "Export a merged pipeline instead (export.merged: true)."
         )
-    component = backbone_component(teacher)
     backbone = student.denoiser.backbone
     state = lora_state_dict(student)
     metadata = backbone.peft_config[student_adapter_name(student)].to_dict()
+    if isinstance(backbone, WanExperts):
+        files = expert_lora_files(state, weight_name, getattr(student, "component", None))
+    else:
+        files = {weight_name: (backbone_component(teacher), state)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe_cls.save_lora_weights(
-        out_dir,
-        **{f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": metadata},
-        weight_name=weight_name,
-        safe_serialization=True,
-    )
-    return out_dir / weight_name
+    for name, (component, part) in files.items():
+        pipe_cls.save_lora_weights(
+            out_dir,
+            **{f"{component}_lora_layers": part, f"{component}_lora_adapter_metadata": metadata},
+            weight_name=name,
+            safe_serialization=True,
+        )
+    return out_dir / next(iter(files))
+
+
+def expert_lora_files(
+    state: dict[str, Any], weight_name: str, component: str | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Wan 2.2's LoRA (``WanExperts`` keys ``high.…`` / ``low.…``) as ``{file name: ("transformer", state)}``: one file
+    per expert that carries weights, ``transformer``'s named ``weight_name``, ``transformer_2``'s
+    ``TRANSFORMER_2_WEIGHT_NAME``; with ``component`` (one Phased DMD expert) only that one, named ``weight_name``.
+    Both are written as ``transformer`` layers: ``load_into_transformer_2=True`` loads such a file into
+    ``transformer_2``."""
+    files = {}
+    for name, expert in WAN_EXPERT_COMPONENTS.items():
+        part = {k.removeprefix(f"{expert}."): v for k, v in state.items() if k.startswith(f"{expert}.")}
+        if part and component in (None, name):
+            own = weight_name if component is not None or name == "transformer" else TRANSFORMER_2_WEIGHT_NAME
+            files[own] = ("transformer", part)
+    if not files:
+        raise ValueError(f"The Wan 2.2 student has no LoRA weights on {component or 'either expert'}.")
+    return files
 
 
 def merged_backbone(student: Student) -> nn.Module:
@@ -127,9 +157,12 @@ def save_merged(student: Student, teacher: Teacher, out_dir: str | Path, schedul
         scheduler: the student's diffusers scheduler (e.g. an ``LCMScheduler``); the teacher's when ``None``.
     """
     pipe = _require_pipeline(teacher, "merged export")
-    component = backbone_component(teacher)
     components = dict(pipe.components)
-    components[component] = merged_backbone(student)
+    merged = merged_backbone(student)
+    if isinstance(merged, WanExperts):  # Wan 2.2: each expert into its own component
+        components.update({name: getattr(merged, expert) for name, expert in WAN_EXPERT_COMPONENTS.items()})
+    else:
+        components[backbone_component(teacher)] = merged
     if scheduler is not None:
         components["scheduler"] = scheduler
     # Pipeline flags that are config, not components (requires_safety_checker, force_zeros_for_empty_prompt, ...).

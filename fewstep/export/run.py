@@ -5,6 +5,7 @@ Layout of an export directory:
 * ``pytorch_lora_weights.safetensors`` (LoRA students with ``export.lora``): ``pipe.load_lora_weights(dir)``;
   with ``export.kohya`` also ``pytorch_lora_weights_kohya.safetensors`` (ComfyUI / kohya keys,
   ``fewstep.export.kohya``);
+  Wan 2.2 also ``pytorch_lora_weights_transformer_2.safetensors``, the low-noise expert's (``load_into_transformer_2``);
 * the merged pipeline (full students, or ``export.merged``): in the directory itself for a full student (so it
   loads with ``DiffusionPipeline.from_pretrained(dir)``), in ``merged/`` next to a LoRA;
 * ``scheduler/scheduler_config.json``: the student's diffusers scheduler; ``fewstep_student.json``: the exact
@@ -28,7 +29,7 @@ from typing import Any
 from fewstep.export.card import card_base_model, write_card
 from fewstep.export.files import KIND, export_fingerprint, staged_directory
 from fewstep.export.kohya import save_kohya
-from fewstep.export.lora import save_lora, save_merged, save_student
+from fewstep.export.lora import TRANSFORMER_2_WEIGHT_NAME, save_lora, save_merged, save_student
 from fewstep.models.backbones import latent_shape
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
@@ -124,6 +125,7 @@ def export_student(
             staging, spec, pipeline_class=pipe_cls.__name__, base_model=card_base_model(base) if named else base,
             student_path=hub_id or str(out_dir.resolve()),
             lora=wrote_lora, merged_path="merged" if wrote_lora and merged else None, kohya=wrote_kohya,
+            lora_2=(staging / TRANSFORMER_2_WEIGHT_NAME).is_file(),
             description=description, evaluation=evaluation, source=source, **usage,
         )  # fmt: skip
         fields = {"family": teacher.family, "objective": spec.objective, "base_model": base,

@@ -420,6 +420,9 @@ def wan_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditio
     )[0]
 
 
+WAN_EXPERT_COMPONENTS: dict[str, str] = {"transformer": "high", "transformer_2": "low"}  # pipeline component: expert
+
+
 class WanExperts(nn.Module):
     """Wan 2.2's two experts as one backbone: ``high`` (the pipeline's ``transformer``) denoises timesteps at or above
     ``boundary_timestep = boundary_ratio · num_train_timesteps``, ``low`` (``transformer_2``) those below, as

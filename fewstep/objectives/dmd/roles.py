@@ -69,15 +69,20 @@ class AdapterRole(nn.Module):
     Args:
         denoiser: the shared denoiser (kept unregistered: ``parameters()`` are this adapter's only).
         adapter_name: the peft adapter this role runs with.
+        within: only the adapter's weights inside this submodule of the backbone (e.g. ``high``, one of Wan 2.2's
+            experts): the role trains that part; the forward still runs the whole backbone under the adapter.
     """
 
-    def __init__(self, denoiser: Denoiser, adapter_name: str) -> None:
+    def __init__(self, denoiser: Denoiser, adapter_name: str, within: str | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_denoiser", denoiser)  # unregistered on purpose (see module docstring)
         self.adapter_name = adapter_name
         params = adapter_parameters(denoiser.backbone, adapter_name)
+        if within is not None:
+            params = {k: p for k, p in params.items() if k.startswith(f"{within}.")}
         if not params:
-            raise ValueError(f"The backbone carries no LoRA adapter {adapter_name!r}.")
+            where = f" inside {within!r}" if within is not None else ""
+            raise ValueError(f"The backbone carries no LoRA adapter {adapter_name!r}{where}.")
         self.lora = nn.ParameterDict({k.replace(".", "__"): p for k, p in params.items()})
 
     @property

@@ -3,9 +3,13 @@ phase on one shared base."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from fewstep.models.conditioning import Conditioning
+from fewstep.models.loading import load_teacher
 from fewstep.models.student import Student
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule
@@ -98,3 +102,18 @@ def test_two_phase_experts_train_in_order_on_one_base():
     noise = torch.randn(32, 2)
     x = objective.sampler()(noise, Conditioning(), 2, torch.Generator().manual_seed(0))
     assert x.shape == (32, 2) and torch.isfinite(x).all()
+
+
+def test_wan22_phases_are_its_two_experts_and_other_settings_are_refused():
+    """On Wan 2.2 the phases are the pipeline's experts (boundary_ratio), never a uniform split; 2 phases only."""
+    with pytest.raises(ValueError, match="num_phases=3"):
+        PhasedDMDConfig(phase_boundaries="pipeline", num_phases=3, phase_train_steps=[1, 1, 1])
+    teacher = load_teacher(SimpleNamespace(pretrained="tiny:wan22"))
+    student = Student.lora(teacher, rank=2)
+    with pytest.raises(ValueError, match="straddle"):
+        PhasedDMD(PhasedDMDConfig(phase_boundaries="uniform"), teacher, student)
+    with pytest.raises(ValueError, match="num_phases=3"):
+        PhasedDMD(PhasedDMDConfig(num_phases=3, phase_train_steps=[1, 1, 1]), teacher, student)
+    wan21 = load_teacher(SimpleNamespace(pretrained="tiny:wan21"))
+    with pytest.raises(ValueError, match="one backbone"):
+        PhasedDMD(PhasedDMDConfig(phase_boundaries="pipeline"), wan21, Student.lora(wan21, rank=2))
