@@ -251,9 +251,10 @@ def lcm_scheduler_config(teacher: Teacher, original_inference_steps: int, timest
     return dict(scheduler.config)
 
 
-def flow_scheduler_config(teacher: Teacher, stochastic_sampling: bool) -> dict[str, Any]:
+def flow_scheduler_config(teacher: Teacher, stochastic_sampling: bool, unshifted: bool = False) -> dict[str, Any]:
     """A ``FlowMatchEulerDiscreteScheduler`` config on the teacher's shift; ``stochastic_sampling=True`` makes its step
-    the consistency re-noise step ``x' = (1 − s')·x̂0 + s'·z`` (deterministic Euler otherwise)."""
+    the consistency re-noise step ``x' = (1 − s')·x̂0 + s'·z`` (deterministic Euler otherwise). ``unshifted``: no shift
+    at all (static shift 1, dynamic shifting off), so ``sigmas=`` are used as given at every resolution."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     # no terminal stretch (Qwen-Image's shift_terminal 0.02): students are trained and sampled on FlowSchedule.shift
@@ -262,6 +263,8 @@ def flow_scheduler_config(teacher: Teacher, stochastic_sampling: bool) -> dict[s
     overrides: dict[str, Any] = {"shift_terminal": None} if config.get("shift_terminal") else {}
     if config.get("use_flow_sigmas"):  # a multistep scheduler on flow sigmas (Sana's DPM-Solver): its `flow_shift`
         overrides["shift"] = teacher.schedule.shift_factor  # is the shift (FlowMatchEuler's `shift` key is absent)
+    if unshifted:
+        overrides.update(shift=1.0, use_dynamic_shifting=False)
     scheduler = scheduler_from_teacher(
         FlowMatchEulerDiscreteScheduler, teacher, stochastic_sampling=stochastic_sampling, **overrides
     )
@@ -302,20 +305,28 @@ def flow_renoise_spec(
     sigmas: dict[int, list[float]],
     levels: dict[int, list[float]],
     max_c_skip: float,
+    unshifted: bool = False,
     **common: Any,
 ) -> SamplingSpec:
     """A flow student sampled by ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` (predict x̂0, re-noise
     to the next level). ``sigmas[num_steps]`` go to the pipeline; the scheduler's static shift maps them to
     ``levels[num_steps]``, the levels the student was trained and is sampled at. ``max_c_skip``: the largest LCM
-    boundary weight on ``x`` at those levels, which this scheduler leaves out."""
+    boundary weight on ``x`` at those levels, which this scheduler leaves out. ``unshifted``: the exported scheduler
+    has no shift (``sigmas`` are the levels), for students whose levels do not depend on the resolution on a teacher
+    that shifts by resolution (Flux, Qwen-Image)."""
+    shift = (
+        "the exported scheduler applies no shift, so they are the levels themselves, at every resolution"
+        if unshifted
+        else "before the scheduler's own shift, which maps them to `levels`"
+    )
     notes = [
-        "Sample with FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) and pass `sigmas=` (before the "
-        "scheduler's own shift, which maps them to `levels`). That scheduler omits the consistency boundary blend; "
+        f"Sample with FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) and pass `sigmas=` ({shift}). That "
+        "scheduler omits the consistency boundary blend; "
         f"at the exported levels c_skip <= {max_c_skip:.1e}, so the difference is negligible.",
         "Pipelines that do not pass `generator` to scheduler.step (e.g. StableDiffusion3Pipeline) draw the re-noise "
         "from the global RNG: call torch.manual_seed(seed) before sampling.",
     ]
-    return _flow_spec(teacher, sigmas, levels, True, notes, **common)
+    return _flow_spec(teacher, sigmas, levels, True, notes, unshifted, **common)
 
 
 def flow_euler_spec(
@@ -334,11 +345,11 @@ def flow_euler_spec(
 
 def _flow_spec(
     teacher: Teacher, sigmas: dict[int, list[float]], levels: dict[int, list[float]], stochastic: bool,
-    notes: list[str], **common: Any,
+    notes: list[str], unshifted: bool = False, **common: Any,
 ) -> SamplingSpec:  # fmt: skip
     return SamplingSpec(
         scheduler_class="FlowMatchEulerDiscreteScheduler",
-        scheduler_config=flow_scheduler_config(teacher, stochastic_sampling=stochastic),
+        scheduler_config=flow_scheduler_config(teacher, stochastic_sampling=stochastic, unshifted=unshifted),
         steps={n: {"sigmas": list(sigmas[n]), "levels": list(levels[n])} for n in sigmas},
         notes=notes,
         **common,

@@ -322,13 +322,13 @@ def trigflow_sampling_spec(
     if schedule.kind == "vp":
         timesteps = {s: schedule.model_timestep(_vp_tau(schedule, sampler.angles(s))).long().tolist() for s in steps}
         return lcm_vp_spec(teacher, timesteps, VP_EXPORT_GRID, 10.0, **common)
-    if schedule.kind != "flow" or schedule.use_dynamic_shifting:
-        raise ValueError(
-            "Export of TrigFlow students needs a VP teacher or a flow teacher with a static shift (the stock "
-            "FlowMatchEulerDiscreteScheduler is given the trained sigmas before its shift)."
-        )
+    if schedule.kind != "flow":
+        raise ValueError(f"Export of TrigFlow students needs a VP or flow teacher, not a {schedule.kind!r} schedule.")
     steps = tuple(s for s in steps if s - 1 <= len(sampler.mid_u))
     levels = {s: (torch.sin(a) / (torch.sin(a) + torch.cos(a))).clamp(0, 1) for s in steps for a in [sampler.angles(s)]}
+    if schedule.use_dynamic_shifting:  # angles do not depend on the resolution: export them unshifted (Flux, Qwen)
+        sigmas = {s: lv.tolist() for s, lv in levels.items()}
+        return flow_renoise_spec(teacher, sigmas, sigmas, 0.0, unshifted=True, **common)
     k = schedule.shift_factor  # invert s' = k·s / (1 + (k − 1)·s)
     sigmas = {s: (lv / (k - (k - 1) * lv)).tolist() for s, lv in levels.items()}
     return flow_renoise_spec(teacher, sigmas, {s: lv.tolist() for s, lv in levels.items()}, 0.0, **common)
