@@ -159,7 +159,7 @@ def format_study(study_name: str, study: Study, records: list[dict[str, Any]], a
     note = (f"Base recipe `{study.recipe}`, overrides shared by every variant: {shared}. "
             f"{rows[0]['num_images']} images per row, the quality benchmark's seeded noise and balanced labels; "
             "FID, accuracy, precision, recall and diversity in the data set's classifier feature space as in "
-            "docs/results.md")  # fmt: skip
+            "[results.md](results.md)")  # fmt: skip
     if teacher_best is not None:
         note += (f"; the teacher at {teacher_best['steps']} steps measures FID {teacher_best['fid']:.2f}, accuracy "
                  f"{teacher_best['class_accuracy']:.3f} there")  # fmt: skip
