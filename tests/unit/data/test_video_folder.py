@@ -22,7 +22,7 @@ from fewstep.cli.main import main  # noqa: E402
 from fewstep.config.errors import RecipeError  # noqa: E402
 from fewstep.config.load import load_recipe  # noqa: E402
 from fewstep.config.schema import TeacherConfig  # noqa: E402
-from fewstep.data.cache import MANIFEST  # noqa: E402
+from fewstep.data.cache import MANIFEST, StaleCacheError, load_cached_teacher  # noqa: E402
 from fewstep.data.clips import decode_clip  # noqa: E402
 from fewstep.data.image_folder import crop_to  # noqa: E402
 from fewstep.data.loader import BatchStream  # noqa: E402
@@ -202,10 +202,15 @@ def test_video_cache_round_trips_to_a_direct_vae_encode_and_trains(tmp_path, wan
     assert latents.shape == (3, 16, 2, 4, 4)
     torch.testing.assert_close(latents, direct, atol=1e-5, rtol=0)
     # a second run keeps the finished shards; another frame count is another cache
+    written = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")}
+    (cache / "shard-00001.safetensors").unlink()  # as an interrupted run leaves it
     assert main(["cache", str(path), "--out", str(cache), "--shard-size", "2", "--no-progress"]) == 0
+    assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == written["shard-00000.safetensors"]
+    torch.testing.assert_close(load_file(cache / "shard-00001.safetensors")["latents"], latents[2:], atol=1e-6, rtol=0)
     assert main(["cache", str(path), "data.num_frames=9", "data.frame_stride=1", "--out", str(cache),
                  "--shard-size", "2", "--no-progress"]) == 2  # fmt: skip
 
-    cached = load_recipe(str(path), ["data.source=cache", f"data.path={cache}", "data.resolution=null",
-                                     "data.frame_stride=1", "data.num_frames=null"])  # fmt: skip
+    cached = load_recipe(str(path), ["data.source=cache", f"data.path={cache}"])  # the folder's clip settings
+    with pytest.raises(StaleCacheError, match=r"source video: cache \{'num_frames': 5, 'frame_stride': 2\}"):
+        load_cached_teacher(load_recipe(str(path), ["data.source=cache", f"data.path={cache}", "data.frame_stride=1"]))
     assert trained_steps(train(cached)) == 1
