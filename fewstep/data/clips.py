@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,7 @@ def clip_span(num_frames: int, frame_stride: int = 1) -> int:
     return (num_frames - 1) * frame_stride + 1
 
 
-def _open(source: bytes | str | Path):  # noqa: ANN202 (an av container)
+def _open(source: bytes | str | Path) -> Any:  # an av container
     import av
 
     return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))

@@ -34,16 +34,16 @@ from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_it
 from fewstep.data.order import epoch_order
 from fewstep.data.prompts import PromptDataset
 from fewstep.data.tensors import TensorFileDataset
-from fewstep.data.video_folder import VideoFolderDataset, encode_clips, prepare_video_data
+from fewstep.data.video_folder import UNREADABLE, VideoFolderDataset, encode_clips, prepare_video_data
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
 if TYPE_CHECKING:
     from fewstep.data.webdataset import ShardStream
 
-SOURCES = ("cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset")
 logger = logging.getLogger(__name__)
 
+SOURCES = ("cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset")
 STREAM_PROMPTS = 4096  # captions a streaming source keeps encoded (its captions rarely repeat)
 
 
@@ -239,7 +239,7 @@ class BatchStream:
         shape = (int(self.cfg.resolution), self.dataset.num_frames, self.dataset.frame_stride)
         latents, failed = encode_clips(files, *shape, self._encode, self._cache, self.device, self.cfg.num_workers)
         for i, why in failed.items():
-            self.dataset.skip(files[i], "unreadable", why)
+            self.dataset.skip(files[i], UNREADABLE, why)
         self.skipped += len(failed)
         good = next((lat for lat in latents if lat is not None), None)
         if good is None:  # the whole batch failed: the folder's next clip that decodes fills it
