@@ -95,8 +95,9 @@ class DataConfig(BaseModel):
     ``buckets`` (image_folder, webdataset): a preset (``sdxl``, ``sd15``) or ``[height, width]`` shapes
     (``[frames, height, width]`` for video); each image trains at the bucket of nearest aspect ratio, each batch is
     one bucket (fewstep.data.buckets); it takes the place of ``resolution``. ``num_frames`` / ``frame_stride``
-    (webdataset): video clips of that many frames, every ``frame_stride``-th. ``shuffle_buffer`` (webdataset): the
-    samples a shard is shuffled across."""
+    (webdataset, image_folder: a folder of video files): video clips of that many frames, every ``frame_stride``-th;
+    with ``prompts``, the frame count of data-free video batches; with ``cache``, if set, the cache's.
+    ``shuffle_buffer`` (webdataset): the samples a shard is shuffled across."""
 
     model_config = BLOCK
 
@@ -214,6 +215,7 @@ class DataConfig(BaseModel):
         return self
 
 
+VIDEO_SOURCES = ("image_folder", "webdataset", "prompts", "cache")  # what data.num_frames applies to
 _PATH_HINTS = {
     "image_folder": "Set data.path to a folder of images with a metadata.jsonl (file_name, text).",
     "webdataset": "Set data.path to shards: a pattern (shards/train-{000000..000009}.tar), a directory or a list.",
@@ -229,9 +231,12 @@ def _stream_issues(data: DataConfig) -> list[RecipeIssue]:
         issues.append(
             issue("buckets", f"not used with source: {data.source}", data.buckets, hint="Remove data.buckets.")
         )
-    if data.num_frames is not None and data.source != "webdataset":
+    if data.num_frames is not None and data.source not in VIDEO_SOURCES:
         issues.append(issue("num_frames", f"not used with source: {data.source}", data.num_frames,
-                            hint="Video clips come from source: webdataset; remove data.num_frames."))  # fmt: skip
+                            hint=f"Only source {'/'.join(VIDEO_SOURCES)} reads it; remove it."))  # fmt: skip
+    if data.num_frames is not None and data.source == "image_folder" and data.buckets is not None:
+        issues.append(issue("buckets", "not used with a video folder (source: image_folder with data.num_frames)",
+                            data.buckets, hint="Give data.resolution: every clip is cropped to it."))  # fmt: skip
     if isinstance(data.buckets, str):
         from fewstep.data.buckets import PRESETS  # lazy: the CLI starts without the data layer
 

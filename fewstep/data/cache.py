@@ -7,8 +7,9 @@ own encoders. A cache is a directory:
   dtype, the resolution, the source data with its fingerprint and item count) and the shard list;
 * ``null.safetensors``: the teacher's null conditioning (the empty prompt's encoding that CFG uses);
 * ``shard-00000.safetensors`` ...: ``shard_size`` consecutive items each: ``latents`` ``[n, c, h, w]`` (image data
-  only), ``cond.<field>`` and ``uncond.<field>`` for every ``Conditioning`` field the backbone takes (Flux's embedded
-  guidance excepted: it is the recipe's, not an encoder's, and is filled in from the teacher), and the captions in the
+  only; ``[n, c, f, h, w]`` for a video folder, whose manifest records ``num_frames`` and ``frame_stride``),
+  ``cond.<field>`` and ``uncond.<field>`` for every ``Conditioning`` field the backbone takes (Flux's embedded guidance
+  excepted: it is the recipe's, not an encoder's, and is filled in from the teacher), and the captions in the
   file's metadata. A field equal for every item of a shard (the null branch of most pipelines) is stored once.
 
 The cache is complete when every shard of the manifest and the null file exist. Training from it (``data.source:
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from fewstep.data.image_folder import ImageFolderDataset
 from fewstep.data.prompts import PromptDataset
+from fewstep.data.video_folder import VideoFolderDataset
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import encoder_identity, is_hub_id, pipeline_index, resolve_pretrained
 
@@ -80,11 +82,21 @@ def teacher_identity(teacher_cfg: Any) -> dict[str, Any]:
     }
 
 
-def source_items(kind: str, path: str | None, prompts: list[str] | None, caption_column: str = "text") -> list[tuple]:
+def source_items(
+    kind: str,
+    path: str | None,
+    prompts: list[str] | None,
+    caption_column: str = "text",
+    video: dict[str, int] | None = None,
+) -> list[tuple]:
     """The items of a cacheable source, in order: ``(image file or None, caption, fingerprint key)``. An image's key
-    is its name in the folder, caption, size and modification time; a prompt's key is the prompt."""
+    is its name in the folder, caption, size and modification time; a prompt's key is the prompt. With ``video``
+    (``{"num_frames", "frame_stride"}``) the folder holds videos, and only those that give a clip are items."""
     if kind == "image_folder":
-        folder = ImageFolderDataset(path, caption_column)
+        if video:
+            folder = VideoFolderDataset(path, caption_column, video["num_frames"], video["frame_stride"])
+        else:
+            folder = ImageFolderDataset(path, caption_column)
         items = []
         for file, caption in folder.items:
             stat = file.stat()
@@ -142,7 +154,7 @@ def identity_differences(cached: dict[str, Any], wanted: dict[str, Any]) -> list
     if cached.get("resolution") != wanted.get("resolution"):
         out.append(f"resolution: cache {cached.get('resolution')}, now {wanted.get('resolution')}")
     old_s, new_s = cached["source"], wanted["source"]
-    for key in ("kind", "caption_column"):
+    for key in ("kind", "caption_column", "video"):
         if old_s.get(key) != new_s.get(key):
             out.append(f"source {key}: cache {old_s.get(key)!r}, now {new_s.get(key)!r}")
     if cached.get("shard_size") != wanted.get("shard_size"):
@@ -292,11 +304,15 @@ def training_differences(manifest: dict[str, Any], recipe: Any) -> list[str]:
     wanted = dict(manifest, teacher=teacher_identity(recipe.teacher))
     if recipe.data.resolution is not None:
         wanted["resolution"] = recipe.data.resolution
-    out = identity_differences(manifest, wanted)
     source = manifest["source"]
+    if recipe.data.num_frames is not None and source.get("video") is not None:  # clips: the cache's frames
+        video = {"num_frames": recipe.data.num_frames, "frame_stride": recipe.data.frame_stride}
+        wanted["source"] = dict(source, video=video)
+    out = identity_differences(manifest, wanted)
     path = source.get("path")
     if path is not None and Path(path).exists():
-        keys = [key for *_, key in source_items(source["kind"], path, None, source.get("caption_column", "text"))]
+        items = source_items(source["kind"], path, None, source.get("caption_column", "text"), source.get("video"))
+        keys = [key for *_, key in items]
         out += source_differences(source, manifest["shards"], keys)
     return out
 

@@ -38,6 +38,7 @@ from fewstep.data.cache import (
     write_atomic,
 )
 from fewstep.data.image_folder import encode_items
+from fewstep.data.video_folder import encode_clips, prepare_video_data
 from fewstep.models.conditioning import UNBATCHED_FIELDS
 
 DEFAULT_SHARD_SIZE = 256  # items per shard file
@@ -66,10 +67,14 @@ def cache_source(data_cfg: Any) -> dict[str, Any]:
             )
         resolution = data_cfg.resolution if data_cfg.resolution is not None else made.get("resolution")
         return {"kind": made["kind"], "path": made["path"], "prompts": None,
-                "caption_column": made.get("caption_column", "text"), "resolution": resolution}  # fmt: skip
+                "caption_column": made.get("caption_column", "text"), "resolution": resolution,
+                "video": made.get("video")}  # fmt: skip
     check_cacheable(data_cfg)
+    video = None
+    if data_cfg.source == "image_folder" and data_cfg.num_frames is not None:  # a video folder: its clips' latents
+        video = {"num_frames": data_cfg.num_frames, "frame_stride": data_cfg.frame_stride}
     return {"kind": data_cfg.source, "path": data_cfg.path, "prompts": data_cfg.prompts,
-            "caption_column": data_cfg.caption_column, "resolution": data_cfg.resolution}  # fmt: skip
+            "caption_column": data_cfg.caption_column, "resolution": data_cfg.resolution, "video": video}  # fmt: skip
 
 
 def default_cache_dir(data_cfg: Any) -> Path:
@@ -130,10 +135,20 @@ def prepare_directory(root: Path, manifest: dict[str, Any], overwrite: bool) -> 
 
 
 def encode_shard(
-    teacher: Any, items: list[tuple], resolution: int | None, batch_size: int, num_workers: int, bar: Any
+    teacher: Any,
+    items: list[tuple],
+    resolution: int | None,
+    batch_size: int,
+    num_workers: int,
+    bar: Any,
+    video: dict[str, int] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """One shard's tensors and metadata: the items encoded ``batch_size`` at a time exactly as the training data path
-    encodes them (``encode_items`` through the VAE, ``encode_prompts`` through the text encoders)."""
+    encodes them (``encode_items`` / ``encode_clips`` with ``video`` through the VAE, ``encode_prompts`` through the
+    text encoders).
+
+    Raises:
+        ValueError: a video that passed the folder's probe fails to decode (a cache holds every item it lists)."""
     from fewstep.models.loading import encode_images
     from fewstep.models.prompts import encode_prompts
 
@@ -143,8 +158,15 @@ def encode_shard(
         chunk = items[start : start + batch_size]
         files, captions = [item[0] for item in chunk], [item[1] for item in chunk]
         part = {}
-        if files[0] is not None:
-            encode = partial(encode_images, teacher)
+        encode = partial(encode_images, teacher)
+        if files[0] is not None and video is not None:
+            clips, failed = encode_clips(files, resolution, video["num_frames"], video["frame_stride"], encode,
+                                         None, device, num_workers)  # fmt: skip
+            if failed:
+                i, why = next(iter(failed.items()))
+                raise ValueError(f"{files[i]}: {why}. Fix or remove it (its line in metadata.jsonl), then rerun.")
+            part["latents"] = torch.stack(clips)  # [n, c, f, h, w]
+        elif files[0] is not None:
             part["latents"] = encode_items(files, resolution, encode, None, device, num_workers).cpu()  # [n, c, h, w]
         with torch.no_grad():
             cond, uncond = encode_prompts(teacher, captions, resolution=resolution)
@@ -199,7 +221,7 @@ def build_cache(
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     source = cache_source(recipe.data)
     root = Path(out).expanduser() if out is not None else default_cache_dir(recipe.data)
-    items = source_items(source["kind"], source["path"], source["prompts"], source["caption_column"])
+    items = source_items(source["kind"], source["path"], source["prompts"], source["caption_column"], source["video"])
     keys = [item[2] for item in items]
     teacher_id = teacher_identity(recipe.teacher)
     if not any(name.startswith("text_encoder") for name in teacher_id["encoders"]):
@@ -208,7 +230,8 @@ def build_cache(
     manifest = {
         "format": FORMAT, "teacher": teacher_id, "resolution": source["resolution"],
         "source": {"kind": source["kind"], "path": path, "num_items": len(keys), "fingerprint": fingerprint(keys),
-                   **({"caption_column": source["caption_column"]} if source["kind"] == "image_folder" else {})},
+                   **({"caption_column": source["caption_column"]} if source["kind"] == "image_folder" else {}),
+                   **({"video": source["video"]} if source.get("video") else {})},
         "shard_size": shard_size, "shards": plan_shards(keys, shard_size), "command": command,
     }  # fmt: skip
     rebuild = f"{command or 'fewstep cache RECIPE --out ' + str(root)} --overwrite"
@@ -218,6 +241,7 @@ def build_cache(
     state.wait_for_everyone()
 
     teacher = load_teacher(recipe.teacher)
+    prepare_video_data(recipe.data, teacher)  # clips the VAE cannot take are refused before any encoding
     teacher.denoiser.to(state.device)
     teacher.pipeline.to(state.device)
     if state.is_main_process and not (root / NULL_FILE).is_file():
@@ -230,8 +254,9 @@ def build_cache(
     with tqdm(total=total, desc="cache", unit="item", disable=not (progress and state.is_main_process)) as bar:
         for k in mine:
             first, count = shards[k]["first"], shards[k]["count"]
+            chunk = items[first : first + count]
             tensors, metadata = encode_shard(
-                teacher, items[first : first + count], source["resolution"], batch_size, recipe.data.num_workers, bar
+                teacher, chunk, source["resolution"], batch_size, recipe.data.num_workers, bar, source["video"]
             )
             write_atomic(root / shards[k]["file"], tensors, metadata | {"rank": str(state.process_index)})
     state.wait_for_everyone()

@@ -102,7 +102,8 @@ class ImageFolderDataset:
 
 
 class LatentCache:
-    """Latents on disk, one safetensors file per (image file, resolution) under a directory per VAE.
+    """Latents on disk, one safetensors file per (image file, resolution) under a directory per VAE. ``resolution``
+    may be any key the latent depends on besides the file (a video clip's: ``fewstep.data.video_folder.clip_key``).
 
     Args:
         vae_key: identifies the encoder (e.g. the teacher's ``pretrained`` and dtype); another VAE, another cache.
@@ -113,16 +114,16 @@ class LatentCache:
         base = Path(root) if root is not None else fewstep_cache_dir() / "latents"
         self.dir = base / hashlib.sha1(vae_key.encode()).hexdigest()[:16]
 
-    def path(self, file: Path, resolution: int | tuple[int, int]) -> Path:
+    def path(self, file: Path, resolution: int | tuple[int, int] | str) -> Path:
         stat = file.stat()
         key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{resolution}"
         return self.dir / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
 
-    def get(self, file: Path, resolution: int | tuple[int, int]) -> Tensor | None:
+    def get(self, file: Path, resolution: int | tuple[int, int] | str) -> Tensor | None:
         path = self.path(file, resolution)
         return load_file(path)["latent"] if path.is_file() else None
 
-    def put(self, file: Path, resolution: int | tuple[int, int], latent: Tensor) -> None:
+    def put(self, file: Path, resolution: int | tuple[int, int] | str, latent: Tensor) -> None:
         path = self.path(file, resolution)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

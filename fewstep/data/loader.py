@@ -5,12 +5,14 @@ identity when ``shuffle`` is off), epochs follow each other. ``position`` is the
 ranks together, so a run resumed at ``position = k`` sees exactly the samples an uninterrupted run saw after ``k``.
 Each optimizer micro-step consumes ``batch_size × world_size`` samples; rank ``r`` takes the ``r``-th contiguous
 chunk of ``batch_size``, so ranks never share a sample within a global batch. With ``data.buckets`` (image folders) a
-``BucketSampler`` takes the permutation's place, so each global batch holds one bucket's images.
+``BucketSampler`` takes the permutation's place, so each global batch holds one bucket's images. An image folder with
+``data.num_frames`` is a video folder (``fewstep.data.video_folder``): clips in place of images.
 ``data.source: webdataset`` streams tar shards instead (``fewstep.data.webdataset.ShardStream``, same interface).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +34,14 @@ from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_it
 from fewstep.data.order import epoch_order
 from fewstep.data.prompts import PromptDataset
 from fewstep.data.tensors import TensorFileDataset
+from fewstep.data.video_folder import UNREADABLE, VideoFolderDataset, encode_clips, prepare_video_data
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
 if TYPE_CHECKING:
     from fewstep.data.webdataset import ShardStream
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset")
 STREAM_PROMPTS = 4096  # captions a streaming source keeps encoded (its captions rarely repeat)
@@ -98,10 +103,9 @@ class BatchStream:
     """An endless, resumable iterator of ``Batch`` for one rank. ``position`` counts samples of all ranks.
 
     Build it with ``build_batches``. ``preview(n)`` gives a fixed batch (for sample grids) without moving.
-    ``skipped`` counts unusable samples (always 0 here: these sources refuse bad data up front).
+    ``skipped`` counts unusable samples: the files of a video folder left out or failing mid-run (the other sources
+    refuse bad data up front).
     """
-
-    skipped = 0
 
     def __init__(
         self,
@@ -118,7 +122,10 @@ class BatchStream:
         self.cfg, self.teacher, self.device = data_cfg, teacher, device
         self.rank, self.world_size, self.position = rank, world_size, start_position
         self.batch_size = int(data_cfg.batch_size)
+        prepare_video_data(data_cfg, teacher)  # the clip shape fits the teacher (train checks it before the student)
         self.dataset = _build_dataset(data_cfg)
+        self.video = isinstance(self.dataset, VideoFolderDataset)
+        self.skipped = self.dataset.left_out if self.video else 0
         self.index_stream: IndexStream | BucketSampler = IndexStream(len(self.dataset), seed, bool(data_cfg.shuffle))
         with_prompts = data_cfg.source in ("image_folder", "prompts")
         self._prompts = PromptCache(teacher, data_cfg.resolution) if with_prompts else None
@@ -150,8 +157,12 @@ class BatchStream:
     def __next__(self) -> Batch:
         start = self.position + self.rank * self.batch_size
         idx = self.index_stream.indices(start, self.batch_size)
+        epoch = self.position // self.index_stream.epoch_samples
         self.position += self.batch_size * self.world_size
-        return self.make_batch(idx)
+        batch = self.make_batch(idx)
+        if self.video and self.dataset.skipped_files and self.position // self.index_stream.epoch_samples > epoch:
+            logger.warning("end of epoch %d: %s", epoch, self.dataset.summary())
+        return batch
 
     def preview(self, n: int) -> Batch:
         """A fixed batch of ``n`` for sample grids: digits and Fashion-MNIST cycle through the classes, other sources
@@ -210,6 +221,9 @@ class BatchStream:
         if self.cfg.source == "cache":  # what image_folder / prompts give, read from fewstep.data.cache
             return self._cached_batch(idx)
         files, captions = zip(*(self.dataset[i] for i in idx))
+        if self.video:
+            cond, uncond = self._prompts(list(captions), self.device)
+            return Batch(cond=cond, uncond=uncond, x0=self._clips(list(idx)))
         # with buckets the batch takes its first image's bucket (a training batch is one bucket; a preview may mix)
         size = self.buckets[self.item_buckets[idx[0]]] if self.buckets else int(self.cfg.resolution)
         x0 = encode_items(list(files), size, self._encode, self._cache, self.device, self.cfg.num_workers)
@@ -217,6 +231,28 @@ class BatchStream:
         if self.buckets:
             cond, uncond = sized_conditioning(self.teacher, size, cond, uncond)
         return Batch(cond=cond, uncond=uncond, x0=x0)
+
+    def _clips(self, idx: list[int]) -> Tensor:
+        """Video latents ``[b, c, f, h, w]`` of items ``idx``; a clip that fails to decode is skipped and counted, and
+        its place taken by the batch's first good clip (the folder's next good one when the whole batch fails)."""
+        files = [self.dataset[i][0] for i in idx]
+        shape = (int(self.cfg.resolution), self.dataset.num_frames, self.dataset.frame_stride)
+        latents, failed = encode_clips(files, *shape, self._encode, self._cache, self.device, self.cfg.num_workers)
+        for i, why in failed.items():
+            self.dataset.skip(files[i], UNREADABLE, why)
+        self.skipped += len(failed)
+        good = next((lat for lat in latents if lat is not None), None)
+        if good is None:  # the whole batch failed: the folder's next clip that decodes fills it
+            good = self._next_good_clip(idx[-1], shape)
+        return torch.stack([lat if lat is not None else good for lat in latents]).to(self.device)
+
+    def _next_good_clip(self, after: int, shape: tuple[int, int, int]) -> Tensor:
+        for j in range(1, len(self.dataset)):
+            file = self.dataset[(after + j) % len(self.dataset)][0]
+            (latent,), _ = encode_clips([file], *shape, self._encode, self._cache, self.device)
+            if latent is not None:
+                return latent
+        raise ValueError(f"No video of {self.dataset.root} decodes any more: {self.dataset.summary()}.")
 
     def _cached_batch(self, idx: list[int]) -> Batch:
         x0, cond, uncond = self.dataset.batch(idx)
@@ -281,6 +317,8 @@ def _build_dataset(data_cfg: Any) -> Any:
         return CachedDataset(data_cfg.path)
     if not data_cfg.path:
         raise ValueError("data.source=image_folder needs data.path (a folder with images and metadata.jsonl).")
+    if data_cfg.num_frames is not None:
+        return VideoFolderDataset(data_cfg.path, data_cfg.caption_column, data_cfg.num_frames, data_cfg.frame_stride)
     return ImageFolderDataset(data_cfg.path, data_cfg.caption_column)
 
 

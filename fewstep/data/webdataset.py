@@ -43,7 +43,8 @@ from torch import Tensor
 
 from fewstep.data.batch import Batch
 from fewstep.data.buckets import Bucket, check_teacher_buckets, nearest_bucket, resolve_buckets, sized_conditioning
-from fewstep.data.image_folder import crop_to, load_image
+from fewstep.data.clips import SampleError, decode_clip
+from fewstep.data.image_folder import load_image
 from fewstep.data.order import epoch_order, keyed_random
 from fewstep.data.shards import (
     IMAGE_EXTENSIONS,
@@ -64,10 +65,6 @@ Slot = tuple[dict[str, Any] | None, int | None, Path]  # (raw sample, bucket ind
 Item = tuple[Tensor, str, str]  # (pixels, caption, "<shard file>/<key>")
 
 
-class SampleError(ValueError):
-    """A sample that cannot be used; the message says why."""
-
-
 def sample_caption(sample: dict[str, Any], column: str) -> str:
     """The caption: the member with extension ``column``, else ``column`` of the ``json`` member, else ``txt``.
 
@@ -86,32 +83,6 @@ def sample_caption(sample: dict[str, Any], column: str) -> str:
     if "txt" in sample:
         return sample["txt"].decode("utf-8").strip()
     raise SampleError(f"has no caption (a .txt member, {column!r} in its .json, or a .{column} member)")
-
-
-def decode_clip(data: bytes, size: int | tuple[int, int], num_frames: int, frame_stride: int = 1) -> Tensor:
-    """``num_frames`` frames of a video (every ``frame_stride``-th from the first), each through ``crop_to``:
-    ``[3, num_frames, h, w]`` in [-1, 1].
-
-    Raises:
-        SampleError: the video cannot be decoded or is too short.
-    """
-    import av
-
-    frames, total = [], 0
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            for total, frame in enumerate(container.decode(video=0), start=1):
-                if (total - 1) % frame_stride == 0:
-                    frames.append(crop_to(frame.to_image(), size))
-                if len(frames) == num_frames:
-                    break
-    except (av.FFmpegError, OSError, ValueError, IndexError) as err:
-        raise SampleError(f"its video could not be decoded ({type(err).__name__}: {err})") from err
-    if len(frames) < num_frames:
-        raise SampleError(
-            f"its video has {total} frames, {len(frames)} at stride {frame_stride}; {num_frames} are needed"
-        )
-    return torch.stack(frames, dim=1)  # [3, f, h, w]
 
 
 def decode_sample(

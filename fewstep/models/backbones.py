@@ -250,6 +250,33 @@ def video_latent_shape(
     return batch_size, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
+def video_size_problems(teacher: _FromPipeline, num_frames: int | None, height: int, width: int) -> list[str]:
+    """Why a video teacher cannot take clips of ``num_frames`` frames at ``height × width`` pixels (empty: it can).
+
+    Frames: the VAE keeps the first frame and compresses the rest by its temporal factor ``t`` (the VAE config's
+    ``scale_factor_temporal``, Wan: 4; ``temporal_compression_ratio``, LTX-Video: 8), so a clip has ``t·k + 1`` frames.
+    Sides: multiples of the VAE's spatial factor × the backbone's patch (``pixel_multiple``). Each problem names the
+    nearest valid values."""
+    temporal, multiple = video_compression(teacher.pipeline)[0], pixel_multiple(teacher)
+    problems = []
+    if num_frames is not None and (num_frames - 1) % temporal:
+        below = (num_frames - 1) // temporal * temporal + 1
+        problems.append(
+            f"{num_frames} frames do not fit the {teacher.family} VAE, which keeps the first frame and compresses the "
+            f"rest {temporal}× in time ({temporal}k + 1 frames): use {below} or {below + temporal}"
+        )
+    sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
+    for name, side in sides:
+        if side % multiple:
+            below = side // multiple * multiple
+            valid = f"{below} or {below + multiple}" if below else str(multiple)
+            problems.append(
+                f"{name} {side} is not a multiple of {multiple} (the {teacher.family} VAE's spatial factor × the "
+                f"backbone's patch size): use {valid}"
+            )
+    return problems
+
+
 def video_tokens(backbone: Any, shape: Sequence[int]) -> int:
     """Tokens of a video latent ``[b, c, f, h, w]``: ``(f / p_t)·(h / p_h)·(w / p_w)`` for the backbone's 3-D
     ``patch_size`` (Wan: ``(1, 2, 2)``)."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import BaseModel
 
+from fewstep.data.video_folder import prepare_video_data
 from fewstep.models.student import Student, enable_gradient_checkpointing
 from fewstep.models.teacher import Teacher
 from fewstep.objectives import OBJECTIVES, Objective
@@ -70,6 +71,7 @@ def build_components(recipe: Recipe, teacher: Teacher | None = None) -> Componen
         from fewstep.models.loading import load_teacher
 
         teacher = load_teacher(recipe.teacher)
+    prepare_video_data(recipe.data, teacher)  # a clip shape the VAE cannot take fails before the student is built
     student = build_student(recipe.student, teacher)
     name = recipe.objective.name
     cls = OBJECTIVES.get(name)
