@@ -22,6 +22,10 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
 * ``wan21``: ``WanPipeline`` (Wan 2.1 text-to-video: ``WanTransformer3DModel``, ``AutoencoderKLWan`` with Wan's
   4× temporal and 8× spatial compression, a ``UMT5EncoderModel``) with ``FlowMatchEulerDiscreteScheduler`` at Wan's
   480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
+* ``wan21_i2v``: ``WanImageToVideoPipeline`` (Wan 2.1 image-to-video: the transformer takes 36 channels, the noisy
+  latents followed by the frame mask and the first frame's latents, and attends to CLIP image tokens through
+  ``image_dim`` / ``added_kv_proj_dim``; a two-layer ``CLIPVisionModel`` at 32×32 with its ``CLIPImageProcessor``),
+  otherwise as ``wan21``.
 * ``wan22``: Wan 2.2 T2V-A14B's layout: the same pipeline with two experts, ``transformer`` (high noise) and
   ``transformer_2`` (low noise), switched at ``boundary_ratio = 0.875``, and Wan 2.2 A14B's flow shift 12.0.
 * ``ltx``: ``LTXPipeline`` (LTX-Video: ``LTXVideoTransformer3DModel`` on packed video tokens,
@@ -57,7 +61,7 @@ import torch
 from fewstep.testing.tokenizer import clip_tokenizer, gemma_tokenizer, qwen2_tokenizer, t5_tokenizer
 
 FAMILIES: tuple[str, ...] = (
-    "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan22", "ltx", "pixart_sigma", "sana"
+    "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "ltx", "pixart_sigma", "sana"
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -368,14 +372,16 @@ def _wan_vae() -> Any:
                             temperal_downsample=[False, True, True])  # fmt: skip
 
 
-def _wan_transformer() -> Any:
+def _wan_transformer(**image: Any) -> Any:
+    """The tiny Wan transformer; ``image``: Wan 2.1 I2V's keys (``in_channels``, ``image_dim``,
+    ``added_kv_proj_dim``)."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,  # the 3-D rotary embedding splits it over (frames, height, width)
-        in_channels=16,
+        in_channels=image.pop("in_channels", 16),
         out_channels=16,
         text_dim=32,  # = UMT5 width
         freq_dim=32,
@@ -384,6 +390,42 @@ def _wan_transformer() -> Any:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+        **image,
+    )
+
+
+CLIP_VISION_SIZE = 32  # the tiny CLIP vision tower's input side: 4×4 patches of 8 pixels + the class token
+
+
+def _clip_vision() -> tuple[Any, Any]:
+    """A two-layer ``CLIPVisionModel`` (Wan 2.1 I2V reads its penultimate hidden states) and the
+    ``CLIPImageProcessor`` that resizes and crops to its input size, with CLIP's normalisation."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=CLIP_VISION_SIZE, patch_size=8, hidden_act="gelu")  # fmt: skip
+    side = {"height": CLIP_VISION_SIZE, "width": CLIP_VISION_SIZE}
+    processor = CLIPImageProcessor(size={"shortest_edge": CLIP_VISION_SIZE}, crop_size=side)
+    return CLIPVisionModel(config).eval(), processor
+
+
+def _build_wan21_i2v() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    image_encoder, image_processor = _clip_vision()
+    transformer = _wan_transformer(
+        in_channels=16 + 4 + 16,  # noisy latents + frame mask (4 per latent frame) + first-frame latents
+        image_dim=32,  # = the CLIP vision width
+        added_kv_proj_dim=24,  # = heads × head_dim: the image tokens' own keys and values in cross-attention
+    )
+    return WanImageToVideoPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_t5(d_model=32, umt5=True),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # flow_shift 3.0 (480p)
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
     )
 
 
@@ -548,6 +590,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd35": _build_sd35,
     "qwen_image": _build_qwen_image,
     "wan21": _build_wan21,
+    "wan21_i2v": _build_wan21_i2v,
     "wan22": _build_wan22,
     "ltx": _build_ltx,
     "pixart_sigma": _build_pixart_sigma,
@@ -555,7 +598,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
-    family: {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES} for family in ("wan21", "wan22")
+    family: {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES} for family in ("wan21", "wan21_i2v", "wan22")
 }
 _VIDEO["ltx"] = {"resolution": LTX_RESOLUTION, "num_frames": LTX_FRAMES}
 
