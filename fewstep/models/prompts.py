@@ -216,9 +216,10 @@ def _sana(
 
 
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
-             "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "ltx": _ltx, "pixart_sigma": _pixart_sigma,
-             "sana": _sana}  # fmt: skip
-IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v",)  # families that generate from a first frame: encode_prompts(..., images=)
+             "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
+             "pixart_sigma": _pixart_sigma, "sana": _sana}  # fmt: skip
+IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
+FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
 
 
 def as_pil_images(images: Any) -> list[Any]:
@@ -237,32 +238,40 @@ def as_pil_images(images: Any) -> list[Any]:
 def first_frame_conditioning(
     pipeline: Any, images: Any, num_frames: int | None = None, resolution: int | tuple[int, int] | None = None
 ) -> Conditioning:
-    """The first-frame fields of ``Conditioning`` for Wan 2.1 I2V, one row per image, exactly as
-    ``WanImageToVideoPipeline`` computes them for a clip of ``num_frames`` at ``resolution`` (default: the pipeline's,
-    ``video_defaults``): ``image_embeds``, the CLIP vision tower's penultimate states of the image
-    (``encode_image``), and ``condition_latents``, the frame mask and the VAE latents of the image followed by zero
-    frames (``prepare_latents``; its noise is not drawn).
+    """The first-frame fields of ``Conditioning``, one row per image, exactly as ``WanImageToVideoPipeline`` computes
+    them for a clip of ``num_frames`` at ``resolution`` (default: the pipeline's, ``video_defaults``), with its own
+    ``prepare_latents`` (the noise it would draw is not):
+
+    * Wan 2.1 I2V: ``image_embeds``, the CLIP vision tower's penultimate states of the image (``encode_image``), and
+      ``condition_latents``, the frame mask and the VAE latents of the image followed by zero frames;
+    * Wan 2.2 TI2V-5B (``expand_timesteps``): ``first_frame_latents``, the VAE latents of the image alone (one latent
+      frame), which the ``wan_ti2v`` adapter keeps clean.
 
     Args:
-        pipeline: a ``WanImageToVideoPipeline``.
+        pipeline: a ``WanImageToVideoPipeline``, or TI2V-5B's ``WanPipeline`` (the same preparation applies).
         images: PIL images or a tensor ``[b, 3, H, W]`` in ``[-1, 1]`` (``as_pil_images``), resized to the clip's size.
     """
+    from diffusers import WanImageToVideoPipeline
+
     frames, height, width = video_defaults(pipeline)
     frames = num_frames or frames
     if resolution is not None:
         height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     pil = as_pil_images(images)
     device = _device(pipeline)
+    expand = bool(pipeline.config.get("expand_timesteps"))
+    shape = video_latent_shape(pipeline, 1, (height, width), frames)
+    rows = []
     with torch.no_grad():
-        embeds = pipeline.encode_image(pil, device)  # [b, n, d]
-        rows = []
         for image in pil:  # prepare_latents repeats one image's latents over its batch: one image at a time
             pixels = pipeline.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
-            shape = video_latent_shape(pipeline, 1, (height, width), frames)
-            _, condition = pipeline.prepare_latents(
-                pixels, 1, shape[1], height, width, frames, torch.float32, device, None, torch.zeros(shape)
+            prepared = WanImageToVideoPipeline.prepare_latents(
+                pipeline, pixels, 1, shape[1], height, width, frames, torch.float32, device, None, torch.zeros(shape)
             )  # fmt: skip
-            rows.append(condition)  # [1, 4 + c, f, h, w]
+            rows.append(prepared[1])  # Wan 2.1: [1, 4 + c, f, h, w]; TI2V: [1, c, 1, h, w]
+        if expand:
+            return Conditioning(first_frame_latents=torch.cat(rows))
+        embeds = pipeline.encode_image(pil, device)  # [b, n, d]
     return Conditioning(condition_latents=torch.cat(rows), image_embeds=embeds)
 
 
@@ -325,8 +334,9 @@ def encode_prompts(
             PixArt-Σ (default 300), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300),
             as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
-        images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``, required there): the first frame of each clip,
-            one for all prompts or one each (``first_frame_conditioning``); both branches get them.
+        images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1
+            I2V): the first frame of each clip, one for all prompts or one each (``first_frame_conditioning``); both
+            branches get it. Wan 2.2 TI2V-5B without images is text-to-video.
         num_frames: the clip length the first-frame conditioning is built for (default: the pipeline's); with
             ``resolution`` (a side or ``(height, width)``) it must match the latents sampled.
 
@@ -335,7 +345,7 @@ def encode_prompts(
     """
     if teacher.pipeline is None:
         raise ValueError("This teacher has no pipeline (a custom module); build its Conditioning yourself.")
-    if images is None and teacher.family in IMAGE_TO_VIDEO_FAMILIES:
+    if images is None and teacher.family in FIRST_FRAME_REQUIRED:
         raise ValueError(
             f"The {teacher.family} teacher generates each clip from its first frame: pass images= (PIL images or a "
             "[b, 3, H, W] tensor in [-1, 1], one for all prompts or one each) to encode_prompts."

@@ -35,6 +35,7 @@ PIPELINE_CLASS = {
     "wan21": WanPipeline,
     "wan21_i2v": WanImageToVideoPipeline,
     "wan22": WanPipeline,
+    "wan22_ti2v": WanPipeline,
     "ltx": LTXPipeline,
     "pixart_sigma": PixArtSigmaPipeline,
     "sana": SanaPipeline,
@@ -134,7 +135,7 @@ def test_family_configs_match_the_real_models():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
     pipe = load_tiny_pipeline(family)
-    video = family in ("wan21", "wan21_i2v", "wan22", "ltx")
+    video = family in ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx")
     kwargs = {"max_sequence_length": 16} if family in ("sd3", "flux") or video else {}
     if video:  # video: the marker's frames (Wan 5 of 32×32 pixels, LTX 9 of 64×64), not the pipelines' defaults
         frames, height, width = pipe.default_video_size
