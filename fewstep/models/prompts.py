@@ -12,7 +12,9 @@ prompt (UMT5 states zeroed past each prompt's length); LTX-Video encodes ``""`` 
 of both branches; PixArt-Σ and Sana encode ``""`` too, each token with its mask (Sana's prompt behind its complex human
 instruction, the negative without it, as ``SanaPipeline`` does). Pass ``negative_prompts`` to use other negatives.
 
-Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches.
+Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches, and
+so is the first frame of image-to-video teachers (``encode_prompts(..., images=)``, ``first_frame_conditioning``):
+Wan 2.1 I2V's condition latents and CLIP image tokens, Wan 2.2 TI2V-5B's clean first latent frame.
 """
 
 from __future__ import annotations
@@ -280,7 +282,7 @@ def encode_with_pipeline(
     family: str,
     prompts: list[str],
     negative_prompts: list[str] | None = None,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     guidance: float | None = None,
     images: Any = None,
@@ -317,7 +319,7 @@ def encode_prompts(
     teacher: Teacher,
     prompts: list[str],
     negative_prompts: list[str] | None = None,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     guidance: float | None = None,
     images: Any = None,
@@ -329,7 +331,8 @@ def encode_prompts(
         teacher: a teacher from ``load_teacher`` (``teacher.pipeline`` holds the encoders).
         prompts: ``b`` prompts.
         negative_prompts: optional ``b`` negatives; default is the pipeline's own null (see the module docstring).
-        resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution).
+        resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution); for a first
+            frame, the clip's side or ``(height, width)``.
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
             PixArt-Σ (default 300), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300),
             as the pipelines use.

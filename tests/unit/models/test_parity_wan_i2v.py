@@ -93,3 +93,10 @@ def test_wan21_i2v_parity_with_negatives_and_the_image_matters(teacher):
     assert (x - ref).abs().max() < 1e-5
     other, _ = _pipeline_vs_teacher(teacher, first_frame(5), 0, guidance=4.0, negatives=negatives)
     assert (other - ref).abs().max() > 1e-3, "the first frame must change the output for the comparison to mean much"
+
+
+def test_text_to_video_families_take_no_images():
+    t2v = load_teacher(SimpleNamespace(pretrained="tiny:wan21", family="auto", dtype="float32", revision=None,
+                                       variant=None))  # fmt: skip
+    with pytest.raises(ValueError, match="the wan21 teacher takes none"):
+        encode_prompts(t2v, PROMPTS, max_sequence_length=MAX_TOKENS, images=[first_frame()])

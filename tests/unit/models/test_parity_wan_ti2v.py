@@ -102,3 +102,12 @@ def test_the_first_frame_is_predicted_clean_at_every_level(teacher):
         pred = teacher.denoiser(x, torch.tensor([tau]), cond)
         torch.testing.assert_close(pred.x0[:, :, :1], cond.first_frame_latents, atol=1e-4, rtol=0)
         assert (pred.x0[:, :, 1:] - x[:, :, 1:]).abs().max() > 1e-3
+
+
+def test_shapes_without_the_vae_loaded(teacher):
+    # training from a cache leaves the VAE on disk: the 16× spatial factor then comes from its config, not the 8
+    # WanPipeline assumes without a VAE
+    cfg = SimpleNamespace(pretrained="tiny:wan22_ti2v", family="auto", dtype="float32", revision=None, variant=None)
+    bare = load_teacher(cfg, encoders=False, null_cond=teacher.null_cond)
+    assert bare.pipeline.vae is None and bare.pipeline.vae_scale_factor_spatial == 16
+    assert latent_shape(bare, 1) == latent_shape(teacher, 1) == (1, 48, 2, 4, 4)
