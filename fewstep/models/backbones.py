@@ -84,7 +84,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "FluxTransformer2DModel": "flux",
     "QwenImageTransformer2DModel": "qwen_image",
     "WanTransformer3DModel": "wan",
-    "WanExperts": "wan_experts",  # (Wan 2.2 TI2V-5B's WanTransformer3DModel: "wan_ti2v", chosen by its family)
+    "WanExperts": "wan_experts",
     "LTXVideoTransformer3DModel": "ltx",
     "PixArtTransformer2DModel": "pixart",
     "SanaTransformer2DModel": "sana",
@@ -470,11 +470,11 @@ def wan_ti2v_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Con
     first = _as(first, x)
     p_t, p_h, p_w = backbone.config.patch_size
     b, _, f, h, w = x.shape
-    moving = x.new_ones(b, f // p_t, h // p_h, w // p_w)  # [b, f', h', w'] tokens; 0: the given first frame
+    moving = torch.ones(b, f // p_t, h // p_h, w // p_w, device=x.device)  # [b, f', h', w'] tokens; 0: first frame
     moving[:, : first.shape[2] // p_t] = 0
     out = backbone(
         hidden_states=torch.cat([first, x[:, :, first.shape[2] :]], dim=2),
-        timestep=(moving * timestep.view(-1, 1, 1, 1).to(x.dtype)).flatten(1),  # [b, tokens]
+        timestep=(moving * timestep.float().view(-1, 1, 1, 1)).flatten(1),  # [b, tokens], float32 as the pipeline's
         encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Wan"), x),
         return_dict=False,
     )[0]
