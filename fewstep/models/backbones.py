@@ -114,7 +114,7 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     ``patch_size``. This is the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``,
     ``FlowSchedule.mu``). Video latents ``[b, c, f, h, w]`` (Wan): ``video_tokens``.
     """
-    if denoiser.adapter_name == "wan" and len(shape) == 5:
+    if denoiser.adapter_name in ("wan", "wan_ti2v") and len(shape) == 5:
         return video_tokens(denoiser.backbone, shape)
     if denoiser.adapter_name == "ltx" and len(shape) == 5:  # LTXPipeline's video_sequence_length: f·h·w latents
         return shape[-3] * shape[-2] * shape[-1]
@@ -202,7 +202,7 @@ def latent_shape(
 
 # Video: latents [b, c, f, h, w]; the VAE keeps the first frame and compresses the rest in time (Wan 4×, LTX 8×),
 # and compresses space (Wan 8×, LTX 32×).
-VIDEO_FAMILIES = ("wan21", "wan22", "ltx")
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx")
 WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
 LTX_DEFAULT_VIDEO = (161, 512, 704)  # LTXPipeline's call defaults (6.4 s at 25 fps)
 
@@ -246,7 +246,8 @@ def video_latent_shape(
             f"{name} video has {temporal}k + 1 frames (its VAE keeps the first frame and compresses the rest "
             f"{temporal}× in time); got {frames}. Use e.g. {(frames - 1) // temporal * temporal + 1}."
         )
-    channels = pipeline_backbone(pipeline).config.in_channels
+    config = pipeline_backbone(pipeline).config
+    channels = getattr(config, "out_channels", None) or config.in_channels  # Wan 2.1 I2V: 16 of its 36 are noise
     return batch_size, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
@@ -440,11 +441,74 @@ def wan_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditio
     ``_keep_in_fp32_modules``, among them the first parameter, ``scale_shift_table``)."""
     x = x.to(backbone.patch_embedding.weight.dtype)
     return backbone(
-        hidden_states=x,
+        hidden_states=wan_input(backbone, x, cond),
         timestep=timestep,
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Wan"), x),
+        encoder_hidden_states_image=wan_image_embeds(backbone, x, cond),
+        return_dict=False,
+    )[0]
+
+
+I2V_HINT = "Encode the first frames with fewstep.models.prompts.encode_prompts(teacher, prompts, images=...)."
+
+
+def wan_input(backbone: nn.Module, x: Tensor, cond: Conditioning) -> Tensor:
+    """What a Wan transformer takes as ``hidden_states``: the noisy latents ``[b, c, f, h, w]``, for Wan 2.1 I2V
+    (``in_channels = 36``) followed on the channels by ``cond.condition_latents`` (the frame mask and the first
+    frame's latents, ``WanImageToVideoPipeline``'s ``condition``)."""
+    if cond.condition_latents is not None:
+        x = torch.cat([x, _as(cond.condition_latents, x)], dim=1)  # [b, c + 4 + c, f, h, w]
+    if x.shape[1] != backbone.config.in_channels:
+        raise ValueError(
+            f"This Wan transformer takes {backbone.config.in_channels} input channels but got {x.shape[1]}: an "
+            f"image-to-video model needs `cond.condition_latents` (the first frame). {I2V_HINT}"
+        )
+    return x
+
+
+def wan_image_embeds(backbone: nn.Module, x: Tensor, cond: Conditioning) -> Tensor | None:
+    """Wan 2.1 I2V's CLIP image tokens (``cond.image_embeds``), required where the transformer has an ``image_dim``;
+    ``None`` for text-to-video."""
+    if getattr(backbone.config, "image_dim", None) is None:
+        return None
+    if cond.image_embeds is None:
+        raise ValueError(f"This Wan image-to-video transformer needs `cond.image_embeds` (CLIP tokens). {I2V_HINT}")
+    return _as(cond.image_embeds, x)
+
+
+WAN_TIMESTEP_SCALE = 1000.0  # a Wan transformer's timestep is 1000·s (FlowSchedule(timestep_scale=1000))
+
+
+@BACKBONES.register("wan_ti2v")
+def wan_ti2v_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """Wan 2.2 TI2V-5B (``expand_timesteps``) on video latents ``[b, c, f, h, w]``.
+
+    Text-to-video: as ``wan`` (``WanPipeline`` feeds the same timestep to every token). Image-to-video, as
+    ``WanImageToVideoPipeline`` with ``expand_timesteps``: the first latent frame is replaced by
+    ``cond.first_frame_latents`` and its tokens get timestep 0, the others ``timestep`` (one per token, ``[b, f·(h/2)·
+    (w/2)]``). The pipeline overwrites that frame after every step; here its velocity is instead set to ``(x − x_img) /
+    s``, so the flow prediction ``x̂0 = x − s·v`` of the first frame is the given frame itself: every sampler and
+    objective sees a clean first frame (and no gradient through it), and sampling ends on it as the pipeline does.
+    """
+    first = cond.first_frame_latents
+    if first is None:
+        return wan_adapter(backbone, x, timestep, cond)
+    x = x.to(backbone.patch_embedding.weight.dtype)
+    first = _as(first, x)
+    p_t, p_h, p_w = backbone.config.patch_size
+    b, _, f, h, w = x.shape
+    moving = torch.ones(b, f // p_t, h // p_h, w // p_w, device=x.device)  # [b, f', h', w'] tokens; 0: first frame
+    moving[:, : first.shape[2] // p_t] = 0
+    out = backbone(
+        hidden_states=torch.cat([first, x[:, :, first.shape[2] :]], dim=2),
+        timestep=(moving * timestep.float().view(-1, 1, 1, 1)).flatten(1),  # [b, tokens], float32 as the pipeline's
         encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "Wan"), x),
         return_dict=False,
     )[0]
+    n = first.shape[2]
+    s = (timestep.float() / WAN_TIMESTEP_SCALE).clamp_min(1e-12).view(-1, 1, 1, 1, 1)
+    v_first = (x[:, :, :n].float() - first.float()) / s  # x̂0 = x − s·v = x_img
+    return torch.cat([v_first, out[:, :, n:].float()], dim=2)
 
 
 WAN_EXPERT_COMPONENTS: dict[str, str] = {"transformer": "high", "transformer_2": "low"}  # pipeline component: expert
@@ -481,6 +545,12 @@ def is_wan_experts_pipeline(pipeline: Any) -> bool:
     """Whether a pipeline is Wan 2.2 with two experts (a ``transformer_2`` and a ``boundary_ratio``)."""
     config = getattr(pipeline, "config", {})
     return getattr(pipeline, "transformer_2", None) is not None and config.get("boundary_ratio") is not None
+
+
+def is_wan_image_pipeline(pipeline: Any) -> bool:
+    """Whether a Wan pipeline generates from a first frame (``WanImageToVideoPipeline``: it registers an
+    ``image_encoder``, loaded or not)."""
+    return "image_encoder" in getattr(pipeline, "config", {})
 
 
 @BACKBONES.register("wan_experts")

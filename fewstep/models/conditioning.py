@@ -2,6 +2,7 @@
 
 Fields are optional; each backbone adapter reads the ones its model takes. Batched fields have the batch as their
 first dimension; ``txt_ids``/``img_ids`` (Flux) and ``extra`` entries named in ``unbatched`` are shared.
+``IMAGE_FIELDS`` (image-to-video) belong to the sample, not to its prompt: the unconditional branch keeps them.
 Prompt encoding with a pipeline's own encoders lives in ``fewstep.models.prompts``.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 UNBATCHED_FIELDS = ("txt_ids", "img_ids")  # shared by every sample of a batch (not indexed by it)
+IMAGE_FIELDS = ("condition_latents", "image_embeds", "first_frame_latents")  # the first frame: in both CFG branches
 
 
 @dataclass
@@ -29,6 +31,11 @@ class Conditioning:
     img_ids: Tensor | None = None  # [h·w, 3] Flux, shared across the batch
     prompt_embeds_mask: Tensor | None = None  # [b, L] long, 1 = a real text token (Qwen-Image: lengths differ)
     rope_interpolation_scale: Tensor | None = None  # [b, 3] LTX-Video: (temporal compression / fps, spatial, spatial)
+    # Image-to-video: the first frame, identical in the conditional and the unconditional branch (as the pipelines)
+    condition_latents: Tensor | None = None  # [b, 4 + c, f, h, w] Wan 2.1 I2V: frame mask + VAE latents of the first
+    #                                          frame and zero frames, concatenated to the noisy latents' channels
+    image_embeds: Tensor | None = None  # [b, n, d] Wan 2.1 I2V: CLIP vision tokens of the first frame
+    first_frame_latents: Tensor | None = None  # [b, c, 1, h, w] Wan 2.2 TI2V: the first latent frame, kept clean
     extra: dict[str, Any] = field(default_factory=dict)  # custom teachers: passed through as keyword arguments
 
     def _map(self, fn_batched: Any, fn_shared: Any = None) -> Conditioning:
@@ -73,6 +80,11 @@ class Conditioning:
 
     def replace(self, **changes: Any) -> Conditioning:
         return dataclasses.replace(self, **changes)
+
+    def with_image_of(self, other: Conditioning) -> Conditioning:
+        """This conditioning with ``other``'s first-frame fields (``IMAGE_FIELDS``): the unconditional branch of an
+        image-to-video model sees the same image as the conditional one."""
+        return self.replace(**{name: getattr(other, name) for name in IMAGE_FIELDS})
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:

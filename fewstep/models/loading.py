@@ -35,22 +35,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import WanExperts, is_wan_experts_pipeline, pipeline_backbone, qwen_true_cfg_rescale
+from fewstep.models.backbones import (
+    WanExperts,
+    is_wan_experts_pipeline,
+    is_wan_image_pipeline,
+    pipeline_backbone,
+    qwen_true_cfg_rescale,
+)
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan22", "ltx", "pixart_sigma",
-            "sana")  # fmt: skip
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
-                     "wan22": "wan_experts", "ltx": "ltx", "pixart_sigma": "pixart", "sana": "sana"}  # fmt: skip
+                     "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
+                     "pixart_sigma": "pixart", "sana": "sana"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
 # 1000·s; Flux and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
 # adapter also applies the model's own timestep_scale).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
-                       "wan21": 1000.0, "wan22": 1000.0, "ltx": 1000.0, "sana": 1000.0}  # fmt: skip
+                       "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
+                       "ltx": 1000.0, "sana": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -216,6 +224,10 @@ def _load_pipeline(path_or_id: str | os.PathLike, dtype: str | torch.dtype, revi
         vae_config = _component_config(spec, "vae", pipeline_index(spec, revision)["vae"][0], revision)
         levels = vae_config.get("block_out_channels") or vae_config["encoder_block_out_channels"]  # DC-AE: Sana
         pipe.vae_scale_factor = 2 ** (len(levels) - 1)  # as the pipelines compute it
+    if "vae" in skip and hasattr(pipe, "vae_scale_factor_spatial"):  # Wan: without a VAE its pipelines assume 4 and 8
+        vae_config = _component_config(spec, "vae", pipeline_index(spec, revision)["vae"][0], revision)
+        pipe.vae_scale_factor_temporal = int(vae_config.get("scale_factor_temporal") or 4)
+        pipe.vae_scale_factor_spatial = int(vae_config.get("scale_factor_spatial") or 8)  # Wan 2.2's VAE: 16
     from fewstep.testing import apply_resolution_marker
 
     apply_resolution_marker(pipe, spec)  # tiny zoo directories record their default resolution
@@ -301,8 +313,9 @@ def load_component(
 
 
 def detect_family(pipeline: Any) -> str:
-    """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan22`` (two
-    experts) | ``ltx`` | ``pixart_sigma`` | ``sana`` from a pipeline's backbone class and config.
+    """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan21_i2v``
+    (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
+    ``pixart_sigma`` | ``sana`` from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -320,10 +333,19 @@ def detect_family(pipeline: Any) -> str:
         return "unet2d"
     if cls == "WanTransformer3DModel":
         if getattr(pipeline, "config", {}).get("expand_timesteps"):
-            raise ValueError(
-                "Wan 2.2 TI2V (expand_timesteps: one timestep per latent token) is not supported; Wan 2.1 and Wan 2.2 "
-                "T2V-A14B (two experts) are."
-            )
+            if is_wan_experts_pipeline(pipeline):
+                raise ValueError(
+                    "A Wan pipeline with both expand_timesteps and two experts is not supported; Wan 2.2 TI2V-5B "
+                    "(expand_timesteps, one transformer) and T2V-A14B (two experts) are."
+                )
+            return "wan22_ti2v"  # text-to-video and, given a first frame, image-to-video
+        if is_wan_image_pipeline(pipeline):
+            if is_wan_experts_pipeline(pipeline) or getattr(backbone.config, "image_dim", None) is None:
+                raise ValueError(
+                    "Wan 2.2 image-to-video A14B (two experts, no CLIP image encoder) is not supported; Wan 2.1 I2V "
+                    "(WanImageToVideoPipeline with a CLIP image encoder) is."
+                )
+            return "wan21_i2v"
         return "wan22" if is_wan_experts_pipeline(pipeline) else "wan21"
     if cls == "LTXVideoTransformer3DModel":
         return "ltx"

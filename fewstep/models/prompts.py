@@ -12,7 +12,9 @@ prompt (UMT5 states zeroed past each prompt's length); LTX-Video encodes ``""`` 
 of both branches; PixArt-Σ and Sana encode ``""`` too, each token with its mask (Sana's prompt behind its complex human
 instruction, the negative without it, as ``SanaPipeline`` does). Pass ``negative_prompts`` to use other negatives.
 
-Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches.
+Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches, and
+so is the first frame of image-to-video teachers (``encode_prompts(..., images=)``, ``first_frame_conditioning``):
+Wan 2.1 I2V's condition latents and CLIP image tokens, Wan 2.2 TI2V-5B's clean first latent frame.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import default_resolution, ltx_rope_interpolation_scale
+from fewstep.models.backbones import (
+    default_resolution,
+    ltx_rope_interpolation_scale,
+    video_defaults,
+    video_latent_shape,
+)
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
@@ -130,9 +137,21 @@ def _qwen_image(
 def _wan(
     pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
 ) -> tuple[Conditioning, Conditioning]:
+    from diffusers import WanPipeline
+    from diffusers.utils import is_ftfy_available
+
+    length = max_sequence_length or 512
+    if not isinstance(pipe, WanPipeline) and not is_ftfy_available():
+        # WanImageToVideoPipeline (diffusers 0.42) cleans prompts with ftfy even where it is not installed (a
+        # NameError); its UMT5 encoding is WanPipeline's, whose cleaning skips ftfy when it is missing.
+        def embed(texts: list[str]) -> Tensor:
+            return WanPipeline._get_t5_prompt_embeds(pipe, texts, 1, length, _device(pipe))
+
+        negative = embed(negatives or [""] * len(prompts))
+        return Conditioning(prompt_embeds=embed(prompts)), Conditioning(prompt_embeds=negative)
     pe, npe = pipe.encode_prompt(
         prompt=prompts, negative_prompt=negatives, do_classifier_free_guidance=True, num_videos_per_prompt=1,
-        max_sequence_length=max_sequence_length or 512, device=_device(pipe),
+        max_sequence_length=length, device=_device(pipe),
     )  # fmt: skip
     return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
 
@@ -199,7 +218,63 @@ def _sana(
 
 
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
-             "wan21": _wan, "wan22": _wan, "ltx": _ltx, "pixart_sigma": _pixart_sigma, "sana": _sana}  # fmt: skip
+             "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
+             "pixart_sigma": _pixart_sigma, "sana": _sana}  # fmt: skip
+IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
+FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
+
+
+def as_pil_images(images: Any) -> list[Any]:
+    """First frames as a list of PIL images: PIL images as they are, a tensor ``[b, 3, H, W]`` in ``[-1, 1]``
+    quantised to 8 bits per channel (as an image file of it would be), so the pipeline's own preprocessing applies."""
+    if isinstance(images, Tensor):
+        from diffusers.image_processor import VaeImageProcessor
+
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"First frames as a tensor are [b, 3, H, W] in [-1, 1]; got shape {tuple(images.shape)}.")
+        pixels = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+        return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(pixels))
+    return list(images) if isinstance(images, list | tuple) else [images]
+
+
+def first_frame_conditioning(
+    pipeline: Any, images: Any, num_frames: int | None = None, resolution: int | tuple[int, int] | None = None
+) -> Conditioning:
+    """The first-frame fields of ``Conditioning``, one row per image, exactly as ``WanImageToVideoPipeline`` computes
+    them for a clip of ``num_frames`` at ``resolution`` (default: the pipeline's, ``video_defaults``), with its own
+    ``prepare_latents`` (the noise it would draw is not):
+
+    * Wan 2.1 I2V: ``image_embeds``, the CLIP vision tower's penultimate states of the image (``encode_image``), and
+      ``condition_latents``, the frame mask and the VAE latents of the image followed by zero frames;
+    * Wan 2.2 TI2V-5B (``expand_timesteps``): ``first_frame_latents``, the VAE latents of the image alone (one latent
+      frame), which the ``wan_ti2v`` adapter keeps clean.
+
+    Args:
+        pipeline: a ``WanImageToVideoPipeline``, or TI2V-5B's ``WanPipeline`` (the same preparation applies).
+        images: PIL images or a tensor ``[b, 3, H, W]`` in ``[-1, 1]`` (``as_pil_images``), resized to the clip's size.
+    """
+    from diffusers import WanImageToVideoPipeline
+
+    frames, height, width = video_defaults(pipeline)
+    frames = num_frames or frames
+    if resolution is not None:
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    pil = as_pil_images(images)
+    device = _device(pipeline)
+    expand = bool(pipeline.config.get("expand_timesteps"))
+    shape = video_latent_shape(pipeline, 1, (height, width), frames)
+    rows = []
+    with torch.no_grad():
+        for image in pil:  # prepare_latents repeats one image's latents over its batch: one image at a time
+            pixels = pipeline.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+            prepared = WanImageToVideoPipeline.prepare_latents(
+                pipeline, pixels, 1, shape[1], height, width, frames, torch.float32, device, None, torch.zeros(shape)
+            )  # fmt: skip
+            rows.append(prepared[1])  # Wan 2.1: [1, 4 + c, f, h, w]; TI2V: [1, c, 1, h, w]
+        if expand:
+            return Conditioning(first_frame_latents=torch.cat(rows))
+        embeds = pipeline.encode_image(pil, device)  # [b, n, d]
+    return Conditioning(condition_latents=torch.cat(rows), image_embeds=embeds)
 
 
 def encode_with_pipeline(
@@ -207,9 +282,11 @@ def encode_with_pipeline(
     family: str,
     prompts: list[str],
     negative_prompts: list[str] | None = None,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     guidance: float | None = None,
+    images: Any = None,
+    num_frames: int | None = None,
 ) -> tuple[Conditioning, Conditioning]:
     """``encode_prompts`` on a bare pipeline (used before a ``Teacher`` exists). See ``encode_prompts``."""
     if family not in _ENCODERS:
@@ -220,43 +297,68 @@ def encode_with_pipeline(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if negative_prompts is not None and len(negative_prompts) != len(prompts):
         raise ValueError(f"Got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; pass one each.")
+    if images is not None and family not in IMAGE_TO_VIDEO_FAMILIES:
+        raise ValueError(f"images= is for image-to-video families ({', '.join(IMAGE_TO_VIDEO_FAMILIES)}); "
+                         f"the {family} teacher takes none.")  # fmt: skip
     with torch.no_grad():
-        return _ENCODERS[family](
+        cond, uncond = _ENCODERS[family](
             pipeline, prompts, negative_prompts, resolution=resolution or default_resolution(pipeline),
             max_sequence_length=max_sequence_length, guidance=guidance,
         )  # fmt: skip
+    if images is None:
+        return cond, uncond
+    image = first_frame_conditioning(pipeline, images, num_frames, resolution)
+    if image.batch_size not in (1, len(prompts)):
+        raise ValueError(f"Got {image.batch_size} first frames for {len(prompts)} prompts; pass one, or one each.")
+    image = image.repeat(len(prompts)) if image.batch_size == 1 else image
+    image = image.to(cond.prompt_embeds.device)
+    return cond.with_image_of(image), uncond.with_image_of(image)  # the pipelines' negative branch sees the image too
 
 
 def encode_prompts(
     teacher: Teacher,
     prompts: list[str],
     negative_prompts: list[str] | None = None,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     guidance: float | None = None,
+    images: Any = None,
+    num_frames: int | None = None,
 ) -> tuple[Conditioning, Conditioning]:
-    """Encode prompts with the teacher pipeline's own text encoders.
+    """Encode prompts with the teacher pipeline's own text encoders (and, for image-to-video, its first frames).
 
     Args:
         teacher: a teacher from ``load_teacher`` (``teacher.pipeline`` holds the encoders).
         prompts: ``b`` prompts.
         negative_prompts: optional ``b`` negatives; default is the pipeline's own null (see the module docstring).
-        resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution).
+        resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution); for a first
+            frame, the clip's side or ``(height, width)``.
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
             PixArt-Σ (default 300), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300),
             as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
+        images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1
+            I2V): the first frame of each clip, one for all prompts or one each (``first_frame_conditioning``); both
+            branches get it. Wan 2.2 TI2V-5B without images is text-to-video.
+        num_frames: the clip length the first-frame conditioning is built for (default: the pipeline's); with
+            ``resolution`` (a side or ``(height, width)``) it must match the latents sampled.
 
     Returns:
         ``(cond, uncond)``, each batched ``[b, ...]``, on the device of the teacher's backbone.
     """
     if teacher.pipeline is None:
         raise ValueError("This teacher has no pipeline (a custom module); build its Conditioning yourself.")
+    if images is None and teacher.family in FIRST_FRAME_REQUIRED:
+        raise ValueError(
+            f"The {teacher.family} teacher generates each clip from its first frame: pass images= (PIL images or a "
+            "[b, 3, H, W] tensor in [-1, 1], one for all prompts or one each) to encode_prompts."
+        )
     if guidance is None and teacher.null_cond is not None and teacher.null_cond.guidance is not None:
         guidance = float(teacher.null_cond.guidance.reshape(-1)[0])
     cond, uncond = encode_with_pipeline(
-        teacher.pipeline, teacher.family, prompts, negative_prompts, resolution, max_sequence_length, guidance
-    )
+        teacher.pipeline, teacher.family, prompts, negative_prompts, resolution, max_sequence_length, guidance, images,
+        num_frames,
+    )  # fmt: skip
     device = next(teacher.denoiser.backbone.parameters()).device
     return cond.to(device), uncond.to(device)
 

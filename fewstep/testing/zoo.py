@@ -22,8 +22,16 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
 * ``wan21``: ``WanPipeline`` (Wan 2.1 text-to-video: ``WanTransformer3DModel``, ``AutoencoderKLWan`` with Wan's
   4× temporal and 8× spatial compression, a ``UMT5EncoderModel``) with ``FlowMatchEulerDiscreteScheduler`` at Wan's
   480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
+* ``wan21_i2v``: ``WanImageToVideoPipeline`` (Wan 2.1 image-to-video: the transformer takes 36 channels, the noisy
+  latents followed by the frame mask and the first frame's latents, and attends to CLIP image tokens through
+  ``image_dim`` / ``added_kv_proj_dim``; a two-layer ``CLIPVisionModel`` at 32×32 with its ``CLIPImageProcessor``),
+  otherwise as ``wan21``.
 * ``wan22``: Wan 2.2 T2V-A14B's layout: the same pipeline with two experts, ``transformer`` (high noise) and
   ``transformer_2`` (low noise), switched at ``boundary_ratio = 0.875``, and Wan 2.2 A14B's flow shift 12.0.
+* ``wan22_ti2v``: Wan 2.2 TI2V-5B's layout: ``WanPipeline`` with ``expand_timesteps`` (one timestep per latent
+  token), Wan 2.2's ``AutoencoderKLWan`` (2×2 pixel patches, residual sampling, 48 latent channels with per-channel
+  statistics: 16× in space, 4× in time) and TI2V-5B's flow shift 5.0. Videos are 5 frames of 64×64 pixels (latents
+  ``[b, 48, 2, 4, 4]``); ``WanImageToVideoPipeline.from_pretrained`` on the same directory is its image-to-video mode.
 * ``ltx``: ``LTXPipeline`` (LTX-Video: ``LTXVideoTransformer3DModel`` on packed video tokens,
   ``AutoencoderKLLTXVideo`` with LTX's 8× temporal and 32× spatial compression, per-channel latent mean and std and a
   timestep-conditioned decoder, a T5 encoder) with LTX-Video's scheduler config (dynamic shift over the video token
@@ -57,7 +65,8 @@ import torch
 from fewstep.testing.tokenizer import clip_tokenizer, gemma_tokenizer, qwen2_tokenizer, t5_tokenizer
 
 FAMILIES: tuple[str, ...] = (
-    "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan22", "ltx", "pixart_sigma", "sana"
+    "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx",
+    "pixart_sigma", "sana",
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -66,6 +75,7 @@ SEED = 0
 SANA_RESOLUTION = 32  # SanaPipeline wants sides divisible by 32: its tiny DC-AE compresses 4× (latents 8×8)
 VIDEO_RESOLUTION = 32  # the Wan VAE compresses 8× in space: 4×4 latents, 2×2 tokens per latent frame
 VIDEO_FRAMES = 5  # 4k + 1 frames (the Wan VAE compresses 4× in time after the first frame): 2 latent frames
+TI2V_RESOLUTION = 64  # the Wan 2.2 VAE compresses 16× in space: 4×4 latents, 2×2 tokens per latent frame
 LTX_RESOLUTION = 64  # the LTX VAE compresses 32× in space: 2×2 latents (one token each)
 LTX_FRAMES = 9  # 8k + 1 frames (LTX compresses 8× in time after the first frame): 2 latent frames
 
@@ -368,15 +378,31 @@ def _wan_vae() -> Any:
                             temperal_downsample=[False, True, True])  # fmt: skip
 
 
-def _wan_transformer() -> Any:
+def _wan22_vae() -> Any:
+    from diffusers import AutoencoderKLWan
+
+    # Wan 2.2's VAE layout at width 8: 2×2 pixel patches (12 input channels), residual down/upsampling, three
+    # downsamplings (16× in space with the patch, 4× in time), 48 latent channels with per-channel statistics.
+    return AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=torch.linspace(-0.5, 0.5, 48).tolist(), latents_std=torch.linspace(0.5, 2.0, 48).tolist(),
+    )  # fmt: skip
+
+
+def _wan_transformer(**image: Any) -> Any:
+    """The tiny Wan transformer; ``image``: Wan 2.1 I2V's keys (``in_channels``, ``image_dim``,
+    ``added_kv_proj_dim``); ``channels``: the latent channels (Wan 2.2 TI2V: 48)."""
     from diffusers import WanTransformer3DModel
 
+    channels = image.pop("channels", 16)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,  # the 3-D rotary embedding splits it over (frames, height, width)
-        in_channels=16,
-        out_channels=16,
+        in_channels=image.pop("in_channels", channels),
+        out_channels=channels,
         text_dim=32,  # = UMT5 width
         freq_dim=32,
         ffn_dim=32,
@@ -384,6 +410,42 @@ def _wan_transformer() -> Any:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+        **image,
+    )
+
+
+CLIP_VISION_SIZE = 32  # the tiny CLIP vision tower's input side: 4×4 patches of 8 pixels + the class token
+
+
+def _clip_vision() -> tuple[Any, Any]:
+    """A two-layer ``CLIPVisionModel`` (Wan 2.1 I2V reads its penultimate hidden states) and the
+    ``CLIPImageProcessor`` that resizes and crops to its input size, with CLIP's normalisation."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=CLIP_VISION_SIZE, patch_size=8, hidden_act="gelu")  # fmt: skip
+    side = {"height": CLIP_VISION_SIZE, "width": CLIP_VISION_SIZE}
+    processor = CLIPImageProcessor(size={"shortest_edge": CLIP_VISION_SIZE}, crop_size=side)
+    return CLIPVisionModel(config).eval(), processor
+
+
+def _build_wan21_i2v() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    image_encoder, image_processor = _clip_vision()
+    transformer = _wan_transformer(
+        in_channels=16 + 4 + 16,  # noisy latents + frame mask (4 per latent frame) + first-frame latents
+        image_dim=32,  # = the CLIP vision width
+        added_kv_proj_dim=24,  # = heads × head_dim: the image tokens' own keys and values in cross-attention
+    )
+    return WanImageToVideoPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_t5(d_model=32, umt5=True),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # flow_shift 3.0 (480p)
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
     )
 
 
@@ -410,6 +472,19 @@ def _build_wan22() -> Any:
         transformer=_wan_transformer(),  # high-noise expert: timesteps ≥ 875
         transformer_2=_wan_transformer(),  # low-noise expert (other weights: the RNG has moved on)
         boundary_ratio=0.875,
+    )
+
+
+def _build_wan22_ti2v() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_t5(d_model=32, umt5=True),
+        vae=_wan22_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0),  # TI2V-5B's flow_shift
+        transformer=_wan_transformer(channels=48),
+        expand_timesteps=True,  # one timestep per latent token; a given first frame's tokens get 0
     )
 
 
@@ -548,15 +623,18 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd35": _build_sd35,
     "qwen_image": _build_qwen_image,
     "wan21": _build_wan21,
+    "wan21_i2v": _build_wan21_i2v,
     "wan22": _build_wan22,
+    "wan22_ti2v": _build_wan22_ti2v,
     "ltx": _build_ltx,
     "pixart_sigma": _build_pixart_sigma,
     "sana": _build_sana,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
-    family: {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES} for family in ("wan21", "wan22")
+    family: {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES} for family in ("wan21", "wan21_i2v", "wan22")
 }
+_VIDEO["wan22_ti2v"] = {"resolution": TI2V_RESOLUTION, "num_frames": VIDEO_FRAMES}
 _VIDEO["ltx"] = {"resolution": LTX_RESOLUTION, "num_frames": LTX_FRAMES}
 
 

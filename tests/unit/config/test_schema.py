@@ -140,8 +140,8 @@ def test_a_scalar_where_a_block_belongs():
         (
             "teacher.family",
             "sd5",
-            "'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'unet2d', 'sd35', 'qwen_image', 'wan21', 'wan22', 'ltx', "
-            "'pixart_sigma', 'sana'",
+            "'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'unet2d', 'sd35', 'qwen_image', 'wan21', 'wan21_i2v', 'wan22', "
+            "'wan22_ti2v', 'ltx', 'pixart_sigma', 'sana'",
         ),
         ("optim.lr_scheduler", "cosin", "'constant', 'constant_with_warmup', 'linear', 'cosine'"),
         (

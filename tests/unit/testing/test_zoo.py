@@ -16,6 +16,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    WanImageToVideoPipeline,
     WanPipeline,
 )
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
@@ -32,7 +33,9 @@ PIPELINE_CLASS = {
     "sd35": StableDiffusion3Pipeline,
     "qwen_image": QwenImagePipeline,
     "wan21": WanPipeline,
+    "wan21_i2v": WanImageToVideoPipeline,
     "wan22": WanPipeline,
+    "wan22_ti2v": WanPipeline,
     "ltx": LTXPipeline,
     "pixart_sigma": PixArtSigmaPipeline,
     "sana": SanaPipeline,
@@ -132,7 +135,7 @@ def test_family_configs_match_the_real_models():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
     pipe = load_tiny_pipeline(family)
-    video = family in ("wan21", "wan22", "ltx")
+    video = family in ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx")
     kwargs = {"max_sequence_length": 16} if family in ("sd3", "flux") or video else {}
     if video:  # video: the marker's frames (Wan 5 of 32×32 pixels, LTX 9 of 64×64), not the pipelines' defaults
         frames, height, width = pipe.default_video_size
@@ -140,7 +143,14 @@ def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
     side = 32 if family == "sana" else 16  # SanaPipeline wants sides divisible by 32
     if family in ("pixart_sigma", "sana"):  # tiny sample sizes are none of the pipelines' aspect-ratio bins
         kwargs.update(height=side, width=side, use_resolution_binning=False, max_sequence_length=16)
-    out = pipe("a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs)
+    inputs = {"prompt": "a cat"}
+    if family == "wan21_i2v":  # a first frame; the text as embeddings (the I2V pipeline's prompt cleaning needs ftfy)
+        from PIL import Image
+
+        text = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0))
+        inputs = {"image": Image.new("RGB", (32, 32), (200, 40, 40)), "prompt_embeds": text,
+                  "negative_prompt_embeds": torch.zeros_like(text)}  # fmt: skip
+    out = pipe(**inputs, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs)
     images = out.frames if video else out.images
     assert images.shape == ((1, frames, 3, height, width) if video else (1, 3, side, side))
     assert torch.isfinite(images).all()
