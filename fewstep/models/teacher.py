@@ -115,8 +115,10 @@ class Teacher:
         b = cond.batch_size or 1
         device = next((v.device for v in vars(cond).values() if isinstance(v, Tensor)), None)
         null = self.null_cond.repeat(b).to(device)
-        # Per-sample inputs that are not "the prompt" are shared between branches (SDXL time_ids, Flux guidance).
-        return null.replace(time_ids=cond.time_ids, guidance=cond.guidance, timestep_cond=cond.timestep_cond)
+        # Per-sample inputs that are not "the prompt" are shared between branches (SDXL time_ids, Flux guidance, the
+        # first frame of an image-to-video model).
+        shared = null.replace(time_ids=cond.time_ids, guidance=cond.guidance, timestep_cond=cond.timestep_cond)
+        return shared.with_image_of(cond)
 
     def raw(
         self,
