@@ -34,6 +34,7 @@ from fewstep.data.fashion import CLASS_NAMES, FashionMNISTDataset
 from fewstep.data.first_frames import (
     check_first_frame_source,
     clip_size,
+    needs_first_frames,
     takes_first_frames,
     with_first_frames,
 )
@@ -99,7 +100,8 @@ class PromptCache:
             cond, uncond = self._encode(missing)
             for i, key in enumerate(missing):
                 row = slice(i, i + 1)
-                self._rows[key] = (cond.index(row).to("cpu"), uncond.index(row).to("cpu") if uncond is not None else None)
+                null = uncond.index(row).to("cpu") if uncond is not None else None
+                self._rows[key] = (cond.index(row).to("cpu"), null)
         cond = Conditioning.cat([self._rows[k][0] for k in keys]).to(device)
         unconds = [self._rows[k][1] for k in keys]
         uncond = Conditioning.cat(unconds).to(device) if all(u is not None for u in unconds) else None
@@ -108,10 +110,12 @@ class PromptCache:
         return cond, uncond
 
     def _encode(self, keys: list[tuple[str, str | None]]) -> tuple[Conditioning, Conditioning | None]:
-        from fewstep.models.prompts import encode_prompts
+        from fewstep.models.prompts import encode_prompts, encode_with_pipeline
 
         prompts = [prompt for prompt, _ in keys]
         with torch.no_grad():
+            if keys[0][1] is None and needs_first_frames(self.teacher):  # the text of clips: their frames come after
+                return encode_with_pipeline(self.teacher.pipeline, self.teacher.family, prompts)
             if keys[0][1] is None:
                 return encode_prompts(self.teacher, prompts, resolution=self.resolution)
             from PIL import Image
