@@ -155,7 +155,8 @@ def test_data_without_first_frames_is_refused_with_the_format(tmp_path):
 def test_prompt_files_name_first_frames_per_line(tmp_path):
     jsonl = write_jsonl(tmp_path, [("a cat", 0), ("a dog", 1)])
     dataset = PromptDataset(path=jsonl)
-    assert dataset.prompts == ["a cat", "a dog"] and dataset.images == [tmp_path / "frame0.png", tmp_path / "frame1.png"]
+    assert dataset.prompts == ["a cat", "a dog"]
+    assert dataset.images == [tmp_path / "frame0.png", tmp_path / "frame1.png"]
     assert PromptDataset(prompts=["a cat"]).images is None
     with pytest.raises(ValueError, match='1 of 2 lines name an "image"'):
         PromptDataset(path=write_jsonl(tmp_path / "mixed", [("a cat", 0), ("a dog", None)]))
