@@ -82,26 +82,27 @@ class IndexStream:
 class PromptCache:
     """Encodes each distinct prompt once with the teacher's own encoders and keeps its ``(cond, uncond)`` rows
     (the ``max_prompts`` most recently added ones, when given). For an image-to-video teacher a prompt may come with
-    its first frame (an image file): rows are keyed on ``(prompt, image)`` and the image is prepared for the clip the
-    objective samples (``fewstep.data.first_frames.clip_size``)."""
+    its first frame (an image file): such rows are keyed on ``(prompt, image)`` and the image is prepared for the clip
+    the objective samples (``fewstep.data.first_frames.clip_size``); rows without one are keyed on the prompt."""
 
     def __init__(self, teacher: Teacher, resolution: int | None = None, max_prompts: int | None = None) -> None:
         self.teacher, self.resolution, self.max_prompts = teacher, resolution, max_prompts
-        self._rows: dict[tuple[str, str | None], tuple[Conditioning, Conditioning | None]] = {}
+        self._rows: dict[str | tuple[str, str], tuple[Conditioning, Conditioning | None]] = {}
 
     def __call__(
         self, prompts: list[str], device: Any = None, images: list[Path] | None = None
     ) -> tuple[Conditioning, Conditioning | None]:
         """``(cond, uncond)`` of ``prompts`` (``[b, ...]`` on ``device``), each with its first frame ``images[i]``
         when given."""
-        keys = [(p, str(images[i]) if images is not None else None) for i, p in enumerate(prompts)]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._rows))
+        items = [(p, str(images[i]) if images is not None else None) for i, p in enumerate(prompts)]
+        keys = [p if image is None else (p, image) for p, image in items]
+        missing = list(dict.fromkeys(item for item, key in zip(items, keys) if key not in self._rows))
         if missing:
             cond, uncond = self._encode(missing)
-            for i, key in enumerate(missing):
+            for i, (p, image) in enumerate(missing):
                 row = slice(i, i + 1)
                 null = uncond.index(row).to("cpu") if uncond is not None else None
-                self._rows[key] = (cond.index(row).to("cpu"), null)
+                self._rows[p if image is None else (p, image)] = (cond.index(row).to("cpu"), null)
         cond = Conditioning.cat([self._rows[k][0] for k in keys]).to(device)
         unconds = [self._rows[k][1] for k in keys]
         uncond = Conditioning.cat(unconds).to(device) if all(u is not None for u in unconds) else None
