@@ -163,3 +163,38 @@ def test_prompt_files_name_first_frames_per_line(tmp_path):
     (tmp_path / "missing.jsonl").write_text(json.dumps({"prompt": "a cat", "image": "nope.png"}) + "\n")
     with pytest.raises(FileNotFoundError, match=r"missing.jsonl:1 names the image 'nope.png'"):
         PromptDataset(path=tmp_path / "missing.jsonl")
+
+
+def test_video_shards_condition_on_each_clips_first_frame(tmp_path):
+    pytest.importorskip("av")
+    pytest.importorskip("webdataset")
+    import io
+    import tarfile
+    from types import SimpleNamespace
+
+    from fewstep.config.schema import DataConfig
+    from fewstep.data.loader import build_batches
+    from fewstep.data.video import write_video
+    from fewstep.data.webdataset import decode_sample
+    from fewstep.models.loading import load_teacher
+
+    teacher = load_teacher(SimpleNamespace(pretrained="tiny:wan21_i2v"))
+    samples = []
+    with tarfile.open(tmp_path / "v.tar", "w") as tar:
+        for i in range(2):
+            clip = write_video(clip_frames(i, 5, 32), tmp_path / f"{i}.mp4").read_bytes()
+            samples.append({"__key__": str(i), "mp4": clip, "txt": f"clip {i}".encode()})
+            for ext, payload in (("mp4", clip), ("txt", f"clip {i}".encode())):
+                info = tarfile.TarInfo(f"{i}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    cfg = DataConfig(source="webdataset", path=str(tmp_path / "v.tar"), resolution=32, num_frames=5, batch_size=2,
+                     shuffle=False)  # fmt: skip
+    batch = next(build_batches(cfg, teacher))
+    pixels = torch.stack([decode_sample(s, 32, num_frames=5)[0][:, 0] for s in samples])
+    cond, _ = encode_prompts(teacher, ["clip 0", "clip 1"], images=pixels, resolution=(32, 32), num_frames=5)
+    torch.testing.assert_close(batch.cond.condition_latents, cond.condition_latents, atol=0, rtol=0)
+    torch.testing.assert_close(batch.uncond.image_embeds, cond.image_embeds, atol=0, rtol=0)
+    image_shards = DataConfig(source="webdataset", path=str(tmp_path / "v.tar"), resolution=32, batch_size=2)
+    with pytest.raises(ValueError, match="Image shards give single images"):
+        build_batches(image_shards, teacher)
