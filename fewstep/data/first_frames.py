@@ -1,14 +1,17 @@
 """First frames for image-to-video teachers (Wan 2.1 I2V, Wan 2.2 TI2V-5B), taken from the training data.
 
-* Clips (video folders, WebDataset shards): the first frame of each clip is its image, as pixels before the VAE
-  (``clip[:, :, 0]``, or the same frame read again from the file when the clip's latents come from the disk cache).
+* Clips: the first frame of each clip is its image, as pixels, never decoded back from latents. WebDataset shards
+  take ``clip[:, :, 0]`` of the decoded clip; video folders read frame 0 of the file through the same decoder and crop
+  (``fewstep.data.video_folder.clip_first_frames``, equal to the clip's pixels ``[:, 0]``), kept beside its latents.
 * Prompts (``data.source: prompts``): a ``.jsonl`` prompt file names an image per line, ``{"prompt": ..., "image":
-  "frame.png"}`` (relative to the file); the prompt cache keys each row on ``(prompt, image)``.
-* Image folders (no ``data.num_frames``) and caches: refused for image-to-video teachers (``check_first_frame_source``).
+  "frame.png"}`` (relative to the file); the prompt cache keys such rows on ``(prompt, image)``.
+* Image folders and image shards (no frames) are refused, and so are caches of Wan 2.1 I2V data or of data with first
+  frames (a cache keeps none): ``check_first_frame_source``.
 
 Every first frame is prepared by the pipeline's own code (``fewstep.models.prompts.first_frame_conditioning``) for the
-clip the objective samples: ``clip_size(teacher)``, the teacher's default video size, which ``prepare_video_data``
-sets from ``data.num_frames`` and ``data.resolution`` and which ``latent_shape`` reads for data-free batches.
+clip it conditions: a clip's own shape, or for prompts ``clip_size(teacher)``, the teacher's default video size, which
+``prepare_video_data`` sets from ``data.num_frames`` and ``data.resolution`` and which ``latent_shape`` (DMD2's noise
+for data-free batches, the sample grids) reads. ``objective.resolution`` would draw other latents: leave it unset.
 """
 
 from __future__ import annotations
