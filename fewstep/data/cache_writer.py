@@ -37,7 +37,9 @@ from fewstep.data.cache import (
     teacher_identity,
     write_atomic,
 )
+from fewstep.data.first_frames import check_first_frame_source
 from fewstep.data.image_folder import encode_items
+from fewstep.data.prompts import PromptDataset
 from fewstep.data.video_folder import encode_clips, prepare_video_data
 from fewstep.models.conditioning import UNBATCHED_FIELDS
 
@@ -242,6 +244,8 @@ def build_cache(
 
     teacher = load_teacher(recipe.teacher)
     prepare_video_data(recipe.data, teacher)  # clips the VAE cannot take are refused before any encoding
+    named = source["kind"] == "prompts" and PromptDataset(source["prompts"], source["path"]).images is not None
+    check_first_frame_source(recipe.data, teacher, bool(source["video"]) or named, cache=True)  # none are cached
     teacher.denoiser.to(state.device)
     teacher.pipeline.to(state.device)
     if state.is_main_process and not (root / NULL_FILE).is_file():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,11 +31,24 @@ from fewstep.data.buckets import (
 )
 from fewstep.data.digits import DigitsDataset
 from fewstep.data.fashion import CLASS_NAMES, FashionMNISTDataset
+from fewstep.data.first_frames import (
+    check_first_frame_source,
+    clip_size,
+    needs_first_frames,
+    takes_first_frames,
+    with_first_frames,
+)
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, encode_items
 from fewstep.data.order import epoch_order
 from fewstep.data.prompts import PromptDataset
 from fewstep.data.tensors import TensorFileDataset
-from fewstep.data.video_folder import UNREADABLE, VideoFolderDataset, encode_clips, prepare_video_data
+from fewstep.data.video_folder import (
+    UNREADABLE,
+    VideoFolderDataset,
+    clip_first_frames,
+    encode_clips,
+    prepare_video_data,
+)
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
@@ -67,28 +81,52 @@ class IndexStream:
 
 class PromptCache:
     """Encodes each distinct prompt once with the teacher's own encoders and keeps its ``(cond, uncond)`` rows
-    (the ``max_prompts`` most recently added ones, when given)."""
+    (the ``max_prompts`` most recently added ones, when given). For an image-to-video teacher a prompt may come with
+    its first frame (an image file): such rows are keyed on ``(prompt, image)`` and the image is prepared for the clip
+    the objective samples (``fewstep.data.first_frames.clip_size``); rows without one are keyed on the prompt."""
 
     def __init__(self, teacher: Teacher, resolution: int | None = None, max_prompts: int | None = None) -> None:
         self.teacher, self.resolution, self.max_prompts = teacher, resolution, max_prompts
-        self._rows: dict[str, tuple[Conditioning, Conditioning | None]] = {}
+        self._rows: dict[str | tuple[str, str], tuple[Conditioning, Conditioning | None]] = {}
 
-    def __call__(self, prompts: list[str], device: Any = None) -> tuple[Conditioning, Conditioning | None]:
-        from fewstep.models.prompts import encode_prompts
-
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+    def __call__(
+        self, prompts: list[str], device: Any = None, images: list[Path] | None = None
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """``(cond, uncond)`` of ``prompts`` (``[b, ...]`` on ``device``), each with its first frame ``images[i]``
+        when given."""
+        items = [(p, str(images[i]) if images is not None else None) for i, p in enumerate(prompts)]
+        keys = [p if image is None else (p, image) for p, image in items]
+        missing = list(dict.fromkeys(item for item, key in zip(items, keys) if key not in self._rows))
         if missing:
-            with torch.no_grad():
-                cond, uncond = encode_prompts(self.teacher, missing, resolution=self.resolution)
-            for i, p in enumerate(missing):
+            cond, uncond = self._encode(missing)
+            for i, (p, image) in enumerate(missing):
                 row = slice(i, i + 1)
-                self._rows[p] = (cond.index(row).to("cpu"), uncond.index(row).to("cpu") if uncond is not None else None)
-        cond = Conditioning.cat([self._rows[p][0] for p in prompts]).to(device)
-        unconds = [self._rows[p][1] for p in prompts]
+                null = uncond.index(row).to("cpu") if uncond is not None else None
+                self._rows[p if image is None else (p, image)] = (cond.index(row).to("cpu"), null)
+        cond = Conditioning.cat([self._rows[k][0] for k in keys]).to(device)
+        unconds = [self._rows[k][1] for k in keys]
         uncond = Conditioning.cat(unconds).to(device) if all(u is not None for u in unconds) else None
         while self.max_prompts is not None and len(self._rows) > self.max_prompts:
             del self._rows[next(iter(self._rows))]  # the oldest
         return cond, uncond
+
+    def _encode(self, keys: list[tuple[str, str | None]]) -> tuple[Conditioning, Conditioning | None]:
+        from fewstep.models.prompts import encode_prompts, encode_with_pipeline
+
+        prompts = [prompt for prompt, _ in keys]
+        with torch.no_grad():
+            if keys[0][1] is None and needs_first_frames(self.teacher):  # the text of clips: their frames come after
+                return encode_with_pipeline(self.teacher.pipeline, self.teacher.family, prompts)
+            if keys[0][1] is None:
+                return encode_prompts(self.teacher, prompts, resolution=self.resolution)
+            from PIL import Image
+
+            frames, height, width = clip_size(self.teacher)
+            pil = []
+            for _, file in keys:
+                with Image.open(file) as image:
+                    pil.append(image.convert("RGB"))
+            return encode_prompts(self.teacher, prompts, images=pil, resolution=(height, width), num_frames=frames)
 
 
 def is_class_conditional(teacher: Teacher) -> bool:
@@ -125,6 +163,9 @@ class BatchStream:
         prepare_video_data(data_cfg, teacher)  # the clip shape fits the teacher (train checks it before the student)
         self.dataset = _build_dataset(data_cfg)
         self.video = isinstance(self.dataset, VideoFolderDataset)
+        check_first_frame_source(data_cfg, teacher, self._has_first_frames())
+        # image-to-video: the first frame of each clip, or the image each prompt names (other teachers ignore them)
+        self.first_frames = takes_first_frames(teacher) and self._has_first_frames()
         self.skipped = self.dataset.left_out if self.video else 0
         self.index_stream: IndexStream | BucketSampler = IndexStream(len(self.dataset), seed, bool(data_cfg.shuffle))
         with_prompts = data_cfg.source in ("image_folder", "prompts")
@@ -137,6 +178,14 @@ class BatchStream:
             elif not data_cfg.resolution:
                 raise ValueError("data.source=image_folder needs data.resolution (the image size fed to the VAE).")
             self._cache = LatentCache(_vae_key(teacher))
+
+    def _has_first_frames(self) -> bool:
+        """Whether the data names first frames: clips, a prompt set with images, or a cache made of either."""
+        if self.cfg.source == "prompts":
+            return self.dataset.images is not None
+        if self.cfg.source == "cache":
+            return bool(self.dataset.manifest["source"].get("video"))
+        return self.video
 
     def _use_buckets(self, seed: int) -> None:
         self.buckets = resolve_buckets(self.cfg.buckets)
@@ -216,14 +265,20 @@ class BatchStream:
             uncond = self.teacher.uncond_like(cond) if cond.batch_size is not None else None
             return Batch(cond=cond, uncond=uncond, x0=x0.to(self.device), extra={"noise": noise.to(self.device)})
         if self.cfg.source == "prompts":
-            cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device)
+            images = [self.dataset.images[i] for i in idx] if self.first_frames else None
+            cond, uncond = self._prompts([self.dataset[i] for i in idx], self.device, images)
             return Batch(cond=cond, uncond=uncond, x0=None)
         if self.cfg.source == "cache":  # what image_folder / prompts give, read from fewstep.data.cache
             return self._cached_batch(idx)
         files, captions = zip(*(self.dataset[i] for i in idx))
         if self.video:
             cond, uncond = self._prompts(list(captions), self.device)
-            return Batch(cond=cond, uncond=uncond, x0=self._clips(list(idx)))
+            x0, used = self._clips(list(idx))
+            if self.first_frames:  # the first frame of each clip, as pixels (not decoded back from its latents)
+                size, frames = int(self.cfg.resolution), self.dataset.num_frames
+                pixels = clip_first_frames(used, size, self._cache)  # [b, 3, h, w]
+                cond, uncond = with_first_frames(self.teacher, cond, uncond, pixels, frames, (size, size))
+            return Batch(cond=cond, uncond=uncond, x0=x0)
         # with buckets the batch takes its first image's bucket (a training batch is one bucket; a preview may mix)
         size = self.buckets[self.item_buckets[idx[0]]] if self.buckets else int(self.cfg.resolution)
         x0 = encode_items(list(files), size, self._encode, self._cache, self.device, self.cfg.num_workers)
@@ -232,26 +287,28 @@ class BatchStream:
             cond, uncond = sized_conditioning(self.teacher, size, cond, uncond)
         return Batch(cond=cond, uncond=uncond, x0=x0)
 
-    def _clips(self, idx: list[int]) -> Tensor:
-        """Video latents ``[b, c, f, h, w]`` of items ``idx``; a clip that fails to decode is skipped and counted, and
-        its place taken by the batch's first good clip (the folder's next good one when the whole batch fails)."""
+    def _clips(self, idx: list[int]) -> tuple[Tensor, list[Path]]:
+        """Video latents ``[b, c, f, h, w]`` of items ``idx`` and the file each came from; a clip that fails to decode
+        is skipped and counted, and its place taken by the batch's first good clip (the folder's next good one when the
+        whole batch fails)."""
         files = [self.dataset[i][0] for i in idx]
         shape = (int(self.cfg.resolution), self.dataset.num_frames, self.dataset.frame_stride)
         latents, failed = encode_clips(files, *shape, self._encode, self._cache, self.device, self.cfg.num_workers)
         for i, why in failed.items():
             self.dataset.skip(files[i], UNREADABLE, why)
         self.skipped += len(failed)
-        good = next((lat for lat in latents if lat is not None), None)
+        good = next(((lat, file) for lat, file in zip(latents, files) if lat is not None), None)
         if good is None:  # the whole batch failed: the folder's next clip that decodes fills it
             good = self._next_good_clip(idx[-1], shape)
-        return torch.stack([lat if lat is not None else good for lat in latents]).to(self.device)
+        used = [(lat, file) if lat is not None else good for lat, file in zip(latents, files)]
+        return torch.stack([lat for lat, _ in used]).to(self.device), [file for _, file in used]
 
-    def _next_good_clip(self, after: int, shape: tuple[int, int, int]) -> Tensor:
+    def _next_good_clip(self, after: int, shape: tuple[int, int, int]) -> tuple[Tensor, Path]:
         for j in range(1, len(self.dataset)):
             file = self.dataset[(after + j) % len(self.dataset)][0]
             (latent,), _ = encode_clips([file], *shape, self._encode, self._cache, self.device)
             if latent is not None:
-                return latent
+                return latent, file
         raise ValueError(f"No video of {self.dataset.root} decodes any more: {self.dataset.summary()}.")
 
     def _cached_batch(self, idx: list[int]) -> Batch:
@@ -292,6 +349,8 @@ def build_batches(
     world = accelerator.num_processes if accelerator is not None else 1
     if data_cfg.source == "webdataset":
         from fewstep.data.webdataset import ShardStream
+
+        check_first_frame_source(data_cfg, teacher, has_frames=True)  # clips (image shards are refused)
 
         prompts = PromptCache(teacher, data_cfg.resolution, max_prompts=STREAM_PROMPTS)
         return ShardStream(data_cfg, teacher, prompts, device, rank, world, start_position, seed)

@@ -1,25 +1,32 @@
 """Prompt sets for data-free objectives and evaluation: an inline list in the recipe, a text file with one prompt per
-line, or a JSON-lines file with one ``{"prompt": ...}`` object per line (``.jsonl``)."""
+line, or a JSON-lines file with one ``{"prompt": ...}`` object per line (``.jsonl``). A ``.jsonl`` line may name the
+first frame of its clip for image-to-video teachers: ``{"prompt": ..., "image": "frames/0001.png"}``, the path relative
+to the file."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+IMAGE_KEY = "image"  # a .jsonl prompt line's first frame (image-to-video teachers)
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """The prompts of a file: one per non-empty line, or for ``.jsonl`` files the ``"prompt"`` of each line's JSON
-    object (other keys are ignored).
+
+def read_prompt_rows(path: str | Path) -> list[tuple[str, Path | None]]:
+    """``(prompt, first frame or None)`` for each prompt of a file: one per non-empty line, or for ``.jsonl`` files
+    the ``"prompt"`` of each line's JSON object and its ``"image"`` (a path relative to the file), if any; other keys
+    are ignored.
 
     Raises:
-        ValueError: a ``.jsonl`` line that is not a JSON object with a string ``"prompt"`` (names the line).
+        ValueError: a ``.jsonl`` line that is not a JSON object with a string ``"prompt"``, or whose ``"image"`` is not
+            a string (names the line).
+        FileNotFoundError: an ``"image"`` that is not a file (names the line).
     """
     file = Path(path)
     lines = [(n, line.strip()) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line]
     if file.suffix.lower() != ".jsonl":
-        return [line for _, line in lines]
-    prompts = []
+        return [(line, None) for _, line in lines]
+    rows = []
     for n, line in lines:
         try:
             row = json.loads(line)
@@ -29,22 +36,41 @@ def read_prompt_file(path: str | Path) -> list[str]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f'{file}:{n} has no string "prompt" (a .jsonl prompt file holds one {{"prompt": "..."}} '
                              "object per line).")  # fmt: skip
-        prompts.append(row["prompt"].strip())
-    return prompts
+        image = row.get(IMAGE_KEY)
+        if image is not None and not isinstance(image, str):
+            raise ValueError(f'{file}:{n}: "{IMAGE_KEY}" is {image!r}; it is the path of the first frame (a string, '
+                             "relative to the file).")  # fmt: skip
+        if image is not None:
+            image = (file.parent / image).expanduser()
+            if not image.is_file():
+                raise FileNotFoundError(f'{file}:{n} names the image {row[IMAGE_KEY]!r}, which is not a file '
+                                        f"({image}).")  # fmt: skip
+        rows.append((row["prompt"].strip(), image))
+    return rows
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a file (``read_prompt_rows`` without the images)."""
+    return [prompt for prompt, _ in read_prompt_rows(path)]
 
 
 class PromptDataset:
-    """A list of prompts; ``dataset[i]`` is the i-th prompt. Empty lines of a file are skipped.
+    """A list of prompts; ``dataset[i]`` is the i-th prompt, ``images`` the first frame of each (``None`` when the set
+    names none). Empty lines of a file are skipped.
 
     Args:
         prompts: prompts given inline (``data.prompts``).
-        path: a UTF-8 text file with one prompt per line, or a ``.jsonl`` file of ``{"prompt": ...}`` objects
-            (``data.path``); used when ``prompts`` is not given.
+        path: a UTF-8 text file with one prompt per line, or a ``.jsonl`` file of ``{"prompt": ...}`` objects, each
+            optionally with its first frame, ``"image"`` (``data.path``); used when ``prompts`` is not given.
+
+    Raises:
+        ValueError: no prompts, or a ``.jsonl`` file where some lines name an image and others do not.
     """
 
     def __init__(self, prompts: list[str] | None = None, path: str | Path | None = None) -> None:
+        rows: list[tuple[str, Path | None]]
         if prompts:
-            items = [str(p) for p in prompts]
+            rows = [(str(p), None) for p in prompts]
         elif path is not None:
             file = Path(path)
             if not file.is_file():
@@ -52,12 +78,19 @@ class PromptDataset:
                     f"Prompt file {str(file)!r} does not exist. Set data.path to a text file with one prompt per "
                     "line, or list them inline under data.prompts."
                 )
-            items = read_prompt_file(file)
+            rows = read_prompt_rows(file)
         else:
             raise ValueError("data.source=prompts needs data.prompts (a list) or data.path (a text file).")
-        if not items:
+        if not rows:
             raise ValueError(f"The prompt set is empty (data.prompts={prompts!r}, data.path={path!r}).")
-        self.prompts = items
+        self.prompts = [prompt for prompt, _ in rows]
+        named = [image is not None for _, image in rows]
+        if any(named) and not all(named):
+            raise ValueError(
+                f'{path}: {named.count(True)} of {len(rows)} lines name an "{IMAGE_KEY}" (a first frame): give every '
+                "line one, or none (a batch is all image-to-video or all text-to-video)."
+            )
+        self.images: list[Path] | None = [image for _, image in rows] if all(named) else None  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -15,7 +15,8 @@ the batch's first good clip, as WebDataset shards do; every epoch ends with the 
 Clip shape. ``prepare_video_data`` checks ``data.num_frames`` and ``data.resolution`` against the teacher's VAE and
 backbone (``fewstep.models.backbones.video_size_problems``: ``4k + 1`` frames for Wan, ``8k + 1`` for LTX-Video, sides
 a multiple of the VAE × patch size) before any model work, and makes them the pipeline's default video size, which is
-what data-free batches (``data.source: prompts``) and sample grids draw their latents at.
+what data-free batches (``data.source: prompts``) and sample grids draw their latents at, and what the first frames of
+an image-to-video teacher are prepared for (``fewstep.data.first_frames``).
 """
 
 from __future__ import annotations
@@ -169,9 +170,30 @@ def encode_clips(
     return latents, failed
 
 
+def clip_first_frames(files: list[Path], size: int | tuple[int, int], cache: LatentCache | None = None) -> Tensor:
+    """The first frame of each file's clip, ``[b, 3, h, w]`` in [-1, 1]: the video's frame 0 through the clip decoder
+    and its crop (``decode_clip``), so it equals the clip's pixels ``[:, 0]`` the VAE encodes, at any frame stride.
+    Kept in ``cache`` next to the clip's latents (an image-to-video teacher's first frame is read once per file).
+
+    Raises:
+        SampleError: a file whose first frame cannot be decoded.
+    """
+    key = f"{size}|first frame"
+    frames = []
+    for file in files:
+        frame = cache.get(file, key) if cache is not None else None
+        if frame is None:
+            frame = decode_clip(file, size, 1)[:, 0]  # [3, h, w]
+            if cache is not None:
+                cache.put(file, key, frame)
+        frames.append(frame)
+    return torch.stack(frames)
+
+
 def prepare_video_data(data_cfg: Any, teacher: Any) -> None:
     """Check the recipe's clip shape against the teacher before any model work, and make it the teacher's default
-    video size (what data-free batches and sample grids draw latents at). Does nothing without ``data.num_frames``.
+    video size (what data-free batches, sample grids and image-to-video first frames are made at). Does nothing for a
+    video teacher without ``data.num_frames`` and ``data.resolution``.
 
     Raises:
         ValueError: ``data.num_frames`` with an image teacher, or a frame count or resolution the VAE cannot take
@@ -180,19 +202,25 @@ def prepare_video_data(data_cfg: Any, teacher: Any) -> None:
     from fewstep.models.backbones import is_video_pipeline, video_defaults, video_size_problems
 
     frames = data_cfg.num_frames
-    if frames is None:
-        return
     pipe = teacher.pipeline
     if not is_video_pipeline(pipe):
-        raise ValueError(
-            f"data.num_frames={frames} asks for video, but the teacher {teacher.family!r} is an image model: remove "
-            "data.num_frames, or distill a video teacher (wan21, wan22, ltx)."
-        )
-    _, height, width = video_defaults(pipe)
+        if frames is not None:
+            raise ValueError(
+                f"data.num_frames={frames} asks for video, but the teacher {teacher.family!r} is an image model: "
+                "remove data.num_frames, or distill a video teacher (wan21, wan22, ltx)."
+            )
+        return
+    if frames is None and data_cfg.resolution is None:
+        return
+    default_frames, height, width = video_defaults(pipe)
     if data_cfg.resolution is not None:
         height = width = int(data_cfg.resolution)
     problems = video_size_problems(teacher, frames, height, width)
     if problems:
-        keys = "data.num_frames" + (" / data.resolution" if data_cfg.resolution is not None else "")
-        raise ValueError(f"{keys} ({frames} frames, {height}×{width}) do not fit the teacher: {'; '.join(problems)}.")
-    pipe.default_video_size = (int(frames), height, width)
+        given = [key for key in ("num_frames", "resolution") if getattr(data_cfg, key) is not None]
+        keys = " / ".join(f"data.{key}" for key in given)
+        raise ValueError(
+            f"{keys} ({frames or default_frames} frames, {height}×{width}) do not fit the teacher: "
+            f"{'; '.join(problems)}."
+        )
+    pipe.default_video_size = (int(frames or default_frames), height, width)

@@ -22,6 +22,8 @@ of processes and shards.
 Damaged samples (undecodable image or video, missing caption, too few frames, a sample its shard lost) are skipped and
 counted in ``skipped``: its place in the batch takes a copy of the batch's first good sample (when none is good, the
 stream's next good sample), so batches keep their size and ``position`` its meaning.
+
+Image-to-video teachers (``fewstep.data.first_frames``) are conditioned on the first frame of each clip, its pixels.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch import Tensor
 from fewstep.data.batch import Batch
 from fewstep.data.buckets import Bucket, check_teacher_buckets, nearest_bucket, resolve_buckets, sized_conditioning
 from fewstep.data.clips import SampleError, decode_clip
+from fewstep.data.first_frames import takes_first_frames, with_clip_first_frames
 from fewstep.data.image_folder import load_image
 from fewstep.data.order import epoch_order, keyed_random
 from fewstep.data.shards import (
@@ -343,4 +346,6 @@ class ShardStream:
         cond, uncond = self.prompts([caption for _, caption, _ in items], self.device)
         if self.buckets is not None:  # size is the bucket's (height, width)
             cond, uncond = sized_conditioning(self.teacher, size, cond, uncond)
+        if pixels.ndim == 5 and takes_first_frames(self.teacher):  # image-to-video: each clip's own first frame
+            cond, uncond = with_clip_first_frames(self.teacher, cond, uncond, pixels)
         return Batch(cond=cond, uncond=uncond, x0=x0, extra={"keys": [key for _, _, key in items]})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.eval.harness import EvalInputs, Sampler
-from fewstep.models.backbones import latent_shape, num_tokens, pipeline_backbone
+from fewstep.models.backbones import latent_shape, num_tokens, pipeline_backbone, video_compression
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.teacher import Teacher
 
@@ -78,14 +79,68 @@ def default_guidance(teacher: Teacher) -> float:
     return CLASS_GUIDANCE if teacher.null_cond.class_labels is not None else 1.0
 
 
-def _conditions(teacher: Teacher, inputs: EvalInputs, device: torch.device) -> tuple[Conditioning, Conditioning | None]:
+FirstFrames = Any  # one first frame for every prompt (a PIL image, an image file, [3, H, W] in [-1, 1]) or a dict
+#                    prompt → first frame
+
+
+def clip_size_of(pipeline: Any, shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of the clip a video latent ``[..., f, h, w]`` decodes to: ``(f − 1)·t + 1`` frames
+    and ``s`` pixels per latent (``video_compression``: Wan ``t = 4``, ``s = 8``; Wan 2.2's VAE ``s = 16``)."""
+    temporal, spatial = video_compression(pipeline)
+    f, h, w = (int(d) for d in shape[-3:])
+    return (f - 1) * temporal + 1, h * spatial, w * spatial
+
+
+def first_frames_of(prompts: list[str], images: FirstFrames) -> list[Any]:
+    """One first frame per prompt (PIL images or ``[3, H, W]`` tensors) from ``images`` (``FirstFrames``)."""
+    from PIL import Image
+
+    def one(image: Any) -> Any:
+        if isinstance(image, str | Path):
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        return image[0] if isinstance(image, Tensor) and image.ndim == 4 else image
+
+    if isinstance(images, dict):
+        missing = [p for p in dict.fromkeys(prompts) if p not in images]
+        if missing:
+            raise ValueError(f"No first frame for the prompt(s) {missing[:3]}: images= maps every prompt to its image.")
+        return [one(images[p]) for p in prompts]
+    return [one(images)] * len(prompts)
+
+
+def _conditions(
+    teacher: Teacher, inputs: EvalInputs, device: torch.device, images: FirstFrames = None, shape: Sequence[int] = ()
+) -> tuple[Conditioning, Conditioning | None]:
+    """``(cond, uncond)`` of ``inputs``; an image-to-video teacher's prompts get their first frames (``images``),
+    prepared for the clip that latents of ``shape`` decode to."""
+    from fewstep.models.prompts import FIRST_FRAME_REQUIRED, IMAGE_TO_VIDEO_FAMILIES
+
+    i2v = teacher.family in IMAGE_TO_VIDEO_FAMILIES
+    if images is not None and not (i2v and inputs.prompts is not None):
+        families = ", ".join(IMAGE_TO_VIDEO_FAMILIES)
+        raise ValueError(f"images= (first frames) is for the prompts of image-to-video models ({families}); this "
+                         f"{teacher.family} evaluation takes none.")  # fmt: skip
     if inputs.labels is not None:
         cond = Conditioning(class_labels=inputs.labels.to(device))
         return cond, teacher.uncond_like(cond)
     if inputs.prompts is not None:
         from fewstep.models.prompts import encode_prompts
 
-        return encode_prompts(teacher, list(inputs.prompts))
+        prompts = list(inputs.prompts)
+        if images is None and teacher.family in FIRST_FRAME_REQUIRED:
+            raise ValueError(
+                f"The {teacher.family} model generates each clip from its first frame: pass images= to teacher_sampler"
+                " / student_sampler (one image for every prompt, or a {prompt: image} dict; PIL images, image files or"
+                " [3, H, W] tensors in [-1, 1]). `fewstep eval` passes no first frames yet."
+            )
+        if images is None:
+            return encode_prompts(teacher, prompts)
+        frames, height, width = clip_size_of(teacher.pipeline, shape)
+        pixels = first_frames_of(prompts, images)
+        if all(isinstance(p, Tensor) for p in pixels):
+            pixels = torch.stack(pixels)  # [b, 3, H, W]
+        return encode_prompts(teacher, prompts, images=pixels, resolution=(height, width), num_frames=frames)
     return Conditioning(), None
 
 
@@ -139,6 +194,7 @@ def teacher_sampler(
     resolution: int | None = None,
     shape: Sequence[int] | None = None,
     grid: Callable[[int], tuple[Tensor, str]] | None = None,
+    images: FirstFrames = None,
 ) -> Sampler:
     """The teacher as a harness ``Sampler``: deterministic multi-step sampling (``teacher_grid``) with CFG ``w``.
 
@@ -152,6 +208,8 @@ def teacher_sampler(
         resolution: image size for text teachers (default: the pipeline's).
         shape: one image's noise shape (default: the pipeline's latent; required for custom teachers).
         grid: ``num_steps -> (num_steps + 1 levels, solver description)``; default ``teacher_grid``.
+        images: first frames of an image-to-video teacher (required for Wan 2.1 I2V): one image for every prompt, or a
+            ``{prompt: image}`` dict (PIL images, image files or ``[3, H, W]`` tensors in [-1, 1]).
     """
     w = default_guidance(teacher) if guidance_scale is None else float(guidance_scale)
     if shape is None and teacher.pipeline is None:
@@ -165,7 +223,7 @@ def teacher_sampler(
     def fn(noise: Tensor, inputs: EvalInputs, num_steps: int, generator: torch.Generator) -> Tensor:
         from fewstep.models.loading import decode_latents
 
-        cond, uncond = _conditions(teacher, inputs, device)
+        cond, uncond = _conditions(teacher, inputs, device, images, noise.shape)
         taus = levels(num_steps)[0].to(device)
         x0 = teacher.sample(noise.to(device), cond, taus, uncond, guidance_scale=w)
         return decode_latents(teacher, x0)
@@ -193,6 +251,7 @@ def student_sampler(
     resolution: int | None = None,
     shape: Sequence[int] | None = None,
     guidance_scale: float | None = None,
+    images: FirstFrames = None,
 ) -> Sampler:
     """A trained student (``Components`` of a run) as a harness ``Sampler``, sampled by its objective's sampler.
 
@@ -206,6 +265,8 @@ def student_sampler(
         shape: one image's noise shape (default: the teacher pipeline's latent; needed for custom teachers).
         guidance_scale: ``w`` (Imagen convention) instead of the one the objective's sampler recommends; only for
             samplers that take one (``ValueError`` otherwise, e.g. DMD students, which sample without CFG).
+        images: first frames of an image-to-video student (required for Wan 2.1 I2V), as ``teacher_sampler`` takes
+            them.
     """
     teacher, objective = components.teacher, components.objective
     sampler = objective.sampler()
@@ -225,7 +286,7 @@ def student_sampler(
     def fn(noise: Tensor, inputs: EvalInputs, num_steps: int, generator: torch.Generator) -> Tensor:
         from fewstep.models.loading import decode_latents
 
-        cond, _ = _conditions(teacher, inputs, device)
+        cond, _ = _conditions(teacher, inputs, device, images, noise.shape)
         return decode_latents(teacher, sampler(noise.to(device), cond, num_steps, generator))
 
     image_shape = tuple(shape) if shape is not None else noise_shape(teacher.pipeline, resolution)

@@ -19,6 +19,7 @@ from fewstep.models.loading import is_hub_id, resolve_pretrained
 from fewstep.objectives.spec import SamplingSpec
 
 PROMPT = "a photo of a cat"
+FIRST_FRAME = "first_frame.png"  # image-to-video pipelines (WanImageToVideoPipeline): the clip's first frame
 
 
 class Usage(NamedTuple):
@@ -72,8 +73,10 @@ def _text_snippet(
 ) -> list[str]:  # fmt: skip
     """A text-to-image (or text-to-video) pipeline: the LoRA on its base with the student's scheduler, or the full
     pipeline. A pipeline that takes no ``sigmas=`` (WanPipeline, LTXPipeline) can only run its own step grid, which is
-    the student's at one step: the snippet samples one step and says how to sample more."""
+    the student's at one step: the snippet samples one step and says how to sample more. An image-to-video pipeline
+    (``takes_first_frame``) is called with its first frame, ``pipe(image=..., prompt=...)``."""
     call = _pipeline_call_parameters(pipeline_class)
+    first_frame = takes_first_frame(pipeline_class)
     kwargs = spec.call_kwargs(spec.recommended_steps)
     lines = ["import torch", f"from diffusers import {pipeline_class}, {spec.scheduler_class}", ""]
     if "sigmas" in kwargs and call is not None and "sigmas" not in call and 1 in spec.steps:
@@ -93,14 +96,28 @@ def _text_snippet(
                       "load_into_transformer_2=True)"]  # fmt: skip
     else:
         lines += _load_pipeline(pipeline_class, student_path, subfolder, "scheduler included")
+    inputs = f'"{PROMPT}"'
+    if first_frame:
+        after = lines.index(f"from diffusers import {pipeline_class}, {spec.scheduler_class}") + 1
+        lines.insert(after, "from diffusers.utils import load_image")
+        lines += [f'image = load_image("{FIRST_FRAME}")  # the first frame of the clip to generate',
+                  f"# {pipeline_class} cleans prompts with ftfy (pip install ftfy)"]  # fmt: skip
+        inputs = f'image=image, prompt="{PROMPT}"'
     renoised = spec.scheduler_config.get("stochastic_sampling") and kwargs.get("num_inference_steps", 1) > 1
     if "sigmas" in kwargs or renoised:  # pipelines that sample these schedulers draw re-noise from the global RNG
-        return [*lines, "torch.manual_seed(0)", f'{result} = pipe("{PROMPT}", {_args(kwargs)}).{output}[0]']
+        return [*lines, "torch.manual_seed(0)", f"{result} = pipe({inputs}, {_args(kwargs)}).{output}[0]"]
     return [
         *lines,
-        f'{result} = pipe("{PROMPT}", {_args(kwargs)},',
+        f"{result} = pipe({inputs}, {_args(kwargs)},",
         f"{' ' * (len(result) + 8)}generator=torch.Generator().manual_seed(0)).{output}[0]",
     ]
+
+
+def takes_first_frame(pipeline_class: str) -> bool:
+    """Whether a diffusers pipeline generates from a first frame: its ``__call__`` takes ``image`` and
+    ``num_frames`` (``WanImageToVideoPipeline``)."""
+    call = _pipeline_call_parameters(pipeline_class)
+    return call is not None and {"image", "num_frames"} <= call
 
 
 def _pipeline_call_parameters(pipeline_class: str) -> set[str] | None:
@@ -210,7 +227,8 @@ def render_card(
     tags = ["fewstep", "diffusers", spec.objective, "few-step", *(["lora"] if lora else [])]
     header = ModelCardData(
         library_name="diffusers", base_model=base_model if is_hub_id(base_model) else None, tags=tags,
-        pipeline_tag="text-to-image" if conditioning == "text" else None,
+        pipeline_tag=("image-to-video" if takes_first_frame(pipeline_class) else "text-to-image")
+        if conditioning == "text" else None,
     )  # fmt: skip
     out = ["---", header.to_yaml(), "---", "", f"# Few-step student ({spec.objective}, {kind})", ""]
     if description:

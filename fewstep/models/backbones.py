@@ -240,15 +240,28 @@ def video_latent_shape(
     if resolution is not None:
         height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     temporal, spatial = video_compression(pipeline)
-    if (frames - 1) % temporal:  # WanPipeline would round with a warning
-        name = "An LTX-Video" if temporal == 8 else "A Wan"
-        raise ValueError(
-            f"{name} video has {temporal}k + 1 frames (its VAE keeps the first frame and compresses the rest "
-            f"{temporal}× in time); got {frames}. Use e.g. {(frames - 1) // temporal * temporal + 1}."
-        )
+    problem = frame_count_problem(pipeline, frames)  # WanPipeline would round with a warning
+    if problem:
+        raise ValueError(f"{problem[0].upper()}{problem[1:]}.")
     config = pipeline_backbone(pipeline).config
     channels = getattr(config, "out_channels", None) or config.in_channels  # Wan 2.1 I2V: 16 of its 36 are noise
     return batch_size, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def frame_count_problem(pipeline: Any, num_frames: int, family: str | None = None) -> str | None:
+    """Why a video pipeline's VAE cannot take ``num_frames`` frames (None: it can). It keeps the first frame and
+    compresses the rest by its temporal factor ``t`` (``video_compression``: Wan 4, LTX-Video 8): ``t·k + 1`` frames.
+    The one frame-count rule of ``video_latent_shape`` and ``video_size_problems``; the message names the nearest
+    valid counts."""
+    temporal = video_compression(pipeline)[0]
+    if (num_frames - 1) % temporal == 0:
+        return None
+    below = (num_frames - 1) // temporal * temporal + 1
+    vae = f"the {family} VAE" if family else ("the LTX-Video VAE" if temporal == 8 else "the Wan VAE")
+    return (
+        f"{num_frames} frames do not fit {vae}, which keeps the first frame and compresses the rest {temporal}× in "
+        f"time ({temporal}k + 1 frames): use {below} or {below + temporal}"
+    )
 
 
 def video_size_problems(teacher: _FromPipeline, num_frames: int | None, height: int, width: int) -> list[str]:
@@ -258,14 +271,9 @@ def video_size_problems(teacher: _FromPipeline, num_frames: int | None, height: 
     ``scale_factor_temporal``, Wan: 4; ``temporal_compression_ratio``, LTX-Video: 8), so a clip has ``t·k + 1`` frames.
     Sides: multiples of the VAE's spatial factor × the backbone's patch (``pixel_multiple``). Each problem names the
     nearest valid values."""
-    temporal, multiple = video_compression(teacher.pipeline)[0], pixel_multiple(teacher)
-    problems = []
-    if num_frames is not None and (num_frames - 1) % temporal:
-        below = (num_frames - 1) // temporal * temporal + 1
-        problems.append(
-            f"{num_frames} frames do not fit the {teacher.family} VAE, which keeps the first frame and compresses the "
-            f"rest {temporal}× in time ({temporal}k + 1 frames): use {below} or {below + temporal}"
-        )
+    multiple = pixel_multiple(teacher)
+    problem = frame_count_problem(teacher.pipeline, num_frames, teacher.family) if num_frames is not None else None
+    problems = [problem] if problem else []
     sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
     for name, side in sides:
         if side % multiple:

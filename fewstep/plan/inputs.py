@@ -2,8 +2,10 @@
 size of every block's output, and what the coefficient script runs on the tiny models.
 
 Backbones fewstep trains go through their own adapter (``fewstep.models.backbones.BACKBONES``) with a
-``Conditioning`` shaped from the backbone's config; the latent shape comes from ``latent_shape``. Backbones without
-an adapter yet (Wan 2.1, Qwen-Image) are called directly, with their shape rules here until they get one.
+``Conditioning`` shaped from the backbone's config; the latent shape comes from ``latent_shape``. Wan runs through the
+adapter of its family (``wan``, or ``wan_ti2v`` for TI2V-5B) with the first frame of the image-to-video families
+(``wan_conditioning``). Backbones without an adapter yet (Qwen-Image) are called directly, with their shape rules here
+until they get one.
 
 ``TEXT_TOKENS`` is the prompt length each family's pipeline feeds (padded to its maximum): CLIP 77 (SD1.5, SDXL),
 CLIP 77 + T5 256 (SD3), T5 512 (FLUX.1-dev), umT5 512 (Wan 2.1), Qwen2.5-VL up to 512 (Qwen-Image), T5 300
@@ -92,14 +94,50 @@ def _adapted(
     return lambda: adapter(backbone, x, t, cond)
 
 
+CLIP_IMAGE_TOKENS = 257  # Wan 2.1 I2V's CLIP ViT-H/14 at 224 px: 16 × 16 patches and the class token
+
+
+def clip_image_tokens(pipeline: Any) -> int:
+    """The CLIP vision tokens Wan 2.1 I2V's cross-attention sees: ``(image_size / patch_size)² + 1`` of the pipeline's
+    image encoder config, else ``CLIP_IMAGE_TOKENS``."""
+    config = getattr(getattr(pipeline, "image_encoder", None), "config", None)
+    vision = getattr(config, "vision_config", config)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    return (int(size) // int(patch)) ** 2 + 1 if size and patch else CLIP_IMAGE_TOKENS
+
+
+def wan_conditioning(
+    backbone: nn.Module, teacher: Any, x_shape: tuple[int, ...], text_tokens: int, device: Any, dtype: torch.dtype
+) -> Conditioning:
+    """A Wan ``Conditioning`` for latents of ``x_shape`` ``[b, c, f, h, w]``: UMT5 tokens, and the first frame of the
+    image-to-video families, shaped as ``fewstep.models.prompts.first_frame_conditioning`` makes it: Wan 2.1 I2V's
+    condition latents (the frame mask and the frame's latents, ``in_channels − c`` channels) and CLIP image tokens;
+    TI2V-5B's clean first latent frame (its tokens get their own timestep, as in training on first frames)."""
+    cfg = backbone.config
+    b, c, _, h, w = x_shape
+
+    def rand(*size: int) -> Tensor:
+        return torch.randn(*size, device=device, dtype=dtype)
+
+    cond = Conditioning(prompt_embeds=rand(b, text_tokens, int(cfg.text_dim)))
+    if getattr(cfg, "image_dim", None):  # Wan 2.1 I2V: 36 input channels = 16 noisy + 20 of the first frame
+        extra = int(cfg.in_channels) - c
+        cond = cond.replace(condition_latents=rand(b, extra, *x_shape[2:]),
+                            image_embeds=rand(b, clip_image_tokens(teacher.pipeline), int(cfg.image_dim)))  # fmt: skip
+    if getattr(teacher, "family", None) == "wan22_ti2v":
+        cond = cond.replace(first_frame_latents=rand(b, c, 1, h, w))
+    return cond
+
+
 def _wan(backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype) -> Callable[[], Any]:
-    """Wan 2.1: latents ``[b, 16, 1 + (frames − 1)/4, h/8, w/8]`` (its VAE: 4× in time, 8× in space)."""
-    cfg, b = backbone.config, shape.batch
-    frames, side = 1 + (shape.frames - 1) // 4, shape.resolution // 8
-    x = torch.randn(b, cfg.in_channels, frames, side, side, device=device, dtype=dtype)
-    text = torch.randn(b, shape.text_tokens, cfg.text_dim, device=device, dtype=dtype)
+    """Wan 2.1 / 2.2 (and their image-to-video families) through fewstep's adapter: latents ``latent_shape`` gives
+    (Wan 2.1: ``[b, 16, 1 + (frames − 1)/4, h/8, w/8]``; TI2V-5B: 48 channels at ``h/16, w/16``)."""
+    b = shape.batch
+    x = torch.randn(latent_shape(teacher, b, shape.resolution, shape.frames), device=device, dtype=dtype)
+    cond = wan_conditioning(backbone, teacher, tuple(x.shape), shape.text_tokens, device, dtype)
     t = torch.full((b,), 500.0, device=device, dtype=dtype)
-    return lambda: backbone(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    adapter = BACKBONES.get("wan_ti2v" if getattr(teacher, "family", None) == "wan22_ti2v" else "wan")
+    return lambda: adapter(backbone, x, t, cond)
 
 
 def _qwen_image(

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from fewstep.config import load_recipe
 from fewstep.config.load import LAUNCH_CONFIG_DIR
 from fewstep.export.run import export_run
+from fewstep.models.prompts import IMAGE_TO_VIDEO_FAMILIES
 from fewstep.testing import FAMILIES
 from fewstep.train.loop import train
 
@@ -51,6 +52,23 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
+def write_prompts(tmp_path: Path, suffix: str, family: str | None) -> Path:
+    """Two prompts in the shipped recipe's format: a text file, or a ``.jsonl`` whose lines also name a first frame (a
+    tiny image) when the family generates from one."""
+    prompts = ["a red circle", "a blue square"]
+    if suffix != ".jsonl":
+        (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        return tmp_path / "prompts.txt"
+    rows = [{"prompt": p} for p in prompts]
+    if family in IMAGE_TO_VIDEO_FAMILIES:
+        for i, row in enumerate(rows):
+            pixels = np.random.RandomState(i).randint(0, 256, (32, 32, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"frame{i}.png")
+            row["image"] = f"frame{i}.png"
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tmp_path / "prompts.jsonl"
+
+
 def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
     shipped = load_recipe(path)
     overrides = [
@@ -81,9 +99,7 @@ def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
     elif shipped.data.source == "pairs":  # reflow pairs are written by the test (write_smoke_pairs)
         overrides.append(f"data.path={tmp_path / 'pairs'}")
     elif shipped.data.source == "prompts" and shipped.data.path is not None:
-        prompts = tmp_path / "prompts.txt"
-        prompts.write_text("a red circle\na blue square\n")
-        overrides.append(f"data.path={prompts}")
+        overrides.append(f"data.path={write_prompts(tmp_path, Path(shipped.data.path).suffix, family)}")
     if shipped.student.kind == "lora":
         overrides += ["student.lora.rank=4", "student.gradient_checkpointing=false"]
     if shipped.objective.name == "tbcm":  # the trajectory cache is rolled out before the first step: 2 shards
