@@ -23,7 +23,6 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,12 +49,14 @@ def pipeline_levels(
     """The ``num_steps`` input levels a sigma-less pipeline runs with the ``FlowMatchEulerDiscreteScheduler`` of
     ``config`` at ``num_inference_steps=num_steps`` (float32, as the pipeline computes them; a dynamically shifted one
     reads ``num_tokens``, as ``LTXPipeline`` does). ``None`` where that scheduler cannot run ``num_steps`` steps:
-    diffusers' ``shift_terminal`` stretch divides by zero at one step."""
+    diffusers' ``shift_terminal`` stretch of a one-level grid divides ``1 − σ_0`` by itself (0/0, or, where float32
+    leaves ``σ_0`` a hair below 1, the terminal level instead of 1)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    with np.errstate(divide="ignore", invalid="ignore"):  # the one-step stretch: 0/0, reported as None below
-        taus = scheduler_taus(FlowMatchEulerDiscreteScheduler.from_config(config), schedule, num_steps, num_tokens)
-    return taus[:num_steps] if bool(torch.isfinite(taus).all()) else None
+    if num_steps == 1 and config.get("shift_terminal"):
+        return None
+    taus = scheduler_taus(FlowMatchEulerDiscreteScheduler.from_config(config), schedule, num_steps, num_tokens)
+    return taus[:num_steps]
 
 
 def _grid(config: dict[str, Any], num_steps: int) -> Tensor:
@@ -147,8 +148,9 @@ def pipeline_grid_spec(
     ]
     if skipped:
         notes.append(
-            f"Not exported for {', '.join(map(str, skipped))} step(s): diffusers' shift_terminal stretch divides by "
-            "zero at one step. For one step (σ = 1) load the scheduler with shift_terminal=None."
+            f"Not exported for {', '.join(map(str, skipped))} step(s): diffusers' shift_terminal stretch is undefined "
+            "for a one-level grid. For one step (σ = 1) load the scheduler with shift_terminal=None, e.g. "
+            'FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", shift_terminal=None).'
         )
     return SamplingSpec(
         objective=objective, scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(config),
