@@ -72,9 +72,11 @@ def _text_snippet(
     lora_2: bool = False,
 ) -> list[str]:  # fmt: skip
     """A text-to-image (or text-to-video) pipeline: the LoRA on its base with the student's scheduler, or the full
-    pipeline. A pipeline that takes no ``sigmas=`` (WanPipeline, LTXPipeline) can only run its own step grid, which is
-    the student's at one step: the snippet samples one step and says how to sample more. An image-to-video pipeline
-    (``takes_first_frame``) is called with its first frame, ``pipe(image=..., prompt=...)``."""
+    pipeline. A pipeline that takes no ``sigmas=`` (WanPipeline, LTXPipeline) runs its scheduler's own grid: a student
+    exported for that (``fewstep.objectives.pipeline_grid``: ``num_inference_steps`` and no ``sigmas``) is sampled at
+    its recommended steps; one whose spec still needs ``sigmas=`` reproduces at one step only, so the snippet samples
+    one step and says how to sample more. An image-to-video pipeline (``takes_first_frame``) is called with its first
+    frame, ``pipe(image=..., prompt=...)``."""
     call = _pipeline_call_parameters(pipeline_class)
     first_frame = takes_first_frame(pipeline_class)
     kwargs = spec.call_kwargs(spec.recommended_steps)

@@ -31,10 +31,10 @@ from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.gan import GANHead, head_for, tap
 from fewstep.objectives.dmd.health import health_metrics, sample_stats
 from fewstep.objectives.dmd.roles import fake_role, student_role
-from fewstep.objectives.dmd.sampler import DMDSampler, dmd_sampling_spec
+from fewstep.objectives.dmd.sampler import DMDSampler, dmd_pipeline_scheduler, dmd_sampling_spec
 from fewstep.objectives.protocol import OBJECTIVES, BackboneUse, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec
-from fewstep.solvers.grids import dmd_student_taus, teacher_taus
+from fewstep.solvers.grids import teacher_taus
 from fewstep.solvers.steps import noise_to, renoise_step
 
 
@@ -231,7 +231,8 @@ class DMD2:
         return None
 
     def sampler(self) -> DMDSampler:
-        return DMDSampler(self.student.denoiser, self.schedule, self.teacher.family)
+        pipeline_scheduler = dmd_pipeline_scheduler(self.teacher, self.config.num_student_steps)
+        return DMDSampler(self.student.denoiser, self.schedule, self.teacher.family, pipeline_scheduler)
 
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference} if self.reference is not None else {}
@@ -269,7 +270,7 @@ class DMD2:
         return latent_shape(self.teacher, b, self.config.resolution), device
 
     def student_taus(self, shape: tuple[int, ...]) -> Tensor:
-        return dmd_student_taus(self.schedule, self.config.num_student_steps, num_tokens(self.teacher.denoiser, shape))
+        return self.sampler().timesteps(self.config.num_student_steps, shape)  # the sampler's grid (dmd_student_grid)
 
     def generator_input(self, batch: Batch, cond: Conditioning, shape: tuple[int, ...], device: Any, step: int):
         """``(x_in, τ_in)`` of the graded generator step (DMD2 ``sample_backward``).

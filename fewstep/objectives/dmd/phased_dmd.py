@@ -22,7 +22,6 @@ in its expert's range.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -40,10 +39,10 @@ from fewstep.objectives.dmd import functional as Fn
 from fewstep.objectives.dmd.dmd2 import check_teacher, sample_levels
 from fewstep.objectives.dmd.health import health_metrics
 from fewstep.objectives.dmd.roles import FAKE_ADAPTER, STUDENT_ADAPTER, AdapterRole, active_adapter, add_adapter
-from fewstep.objectives.dmd.sampler import dmd_sampling_spec
+from fewstep.objectives.dmd.sampler import dmd_pipeline_scheduler, dmd_sampling_spec, dmd_student_grid
+from fewstep.objectives.pipeline_grid import bisect_shift
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec, flow_scheduler_config
-from fewstep.solvers.grids import dmd_student_taus
 from fewstep.solvers.steps import ddim_step, noise_to, renoise_step, transition, transition_coeffs
 
 
@@ -131,8 +130,8 @@ def expert_edges(teacher: Teacher) -> tuple[float, float]:
 def expert_scheduler(teacher: Teacher, steps_per_phase: int) -> Any:
     """The student's ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` on Wan 2.2: ``WanPipeline`` takes no
     ``sigmas=``, so the grid is what this scheduler's ``set_timesteps(K)`` gives (``K = 2·steps_per_phase``). Its
-    ``shift`` is solved (bisection; every level rises with it) so that the expert switch lies midway between level
-    ``steps_per_phase − 1`` (the high expert's last) and ``steps_per_phase`` (the low expert's first).
+    ``shift`` is solved (``bisect_shift``; every level rises with it) so that the expert switch lies midway between
+    level ``steps_per_phase − 1`` (the high expert's last) and ``steps_per_phase`` (the low expert's first).
 
     Raises:
         ValueError: no shift puts ``steps_per_phase`` levels on each side of the switch.
@@ -141,18 +140,10 @@ def expert_scheduler(teacher: Teacher, steps_per_phase: int) -> Any:
 
     k, config = 2 * steps_per_phase, flow_scheduler_config(teacher, stochastic_sampling=True)
     high, _ = expert_edges(teacher)
-
-    def at(log_shift: float) -> tuple[Any, Tensor]:
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config({**config, "shift": math.exp(log_shift)})
-        scheduler.set_timesteps(k)
-        return scheduler, scheduler.sigmas[:k]
-
-    lo, hi = math.log(1e-3), math.log(1e6)
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        sigmas = at(mid)[1]
-        lo, hi = (mid, hi) if float(sigmas[steps_per_phase - 1] + sigmas[steps_per_phase]) / 2 < high else (lo, mid)
-    scheduler, sigmas = at((lo + hi) / 2)
+    midway = lambda levels: float(levels[steps_per_phase - 1] + levels[steps_per_phase]) / 2  # noqa: E731
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(bisect_shift(config, k, midway, high))
+    scheduler.set_timesteps(k)
+    sigmas = scheduler.sigmas[:k]
     is_high = teacher.schedule.model_timestep(sigmas) >= teacher.denoiser.backbone.boundary_timestep
     if is_high.tolist() != [True] * steps_per_phase + [False] * steps_per_phase:
         raise ValueError(
@@ -301,7 +292,9 @@ class PhasedDMD:
         k = self.config.num_phases * self.config.steps_per_phase
         if self.by_expert:  # the exported scheduler's own grid, ending at 0
             return self.scheduler.sigmas.clone()
-        taus = dmd_student_taus(self.schedule, k, num_tokens(self.teacher.denoiser, shape))
+        # DMD's student grid; on a pipeline without sigmas= (Wan 2.1, LTX) the one it runs with the exported scheduler
+        pipeline_scheduler = dmd_pipeline_scheduler(self.teacher, k)
+        taus = dmd_student_grid(self.schedule, k, num_tokens(self.teacher.denoiser, shape), pipeline_scheduler)
         return torch.cat([taus, torch.zeros(1)])
 
     def diffusion_range(self, k: int, s: Tensor) -> tuple[Tensor | float, Tensor | float]:

@@ -1,9 +1,14 @@
 """Sampling and export of DMD students: predict x̂0 at each student level, re-noise to the next
-with fresh noise, return the last x̂0; no CFG at inference."""
+with fresh noise, return the last x̂0; no CFG at inference.
+
+The student's levels have one home, ``dmd_student_grid``: DMD2's grid (``dmd_student_taus``), or, for a pipeline that
+cannot be given the levels (``WanPipeline``, ``LTXPipeline``: no ``sigmas=``), the grid that pipeline runs with the
+exported scheduler (``dmd_pipeline_scheduler``), float32 as the pipeline computes it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,21 +18,54 @@ from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.schedules import Schedule
-from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
+from fewstep.objectives.pipeline_grid import pipeline_grid_spec, pipeline_levels, scheduler_through, takes_sigmas
+from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, flow_scheduler_config, lcm_vp_spec
 from fewstep.solvers.grids import dmd_student_taus
 from fewstep.solvers.samplers import sample_consistency
 
 
+def dmd_pipeline_scheduler(teacher: Teacher, trained_steps: int) -> dict[str, Any] | None:
+    """The exported ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` config of a DMD student whose
+    pipeline takes no ``sigmas=``; ``None`` where the pipeline takes them (the student keeps ``dmd_student_taus``).
+
+    Static shift (Wan): ``shift`` and ``shift_terminal`` solved so that ``set_timesteps(trained_steps)`` is DMD's
+    ``shift(1 − i/K)`` grid on the teacher's shift (``scheduler_through``), at every resolution. Dynamic shift (LTX):
+    the teacher's config as it is, since ``LTXPipeline`` passes ``linspace(1, 1/K, K)`` itself, shifted by the
+    video's token count: DMD's grid at that resolution.
+    """
+    if teacher.schedule.kind != "flow" or takes_sigmas(teacher.pipeline):
+        return None
+    config = flow_scheduler_config(teacher, stochastic_sampling=True)
+    if config.get("use_dynamic_shifting"):
+        return config
+    return scheduler_through(config, dmd_student_taus(teacher.schedule, trained_steps))
+
+
+def dmd_student_grid(
+    schedule: Schedule, num_steps: int, num_tokens: int | None = None, pipeline_scheduler: dict[str, Any] | None = None
+) -> Tensor:
+    """The ``num_steps`` input levels of a DMD student: ``pipeline_levels`` of ``pipeline_scheduler`` (a sigma-less
+    pipeline's exported scheduler, ``dmd_pipeline_scheduler``) where it can run ``num_steps`` steps, else
+    ``dmd_student_taus`` (one step: σ = 1 either way)."""
+    if pipeline_scheduler is not None:
+        levels = pipeline_levels(pipeline_scheduler, schedule, num_steps, num_tokens)
+        if levels is not None:
+            return levels
+    return dmd_student_taus(schedule, num_steps, num_tokens)
+
+
 @dataclass
 class DMDSampler:
-    """``sampler(noise, cond, num_steps, generator) -> x0`` on the student grid ``dmd_student_taus(num_steps)``."""
+    """``sampler(noise, cond, num_steps, generator) -> x0`` on the student grid ``dmd_student_grid(num_steps)``."""
 
     denoiser: Denoiser
     schedule: Schedule
     family: str = "custom"
+    pipeline_scheduler: dict[str, Any] | None = None  # a sigma-less pipeline's exported scheduler config
 
     def timesteps(self, num_steps: int, shape: tuple[int, ...] = ()) -> Tensor:
-        return dmd_student_taus(self.schedule, num_steps, num_tokens(self.denoiser, shape))
+        ntok = num_tokens(self.denoiser, shape)
+        return dmd_student_grid(self.schedule, num_steps, ntok, self.pipeline_scheduler)
 
     def __call__(
         self, noise: Tensor, cond: Conditioning, num_steps: int, generator: torch.Generator | None = None
@@ -47,9 +85,14 @@ def dmd_sampling_spec(
     teacher: Teacher, objective: str, steps: tuple[int, ...], trained_steps: int, note: str
 ) -> SamplingSpec:
     """A ``SamplingSpec`` for a DMD student: ``LCMScheduler`` (VP; with ``original_inference_steps = N`` its
-    ``set_timesteps(K)`` picks ``999 − i·⌊N/K⌋``, exactly the student grid, and its boundary blend is ~1e-7 there)
-    or ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with ``sigmas = 1 − i/K`` (flow)."""
+    ``set_timesteps(K)`` picks ``999 − i·⌊N/K⌋``, exactly the student grid, and its boundary blend is ~1e-7 there),
+    ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with ``sigmas = 1 − i/K`` (flow), or, for a pipeline
+    that takes no ``sigmas=``, that scheduler solved so that ``num_inference_steps=K`` gives the trained grid
+    (``dmd_pipeline_scheduler``)."""
     schedule = teacher.schedule
+    pipeline_scheduler = dmd_pipeline_scheduler(teacher, trained_steps)
+    if pipeline_scheduler is not None:
+        return pipeline_grid_spec(pipeline_scheduler, schedule, steps, trained_steps, objective, note)
     common = dict(
         objective=objective, recommended_steps=trained_steps, guidance_scale=1.0,
         guidance_convention=f"{GUIDANCE_CONVENTION}; {note}",

@@ -1,8 +1,10 @@
 """Wan 2.1 DMD2 export: the student's LoRA loads in the stock ``WanPipeline`` (``load_lora_weights``) and, with the
-exported scheduler, reproduces the student's one-step sample on video latents ``[b, 16, f, h, w]``.
+exported scheduler, reproduces the student's 4-step sample on video latents ``[b, 16, f, h, w]`` draw for draw.
 
-``WanPipeline`` takes no ``sigmas=``, so only its own grid for a step count can be asked of it; at one step that grid
-is the DMD student's (σ = 1, then 0)."""
+``WanPipeline`` takes no ``sigmas=``: it runs its scheduler's own ``set_timesteps(K)``. The exported scheduler's shift
+and ``shift_terminal`` are solved so that this grid at K = 4 is DMD's ``shift(1 − i/K)``, and the student is trained
+and sampled on it (``fewstep.objectives.pipeline_grid``). At one step the stretch is undefined in diffusers; loaded
+with ``shift_terminal=None`` the same scheduler runs σ = 1, the student's one step."""
 
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from tests.helpers import TOLERANCE, single_thread, train_dmd2_adapters  # noqa: F401 (fixture)
 
 
-def stock_wan_latents(pipe, cond, noise: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """The stock ``WanPipeline``'s one-step latents from fewstep's ``noise``."""
+def stock_wan_latents(pipe, cond, noise: torch.Tensor, guidance_scale: float, steps: int = 1, seed: int = 0):
+    """The stock ``WanPipeline``'s latents from fewstep's ``noise``; its scheduler re-noises from the global RNG,
+    seeded with ``seed`` (fewstep's sampler draws the same noise from a generator seeded alike)."""
+    torch.manual_seed(seed)
     return pipe(
-        prompt_embeds=cond.prompt_embeds, latents=noise.clone(), num_inference_steps=1, guidance_scale=guidance_scale,
-        output_type="latent",
+        prompt_embeds=cond.prompt_embeds, latents=noise.clone(), num_inference_steps=steps,
+        guidance_scale=guidance_scale, output_type="latent",
     ).frames  # fmt: skip
 
 
@@ -49,22 +53,39 @@ def test_stock_wan_pipeline_reproduces_the_dmd2_lora_student(tmp_path):
         keys = list(f.keys())
     assert keys and all(k.startswith("transformer.") for k in keys) and not any(".fake." in k for k in keys)
 
-    assert spec.call_kwargs(1)["sigmas"] == [1.0]
+    # the pipeline's own 4-step grid with the exported scheduler is DMD's shift(1 − i/4) on shift 3, as trained
+    levels = spec.steps[4]["levels"]
+    assert spec.call_kwargs(4) == {"guidance_scale": 1.0, "num_inference_steps": 4}
+    assert levels == objective.student_taus(shape).tolist() == objective.sampler().timesteps(4, shape).tolist()
+    assert torch.allclose(torch.tensor(levels), torch.tensor([1.0, 0.9, 0.75, 0.5]), atol=1e-6)
+    assert 1 not in spec.steps  # diffusers' shift_terminal stretch is undefined at one step
     pipe = diffusers.WanPipeline.from_pretrained(str(teacher.pipeline.name_or_path), local_files_only=True)
     pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME)
     pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(str(out), subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    ours = objective.sampler()(noise, cond, 4, torch.Generator().manual_seed(3))
+    theirs = stock_wan_latents(pipe, cond, noise, spec.guidance_scale, steps=4, seed=3)
+    assert pipe.scheduler.sigmas[:4].tolist() == levels  # the levels the call ran
+    assert ours.shape == theirs.shape == shape and ours.abs().max() > 0.1
+    print(f"Wan 2.1 DMD2 LoRA, 4 steps: max |stock − fewstep| = {(theirs - ours).abs().max():.2e}")
+    assert (theirs - ours).abs().max() < TOLERANCE
+    other_draws = stock_wan_latents(pipe, cond, noise, spec.guidance_scale, steps=4, seed=4)
+    assert (other_draws - ours).abs().max() > 100 * TOLERANCE  # the re-noise matters: equal draw for draw
+
+    # one step: the same scheduler without the terminal stretch runs σ = 1, the student's one step
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
+        str(out), subfolder="scheduler", shift_terminal=None
+    )
     ours = objective.sampler()(noise, cond, 1, torch.Generator().manual_seed(1))
     theirs = stock_wan_latents(pipe, cond, noise, spec.guidance_scale)
-    assert ours.shape == theirs.shape == shape and ours.abs().max() > 0.1
     print(f"Wan 2.1 DMD2 LoRA, 1 step: max |stock − fewstep| = {(theirs - ours).abs().max():.2e}")
     assert (theirs - ours).abs().max() < TOLERANCE
     pipe.unload_lora_weights()  # the LoRA is what makes the stock pipeline the student
     assert (stock_wan_latents(pipe, cond, noise, spec.guidance_scale) - ours).abs().max() > 100 * TOLERANCE
 
-    # the card's snippet: WanPipeline takes no sigmas=, so it samples the one step it reproduces, and returns frames
+    # the card's snippet samples the recommended 4 steps with the exported scheduler, seeding the global RNG
     code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
     compile(code, "README.md", "exec")  # not run here: WanPipeline's default clip is 81 frames at 480×832
-    assert "sigmas" not in code.split("# WanPipeline takes no sigmas=")[-1].split("\n", 1)[-1]
-    assert "num_inference_steps=1" in code and ".frames[0]" in code and "fewstep sample" in code
+    assert "sigmas" not in code and "takes no sigmas" not in code
+    assert "num_inference_steps=4" in code and "torch.manual_seed(0)" in code and ".frames[0]" in code
