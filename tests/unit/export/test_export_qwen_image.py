@@ -21,8 +21,9 @@ from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from tests.helpers import TOLERANCE, single_thread, train_dmd2_adapters  # noqa: F401 (fixture)
 
 
-def stock_qwen_latents(pipe, spec, cond, noise: torch.Tensor, num_steps: int, seed: int) -> torch.Tensor:
-    """The stock pipeline's latents from fewstep's unpacked ``noise`` and prompt embeddings, unpacked again."""
+def stock_qwen_latents(pipe, spec, cond, noise: torch.Tensor, num_steps: int, seed: int, **extra) -> torch.Tensor:
+    """The stock pipeline's latents from fewstep's unpacked ``noise`` and prompt embeddings, unpacked again
+    (``extra``: more pipeline arguments, e.g. ``callback_on_step_end``)."""
     b, c, h, w = noise.shape
     height, width = h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
     kwargs = {k: v for k, v in spec.call_kwargs(num_steps).items() if k != "guidance_scale"}
@@ -30,7 +31,7 @@ def stock_qwen_latents(pipe, spec, cond, noise: torch.Tensor, num_steps: int, se
     out = pipe(
         prompt_embeds=cond.prompt_embeds, prompt_embeds_mask=cond.prompt_embeds_mask,
         latents=pipe._pack_latents(noise.clone(), b, c, h, w), height=height, width=width, output_type="latent",
-        generator=torch.Generator().manual_seed(seed), **kwargs,
+        generator=torch.Generator().manual_seed(seed), **kwargs, **extra,
     ).images  # fmt: skip
     return pipe._unpack_latents(out, height, width, pipe.vae_scale_factor)[:, :, 0]
 

@@ -28,13 +28,7 @@ def stock_latents(family: str, pipe, spec, cond, noise: torch.Tensor, num_steps:
     if family == "flux":
         kwargs = {k: v for k, v in spec.call_kwargs(num_steps).items() if k != "guidance_scale"}
         return stock_flux_latents(pipe, cond, noise, spec.guidance_scale, **kwargs, **extra)
-    if callback is None:
-        return stock_qwen_latents(pipe, spec, cond, noise, num_steps, 1)
-    b, c, h, w = noise.shape
-    kwargs = {k: v for k, v in spec.call_kwargs(num_steps).items() if k != "guidance_scale"}
-    pipe(prompt_embeds=cond.prompt_embeds, prompt_embeds_mask=cond.prompt_embeds_mask, true_cfg_scale=1.0,
-         latents=pipe._pack_latents(noise.clone(), b, c, h, w), height=h * pipe.vae_scale_factor,
-         width=w * pipe.vae_scale_factor, output_type="latent", **kwargs, **extra)  # fmt: skip
+    return stock_qwen_latents(pipe, spec, cond, noise, num_steps, 1, **extra)
 
 
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
