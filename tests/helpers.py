@@ -221,14 +221,24 @@ def launch_two_command(recipe: Path) -> list[str]:
     ]  # fmt: skip
 
 
+GLOO_ABORT = "terminate called without an active exception"  # a rare gloo abort of a rank (~1 launch in 20 here)
+
+
 def launch_two(recipe: Path, tmp_path: Path) -> dict[str, Any]:
-    """``launch_two_command``, run; the run's summary."""
-    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
-    result = subprocess.run(launch_two_command(recipe), env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    """``launch_two_command``, run; the run's summary. A launch killed by gloo's rare abort is run once more from
+    scratch (its run directory removed), so the test judges the training, not that abort."""
+    import shutil
+
     from fewstep.config import load_recipe
 
-    return json.loads((Path(load_recipe(recipe).output_dir) / "run_summary.json").read_text())
+    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
+    run_dir = Path(load_recipe(recipe).output_dir)
+    result = subprocess.run(launch_two_command(recipe), env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and GLOO_ABORT in result.stderr:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        result = subprocess.run(launch_two_command(recipe), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((run_dir / "run_summary.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
