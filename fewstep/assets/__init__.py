@@ -10,11 +10,14 @@ name                    directory                what
 ``fashion-vp``          ``fashion_vp/``          the same for Fashion-MNIST (28×28, VP-ε)
 ``fashion-flow``        ``fashion_flow/``        the flow-matching Fashion-MNIST teacher
 ``fashion-classifier``  ``fashion_classifier/``  ``ImageClassifier`` (``fewstep.eval.classifier``) on Fashion-MNIST
+``moving-digits-flow``  ``moving_digits_flow/``  ``DDPMPipeline`` holding a class-conditional ``WanTransformer3DModel``
+                                                 on 8 × 24 × 24 pixel clips of moving digits (flow, video benchmark)
 ======================  =======================  ======================================================================
 
 Recipes refer to them as ``teacher.pretrained: fewstep:digits-vp``. The teachers take ``class_labels`` 0..9 and the
 null class ``num_class_embeds - 1`` (= 10) for classifier-free guidance; images are ``[b, 1, 8, 8]`` (digits) or
-``[b, 1, 28, 28]`` (Fashion-MNIST) in ``[-1, 1]``.
+``[b, 1, 28, 28]`` (Fashion-MNIST) in ``[-1, 1]``; the moving-digits teacher denoises clips ``[b, 1, 8, 24, 24]``
+(``fewstep.data.moving_digits``) and takes the same labels as one one-hot text token.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ ASSETS: dict[str, tuple[str, str, str]] = {
     "fashion-vp": ("fashion_vp", "model_index.json", "python scripts/train_fashion_teachers.py --variant vp"),
     "fashion-flow": ("fashion_flow", "model_index.json", "python scripts/train_fashion_teachers.py --variant flow"),
     "fashion-classifier": ("fashion_classifier", "config.json", "python scripts/train_fashion_classifier.py"),
+    "moving-digits-flow": ("moving_digits_flow", "model_index.json", "python scripts/train_moving_digits_teacher.py"),
 }
 
 
@@ -41,7 +45,7 @@ def asset_names() -> list[str]:
 
 def asset_path(name: str) -> Path:
     """The directory of a shipped asset (``digits-vp``, ``digits-flow``, ``digits-classifier``, ``fashion-vp``,
-    ``fashion-flow``, ``fashion-classifier``).
+    ``fashion-flow``, ``fashion-classifier``, ``moving-digits-flow``).
 
     Raises:
         ValueError: for an unknown name (the message lists the known ones).

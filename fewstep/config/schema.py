@@ -35,7 +35,7 @@ class TeacherConfig(BaseModel):
     pretrained: str = Field(min_length=1)
     family: Literal[
         "auto", "sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-        "wan22_ti2v", "ltx", "pixart_sigma", "sana",
+        "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class",
     ] = "auto"  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     guidance_scale: float = Field(1.0, ge=0.0)  # Imagen convention: cfg = uncond + w·(cond − uncond), w = 1 is off
@@ -86,6 +86,8 @@ class DataConfig(BaseModel):
     """Training data: the digits set, an image folder (images + metadata.jsonl), a prompt list / file, or clean
     samples in a safetensors file (``tensors``: ``x0`` and optional ``class_labels``, for custom teachers), or
     Fashion-MNIST (``fashion_mnist``: ``path`` is an optional directory of its idx files, see fewstep.data.fashion),
+    or moving digits (``moving_digits``: clips of a digit bouncing in a frame, ``num_frames`` frames of
+    ``resolution`` pixels, default 8 × 24 × 24; see fewstep.data.moving_digits),
     or reflow pairs (``pairs``: ``path`` is a directory written by ``fewstep pairs``), or WebDataset tar shards
     (``webdataset``: ``path`` is a brace pattern, a directory of .tar files, a .txt list of shards, or a list of
     these; see fewstep.data.webdataset), or a precomputed cache of text embeddings and VAE latents (``cache``:
@@ -101,7 +103,9 @@ class DataConfig(BaseModel):
 
     model_config = BLOCK
 
-    source: Literal["cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset"]
+    source: Literal[
+        "cache", "digits", "fashion_mnist", "image_folder", "moving_digits", "pairs", "prompts", "tensors", "webdataset"
+    ]
     path: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     prompts: list[str] | None = Field(None, min_length=1)
     resolution: PositiveInt | None = None
@@ -205,17 +209,18 @@ class DataConfig(BaseModel):
                             key, "not used with source: fashion_mnist", getattr(self, key), hint=f"Remove data.{key}."
                         )
                     )
-        else:  # digits: the dataset ships with scikit-learn
+        else:  # digits, moving_digits: built from scikit-learn's digits
             for key in ("path", "prompts"):
                 if getattr(self, key) is not None:
                     issues.append(
-                        issue(key, "not used with source: digits", getattr(self, key), hint=f"Remove data.{key}.")
-                    )
+                        issue(key, f"not used with source: {self.source}", getattr(self, key),
+                              hint=f"Remove data.{key}.")
+                    )  # fmt: skip
         raise_issues(issues)
         return self
 
 
-VIDEO_SOURCES = ("image_folder", "webdataset", "prompts", "cache")  # what data.num_frames applies to
+VIDEO_SOURCES = ("image_folder", "webdataset", "prompts", "cache", "moving_digits")  # what data.num_frames applies to
 _PATH_HINTS = {
     "image_folder": "Set data.path to a folder of images with a metadata.jsonl (file_name, text).",
     "webdataset": "Set data.path to shards: a pattern (shards/train-{000000..000009}.tar), a directory or a list.",

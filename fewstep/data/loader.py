@@ -57,7 +57,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("cache", "digits", "fashion_mnist", "image_folder", "pairs", "prompts", "tensors", "webdataset")
+SOURCES = (
+    "cache", "digits", "fashion_mnist", "image_folder", "moving_digits", "pairs", "prompts", "tensors", "webdataset"
+)  # fmt: skip
+CLASS_SOURCES = ("digits", "fashion_mnist", "moving_digits")  # labelled data sets: grids cycle through the classes
 STREAM_PROMPTS = 4096  # captions a streaming source keeps encoded (its captions rarely repeat)
 
 
@@ -217,7 +220,7 @@ class BatchStream:
         """A fixed batch of ``n`` for sample grids: digits and Fashion-MNIST cycle through the classes, other sources
         take the first ``n`` items (cycled). ``extra["labels"]`` names each item for the grid (its class or its
         prompt) when the source knows it. Does not move ``position``."""
-        if self.cfg.source in ("digits", "fashion_mnist"):
+        if self.cfg.source in CLASS_SOURCES:
             labels = self.dataset.labels
             classes = labels.unique().tolist()  # 0..9 (a small idx directory may lack some)
             idx = [int((labels == classes[k % len(classes)]).nonzero()[0]) for k in range(n)]
@@ -239,7 +242,7 @@ class BatchStream:
             return [self.dataset[i][1] for i in idx]
         if source == "cache":
             return self.dataset.captions(idx)
-        if source == "digits":
+        if source in ("digits", "moving_digits"):
             return [str(int(self.dataset.labels[i])) for i in idx]
         if source == "fashion_mnist":
             return [CLASS_NAMES[int(self.dataset.labels[i])] for i in idx]
@@ -253,7 +256,7 @@ class BatchStream:
                 return Batch(cond=Conditioning(), uncond=None, x0=x0)
             cond = Conditioning(class_labels=ds.labels[idx].to(self.device))
             return Batch(cond=cond, uncond=self.teacher.uncond_like(cond), x0=x0)
-        if self.cfg.source in ("tensors", "fashion_mnist"):
+        if self.cfg.source in ("tensors", "fashion_mnist", "moving_digits"):
             x0, labels = self.dataset.batch(idx)
             if labels is None:
                 return Batch(cond=Conditioning(), uncond=None, x0=x0.to(self.device))
@@ -362,6 +365,10 @@ def _build_dataset(data_cfg: Any) -> Any:
         return DigitsDataset("train")  # the test split stays held out for evaluation
     if data_cfg.source == "fashion_mnist":
         return FashionMNISTDataset("train", data_cfg.path)  # the t10k split stays held out for evaluation
+    if data_cfg.source == "moving_digits":  # the test split stays held out for evaluation
+        from fewstep.data.moving_digits import FRAME_SIZE, NUM_FRAMES, MovingDigitsDataset
+
+        return MovingDigitsDataset("train", data_cfg.num_frames or NUM_FRAMES, data_cfg.resolution or FRAME_SIZE)
     if data_cfg.source == "tensors":
         return TensorFileDataset(data_cfg.path)
     if data_cfg.source == "pairs":

@@ -42,7 +42,12 @@ def conditioning_kind(pipeline: Any) -> tuple[str, int | None, int | None]:
     class of CFG), ``text`` (a text encoder) or ``none``."""
     if getattr(pipeline, "text_encoder", None) is not None or getattr(pipeline, "tokenizer", None) is not None:
         return "text", None, None
-    n = getattr(backbone_of(pipeline).config, "num_class_embeds", None)
+    from fewstep.models.loading import detect_family
+
+    config = backbone_of(pipeline).config
+    n = getattr(config, "num_class_embeds", None)
+    if not n and detect_family(pipeline) == "wan_class":  # one-hot class tokens, the last entry the null class
+        n = config.text_dim
     if n:
         return "class", int(n) - 1, int(n) - 1
     return "none", None, None

@@ -20,6 +20,8 @@ name                      model                        inputs
                                                        ``encoder_hidden_states`` (+ ``_mask``), ``img_shapes``
 ``wan``                   ``WanTransformer3DModel``    video latents ``[b, c, f, h, w]``, ``encoder_hidden_states``
                                                        (UMT5), ``timestep`` (= 1000·s)
+``wan_class``             ``WanTransformer3DModel``    pixel clips ``[b, c, f, h, w]``, the class label as one one-hot
+                                                       text token (``text_dim`` = classes + null), ``timestep``
 ``wan_experts``           ``WanExperts`` (Wan 2.2)     as ``wan``; ``transformer`` at ``timestep ≥ boundary``,
                                                        ``transformer_2`` below it
 ``ltx``                   ``LTXVideoTransformer3DModel``  video latents packed into tokens, ``timestep`` (= 1000·s),
@@ -133,7 +135,7 @@ def patch_size(family: str, backbone: Any) -> int:
         return int(getattr(backbone.config, "patch_size", 2))
     if family == "ltx":  # LTX-Video: one int for height and width (``patch_size_t`` for frames)
         return int(backbone.config.patch_size)
-    if family in VIDEO_FAMILIES:
+    if family in VIDEO_FAMILIES or family == "wan_class":
         return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
     if family in ("pixart_sigma", "sana"):
         return int(backbone.config.patch_size)  # PixArt-Σ 2, Sana 1
@@ -171,7 +173,7 @@ def has_vae(pipeline: Any) -> bool:
 
 def default_resolution(pipeline: Any) -> int:
     """The image size (pixels) a pipeline generates by default (a video pipeline: its default height)."""
-    if is_video_pipeline(pipeline):
+    if is_video_pipeline(pipeline) or hasattr(pipeline, "default_video_size"):
         return video_defaults(pipeline)[1]
     vae_scale = getattr(pipeline, "vae_scale_factor", 1) if has_vae(pipeline) else 1
     size = getattr(pipeline, "default_sample_size", None)
@@ -191,6 +193,8 @@ def latent_shape(
         raise ValueError("latent_shape needs a teacher loaded from a pipeline; for custom teachers use your shape.")
     if teacher.family in VIDEO_FAMILIES:
         return video_latent_shape(pipe, batch_size, resolution, num_frames)
+    if teacher.family == "wan_class":
+        return pixel_clip_shape(pipe, batch_size, resolution, num_frames)
     res = resolution or default_resolution(pipe)
     config = pipeline_backbone(pipe).config
     if teacher.family in ("flux", "qwen_image"):  # packing needs an even latent size
@@ -246,6 +250,24 @@ def video_latent_shape(
     config = pipeline_backbone(pipeline).config
     channels = getattr(config, "out_channels", None) or config.in_channels  # Wan 2.1 I2V: 16 of its 36 are noise
     return batch_size, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def pixel_clip_shape(
+    pipeline: Any, batch_size: int, resolution: int | tuple[int, int] | None = None, num_frames: int | None = None
+) -> tuple[int, int, int, int, int]:
+    """``(b, c, f, h, w)`` of a pixel video teacher (``wan_class``): the clip itself, no VAE. Frames and sides default
+    to the clip size the teacher was trained on (``default_video_size``, from its directory's training record)."""
+    recorded = getattr(pipeline, "default_video_size", None)
+    if recorded is None and (resolution is None or num_frames is None):
+        raise ValueError(
+            "This pixel video teacher does not record the clip size it generates (fewstep_video.json with "
+            "video_size: [frames, height, width] next to its model_index.json); set data.num_frames and "
+            "data.resolution."
+        )
+    frames, height, width = recorded or (num_frames, 0, 0)
+    if resolution is not None:
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return batch_size, pipeline_backbone(pipeline).config.in_channels, num_frames or frames, height, width
 
 
 def frame_count_problem(pipeline: Any, num_frames: int, family: str | None = None) -> str | None:
@@ -455,6 +477,18 @@ def wan_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditio
         encoder_hidden_states_image=wan_image_embeds(backbone, x, cond),
         return_dict=False,
     )[0]
+
+
+@BACKBONES.register("wan_class")
+def wan_class_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """A class-conditional ``WanTransformer3DModel`` on pixel clips ``[b, c, f, h, w]`` (the moving-digits video
+    teacher): its one text token is the one-hot class label over ``text_dim`` classes, the last being the null class
+    of classifier-free guidance. The text projection turns it into a learned class embedding."""
+    labels = _require(cond.class_labels, "class_labels", "class-conditional Wan").to(x.device).long().reshape(-1)
+    if labels.numel() == 1 and x.shape[0] > 1:
+        labels = labels.expand(x.shape[0])
+    tokens = torch.nn.functional.one_hot(labels, backbone.config.text_dim).to(x.dtype)[:, None, :]
+    return backbone(hidden_states=x, timestep=timestep, encoder_hidden_states=tokens, return_dict=False)[0]
 
 
 I2V_HINT = "Encode the first frames with fewstep.models.prompts.encode_prompts(teacher, prompts, images=...)."

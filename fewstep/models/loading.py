@@ -48,17 +48,17 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-            "wan22_ti2v", "ltx", "pixart_sigma", "sana")  # fmt: skip
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
-                     "pixart_sigma": "pixart", "sana": "sana"}  # fmt: skip
+                     "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
 # 1000·s; Flux and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
 # adapter also applies the model's own timestep_scale).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
                        "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
-                       "ltx": 1000.0, "sana": 1000.0}  # fmt: skip
+                       "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -101,6 +101,19 @@ class _DropImageProcessorNotice(logging.Filter):
         return IMAGE_PROCESSOR_NOTICE not in record.getMessage()
 
 
+# A pixel video teacher (``wan_class``) is saved as ``DDPMPipeline(unet=WanTransformer3DModel)``: the only stock
+# pipeline made of a bare backbone and a scheduler. Its type notice for ``unet`` says nothing the user can act on.
+_PIPELINE_LOGGER = "diffusers.pipelines.pipeline_utils"
+PIXEL_VIDEO_NOTICE = "Expected types for unet: (<class 'diffusers.models.unets.unet_2d.UNet2DModel'>,), got <class "
+PIXEL_VIDEO_BACKBONE = "WanTransformer3DModel"
+
+
+class _DropPixelVideoNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(PIXEL_VIDEO_NOTICE) and PIXEL_VIDEO_BACKBONE in message)
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """Around a pipeline load (``load_pipeline``): drop transformers' image-processor notice above, and when stderr
@@ -112,6 +125,8 @@ def quiet_loading() -> Iterator[None]:
 
     notice_logger, drop = logging.getLogger(_NOTICE_LOGGER), _DropImageProcessorNotice()
     notice_logger.addFilter(drop)
+    pipeline_logger, drop_pixel_video = logging.getLogger(_PIPELINE_LOGGER), _DropPixelVideoNotice()
+    pipeline_logger.addFilter(drop_pixel_video)
     restore = []
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         for lib in (diffusers_logging, transformers_logging):
@@ -122,6 +137,7 @@ def quiet_loading() -> Iterator[None]:
         yield
     finally:
         notice_logger.removeFilter(drop)
+        pipeline_logger.removeFilter(drop_pixel_video)
         for enable in restore:
             enable()
 
@@ -231,7 +247,22 @@ def _load_pipeline(path_or_id: str | os.PathLike, dtype: str | torch.dtype, revi
     from fewstep.testing import apply_resolution_marker
 
     apply_resolution_marker(pipe, spec)  # tiny zoo directories record their default resolution
+    if is_local:
+        apply_video_record(pipe, path)
     return pipe
+
+
+VIDEO_RECORD = "fewstep_video.json"  # a pixel video teacher's training record, with the clip size it generates
+
+
+def apply_video_record(pipe: Any, path: Path) -> None:
+    """Give a pixel video teacher (``wan_class``, e.g. ``fewstep:moving-digits-flow``) the clip size it was trained
+    on, ``default_video_size = (frames, height, width)`` from its directory's ``VIDEO_RECORD``. Other directories are
+    left alone."""
+    record = path / VIDEO_RECORD
+    if record.is_file():
+        frames, height, width = json.loads(record.read_text())["video_size"]
+        pipe.default_video_size = (int(frames), int(height), int(width))
 
 
 def pipeline_index(path_or_id: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
@@ -315,7 +346,8 @@ def load_component(
 def detect_family(pipeline: Any) -> str:
     """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan21_i2v``
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
-    ``pixart_sigma`` | ``sana`` from a pipeline's backbone class and config.
+    ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
+    without a text encoder: the moving-digits teacher) from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -332,6 +364,8 @@ def detect_family(pipeline: Any) -> str:
     if cls == "UNet2DModel":
         return "unet2d"
     if cls == "WanTransformer3DModel":
+        if "text_encoder" not in getattr(pipeline, "config", {}):  # pixel clips, a one-hot class token: no text
+            return "wan_class"
         if getattr(pipeline, "config", {}).get("expand_timesteps"):
             if is_wan_experts_pipeline(pipeline):
                 raise ValueError(
@@ -433,7 +467,7 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     embedded = None
     if family == "flux" and getattr(backbone.config, "guidance_embeds", False):
         embedded, guidance_scale = guidance_scale, 1.0
-    if family == "unet2d":
+    if family in ("unet2d", "wan_class"):
         null_cond = _null_class(backbone)
     elif encoders:
         null_cond = null_conditioning(pipe, family, guidance=embedded)
@@ -466,9 +500,11 @@ def expert_guidance(teacher: Teacher, high: float, low: float) -> Any:
     return w
 
 
-def _null_class(unet: Any) -> Conditioning | None:
-    """Class-conditional ``UNet2DModel``: the null class is the last embedding (``num_class_embeds - 1``)."""
-    n = getattr(unet.config, "num_class_embeds", None)
+def _null_class(backbone: Any) -> Conditioning | None:
+    """Class-conditional ``UNet2DModel``: the null class is the last embedding (``num_class_embeds - 1``); a
+    class-conditional Wan transformer (``wan_class``): the last entry of its one-hot token (``text_dim - 1``)."""
+    config = backbone.config
+    n = getattr(config, "num_class_embeds", None) or getattr(config, "text_dim", None)
     if not n:
         return None
     return Conditioning(class_labels=torch.tensor([n - 1], dtype=torch.long))

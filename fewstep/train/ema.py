@@ -19,12 +19,24 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def trainable_state(module: nn.Module) -> dict[str, Tensor]:
-    """The weights that train: parameters with ``requires_grad``; for a full model (nothing frozen) also buffers.
-    A LoRA student therefore saves only its adapters."""
+    """The weights that train: parameters with ``requires_grad``; for a full model (nothing frozen) also its
+    persistent buffers (those of ``state_dict``; a non-persistent one, such as Wan's rotary tables, is rebuilt from
+    the config). A LoRA student therefore saves only its adapters."""
     state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     if all(p.requires_grad for p in module.parameters()):
-        state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
+        state.update(persistent_buffers(module))
     return state
+
+
+def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """``name -> buffer`` for every buffer ``state_dict`` holds (``register_buffer(..., persistent=False)`` ones are
+    left out)."""
+    out = {}
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buffer.detach()
+    return out
 
 
 def shape_mismatches(expected: dict[str, Tensor], given: dict[str, Tensor]) -> list[str]:
