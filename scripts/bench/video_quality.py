@@ -141,21 +141,29 @@ def format_section(records: list[dict[str, Any]], command: str) -> str:
         model = r["model"] if r["kind"] != "student" else f"{r['objective']} (`{Path(r['recipe']).stem}`)"
         training = (f"{r['training_steps']} steps, {r['training_seconds']:.0f} s"
                     if r.get("training_seconds") is not None else "–")  # fmt: skip
-        cells = [model, fmt(r["steps"], "d"), fmt(r["nfe"], ".0f"),
-                 *(fmt(r["metrics"].get(k), f) for k, _, f in COLUMNS), fmt(r["seconds_per_clip"], ".4f"), training]
+        cells = [
+            model,
+            fmt(r["steps"], "d"),
+            fmt(r["nfe"], ".0f"),
+            *(fmt(r["metrics"].get(k), f) for k, _, f in COLUMNS),
+            fmt(r["seconds_per_clip"], ".4f"),
+            training,
+        ]
         lines.append("| " + " | ".join(cells) + " |")  # fmt: skip
     where = sorted({r["hardware"] for r in records if r.get("hardware")})
     counts = sorted({r["num_clips"] for r in records})
     return "\n".join([
         "### Video: moving digits (8 frames, 24×24), teacher `fewstep:moving-digits-flow`", "",
         *lines, "",
-        f"{'/'.join(map(str, counts))} clips per row, the same seeded noise and balanced labels for every model. "
-        "Per-frame columns read each frame through an 8×8 window that follows the digit's centre of mass, in the "
-        "digits classifier's feature space (reference: the same windows of 1,000 real training clips); precision, "
-        "recall and diversity take each clip's middle frame. `same class`: clips whose predicted class is the same in every "
-        "frame. `jump px`: the mean distance the centre of mass moves per frame (real clips: 1.4–2.8 px, mean about "
-        "2.1); `jump error`: a clip's mean jump against the real mean; `teleports`: frame steps longer than any real "
-        "motion (+1 px). Measured on " + "; ".join(where) + f" on {today()}. Written by `{command}`.",
+        " ".join([
+            f"{'/'.join(map(str, counts))} clips per row, the same seeded noise and balanced labels for every model.",
+            "Per-frame columns read each frame through an 8×8 window that follows the digit's centre of mass, in the",
+            "digits classifier's feature space (reference: the same windows of 1,000 real training clips); precision,",
+            "recall and diversity take each clip's middle frame. `same class`: clips whose predicted class is the same",
+            "in every frame. `jump px`: the mean distance the centre of mass moves per frame (real clips: 1.4–2.8 px,",
+            "mean about 2.1); `jump error`: a clip's mean jump against the real mean; `teleports`: frame steps longer",
+            f"than any real motion (+1 px). Measured on {'; '.join(where)} on {today()}. Written by `{command}`.",
+        ]),
     ])  # fmt: skip
 
 
