@@ -41,11 +41,11 @@ from fewstep.noise.schedules import FlowSchedule  # noqa: E402
 ASSETS = Path(__file__).resolve().parents[1] / "fewstep" / "assets"
 
 
-def build_transformer(width: int, layers: int, heads: int, patch: int) -> WanTransformer3DModel:
+def build_transformer(width: int, layers: int, heads: int, patch: int, patch_frames: int = 1) -> WanTransformer3DModel:
     """A pixel-space class-conditional Wan transformer: ``width`` channels in ``heads`` heads, ``layers`` blocks,
     spatial patches of ``patch``² pixels (one frame each), a one-hot class token of ``NULL_CLASS + 1`` entries."""
     return WanTransformer3DModel(
-        patch_size=(1, patch, patch),
+        patch_size=(patch_frames, patch, patch),
         num_attention_heads=heads,
         attention_head_dim=width // heads,
         in_channels=1,
@@ -70,7 +70,7 @@ def train(
     generator = torch.Generator().manual_seed(args.seed + 1)
     data = MovingDigitsDataset("train", num_frames=args.frames, size=args.size, clips_per_digit=args.clips_per_digit)
     schedule = FlowSchedule(timestep_scale=1000.0)
-    model = build_transformer(args.width, args.layers, args.heads, args.patch).train()
+    model = build_transformer(args.width, args.layers, args.heads, args.patch, args.patch_frames).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     denoiser = Denoiser(model, schedule, "flow", "wan_class")
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--patch", type=int, default=3)
+    parser.add_argument("--patch-frames", type=int, default=1, help="frames per token")
     parser.add_argument("--frames", type=int, default=NUM_FRAMES)
     parser.add_argument("--size", type=int, default=FRAME_SIZE)
     parser.add_argument("--clips-per-digit", type=int, default=4)
