@@ -298,3 +298,21 @@ def train_dmd2_adapters(objective: Any, cond: Any, uncond: Any, shape: tuple[int
         opts[phase].zero_grad()
         out.loss.backward()
         opts[phase].step()
+
+
+def train_at_phases(objective: Any, cond: Any, uncond: Any, shape: tuple[int, ...], steps: int = 3) -> None:
+    """``steps`` steps of ``objective`` at its own ``phase(step)`` (AdamW, lr 1e-2, one optimizer per trainable role)
+    on random ``x0`` of ``shape``, so that every role it trains moves away from its start before an export is
+    checked."""
+    import torch
+
+    from fewstep.data.batch import Batch
+
+    opts = {k: torch.optim.AdamW(list(m.parameters()), lr=1e-2) for k, m in objective.trainable().items()}
+    for step in range(steps):
+        phase = objective.phase(step)
+        out = objective.loss(Batch(cond=cond, uncond=uncond, x0=torch.randn(shape)), step, phase)
+        assert torch.isfinite(out.loss), (step, phase, out.metrics)
+        opts[phase].zero_grad()
+        out.loss.backward()
+        opts[phase].step()
