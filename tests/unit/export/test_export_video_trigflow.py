@@ -131,13 +131,14 @@ def test_stock_ltx_pipeline_runs_the_rcm_student(tmp_path):
     print(f"ltx_rcm_lora, 1 step: max |stock − fewstep| = {(theirs - ours).abs().max():.2e}")
     assert ours.abs().max() > 0.1 and (theirs - ours).abs().max() < TOLERANCE
 
+    seen = []
+
+    def record(pipeline, i, t, callback_kwargs):
+        seen.append(pipeline.scheduler.sigmas[:-1].clone())  # the input levels (the last is 0)
+        return callback_kwargs
+
     for steps in (2, 4):  # the levels the stock call runs, read at every step, are the student's
-        seen = []
-
-        def record(pipeline, i, t, callback_kwargs):
-            seen.append(pipeline.scheduler.sigmas[:steps].clone())
-            return callback_kwargs
-
+        seen.clear()
         stock_ltx_latents(pipe, cond, noise, spec.guidance_scale, steps=steps, callback_on_step_end=record)
         levels = levels_of(objective.sampler().angles(steps, shape))
         assert len(seen) == steps and all(torch.allclose(s, levels, atol=1e-6) for s in seen), (seen, levels)
