@@ -15,6 +15,7 @@ The reference for the loss as implemented is rCM's code (NVlabs/rcm, ``sCM`` mod
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -172,15 +173,16 @@ def scm_update(
 
 
 def pipeline_scheduler(teacher: Teacher, config: SCMConfig) -> dict[str, Any] | None:
-    """The exported scheduler of a continuous-time student whose pipeline takes no ``sigmas=`` (Wan, LTX), whose own
-    grid the student then samples (``dmd_pipeline_scheduler``: at ``config.pipeline_steps`` steps, DMD's
-    ``shift(1 − i/K)`` on the teacher's shift); ``None`` where the pipeline takes ``sigmas=`` (the student samples
-    ``mid_u``).
+    """The exported scheduler of a continuous-time student whose text pipeline takes no ``sigmas=`` (Wan, LTX), whose
+    own grid the student then samples (``dmd_pipeline_scheduler``: at ``config.pipeline_steps`` steps, DMD's
+    ``shift(1 − i/K)`` on the teacher's shift); ``None`` where the pipeline takes ``sigmas=`` or is a pixel pipeline
+    (``DDPMPipeline``: its export writes the sampling loop out, at any levels), and the student samples ``mid_u``.
 
     Raises:
         ValueError: ``mid_u`` is set for such a pipeline, which cannot be given those angles.
     """
-    scheduler = dmd_pipeline_scheduler(teacher, config.pipeline_steps)
+    call = inspect.signature(type(teacher.pipeline).__call__).parameters if teacher.pipeline is not None else {}
+    scheduler = dmd_pipeline_scheduler(teacher, config.pipeline_steps) if "prompt" in call else None
     if scheduler is not None and config.mid_u is not None:
         raise ValueError(
             f"objective.mid_u={config.mid_u}: {type(teacher.pipeline).__name__} takes no sigmas=, so a student cannot "

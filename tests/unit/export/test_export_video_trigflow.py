@@ -143,3 +143,10 @@ def test_stock_ltx_pipeline_runs_the_rcm_student(tmp_path):
         levels = levels_of(objective.sampler().angles(steps, shape))
         assert len(seen) == steps and all(torch.allclose(s, levels, atol=1e-6) for s in seen), (seen, levels)
         assert not torch.allclose(levels, torch.linspace(1, 1 / steps, steps))  # shifted by the token count
+
+
+def test_angles_are_refused_for_a_pipeline_that_cannot_take_them():
+    teacher = load_teacher(SimpleNamespace(pretrained="tiny:wan21"))
+    cls = OBJECTIVES.get("scm")
+    with pytest.raises(ValueError, match=r"mid_u=\[1\.1\]: WanPipeline takes no sigmas=.*Remove mid_u"):
+        cls(cls.Config(mid_u=[1.1]), teacher, Student.lora(teacher, rank=4, alpha=8))
