@@ -285,16 +285,27 @@ def one_error(err: str, *needles: str) -> str:
 
 
 def train_dmd2_adapters(objective: Any, cond: Any, uncond: Any, shape: tuple[int, ...], steps: int = 4) -> None:
-    """Alternate fake-score and generator steps of a DMD2 ``objective`` (AdamW, lr 1e-2) on random ``x0`` of
-    ``shape``, so that both LoRA adapters move away from B = 0 before an export is checked."""
+    """Alternate fake-score and generator steps of a DMD2 ``objective`` (``train_at_phases``), so that both LoRA
+    adapters move away from B = 0 before an export is checked."""
+    train_at_phases(objective, cond, uncond, shape, steps, phase=lambda step: ("fake_score", "student")[step % 2])
+
+
+def train_at_phases(
+    objective: Any, cond: Any, uncond: Any, shape: tuple[int, ...], steps: int = 3, phase: Any = None
+) -> None:
+    """``steps`` steps of ``objective`` (AdamW, lr 1e-2, one optimizer per trainable role) on random ``x0`` of
+    ``shape``, each at ``phase(step)`` (default: the objective's own ``phase``), so that every role it trains moves
+    away from its start before an export is checked."""
     import torch
 
     from fewstep.data.batch import Batch
 
+    phase = phase or objective.phase
     opts = {k: torch.optim.AdamW(list(m.parameters()), lr=1e-2) for k, m in objective.trainable().items()}
     for step in range(steps):
-        phase = "fake_score" if step % 2 == 0 else "student"
-        out = objective.loss(Batch(cond=cond, uncond=uncond, x0=torch.randn(shape)), step, phase)
-        opts[phase].zero_grad()
+        role = phase(step)
+        out = objective.loss(Batch(cond=cond, uncond=uncond, x0=torch.randn(shape)), step, role)
+        assert torch.isfinite(out.loss), (step, role, out.metrics)
+        opts[role].zero_grad()
         out.loss.backward()
-        opts[phase].step()
+        opts[role].step()

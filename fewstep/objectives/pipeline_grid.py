@@ -136,14 +136,13 @@ def pipeline_grid_spec(
         table[n] = {"timesteps": (levels * config["num_train_timesteps"]).tolist(), "levels": levels.tolist()}
     skipped = sorted(set(steps) - set(table))
     where = (
-        "levels shown before the pipeline's shift by the video's token count: the student was trained at its own "
-        "resolution's levels"
+        "levels shown before the pipeline's shift by the video's token count, which fewstep's sampler applies too"
         if dynamic
-        else "the scheduler's shift and shift_terminal are solved so that its own grid is the trained one"
+        else "its shift and shift_terminal are solved for it"
     )
     notes = [
         f"The pipeline takes no `sigmas=`: pass num_inference_steps={trained_steps} with the exported "
-        f"FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), whose own grid is the trained one ({where}).",
+        f"FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), whose own grid is the student's ({where}).",
         "It re-noises between steps from the global RNG: call torch.manual_seed(seed) before sampling.",
     ]
     if skipped:

@@ -52,6 +52,21 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory) -> Path:
+    """Two captioned 9-frame clips at 32 px (9 frames fit every tiny video VAE: Wan's 4k + 1 and LTX's 8k + 1)."""
+    from fewstep.data.video import write_video
+
+    root = tmp_path_factory.mktemp("clips")
+    lines = []
+    for i, caption in enumerate(["a red circle", "a blue square"]):
+        frames = np.random.RandomState(i).randint(0, 256, (9, 32, 32, 3)).astype(np.uint8)
+        write_video(frames, root / f"{i}.mp4")
+        lines.append(json.dumps({"file_name": f"{i}.mp4", "text": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def write_prompts(tmp_path: Path, suffix: str, family: str | None) -> Path:
     """Two prompts in the shipped recipe's format: a text file, or a ``.jsonl`` whose lines also name a first frame (a
     tiny image) when the family generates from one."""
@@ -69,7 +84,7 @@ def write_prompts(tmp_path: Path, suffix: str, family: str | None) -> Path:
     return tmp_path / "prompts.jsonl"
 
 
-def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
+def smoke_overrides(path: Path, images: Path, tmp_path: Path, clips: Path | None = None) -> list[str]:
     shipped = load_recipe(path)
     overrides = [
         "train.max_steps=2", "train.checkpoint_every=1", "train.keep_last=1", "train.sample_every=2",
@@ -87,7 +102,9 @@ def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
         assert shipped.teacher.pretrained.startswith("fewstep:"), (
             f"{recipe_id(path)}: name it <family>_… (one of {FAMILIES}) so it can smoke-run on a tiny model"
         )
-    if shipped.data.source == "image_folder":
+    if shipped.data.source == "image_folder" and shipped.data.num_frames is not None:  # a video folder
+        overrides += [f"data.path={clips}", "data.resolution=32", "data.num_frames=9", "data.num_workers=0"]
+    elif shipped.data.source == "image_folder":
         overrides += [f"data.path={images}", "data.resolution=32", "data.num_workers=0"]
     elif shipped.data.source == "fashion_mnist":  # a tiny idx directory: the test does not need Debian's package
         from fewstep.data.fashion import write_idx
@@ -108,8 +125,9 @@ def smoke_overrides(path: Path, images: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=recipe_id)
-def test_recipe_trains_two_steps_and_exports(path: Path, image_folder: Path, tmp_path: Path):
-    recipe = load_recipe(path, smoke_overrides(path, image_folder, tmp_path))
+def test_recipe_trains_two_steps_and_exports(path: Path, image_folder: Path, tmp_path: Path, request):
+    clips = request.getfixturevalue("video_folder") if load_recipe(path).data.num_frames is not None else None
+    recipe = load_recipe(path, smoke_overrides(path, image_folder, tmp_path, clips))
     if recipe.data.source == "pairs":
         from fewstep.data.reflow.generate import pairs_for_recipe
 

@@ -36,8 +36,10 @@ from fewstep.objectives.consistency.scm import (
     SCMConfig,
     SCMSampler,
     check_teacher,
+    pipeline_scheduler,
     sample_u,
     scm_update,
+    trigflow_sampler,
     trigflow_sampling_spec,
 )
 from fewstep.objectives.consistency.trigflow import consistency_fn, teacher_trig_velocity, trig_F, trig_noise, u_range
@@ -105,6 +107,7 @@ class RCM:
         self.generator = student_role(student, shared_fake=kind == "lora")
         # sCM's adaptive weighting: trained by the student's optimizer, never exported (auxiliary())
         self.weighting = AdaptiveWeight() if config.adaptive_weighting else None
+        self.pipeline_scheduler = pipeline_scheduler(teacher, config)
 
     # --- protocol -----------------------------------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class RCM:
         """Nothing: θ⁻ = sg(θ)."""
 
     def sampler(self) -> SCMSampler:
-        return SCMSampler(self.student.denoiser, self.schedule, list(self.config.mid_u))
+        return trigflow_sampler(self.student.denoiser, self.schedule, self.config, self.pipeline_scheduler)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -184,10 +187,10 @@ class RCM:
         device = next(self.teacher.denoiser.parameters()).device
         if self.config.backsim_times == "random":
             lo, hi = u_range(self.schedule)
-            top = self.sampler().angles(1)[0]
+            top = self.sampler().angles(1, shape)[0]
             angles = backsim_angles(shape[0], num_steps, top, self.config.dmd_shift, max(lo, 1e-3), hi)
         else:
-            angles = self.sampler().angles(num_steps)[:, None].float().expand(num_steps, shape[0])
+            angles = self.sampler().angles(num_steps, shape)[:, None].float().expand(num_steps, shape[0])
         angles = angles.to(device)
         x = torch.randn(shape, device=device)
         for i in range(num_steps):

@@ -15,6 +15,7 @@ The reference for the loss as implemented is rCM's code (NVlabs/rcm, ``sCM`` mod
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.student import Student
@@ -43,11 +45,14 @@ from fewstep.objectives.consistency.trigflow import (
     u_range,
     vp_index_from_u,
 )
+from fewstep.objectives.dmd.sampler import dmd_pipeline_scheduler, dmd_student_grid
+from fewstep.objectives.pipeline_grid import pipeline_grid_spec
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import lcm_timesteps, skipping_grid
 
 VP_EXPORT_GRID = 50  # VP students are sampled at LCMScheduler's picks from a 50-step skipping grid (exportable)
+DEFAULT_MID_U = [1.1, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05]  # flow/TrigFlow sampling angles after π/2 (sCM)
 
 
 class SCMConfig(BaseModel):
@@ -69,10 +74,14 @@ class SCMConfig(BaseModel):
     tangent: Literal["jvp", "finite_difference"] = "jvp"
     fd_size: float = Field(1e-4, gt=0.0, description="finite-difference step (rCM fd_size)")
     jvp_primal_grad: bool = Field(False, description="backprop through the JVP's primal (one fewer forward)")
-    mid_u: list[float] = Field(
-        default_factory=lambda: [1.1, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05],
-        min_length=1, description="flow/TrigFlow teachers: the intermediate angles of multistep sampling",
+    mid_u: list[float] | None = Field(
+        None, min_length=1,
+        description=f"flow/TrigFlow teachers: the intermediate angles of multistep sampling (None: {DEFAULT_MID_U}); "
+        "a pipeline without sigmas= (Wan, LTX) samples its exported scheduler's grid instead and takes none",
     )  # fmt: skip
+    pipeline_steps: int = Field(
+        4, ge=2, description="pipelines without sigmas= (Wan, LTX): the step count the exported scheduler is made for"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,6 +172,26 @@ def scm_update(
     return loss, metrics
 
 
+def pipeline_scheduler(teacher: Teacher, config: SCMConfig) -> dict[str, Any] | None:
+    """The exported scheduler of a continuous-time student whose text pipeline takes no ``sigmas=`` (Wan, LTX), whose
+    own grid the student then samples (``dmd_pipeline_scheduler``: at ``config.pipeline_steps`` steps, DMD's
+    ``shift(1 − i/K)`` on the teacher's shift); ``None`` where the pipeline takes ``sigmas=`` or is a pixel pipeline
+    (``DDPMPipeline``: its export writes the sampling loop out, at any levels), and the student samples ``mid_u``.
+
+    Raises:
+        ValueError: ``mid_u`` is set for such a pipeline, which cannot be given those angles.
+    """
+    call = inspect.signature(type(teacher.pipeline).__call__).parameters if teacher.pipeline is not None else {}
+    scheduler = dmd_pipeline_scheduler(teacher, config.pipeline_steps) if "prompt" in call else None
+    if scheduler is not None and config.mid_u is not None:
+        raise ValueError(
+            f"objective.mid_u={config.mid_u}: {type(teacher.pipeline).__name__} takes no sigmas=, so a student cannot "
+            "be sampled there at chosen angles. Remove mid_u: the student samples the exported scheduler's own grid "
+            f"(objective.pipeline_steps sets the step count it is made for, now {config.pipeline_steps})."
+        )
+    return scheduler
+
+
 def check_teacher(teacher: Teacher) -> None:
     if teacher.schedule.kind not in ("vp", "flow", "trigflow"):
         raise ValueError(
@@ -179,27 +208,37 @@ def check_teacher(teacher: Teacher) -> None:
 @dataclass
 class SCMSampler:
     """sCM multistep sampling: ``x̂0 = cos u·x − sin u·F_θ(x, u)``, then re-noise
-    ``x ← cos u'·x̂0 + sin u'·z``. Flow/TrigFlow students start at ``u = π/2`` (x = noise) and visit ``mid_u``; VP
-    students visit LCMScheduler's picks from a 50-step skipping grid (so a stock ``LCMScheduler`` reproduces them).
+    ``x ← cos u'·x̂0 + sin u'·z``. Flow/TrigFlow students start at ``u = π/2`` (x = noise) and visit ``mid_u``
+    (``None``: ``DEFAULT_MID_U``); VP students visit LCMScheduler's picks from a 50-step skipping grid (so a stock
+    ``LCMScheduler`` reproduces them); students of a pipeline without ``sigmas=`` visit the levels its exported
+    scheduler ``pipeline_scheduler`` runs there (``dmd_student_grid``; made for ``pipeline_steps`` steps).
     """
 
     denoiser: Denoiser
     schedule: Schedule
-    mid_u: list[float]
+    mid_u: list[float] | None
+    pipeline_scheduler: dict[str, Any] | None = None
+    pipeline_steps: int = 4
 
-    def angles(self, num_steps: int) -> Tensor:
-        """The ``num_steps`` TrigFlow angles visited (descending)."""
+    def angles(self, num_steps: int, shape: tuple[int, ...] = ()) -> Tensor:
+        """The ``num_steps`` TrigFlow angles visited (descending); ``shape``: the latents', for a grid that shifts
+        by the token count (LTX)."""
         if self.schedule.kind == "vp":
             taus = lcm_timesteps(skipping_grid(self.schedule, VP_EXPORT_GRID), num_steps)
             return torch.atan2(self.schedule.sigma(taus), self.schedule.alpha(taus))
-        if num_steps - 1 > len(self.mid_u):
-            raise ValueError(f"num_steps={num_steps}: objective.mid_u has {len(self.mid_u)} intermediate angles.")
-        return torch.tensor([HALF_PI, *self.mid_u[: num_steps - 1]], dtype=torch.float32)
+        if self.pipeline_scheduler is not None:  # flow level s ↔ angle arctan(s / (1 − s))
+            ntok = num_tokens(self.denoiser, shape)
+            levels = dmd_student_grid(self.schedule, num_steps, ntok, self.pipeline_scheduler)
+            return torch.atan2(levels, 1 - levels)
+        mid_u = self.mid_u if self.mid_u is not None else DEFAULT_MID_U
+        if num_steps - 1 > len(mid_u):
+            raise ValueError(f"num_steps={num_steps}: objective.mid_u has {len(mid_u)} intermediate angles.")
+        return torch.tensor([HALF_PI, *mid_u[: num_steps - 1]], dtype=torch.float32)
 
     def __call__(
         self, noise: Tensor, cond: Conditioning, num_steps: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        angles = self.angles(num_steps).to(noise.device)
+        angles = self.angles(num_steps, tuple(noise.shape)).to(noise.device)
         x, x0 = noise.float(), noise.float()
         was_training = self.denoiser.training
         self.denoiser.eval()
@@ -255,6 +294,7 @@ class SCM:
         self.schedule = teacher.schedule
         self.weighting = AdaptiveWeight() if config.adaptive_weighting else None
         self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else teacher.guidance_scale
+        self.pipeline_scheduler = pipeline_scheduler(teacher, config)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -291,7 +331,7 @@ class SCM:
         """Nothing: θ⁻ = sg(θ)."""
 
     def sampler(self) -> SCMSampler:
-        return SCMSampler(self.student.denoiser, self.schedule, list(self.config.mid_u))
+        return trigflow_sampler(self.student.denoiser, self.schedule, self.config, self.pipeline_scheduler)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -306,13 +346,24 @@ class SCM:
         """Nothing beyond the student."""
 
 
+def trigflow_sampler(
+    denoiser: Denoiser, schedule: Schedule, config: SCMConfig, pipeline_scheduler: dict[str, Any] | None
+) -> SCMSampler:
+    """The ``SCMSampler`` of a continuous-time student (sCM, rCM, TBCM) from its recipe block."""
+    return SCMSampler(denoiser, schedule, config.mid_u, pipeline_scheduler, config.pipeline_steps)
+
+
 def trigflow_sampling_spec(
     sampler: SCMSampler, teacher: Teacher, guidance_scale: float, name: str, steps: tuple[int, ...]
 ) -> SamplingSpec:
     """The ``SamplingSpec`` of an ``SCMSampler`` student (sCM, rCM, TBCM; ``name``): ``LCMScheduler`` (VP) or
     ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` with the trained sigmas (flow). ``guidance_scale``:
-    the teacher's CFG ``w`` in training, for the card."""
+    the teacher's CFG ``w`` in training, for the card. A pipeline without ``sigmas=`` (Wan, LTX) gets its exported
+    scheduler, whose own grid is the student's (``pipeline_grid_spec``)."""
     schedule = sampler.schedule
+    if sampler.pipeline_scheduler is not None:
+        note = f"trained with teacher CFG w = {guidance_scale}"
+        return pipeline_grid_spec(sampler.pipeline_scheduler, schedule, steps, sampler.pipeline_steps, name, note)
     common = dict(
         objective=name,
         recommended_steps=2,
@@ -324,7 +375,7 @@ def trigflow_sampling_spec(
         return lcm_vp_spec(teacher, timesteps, VP_EXPORT_GRID, 10.0, **common)
     if schedule.kind != "flow":
         raise ValueError(f"Export of TrigFlow students needs a VP or flow teacher, not a {schedule.kind!r} schedule.")
-    steps = tuple(s for s in steps if s - 1 <= len(sampler.mid_u))
+    steps = tuple(s for s in steps if s - 1 <= len(sampler.mid_u or DEFAULT_MID_U))
     levels = {s: (torch.sin(a) / (torch.sin(a) + torch.cos(a))).clamp(0, 1) for s in steps for a in [sampler.angles(s)]}
     if schedule.use_dynamic_shifting:  # angles do not depend on the resolution: export them unshifted (Flux, Qwen)
         sigmas = {s: lv.tolist() for s, lv in levels.items()}

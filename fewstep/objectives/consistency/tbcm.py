@@ -35,8 +35,10 @@ from fewstep.objectives.consistency.scm import (
     SCMConfig,
     SCMSampler,
     check_teacher,
+    pipeline_scheduler,
     sample_u,
     scm_update,
+    trigflow_sampler,
     trigflow_sampling_spec,
 )
 from fewstep.objectives.consistency.trigflow import teacher_trig_velocity, trig_noise
@@ -90,6 +92,7 @@ class TBCM:
         self.schedule = teacher.schedule
         self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else teacher.guidance_scale
         self.weighting = AdaptiveWeight() if config.adaptive_weighting else None
+        self.pipeline_scheduler = pipeline_scheduler(teacher, config)
         from fewstep.models.backbones import latent_shape
 
         self.noise_shape = tuple(latent_shape(teacher, 1, config.resolution)[1:])
@@ -174,7 +177,7 @@ class TBCM:
         """Nothing: θ⁻ = sg(θ)."""
 
     def sampler(self) -> SCMSampler:
-        return SCMSampler(self.student.denoiser, self.schedule, list(self.config.mid_u))
+        return trigflow_sampler(self.student.denoiser, self.schedule, self.config, self.pipeline_scheduler)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
