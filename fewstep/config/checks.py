@@ -7,6 +7,9 @@
   ``train.log_with`` trackers. ``fewstep validate`` runs them, and so do ``fewstep train`` and
   ``fewstep.train.loop.train`` before any model loads (a run directory's recipe is also read back by export and eval,
   where the training data need not exist any more).
+* ``video_issues``: the recipe's clips against its teacher's video VAE and backbone (``data.num_frames``,
+  ``data.resolution``), read from the teacher's configs without a weight. ``fewstep validate`` runs them; training
+  checks the same rule once the teacher has loaded (``fewstep.data.video_folder.prepare_video_data``).
 """
 
 from __future__ import annotations
@@ -140,6 +143,26 @@ def input_issues(recipe: Any, name: str | None = None, teacher: bool = True) -> 
     issues += _output_dir_issues(recipe.output_dir)
     issues += tracker_issues(recipe.train.log_with)
     return issues
+
+
+def video_issues(recipe: Any) -> list[RecipeIssue]:
+    """The recipe's clip shape against its teacher (``fewstep.data.video_folder.clip_shape_problems``): a frame count
+    the video VAE cannot take, a resolution off the teacher's pixel multiple, ``data.num_frames`` on an image teacher.
+
+    The teacher is built from its configs on the meta device (``fewstep.plan.meta.config_teacher``: a local pipeline
+    directory, ``tiny:`` / ``fewstep:``, the configs shipped for well-known Hub ids or the local Hugging Face cache);
+    nothing is checked when the recipe names no clip shape or this machine has no configs for the teacher.
+    """
+    data = recipe.data
+    if data.num_frames is None and data.resolution is None:
+        return []
+    from fewstep.data.video_folder import clip_shape_problems  # lazy: torch and diffusers
+    from fewstep.plan.meta import config_teacher
+
+    teacher = config_teacher(recipe.teacher.pretrained, recipe.teacher.revision)
+    if teacher is None:
+        return []
+    return [RecipeIssue(("data", key), problem) for key, problem in clip_shape_problems(data, teacher)]
 
 
 def tracker_issues(names: list[str]) -> list[RecipeIssue]:
