@@ -9,6 +9,10 @@ Text-to-image targets are measured against their teacher's own samples on the sa
 (``fewstep.eval.teacher_reference``: sampled once, cached): ``fid_teacher`` and ``diversity`` by default,
 ``inception_fid`` against ``--reference DIR``, ``clip`` with ``--clip``. Every target with a diversity column gets the
 ratio to its teacher's, and students below ``--min-diversity-ratio`` are flagged (``fewstep.eval.coverage``).
+
+Video targets are measured frame by frame (``fewstep.eval.harness.frames_of``). Image-to-video runs and teachers take
+their first frames with ``--images`` (``fewstep.data.first_frames.read_first_frames``), or from a ``--prompts`` .jsonl
+naming an image per line; Wan 2.1 I2V without them is refused from its teacher's configs, before any weight loads.
 """
 
 from __future__ import annotations

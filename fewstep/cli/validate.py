@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     path = resolve_recipe(args.recipe)
     issues = [] if args.no_files else input_issues(recipe, shlex.join([args.recipe, *args.overrides]))
-    issues += video_issues(recipe)
+    notes: list[str] = []
+    issues += video_issues(recipe, notes)
     launch = resolve_launch_config(args.accelerate_config) if args.accelerate_config else None
     launch_issues = launch_config_issues(launch, recipe, machine=not args.no_files) if launch else []
     errors = [RecipeError(issues, source=str(path))] if issues else []
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         f"valid: {path} (objective {getattr(recipe.objective, 'name', '?')}, "
         f"teacher {recipe.teacher.pretrained}, student {recipe.student.kind}, {recipe.train.max_steps} steps)"
     )
+    for note in notes:
+        print(f"note: {note}")
     return _report_launch(launch, []) if launch else 0
 
 

@@ -145,13 +145,14 @@ def input_issues(recipe: Any, name: str | None = None, teacher: bool = True) -> 
     return issues
 
 
-def video_issues(recipe: Any) -> list[RecipeIssue]:
+def video_issues(recipe: Any, notes: list[str] | None = None) -> list[RecipeIssue]:
     """The recipe's clip shape against its teacher (``fewstep.data.video_folder.clip_shape_problems``): a frame count
     the video VAE cannot take, a resolution off the teacher's pixel multiple, ``data.num_frames`` on an image teacher.
 
     The teacher is built from its configs on the meta device (``fewstep.plan.meta.config_teacher``: a local pipeline
     directory, ``tiny:`` / ``fewstep:``, the configs shipped for well-known Hub ids or the local Hugging Face cache);
-    nothing is checked when the recipe names no clip shape or this machine has no configs for the teacher.
+    nothing is checked when the recipe names no clip shape or this machine has no configs for the teacher, and then a
+    recipe with ``data.num_frames`` gets a line in ``notes`` saying how to fetch the configs.
     """
     data = recipe.data
     if data.num_frames is None and data.resolution is None:
@@ -159,8 +160,15 @@ def video_issues(recipe: Any) -> list[RecipeIssue]:
     from fewstep.data.video_folder import clip_shape_problems  # lazy: torch and diffusers
     from fewstep.plan.meta import config_teacher
 
-    teacher = config_teacher(recipe.teacher.pretrained, recipe.teacher.revision)
+    pretrained = recipe.teacher.pretrained
+    teacher = config_teacher(pretrained, recipe.teacher.revision)
     if teacher is None:
+        if notes is not None and data.num_frames is not None:
+            notes.append(
+                f"data.num_frames was not checked against the teacher: no configs for {pretrained!r} on this machine. "
+                f"Fetch them once to check it here (`huggingface-cli download {pretrained} --include '*.json'`); "
+                "training checks it when the teacher loads."
+            )
         return []
     return [RecipeIssue(("data", key), problem) for key, problem in clip_shape_problems(data, teacher)]
 

@@ -88,3 +88,5 @@ def test_a_teacher_without_configs_here_is_left_to_training(tmp_path, capsys, no
     # a Hub id neither shipped nor in the local cache: nothing to read the clip rules from, nothing is downloaded
     code, out, _ = validate(capsys, write_recipe(tmp_path, "someone/unknown-video-model", num_frames=80))
     assert code == 0 and out.startswith("valid: ")
+    assert "note: data.num_frames was not checked against the teacher: no configs for 'someone/unknown" in out
+    assert "huggingface-cli download someone/unknown-video-model --include '*.json'" in out
