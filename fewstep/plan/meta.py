@@ -144,7 +144,7 @@ def config_teacher(pretrained: str, revision: str | None = None) -> Teacher | No
         directory, _ = config_directory(pretrained, revision)
         with quiet_loading(), quiet_diffusers():  # validate prints its verdict alone
             pipeline = meta_pipeline(directory, torch.float32)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError, ImportError):  # no configs here, or configs this diffusers cannot build
         return None
     return meta_teacher(pipeline, 1.0)[0]
 

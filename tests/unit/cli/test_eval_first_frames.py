@@ -151,3 +151,14 @@ def test_first_frame_mistakes_exit_2_with_one_error_line(run, tmp_path, capsys, 
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_wan22_ti2v_evaluates_text_to_video_without_first_frames_and_image_to_video_with_them(tmp_path):
+    frame = random_image(tmp_path / "first.png", 3)
+    argv = ["eval", "tiny:wan22_ti2v", "--steps", "1", "--no-teacher", "--metrics", "diversity", "--num-samples", "2"]
+    assert main([*argv, "--out", str(tmp_path / "t2v")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "i2v"), "--images", str(frame)]) == 0
+    report = json.loads((tmp_path / "i2v" / "eval.json").read_text())
+    model = report["models"][report["rows"][0]["model"]]
+    assert model["family"] == "wan22_ti2v" and len(model["first_frames_sha256"]) == 64
+    assert np.abs(grid(tmp_path / "t2v") - grid(tmp_path / "i2v")).max() > 10
