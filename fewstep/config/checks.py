@@ -155,8 +155,8 @@ def video_issues(recipe: Any, notes: list[str] | None = None) -> list[RecipeIssu
     recipe with ``data.num_frames`` gets a line in ``notes`` saying how to fetch the configs.
     """
     data = recipe.data
-    if data.num_frames is None and data.resolution is None:
-        return []
+    if data.num_frames is None and (data.resolution is None or not _names_3d_backbone(recipe.teacher)):
+        return []  # data.resolution alone follows a video rule only for a video teacher
     from fewstep.data.video_folder import clip_shape_problems  # lazy: torch and diffusers
     from fewstep.plan.meta import config_teacher
 
@@ -171,6 +171,22 @@ def video_issues(recipe: Any, notes: list[str] | None = None) -> list[RecipeIssu
             )
         return []
     return [RecipeIssue(("data", key), problem) for key, problem in clip_shape_problems(data, teacher)]
+
+
+def _names_3d_backbone(teacher: Any) -> bool:
+    """Whether the teacher's ``model_index.json`` names a 3-D backbone (diffusers' video models are
+    ``...Transformer3DModel``), read as JSON alone: an image recipe's ``data.resolution`` then costs no pipeline build
+    (importing diffusers' pipelines takes seconds). ``False`` when this machine has no configs for the teacher."""
+    import json
+
+    from fewstep.plan.sources import INDEX, config_directory
+
+    try:
+        directory, _ = config_directory(teacher.pretrained, teacher.revision)
+        index = json.loads((directory / INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(v, list) and len(v) == 2 and str(v[1]).endswith("3DModel") for v in index.values())
 
 
 def tracker_issues(names: list[str]) -> list[RecipeIssue]:

@@ -90,3 +90,10 @@ def test_a_teacher_without_configs_here_is_left_to_training(tmp_path, capsys, no
     assert code == 0 and out.startswith("valid: ")
     assert "note: data.num_frames was not checked against the teacher: no configs for 'someone/unknown" in out
     assert "huggingface-cli download someone/unknown-video-model --include '*.json'" in out
+
+
+def test_an_image_recipe_with_a_resolution_builds_no_pipeline(tmp_path, capsys, monkeypatch):
+    # its model_index.json names no 3-D backbone, so no video rule applies and diffusers' pipelines stay unimported
+    monkeypatch.setattr("fewstep.plan.meta.config_teacher", lambda *a, **k: pytest.fail("a pipeline was built"))
+    code, out, _ = validate(capsys, write_recipe(tmp_path, "tiny:sd15", resolution=30))
+    assert code == 0 and out.startswith("valid: ")
