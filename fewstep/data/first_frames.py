@@ -148,14 +148,14 @@ def read_first_frames(path: str | Path, prompts: Sequence[str] | None) -> tuple[
                 "with --prompts FILE, or give --images an image or a prompts .jsonl."
             )
         images = sorted(p for p in file.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        distinct = list(dict.fromkeys(prompts or ()))
+        distinct = list(dict.fromkeys(prompts))
         if not images or len(images) != len(distinct):
             raise ValueError(
                 f"--images {str(path)!r} holds {len(images)} image(s) ({', '.join(IMAGE_SUFFIXES)}) for "
                 f"{len(distinct)} prompt(s): a folder gives one first frame per prompt (in file-name order, the "
                 f"prompts in the order of --prompts); or give {_IMAGES_HINT}."
             )
-        return list(prompts or ()), dict(zip(distinct, images, strict=True))
+        return list(prompts), dict(zip(distinct, images, strict=True))
     if file.suffix.lower() == ".jsonl":
         if prompts is not None:
             raise ValueError(f"--images {str(path)!r} is a prompts .jsonl, which names the prompts itself: drop "

@@ -10,12 +10,14 @@ the quickstart (``fewstep.eval.quickstart``) and the benchmark scripts build the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -112,10 +114,6 @@ def first_frames_of(prompts: list[str], images: FirstFrames) -> list[Any]:
 def first_frames_sha256(images: FirstFrames) -> str | None:
     """A digest of the first frames' pixels (``None``: no first frames), prompt by prompt for a dict: it tells
     evaluations with other first frames apart (the report, the teacher reference's cache key)."""
-    import hashlib
-
-    import numpy as np
-
     if images is None:
         return None
     digest = hashlib.sha256()
