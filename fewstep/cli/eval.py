@@ -9,6 +9,10 @@ Text-to-image targets are measured against their teacher's own samples on the sa
 (``fewstep.eval.teacher_reference``: sampled once, cached): ``fid_teacher`` and ``diversity`` by default,
 ``inception_fid`` against ``--reference DIR``, ``clip`` with ``--clip``. Every target with a diversity column gets the
 ratio to its teacher's, and students below ``--min-diversity-ratio`` are flagged (``fewstep.eval.coverage``).
+
+Video targets are measured frame by frame (``fewstep.eval.harness.frames_of``). Image-to-video runs and teachers take
+their first frames with ``--images`` (``fewstep.data.first_frames.read_first_frames``), or from a ``--prompts`` .jsonl
+naming an image per line; Wan 2.1 I2V without them is refused from its teacher's configs, before any weight loads.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         metavar="FILE",
         help='text models: a file with one prompt per line, or .jsonl with {"prompt": ...} per line',
     )
+    parser.add_argument("--images", metavar="PATH",
+                        help="image-to-video models (wan21_i2v, wan22_ti2v): the first frames, as an image for every "
+                        "prompt, a folder with one image per prompt (file-name order, with --prompts), or a prompts "
+                        '.jsonl with {"prompt": ..., "image": ...} per line (a --prompts .jsonl with images needs no '
+                        "--images)")  # fmt: skip
     parser.add_argument("--images-per-prompt", type=int, default=None, metavar="N",
                         help="text models: N seeds per prompt (the image count becomes N x prompts; default: "
                         "--num-samples, prompts cycled)")  # fmt: skip
@@ -141,12 +150,61 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--reference {args.reference!r}: no such folder (give a folder of image files).")
 
 
-def _prompts(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
+def _prompts_and_frames(args: argparse.Namespace) -> tuple[list[str] | None, Any]:
+    """The evaluation's prompts (``--prompts``; ``None``: the defaults) and first frames (``--images``, or the
+    ``"image"`` of each line of a ``--prompts`` .jsonl; ``None``: none), as ``fewstep.data.first_frames`` reads them
+    for training."""
+    if args.prompts is None and args.images is None:
+        return None, None
+    from fewstep.data.first_frames import first_frames_by_prompt, read_first_frames
     from fewstep.data.prompts import PromptDataset
 
-    return PromptDataset(path=path).prompts
+    dataset = PromptDataset(path=args.prompts) if args.prompts is not None else None
+    prompts = dataset.prompts if dataset is not None else None
+    if dataset is not None and dataset.images is not None:
+        if args.images is not None:
+            raise ValueError(f'--prompts {args.prompts!r} names a first frame per line ("image") already: drop '
+                             "--images, or give --prompts without images.")  # fmt: skip
+        return prompts, first_frames_by_prompt(dataset.prompts, dataset.images, args.prompts)
+    if args.images is None:
+        return prompts, None
+    return read_first_frames(args.images, prompts)
+
+
+def _config_family(target: str, kind: str) -> str | None:
+    """The family of the target's teacher from its configs alone (no weight loads), so that first frames are checked
+    before any model loads; ``None`` for exports and where the configs are not on this machine."""
+    from fewstep.config.errors import RecipeError
+    from fewstep.config.load import read_recipe_file
+    from fewstep.plan.meta import config_teacher
+    from fewstep.train.run import CONFIG_FILE
+
+    if kind == "export":
+        return None
+    pretrained: Any = target
+    if kind == "run":
+        try:
+            pretrained = read_recipe_file(Path(target) / CONFIG_FILE)["teacher"]["pretrained"]
+        except (RecipeError, KeyError, TypeError):
+            return None  # the run loader reports a broken run directory
+    teacher = config_teacher(str(pretrained))
+    return teacher.family if teacher is not None else None
+
+
+def _check_first_frames(target: str, family: str | None, frames: Any) -> None:
+    """Refuse an image-to-video model that needs first frames without ``--images``, and first frames for a model that
+    takes none."""
+    from fewstep.data.first_frames import JSONL_HINT
+    from fewstep.models.prompts import FIRST_FRAME_REQUIRED, IMAGE_TO_VIDEO_FAMILIES
+
+    if frames is None and family in FIRST_FRAME_REQUIRED:
+        raise ValueError(
+            f"{target!r} is a {family} model, which generates each clip from its first frame: pass --images with an "
+            f"image for every prompt, a folder with one image per prompt (with --prompts), or {JSONL_HINT}."
+        )
+    if frames is not None and family is not None and family not in IMAGE_TO_VIDEO_FAMILIES:
+        raise ValueError(f"--images gives first frames to image-to-video models ({', '.join(IMAGE_TO_VIDEO_FAMILIES)});"
+                         f" {target!r} is of the {family} family. Drop --images.")  # fmt: skip
 
 
 def default_out(target: str, kind: str) -> Path:
@@ -182,9 +240,9 @@ def _inputs(args: argparse.Namespace, target: Any, prompts: list[str] | None) ->
     return target.inputs(args.images_per_prompt * len(distinct), distinct)  # prompt i % P: N seeds per prompt
 
 
-def _reference_teacher(args: argparse.Namespace, target: Any, num_steps: int, device: Any) -> Any:
+def _reference_teacher(args: argparse.Namespace, target: Any, num_steps: int, device: Any, frames: Any) -> Any:
     """The teacher ``Sampler`` whose samples are the text reference: ``--teacher``, else the target's own teacher,
-    else an export's base model; at the student's noise shape (the same seeds)."""
+    else an export's base model; at the student's noise shape (the same seeds) and first frames."""
     from fewstep.eval.targets import teacher_target
 
     shape = target.samplers[0].noise_shape
@@ -193,7 +251,8 @@ def _reference_teacher(args: argparse.Namespace, target: Any, num_steps: int, de
         raise ValueError(f"No teacher is known for {args.target!r}: pass --teacher ID (or --base for a LoRA export).")
     if spec is None:
         return target.teacher
-    return teacher_target(spec, steps=[num_steps], guidance_scale=args.guidance, device=device, shape=shape).teacher
+    return teacher_target(spec, steps=[num_steps], guidance_scale=args.guidance, device=device, shape=shape,
+                          images=frames).teacher  # fmt: skip
 
 
 def _without_reference_rows(target: Any, reference: Any) -> None:
@@ -221,12 +280,14 @@ def run(args: argparse.Namespace) -> int:
     kind = target_kind(args.target)
     out = Path(args.out) if args.out else default_out(args.target, kind)
     _check_out(out, args.target, kind)
-    prompts = _prompts(args.prompts)
+    prompts, frames = _prompts_and_frames(args)
+    _check_first_frames(args.target, _config_family(args.target, kind), frames)  # before any weight loads
     teacher_steps = [] if args.no_teacher else args.teacher_steps
     target = load_target(
         args.target, steps=args.steps, teacher_steps=teacher_steps, guidance_scale=args.guidance, device=args.device,
-        checkpoint=args.checkpoint, weights=args.weights, base=args.base,
+        checkpoint=args.checkpoint, weights=args.weights, base=args.base, images=frames,
     )  # fmt: skip
+    _check_first_frames(args.target, target.samplers[0].info.get("family"), frames)
     inputs = _inputs(args, target, prompts)
     network = target.samplers[0].network
     device = next(network.parameters()).device if network is not None else args.device  # where the models are
@@ -234,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     reference = None
     if target.conditioning == "text" and TEACHER_METRICS & set(names):
         num_steps = args.reference_steps or max(args.teacher_steps or [TEACHER_STEPS])
-        sampler = _reference_teacher(args, target, num_steps, device)
+        sampler = _reference_teacher(args, target, num_steps, device, frames)
         extractor = inception_extractor(args.inception, device=device, progress=True)
         reference = TeacherReference(sampler, num_steps, inputs, extractor, seed=args.seed, batch_size=args.batch_size)
         _without_reference_rows(target, reference)

@@ -1,7 +1,8 @@
 """``fewstep validate RECIPE [key=value ...] [--accelerate-config FILE]``: "valid", or every error with its key path
-(exit status 2): the schema, the checks across blocks, and the files and directories the recipe names on this machine
-(``fewstep.config.checks``). With ``--accelerate-config`` also the accelerate launch config the recipe will run under
-(``fewstep.config.launch``); ``fewstep validate FILE`` checks an accelerate config alone."""
+(exit status 2): the schema, the checks across blocks, the files and directories the recipe names on this machine, and
+a video recipe's frame count and resolution against its teacher's configs (``fewstep.config.checks``). With
+``--accelerate-config`` also the accelerate launch config the recipe will run under (``fewstep.config.launch``);
+``fewstep validate FILE`` checks an accelerate config alone."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the parser alone needs no pydantic; validating imports the objectives' configs (and with them torch)
-    from fewstep.config.checks import input_issues
+    from fewstep.config.checks import input_issues, video_issues
     from fewstep.config.errors import RecipeError
     from fewstep.config.launch import launch_config_issues, resolve_launch_config
     from fewstep.config.load import load_recipe, resolve_recipe
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     path = resolve_recipe(args.recipe)
     issues = [] if args.no_files else input_issues(recipe, shlex.join([args.recipe, *args.overrides]))
+    notes: list[str] = []
+    issues += video_issues(recipe, notes)
     launch = resolve_launch_config(args.accelerate_config) if args.accelerate_config else None
     launch_issues = launch_config_issues(launch, recipe, machine=not args.no_files) if launch else []
     errors = [RecipeError(issues, source=str(path))] if issues else []
@@ -74,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         f"valid: {path} (objective {getattr(recipe.objective, 'name', '?')}, "
         f"teacher {recipe.teacher.pretrained}, student {recipe.student.kind}, {recipe.train.max_steps} steps)"
     )
+    for note in notes:
+        print(f"note: {note}")
     return _report_launch(launch, []) if launch else 0
 
 

@@ -7,6 +7,8 @@
   "frame.png"}`` (relative to the file); the prompt cache keys such rows on ``(prompt, image)``.
 * Image folders and image shards (no frames) are refused, and so are caches of Wan 2.1 I2V data or of data with first
   frames (a cache keeps none): ``check_first_frame_source``.
+* Evaluation (``fewstep eval --images``): one image for every prompt, a folder with one image per prompt, or the same
+  prompts ``.jsonl`` (``read_first_frames``); each prompt gets one first frame.
 
 Every first frame is prepared by the pipeline's own code (``fewstep.models.prompts.first_frame_conditioning``) for the
 clip it conditions: a clip's own shape, or for prompts ``clip_size(teacher)``, the teacher's default video size, which
@@ -16,6 +18,8 @@ for data-free batches, the sample grids) reads. ``objective.resolution`` would d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -23,10 +27,12 @@ from torch import Tensor
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.prompts import FIRST_FRAME_REQUIRED, IMAGE_TO_VIDEO_FAMILIES, first_frame_conditioning
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what a folder of first frames is read from
 JSONL_HINT = (
     'a .jsonl prompt file with one {"prompt": "...", "image": "first_frame.png"} object per line (the image path '
     "relative to the file)"
 )
+_IMAGES_HINT = f"an image (the first frame of every prompt), a folder with one image per prompt, or {JSONL_HINT}"
 
 
 def takes_first_frames(teacher: Any) -> bool:
@@ -107,3 +113,70 @@ def check_first_frame_source(data_cfg: Any, teacher: Any, has_frames: bool = Fal
             "clips (set data.num_frames), or from prompts with "
             f"first frames ({JSONL_HINT})."
         )
+
+
+def read_first_frames(path: str | Path, prompts: Sequence[str] | None) -> tuple[list[str] | None, Any]:
+    """The first frames ``path`` names for an evaluation, and the prompts they go with.
+
+    * an image file: one first frame for every prompt;
+    * a folder: its images (``IMAGE_SUFFIXES``) in file-name order, one per distinct prompt of ``prompts`` in order;
+    * a prompts ``.jsonl`` with an ``"image"`` per line (``fewstep.data.prompts.PromptDataset``, as training reads
+      it): its own prompts and their images, so ``prompts`` must be ``None``.
+
+    Args:
+        path: the image, folder or ``.jsonl`` file.
+        prompts: the evaluation's prompts (``None``: the caller's defaults; a folder needs them).
+
+    Returns:
+        ``(prompts, first frames)``: the prompts (``prompts`` itself, or the ``.jsonl``'s), and an image path for every
+        prompt or a ``{prompt: image path}`` dict (what the eval samplers' ``images=`` take).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a folder without images or with another count than the prompts, a ``.jsonl`` naming no images
+            or given with ``prompts``, a prompt named twice with two images, a file that is not an image.
+    """
+    from fewstep.data.prompts import PromptDataset
+
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise FileNotFoundError(f"--images {str(path)!r} does not exist: give {_IMAGES_HINT}.")
+    if file.is_dir():
+        if not prompts:
+            raise ValueError(
+                f"--images {str(path)!r} is a folder, one first frame per prompt in file-name order: give the prompts "
+                "with --prompts FILE, or give --images an image or a prompts .jsonl."
+            )
+        images = sorted(p for p in file.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        distinct = list(dict.fromkeys(prompts))
+        if not images or len(images) != len(distinct):
+            raise ValueError(
+                f"--images {str(path)!r} holds {len(images)} image(s) ({', '.join(IMAGE_SUFFIXES)}) for "
+                f"{len(distinct)} prompt(s): a folder gives one first frame per prompt (in file-name order, the "
+                f"prompts in the order of --prompts); or give {_IMAGES_HINT}."
+            )
+        return list(prompts), dict(zip(distinct, images, strict=True))
+    if file.suffix.lower() == ".jsonl":
+        if prompts is not None:
+            raise ValueError(f"--images {str(path)!r} is a prompts .jsonl, which names the prompts itself: drop "
+                             "--prompts, or give --images an image or a folder.")  # fmt: skip
+        dataset = PromptDataset(path=file)
+        if dataset.images is None:
+            raise ValueError(f"--images {str(path)!r} names no first frame: give it as {JSONL_HINT}.")
+        return dataset.prompts, first_frames_by_prompt(dataset.prompts, dataset.images, str(path))
+    if file.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--images {str(path)!r} is not an image ({', '.join(IMAGE_SUFFIXES)}): give {_IMAGES_HINT}.")
+    return list(prompts) if prompts is not None else None, file
+
+
+def first_frames_by_prompt(prompts: Sequence[str], images: Sequence[Path], source: str) -> dict[str, Path]:
+    """``{prompt: first frame}`` of a prompts ``.jsonl``'s rows. An evaluation conditions every sample of a prompt on
+    one first frame, so a prompt named twice must name the same image (``ValueError`` otherwise)."""
+    frames: dict[str, Path] = {}
+    for prompt, image in zip(prompts, images, strict=True):
+        if frames.setdefault(prompt, image) != image:
+            raise ValueError(
+                f"{source} names two first frames for the prompt {prompt!r} ({frames[prompt].name}, {image.name}); "
+                "an evaluation pairs each prompt with one: make the prompts distinct (e.g. add what the image shows)."
+            )
+    return frames

@@ -190,37 +190,60 @@ def clip_first_frames(files: list[Path], size: int | tuple[int, int], cache: Lat
     return torch.stack(frames)
 
 
+def clip_shape_problems(data_cfg: Any, teacher: Any) -> list[tuple[str, str]]:
+    """``(data key, problem)`` for each way the recipe's clips do not fit the teacher (empty: they fit).
+
+    ``data.num_frames`` with an image teacher; a frame count the video VAE cannot take (``frame_count_problem``: Wan
+    ``4k + 1``, LTX-Video ``8k + 1``); sides that are not a multiple of the VAE's spatial factor × the backbone's patch
+    (``video_size_problems``), at ``data.resolution`` or the pipeline's default size. Each problem names the nearest
+    valid values. The teacher's configs suffice: ``fewstep validate`` asks a teacher built on the meta device
+    (``fewstep.plan.meta.config_teacher``), training the loaded one (``prepare_video_data``).
+    """
+    from fewstep.models.backbones import frame_count_problem, is_video_pipeline, video_defaults, video_size_problems
+
+    frames, pipe = data_cfg.num_frames, teacher.pipeline
+    if not is_video_pipeline(pipe):
+        if frames is None:
+            return []
+        return [("num_frames", f"asks for video, but the teacher {teacher.family!r} is an image model: remove "
+                               "data.num_frames, or distill a video teacher (wan21, wan22, ltx)")]  # fmt: skip
+    if frames is None and data_cfg.resolution is None:
+        return []
+    _, height, width = video_defaults(pipe)
+    if data_cfg.resolution is not None:
+        height = width = int(data_cfg.resolution)
+    problem = frame_count_problem(pipe, frames, teacher.family) if frames is not None else None
+    problems = [("num_frames", problem)] if problem else []
+    return problems + [("resolution", side) for side in video_size_problems(teacher, None, height, width)]
+
+
 def prepare_video_data(data_cfg: Any, teacher: Any) -> None:
-    """Check the recipe's clip shape against the teacher before any model work, and make it the teacher's default
-    video size (what data-free batches, sample grids and image-to-video first frames are made at). Does nothing for a
-    video teacher without ``data.num_frames`` and ``data.resolution``.
+    """Check the recipe's clip shape against the teacher before any model work (``clip_shape_problems``), and make it
+    the teacher's default video size (what data-free batches, sample grids and image-to-video first frames are made
+    at). Does nothing for a video teacher without ``data.num_frames`` and ``data.resolution``.
 
     Raises:
         ValueError: ``data.num_frames`` with an image teacher, or a frame count or resolution the VAE cannot take
             (the message names the nearest valid values).
     """
-    from fewstep.models.backbones import is_video_pipeline, video_defaults, video_size_problems
+    from fewstep.models.backbones import is_video_pipeline, video_defaults
 
-    frames = data_cfg.num_frames
-    pipe = teacher.pipeline
+    frames, pipe = data_cfg.num_frames, teacher.pipeline
+    problems = clip_shape_problems(data_cfg, teacher)
     if not is_video_pipeline(pipe):
-        if frames is not None:
-            raise ValueError(
-                f"data.num_frames={frames} asks for video, but the teacher {teacher.family!r} is an image model: "
-                "remove data.num_frames, or distill a video teacher (wan21, wan22, ltx)."
-            )
+        if problems:
+            raise ValueError(f"data.num_frames={frames} {problems[0][1]}.")
         return
     if frames is None and data_cfg.resolution is None:
         return
     default_frames, height, width = video_defaults(pipe)
     if data_cfg.resolution is not None:
         height = width = int(data_cfg.resolution)
-    problems = video_size_problems(teacher, frames, height, width)
     if problems:
         given = [key for key in ("num_frames", "resolution") if getattr(data_cfg, key) is not None]
         keys = " / ".join(f"data.{key}" for key in given)
         raise ValueError(
             f"{keys} ({frames or default_frames} frames, {height}×{width}) do not fit the teacher: "
-            f"{'; '.join(problems)}."
+            f"{'; '.join(problem for _, problem in problems)}."
         )
     pipe.default_video_size = (int(frames or default_frames), height, width)

@@ -12,11 +12,14 @@ what makes its numbers comparable.
 4. peak memory: ``torch.cuda.max_memory_allocated`` on a GPU (reset per row, so it includes resident weights); on
    a CPU the increase of the process's peak resident set over its value at the row's start (Linux: the peak is
    reset per row through ``/proc/self/clear_refs``; elsewhere ``resource.getrusage``'s lifetime peak);
-5. the images are quantised to 8 bits (exactly what the PNGs hold) and every metric is computed on them.
+5. the images are quantised to 8 bits (exactly what the PNGs hold) and every metric is computed on them. A video
+   model's clips ``[n, c, f, h, w]`` are measured frame by frame (``frames_of``): every frame is an image of its
+   clip's label or prompt, as per-frame FID treats them.
 
 With ``out_dir`` the report is written there (``fewstep.eval.report``): ``eval.json`` (every number and every
 comparability field), ``eval.md`` (the table and the same fields as a list), with ``save_images`` one PNG per image in
-``images/<model>_<n>steps/``, with ``save_grids`` one grid per row in ``grids/`` and the overview ``grid.png``.
+``images/<model>_<n>steps/`` (a video per clip), with ``save_grids`` one grid per row in ``grids/`` and the overview
+``grid.png`` (a video row shows the frames of its first clips).
 Measurements live in ``fewstep.eval.measure``.
 """
 
@@ -107,6 +110,24 @@ def conditioned_inputs(
     if conditioning == "text":
         return cycled_prompts(prompts or DEFAULT_PROMPTS, num_samples)
     return EvalInputs(num_samples=num_samples)
+
+
+def frames_of(images: Tensor, inputs: EvalInputs) -> tuple[Tensor, EvalInputs]:
+    """What metrics see of a row: images ``[n, c, h, w]`` as they are; clips ``[n, c, f, h, w]`` as their frames
+    ``[n·f, c, h, w]`` (clip by clip), each frame with its clip's label or prompt."""
+    if images.ndim != 5:
+        return images, inputs
+    n, c, f, h, w = images.shape
+    return images.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w), per_frame(inputs, f)
+
+
+def per_frame(inputs: EvalInputs, num_frames: int) -> EvalInputs:
+    """``inputs`` with each entry repeated ``num_frames`` times: the inputs of clips' frames (``frames_of``)."""
+    if num_frames == 1:
+        return inputs
+    labels = inputs.labels.repeat_interleave(num_frames) if inputs.labels is not None else None
+    prompts = [p for p in inputs.prompts for _ in range(num_frames)] if inputs.prompts is not None else None
+    return EvalInputs(labels, prompts, len(inputs) * num_frames)
 
 
 # A sampler's function: (noise [b, *noise_shape] on the CPU, inputs of these b images, num_steps, generator)
@@ -318,7 +339,8 @@ def sample_images(
     """One row's images exactly as ``evaluate`` draws them (the same noise, inputs and generator), untimed.
 
     Returns:
-        ``(images [n, c, h, w] uint8, NFE per image)`` (NFE ``None`` when the sampler has no ``network``).
+        ``(images [n, c, h, w] uint8 (clips [n, c, f, h, w]), NFE per image)`` (NFE ``None`` when the sampler has no
+        ``network``).
     """
     n = len(inputs)
     if n < 1:
@@ -336,7 +358,7 @@ def sample_images(
 
 
 def _row(sampler: Sampler, num_steps: int, noise: Tensor, run: _RowSettings) -> tuple[Row, Tensor]:
-    """One row; returns it with its images (``[n, c, h, w]`` uint8)."""
+    """One row; returns it with its images (``[n, c, h, w]`` uint8, clips ``[n, c, f, h, w]``)."""
     n, inputs, seed, memory = noise.shape[0], run.inputs, run.seed, run.memory
     spans = _spans(n, run.batch_size)
 
@@ -362,8 +384,9 @@ def _row(sampler: Sampler, num_steps: int, noise: Tensor, run: _RowSettings) -> 
         call(*spans[0], torch.Generator().manual_seed(seed + 1))
         timings.append((time.perf_counter() - began) / (spans[0][1] - spans[0][0]))
     peak = memory.stop_mib()
-    images = torch.cat(chunks)  # [n, c, h, w] uint8
-    as_float = images.float() / 255
+    images = torch.cat(chunks)  # [n, c, h, w] uint8 ([n, c, f, h, w]: clips)
+    frames, frame_inputs = frames_of(images, inputs)
+    as_float = frames.float() / 255
     row = Row(
         model=sampler.name,
         num_steps=num_steps,
@@ -371,7 +394,7 @@ def _row(sampler: Sampler, num_steps: int, noise: Tensor, run: _RowSettings) -> 
         nfe_per_image=counter.samples / n if sampler.network is not None else None,
         seconds_per_image=statistics.median(timings),
         peak_memory_mib=peak,
-        metrics=compute_metrics(run.metrics, as_float, inputs),
+        metrics=compute_metrics(run.metrics, as_float, frame_inputs),
         schedule=jsonable(sampler.schedule(num_steps)) if sampler.schedule is not None else {},
         preview=as_float[: run.grid_images],
     )
@@ -424,7 +447,8 @@ def _header(
         "batch_size": batch_size,
         "inputs": inputs.describe(),
         "guidance_convention": GUIDANCE_CONVENTION,
-        "images": "decoded to [0, 1], quantised to 8 bits (as saved in the PNGs) before every metric",
+        "images": "decoded to [0, 1], quantised to 8 bits (as saved in the PNGs) before every metric; a video's "
+        "clips are measured frame by frame, each frame with its clip's label or prompt",
         "metrics": {m.name: jsonable({"higher_is_better": m.higher_is_better, **m.describe()}) for m in metrics},
         "models": {s.name: jsonable({"noise_shape": list(s.noise_shape), **s.info}) for s in samplers},
         "nfe": "samples through the network's forward per image (a CFG step on a doubled batch counts 2)",

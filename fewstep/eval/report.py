@@ -152,11 +152,20 @@ def _number(value: Any) -> Any:
 
 
 def write_row_images(row: Row, images: Tensor, out_dir: Path, name: str) -> None:
-    """``images/<name>/00000.png ...`` (``images``: ``[n, c, h, w]`` uint8)."""
+    """``images/<name>/00000.png ...`` (``images``: ``[n, c, h, w]`` uint8); clips ``[n, c, f, h, w]`` as one video
+    each, ``00000.mp4 ...`` (``.webp`` without PyAV: ``fewstep.data.video``)."""
     from PIL import Image
 
     folder = out_dir / "images" / name
     folder.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 5:
+        from fewstep.data.video import default_video_format, write_video
+
+        suffix = default_video_format()
+        for i, clip in enumerate(images):
+            write_video(clip.permute(1, 2, 3, 0).numpy(), folder / f"{i:05d}.{suffix}")  # [f, h, w, c]
+        row.images_dir = str(folder.relative_to(out_dir))
+        return
     for i, image in enumerate(images):
         pixels = image.permute(1, 2, 0).numpy()
         Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(folder / f"{i:05d}.png")

@@ -10,12 +10,14 @@ the quickstart (``fewstep.eval.quickstart``) and the benchmark scripts build the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -114,6 +116,20 @@ def first_frames_of(prompts: list[str], images: FirstFrames) -> list[Any]:
     return [one(images)] * len(prompts)
 
 
+def first_frames_sha256(images: FirstFrames) -> str | None:
+    """A digest of the first frames' pixels (``None``: no first frames), prompt by prompt for a dict: it tells
+    evaluations with other first frames apart (the report, the teacher reference's cache key)."""
+    if images is None:
+        return None
+    digest = hashlib.sha256()
+    items = sorted(images.items()) if isinstance(images, dict) else [("", images)]
+    for prompt, image in items:
+        (pixels,) = first_frames_of([prompt], image)
+        array = pixels.detach().cpu().numpy() if isinstance(pixels, Tensor) else np.asarray(pixels)
+        digest.update(prompt.encode() + str(array.shape).encode() + array.tobytes())
+    return digest.hexdigest()
+
+
 def _conditions(
     teacher: Teacher, inputs: EvalInputs, device: torch.device, images: FirstFrames = None, shape: Sequence[int] = ()
 ) -> tuple[Conditioning, Conditioning | None]:
@@ -137,7 +153,7 @@ def _conditions(
             raise ValueError(
                 f"The {teacher.family} model generates each clip from its first frame: pass images= to teacher_sampler"
                 " / student_sampler (one image for every prompt, or a {prompt: image} dict; PIL images, image files or"
-                " [3, H, W] tensors in [-1, 1]). `fewstep eval` passes no first frames yet."
+                " [3, H, W] tensors in [-1, 1]); `fewstep eval` takes them with --images."
             )
         if images is None:
             return encode_prompts(teacher, prompts)
@@ -238,6 +254,7 @@ def teacher_sampler(
         "guidance_scale": w, "guidance_source": guidance_source or "default for this teacher",
         "scheduler": solver, "prediction_type": teacher.denoiser.prediction_type,
         "schedule": teacher.schedule.kind,
+        **({"first_frames_sha256": first_frames_sha256(images)} if images is not None else {}),
     }  # fmt: skip
     return Sampler(
         name=name or f"teacher ({'DDIM' if teacher.schedule.kind == 'vp' else 'Euler'}, w={w:g})",
@@ -312,6 +329,7 @@ def student_sampler(
         "guidance_scale": float(getattr(sampler, "guidance_scale", 1.0)),
         "guidance_source": guidance_source,
         "scheduler": f"fewstep {type(sampler).__name__}", "family": teacher.family,
+        **({"first_frames_sha256": first_frames_sha256(images)} if images is not None else {}),
     }  # fmt: skip
     return Sampler(
         name=name or f"student ({objective_name}, {weights})", fn=fn, steps=list(steps), info=info,

@@ -22,6 +22,7 @@ import torch
 from fewstep.eval.exported import load_export
 from fewstep.eval.harness import EvalInputs, Sampler, conditioned_inputs
 from fewstep.eval.samplers import (
+    FirstFrames,
     conditioning_kind,
     default_device,
     num_parameters,
@@ -87,6 +88,7 @@ def run_target(
     device: str | torch.device | None = None,
     teacher: Teacher | None = None,
     student_guidance: float | None = None,
+    images: FirstFrames = None,
 ) -> Target:
     """A training run's student at ``steps`` and its teacher at ``teacher_steps`` (empty: no teacher rows).
 
@@ -94,7 +96,8 @@ def run_target(
     the run kept it). The teacher's ``w``: ``guidance_scale``, else the recipe's ``teacher.guidance_scale`` when it is
     not 1, else ``1 + ω`` at the middle of an LCM-style ``w_min..w_max`` range the student was distilled with, else
     ``default_guidance``. The student samples with the ``w`` its objective's sampler recommends, or
-    ``student_guidance`` (``student_sampler``).
+    ``student_guidance`` (``student_sampler``). ``images``: the first frames of an image-to-video run, for the student
+    and the teacher alike (``fewstep.eval.samplers.FirstFrames``).
     """
     run = load_run(run_dir, checkpoint, weights, teacher)
     recipe, components = run.recipe, run.components
@@ -102,10 +105,11 @@ def run_target(
     shape = run_noise_shape(recipe, components.teacher)
     source = f"{run.run_dir} ({run.checkpoint.name})"
     samplers = [student_sampler(components, steps, weights=run.weights, source=source, shape=shape,
-                                guidance_scale=student_guidance)]  # fmt: skip
+                                guidance_scale=student_guidance, images=images)]  # fmt: skip
     w, why = _run_guidance(recipe, guidance_scale)
     teacher_rows = teacher_sampler(components.teacher, teacher_steps or [TEACHER_STEPS], w,
-                                   source=recipe.teacher.pretrained, guidance_source=why, shape=shape)  # fmt: skip
+                                   source=recipe.teacher.pretrained, guidance_source=why, shape=shape,
+                                   images=images)  # fmt: skip
     if teacher_steps:
         samplers.append(teacher_rows)
     kind, num_classes = teacher_conditioning(components.teacher)
@@ -160,9 +164,11 @@ def teacher_target(
     device: str | torch.device | None = None,
     dtype: str = "float32",
     shape: Sequence[int] | None = None,
+    images: FirstFrames = None,
 ) -> Target:
     """A teacher (hub id, local pipeline, ``tiny:<family>``, ``fewstep:<asset>``) at ``steps`` with its usual CFG;
-    ``shape``: one image's noise shape (default: the pipeline's latent at its default size)."""
+    ``shape``: one image's noise shape (default: the pipeline's latent at its default size); ``images``: an
+    image-to-video teacher's first frames."""
     from fewstep.models.loading import load_teacher
 
     teacher = load_teacher(SimpleNamespace(pretrained=spec, dtype=dtype, guidance_scale=1.0))
@@ -170,7 +176,8 @@ def teacher_target(
     teacher.denoiser.to(device)
     teacher.pipeline.to(device)
     why = "given (--guidance)" if guidance_scale is not None else ""
-    sampler = teacher_sampler(teacher, steps, guidance_scale, source=spec, guidance_source=why, shape=shape)
+    sampler = teacher_sampler(teacher, steps, guidance_scale, source=spec, guidance_source=why, shape=shape,
+                              images=images)  # fmt: skip
     kind, num_classes, _ = conditioning_kind(teacher.pipeline)
     info = {"kind": "teacher", "spec": spec}
     dataset = benchmark_of(sampler.noise_shape, kind, num_classes)
@@ -267,19 +274,23 @@ def load_target(
     base: str | None = None,
     student_guidance: float | None = None,
     what: str = "Evaluation target",
+    images: FirstFrames = None,
 ) -> Target:
     """Any target (``target_kind``). ``steps`` are the student's (default 1,2,4,8), or the teacher's for a teacher
     target (default ``teacher_steps``, else ``TEACHER_STEPS``); ``teacher_steps`` empty skips the reference teacher
     rows. ``guidance_scale`` is a teacher's ``w``; ``student_guidance`` replaces a student's recommended one. ``what``
-    names the target in errors."""
+    names the target in errors. ``images``: first frames of an image-to-video run or teacher."""
     kind = target_kind(spec, what)
     if kind == "run":
         return run_target(spec, steps=steps or (1, 2, 4, 8), teacher_steps=teacher_steps, checkpoint=checkpoint,
                           weights=weights, guidance_scale=guidance_scale, device=device,
-                          student_guidance=student_guidance)  # fmt: skip
+                          student_guidance=student_guidance, images=images)  # fmt: skip
     if kind == "export":
+        if images is not None:
+            raise ValueError(f"First frames (--images) are for training runs and teachers; the export {spec!r} is "
+                             "sampled by a stock text-to-image pipeline. Evaluate the run it came from.")  # fmt: skip
         return export_target(spec, steps=steps or (1, 2, 4, 8), teacher_steps=teacher_steps, base=base,
                              guidance_scale=guidance_scale, device=device,
                              student_guidance=student_guidance)  # fmt: skip
     return teacher_target(spec, steps=steps or teacher_steps or (TEACHER_STEPS,), guidance_scale=guidance_scale,
-                          device=device)  # fmt: skip
+                          device=device, images=images)  # fmt: skip

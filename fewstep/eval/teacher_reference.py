@@ -12,10 +12,11 @@ and guidance, and keeps what later evaluations need, on disk under ``$FEWSTEP_CA
 
 The key hashes everything that changes the samples or their features: the teacher (its source and the sha256 of its
 denoiser's weights, LoRA adapters excluded), every image's prompt or label in order (so the prompts, their number and
-the images per prompt), the seed, steps, guidance scale and solver, the noise shape (the image size) and the feature
-network's fingerprint. A second evaluation with the same key reads the file and samples nothing. The text encoder is
-identified by the teacher's source only: replace a local teacher's text encoder in place and the cache is stale
-(delete the file, or pass ``use_cache=False``).
+the images per prompt), an image-to-video teacher's first frames, the seed, steps, guidance scale and solver, the noise
+shape (the image size) and the feature network's fingerprint. A second evaluation with the same key reads the file and
+samples nothing. The text encoder is identified by the teacher's source only: replace a local teacher's text encoder
+in place and the cache is stale (delete the file, or pass ``use_cache=False``). A video teacher's clips are kept frame
+by frame (``fewstep.eval.harness.frames_of``): ``n·f`` features and groups.
 
 Sample the reference before the student rows (``load()`` before ``evaluate``): a LoRA student is merged into the
 shared base while its rows are sampled.
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from fewstep.eval.diversity import group_ids
 from fewstep.eval.features import FeatureExtractor
-from fewstep.eval.harness import EvalInputs, Sampler, compute_metrics, sample_images
+from fewstep.eval.harness import EvalInputs, Sampler, compute_metrics, frames_of, per_frame, sample_images
 from fewstep.eval.metric import Metric
 from fewstep.eval.report import Row, jsonable
 from fewstep.eval.weights import module_sha256
@@ -138,6 +139,8 @@ class TeacherReference:
                 "seed": self.seed,
                 "features": self.extractor.fingerprint(),
             }
+            if info.get("first_frames_sha256"):  # an image-to-video teacher: other first frames, other samples
+                self._key["first_frames_sha256"] = info["first_frames_sha256"]
         return self._key
 
     def path(self) -> Path | None:
@@ -168,10 +171,11 @@ class TeacherReference:
         images, nfe = sample_images(self.sampler, self.num_steps, self.inputs, seed=self.seed,
                                     batch_size=self.batch_size, progress=self.progress)  # fmt: skip
         seconds = (time.perf_counter() - began) / len(images)
-        as_float = images.float() / 255
+        frames, inputs = frames_of(images, self.inputs)  # a video teacher's clips: measured frame by frame
+        as_float = frames.float() / 255
         features = self.extractor(as_float, remember=False, desc="teacher features")
-        groups = group_ids(self.inputs.labels, self.inputs.prompts, len(images))
-        values = compute_metrics(image_metrics, as_float, self.inputs)
+        groups = group_ids(inputs.labels, inputs.prompts, len(frames))
+        values = compute_metrics(image_metrics, as_float, inputs)
         info = {
             "key": self.key(),
             "model": self.sampler.name,
@@ -182,7 +186,7 @@ class TeacherReference:
             "feature_network": self.extractor.describe(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        samples = ReferenceSamples(features, groups, images[:PREVIEW_IMAGES], info, path, cache_hit=False)
+        samples = ReferenceSamples(features, groups, frames[:PREVIEW_IMAGES], info, path, cache_hit=False)
         if path is not None:
             _write(path, samples)
         return samples
@@ -193,10 +197,11 @@ class TeacherReference:
         are computed on the cached features, metrics of the images come from the cache (absent when it does not hold
         them)."""
         samples = self.load()
+        inputs = per_frame(self.inputs, len(samples.features) // len(self.inputs))  # a video's features are per frame
         values = {}
         for metric in metrics:
-            labels = self.inputs.labels if "labels" in metric.needs else None
-            prompts = self.inputs.prompts if "prompts" in metric.needs else None
+            labels = inputs.labels if "labels" in metric.needs else None
+            prompts = inputs.prompts if "prompts" in metric.needs else None
             if getattr(metric, "self_value", None) is not None:  # measured against this very reference
                 values[metric.name] = float(metric.self_value)
             elif callable(getattr(metric, "compute_features", None)):
@@ -205,7 +210,7 @@ class TeacherReference:
                 values[metric.name] = float(samples.info["metrics"][metric_key(metric)])
         schedule = jsonable(self.sampler.schedule(self.num_steps)) if self.sampler.schedule is not None else {}
         preview = samples.preview.float() / 255
-        return Row(self.name, self.num_steps, len(samples.features), samples.info.get("nfe_per_image"), None, None,
+        return Row(self.name, self.num_steps, len(self.inputs), samples.info.get("nfe_per_image"), None, None,
                    values, schedule, preview=preview)  # fmt: skip
 
     def describe(self) -> dict[str, Any]:

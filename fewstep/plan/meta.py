@@ -28,6 +28,7 @@ from fewstep.models.loading import (
     FLOW_TIMESTEP_SCALE,
     detect_family,
     encoder_components,
+    quiet_loading,
     schedule_and_prediction,
     to_dtype,
 )
@@ -132,6 +133,20 @@ def meta_teacher(pipeline: Any, guidance_scale: float) -> tuple[Teacher, str, li
     adapter = ADAPTER_BY_CLASS.get(type(backbone).__name__, "custom")
     denoiser = Denoiser(backbone, schedule, prediction, adapter)
     return Teacher(denoiser, guidance_scale, pipeline, Conditioning(), family), family, notes
+
+
+def config_teacher(pretrained: str, revision: str | None = None) -> Teacher | None:
+    """The teacher ``pretrained`` names, built from its configs alone on the meta device (``meta_pipeline``,
+    ``meta_teacher``): its family and its pipeline's shape rules (VAE factors, patch sizes, default video size) without
+    a weight, for checks before anything loads (``fewstep validate``). ``None`` when this machine has no configs for it
+    (``config_directory``) or they name a class this diffusers lacks."""
+    try:
+        directory, _ = config_directory(pretrained, revision)
+        with quiet_loading(), quiet_diffusers():  # validate prints its verdict alone
+            pipeline = meta_pipeline(directory, torch.float32)
+    except (OSError, ValueError, ImportError):  # no configs here, or configs this diffusers cannot build
+        return None
+    return meta_teacher(pipeline, 1.0)[0]
 
 
 @contextmanager

@@ -149,3 +149,42 @@ def test_a_data_row_has_no_steps_nfe_or_timing_in_the_tables():
     report = EvalReport([row], {})
     assert format_table(report).splitlines()[2] == "| real images | – | – | – | – |"
     assert "| real images | – | – |" in format_report(report)
+
+
+class _FrameRecorder:
+    """A metric that keeps what it was given: the frames a video row is measured on and their prompts."""
+
+    name, needs, higher_is_better = "seen", frozenset({"prompts"}), True
+
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+        self.prompts: list[list[str]] = []
+
+    def compute(self, images, labels=None, prompts=None) -> float:
+        self.images.append(images)
+        self.prompts.append(list(prompts))
+        return float(images.mean())
+
+    def describe(self) -> dict:
+        return {}
+
+
+def test_video_rows_are_measured_frame_by_frame_and_written_as_clips(tmp_path):
+    def clips(noise, inputs, num_steps, generator):  # [b, 3, 3 frames, 4, 4]: frame k is k / 2 everywhere
+        frames = torch.arange(3, dtype=torch.float32).view(1, 1, 3, 1, 1) / 2
+        return frames.expand(len(noise), 3, 3, 4, 4)
+
+    metric = _FrameRecorder()
+    inputs = EvalInputs(prompts=["a cat", "a dog"])
+    rep = evaluate([Sampler("video", clips, (2, 1, 1, 1), [1])], [metric], inputs, out_dir=tmp_path, progress=False,
+                   warmup=False, timing_repeats=1, grid_images=4)  # fmt: skip
+    (row,) = rep.rows
+    (frames,) = metric.images
+    assert frames.shape == (6, 3, 4, 4) and row.num_images == 2  # 2 clips of 3 frames; the row counts clips
+    assert metric.prompts == [["a cat"] * 3 + ["a dog"] * 3]  # every frame carries its clip's prompt
+    torch.testing.assert_close(frames[:3, 0, 0, 0], torch.tensor([0.0, 128 / 255, 1.0]))  # clip by clip, 8-bit
+    assert row.preview.shape == (4, 3, 4, 4)  # the grid shows the first clip's frames, then the next
+    written = sorted(p.name for p in (tmp_path / row.images_dir).iterdir())
+    assert len(written) == 2 and written[0].split(".")[1] in ("mp4", "webp")
+    assert (tmp_path / "grid.png").is_file()
+    assert "frame by frame" in json.loads((tmp_path / "eval.json").read_text())["images"]
