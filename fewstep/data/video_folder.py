@@ -199,10 +199,16 @@ def clip_shape_problems(data_cfg: Any, teacher: Any) -> list[tuple[str, str]]:
     valid values. The teacher's configs suffice: ``fewstep validate`` asks a teacher built on the meta device
     (``fewstep.plan.meta.config_teacher``), training the loaded one (``prepare_video_data``).
     """
-    from fewstep.models.backbones import frame_count_problem, is_video_pipeline, video_defaults, video_size_problems
+    from fewstep.models.backbones import (
+        frame_count_problem,
+        is_video_pipeline,
+        pixel_frame_problem,
+        video_defaults,
+        video_size_problems,
+    )
 
     frames, pipe = data_cfg.num_frames, teacher.pipeline
-    if not is_video_pipeline(pipe):
+    if not takes_clips(teacher):
         if frames is None:
             return []
         return [("num_frames", f"asks for video, but the teacher {teacher.family!r} is an image model: remove "
@@ -212,9 +218,22 @@ def clip_shape_problems(data_cfg: Any, teacher: Any) -> list[tuple[str, str]]:
     _, height, width = video_defaults(pipe)
     if data_cfg.resolution is not None:
         height = width = int(data_cfg.resolution)
-    problem = frame_count_problem(pipe, frames, teacher.family) if frames is not None else None
+    if frames is None:
+        problem = None
+    elif is_video_pipeline(pipe):
+        problem = frame_count_problem(pipe, frames, teacher.family)
+    else:  # pixel clips (wan_class): whole temporal patches
+        problem = pixel_frame_problem(teacher, frames)
     problems = [("num_frames", problem)] if problem else []
     return problems + [("resolution", side) for side in video_size_problems(teacher, None, height, width)]
+
+
+def takes_clips(teacher: Any) -> bool:
+    """Whether the teacher denoises clips: a video pipeline (its VAE compresses time), or a pixel video model
+    (``wan_class``, e.g. the moving-digits teacher)."""
+    from fewstep.models.backbones import is_video_pipeline
+
+    return is_video_pipeline(teacher.pipeline) or getattr(teacher, "family", None) == "wan_class"
 
 
 def prepare_video_data(data_cfg: Any, teacher: Any) -> None:
@@ -226,11 +245,11 @@ def prepare_video_data(data_cfg: Any, teacher: Any) -> None:
         ValueError: ``data.num_frames`` with an image teacher, or a frame count or resolution the VAE cannot take
             (the message names the nearest valid values).
     """
-    from fewstep.models.backbones import is_video_pipeline, video_defaults
+    from fewstep.models.backbones import video_defaults
 
     frames, pipe = data_cfg.num_frames, teacher.pipeline
     problems = clip_shape_problems(data_cfg, teacher)
-    if not is_video_pipeline(pipe):
+    if not takes_clips(teacher):
         if problems:
             raise ValueError(f"data.num_frames={frames} {problems[0][1]}.")
         return

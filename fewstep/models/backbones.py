@@ -270,6 +270,20 @@ def pixel_clip_shape(
     return batch_size, pipeline_backbone(pipeline).config.in_channels, num_frames or frames, height, width
 
 
+def pixel_frame_problem(teacher: _FromPipeline, num_frames: int) -> str | None:
+    """Why a pixel video teacher (``wan_class``) cannot take ``num_frames`` frames (None: it can): each token covers
+    ``patch_size[0]`` whole frames."""
+    per_token = int(pipeline_backbone(teacher.pipeline).config.patch_size[0])
+    if num_frames % per_token == 0:
+        return None
+    below = num_frames // per_token * per_token
+    valid = f"{below} or {below + per_token}" if below else str(per_token)
+    return (
+        f"{num_frames} frames are not whole tokens of the {teacher.family} backbone ({per_token} frames each): "
+        f"use {valid}"
+    )
+
+
 def frame_count_problem(pipeline: Any, num_frames: int, family: str | None = None) -> str | None:
     """Why a video pipeline's VAE cannot take ``num_frames`` frames (None: it can). It keeps the first frame and
     compresses the rest by its temporal factor ``t`` (``video_compression``: Wan 4, LTX-Video 8): ``t·k + 1`` frames.

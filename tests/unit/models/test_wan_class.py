@@ -52,3 +52,17 @@ def test_loading_is_quiet_and_an_unrecorded_clip_size_is_refused(caplog):
     pipe = SimpleNamespace()  # a pixel video pipeline without its training record
     with pytest.raises(ValueError, match="data.num_frames"):
         pixel_clip_shape(pipe, 1)
+
+
+def test_recipe_clip_size_is_checked_and_becomes_the_default():
+    from fewstep.data.video_folder import prepare_video_data
+
+    teacher = load_teacher(SimpleNamespace(pretrained=SPEC, guidance_scale=1.0))
+    per_token = teacher.denoiser.backbone.config.patch_size[0]
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        prepare_video_data(SimpleNamespace(num_frames=None, resolution=25), teacher)
+    if per_token > 1:
+        with pytest.raises(ValueError, match="whole tokens"):
+            prepare_video_data(SimpleNamespace(num_frames=per_token + 1, resolution=None), teacher)
+    prepare_video_data(SimpleNamespace(num_frames=2 * per_token, resolution=12), teacher)
+    assert latent_shape(teacher, 1) == (1, 1, 2 * per_token, 12, 12)
