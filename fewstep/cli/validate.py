@@ -48,10 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the parser alone needs no pydantic; validating imports the objectives' configs (and with them torch)
-    from fewstep.config.checks import input_issues, video_issues
+    from fewstep.config.checks import input_issues
     from fewstep.config.errors import RecipeError
     from fewstep.config.launch import launch_config_issues, resolve_launch_config
     from fewstep.config.load import load_recipe, resolve_recipe
+    from fewstep.plan.video_checks import video_issues
 
     launch_only = _launch_config_alone(args.recipe)
     if launch_only is not None:

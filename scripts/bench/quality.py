@@ -143,6 +143,8 @@ def discover(
                 f"objective ({', '.join(sorted(OBJECTIVES))}) matching objective.name ({cfg.objective.name!r})."
             )
         dataset = cfg.data.source
+        if dataset == "moving_digits":  # the video benchmark's recipes (scripts/bench/video_quality.py)
+            continue
         if dataset == "pairs":  # reflow couplings of a benchmark teacher: the data set is the name's prefix
             dataset = next((d for d in BENCHMARK_DATASETS if path.stem.startswith(d.split("_")[0] + "_")), dataset)
         if dataset not in BENCHMARK_DATASETS:

@@ -18,6 +18,7 @@ MAX_ASSET_BYTES = 2_500_000
 def test_every_asset_resolves_and_is_small():
     assert asset_names() == [
         "digits-classifier", "digits-flow", "digits-vp", "fashion-classifier", "fashion-flow", "fashion-vp",
+        "moving-digits-flow",
     ]  # fmt: skip
     for name in asset_names():
         path = asset_path(name)

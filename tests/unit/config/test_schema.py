@@ -141,13 +141,14 @@ def test_a_scalar_where_a_block_belongs():
             "teacher.family",
             "sd5",
             "'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'unet2d', 'sd35', 'qwen_image', 'wan21', 'wan21_i2v', 'wan22', "
-            "'wan22_ti2v', 'ltx', 'pixart_sigma', 'sana'",
+            "'wan22_ti2v', 'ltx', 'pixart_sigma', 'sana', 'wan_class'",
         ),
         ("optim.lr_scheduler", "cosin", "'constant', 'constant_with_warmup', 'linear', 'cosine'"),
         (
             "data.source",
             "folder",
-            "'cache', 'digits', 'fashion_mnist', 'image_folder', 'pairs', 'prompts', 'tensors', 'webdataset'",
+            "'cache', 'digits', 'fashion_mnist', 'image_folder', 'moving_digits', 'pairs', 'prompts', 'tensors', "
+            "'webdataset'",
         ),
         ("objective.loss_type", "l1", "'l2', 'huber'"),
     ],

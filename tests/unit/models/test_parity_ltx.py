@@ -115,7 +115,7 @@ def test_ltx_video_vae_round_trip_matches_the_pipeline(teacher):
     assert video.shape == (1, 3, 9, 64, 64)
     raw = LTXPipeline._denormalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
     ref = vae.decode(raw, torch.zeros(1), return_dict=False)[0]  # the pipeline's default decode_timestep 0
-    torch.testing.assert_close(video, ((ref + 1) / 2).clamp(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(video, ((ref + 1) / 2).clamp(0, 1), atol=5e-6, rtol=0)  # float32 rounding of the decode
     encoded = encode_images(teacher, video * 2 - 1)
     mean = vae.encode(video * 2 - 1).latent_dist.mean
     expected = LTXPipeline._normalize_latents(mean, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)

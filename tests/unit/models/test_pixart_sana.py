@@ -108,7 +108,8 @@ def test_teacher_reproduces_the_pipeline(family, seed, guidance, pixart, sana):
     print(f"{teacher.family} seed {seed} w {guidance}: max |teacher − pipeline| = {(x - ref).abs().max():.2e}, "
           f"max |x| = {ref.abs().max():.2f}")  # fmt: skip
     assert ref.abs().max() > 1, "a trivially small output would make the check meaningless"
-    assert (x - ref).abs().max() < 1e-5
+    # float32 rounding of outputs that reach ~700 (PixArt's learned-σ latents): 1e-6 of the largest value
+    assert (x - ref).abs().max() < 1e-6 * max(1.0, float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("family", ["pixart", "sana"])
