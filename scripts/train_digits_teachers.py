@@ -28,6 +28,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,6 +101,45 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         p_ema.lerp_(p.detach(), 1 - decay)
 
 
+def fit(
+    denoiser: Denoiser,
+    ema: torch.nn.Module,
+    variant: str,
+    sample_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    args: argparse.Namespace,
+    report: Callable[[int, float, float], object],
+    generator: torch.Generator,
+) -> float:
+    """The loop every shipped teacher trains with: ``args.steps`` AdamW steps (``args.lr``, linear warm-up then cosine
+    decay to 0, gradients clipped to 1) on the denoising loss of ``sample_batch()``'s ``(x0, labels)``, each label
+    replaced by the null class with probability ``args.label_dropout`` (CFG), and an EMA of the weights
+    (``args.ema_decay`` with warm-up). ``report(step, running loss, seconds)`` is called after every step. Returns the
+    training seconds."""
+    model = denoiser.backbone
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, min(200, args.steps // 10))
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 0
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor)
+    start, running = time.perf_counter(), 0.0
+    for step in range(args.steps):
+        x0, y = sample_batch()
+        drop = torch.rand(args.batch_size, generator=generator) < args.label_dropout  # CFG: null class
+        labels = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+        loss = diffusion_loss(denoiser, variant, x0, labels, generator)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        report(step + 1, running, time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
 def train(variant: str, args: argparse.Namespace) -> tuple[UNet2DModel, Denoiser]:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed + (0 if variant == "vp" else 1))
@@ -112,32 +152,16 @@ def train(variant: str, args: argparse.Namespace) -> tuple[UNet2DModel, Denoiser
     unet = build_unet(args.width, args.layers_per_block).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     denoiser = Denoiser(unet, schedule, "epsilon" if variant == "vp" else "flow", "unet2d")
-    optim = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, min(200, args.steps // 10))
 
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 0
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor)
-
-    start, running = time.perf_counter(), 0.0
-    for step in range(args.steps):
+    def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(x_all), (args.batch_size,), generator=generator)
-        drop = torch.rand(args.batch_size, generator=generator) < args.label_dropout  # CFG: null class
-        labels = torch.where(drop, torch.full_like(y_all[idx], NULL_CLASS), y_all[idx])
-        loss = diffusion_loss(denoiser, variant, x_all[idx], labels, generator)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if (step + 1) % 500 == 0 or step + 1 == args.steps:
-            print(
-                f"[{variant}] step {step + 1}/{args.steps}  loss {running:.4f}  {time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
+        return x_all[idx], y_all[idx]
+
+    def report(step: int, loss: float, seconds: float) -> None:
+        if step % 500 == 0 or step == args.steps:
+            print(f"[{variant}] step {step}/{args.steps}  loss {loss:.4f}  {seconds:.0f} s", flush=True)
+
+    fit(denoiser, ema, variant, sample_batch, args, report, generator)
     return ema, Denoiser(ema, schedule, denoiser.prediction_type, "unet2d")
 
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +35,7 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits_teachers import NULL_CLASS, build_scheduler, diffusion_loss, ema_update, save  # noqa: E402
+from train_digits_teachers import NULL_CLASS, build_scheduler, fit, save  # noqa: E402
 
 import fewstep.models.backbones  # noqa: E402, F401  (registers the "unet2d" adapter)
 from fewstep.data.fashion import NUM_CLASSES, FashionMNISTDataset  # noqa: E402
@@ -74,29 +72,18 @@ def train(variant: str, args: argparse.Namespace) -> tuple[UNet2DModel, Denoiser
     unet = build_unet(args.width, args.layers_per_block).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     denoiser = Denoiser(unet, schedule, "epsilon" if variant == "vp" else "flow", "unet2d")
-    optim = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, min(200, args.steps // 10))
+    bar = tqdm(total=args.steps, desc=f"fashion-{variant}", unit="step")
 
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 0
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    def report(step: int, loss: float, seconds: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor)
-    start, running = time.perf_counter(), 0.0
-    bar = tqdm(range(args.steps), desc=f"fashion-{variant}", unit="step")
-    for step in bar:
-        x0, y = data.batch(torch.randint(0, len(data), (args.batch_size,), generator=generator))
-        drop = torch.rand(args.batch_size, generator=generator) < args.label_dropout  # CFG: null class
-        labels = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        loss = diffusion_loss(denoiser, variant, x0, labels, generator)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    return ema, Denoiser(ema, schedule, denoiser.prediction_type, "unet2d"), time.perf_counter() - start
+    def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return data.batch(torch.randint(0, len(data), (args.batch_size,), generator=generator))
+
+    seconds = fit(denoiser, ema, variant, sample_batch, args, report, generator)
+    bar.close()
+    return ema, Denoiser(ema, schedule, denoiser.prediction_type, "unet2d"), seconds
 
 
 @torch.no_grad()

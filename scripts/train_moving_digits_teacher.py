@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits_teachers import NULL_CLASS, diffusion_loss, ema_update, save  # noqa: E402
+from train_digits_teachers import NULL_CLASS, fit, save  # noqa: E402
 
 import fewstep.models.backbones  # noqa: E402, F401  (registers the "wan_class" adapter)
 from fewstep.data.moving_digits import FRAME_SIZE, NUM_FRAMES, MovingDigitsDataset  # noqa: E402
@@ -73,31 +72,18 @@ def train(
     model = build_transformer(args.width, args.layers, args.heads, args.patch, args.patch_frames).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     denoiser = Denoiser(model, schedule, "flow", "wan_class")
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, min(200, args.steps // 10))
 
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 0
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return data.batch(torch.randint(0, len(data), (args.batch_size,), generator=generator))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor)
-    start, running = time.perf_counter(), 0.0
-    for step in range(args.steps):
-        idx = torch.randint(0, len(data), (args.batch_size,), generator=generator)
-        drop = torch.rand(args.batch_size, generator=generator) < args.label_dropout  # CFG: null class
-        labels = torch.where(drop, torch.full_like(data.labels[idx], NULL_CLASS), data.labels[idx])
-        loss = diffusion_loss(denoiser, "flow", data.clips[idx], labels, generator)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            print(f"step {step + 1}/{args.steps}  loss {running:.4f}  {time.perf_counter() - start:.0f} s", flush=True)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            checkpoint(ema, step + 1)
-    return ema, Denoiser(ema, schedule, "flow", "wan_class"), time.perf_counter() - start
+    def report(step: int, loss: float, seconds: float) -> None:
+        if step % 100 == 0 or step == args.steps:
+            print(f"step {step}/{args.steps}  loss {loss:.4f}  {seconds:.0f} s", flush=True)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            checkpoint(ema, step)
+
+    seconds = fit(denoiser, ema, "flow", sample_batch, args, report, generator)
+    return ema, Denoiser(ema, schedule, "flow", "wan_class"), seconds
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def save_filmstrip(clips: torch.Tensor, path: Path, num_clips: int = 10) -> None
     right."""
     from fewstep.train.logging import save_sample_grid
 
-    rows = [clip[:, :].permute(1, 0, 2, 3) for clip in clips[:num_clips]]  # each [F, 1, H, W]
+    rows = [clip.transpose(0, 1) for clip in clips[:num_clips]]  # each [F, 1, H, W]
     save_sample_grid(rows, path)
 
 
