@@ -127,12 +127,13 @@ def dmd_student_taus(schedule: Schedule, num_steps: int, num_tokens: int | None 
     raise ValueError(f"DMD student grids are defined for VP and flow schedules, not {schedule.kind!r}.")
 
 
-def skipping_grid(schedule: Schedule, num_ddim_timesteps: int) -> Tensor:
+def skipping_grid(schedule: Schedule, num_ddim_timesteps: int, num_tokens: int | None = None) -> Tensor:
     """The LCM skipping-step grid as ``num_ddim_timesteps + 1`` ascending τ levels.
 
     Interval ``i`` runs from ``grid[i + 1]`` (= ``t_{n+k}``) down to ``grid[i]`` (= ``t_n``). VP: the diffusers DDIM
     solver grid on the teacher's integer timesteps, ``t = (i+1)·k − 1`` with ``k = N_train // num_ddim_timesteps``
-    and ``t_n = max(t_{n+k} − k, 0)``; flow: the same number of intervals, uniform before the static shift.
+    and ``t_n = max(t_{n+k} − k, 0)``; flow: the same number of intervals, uniform before the shift (a dynamic one
+    reads ``num_tokens``, the latents' token count, as the pipeline does).
     """
     n = num_ddim_timesteps
     if schedule.kind == "vp":
@@ -143,7 +144,7 @@ def skipping_grid(schedule: Schedule, num_ddim_timesteps: int) -> Tensor:
         idx = torch.arange(1, n + 1) * k - 1  # 19, 39, ..., 999 for n = 50
         idx = torch.cat([torch.zeros(1, dtype=idx.dtype), idx])  # t_n = max(t_{n+k} − k, 0)
         return schedule.tau_from_model_timestep(idx)
-    return schedule.shift(torch.arange(n + 1, dtype=torch.float32) / n)
+    return schedule.shift(torch.arange(n + 1, dtype=torch.float32) / n, num_tokens)
 
 
 def segment_edges(num_intervals: int, segments: int, starts: bool) -> Tensor:

@@ -14,6 +14,12 @@ Skipping grid: for a VP teacher the diffusers DDIM solver grid on the teacher's 
 ``t = (i+1)·k − 1`` with ``k = N_train // num_ddim_timesteps`` and ``t_n = max(t_{n+k} − k, 0)``; for a flow teacher
 the same number of intervals on ``τ = s``, uniform before the teacher's static shift: ``τ_j = shift(j / N)``.
 The boundary scalings use the integer timestep (VP) or ``1000·s`` (flow), so ``f(x, τ_min) = x`` exactly.
+
+Pipelines that take no ``sigmas=`` (``WanPipeline``, ``LTXPipeline``) run their scheduler's own grid. LCM's ``K``-step
+levels ``shift(1 − i/K)`` (``K`` dividing the grid's ``N``) are such a grid: the student is exported with the
+re-noising scheduler whose ``num_inference_steps=K`` runs them (``lcm_pipeline_scheduler``), and at every other step
+count fewstep samples the levels that scheduler runs there. LTX shifts by the video's token count, so its skipping grid
+is shifted by the token count of each batch, as the pipeline shifts its levels.
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from fewstep.models.backbones import num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
 from fewstep.noise.convert import bcast
 from fewstep.noise.schedules import Schedule
+from fewstep.objectives.dmd.sampler import dmd_pipeline_scheduler, dmd_student_grid
 from fewstep.objectives.losses import pseudo_huber
+from fewstep.objectives.pipeline_grid import pipeline_grid_spec, takes_sigmas
 from fewstep.objectives.protocol import OBJECTIVES, BackboneUse, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import lcm_timesteps, skipping_grid
@@ -130,11 +139,38 @@ def _check_teacher(teacher: Teacher) -> None:
             "classifier-free guidance to the teacher in ω form, which such a model does not support. Distill it "
             "with an objective that treats the teacher as already guided (e.g. `dmd`)."
         )
-    if kind == "flow" and teacher.schedule.use_dynamic_shifting:
+    if kind == "flow" and teacher.schedule.use_dynamic_shifting and takes_sigmas(teacher.pipeline):
         raise ValueError(
-            "This flow teacher uses resolution-dependent (dynamic) shifting; LCM's skipping grid needs one fixed "
-            "set of levels. Use a teacher scheduler with a static `shift` (use_dynamic_shifting=False)."
+            "This flow teacher uses resolution-dependent (dynamic) shifting and its pipeline takes the student's "
+            "sigmas=, which LCM exports as one fixed set of levels. Use a teacher scheduler with a static `shift` "
+            "(use_dynamic_shifting=False)."
         )
+
+
+def recommended_steps(config: LCMConfig) -> int:
+    """The step count LCM students are exported for: 4 (LCM's default), at most the grid's intervals."""
+    return min(4, config.num_ddim_timesteps)
+
+
+def lcm_pipeline_scheduler(teacher: Teacher, config: LCMConfig) -> dict[str, Any] | None:
+    """The exported re-noising scheduler of an LCM student whose pipeline takes no ``sigmas=`` (``None`` for the
+    others): at ``num_inference_steps=K`` (``recommended_steps``) it runs ``shift(1 − i/K)``
+    (``dmd_pipeline_scheduler``), which are the levels ``LCMScheduler`` picks from the skipping grid when ``K``
+    divides its ``N`` intervals.
+
+    Raises:
+        ValueError: ``K`` does not divide ``num_ddim_timesteps`` (the pipeline could not run the trained levels).
+    """
+    if teacher.schedule.kind != "flow" or takes_sigmas(teacher.pipeline):
+        return None
+    n, k = config.num_ddim_timesteps, recommended_steps(config)
+    if n % k:
+        raise ValueError(
+            f"objective.num_ddim_timesteps={n}: {type(teacher.pipeline).__name__} takes no sigmas=, so the student "
+            f"is exported with a scheduler whose own {k}-step grid must be {k} levels of the skipping grid, which "
+            f"needs {k} to divide the grid's intervals. Use a multiple of {k} (48 also divides 1, 2, 4 and 8 steps)."
+        )
+    return dmd_pipeline_scheduler(teacher, k)
 
 
 def add_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
@@ -189,18 +225,28 @@ class LCMSampler:
     denoiser: Denoiser
     schedule: Schedule
     config: LCMConfig
-    grid: Tensor
+    grid: Tensor | None  # None: a dynamically shifted teacher, whose grid follows the token count
     guidance_scale: float = 1.0
     uncond_like: Any = None  # cond -> null Conditioning (Teacher.uncond_like)
+    pipeline_scheduler: dict[str, Any] | None = None  # a sigma-less pipeline's exported scheduler
 
-    def timesteps(self, num_steps: int) -> Tensor:
-        """The ``num_steps`` τ levels the sampler visits (descending), as ``LCMScheduler.set_timesteps``."""
+    def timesteps(self, num_steps: int, shape: tuple[int, ...] = ()) -> Tensor:
+        """The ``num_steps`` τ levels the sampler visits (descending), as ``LCMScheduler.set_timesteps``, or, for a
+        pipeline without ``sigmas=``, as its exported scheduler runs them for latents of ``shape``."""
+        if self.pipeline_scheduler is not None:
+            ntok = num_tokens(self.denoiser, shape)
+            return dmd_student_grid(self.schedule, num_steps, ntok, self.pipeline_scheduler)
         return lcm_timesteps(self.grid, num_steps)
 
     def __call__(
         self, noise: Tensor, cond: Conditioning, num_steps: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        taus = self.timesteps(num_steps).to(noise.device)
+        if not 1 <= num_steps <= self.config.num_ddim_timesteps:
+            raise ValueError(
+                f"num_steps={num_steps} is not in [1, {self.config.num_ddim_timesteps}]: the LCM sampler visits levels "
+                "of the skipping grid it was trained on (objective.num_ddim_timesteps)."
+            )
+        taus = self.timesteps(num_steps, tuple(noise.shape)).to(noise.device)
         with torch.no_grad(), eval_mode(self.denoiser):
             return sample_consistency(self._predict(cond), self.schedule, noise, taus, generator)
 
@@ -264,7 +310,10 @@ class LCM:
                     "guidance_embedding=false (the guidance is baked in)."
                 )
             student.denoiser.backbone = add_guidance_embedding(student.denoiser.backbone, config.guidance_embedding_dim)
-        self.grid = skipping_grid(self.schedule, config.num_ddim_timesteps)  # [N + 1] ascending τ
+        self.pipeline_scheduler = lcm_pipeline_scheduler(teacher, config)
+        dynamic = getattr(self.schedule, "use_dynamic_shifting", False)
+        # [N + 1] ascending τ; None: shifted by each batch's token count (grid_for)
+        self.grid = None if dynamic else skipping_grid(self.schedule, config.num_ddim_timesteps)
         use_ema = config.ema_target if config.ema_target is not None else not student.is_lora
         # θ⁻: an EMA copy (LCM) or None = the online student itself under no_grad (LCM-LoRA)
         self.target: Denoiser | None = copy.deepcopy(student.denoiser).requires_grad_(False) if use_ema else None
@@ -302,7 +351,8 @@ class LCM:
         x0 = batch.x0
         b, cfg = x0.shape[0], self.config
         idx = torch.randint(0, cfg.num_ddim_timesteps, (b,))
-        tau_start, tau_end = self.grid[idx + 1].to(x0.device), self.grid[idx].to(x0.device)  # τ_{n+k}, τ_n
+        grid = self.grid_for(tuple(x0.shape))
+        tau_start, tau_end = grid[idx + 1].to(x0.device), grid[idx].to(x0.device)  # τ_{n+k}, τ_n
         x_start = noise_to(self.schedule, x0, torch.randn_like(x0), tau_start)
         omega = self.sample_omega(b).to(x0.device)
         cond = self.student_cond(batch.cond, omega)
@@ -337,6 +387,7 @@ class LCM:
             self.grid,
             guidance_scale=self.recommended_guidance_scale(),
             uncond_like=self.teacher.uncond_like if self.teacher.null_cond is not None else None,
+            pipeline_scheduler=self.pipeline_scheduler,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -382,6 +433,13 @@ class LCM:
         pred = self.teacher.predict(x, tau_start, cond, uncond, guidance_scale=w)
         return ddim_step(self.schedule, pred, tau_end)
 
+    def grid_for(self, shape: tuple[int, ...]) -> Tensor:
+        """The skipping grid for latents of ``shape``: the fixed one, or, for a dynamically shifted teacher, the one
+        shifted by their token count."""
+        if self.grid is not None:
+            return self.grid
+        return skipping_grid(self.schedule, self.config.num_ddim_timesteps, num_tokens(self.teacher.denoiser, shape))
+
     def consistency_fn(self, x: Tensor, tau: Tensor, cond: Conditioning) -> Tensor:
         """The student's ``f_θ(x, τ)`` (boundary scalings applied), without gradients."""
         with torch.no_grad():
@@ -395,13 +453,17 @@ class LCM:
         return min(max(8.5, 1.0 + self.config.w_min), 1.0 + self.config.w_max)
 
     def sampling_spec(self, steps: tuple[int, ...] = (1, 2, 4, 8)) -> SamplingSpec:
-        """``LCMScheduler`` on the trained skipping grid (VP) or the flow re-noise scheduler at its levels."""
+        """``LCMScheduler`` on the trained skipping grid (VP), the flow re-noise scheduler at its levels, or, for a
+        pipeline without ``sigmas=``, that scheduler made to run the trained levels at ``recommended_steps``."""
         cfg, n = self.config, self.config.num_ddim_timesteps
         steps = tuple(s for s in steps if s <= n)
+        note = f"trained with teacher CFG ω ∈ [{cfg.w_min}, {cfg.w_max}] (LCM convention ω = w − 1)"
+        if self.pipeline_scheduler is not None:
+            k = recommended_steps(cfg)
+            return pipeline_grid_spec(self.pipeline_scheduler, self.schedule, steps, k, "lcm", note)
         common = dict(
-            objective="lcm", recommended_steps=min(4, n), guidance_scale=self.recommended_guidance_scale(),
-            guidance_convention=f"{GUIDANCE_CONVENTION}; trained with teacher CFG ω ∈ [{cfg.w_min}, {cfg.w_max}] "
-            "(LCM convention ω = w − 1)",
+            objective="lcm", recommended_steps=recommended_steps(cfg), guidance_scale=self.recommended_guidance_scale(),
+            guidance_convention=f"{GUIDANCE_CONVENTION}; {note}",
         )  # fmt: skip
         if self.schedule.kind == "vp":
             timesteps = {s: self.schedule.model_timestep(lcm_timesteps(self.grid, s)).long().tolist() for s in steps}
