@@ -303,6 +303,8 @@ class AlarmsConfig(BaseModel):
     window: PositiveInt = 10  # gap observations whose median is the reference (the first ones) and the current value
     gap_explode: float = Field(10.0, gt=1.0)  # alarm when the gap (dm_grad_norm) exceeds this × its reference
     gap_collapse: float = Field(0.1, gt=0.0, lt=1.0)  # alarm when it falls below this × its reference
+    washed_out_std_ratio: float = Field(0.5, gt=0.0, lt=1.0)  # alarm when std_ratio (student/teacher) is below
+    washed_out_after: int = Field(300, ge=0)  # trainer steps before std_ratio is checked (one-step starts are blurred)
     variance_collapse: float = Field(0.25, gt=0.0, lt=1.0)  # seed variance of a sample row / its first grid's
     saturation_share: float = Field(0.85, gt=0.0, le=1.0)  # share of pixels within saturation_margin of 0 or 1
     saturation_margin: float = Field(0.01, ge=0.0, lt=0.5)

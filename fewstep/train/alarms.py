@@ -5,7 +5,9 @@ Two sources:
 * the distribution-matching health metrics (``fewstep.objectives.dmd.health`` and the DMD objectives' losses):
   ``dm_grad_norm`` is the normalised gap between the fake and the real score at the generator's samples. Far above
   its early value (``gap_explode``) the fake score has lost track of the generator; far below (``gap_collapse``) the
-  generator no longer gets a signal, typically because its samples left the range where the scores make sense;
+  generator no longer gets a signal, typically because its samples left the range where the scores make sense.
+  ``std_ratio`` (the generator's sample std over the teacher's) far below 1 once the run is under way
+  (``washed_out``): the student's samples stayed at, or went back to, the blurred mean of its one-step start;
 * the periodic sample grids (images ``[n, c, h, w]`` in ``[0, 1]``, one tensor per student step count): the variance
   across seeds falling against the first grid (``mode_collapse``), pixels piling up at the ends of the range
   (``saturation``) and flat frames (``solid``).
@@ -36,6 +38,13 @@ ADVICE = {  # alarm -> (likely cause, the recipe knobs to turn)
         "a learning rate) or the fake score has fitted a collapsed generator",
         "lower the student's learning rate (optim.group_lr.student), resume from an earlier checkpoint, add "
         "objective.regression_weight or objective.gan_weight",
+    ),
+    "washed_out": (
+        "the student's samples have far less contrast than the teacher's: it has stayed at (or gone back to) the "
+        "blurred mean its one-step prediction starts from, because the distribution-matching signal is too weak or "
+        "the teacher's own score is blurred at the high noise levels (an undertrained teacher)",
+        "check the teacher's few-step samples, raise the student's learning rate (optim.group_lr.student) or train "
+        "longer, add objective.gan_weight or objective.regression_weight",
     ),
     "mode_collapse": (
         "the student maps different noise to nearly the same images (mode collapse)",
@@ -120,27 +129,49 @@ class AlarmMonitor:
         self.active: set[str] = set()
         self._gap_early: list[float] = []  # the first `window` observations after the warm-up: the reference
         self._gap_recent: list[float] = []  # the last `window` observations: the current value
+        self._std_recent: list[float] = []  # the last `window` std_ratio values after `washed_out_after`
         self._phase: float | None = None
         self._variance_reference: list[float] | None = None
 
     def metrics(self, step: int, metrics: dict[str, float]) -> tuple[list[Alarm], list[str]]:
         """Check the objective's metrics of optimizer step ``step`` (names as the objectives return them)."""
-        cfg, phase = self.cfg, metrics.get("phase_index")
+        phase = metrics.get("phase_index")
         if phase is not None and phase != self._phase:  # Phased DMD: a fresh fake score, a new reference
-            self._phase, self._gap_early, self._gap_recent = phase, [], []
-            self.active -= {"gap_explode", "gap_collapse"}
-        value = metrics.get(self.GAP)
+            self._phase, self._gap_early, self._gap_recent, self._std_recent = phase, [], [], []
+            self.active -= {"gap_explode", "gap_collapse", "washed_out"}
+        return self._episodes(step, {**self._gap_conditions(step, metrics), **self._contrast_conditions(step, metrics)})
+
+    def _gap_conditions(self, step: int, metrics: dict[str, float]) -> dict[str, str | None]:
+        """``gap_explode`` / ``gap_collapse`` from ``dm_grad_norm``; nothing while there is no reference yet."""
+        cfg, value = self.cfg, metrics.get(self.GAP)
         if value is None or not math.isfinite(value) or step < cfg.warmup_steps:
-            return [], []
+            return {}
         if len(self._gap_early) < cfg.window:
             self._gap_early.append(value)
         self._gap_recent = [*self._gap_recent, value][-cfg.window :]
         if len(self._gap_early) < cfg.window:
-            return [], []
+            return {}
         reference, current = statistics.median(self._gap_early), statistics.median(self._gap_recent)
         state = gap_condition(current, reference, cfg.gap_explode, cfg.gap_collapse)
         what = f"{self.GAP} {current:.3g} against {reference:.3g} early in the run ({current / reference:.3g}x)"
-        return self._episodes(step, {n: what if n == state else None for n in ("gap_explode", "gap_collapse")})
+        return {n: what if n == state else None for n in ("gap_explode", "gap_collapse")}
+
+    def _contrast_conditions(self, step: int, metrics: dict[str, float]) -> dict[str, str | None]:
+        """``washed_out`` from ``std_ratio`` (the median of its last ``window`` values) from ``washed_out_after`` on:
+        a one-step student starts as the teacher's one-step prediction, which may be blurred, so earlier values say
+        nothing."""
+        cfg, value = self.cfg, metrics.get("std_ratio")
+        if value is None or not math.isfinite(value) or step < cfg.washed_out_after:
+            return {}
+        self._std_recent = [*self._std_recent, value][-cfg.window :]
+        if len(self._std_recent) < cfg.window:
+            return {}
+        current = statistics.median(self._std_recent)
+        what = (
+            f"std_ratio {current:.3g}: the student's samples have {current:.2g}x the pixel std of the teacher's own "
+            f"(threshold {cfg.washed_out_std_ratio:g}x)"
+        )
+        return {"washed_out": what if current < cfg.washed_out_std_ratio else None}
 
     def samples(self, step: int, rows: list[Tensor]) -> tuple[list[Alarm], list[str]]:
         """Check a sample grid: ``rows`` of images ``[n, c, h, w]`` in ``[0, 1]`` (one per student step count)."""

@@ -1,5 +1,6 @@
-"""Collapse alarms: each detector on synthetic images and on real digits, once-per-episode firing, and a DMD2 run on
-the shipped digits teacher with a far too high student learning rate that saturates and loses its DM signal."""
+"""Collapse alarms: each detector on synthetic images and on real digits, once-per-episode firing, a DMD2 run on the
+shipped digits teacher with a far too high student learning rate that saturates and loses its DM signal, and a DMD2
+run on the moving-digits video teacher whose student stays at the washed-out one-step mean."""
 
 from __future__ import annotations
 
@@ -153,3 +154,53 @@ def test_the_same_run_at_a_sane_lr_fires_nothing(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fewstep"):
         train(recipe)
     assert alarms_logged(caplog) == []
+
+
+def test_washed_out_reads_std_ratio_after_its_start():
+    monitor = AlarmMonitor(AlarmsConfig(washed_out_after=5, window=2))
+    fired, cleared = [], []
+    ratios = [0.2] * 5 + [0.3, 0.9, 0.3, 0.3, 0.35, 1.0, 1.1, 0.4, 0.2]
+    for step, ratio in enumerate(ratios):
+        new, gone = monitor.metrics(step, {"std_ratio": ratio, "loss_dm": 0.1})
+        fired += new
+        cleared += [(step, name) for name in gone]
+    # the blurred start (steps 0-4) is ignored; medians of two: 0.6 at step 6 does not fire, 0.3 at step 8 does;
+    # 0.675 at step 10 clears it; 0.3 at step 13 fires it again
+    assert [(a.step, a.name) for a in fired] == [(8, "washed_out"), (13, "washed_out")], fired
+    assert cleared == [(10, "washed_out")], cleared
+    assert (
+        fired[0].what == "std_ratio 0.3: the student's samples have 0.3x the pixel std of the teacher's own "
+        "(threshold 0.5x)"
+    )
+    assert (
+        fired[0].message.startswith("ALARM washed_out at step 8: std_ratio 0.3")
+        and "Try: check the teacher" in fired[0].message
+    )
+
+
+VIDEO_DMD2_RUN = {
+    "teacher": {"pretrained": "fewstep:moving-digits-flow", "guidance_scale": 2.0},
+    "student": {"kind": "full"},
+    "objective": {"name": "dmd2", "num_student_steps": 1, "real_guidance_scale": 2.0,
+                  "fake_steps_per_generator_step": 1, "fake_score": "full", "health_reference_steps": 8},
+    "data": {"source": "moving_digits", "batch_size": 8},
+    "optim": {"lr": 1e-7, "lr_scheduler": "constant"},
+    "train": {"max_steps": 6, "checkpoint_every": 6, "log_every": 1, "sample_every": None, "progress": False,
+              "alarms": {"warmup_steps": 0, "window": 1, "washed_out_after": 2}},
+}  # fmt: skip
+
+
+def test_a_one_step_video_student_stuck_at_the_blurred_mean_is_washed_out(tmp_path, caplog):
+    """DMD2 of the shipped moving-digits teacher with a student that barely moves (LR 1e-7): its one-step clips are
+    the teacher's one-step prediction, a digit smeared over the positions it could be at, with about a quarter of the
+    pixel std of the teacher's 8-step clips. The alarm fires once, at the first step it checks."""
+    recipe = validate_recipe({**VIDEO_DMD2_RUN, "output_dir": str(tmp_path / "run")})
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        train(recipe)
+    messages = alarms_logged(caplog)
+    assert [m.split()[1] for m in messages] == ["washed_out"], messages
+    assert (
+        messages[0].startswith("ALARM washed_out at step 2: std_ratio 0.") and "Try: check the teacher" in messages[0]
+    )
+    ratio = float(messages[0].split("std_ratio ")[1].split(":")[0])
+    assert 0.1 < ratio < 0.5, ratio
