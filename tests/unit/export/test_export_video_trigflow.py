@@ -150,3 +150,33 @@ def test_angles_are_refused_for_a_pipeline_that_cannot_take_them():
     cls = OBJECTIVES.get("scm")
     with pytest.raises(ValueError, match=r"mid_u=\[1\.1\]: WanPipeline takes no sigmas=.*Remove mid_u"):
         cls(cls.Config(mid_u=[1.1]), teacher, Student.lora(teacher, rank=4, alpha=8))
+
+
+def test_stock_wan21_image_to_video_pipeline_reproduces_the_i2v_scm_student(tmp_path):
+    """Wan 2.1 I2V (first-frame latents concatenated to the channels, CLIP image tokens attended to): the sCM student
+    of the shipped recipe, its JVP through the image cross-attention, exported and reproduced at 2 and 4 steps."""
+    from tests.unit.export.test_export_wan_i2v import stock_i2v_latents
+
+    block = load_recipe(RECIPES / "wan21_i2v_scm_lora.yaml").objective
+    torch.manual_seed(0)
+    teacher = load_teacher(SimpleNamespace(pretrained="tiny:wan21_i2v"))
+    cls = OBJECTIVES.get(block.name)
+    objective = cls(cls.Config(**block.model_dump()), teacher, Student.lora(teacher, rank=4, alpha=8))
+    image = Image.fromarray(np.random.RandomState(3).randint(0, 256, (32, 32, 3)).astype(np.uint8))
+    cond, uncond = encode_prompts(teacher, PROMPTS, max_sequence_length=32, images=[image])
+    shape = latent_shape(teacher, 2)
+    train_at_phases(objective, cond, uncond, shape)
+    out = export_student(objective.student, teacher, objective, tmp_path / "export")
+    spec = read_schedule(out)
+    assert spec.recommended_steps == 4 and spec.scheduler_config["stochastic_sampling"]
+
+    pipe = with_student(diffusers.WanImageToVideoPipeline, teacher, out)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    for steps in (2, 4):
+        ours = objective.sampler()(noise, cond, steps, torch.Generator().manual_seed(steps))
+        theirs = stock_i2v_latents(pipe, image, cond, noise, steps=steps, seed=steps)
+        print(f"wan21_i2v_scm_lora, {steps} steps: max |stock − fewstep| = {(theirs - ours).abs().max():.2e}")
+        assert ours.shape == theirs.shape == shape and ours.abs().max() > 0.1
+        assert (theirs - ours).abs().max() < TOLERANCE
+    pipe.unload_lora_weights()
+    assert (stock_i2v_latents(pipe, image, cond, noise, steps=4, seed=4) - ours).abs().max() > 100 * TOLERANCE
