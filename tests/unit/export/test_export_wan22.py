@@ -156,3 +156,42 @@ def test_merged_wan22_pipeline_fuses_each_experts_lora_into_its_own_component(tm
         timestep = torch.full((1,), 1000 * tau)
         theirs = component(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
         assert (theirs - ours).abs().max() < TOLERANCE and (ours - base).abs().max() > 100 * TOLERANCE, tau
+
+
+@pytest.mark.parametrize(("recipe", "steps"), [("dmd/wan22_dmd2_lora", 4), ("consistency/wan22_scm_lora", 4)])
+def test_one_lora_on_both_experts_exports_as_two_and_reproduces(recipe, steps, tmp_path):
+    """DMD2 and sCM students with the shipped recipes' objective blocks: one LoRA student spanning both experts,
+    every level run by the expert the pipeline picks there. The export is the same two files as Phased DMD's and the
+    stock pipeline reproduces the student; without the low-noise expert's LoRA it does not."""
+    from fewstep.config import load_recipe
+    from fewstep.objectives.protocol import OBJECTIVES
+    from tests.helpers import train_at_phases
+
+    block = load_recipe(recipe).objective
+    torch.manual_seed(0)
+    teacher = load_teacher(SimpleNamespace(pretrained="tiny:wan22", guidance_scale=4.0))
+    cls = OBJECTIVES.get(block.name)
+    fast = {"health_reference_steps": 0, "fake_steps_per_generator_step": 1} if block.name == "dmd2" else {}
+    objective = cls(cls.Config(**{**block.model_dump(), **fast}), teacher, Student.lora(teacher, rank=4, alpha=8))
+    cond, uncond = encode_prompts(teacher, ["a red circle rolling", "a blue square falling"], max_sequence_length=32)
+    shape = latent_shape(teacher, 2)
+    train_at_phases(objective, cond, uncond, shape, steps=16)  # DMD2: 8 generator updates at random student levels
+    out = export_student(objective.student, teacher, objective, tmp_path / "export")
+    spec = read_schedule(out)
+    assert spec.recommended_steps == steps and spec.call_kwargs(steps)["num_inference_steps"] == steps
+    high, low = load_file(str(out / WEIGHT_NAME)), load_file(str(out / TRANSFORMER_2_WEIGHT_NAME))
+    assert high.keys() == low.keys() and all(k.startswith("transformer.blocks.") for k in high)
+    for state in (high, low):  # both experts' adapters trained
+        assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
+
+    levels = torch.tensor(spec.steps[steps]["levels"])
+    high_levels = teacher.schedule.model_timestep(levels) >= teacher.denoiser.backbone.boundary_timestep
+    assert high_levels.any() and not high_levels.all()  # the 4-step grid crosses the expert switch
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    ours = objective.sampler()(noise, cond, steps, torch.Generator().manual_seed(SEED))
+    theirs = stock_latents(stock_pipe(teacher, out), spec, cond, noise)
+    print(f"{recipe}, both experts, {steps} steps: max |stock − fewstep| = {(theirs - ours).abs().max():.2e}")
+    assert ours.shape == theirs.shape == shape and ours.abs().max() > 0.1
+    assert (theirs - ours).abs().max() < TOLERANCE
+    other = stock_latents(stock_pipe(teacher, out, low=False), spec, cond, noise)
+    assert (other - ours).abs().max() > 100 * TOLERANCE
