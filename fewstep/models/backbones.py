@@ -581,6 +581,8 @@ class WanExperts(nn.Module):
         boundary_timestep: the switch, in the backbone's timestep units (Wan 2.2 T2V-A14B: 0.875 · 1000).
     """
 
+    _supports_gradient_checkpointing = True  # each expert checkpoints its own blocks
+
     def __init__(self, high: nn.Module, low: nn.Module, boundary_timestep: float) -> None:
         super().__init__()
         self.high, self.low = high, low
@@ -589,6 +591,11 @@ class WanExperts(nn.Module):
     @property
     def config(self) -> Any:
         return self.high.config
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Any = None) -> None:
+        """diffusers' per-block gradient checkpointing on both experts, with the same checkpoint function."""
+        for expert in (self.high, self.low):
+            expert.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> WanExperts:

@@ -43,6 +43,7 @@ BLOCK_CLASSES = (
     "FluxSingleTransformerBlock",
     "WanTransformerBlock",
     "QwenImageTransformerBlock",
+    "LTXVideoTransformerBlock",
     "Attention",  # a bare attention layer outside a transformer block (UNet2DModel, mid blocks)
     "Downsample2D",
     "Upsample2D",

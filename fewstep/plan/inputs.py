@@ -9,7 +9,7 @@ until they get one.
 
 ``TEXT_TOKENS`` is the prompt length each family's pipeline feeds (padded to its maximum): CLIP 77 (SD1.5, SDXL),
 CLIP 77 + T5 256 (SD3), T5 512 (FLUX.1-dev), umT5 512 (Wan 2.1), Qwen2.5-VL up to 512 (Qwen-Image), T5 300
-(PixArt-Σ), Gemma 2 300 (Sana).
+(PixArt-Σ), Gemma 2 300 (Sana), T5 128 (LTX-Video).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.models.backbones import ADAPTER_BY_CLASS, BACKBONES, latent_shape
+from fewstep.models.backbones import ADAPTER_BY_CLASS, BACKBONES, WanExperts, latent_shape
 from fewstep.models.conditioning import Conditioning
 
 TEXT_TOKENS: dict[str, int] = {
@@ -33,6 +33,7 @@ TEXT_TOKENS: dict[str, int] = {
     "QwenImageTransformer2DModel": 512,
     "PixArtTransformer2DModel": 300,
     "SanaTransformer2DModel": 300,
+    "LTXVideoTransformer3DModel": 128,
 }
 VIDEO_FRAMES = 81  # Wan 2.1's default clip length (5 s at 16 fps)
 
@@ -46,6 +47,12 @@ class TrainingShape:
     resolution: int
     text_tokens: int
     frames: int = VIDEO_FRAMES
+
+
+def forward_network(backbone: nn.Module) -> nn.Module:
+    """The network one forward of ``backbone`` runs through: Wan 2.2's high-noise expert for ``WanExperts`` (each
+    sample goes through one expert, and the two have the same shapes), else the backbone itself."""
+    return backbone.high if isinstance(backbone, WanExperts) else backbone
 
 
 def default_text_tokens(backbone: nn.Module) -> int:
@@ -72,7 +79,7 @@ def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype:
         if getattr(cfg, "time_cond_proj_dim", None):
             cond = cond.replace(timestep_cond=rand(b, cfg.time_cond_proj_dim))
         return cond
-    if adapter in ("pixart", "sana"):  # T5 / Gemma 2 tokens with their attention mask
+    if adapter in ("pixart", "sana", "ltx"):  # T5 / Gemma 2 tokens with their attention mask
         mask = torch.ones(b, n, dtype=torch.long, device=device)
         return Conditioning(prompt_embeds=rand(b, n, int(cfg.caption_channels)), prompt_embeds_mask=mask)
     cond = Conditioning(
@@ -87,7 +94,7 @@ def _adapted(
     backbone: nn.Module, teacher: Any, shape: TrainingShape, device: Any, dtype: torch.dtype
 ) -> Callable[[], Any]:
     """A forward through fewstep's own adapter for the backbone's family."""
-    x = torch.randn(latent_shape(teacher, shape.batch, shape.resolution), device=device, dtype=dtype)
+    x = torch.randn(latent_shape(teacher, shape.batch, shape.resolution, shape.frames), device=device, dtype=dtype)
     cond = _conditioning(backbone, shape, device, dtype)
     t = torch.full((shape.batch,), 500.0, device=device, dtype=dtype)
     adapter = BACKBONES.get(ADAPTER_BY_CLASS[type(backbone).__name__])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fewstep.models.backbones import ADAPTER_BY_CLASS, pipeline_backbone
+from fewstep.models.backbones import ADAPTER_BY_CLASS, WanExperts, pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.loading import (
@@ -115,7 +115,8 @@ def meta_pipeline(directory: Path, dtype: Any) -> Any:
 
 
 def meta_teacher(pipeline: Any, guidance_scale: float) -> tuple[Teacher, str, list[str]]:
-    """A ``Teacher`` over the meta pipeline's backbone (as ``load_teacher`` builds it), its family and notes."""
+    """A ``Teacher`` over the meta pipeline's backbone (as ``load_teacher`` builds it: Wan 2.2's two experts as one
+    ``WanExperts``), its family and notes."""
     backbone = pipeline_backbone(pipeline)
     notes = []
     try:
@@ -126,6 +127,8 @@ def meta_teacher(pipeline: Any, guidance_scale: float) -> tuple[Teacher, str, li
             f"fewstep has no backbone adapter for {type(backbone).__name__} yet: this plan counts its memory, but "
             "training it needs one (`Teacher.from_module(..., adapter=...)`)."
         )
+    if family == "wan22":
+        backbone = WanExperts.from_pipeline(pipeline)
     # memory does not depend on what the backbone is fed as its timestep: any flow scale serves unknown families
     schedule, prediction = schedule_and_prediction(
         pipeline.scheduler, family if family in FLOW_TIMESTEP_SCALE else "sd3"

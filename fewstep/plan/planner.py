@@ -10,7 +10,7 @@ from torch import nn
 from fewstep.models.backbones import default_resolution
 from fewstep.objectives.protocol import BackboneUse
 from fewstep.plan.activations import ActivationEstimate, estimate_activations, mode_of
-from fewstep.plan.inputs import VIDEO_FRAMES, TrainingShape, default_text_tokens
+from fewstep.plan.inputs import VIDEO_FRAMES, TrainingShape, default_text_tokens, forward_network
 from fewstep.plan.inventory import Role, Tensors, parameter_roles, trainable_groups
 from fewstep.plan.layouts import Layout, RankMemory, StepCost, candidate_layouts, rank_memory
 from fewstep.plan.meta import MetaModels, build_meta_models
@@ -95,7 +95,7 @@ def training_shape(
         except (AttributeError, TypeError, ValueError):
             resolution = 512
             notes.append("The pipeline has no default resolution: planned at 512 px (set data.resolution).")
-    backbone = models.components.student.denoiser.backbone
+    backbone = forward_network(models.components.student.denoiser.backbone)
     tokens = default_text_tokens(backbone) if text_tokens is None else text_tokens
     return TrainingShape(recipe.data.batch_size, int(resolution), tokens, frames or VIDEO_FRAMES), notes
 
@@ -174,9 +174,9 @@ def plan_recipe(
     uses = backbone_use(models.components.objective, groups)
     backbone = models.components.student.denoiser.backbone
     can_checkpoint = bool(getattr(backbone, "_supports_gradient_checkpointing", False))
-    teacher = models.components.teacher
+    teacher, network = models.components.teacher, forward_network(backbone)
     activations = {
-        ckpt: estimate_activations(backbone, teacher, shape, mode_of(recipe, ckpt)) for ckpt in {False, can_checkpoint}
+        ckpt: estimate_activations(network, teacher, shape, mode_of(recipe, ckpt)) for ckpt in {False, can_checkpoint}
     }
     classes, largest, root = wrap_units(backbone)
     gathered = {"largest unit": largest, "root": root,
@@ -190,9 +190,9 @@ def plan_recipe(
         }
         ranks.append(rank_memory(roles, groups, costs, gathered, layout, world_size, recipe, device))
     notes = [*models.notes, *notes, *sampling_notes(recipe, shape, activations[False])]
-    if activations[False].coefficients_of != type(backbone).__name__:
+    if activations[False].coefficients_of != type(network).__name__:
         notes.append(
-            f"No activation coefficients measured for {type(backbone).__name__}: borrowed the largest measured "
+            f"No activation coefficients measured for {type(network).__name__}: borrowed the largest measured "
             "(`python scripts/bench/plan_coefficients.py` measures them)."
         )
     return Plan(recipe, models, roles, groups, shape, uses, activations, world_size, gpus_per_node,

@@ -118,12 +118,13 @@ def expert_edges(teacher: Teacher) -> tuple[float, float]:
     """The lowest level Wan 2.2's high-noise expert denoises and the highest its low-noise one does: the neighbouring
     float32 levels around ``boundary_timestep``, split by the same ``timestep ≥ boundary`` test as ``WanPipeline``."""
     schedule, boundary = teacher.schedule, teacher.denoiser.backbone.boundary_timestep
-    high = schedule.tau_from_model_timestep(torch.tensor(boundary, dtype=torch.float32))
-    while float(schedule.model_timestep(high)) < boundary:
-        high = torch.nextafter(high, torch.tensor(1.0))
-    low = torch.nextafter(high, torch.tensor(0.0))
-    while float(schedule.model_timestep(low)) >= boundary:
-        low = torch.nextafter(low, torch.tensor(0.0))
+    with torch.device("cpu"):  # plain numbers wherever the models live (`fewstep plan` builds them on meta)
+        high = schedule.tau_from_model_timestep(torch.tensor(boundary, dtype=torch.float32))
+        while float(schedule.model_timestep(high)) < boundary:
+            high = torch.nextafter(high, torch.tensor(1.0))
+        low = torch.nextafter(high, torch.tensor(0.0))
+        while float(schedule.model_timestep(low)) >= boundary:
+            low = torch.nextafter(low, torch.tensor(0.0))
     return float(high), float(low)
 
 
@@ -139,12 +140,13 @@ def expert_scheduler(teacher: Teacher, steps_per_phase: int) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     k, config = 2 * steps_per_phase, flow_scheduler_config(teacher, stochastic_sampling=True)
-    high, _ = expert_edges(teacher)
-    midway = lambda levels: float(levels[steps_per_phase - 1] + levels[steps_per_phase]) / 2  # noqa: E731
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(bisect_shift(config, k, midway, high))
-    scheduler.set_timesteps(k)
-    sigmas = scheduler.sigmas[:k]
-    is_high = teacher.schedule.model_timestep(sigmas) >= teacher.denoiser.backbone.boundary_timestep
+    with torch.device("cpu"):  # plain numbers wherever the models live (`fewstep plan` builds them on meta)
+        high, _ = expert_edges(teacher)
+        midway = lambda levels: float(levels[steps_per_phase - 1] + levels[steps_per_phase]) / 2  # noqa: E731
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(bisect_shift(config, k, midway, high))
+        scheduler.set_timesteps(k)
+        sigmas = scheduler.sigmas[:k]
+        is_high = teacher.schedule.model_timestep(sigmas) >= teacher.denoiser.backbone.boundary_timestep
     if is_high.tolist() != [True] * steps_per_phase + [False] * steps_per_phase:
         raise ValueError(
             f"No scheduler shift puts {steps_per_phase} of the {k} student levels on each side of Wan 2.2's expert "

@@ -38,7 +38,8 @@ def dmd_pipeline_scheduler(teacher: Teacher, trained_steps: int) -> dict[str, An
     config = flow_scheduler_config(teacher, stochastic_sampling=True)
     if config.get("use_dynamic_shifting"):
         return config
-    return scheduler_through(config, dmd_student_taus(teacher.schedule, trained_steps))
+    with torch.device("cpu"):  # plain numbers wherever the models live (`fewstep plan` builds them on meta)
+        return scheduler_through(config, dmd_student_taus(teacher.schedule, trained_steps))
 
 
 def dmd_student_grid(

@@ -1,20 +1,27 @@
-"""The shipped architecture configs: their backbones have the published sizes, and planning a real recipe on them
-takes seconds with no weights and no network."""
+"""The shipped architecture configs: their backbones have the published sizes, every shipped recipe whose teacher is
+a Hub id plans from them, and planning a real recipe on them takes seconds with no weights and no network."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from fewstep.config.load import load_recipe
+from fewstep.config.load import list_recipes, load_recipe
 from fewstep.models.backbones import pipeline_backbone
+from fewstep.models.loading import is_hub_id, resolve_pretrained
 from fewstep.plan import layout_by_name, plan_recipe
 from fewstep.plan.meta import meta_pipeline
 from fewstep.plan.sources import config_directory, shipped_models
 
 # Backbone parameters as published: Stable Diffusion's 860 M UNet, the SDXL report's 2.6 B UNet, SD3 Medium's 2 B,
 # FLUX.1's 12 B (11.9 B on its Hub page), SD3.5 Large's 8.1 B, Wan 2.1 14B's 28.6 GB of bf16 weights (14.3 B) and
-# Qwen-Image's 20.4 B MMDiT (its Hub page).
+# Qwen-Image's 20.4 B MMDiT (its Hub page). Wan 2.1 1.3B: 1.42 B, the 5.68 GB fp32 transformer of its Hub repo (the
+# card's "1.3B" rounds it down). Wan 2.1 I2V 14B: 16.39 B, the count of its transformer config (the T2V 14B transformer
+# plus the CLIP image projection and each layer's image key/value projections, 40 · 2 · 5120² = 2.1 B; the card's
+# "14B" names the family). Wan 2.2 T2V-A14B: two experts of 14.3 B each, the Wan 2.1 14B architecture (the card's
+# "27B total, 14B active"); each expert is checked. Wan 2.2 TI2V-5B's 5 B, LTX-Video's 2 B model as the diffusers
+# repo holds it (0.9.x: 1.92 B), PixArt-Σ's 0.6 B (2.44 GB of fp32 weights, 611 M), Sana 1600M's 1.6 B.
 PUBLISHED = {
     "runwayml/stable-diffusion-v1-5": 860e6,
     "stable-diffusion-v1-5/stable-diffusion-v1-5": 860e6,
@@ -24,7 +31,31 @@ PUBLISHED = {
     "stabilityai/stable-diffusion-3.5-large": 8.1e9,
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": 14.3e9,
     "Qwen/Qwen-Image": 20.4e9,
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 1.42e9,
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": 16.39e9,
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": 14.3e9,  # per expert
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": 5.0e9,
+    "Lightricks/LTX-Video": 1.92e9,
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": 611e6,
+    "Efficient-Large-Model/Sana_1600M_1024px_diffusers": 1.6e9,
 }
+
+
+def denoisers(pipe) -> dict[str, nn.Module]:
+    """The pipeline's denoising networks: its backbone, and Wan 2.2's low-noise expert ``transformer_2``."""
+    nets = {"backbone": pipeline_backbone(pipe)}
+    if getattr(pipe, "transformer_2", None) is not None:
+        nets["transformer_2"] = pipe.transformer_2
+    return nets
+
+
+def numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def hub_teacher_recipes() -> list[str]:
+    """The shipped recipes whose teacher is a Hub id (not a local directory or a packaged teacher)."""
+    return [name for name in list_recipes() if is_hub_id(resolve_pretrained(load_recipe(name).teacher.pretrained))]
 
 
 def test_every_shipped_config_is_checked():
@@ -36,10 +67,26 @@ def test_backbone_has_the_published_size(hub_id):
     directory, where = config_directory(hub_id)
     assert where == "shipped"
     pipe = meta_pipeline(directory, torch.bfloat16)
-    backbone = pipeline_backbone(pipe)
-    count = sum(p.numel() for p in backbone.parameters())
-    assert count == pytest.approx(PUBLISHED[hub_id], rel=0.02)
-    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in backbone.parameters())
+    nets = denoisers(pipe)
+    assert len(nets) == (2 if hub_id == "Wan-AI/Wan2.2-T2V-A14B-Diffusers" else 1)
+    for net in nets.values():
+        assert numel(net) == pytest.approx(PUBLISHED[hub_id], rel=0.02)
+        assert all(p.is_meta and p.dtype == torch.bfloat16 for p in net.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", hub_teacher_recipes())
+def test_every_hub_teacher_recipe_plans_from_its_shipped_configs(name):
+    """Every shipped recipe naming a Hub teacher plans offline on 8 GPUs, its frozen teacher exactly the shipped
+    config's denoisers (both of Wan 2.2's experts)."""
+    recipe = load_recipe(name)
+    directory, where = config_directory(recipe.teacher.pretrained)
+    assert where == "shipped", f"{name}: no shipped configs for {recipe.teacher.pretrained}"
+    plan = plan_recipe(recipe, world_size=8)
+    teacher = {r.name: r for r in plan.roles}["teacher"]
+    expected = sum(numel(net) for net in denoisers(meta_pipeline(directory, torch.bfloat16)).values())
+    assert teacher.kind == "frozen" and teacher.params.numel == expected
+    assert plan.activations[False].num_blocks > 0  # the example forward ran through the backbone's blocks
 
 
 def test_flux_dmd2_lora_plan():
