@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in all (default 1)")
     parser.add_argument("--gpu-memory", type=memory_size, default=memory_size("80GB"), help="memory per GPU (80GB)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine, for hybrid sharding (8)")
-    parser.add_argument("--frames", type=int, default=None, help="frames per sample for video backbones (81)")
+    parser.add_argument("--frames", type=int, default=None, help="video frames per sample (data.num_frames, else 81)")
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens per sample (family maximum)")
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="fraction of each GPU left unplanned for the CUDA context, communication buffers and "

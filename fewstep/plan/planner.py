@@ -84,7 +84,7 @@ def training_shape(
 ) -> tuple[TrainingShape, list[str]]:
     """The micro-batch of one rank: ``data.batch_size`` samples at the resolution they are drawn at: ``data.resolution``
     for data with images, the objective's own ``resolution`` for data-free (prompt) runs, else the pipeline's
-    default."""
+    default; video clips of ``frames`` frames, else the recipe's ``data.num_frames``, else ``VIDEO_FRAMES``."""
     notes = []
     own = getattr(getattr(models.components.objective, "config", None), "resolution", None)
     data_free = recipe.data.source == "prompts"
@@ -97,7 +97,8 @@ def training_shape(
             notes.append("The pipeline has no default resolution: planned at 512 px (set data.resolution).")
     backbone = forward_network(models.components.student.denoiser.backbone)
     tokens = default_text_tokens(backbone) if text_tokens is None else text_tokens
-    return TrainingShape(recipe.data.batch_size, int(resolution), tokens, frames or VIDEO_FRAMES), notes
+    frames = frames or recipe.data.num_frames or VIDEO_FRAMES
+    return TrainingShape(recipe.data.batch_size, int(resolution), tokens, frames), notes
 
 
 def wrap_units(backbone: nn.Module) -> tuple[list[str], int, int]:

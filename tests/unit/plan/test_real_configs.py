@@ -114,3 +114,11 @@ def test_wan_and_qwen_plan_from_their_configs(tmp_path):
             plan.activations[False].coefficients_of == type(plan.models.components.teacher.denoiser.backbone).__name__
         )
         assert layout_by_name(plan, "ddp").total_bytes > layout_by_name(plan, "fsdp2_full_shard").total_bytes
+
+
+def test_video_plans_take_the_recipes_frame_count():
+    """LTX rCM trains on 161-frame clips: the plan is made at that length unless --frames says otherwise."""
+    recipe = load_recipe("consistency/ltx_rcm_lora")
+    assert recipe.data.num_frames == 161
+    assert plan_recipe(recipe, world_size=8).shape.frames == 161
+    assert plan_recipe(recipe, world_size=8, frames=81).shape.frames == 81
