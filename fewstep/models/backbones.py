@@ -32,8 +32,9 @@ name                      model                        inputs
                                                        + ``encoder_attention_mask``; ε of a learned-σ output
 ``sana``                  ``SanaTransformer2DModel``   latents, ``timestep`` (= 1000·s · ``timestep_scale``), Gemma
                                                        ``encoder_hidden_states`` + ``encoder_attention_mask``
-``cogvideox``             ``CogVideoXTransformer3DModel``  video latents as ``[b, f, c, h, w]``, ``timestep`` (VP index),
-                                                       T5 ``encoder_hidden_states``, 3-D rotary embeddings (5b)
+``cogvideox``             ``CogVideoXTransformer3DModel``  video latents as ``[b, f, c, h, w]``, ``timestep``
+                                                       (VP index), T5 ``encoder_hidden_states``, 3-D rotary
+                                                       embeddings (5b)
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,

@@ -11,7 +11,8 @@ pipeline guides only when a negative prompt is given); Wan encodes ``""`` as its
 prompt (UMT5 states zeroed past each prompt's length); LTX-Video encodes ``""`` with T5 and keeps the attention masks
 of both branches; PixArt-Σ and Sana encode ``""`` too, each token with its mask (Sana's prompt behind its complex human
 instruction, the negative without it, as ``SanaPipeline`` does); CogVideoX encodes ``""`` with T5, padded to the
-transformer's ``max_text_seq_length`` and without a mask, as ``CogVideoXPipeline`` feeds it. Pass ``negative_prompts`` to use other negatives.
+transformer's ``max_text_seq_length`` and without a mask, as ``CogVideoXPipeline`` feeds it. Pass
+``negative_prompts`` to use other negatives.
 
 Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches, and
 so is the first frame of image-to-video teachers (``encode_prompts(..., images=)``, ``first_frame_conditioning``):
@@ -349,8 +350,8 @@ def encode_prompts(
         resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution); for a first
             frame, the clip's side or ``(height, width)``.
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
-            PixArt-Σ (default 300), CogVideoX (default the transformer's ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300),
-            as the pipelines use.
+            PixArt-Σ (default 300), CogVideoX (default the transformer's ``max_text_seq_length``, 226), Qwen2.5-VL
+            tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300), as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
         images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1
             I2V): the first frame of each clip, one for all prompts or one each (``first_frame_conditioning``); both

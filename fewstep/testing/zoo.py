@@ -718,7 +718,8 @@ def tiny_path(family: str) -> Path:
     """The directory of the tiny ``family`` pipeline, built and saved on first use (atomic: temp dir + rename).
 
     Args:
-        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``, ``ltx``, ``cogvideox``).
+        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``, ``ltx``,
+            ``cogvideox``, ...).
 
     Returns:
         A ``save_pretrained`` directory loadable with ``DiffusionPipeline.from_pretrained(path)`` offline.
