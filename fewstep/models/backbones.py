@@ -730,6 +730,13 @@ def cogvideox_rotary_embeddings(backbone: nn.Module, shape: Sequence[int], devic
                                    temporal_size=shape[-3], device=device)  # fmt: skip
 
 
+def renoise_layout(denoiser: _Adapted) -> tuple[int, ...] | None:
+    """The axis order in which the family's pipeline has its scheduler draw fresh noise, as a permutation of fewstep's
+    latent axes (``fewstep.solvers.samplers.fresh_noise``): CogVideoX's ``[b, f, c, h, w]`` (its ``scheduler.step``
+    draws from the pipeline's generator in that shape); ``None`` where the pipeline draws in fewstep's own layout."""
+    return COGVIDEOX_LAYOUT if denoiser.adapter_name == "cogvideox" else None
+
+
 @BACKBONES.register("cogvideox")
 def cogvideox_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
     """``CogVideoXTransformer3DModel`` on video latents ``[b, c, f, h, w]``, as ``CogVideoXPipeline`` calls it: the
