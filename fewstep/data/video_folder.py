@@ -212,7 +212,8 @@ def clip_shape_problems(data_cfg: Any, teacher: Any) -> list[tuple[str, str]]:
         if frames is None:
             return []
         return [("num_frames", f"asks for video, but the teacher {teacher.family!r} is an image model: remove "
-                               "data.num_frames, or distill a video teacher (wan21, wan22, ltx)")]  # fmt: skip
+                               "data.num_frames, or distill a video teacher (wan21, wan22, ltx, "
+                               "cogvideox)")]  # fmt: skip
     if frames is None and data_cfg.resolution is None:
         return []
     _, height, width = video_defaults(pipe)

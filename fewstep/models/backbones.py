@@ -32,6 +32,9 @@ name                      model                        inputs
                                                        + ``encoder_attention_mask``; ε of a learned-σ output
 ``sana``                  ``SanaTransformer2DModel``   latents, ``timestep`` (= 1000·s · ``timestep_scale``), Gemma
                                                        ``encoder_hidden_states`` + ``encoder_attention_mask``
+``cogvideox``             ``CogVideoXTransformer3DModel``  video latents as ``[b, f, c, h, w]``, ``timestep``
+                                                       (VP index), T5 ``encoder_hidden_states``, 3-D rotary
+                                                       embeddings (5b)
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -90,6 +93,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "LTXVideoTransformer3DModel": "ltx",
     "PixArtTransformer2DModel": "pixart",
     "SanaTransformer2DModel": "sana",
+    "CogVideoXTransformer3DModel": "cogvideox",
 }
 
 
@@ -133,7 +137,7 @@ def patch_size(family: str, backbone: Any) -> int:
         return 2
     if family in ("sd3", "sd35"):
         return int(getattr(backbone.config, "patch_size", 2))
-    if family == "ltx":  # LTX-Video: one int for height and width (``patch_size_t`` for frames)
+    if family in ("ltx", "cogvideox"):  # one int for height and width (``patch_size_t`` for frames)
         return int(backbone.config.patch_size)
     if family in VIDEO_FAMILIES or family == "wan_class":
         return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
@@ -206,7 +210,7 @@ def latent_shape(
 
 # Video: latents [b, c, f, h, w]; the VAE keeps the first frame and compresses the rest in time (Wan 4×, LTX 8×),
 # and compresses space (Wan 8×, LTX 32×).
-VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx")
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx", "cogvideox")
 WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
 LTX_DEFAULT_VIDEO = (161, 512, 704)  # LTXPipeline's call defaults (6.4 s at 25 fps)
 
@@ -230,7 +234,22 @@ def video_defaults(pipeline: Any) -> tuple[int, int, int]:
     """``(frames, height, width)`` a video pipeline generates by default: ``default_video_size`` if the pipeline has
     one (the tiny zoo records its own), else its call defaults (``LTX_DEFAULT_VIDEO``, ``WAN_DEFAULT_VIDEO``)."""
     default = LTX_DEFAULT_VIDEO if hasattr(pipeline, "vae_temporal_compression_ratio") else WAN_DEFAULT_VIDEO
+    if is_cogvideox_pipeline(pipeline):
+        default = cogvideox_video_defaults(pipeline)
     return tuple(getattr(pipeline, "default_video_size", None) or default)  # type: ignore[return-value]
+
+
+def is_cogvideox_pipeline(pipeline: Any) -> bool:
+    """Whether a pipeline denoises with a ``CogVideoXTransformer3DModel`` (``CogVideoXPipeline``)."""
+    return type(getattr(pipeline, "transformer", None)).__name__ == "CogVideoXTransformer3DModel"
+
+
+def cogvideox_video_defaults(pipeline: Any) -> tuple[int, int, int]:
+    """``CogVideoXPipeline``'s call defaults, read from its transformer's config: ``sample_frames`` frames of
+    ``sample_height × sample_width`` latents times the VAE's spatial factor (CogVideoX-2b and 5b: 49 × 480 × 720)."""
+    config = pipeline.transformer.config
+    spatial = video_compression(pipeline)[1]
+    return int(config.sample_frames), int(config.sample_height) * spatial, int(config.sample_width) * spatial
 
 
 def video_latent_shape(
@@ -690,6 +709,55 @@ def ltx_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditio
         return_dict=False,
     )[0]
     return ltx_unpack_latents(out, f // p_t, h // p, w // p, p, p_t)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CogVideoX: video latents with frames before channels
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The axis order of CogVideoX's latents ``[b, f, c, h, w]`` seen from fewstep's ``[b, c, f, h, w]`` (its own inverse).
+COGVIDEOX_LAYOUT = (0, 2, 1, 3, 4)
+
+
+def cogvideox_rotary_embeddings(backbone: nn.Module, shape: Sequence[int], device: Any) -> tuple[Tensor, Tensor] | None:
+    """The 3-D rotary ``(cos, sin)`` of a CogVideoX 1.0 transformer with ``use_rotary_positional_embeddings`` (5b) for
+    latents of ``shape`` ``[b, c, f, h, w]``, as ``CogVideoXPipeline._prepare_rotary_positional_embeddings``: the token
+    grid ``(h/p, w/p)`` placed in the crop region of the grid the model was trained on (``sample_height × sample_width``
+    latents), ``f`` positions in time. ``None`` for 2b, whose sin-cos positions the patch embedding adds itself."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    config = backbone.config
+    if not config.use_rotary_positional_embeddings:
+        return None
+    p = int(config.patch_size)
+    grid = (shape[-2] // p, shape[-1] // p)
+    crops = get_resize_crop_region_for_grid(grid, config.sample_width // p, config.sample_height // p)
+    return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops, grid_size=grid,
+                                   temporal_size=shape[-3], device=device)  # fmt: skip
+
+
+def renoise_layout(denoiser: _Adapted) -> tuple[int, ...] | None:
+    """The axis order in which the family's pipeline has its scheduler draw fresh noise, as a permutation of fewstep's
+    latent axes (``fewstep.solvers.samplers.fresh_noise``): CogVideoX's ``[b, f, c, h, w]`` (its ``scheduler.step``
+    draws from the pipeline's generator in that shape); ``None`` where the pipeline draws in fewstep's own layout."""
+    return COGVIDEOX_LAYOUT if denoiser.adapter_name == "cogvideox" else None
+
+
+@BACKBONES.register("cogvideox")
+def cogvideox_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``CogVideoXTransformer3DModel`` on video latents ``[b, c, f, h, w]``, as ``CogVideoXPipeline`` calls it: the
+    latents in its ``[b, f, c, h, w]`` order (``COGVIDEOX_LAYOUT``; the output comes back in fewstep's), the VP
+    timestep index, T5's ``prompt_embeds`` (padded, no mask: the pipeline passes none) and, for 5b, the rotary
+    embeddings of the token grid (``cogvideox_rotary_embeddings``). v-prediction out."""
+    out = backbone(
+        hidden_states=x.permute(COGVIDEOX_LAYOUT),
+        encoder_hidden_states=_as(_require(cond.prompt_embeds, "prompt_embeds", "CogVideoX"), x),
+        timestep=timestep,
+        image_rotary_emb=cogvideox_rotary_embeddings(backbone, x.shape, x.device),
+        return_dict=False,
+    )[0]
+    return out.permute(COGVIDEOX_LAYOUT)
 
 
 def learned_sigma_eps(out: Tensor, x: Tensor) -> Tensor:

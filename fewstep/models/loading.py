@@ -48,11 +48,12 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class")  # fmt: skip
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
-                     "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class"}  # fmt: skip
+                     "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class",
+                     "cogvideox": "cogvideox"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
 # 1000·s; Flux and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
 # adapter also applies the model's own timestep_scale).
@@ -347,7 +348,8 @@ def detect_family(pipeline: Any) -> str:
     """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan21_i2v``
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
     ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
-    without a text encoder: the moving-digits teacher) from a pipeline's backbone class and config.
+    without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) from a
+    pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -397,13 +399,33 @@ def detect_family(pipeline: Any) -> str:
                 "as a teacher; Sana (SanaPipeline) is."
             )
         return "sana"
+    if cls == "CogVideoXTransformer3DModel":
+        return cogvideox_family(backbone.config)
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
         "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel, "
-        "LTXVideoTransformer3DModel. For other models use "
+        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
+
+
+def cogvideox_family(config: Any) -> str:
+    """``cogvideox`` for CogVideoX 1.0 text-to-video (2b, 5b); the image- and video-conditioned transformers (more
+    input than output channels: the first frame's latents on the channels) and CogVideoX 1.5 (``patch_size_t``, frame
+    padding, ``ofs`` embedding) are refused by name."""
+    if config.in_channels != config.out_channels:
+        raise ValueError(
+            f"This CogVideoX transformer takes {config.in_channels} input channels for {config.out_channels} output "
+            "channels (image-to-video or a control model: conditioning latents on the channels), which is not "
+            "supported; CogVideoX text-to-video (CogVideoXPipeline: THUDM/CogVideoX-2b, THUDM/CogVideoX-5b) is."
+        )
+    if config.patch_size_t is not None:
+        raise ValueError(
+            "CogVideoX 1.5 (patch_size_t, frames padded to whole temporal patches) is not supported; CogVideoX 1.0 "
+            "(THUDM/CogVideoX-2b, THUDM/CogVideoX-5b) is."
+        )
+    return "cogvideox"
 
 
 def schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:

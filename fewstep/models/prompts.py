@@ -10,7 +10,9 @@ input), so ``""`` is encoded for true CFG; Qwen-Image's true CFG uses the negati
 pipeline guides only when a negative prompt is given); Wan encodes ``""`` as its pipeline does without a negative
 prompt (UMT5 states zeroed past each prompt's length); LTX-Video encodes ``""`` with T5 and keeps the attention masks
 of both branches; PixArt-Σ and Sana encode ``""`` too, each token with its mask (Sana's prompt behind its complex human
-instruction, the negative without it, as ``SanaPipeline`` does). Pass ``negative_prompts`` to use other negatives.
+instruction, the negative without it, as ``SanaPipeline`` does); CogVideoX encodes ``""`` with T5, padded to the
+transformer's ``max_text_seq_length`` and without a mask, as ``CogVideoXPipeline`` feeds it. Pass
+``negative_prompts`` to use other negatives.
 
 Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches, and
 so is the first frame of image-to-video teachers (``encode_prompts(..., images=)``, ``first_frame_conditioning``):
@@ -172,6 +174,20 @@ def _ltx(
     )
 
 
+def _cogvideox(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    """T5 states padded to ``max_sequence_length`` (default the transformer's ``max_text_seq_length``: CogVideoX's 226,
+    the pipeline's default; 2b's sin-cos positions take exactly that many text tokens). No mask: the pipeline's
+    transformer attends to the padding too."""
+    length = max_sequence_length or int(pipe.transformer.config.max_text_seq_length)
+    pe, npe = pipe.encode_prompt(
+        prompt=prompts, negative_prompt=negatives, do_classifier_free_guidance=True, num_videos_per_prompt=1,
+        max_sequence_length=length, device=_device(pipe),
+    )  # fmt: skip
+    return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
+
+
 def _caption_cleaning(default: bool) -> bool:
     """The pipeline's ``clean_caption`` default where it can clean (it needs ``bs4`` and ``ftfy``; without them the
     pipeline warns and encodes the raw caption, which is what ``False`` does without the warning)."""
@@ -219,7 +235,7 @@ def _sana(
 
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
              "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
-             "pixart_sigma": _pixart_sigma, "sana": _sana}  # fmt: skip
+             "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox}  # fmt: skip
 IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
 FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
 
@@ -334,8 +350,8 @@ def encode_prompts(
         resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution); for a first
             frame, the clip's side or ``(height, width)``.
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
-            PixArt-Σ (default 300), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300),
-            as the pipelines use.
+            PixArt-Σ (default 300), CogVideoX (default the transformer's ``max_text_seq_length``, 226), Qwen2.5-VL
+            tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300), as the pipelines use.
         guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
         images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1
             I2V): the first frame of each clip, one for all prompts or one each (``first_frame_conditioning``); both

@@ -13,6 +13,7 @@ are frozen dataclasses; the only state is ``VPSchedule``'s per-device lookup tab
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -70,6 +71,8 @@ class VPSchedule:
 
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         config = dict(config)
+        if "snr_shift_scale" in config:
+            return cls._from_snr_shifted(config)
         ddpm = DDPMScheduler(
             num_train_timesteps=config.get("num_train_timesteps", 1000),
             beta_start=config.get("beta_start", 0.0001),
@@ -79,6 +82,19 @@ class VPSchedule:
             rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
         )
         acp = ddpm.alphas_cumprod.double()
+        final = 1.0 if config.get("set_alpha_to_one", True) else float(acp[0])
+        return cls(alphas_cumprod=acp, final_alpha_cumprod=final)
+
+    @classmethod
+    def _from_snr_shifted(cls, config: dict[str, Any]) -> VPSchedule:
+        """CogVideoX's schedulers (``CogVideoXDDIMScheduler``, ``CogVideoXDPMScheduler``): the betas' ``ᾱ`` with the
+        SNR divided by ``snr_shift_scale``, ``ᾱ' = ᾱ / (s + (1 − s)·ᾱ)``, then (``rescale_betas_zero_snr``) rescaled
+        to zero terminal SNR; taken from the scheduler itself (float64, as its DDIM steps use it)."""
+        from diffusers import CogVideoXDDIMScheduler
+
+        accepted = inspect.signature(CogVideoXDDIMScheduler.__init__).parameters
+        scheduler = CogVideoXDDIMScheduler.from_config({k: v for k, v in config.items() if k in accepted})
+        acp = scheduler.alphas_cumprod.double()
         final = 1.0 if config.get("set_alpha_to_one", True) else float(acp[0])
         return cls(alphas_cumprod=acp, final_alpha_cumprod=final)
 

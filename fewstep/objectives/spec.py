@@ -196,17 +196,23 @@ def read_schedule(out_dir: str | Path) -> SamplingSpec:
 
 
 def teacher_scheduler_config(teacher: Teacher) -> dict[str, Any]:
-    """The teacher's diffusers scheduler config; synthesised from its schedule for a custom (pipeline-less) teacher."""
+    """The teacher's diffusers scheduler config; synthesised from its schedule for a custom (pipeline-less) teacher.
+
+    A scheduler whose ``ᾱ`` no stock scheduler computes from its betas (CogVideoX's SNR shift, ``snr_shift_scale``) is
+    given as the ``trained_betas`` of its ``ᾱ`` instead (``vp_trained_betas``), so the schedulers an export builds
+    from it (``LCMScheduler``) run on the teacher's levels."""
     scheduler = getattr(teacher.pipeline, "scheduler", None)
-    if scheduler is not None:
+    if scheduler is not None and "snr_shift_scale" not in scheduler.config:
         return dict(scheduler.config)
     schedule = teacher.schedule
     if schedule.kind == "vp":
-        acp = schedule.alphas_cumprod.double()
-        betas = 1 - acp / torch.cat([acp.new_ones(1), acp[:-1]])  # β_n = 1 − ᾱ_n / ᾱ_{n−1}
+        base = {} if scheduler is None else dict(scheduler.config)
+        for key in ("snr_shift_scale", "rescale_betas_zero_snr", "beta_schedule", "beta_start", "beta_end"):
+            base.pop(key, None)  # all in trained_betas
         return {
+            **base,
             "num_train_timesteps": schedule.num_train_timesteps,
-            "trained_betas": betas.tolist(),
+            "trained_betas": vp_trained_betas(schedule),
             "prediction_type": teacher.denoiser.prediction_type,
             "set_alpha_to_one": schedule.final_alpha_cumprod == 1.0,
         }
@@ -221,6 +227,12 @@ def teacher_scheduler_config(teacher: Teacher) -> dict[str, Any]:
             "max_image_seq_len": schedule.max_image_seq_len,
         }
     raise ValueError(f"No diffusers scheduler describes a {schedule.kind!r} schedule; export supports vp and flow.")
+
+
+def vp_trained_betas(schedule: Any) -> list[float]:
+    """The betas whose cumulative product is the schedule's ``ᾱ``: ``β_n = 1 − ᾱ_n / ᾱ_{n−1}`` (1 at a zero-SNR end)."""
+    acp = schedule.alphas_cumprod.double()
+    return (1 - acp / torch.cat([acp.new_ones(1), acp[:-1]])).tolist()
 
 
 def scheduler_from_teacher(cls: Any, teacher: Teacher, **overrides: Any) -> Any:

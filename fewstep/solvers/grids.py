@@ -19,7 +19,8 @@ adapter knows it (``fewstep.models.backbones.num_tokens``).
 scheduler inside its pipeline. It calls the scheduler's own ``set_timesteps`` on a copy, then converts:
 
 * ``DDIMScheduler``: timesteps ``t`` → ``τ = (t + 1) / N_train``; the last step goes to ``t - N_train // steps``
-  or, below 0, to the final level (clean with ``set_alpha_to_one``, index 0 without it).
+  or, below 0, to the final level (clean with ``set_alpha_to_one``, index 0 without it). ``CogVideoXDDIMScheduler``
+  steps alike, on its SNR-shifted ``ᾱ`` (``VPSchedule.from_diffusers``).
 * ``EulerDiscreteScheduler`` (SDXL's default): Euler in σ = √((1-ᾱ)/ᾱ) is DDIM in the VP variable, so the levels
   are those of its integer timesteps, then τ = 0 (σ = 0). Its initial latents are scaled by ``init_noise_sigma``;
   divide them by √(σ_0² + 1) (``vp_input_scale``) to get the VP state the teacher starts from.
@@ -40,7 +41,7 @@ from torch import Tensor
 from fewstep.noise.schedules import FlowSchedule, Schedule, VPSchedule
 from fewstep.noise.timesteps import TAU_EPS
 
-SUPPORTED = ("DDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+SUPPORTED = ("DDIMScheduler", "CogVideoXDDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def scheduler_taus(
         float32 ``[num_inference_steps + 1]``, decreasing, from the first input level to the final level.
     """
     name = type(scheduler).__name__
-    if name == "DDIMScheduler":
+    if name in ("DDIMScheduler", "CogVideoXDDIMScheduler"):  # CogVideoX's DDIM steps as DDIM does, on its own ᾱ
         return _ddim_taus(_copy(scheduler), _vp(schedule, name), num_inference_steps, strict)
     if name == "EulerDiscreteScheduler":
         return _euler_taus(_copy(scheduler), _vp(schedule, name), num_inference_steps)

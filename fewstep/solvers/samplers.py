@@ -4,7 +4,7 @@ callable, so the same loop serves the teacher (with CFG), a student and a custom
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,20 +34,32 @@ def sample_ddim(predict: PredictFn, schedule: Schedule, noise: Tensor, taus: Ten
     return x
 
 
+def fresh_noise(shape: Sequence[int], generator: torch.Generator | None, layout: Sequence[int] | None = None) -> Tensor:
+    """Standard normal noise of ``shape`` (float32, drawn on the CPU). ``layout``: the axis order a pipeline draws it
+    in, as a permutation of ``shape``'s axes (CogVideoX's ``[b, f, c, h, w]``: ``(0, 2, 1, 3, 4)``); the noise is drawn
+    in that order and returned in ``shape``'s, so the same generator gives the pipeline's values."""
+    if layout is None:
+        return torch.randn(tuple(shape), generator=generator, device="cpu", dtype=torch.float32)
+    drawn = torch.randn(tuple(shape[i] for i in layout), generator=generator, device="cpu", dtype=torch.float32)
+    return drawn.permute(tuple(sorted(range(len(layout)), key=lambda i: layout[i])))  # the inverse permutation
+
+
 def sample_consistency(
     predict: PredictFn,
     schedule: Schedule,
     noise: Tensor,
     taus: Tensor,
     generator: torch.Generator | None = None,
+    layout: Sequence[int] | None = None,
 ) -> Tensor:
     """Multistep consistency sampling (LCM / CM / DMD multi-step): at each level predict x̂0, then re-noise to the
-    next level with fresh noise; the last prediction is returned. ``taus`` are the ``num_steps`` input levels."""
+    next level with fresh noise (``fresh_noise``, in the pipeline's ``layout`` where it has its own); the last
+    prediction is returned. ``taus`` are the ``num_steps`` input levels."""
     x = noise.float()
     x0 = x
     for i in range(len(taus)):
         x0 = predict(x, _taus_b(taus[i], x)).x0
         if i + 1 < len(taus):
-            z = torch.randn(x0.shape, generator=generator, device="cpu", dtype=torch.float32).to(x0.device)
+            z = fresh_noise(x0.shape, generator, layout).to(x0.device)
             x = renoise_step(schedule, x0, _taus_b(taus[i + 1], x), z)
     return x0

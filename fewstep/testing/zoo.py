@@ -44,6 +44,12 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   4× instead of 32×), a two-layer ``Gemma2Model`` text encoder) with Sana's ``DPMSolverMultistepScheduler`` in flow
   mode (``use_flow_sigmas``, ``flow_shift`` 3.0, flow prediction). ``use_resolution_binning=False`` as above. Images are
   32×32 (``SanaPipeline`` wants sides divisible by 32), the DC-AE compresses 4× instead of Sana's 32×: latents 8×8.
+* ``cogvideox``: ``CogVideoXPipeline`` (``CogVideoXTransformer3DModel`` with CogVideoX-5b's 3-D rotary embeddings, on
+  latents the pipeline lays out as ``[b, f, c, h, w]``; ``AutoencoderKLCogVideoX`` with CogVideoX's 4× temporal and 8×
+  spatial compression and CogVideoX-5b's scaling factor 0.7; a T5 encoder) with CogVideoX-2b's
+  ``CogVideoXDDIMScheduler`` config (v-prediction, SNR shift 3, zero terminal SNR, ``trailing`` spacing). Videos are
+  9 frames of 32×32 pixels (latents ``[b, 4, 3, 4, 4]`` in fewstep's layout); the transformer reads 16 T5 tokens
+  (``max_text_seq_length``, the pipeline's 226).
 
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
@@ -66,7 +72,7 @@ from fewstep.testing.tokenizer import clip_tokenizer, gemma_tokenizer, qwen2_tok
 
 FAMILIES: tuple[str, ...] = (
     "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx",
-    "pixart_sigma", "sana",
+    "pixart_sigma", "sana", "cogvideox",
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -78,6 +84,10 @@ VIDEO_FRAMES = 5  # 4k + 1 frames (the Wan VAE compresses 4× in time after the 
 TI2V_RESOLUTION = 64  # the Wan 2.2 VAE compresses 16× in space: 4×4 latents, 2×2 tokens per latent frame
 LTX_RESOLUTION = 64  # the LTX VAE compresses 32× in space: 2×2 latents (one token each)
 LTX_FRAMES = 9  # 8k + 1 frames (LTX compresses 8× in time after the first frame): 2 latent frames
+COGVIDEOX_TEXT_TOKENS = 16  # the tiny transformer's max_text_seq_length (CogVideoX's 226)
+# 4k + 1 frames over an odd number of latent frames (3): the CogVideoX VAE decodes latent frames in pairs after an
+# odd first batch, so 3 latent frames decode to 9 frames as CogVideoX's 13 decode to its 49
+COGVIDEOX_FRAMES = 9
 
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -615,6 +625,44 @@ def _build_sana() -> Any:
                         scheduler=scheduler)  # fmt: skip
 
 
+def _cogvideox_vae() -> Any:
+    from diffusers import AutoencoderKLCogVideoX
+
+    # CogVideoX's layout at width 8: four levels (8× in space), the first two also 2× in time (4×)
+    return AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4, sample_height=VIDEO_RESOLUTION, sample_width=VIDEO_RESOLUTION,
+        scaling_factor=0.7,  # CogVideoX-5b's (2b: 1.15258426)
+    )  # fmt: skip
+
+
+def _build_cogvideox() -> Any:
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,  # the 3-D rotary embedding splits it 4 / 6 / 6 over (frames, height, width)
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=32,  # = T5 width
+        num_layers=2,
+        sample_width=VIDEO_RESOLUTION // 8,  # in latent pixels, as CogVideoX's 90 × 60
+        sample_height=VIDEO_RESOLUTION // 8,
+        sample_frames=COGVIDEOX_FRAMES,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=COGVIDEOX_TEXT_TOKENS,
+        use_rotary_positional_embeddings=True,  # CogVideoX-5b (2b: 3-D sin-cos positions added to the tokens)
+    )
+    scheduler = CogVideoXDDIMScheduler(  # CogVideoX-2b's scheduler config
+        **_SD_BETAS, prediction_type="v_prediction", snr_shift_scale=3.0, rescale_betas_zero_snr=True,
+        timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+    )  # fmt: skip
+    return CogVideoXPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5(d_model=32), vae=_cogvideox_vae(),
+                             transformer=transformer, scheduler=scheduler)  # fmt: skip
+
+
 _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -629,6 +677,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "ltx": _build_ltx,
     "pixart_sigma": _build_pixart_sigma,
     "sana": _build_sana,
+    "cogvideox": _build_cogvideox,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
@@ -636,6 +685,7 @@ _VIDEO: dict[str, dict[str, int]] = {
 }
 _VIDEO["wan22_ti2v"] = {"resolution": TI2V_RESOLUTION, "num_frames": VIDEO_FRAMES}
 _VIDEO["ltx"] = {"resolution": LTX_RESOLUTION, "num_frames": LTX_FRAMES}
+_VIDEO["cogvideox"] = {"resolution": VIDEO_RESOLUTION, "num_frames": COGVIDEOX_FRAMES}
 
 
 def build_tiny_pipeline(family: str, seed: int = SEED) -> Any:
@@ -668,7 +718,8 @@ def tiny_path(family: str) -> Path:
     """The directory of the tiny ``family`` pipeline, built and saved on first use (atomic: temp dir + rename).
 
     Args:
-        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``, ``ltx``).
+        family: one of ``FAMILIES`` (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``wan21``, ``wan22``, ``ltx``,
+            ``cogvideox``, ...).
 
     Returns:
         A ``save_pretrained`` directory loadable with ``DiffusionPipeline.from_pretrained(path)`` offline.

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from fewstep.models.backbones import num_tokens
+from fewstep.models.backbones import num_tokens, renoise_layout
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser, eval_mode
 from fewstep.models.student import Student
@@ -248,7 +248,8 @@ class LCMSampler:
             )
         taus = self.timesteps(num_steps, tuple(noise.shape)).to(noise.device)
         with torch.no_grad(), eval_mode(self.denoiser):
-            return sample_consistency(self._predict(cond), self.schedule, noise, taus, generator)
+            layout = renoise_layout(self.denoiser)  # CogVideoX's scheduler draws frames first
+            return sample_consistency(self._predict(cond), self.schedule, noise, taus, generator, layout)
 
     def _predict(self, cond: Conditioning) -> Any:
         w = float(self.guidance_scale)

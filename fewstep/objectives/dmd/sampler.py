@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.backbones import num_tokens
+from fewstep.models.backbones import num_tokens, renoise_layout
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import GUIDANCE_CONVENTION, Teacher
@@ -77,7 +77,8 @@ class DMDSampler:
         try:
             with torch.no_grad():
                 predict = lambda x, tau: self.denoiser(x, tau, cond.to(x.device))  # noqa: E731
-                return sample_consistency(predict, self.schedule, noise, taus, generator)
+                layout = renoise_layout(self.denoiser)  # CogVideoX's scheduler draws frames first
+                return sample_consistency(predict, self.schedule, noise, taus, generator, layout)
         finally:
             self.denoiser.train(was_training)
 

@@ -4,6 +4,7 @@ import time
 import pytest
 import torch
 from diffusers import (
+    CogVideoXPipeline,
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
@@ -39,6 +40,7 @@ PIPELINE_CLASS = {
     "ltx": LTXPipeline,
     "pixart_sigma": PixArtSigmaPipeline,
     "sana": SanaPipeline,
+    "cogvideox": CogVideoXPipeline,
 }
 
 
@@ -135,9 +137,10 @@ def test_family_configs_match_the_real_models():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
     pipe = load_tiny_pipeline(family)
-    video = family in ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx")
+    video = family in ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx", "cogvideox")
     kwargs = {"max_sequence_length": 16} if family in ("sd3", "flux") or video else {}
-    if video:  # video: the marker's frames (Wan 5 of 32×32 pixels, LTX 9 of 64×64), not the pipelines' defaults
+    if video:  # video: the marker's frames (Wan 5 of 32×32 pixels, LTX 9 of 64×64, CogVideoX 9 of 32×32), not the
+        # pipelines' defaults
         frames, height, width = pipe.default_video_size
         kwargs.update(num_frames=frames, height=height, width=width)
     side = 32 if family == "sana" else 16  # SanaPipeline wants sides divisible by 32
