@@ -100,3 +100,9 @@ def test_flux2_decode_and_encode_match_the_pipeline(teacher):
     pixels = images * 2 - 1
     theirs = pipe._encode_vae_image(pixels, generator=None)  # the pipeline's reference-image encoding (posterior mode)
     assert (encode_images(teacher, pixels) - theirs).abs().max() < 1e-5
+
+
+def test_flux2_klein_is_named_as_unsupported(teacher):
+    klein = SimpleNamespace(transformer=teacher.pipeline.transformer, config={"is_distilled": False})
+    with pytest.raises(ValueError, match=r"FLUX.2 \[klein\].*not supported; FLUX.2 \[dev\] \(Flux2Pipeline\) is"):
+        detect_family(klein)
