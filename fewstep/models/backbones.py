@@ -16,6 +16,8 @@ name                      model                        inputs
 ``flux``                  ``FluxTransformer2DModel``   packed 2×2 latents, ``timestep`` (= s), ``guidance``,
                                                        ``pooled_projections``, ``encoder_hidden_states``,
                                                        ``txt_ids``, ``img_ids``
+``flux2``                 ``Flux2Transformer2DModel``  patchified latents as tokens, ``timestep`` (= s), ``guidance``,
+                                                       ``encoder_hidden_states``, ``txt_ids``, ``img_ids`` (4-D)
 ``qwen_image``            ``QwenImageTransformer2DModel``  packed 2×2 latents, ``timestep`` (= s),
                                                        ``encoder_hidden_states`` (+ ``_mask``), ``img_shapes``
 ``wan``                   ``WanTransformer3DModel``    video latents ``[b, c, f, h, w]``, ``encoder_hidden_states``
@@ -87,6 +89,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "UNet2DConditionModel": "unet2d_condition",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "Flux2Transformer2DModel": "flux2",
     "QwenImageTransformer2DModel": "qwen_image",
     "WanTransformer3DModel": "wan",
     "WanExperts": "wan_experts",
@@ -122,6 +125,8 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     """
     if denoiser.adapter_name in ("wan", "wan_ti2v") and len(shape) == 5:
         return video_tokens(denoiser.backbone, shape)
+    if denoiser.adapter_name == "flux2" and len(shape) == 4:  # one token per patchified latent pixel
+        return shape[-2] * shape[-1]
     if denoiser.adapter_name == "ltx" and len(shape) == 5:  # LTXPipeline's video_sequence_length: f·h·w latents
         return shape[-3] * shape[-2] * shape[-1]
     if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3", "qwen_image"):
@@ -134,6 +139,8 @@ def patch_size(family: str, backbone: Any) -> int:
     """The side of the latent patches one token covers: 2 for Flux (its 2×2 packing), SD3's ``patch_size``, and 1
     for backbones that take latents as they are (UNets)."""
     if family in ("flux", "qwen_image"):
+        return 2
+    if family == "flux2":  # its VAE's 2×2 patchify: each latent of the teacher covers 2×2 VAE latents
         return 2
     if family in ("sd3", "sd35"):
         return int(getattr(backbone.config, "patch_size", 2))
@@ -204,6 +211,9 @@ def latent_shape(
     if teacher.family in ("flux", "qwen_image"):  # packing needs an even latent size
         scale = pipe.vae_scale_factor
         return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
+    if teacher.family == "flux2":  # Flux2Pipeline.prepare_latents: noise drawn already patchified 2×2
+        side = res // (pipe.vae_scale_factor * 2)
+        return batch_size, config.in_channels, side, side
     scale = pipe.vae_scale_factor if has_vae(pipe) else 1
     return batch_size, config.in_channels, res // scale, res // scale
 
@@ -457,6 +467,42 @@ def flux_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditi
         return_dict=False,
     )[0]
     return unpack_latents(out, h, w)
+
+
+def flux2_position_ids(height: int, width: int, length: int = 1, device: Any = None) -> Tensor:
+    """FLUX.2's 4-D positions ``(t, h, w, l)``, int64 as ``Flux2Pipeline`` builds them: the ``height × width`` image
+    tokens of a latent at ``(0, row, col, 0)`` (``_prepare_latent_ids``), or, with ``height = width = 1``, ``length``
+    text tokens at ``(0, 0, 0, l)`` (``_prepare_text_ids``). ``[height·width·length, 4]``."""
+    axes = (torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(length))
+    return torch.cartesian_prod(*axes).to(device)
+
+
+@BACKBONES.register("flux2")
+def flux2_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``Flux2Transformer2DModel`` on patchified latents ``[b, c, h, w]`` (the layout ``Flux2Pipeline`` draws its
+    noise in: ``c`` = 4 × the VAE's channels); returns the velocity in the same layout.
+
+    As ``Flux2Pipeline`` calls it: one token per latent pixel in row-major order (``_pack_latents``), ``timestep = t /
+    1000 = s`` (``FlowSchedule(timestep_scale=1)``), ``guidance`` the raw embedded guidance scale (FLUX.2 [dev]: 4.0)
+    ``[b]`` float32, the text tokens unmasked (the pipeline pads them to their full length and attends to all), and
+    the 4-D positions of ``flux2_position_ids``.
+    """
+    b, c, h, w = x.shape
+    prompt_embeds = _as(_require(cond.prompt_embeds, "prompt_embeds", "FLUX.2"), x)
+    guidance = None
+    if getattr(backbone.config, "guidance_embeds", False):
+        guidance = _require(cond.guidance, "guidance", "FLUX.2 (guidance-distilled)")
+        guidance = guidance.to(device=x.device, dtype=torch.float32).expand(b)
+    out = backbone(
+        hidden_states=x.reshape(b, c, h * w).permute(0, 2, 1),  # [b, h·w, c]
+        timestep=timestep.to(x.dtype),
+        guidance=guidance,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=flux2_position_ids(1, 1, prompt_embeds.shape[1], x.device),
+        img_ids=flux2_position_ids(h, w, device=x.device),
+        return_dict=False,
+    )[0]
+    return out.permute(0, 2, 1).reshape(b, -1, h, w)
 
 
 def qwen_image_shapes(b: int, height: int, width: int) -> list[list[tuple[int, int, int]]]:

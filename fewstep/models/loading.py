@@ -20,6 +20,7 @@ Specs accepted everywhere a pretrained model is named (``resolve_pretrained``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -48,18 +49,18 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox")  # fmt: skip
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
                      "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class",
-                     "cogvideox": "cogvideox"}  # fmt: skip
+                     "cogvideox": "cogvideox", "flux2": "flux2"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
-# 1000·s; Flux and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
+# 1000·s; Flux, FLUX.2 and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
 # adapter also applies the model's own timestep_scale).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
                        "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
-                       "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0}  # fmt: skip
+                       "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -348,8 +349,8 @@ def detect_family(pipeline: Any) -> str:
     """``sd15`` | ``sdxl`` | ``sd3`` | ``sd35`` | ``flux`` | ``qwen_image`` | ``unet2d`` | ``wan21`` | ``wan21_i2v``
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
     ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
-    without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) from a
-    pipeline's backbone class and config.
+    without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) |
+    ``flux2`` (FLUX.2 [dev]) from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -357,6 +358,13 @@ def detect_family(pipeline: Any) -> str:
     cls = type(backbone).__name__
     if cls == "FluxTransformer2DModel":
         return "flux"
+    if cls == "Flux2Transformer2DModel":
+        if "is_distilled" in getattr(pipeline, "config", {}):  # Flux2KleinPipeline registers it
+            raise ValueError(
+                "FLUX.2 [klein] (Flux2KleinPipeline: a Qwen3 text encoder, true CFG) is not supported; FLUX.2 [dev] "
+                "(Flux2Pipeline) is."
+            )
+        return "flux2"
     if cls == "SD3Transformer2DModel":
         return "sd35" if getattr(backbone.config, "qk_norm", None) else "sd3"
     if cls == "QwenImageTransformer2DModel":
@@ -403,7 +411,7 @@ def detect_family(pipeline: Any) -> str:
         return cogvideox_family(backbone.config)
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
-        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, "
+        "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel, "
         "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel, "
         "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
@@ -436,7 +444,10 @@ def schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
     """
     config = dict(scheduler.config)
     if "FlowMatch" in type(scheduler).__name__:
-        return FlowSchedule.from_diffusers(config, FLOW_TIMESTEP_SCALE[family]), "flow"
+        schedule = FlowSchedule.from_diffusers(config, FLOW_TIMESTEP_SCALE[family])
+        if family == "flux2":  # Flux2Pipeline passes its own μ, from the token count and the step count
+            schedule = dataclasses.replace(schedule, empirical_mu=True)
+        return schedule, "flow"
     if config.get("use_flow_sigmas") and config.get("prediction_type") == "flow_prediction":
         flow = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "shift": config.get("flow_shift", 1.0)}
         return FlowSchedule.from_diffusers(flow, FLOW_TIMESTEP_SCALE[family]), "flow"
@@ -455,8 +466,8 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     (Imagen convention, 1 = off), ``revision``, ``variant``; Wan 2.2 also ``guidance_scale_2``, the low-noise
     expert's guidance (``WanPipeline``'s; default: ``guidance_scale``).
 
-    Guidance-distilled Flux (``guidance_embeds``) takes its guidance as an input: there ``guidance_scale`` is the
-    embedded guidance value (FLUX.1-dev uses 3.5), stored in ``null_cond.guidance`` and used by
+    Guidance-distilled Flux and FLUX.2 (``guidance_embeds``) take their guidance as an input: there ``guidance_scale``
+    is the embedded guidance value (FLUX.1-dev uses 3.5, FLUX.2 [dev] 4.0), stored in ``null_cond.guidance`` and used by
     ``encode_prompts``; the teacher's CFG scale is 1 (no second forward).
 
     Args:
@@ -487,7 +498,7 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     denoiser = Denoiser(backbone, schedule, prediction_type, ADAPTER_BY_FAMILY[family])
     guidance_scale = float(getattr(cfg, "guidance_scale", 1.0))
     embedded = None
-    if family == "flux" and getattr(backbone.config, "guidance_embeds", False):
+    if family in ("flux", "flux2") and getattr(backbone.config, "guidance_embeds", False):
         embedded, guidance_scale = guidance_scale, 1.0
     if family in ("unet2d", "wan_class"):
         null_cond = _null_class(backbone)
@@ -589,6 +600,8 @@ def _decode(vae: Any, x0: Tensor) -> Tensor:
         return ((x0.float() + 1) / 2).clamp(0, 1)
     if is_frame_vae(vae) and x0.ndim == 4:  # Qwen-Image: one frame of its video-style VAE
         return _decode(vae, x0[:, :, None])[:, :, 0]
+    if is_flux2_vae(vae):
+        return _decode_flux2(vae, x0)
     param = next(vae.parameters())
     x0 = x0.to(device=param.device, dtype=param.dtype)
     shift, scale = latent_normalization(vae, x0)
@@ -617,6 +630,8 @@ def encode_images(teacher: Teacher, images: Tensor) -> Tensor:
 def _encode(vae: Any, images: Tensor) -> Tensor:
     if is_frame_vae(vae) and images.ndim == 4:  # Qwen-Image: one frame of its video-style VAE
         return _encode(vae, images[:, :, None])[:, :, 0]
+    if is_flux2_vae(vae):
+        return _encode_flux2(vae, images)
     param = next(vae.parameters())
     encoded = vae.encode(images.to(device=param.device, dtype=param.dtype))
     # KL VAEs give a posterior (its mean); Sana's deterministic DC-AE (AutoencoderDC) gives the latent itself
@@ -629,6 +644,43 @@ def is_frame_vae(vae: Any) -> bool:
     """A video-style VAE used on single images (Qwen-Image's ``AutoencoderKLQwenImage``): ``[b, c, frames, h, w]``
     tensors and per-channel ``latents_mean`` / ``latents_std`` instead of one scaling factor."""
     return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def is_flux2_vae(vae: Any) -> bool:
+    """FLUX.2's ``AutoencoderKLFlux2``: latents patchified 2×2 and normalised by its batch-norm statistics."""
+    return type(vae).__name__ == "AutoencoderKLFlux2"
+
+
+def _flux2_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch-norm ``running_mean`` and ``√(running_var + batch_norm_eps)`` of ``AutoencoderKLFlux2`` as ``[1, 4c,
+    1, 1]`` on ``like``'s device and dtype: the statistics of the patchified latents ``Flux2Pipeline`` divides out."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+def _decode_flux2(vae: Any, x0: Tensor) -> Tensor:
+    """Normalised patchified latents ``[b, 4c, h, w]`` to images, as ``Flux2Pipeline`` decodes: ``x0·std + mean``,
+    then each channel group of four back to its 2×2 patch ``[b, c, 2h, 2w]``."""
+    param = next(vae.parameters())
+    x0 = x0.to(device=param.device, dtype=param.dtype)
+    mean, std = _flux2_stats(vae, x0)
+    z = x0 * std + mean
+    b, c4, h, w = z.shape
+    z = z.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, 2 * h, 2 * w)
+    images = vae.decode(z, return_dict=False)[0]  # [-1, 1]
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _encode_flux2(vae: Any, images: Tensor) -> Tensor:
+    """Images ``[b, 3, H, W]`` in ``[-1, 1]`` to ``Flux2Pipeline``'s normalised latents: the posterior mean, each 2×2
+    patch stacked on the channels (``[b, 4c, H/16, W/16]`` for FLUX.2's 8× VAE), minus ``mean``, over ``std``."""
+    param = next(vae.parameters())
+    z = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mean.float()
+    b, c, h, w = z.shape
+    z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    mean, std = _flux2_stats(vae, z)
+    return ((z - mean) / std).float()
 
 
 def is_ltx_vae(vae: Any) -> bool:

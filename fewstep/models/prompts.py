@@ -17,6 +17,8 @@ transformer's ``max_text_seq_length`` and without a mask, as ``CogVideoXPipeline
 Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``) are identical in both branches, and
 so is the first frame of image-to-video teachers (``encode_prompts(..., images=)``, ``first_frame_conditioning``):
 Wan 2.1 I2V's condition latents and CLIP image tokens, Wan 2.2 TI2V-5B's clean first latent frame.
+
+FLUX.2 [dev] has no negative branch either (``Flux2Pipeline`` only embeds its guidance): ``""`` is encoded, as for Flux.
 """
 
 from __future__ import annotations
@@ -112,6 +114,37 @@ def _flux(
     cond, uncond = enc(prompts), enc(negatives or [""] * len(prompts))
     if getattr(pipe.transformer.config, "guidance_embeds", False):
         g = torch.full((len(prompts),), 3.5 if guidance is None else float(guidance), dtype=torch.float32)
+        cond, uncond = cond.replace(guidance=g), uncond.replace(guidance=g)
+    return cond, uncond
+
+
+FLUX2_DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's guidance_scale default (its embedded guidance)
+
+
+def _flux2(
+    pipe: Any,
+    prompts: list[str],
+    negatives: list[str] | None,
+    max_sequence_length: int | None,
+    guidance: float | None,
+    **_: Any,
+) -> tuple[Conditioning, Conditioning]:
+    """Mistral Small 3.1's hidden states after layers 10, 20 and 30, stacked on the features, of the prompt behind
+    FLUX.2's system message in the chat template, padded to ``max_sequence_length`` (default 512) and unmasked
+    (``Flux2Pipeline.encode_prompt`` with its call defaults). ``Flux2Pipeline`` has no negative branch (its guidance
+    is embedded), so ``""`` is encoded for the unconditional one, as for Flux."""
+    layers = _call_default(pipe, "text_encoder_out_layers")
+
+    def enc(texts: list[str]) -> Conditioning:
+        pe, _ = pipe.encode_prompt(
+            prompt=texts, device=_device(pipe), num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length or 512, text_encoder_out_layers=layers,
+        )  # fmt: skip
+        return Conditioning(prompt_embeds=pe)
+
+    cond, uncond = enc(prompts), enc(negatives or [""] * len(prompts))
+    if getattr(pipe.transformer.config, "guidance_embeds", False):
+        g = torch.full((len(prompts),), FLUX2_DEFAULT_GUIDANCE if guidance is None else float(guidance))
         cond, uncond = cond.replace(guidance=g), uncond.replace(guidance=g)
     return cond, uncond
 
@@ -235,7 +268,8 @@ def _sana(
 
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
              "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
-             "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox}  # fmt: skip
+             "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox,
+             "flux2": _flux2}  # fmt: skip
 IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
 FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
 
@@ -350,9 +384,11 @@ def encode_prompts(
         resolution: image size for SDXL's ``time_ids`` (default: the pipeline's default resolution); for a first
             frame, the clip's side or ``(height, width)``.
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
-            PixArt-Σ (default 300), CogVideoX (default the transformer's ``max_text_seq_length``, 226), Qwen2.5-VL
-            tokens for Qwen-Image (default 512), Gemma tokens for Sana (default 300), as the pipelines use.
-        guidance: Flux embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5.
+            Mistral tokens for FLUX.2 (default 512), PixArt-Σ (default 300), CogVideoX (default the transformer's
+            ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana
+            (default 300), as the pipelines use.
+        guidance: Flux and FLUX.2 embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5 (Flux)
+            or 4.0 (FLUX.2).
         images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1
             I2V): the first frame of each clip, one for all prompts or one each (``first_frame_conditioning``); both
             branches get it. Wan 2.2 TI2V-5B without images is text-to-video.

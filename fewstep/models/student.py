@@ -60,6 +60,11 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
         "img_mlp.net.2",
         "txt_mlp.net.0.proj",
         "txt_mlp.net.2",
+        "ff.linear_in",  # FLUX.2's SwiGLU MLPs (image and text streams) and its single blocks' fused projection
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
+        "to_qkv_mlp_proj",
     ],
 }
 

@@ -163,6 +163,21 @@ def _finite_diff(fn: Any, tau: Tensor, h: float = 1e-3) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+FLUX2_DEFAULT_STEPS = 50  # Flux2Pipeline's default num_inference_steps: the μ it shifts given sigmas= alone
+
+
+def flux2_empirical_mu(num_tokens: int, num_steps: int) -> float:
+    """FLUX.2's resolution- and step-dependent shift ``μ`` (``Flux2Pipeline``'s ``compute_empirical_mu``): two fits
+    linear in the token count, for 10 and for 200 sampling steps, interpolated linearly in the step count; above 4300
+    tokens the 200-step fit alone."""
+    at_200 = 0.00016927 * num_tokens + 0.45666666
+    if num_tokens > 4300:
+        return float(at_200)
+    at_10 = 8.73809524e-05 * num_tokens + 1.89833333
+    slope = (at_200 - at_10) / 190.0
+    return float(slope * num_steps + (at_200 - 200.0 * slope))
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
     """Rectified flow ``x_s = (1 - s)·x0 + s·ε`` with ``τ = s``.
@@ -170,6 +185,8 @@ class FlowSchedule:
     ``timestep_scale`` is what multiplies ``s`` before the backbone sees it: 1000 for SD3/Wan, 1 for Flux.
     ``shift`` warps a sampling grid: static ``s' = k·s / (1 + (k - 1)·s)``; dynamic (Flux) uses
     ``k = e^μ`` with ``μ`` linear in the image token count between ``base_shift`` and ``max_shift``.
+    ``empirical_mu`` (FLUX.2): ``μ`` from the token count and the step count instead (``flux2_empirical_mu``); without
+    a step count, that of ``Flux2Pipeline``'s default ``num_inference_steps`` (what it uses when given ``sigmas=``).
     """
 
     timestep_scale: float = 1000.0
@@ -179,6 +196,7 @@ class FlowSchedule:
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
+    empirical_mu: bool = False
     kind: str = field(default="flow", init=False)
 
     @classmethod
@@ -212,17 +230,21 @@ class FlowSchedule:
     def tau_from_model_timestep(self, t: Tensor) -> Tensor:
         return _f32(t) / self.timestep_scale
 
-    def mu(self, num_tokens: int) -> float:
-        """Flux's ``calculate_shift``: μ linear in the token count."""
+    def mu(self, num_tokens: int, num_steps: int | None = None) -> float:
+        """Flux's ``calculate_shift``: μ linear in the token count; FLUX.2's (``empirical_mu``) also reads the step
+        count (default ``FLUX2_DEFAULT_STEPS``)."""
+        if self.empirical_mu:
+            return flux2_empirical_mu(num_tokens, num_steps or FLUX2_DEFAULT_STEPS)
         m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
         return num_tokens * m + (self.base_shift - m * self.base_image_seq_len)
 
-    def shift(self, tau: Tensor, num_tokens: int | None = None) -> Tensor:
+    def shift(self, tau: Tensor, num_tokens: int | None = None, num_steps: int | None = None) -> Tensor:
+        """The shifted levels of ``tau``; a dynamic shift reads ``num_tokens`` (and FLUX.2's ``num_steps``)."""
         tau = _f32(tau)
         if self.use_dynamic_shifting:
             if num_tokens is None:
                 raise ValueError("This flow schedule uses dynamic shifting: pass num_tokens (image tokens).")
-            k = math.exp(self.mu(num_tokens))
+            k = math.exp(self.mu(num_tokens, num_steps))
         else:
             k = self.shift_factor
         return k * tau / (1 + (k - 1) * tau)

@@ -29,6 +29,7 @@ TEXT_TOKENS: dict[str, int] = {
     "UNet2DConditionModel": 77,
     "SD3Transformer2DModel": 333,
     "FluxTransformer2DModel": 512,
+    "Flux2Transformer2DModel": 512,  # Mistral Small 3.1 tokens, padded to 512 (FLUX.2 [dev])
     "WanTransformer3DModel": 512,
     "QwenImageTransformer2DModel": 512,
     "PixArtTransformer2DModel": 300,
@@ -82,6 +83,9 @@ def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype:
     if adapter in ("pixart", "sana", "ltx"):  # T5 / Gemma 2 tokens with their attention mask
         mask = torch.ones(b, n, dtype=torch.long, device=device)
         return Conditioning(prompt_embeds=rand(b, n, int(cfg.caption_channels)), prompt_embeds_mask=mask)
+    if adapter == "flux2":  # three stacked Mistral layers, no pooled text; the embedded guidance (FLUX.2 [dev]: 4)
+        cond = Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim))
+        return cond.replace(guidance=torch.full((b,), 4.0, device=device)) if cfg.guidance_embeds else cond
     cond = Conditioning(
         prompt_embeds=rand(b, n, cfg.joint_attention_dim), pooled_prompt_embeds=rand(b, cfg.pooled_projection_dim)
     )

@@ -91,6 +91,8 @@ def teacher_taus(schedule: Schedule, num_steps: int, num_tokens: int | None = No
     """
     if schedule.kind == "vp":
         return trailing_vp_grid(num_steps, schedule.num_train_timesteps, offset)
+    if schedule.kind == "flow":  # FLUX.2's shift also reads the step count
+        return schedule.shift(linspace_grid(num_steps, offset=offset), num_tokens, num_steps)
     return schedule.shift(linspace_grid(num_steps, offset=offset), num_tokens)
 
 
@@ -297,7 +299,7 @@ def _flow_taus(
     if scheduler.config.use_dynamic_shifting:
         if num_tokens is None:
             raise ValueError("This scheduler shifts with the resolution: pass num_tokens (Flux: (h/2)·(w/2) latent).")
-        kwargs["mu"] = schedule.mu(num_tokens)
+        kwargs["mu"] = schedule.mu(num_tokens, num_inference_steps)  # FLUX.2's μ reads the step count too
         if sigmas is None:  # FluxPipeline passes these explicitly
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
     if sigmas is not None:

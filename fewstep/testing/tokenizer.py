@@ -12,6 +12,13 @@ tokens and padding behaviour, so the ones here are built in memory:
 * ``gemma_tokenizer``: Gemma's layout (``<pad>=0``, ``<eos>=1``, ``<bos>=2``, ``<unk>=3``, ``<mask>=4``, then the 256
   byte-fallback tokens ``<0x00>``…``<0xFF>``) over printable ASCII characters with no merges, ``<bos>`` prepended as
   Gemma's tokenizer does (Sana's text encoder).
+* ``mistral_tokenizer``: a byte-level BPE tokenizer with no merges laid out as Mistral's Tekken tokenizer
+  (``<unk> = 0``, ``<s> = 1``, ``</s> = 2``, ``[INST]``, ``[/INST]``, ``[IMG] = 10``, ``<pad> = 11``,
+  ``[SYSTEM_PROMPT] = 17``, ``[/SYSTEM_PROMPT] = 18``: the first 20 ids are control tokens, then the 256 bytes) and a
+  chat template in the layout of Mistral Small 3.1's (``<s>[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST]``).
+  FLUX.2 [dev] ships a ``PixtralProcessor`` (tokenizer and image processor; transformers builds it only with
+  torchvision), and its prompt encoding calls nothing but the processor's ``apply_chat_template`` on text, which the
+  tokenizer has itself.
 
 All of them save with ``save_pretrained`` (``tokenizer.json`` and friends) and reload with ``from_pretrained(dir)``
 offline.
@@ -21,8 +28,8 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import processors
-from transformers import CLIPTokenizer, GemmaTokenizer, Qwen2Tokenizer, T5Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import CLIPTokenizer, GemmaTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer, T5Tokenizer
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -92,4 +99,46 @@ def gemma_tokenizer(model_max_length: int = 8192) -> GemmaTokenizer:
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(  # Gemma's add_bos_token
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
     )
+    return tokenizer
+
+
+# Mistral's Tekken control tokens, ids 0-19 as in Mistral Small 3.1 (those without a role here keep their place).
+MISTRAL_CONTROL_TOKENS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+)  # fmt: skip
+MISTRAL_IMAGE_TOKEN_ID = MISTRAL_CONTROL_TOKENS.index("[IMG]")
+# The layout of Mistral Small 3.1's chat template: <s>, the system turn, then each user turn in [INST]…[/INST] (text
+# blocks verbatim, an image block as [IMG]); assistant turns end with </s>.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = namespace(value='') %}"
+    "{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{%- set text.value = text.value + block['text'] %}"
+    "{%- else %}{%- set text.value = text.value + '[IMG]' %}{%- endif %}"
+    "{%- endfor %}{%- set text = text.value %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def mistral_tokenizer(model_max_length: int = 131072) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges in the layout of Mistral's Tekken: the 20 control tokens
+    (``MISTRAL_CONTROL_TOKENS``, ``<s> = 1``, ``</s> = 2``, ``<pad> = 11``), then the 256 byte symbols (276 tokens)."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate([*MISTRAL_CONTROL_TOKENS, *symbols])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=model_max_length,
+    )  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MISTRAL_CONTROL_TOKENS[3:])})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
     return tokenizer

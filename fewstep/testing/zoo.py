@@ -19,6 +19,11 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   ``AutoencoderKLQwenImage`` with per-channel latent mean and std, a two-layer ``Qwen2_5_VLForConditionalGeneration``
   text encoder with a one-block vision tower) with Qwen-Image's scheduler config (dynamic exponential shift up to 0.9,
   ``shift_terminal`` 0.02).
+* ``flux2``: ``Flux2Pipeline`` (FLUX.2 [dev]: ``Flux2Transformer2DModel`` with guidance embedding on 2×2-patchified
+  latents, ``AutoencoderKLFlux2`` whose batch-norm statistics normalise the patchified latents, a
+  ``Mistral3ForConditionalGeneration`` text encoder of 32 layers so that the pipeline's hidden-state layers 10, 20 and
+  30 are intermediate ones as in Mistral Small 3.1, with a one-block Pixtral vision tower; ``mistral_tokenizer``) with
+  ``FlowMatchEulerDiscreteScheduler`` shifting by resolution (the pipeline passes its own ``μ``).
 * ``wan21``: ``WanPipeline`` (Wan 2.1 text-to-video: ``WanTransformer3DModel``, ``AutoencoderKLWan`` with Wan's
   4× temporal and 8× spatial compression, a ``UMT5EncoderModel``) with ``FlowMatchEulerDiscreteScheduler`` at Wan's
   480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
@@ -68,11 +73,18 @@ from typing import Any
 
 import torch
 
-from fewstep.testing.tokenizer import clip_tokenizer, gemma_tokenizer, qwen2_tokenizer, t5_tokenizer
+from fewstep.testing.tokenizer import (
+    MISTRAL_IMAGE_TOKEN_ID,
+    clip_tokenizer,
+    gemma_tokenizer,
+    mistral_tokenizer,
+    qwen2_tokenizer,
+    t5_tokenizer,
+)
 
 FAMILIES: tuple[str, ...] = (
     "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx",
-    "pixart_sigma", "sana", "cogvideox",
+    "pixart_sigma", "sana", "cogvideox", "flux2",
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -379,6 +391,66 @@ def _build_qwen_image() -> Any:
     )
 
 
+def _mistral3() -> Any:
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11}  # mistral_tokenizer's <s>, </s>, <pad>
+    text = dict(
+        model_type="mistral", vocab_size=276, hidden_size=16, intermediate_size=24, num_hidden_layers=32,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        sliding_window=None, tie_word_embeddings=False, **ids,
+    )  # fmt: skip
+    vision = dict(
+        model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        head_dim=8, image_size=16, patch_size=2,
+    )  # fmt: skip
+    config = Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=MISTRAL_IMAGE_TOKEN_ID, spatial_merge_size=1,
+        **ids,
+    )  # fmt: skip
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def _build_flux2() -> Any:
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels patchified 2×2 (FLUX.2: 32 → 128)
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,  # three hidden-state layers of the 16-wide text encoder, stacked
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),  # (t, h, w, l) position axes; sums to attention_head_dim
+        guidance_embeds=True,  # FLUX.2 [dev] is guidance-distilled
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),  # two blocks: vae_scale_factor = 2
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+    )
+    vae.bn.running_mean.normal_(0.0, 0.5)  # statistics of the patchified latents, away from (0, 1) so they count
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(  # shifts by resolution; Flux2Pipeline computes μ itself
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return Flux2Pipeline(
+        scheduler=scheduler, vae=vae, text_encoder=_mistral3(), tokenizer=mistral_tokenizer(), transformer=transformer
+    )
+
+
 def _wan_vae() -> Any:
     from diffusers import AutoencoderKLWan
 
@@ -678,6 +750,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "pixart_sigma": _build_pixart_sigma,
     "sana": _build_sana,
     "cogvideox": _build_cogvideox,
+    "flux2": _build_flux2,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {

@@ -79,7 +79,21 @@ def route(request, monkeypatch):
 
 @pytest.mark.parametrize(
     "name",
-    ["sd15", "sdxl", "sd3", "flux", "wan", "sd35", "qwen_image", "wan21", "ltx", "pixart_sigma", "sana", "cogvideox"],
+    [
+        "sd15",
+        "sdxl",
+        "sd3",
+        "flux",
+        "wan",
+        "sd35",
+        "qwen_image",
+        "wan21",
+        "ltx",
+        "pixart_sigma",
+        "sana",
+        "cogvideox",
+        "flux2",
+    ],
 )
 def test_jvp_through_the_model_equals_math_attention(name, route, monkeypatch):
     fn, x, model = model_fn(name)

@@ -1,3 +1,4 @@
+import inspect
 import json
 import time
 
@@ -9,6 +10,7 @@ from diffusers import (
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
     FluxPipeline,
     LTXPipeline,
     PixArtSigmaPipeline,
@@ -41,6 +43,7 @@ PIPELINE_CLASS = {
     "pixart_sigma": PixArtSigmaPipeline,
     "sana": SanaPipeline,
     "cogvideox": CogVideoXPipeline,
+    "flux2": Flux2Pipeline,
 }
 
 
@@ -132,6 +135,13 @@ def test_family_configs_match_the_real_models():
     assert flux.scheduler.config.use_dynamic_shifting
     assert (flux.scheduler.config.base_shift, flux.scheduler.config.max_shift) == (0.5, 1.15)
     assert flux.default_sample_size * flux.vae_scale_factor == 16  # the marker's resolution, not Flux's 1024
+
+    flux2 = load_tiny_pipeline("flux2")
+    assert flux2.transformer.config.guidance_embeds and flux2.scheduler.config.use_dynamic_shifting
+    layers = inspect.signature(type(flux2).__call__).parameters["text_encoder_out_layers"].default  # (10, 20, 30)
+    assert flux2.text_encoder.config.text_config.num_hidden_layers > max(layers)  # each an intermediate layer
+    assert flux2.transformer.config.joint_attention_dim == 3 * flux2.text_encoder.config.text_config.hidden_size
+    assert flux2.default_sample_size * flux2.vae_scale_factor == 16
 
 
 @pytest.mark.parametrize("family", FAMILIES)
