@@ -25,6 +25,7 @@ is shifted by the token count of each batch, as the pipeline shifts its levels.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,16 +154,18 @@ def recommended_steps(config: LCMConfig) -> int:
 
 
 def lcm_pipeline_scheduler(teacher: Teacher, config: LCMConfig) -> dict[str, Any] | None:
-    """The exported re-noising scheduler of an LCM student whose pipeline takes no ``sigmas=`` (``None`` for the
-    others): at ``num_inference_steps=K`` (``recommended_steps``) it runs ``shift(1 − i/K)``
-    (``dmd_pipeline_scheduler``), which are the levels ``LCMScheduler`` picks from the skipping grid when ``K``
-    divides its ``N`` intervals.
+    """The exported re-noising scheduler of an LCM student whose text pipeline takes no ``sigmas=`` (``None`` for the
+    others, and for pixel pipelines such as ``DDPMPipeline``, whose export writes the sampling loop out): at
+    ``num_inference_steps=K`` (``recommended_steps``) it runs ``shift(1 − i/K)`` (``dmd_pipeline_scheduler``), which
+    are the levels ``LCMScheduler`` picks from the skipping grid when ``K`` divides its ``N`` intervals.
 
     Raises:
         ValueError: ``K`` does not divide ``num_ddim_timesteps`` (the pipeline could not run the trained levels).
     """
     if teacher.schedule.kind != "flow" or takes_sigmas(teacher.pipeline):
         return None
+    if "prompt" not in inspect.signature(type(teacher.pipeline).__call__).parameters:
+        return None  # a pixel pipeline (DDPMPipeline): its export writes the sampling loop out, at any levels
     n, k = config.num_ddim_timesteps, recommended_steps(config)
     if n % k:
         raise ValueError(

@@ -120,3 +120,12 @@ def test_dynamic_shift_is_still_refused_where_the_pipeline_takes_sigmas():
     teacher = load_teacher(SimpleNamespace(pretrained="tiny:qwen_image"))  # QwenImagePipeline takes sigmas=
     with pytest.raises(ValueError, match="dynamic"):
         LCM(LCMConfig(ema_target=False), teacher, Student.lora(teacher, rank=4, alpha=8))
+
+
+def test_pixel_pipelines_keep_their_skipping_grid():
+    """The digits flow teacher is a DDPMPipeline, which takes no sigmas= either, but its export writes the sampling
+    loop out: LCM keeps LCMScheduler's picks from any grid, 50 intervals included."""
+    teacher = load_teacher(SimpleNamespace(pretrained="fewstep:digits-flow"))
+    objective = LCM(LCMConfig(num_ddim_timesteps=50), teacher, Student.full(teacher))
+    assert objective.pipeline_scheduler is None
+    assert torch.equal(objective.sampler().timesteps(4), lcm_timesteps(objective.grid, 4))
