@@ -53,9 +53,33 @@ def numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# Hub teachers of shipped recipes whose architecture configs do not ship yet (the families are new; their configs
+# could not be read offline to be checked): planning them needs the model in the local Hugging Face cache.
+NOT_SHIPPED = {"black-forest-labs/FLUX.2-dev", "THUDM/CogVideoX-5b"}
+
+
 def hub_teacher_recipes() -> list[str]:
-    """The shipped recipes whose teacher is a Hub id (not a local directory or a packaged teacher)."""
-    return [name for name in list_recipes() if is_hub_id(resolve_pretrained(load_recipe(name).teacher.pretrained))]
+    """The shipped recipes whose teacher is a Hub id (not a local directory or a packaged teacher) with shipped
+    configs."""
+    return [
+        name
+        for name in list_recipes()
+        if is_hub_id(hub_id := resolve_pretrained(load_recipe(name).teacher.pretrained)) and hub_id not in NOT_SHIPPED
+    ]
+
+
+def test_only_the_listed_hub_teachers_lack_shipped_configs():
+    teachers = {resolve_pretrained(load_recipe(name).teacher.pretrained) for name in list_recipes()}
+    missing = {t for t in teachers if is_hub_id(t) and config_directory_or_none(t) is None}
+    assert missing == NOT_SHIPPED
+
+
+def config_directory_or_none(hub_id: str):
+    try:
+        directory, where = config_directory(hub_id)
+    except FileNotFoundError:
+        return None
+    return directory if where == "shipped" else None
 
 
 def test_every_shipped_config_is_checked():
