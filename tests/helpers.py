@@ -309,3 +309,13 @@ def train_at_phases(
         opts[role].zero_grad()
         out.loss.backward()
         opts[role].step()
+
+
+def move_lora_away(student: Any, std: float = 0.05) -> Any:
+    """``student`` with every ``lora_B`` drawn from N(0, ``std``²) (in place, from the global RNG): adapters that
+    change the network, so that an export or loader test compares something other than the base model."""
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    return student

@@ -43,6 +43,16 @@ def takes_sigmas(pipeline: Any) -> bool:
     return "sigmas" in inspect.signature(cls.__call__).parameters
 
 
+def runs_own_grid(pipeline: Any) -> bool:
+    """Whether a student of ``pipeline`` must be sampled on the grid its exported scheduler runs there: a text
+    pipeline (``prompt`` in its ``__call__``) that takes no ``sigmas=`` (``WanPipeline``, ``LTXPipeline``). Pixel
+    pipelines (``DDPMPipeline``) take none either, but their export writes the sampling loop out, at any levels."""
+    if pipeline is None or takes_sigmas(pipeline):
+        return False
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    return "prompt" in inspect.signature(cls.__call__).parameters
+
+
 def pipeline_levels(
     config: dict[str, Any], schedule: Schedule, num_steps: int, num_tokens: int | None = None
 ) -> Tensor | None:
@@ -163,6 +173,7 @@ __all__ = [
     "bisect_shift",
     "pipeline_grid_spec",
     "pipeline_levels",
+    "runs_own_grid",
     "scheduler_through",
     "takes_sigmas",
 ]

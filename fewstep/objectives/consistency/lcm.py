@@ -25,7 +25,6 @@ is shifted by the token count of each batch, as the pipeline shifts its levels.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from fewstep.noise.convert import bcast
 from fewstep.noise.schedules import Schedule
 from fewstep.objectives.dmd.sampler import dmd_pipeline_scheduler, dmd_student_grid
 from fewstep.objectives.losses import pseudo_huber
-from fewstep.objectives.pipeline_grid import pipeline_grid_spec, takes_sigmas
+from fewstep.objectives.pipeline_grid import pipeline_grid_spec, runs_own_grid, takes_sigmas
 from fewstep.objectives.protocol import OBJECTIVES, BackboneUse, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import lcm_timesteps, skipping_grid
@@ -162,10 +161,8 @@ def lcm_pipeline_scheduler(teacher: Teacher, config: LCMConfig) -> dict[str, Any
     Raises:
         ValueError: ``K`` does not divide ``num_ddim_timesteps`` (the pipeline could not run the trained levels).
     """
-    if teacher.schedule.kind != "flow" or takes_sigmas(teacher.pipeline):
+    if teacher.schedule.kind != "flow" or not runs_own_grid(teacher.pipeline):
         return None
-    if "prompt" not in inspect.signature(type(teacher.pipeline).__call__).parameters:
-        return None  # a pixel pipeline (DDPMPipeline): its export writes the sampling loop out, at any levels
     n, k = config.num_ddim_timesteps, recommended_steps(config)
     if n % k:
         raise ValueError(

@@ -15,7 +15,6 @@ The reference for the loss as implemented is rCM's code (NVlabs/rcm, ``sCM`` mod
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from fewstep.objectives.consistency.trigflow import (
     vp_index_from_u,
 )
 from fewstep.objectives.dmd.sampler import dmd_pipeline_scheduler, dmd_student_grid
-from fewstep.objectives.pipeline_grid import pipeline_grid_spec
+from fewstep.objectives.pipeline_grid import pipeline_grid_spec, runs_own_grid
 from fewstep.objectives.protocol import OBJECTIVES, Batch, LossOutput, StudentWriter
 from fewstep.objectives.spec import SamplingSpec, flow_renoise_spec, lcm_vp_spec
 from fewstep.solvers.grids import lcm_timesteps, skipping_grid
@@ -181,8 +180,7 @@ def pipeline_scheduler(teacher: Teacher, config: SCMConfig) -> dict[str, Any] | 
     Raises:
         ValueError: ``mid_u`` is set for such a pipeline, which cannot be given those angles.
     """
-    call = inspect.signature(type(teacher.pipeline).__call__).parameters if teacher.pipeline is not None else {}
-    scheduler = dmd_pipeline_scheduler(teacher, config.pipeline_steps) if "prompt" in call else None
+    scheduler = dmd_pipeline_scheduler(teacher, config.pipeline_steps) if runs_own_grid(teacher.pipeline) else None
     if scheduler is not None and config.mid_u is not None:
         raise ValueError(
             f"objective.mid_u={config.mid_u}: {type(teacher.pipeline).__name__} takes no sigmas=, so a student cannot "

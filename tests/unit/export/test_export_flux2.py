@@ -26,7 +26,7 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.consistency.scm import SCM, SCMConfig
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
-from tests.helpers import TOLERANCE, single_thread, train_dmd2_adapters  # noqa: F401 (fixture)
+from tests.helpers import TOLERANCE, move_lora_away, single_thread, train_dmd2_adapters  # noqa: F401 (fixture)
 from tests.unit.export.test_export_wan22 import diffusers_warnings
 
 PROMPTS = ["a red circle", "a small blue square on a table"]
@@ -110,10 +110,7 @@ def test_stock_flux2_pipeline_runs_the_trained_levels_of_an_scm_student(tmp_path
     torch.manual_seed(0)
     teacher = load_teacher(SimpleNamespace(pretrained="tiny:flux2", guidance_scale=4.0))
     student = Student.lora(teacher, rank=4, alpha=8)
-    with torch.no_grad():  # a student away from the teacher
-        for name, param in student.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    move_lora_away(student)  # a student away from the teacher
     objective = SCM(SCMConfig(guidance_scale=1.0, mid_u=[1.1]), teacher, student)
     out = export_student(student, teacher, objective, tmp_path / "export")
     spec = read_schedule(out)

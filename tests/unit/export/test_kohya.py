@@ -17,7 +17,7 @@ from fewstep.export.kohya import FLUX1_LINEAR1_WIDTHS, flux_kohya_state_dict
 from fewstep.models.backbones import latent_shape, pack_latents
 from fewstep.models.loading import load_teacher
 from fewstep.models.student import DEFAULT_LORA_TARGETS, Student
-from tests.helpers import single_thread  # noqa: F401 (fixture)
+from tests.helpers import move_lora_away, single_thread  # noqa: F401 (fixture)
 
 TOLERANCE = 1e-5
 RANK, ALPHA = 4, 8  # alpha ≠ rank: a file that lost the scale samples visibly differently
@@ -35,10 +35,7 @@ def lora_student(family: str, targets=None) -> tuple:
     teacher = load_teacher(SimpleNamespace(pretrained=f"tiny:{family}"))
     torch.manual_seed(0)
     student = Student.lora(teacher, rank=RANK, alpha=ALPHA, target_modules=targets)
-    with torch.no_grad():
-        for name, param in student.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    move_lora_away(student)
     return teacher, student
 
 
