@@ -20,6 +20,9 @@ name                      model                        inputs
                                                        ``encoder_hidden_states``, ``txt_ids``, ``img_ids`` (4-D)
 ``qwen_image``            ``QwenImageTransformer2DModel``  packed 2×2 latents, ``timestep`` (= s),
                                                        ``encoder_hidden_states`` (+ ``_mask``), ``img_shapes``
+``chroma``                ``ChromaTransformer2DModel``  packed 2×2 latents (as Flux), ``timestep`` (= s), T5
+                                                       ``encoder_hidden_states``, ``txt_ids``, ``img_ids``, the
+                                                       joint ``attention_mask`` over text and image tokens
 ``wan``                   ``WanTransformer3DModel``    video latents ``[b, c, f, h, w]``, ``encoder_hidden_states``
                                                        (UMT5), ``timestep`` (= 1000·s)
 ``wan_class``             ``WanTransformer3DModel``    pixel clips ``[b, c, f, h, w]``, the class label as one one-hot
@@ -91,6 +94,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "FluxTransformer2DModel": "flux",
     "Flux2Transformer2DModel": "flux2",
     "QwenImageTransformer2DModel": "qwen_image",
+    "ChromaTransformer2DModel": "chroma",
     "WanTransformer3DModel": "wan",
     "WanExperts": "wan_experts",
     "LTXVideoTransformer3DModel": "ltx",
@@ -119,7 +123,7 @@ def adapter_for(backbone: nn.Module) -> str:
 def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
     """The image tokens the backbone sees for a latent of ``shape`` ``[b, c, h, w]``; None where it has none.
 
-    Flux and Qwen-Image pack 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its
+    Flux, Qwen-Image and Chroma pack 2×2 latent patches (``pack_latents``): ``(h/2)·(w/2)``; SD3 patchifies by its
     ``patch_size``. This is the token count a resolution-dependent (dynamic) flow shift reads (Flux's ``μ``,
     ``FlowSchedule.mu``). Video latents ``[b, c, f, h, w]`` (Wan): ``video_tokens``.
     """
@@ -129,7 +133,7 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
         return shape[-2] * shape[-1]
     if denoiser.adapter_name == "ltx" and len(shape) == 5:  # LTXPipeline's video_sequence_length: f·h·w latents
         return shape[-3] * shape[-2] * shape[-1]
-    if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3", "qwen_image"):
+    if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3", "qwen_image", "chroma"):
         return None
     patch = patch_size(denoiser.adapter_name, denoiser.backbone)
     return (shape[-2] // patch) * (shape[-1] // patch)
@@ -137,8 +141,8 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
 
 def patch_size(family: str, backbone: Any) -> int:
     """The side of the latent patches one token covers: 2 for Flux (its 2×2 packing), SD3's ``patch_size``, and 1
-    for backbones that take latents as they are (UNets)."""
-    if family in ("flux", "qwen_image"):
+    for backbones that take latents as they are (UNets); Chroma packs as Flux."""
+    if family in ("flux", "qwen_image", "chroma"):
         return 2
     if family == "flux2":  # its VAE's 2×2 patchify: each latent of the teacher covers 2×2 VAE latents
         return 2
@@ -208,7 +212,7 @@ def latent_shape(
         return pixel_clip_shape(pipe, batch_size, resolution, num_frames)
     res = resolution or default_resolution(pipe)
     config = pipeline_backbone(pipe).config
-    if teacher.family in ("flux", "qwen_image"):  # packing needs an even latent size
+    if teacher.family in ("flux", "qwen_image", "chroma"):  # packing needs an even latent size
         scale = pipe.vae_scale_factor
         return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
     if teacher.family == "flux2":  # Flux2Pipeline.prepare_latents: noise drawn already patchified 2×2
@@ -464,6 +468,38 @@ def flux_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditi
         encoder_hidden_states=prompt_embeds,
         txt_ids=_as(txt_ids, x),
         img_ids=_as(img_ids, x),
+        return_dict=False,
+    )[0]
+    return unpack_latents(out, h, w)
+
+
+def chroma_attention_mask(text_mask: Tensor, num_image_tokens: int, dtype: torch.dtype) -> Tensor:
+    """``ChromaPipeline``'s joint mask ``[b, L + n]``: the T5 mask (the prompt's tokens and the first padding token,
+    ``ChromaPipeline._get_t5_prompt_embeds``) followed by ``num_image_tokens`` ones (``_prepare_attention_mask``), in
+    the float ``dtype`` the pipeline gives it. Each block multiplies it into a ``[b, 1, L + n, L + n]`` mask that
+    attention adds to its scores (0 or 1): kept as the pipeline has it, so the teacher is the pipeline."""
+    image = text_mask.new_ones(text_mask.shape[0], num_image_tokens)
+    return torch.cat([text_mask, image], dim=1).to(dtype)
+
+
+@BACKBONES.register("chroma")
+def chroma_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``ChromaTransformer2DModel`` on unpacked latents ``[b, c, h, w]``; returns the unpacked velocity.
+
+    As ``ChromaPipeline`` calls it: Flux's 2×2 packing and positions (``pack_latents``, ``flux_image_ids``; text at
+    position 0), ``timestep = t / 1000 = s`` (``FlowSchedule(timestep_scale=1)``; the approximator embeds it, there
+    is no guidance or pooled input), the T5 states with their mask over T5 padding (``chroma_attention_mask``).
+    """
+    b, _, h, w = x.shape
+    prompt_embeds = _as(_require(cond.prompt_embeds, "prompt_embeds", "Chroma"), x)
+    text_mask = _require(cond.prompt_embeds_mask, "prompt_embeds_mask", "Chroma").to(x.device)
+    out = backbone(
+        hidden_states=pack_latents(x),
+        timestep=timestep.to(x.dtype),
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=x.new_zeros(prompt_embeds.shape[1], 3),
+        img_ids=flux_image_ids(h, w, x.device, x.dtype),
+        attention_mask=chroma_attention_mask(text_mask, (h // 2) * (w // 2), x.dtype),
         return_dict=False,
     )[0]
     return unpack_latents(out, h, w)

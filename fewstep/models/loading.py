@@ -49,18 +49,19 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2")  # fmt: skip
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "chroma")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
                      "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class",
-                     "cogvideox": "cogvideox", "flux2": "flux2"}  # fmt: skip
+                     "cogvideox": "cogvideox", "flux2": "flux2", "chroma": "chroma"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
 # 1000·s; Flux, FLUX.2 and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
-# adapter also applies the model's own timestep_scale).
+# adapter also applies the model's own timestep_scale). Chroma is fed s, as Flux.
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
                        "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
-                       "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0}  # fmt: skip
+                       "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0,
+                       "chroma": 1.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -350,7 +351,7 @@ def detect_family(pipeline: Any) -> str:
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
     ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
     without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) |
-    ``flux2`` (FLUX.2 [dev]) from a pipeline's backbone class and config.
+    ``flux2`` (FLUX.2 [dev]) | ``chroma`` from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -369,6 +370,8 @@ def detect_family(pipeline: Any) -> str:
         return "sd35" if getattr(backbone.config, "qk_norm", None) else "sd3"
     if cls == "QwenImageTransformer2DModel":
         return "qwen_image"
+    if cls == "ChromaTransformer2DModel":
+        return "chroma"
     if cls == "UNet2DConditionModel":
         return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd15"
     if cls == "UNet2DModel":
@@ -413,7 +416,8 @@ def detect_family(pipeline: Any) -> str:
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel, "
         "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel, "
-        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel. For other models use "
+        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel, "
+        "ChromaTransformer2DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 

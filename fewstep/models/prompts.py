@@ -19,6 +19,8 @@ so is the first frame of image-to-video teachers (``encode_prompts(..., images=)
 Wan 2.1 I2V's condition latents and CLIP image tokens, Wan 2.2 TI2V-5B's clean first latent frame.
 
 FLUX.2 [dev] has no negative branch either (``Flux2Pipeline`` only embeds its guidance): ``""`` is encoded, as for Flux.
+Chroma's true CFG encodes ``""`` as its negative, as ``ChromaPipeline`` does without a negative prompt; both branches
+keep their T5 masks (``_chroma``).
 """
 
 from __future__ import annotations
@@ -169,6 +171,22 @@ def _qwen_image(
     return enc(prompts), enc(negatives or [QWEN_NULL_PROMPT] * len(prompts))
 
 
+def _chroma(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    """T5 states padded to ``max_sequence_length`` (default 512, the pipeline's) with Chroma's mask: each prompt's
+    tokens and its first padding token (``ChromaPipeline.encode_prompt``); the negative branch encodes ``""`` unless
+    negatives are given, as the pipeline does."""
+    pe, _, mask, npe, _, nmask = pipe.encode_prompt(
+        prompt=prompts, negative_prompt=negatives, device=_device(pipe), num_images_per_prompt=1,
+        do_classifier_free_guidance=True, max_sequence_length=max_sequence_length or 512,
+    )  # fmt: skip
+    return (
+        Conditioning(prompt_embeds=pe, prompt_embeds_mask=mask.long()),
+        Conditioning(prompt_embeds=npe, prompt_embeds_mask=nmask.long()),
+    )
+
+
 def _wan(
     pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
 ) -> tuple[Conditioning, Conditioning]:
@@ -269,7 +287,7 @@ def _sana(
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
              "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
              "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox,
-             "flux2": _flux2}  # fmt: skip
+             "flux2": _flux2, "chroma": _chroma}  # fmt: skip
 IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
 FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
 
@@ -386,7 +404,7 @@ def encode_prompts(
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
             Mistral tokens for FLUX.2 (default 512), PixArt-Σ (default 300), CogVideoX (default the transformer's
             ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana
-            (default 300), as the pipelines use.
+            (default 300), as the pipelines use; T5 tokens for Chroma (default 512).
         guidance: Flux and FLUX.2 embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5 (Flux)
             or 4.0 (FLUX.2).
         images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1

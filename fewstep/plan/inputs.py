@@ -35,6 +35,7 @@ TEXT_TOKENS: dict[str, int] = {
     "PixArtTransformer2DModel": 300,
     "SanaTransformer2DModel": 300,
     "LTXVideoTransformer3DModel": 128,
+    "ChromaTransformer2DModel": 512,  # T5 tokens, padded to 512 (ChromaPipeline's max_sequence_length)
 }
 VIDEO_FRAMES = 81  # Wan 2.1's default clip length (5 s at 16 fps)
 
@@ -83,6 +84,9 @@ def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype:
     if adapter in ("pixart", "sana", "ltx"):  # T5 / Gemma 2 tokens with their attention mask
         mask = torch.ones(b, n, dtype=torch.long, device=device)
         return Conditioning(prompt_embeds=rand(b, n, int(cfg.caption_channels)), prompt_embeds_mask=mask)
+    if adapter == "chroma":  # T5 tokens with their mask; no pooled text, no guidance input
+        mask = torch.ones(b, n, dtype=torch.long, device=device)
+        return Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim), prompt_embeds_mask=mask)
     if adapter == "flux2":  # three stacked Mistral layers, no pooled text; the embedded guidance (FLUX.2 [dev]: 4)
         cond = Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim))
         return cond.replace(guidance=torch.full((b,), 4.0, device=device)) if cfg.guidance_embeds else cond

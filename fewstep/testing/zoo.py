@@ -24,6 +24,9 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   ``Mistral3ForConditionalGeneration`` text encoder of 32 layers so that the pipeline's hidden-state layers 10, 20 and
   30 are intermediate ones as in Mistral Small 3.1, with a one-block Pixtral vision tower; ``mistral_tokenizer``) with
   ``FlowMatchEulerDiscreteScheduler`` shifting by resolution (the pipeline passes its own ``μ``).
+* ``chroma``: ``ChromaPipeline`` (``ChromaTransformer2DModel`` on Flux's 2×2-packed latents, its modulations from a
+  one-layer approximator; FLUX.1's ``AutoencoderKL``; a T5 encoder alone) with ``FlowMatchEulerDiscreteScheduler``
+  shifting by resolution as FLUX.1's (the pipeline computes ``μ`` from the token count).
 * ``wan21``: ``WanPipeline`` (Wan 2.1 text-to-video: ``WanTransformer3DModel``, ``AutoencoderKLWan`` with Wan's
   4× temporal and 8× spatial compression, a ``UMT5EncoderModel``) with ``FlowMatchEulerDiscreteScheduler`` at Wan's
   480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
@@ -85,6 +88,7 @@ from fewstep.testing.tokenizer import (
 FAMILIES: tuple[str, ...] = (
     "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx",
     "pixart_sigma", "sana", "cogvideox", "flux2",
+    "chroma",
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -324,6 +328,40 @@ def _build_flux() -> Any:
         tokenizer=clip_tokenizer(),
         text_encoder_2=_t5(d_model=32),
         tokenizer_2=t5_tokenizer(),
+    )
+
+
+def _build_chroma() -> Any:
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed in 2×2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # = T5 width
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+        approximator_num_channels=16,  # timestep (4), guidance (4) and modulation-index (8) embeddings
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1's constants; ChromaPipeline passes its own μ
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return ChromaPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae(0.3611, 0.1159, quant_conv=False),  # FLUX.1's autoencoder, which Chroma keeps
+        text_encoder=_t5(d_model=32),
+        tokenizer=t5_tokenizer(),
     )
 
 
@@ -751,6 +789,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "sana": _build_sana,
     "cogvideox": _build_cogvideox,
     "flux2": _build_flux2,
+    "chroma": _build_chroma,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {

@@ -48,6 +48,7 @@ FD_STEP = {"sana": 3e-4}
 # LTX-Video, PixArt-Σ and Sana pass the prompt mask to their cross-attention: masked attention always takes
 # fewstep's route.
 MASKED = {"ltx", "pixart_sigma", "sana"}
+MASKED |= {"chroma"}  # its joint mask over T5 padding and image tokens, added to every attention's scores
 
 
 def model_fn(name: str):
@@ -93,6 +94,7 @@ def route(request, monkeypatch):
         "sana",
         "cogvideox",
         "flux2",
+        "chroma",
     ],
 )
 def test_jvp_through_the_model_equals_math_attention(name, route, monkeypatch):

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 from diffusers import (
+    ChromaPipeline,
     CogVideoXPipeline,
     DDIMScheduler,
     DiffusionPipeline,
@@ -44,6 +45,7 @@ PIPELINE_CLASS = {
     "sana": SanaPipeline,
     "cogvideox": CogVideoXPipeline,
     "flux2": Flux2Pipeline,
+    "chroma": ChromaPipeline,
 }
 
 
@@ -142,6 +144,13 @@ def test_family_configs_match_the_real_models():
     assert flux2.text_encoder.config.text_config.num_hidden_layers > max(layers)  # each an intermediate layer
     assert flux2.transformer.config.joint_attention_dim == 3 * flux2.text_encoder.config.text_config.hidden_size
     assert flux2.default_sample_size * flux2.vae_scale_factor == 16
+
+    chroma = load_tiny_pipeline("chroma")
+    assert isinstance(chroma.text_encoder, T5EncoderModel) and isinstance(chroma.tokenizer, T5Tokenizer)  # T5 alone
+    assert chroma.scheduler.config.use_dynamic_shifting
+    assert (chroma.vae.config.scaling_factor, chroma.vae.config.shift_factor) == (0.3611, 0.1159)  # FLUX.1's VAE
+    assert chroma.transformer.config.joint_attention_dim == chroma.text_encoder.config.d_model
+    assert chroma.default_sample_size * chroma.vae_scale_factor == 16
 
 
 @pytest.mark.parametrize("family", FAMILIES)
