@@ -190,10 +190,11 @@ def _zimage(
     pipeline's ``""``."""
 
     def enc(texts: list[str]) -> Conditioning:
+        # a copy of the list: the pipeline writes the templated prompts into the list it is given
         captions, _ = pipe.encode_prompt(
             prompt=list(texts), device=_device(pipe), do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length or 512,
-        )  # fmt: skip  (a copy: the pipeline writes the templated prompts into the list it is given)
+        )  # fmt: skip
         return padded_captions(captions)
 
     return enc(prompts), enc(negatives or [""] * len(prompts))
