@@ -93,6 +93,7 @@ def route(request, monkeypatch):
         "sana",
         "cogvideox",
         "flux2",
+        "zimage",
     ],
 )
 def test_jvp_through_the_model_equals_math_attention(name, route, monkeypatch):

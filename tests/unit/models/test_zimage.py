@@ -10,15 +10,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fewstep.kernels import route_attention
 from fewstep.models.backbones import latent_shape, num_tokens
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.loading import decode_latents, encode_images, load_teacher, zimage_guidance_options
 from fewstep.models.prompts import encode_prompts
 from fewstep.solvers.grids import teacher_taus
 from tests.helpers import single_thread  # noqa: F401 (fixture)
+from tests.unit.kernels.test_routing import CountingRoute
 
-PROMPTS = ["a photo of a cat", "a red car parked on a long empty road at dusk"]  # different token counts
+# 24 and 64 caption tokens, which the transformer pads to 32 and 64 (multiples of 32): a batch of them is masked
+PROMPTS = ["a cat", "a red car parked on a long empty road at dusk"]
 STEPS = 4
 
 
@@ -112,3 +116,29 @@ def test_zimage_vae_round_trip_uses_the_flux_layout(teacher):
     expected = (raw - vae.config.shift_factor) * vae.config.scaling_factor
     assert torch.allclose(latents, expected, atol=1e-6)
     assert decode_latents(teacher, latents).shape == (1, 3, 16, 16)
+
+
+def test_zimage_jvp_through_captions_of_different_lengths(teacher, monkeypatch):
+    """Batched captions of different lengths make the transformer pad and mask every attention: ``torch.func.jvp``
+    through the routed (masked) attention equals math attention and central differences (the single-prompt case is
+    in the routing test's families)."""
+    cond, _ = encode_prompts(teacher, PROMPTS)
+    tau = torch.full((2,), 0.5)
+    x = torch.randn(latent_shape(teacher, 2), generator=torch.Generator().manual_seed(0))
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def fn(x):
+        return teacher.denoiser.raw(x, tau, cond)
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        ref_out, ref_tangent = torch.func.jvp(fn, (x,), (dx,))
+    counter = CountingRoute(monkeypatch)
+    with torch.no_grad(), route_attention(teacher.denoiser.backbone):
+        out, tangent = torch.func.jvp(fn, (x,), (dx,))
+    assert counter.calls > 0, "masked attention takes fewstep's route"
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tangent, ref_tangent, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        h = 1e-2
+        fd = (fn(x + h * dx) - fn(x - h * dx)) / (2 * h)
+    assert (tangent - fd).abs().max() < 2e-3 * max(1.0, float(fd.abs().max()))
