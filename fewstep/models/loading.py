@@ -540,8 +540,9 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
 
 def zimage_guidance_options(teacher: Teacher, cfg: Any) -> None:
     """Give a Z-Image teacher ``ZImagePipeline``'s two guidance options from ``cfg``: ``cfg_normalization`` (a
-    ``cfg_rescale``, ``zimage_cfg_normalization``) and ``cfg_truncation`` (a ``guidance_by_level``,
-    ``zimage_cfg_truncation``); their defaults (0 and 1, the pipeline's) change nothing. Other families refuse them."""
+    ``cfg_rescale``, ``zimage_cfg_normalization``) and ``cfg_truncation`` (``guidance_off``,
+    ``zimage_cfg_truncation``), both acting on every guided teacher call whatever its scale; their defaults (0 and 1,
+    the pipeline's) change nothing. Other families refuse them."""
     factor = float(getattr(cfg, "cfg_normalization", 0.0) or 0.0)
     truncation = float(getattr(cfg, "cfg_truncation", 1.0))
     if teacher.family != "zimage":
@@ -553,8 +554,8 @@ def zimage_guidance_options(teacher: Teacher, cfg: Any) -> None:
         return
     if factor > 0:
         teacher.cfg_rescale = zimage_cfg_normalization(factor)
-    if truncation < 1.0 and teacher.guidance_scale != 1.0:
-        teacher.guidance_by_level = zimage_cfg_truncation(teacher, teacher.guidance_scale, truncation)
+    if truncation < 1.0:
+        teacher.guidance_off = zimage_cfg_truncation(teacher, truncation)
 
 
 def zimage_cfg_normalization(factor: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -570,16 +571,15 @@ def zimage_cfg_normalization(factor: float) -> Callable[[Tensor, Tensor], Tensor
     return rescale
 
 
-def zimage_cfg_truncation(teacher: Teacher, w: float, truncation: float) -> Callable[[Tensor], Tensor]:
-    """``w(τ)`` for ``ZImagePipeline``'s ``cfg_truncation``, ``[b]``: no guidance (``w = 1``, the conditional output
-    alone) where the normalised time ``(1000 − t) / 1000`` exceeds ``truncation`` (late, low-noise steps), ``w``
-    elsewhere; compared in float64 as the pipeline compares Python floats."""
+def zimage_cfg_truncation(teacher: Teacher, truncation: float) -> Callable[[Tensor], Tensor]:
+    """``ZImagePipeline``'s ``cfg_truncation`` as ``τ -> [b] bool``: no guidance (the conditional output alone) where
+    the normalised time ``(1000 − t) / 1000`` exceeds ``truncation`` (late, low-noise steps); compared in float64 as
+    the pipeline compares Python floats."""
 
-    def w_of(tau: Tensor) -> Tensor:
-        t_norm = (1000 - teacher.schedule.model_timestep(tau).double()) / 1000
-        return torch.where(t_norm > truncation, 1.0, w).float()
+    def off(tau: Tensor) -> Tensor:
+        return (1000 - teacher.schedule.model_timestep(tau).double()) / 1000 > truncation
 
-    return w_of
+    return off
 
 
 def expert_guidance(teacher: Teacher, high: float, low: float) -> Any:

@@ -40,7 +40,7 @@ def _pipeline_vs_teacher(teacher, seed: int, g: float, **options) -> tuple[torch
     side = shape[-1] * pipe.vae_scale_factor
     out = pipe(prompt=list(PROMPTS), height=side, width=side, num_inference_steps=STEPS, guidance_scale=g,
                latents=noise.clone(), output_type="latent", **options).images  # fmt: skip
-    teacher.guidance_scale, teacher.cfg_rescale, teacher.guidance_by_level = 1.0 + g, None, None
+    teacher.guidance_scale, teacher.cfg_rescale, teacher.guidance_off = 1.0 + g, None, None
     zimage_guidance_options(teacher, SimpleNamespace(**options))
     cond, uncond = encode_prompts(teacher, PROMPTS)
     taus = teacher_taus(teacher.schedule, STEPS, num_tokens(teacher.denoiser, shape))  # what fewstep samples
@@ -81,6 +81,21 @@ def test_zimage_options_change_the_samples(teacher):
     for options in ({"cfg_normalization": 1.0}, {"cfg_truncation": 0.2}):  # shift 6, 4 steps: last t_norm 0.33
         changed, _ = _pipeline_vs_teacher(teacher, 0, 5.0, **options)
         assert (changed - plain).abs().max() > 1e-2, options
+
+
+def test_zimage_truncation_holds_for_an_explicit_guidance_scale(teacher):
+    """Objectives pass their own ``w`` (DMD2's real branch, sCM's target): past ``cfg_truncation`` the teacher still
+    returns the conditional output alone, before it the guided one."""
+    teacher.cfg_rescale, teacher.guidance_off = None, None
+    zimage_guidance_options(teacher, SimpleNamespace(cfg_truncation=0.2))
+    cond, uncond = encode_prompts(teacher, PROMPTS)
+    x = torch.randn(latent_shape(teacher, 2), generator=torch.Generator().manual_seed(3))
+    late, early = torch.full((2,), 0.7), torch.full((2,), 0.9)  # (1000 − t) / 1000 = 0.3 > 0.2 and 0.1 ≤ 0.2
+    alone = teacher.raw(x, late, cond, uncond, guidance_scale=1.0)
+    assert torch.allclose(teacher.raw(x, late, cond, uncond, guidance_scale=6.0), alone, atol=1e-6)
+    guided = teacher.raw(x, early, cond, uncond, guidance_scale=6.0)
+    assert (guided - teacher.raw(x, early, cond, uncond, guidance_scale=1.0)).abs().max() > 1e-2
+    teacher.guidance_off = None
 
 
 def test_zimage_dynamic_shift_reproduces_the_pipeline(teacher, tmp_path):
