@@ -35,12 +35,15 @@ class TeacherConfig(BaseModel):
     pretrained: str = Field(min_length=1)
     family: Literal[
         "auto", "sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-        "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2",
-        "chroma",
+        "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "chroma", "zimage",
     ] = "auto"  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     guidance_scale: float = Field(1.0, ge=0.0)  # Imagen convention: cfg = uncond + w·(cond − uncond), w = 1 is off
     guidance_scale_2: float | None = Field(None, ge=0.0)  # Wan 2.2: the low-noise expert's (None: guidance_scale)
+    # Z-Image (ZImagePipeline's options): cap each guided output at this multiple of the conditional one's norm (0:
+    # off; the pipeline's True is 1), and no guidance where its normalised time (1000 − t) / 1000 exceeds truncation
+    cfg_normalization: float = Field(0.0, ge=0.0)
+    cfg_truncation: float = Field(1.0, ge=0.0)
     revision: str | None = None
     variant: str | None = None
 

@@ -50,6 +50,8 @@ def sampling_spec(objective: Objective, teacher: Teacher | None = None) -> Sampl
     training (``teacher.guidance_scale`` of the recipe, e.g. 3.5); its pipeline embeds ``guidance_scale``, so that is
     the value to pass, not the 1 of "no CFG"."""
     spec = objective.sampling_spec()
+    if teacher is not None and teacher.family == "zimage":
+        return zimage_sampling_spec(spec)
     embedded = teacher.null_cond.guidance if teacher is not None and teacher.null_cond is not None else None
     if embedded is None:
         return spec
@@ -60,6 +62,17 @@ def sampling_spec(objective: Objective, teacher: Teacher | None = None) -> Sampl
     )
     convention = f"embedded guidance {value:g} (the pipeline's guidance_scale); no CFG"
     return replace(spec, guidance_scale=value, notes=[*spec.notes, note], guidance_convention=convention)
+
+
+def zimage_sampling_spec(spec: SamplingSpec) -> SamplingSpec:
+    """``ZImagePipeline`` guides as ``pos + g·(pos − neg)`` and runs no CFG at ``g = 0``: the spec's Imagen ``w`` is
+    passed as its ``guidance_scale = w − 1`` (a student sampled without CFG: 0, not 1)."""
+    g = spec.guidance_scale - 1.0
+    convention = (
+        f"ZImagePipeline: pos + guidance_scale·(pos − neg), 0 is no CFG (Imagen w = {spec.guidance_scale:g}); "
+        f"training: {spec.guidance_convention}"
+    )
+    return replace(spec, guidance_scale=g, guidance_convention=convention)
 
 
 def export_student(

@@ -23,6 +23,8 @@ name                      model                        inputs
 ``chroma``                ``ChromaTransformer2DModel``  packed 2×2 latents (as Flux), ``timestep`` (= s), T5
                                                        ``encoder_hidden_states``, ``txt_ids``, ``img_ids``, the
                                                        joint ``attention_mask`` over text and image tokens
+``zimage``                ``ZImageTransformer2DModel``  lists of ``[c, 1, h, w]`` latents and of unpadded Qwen3 caption
+                                                       states, ``t`` (= 1 − s, reversed); output negated
 ``wan``                   ``WanTransformer3DModel``    video latents ``[b, c, f, h, w]``, ``encoder_hidden_states``
                                                        (UMT5), ``timestep`` (= 1000·s)
 ``wan_class``             ``WanTransformer3DModel``    pixel clips ``[b, c, f, h, w]``, the class label as one one-hot
@@ -95,6 +97,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "Flux2Transformer2DModel": "flux2",
     "QwenImageTransformer2DModel": "qwen_image",
     "ChromaTransformer2DModel": "chroma",
+    "ZImageTransformer2DModel": "zimage",
     "WanTransformer3DModel": "wan",
     "WanExperts": "wan_experts",
     "LTXVideoTransformer3DModel": "ltx",
@@ -131,6 +134,9 @@ def num_tokens(denoiser: _Adapted, shape: Sequence[int]) -> int | None:
         return video_tokens(denoiser.backbone, shape)
     if denoiser.adapter_name == "flux2" and len(shape) == 4:  # one token per patchified latent pixel
         return shape[-2] * shape[-1]
+    if denoiser.adapter_name == "zimage" and len(shape) == 4:  # ZImagePipeline's image_seq_len: (h/2)·(w/2)
+        patch = patch_size("zimage", denoiser.backbone)
+        return (shape[-2] // patch) * (shape[-1] // patch)
     if denoiser.adapter_name == "ltx" and len(shape) == 5:  # LTXPipeline's video_sequence_length: f·h·w latents
         return shape[-3] * shape[-2] * shape[-1]
     if len(shape) != 4 or denoiser.adapter_name not in ("flux", "sd3", "qwen_image", "chroma"):
@@ -148,6 +154,8 @@ def patch_size(family: str, backbone: Any) -> int:
         return 2
     if family in ("sd3", "sd35"):
         return int(getattr(backbone.config, "patch_size", 2))
+    if family == "zimage":  # ZImagePipeline calls its transformer with the default patch_size=2
+        return ZIMAGE_PATCH_SIZE
     if family in ("ltx", "cogvideox"):  # one int for height and width (``patch_size_t`` for frames)
         return int(backbone.config.patch_size)
     if family in VIDEO_FAMILIES or family == "wan_class":
@@ -192,6 +200,8 @@ def default_resolution(pipeline: Any) -> int:
         return video_defaults(pipeline)[1]
     vae_scale = getattr(pipeline, "vae_scale_factor", 1) if has_vae(pipeline) else 1
     size = getattr(pipeline, "default_sample_size", None)
+    if size is None and type(pipeline).__name__ == "ZImagePipeline":  # its __call__: height = height or 1024
+        return ZIMAGE_DEFAULT_RESOLUTION
     if size is None:
         size = pipeline_backbone(pipeline).config.sample_size
     size = size[0] if isinstance(size, list | tuple) else size
@@ -215,6 +225,9 @@ def latent_shape(
     if teacher.family in ("flux", "qwen_image", "chroma"):  # packing needs an even latent size
         scale = pipe.vae_scale_factor
         return batch_size, config.in_channels // 4, 2 * (res // (scale * 2)), 2 * (res // (scale * 2))
+    if teacher.family == "zimage":  # ZImagePipeline.prepare_latents: an even latent size, 2×2 patches
+        side = 2 * (res // (pipe.vae_scale_factor * 2))
+        return batch_size, config.in_channels, side, side
     if teacher.family == "flux2":  # Flux2Pipeline.prepare_latents: noise drawn already patchified 2×2
         side = res // (pipe.vae_scale_factor * 2)
         return batch_size, config.in_channels, side, side
@@ -539,6 +552,37 @@ def flux2_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Condit
         return_dict=False,
     )[0]
     return out.permute(0, 2, 1).reshape(b, -1, h, w)
+
+
+ZIMAGE_PATCH_SIZE = 2  # the patch_size ZImagePipeline calls its transformer with (its forward's default)
+ZIMAGE_DEFAULT_RESOLUTION = 1024  # ZImagePipeline.__call__'s default height and width
+
+
+@BACKBONES.register("zimage")
+def zimage_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``ZImageTransformer2DModel`` on latents ``[b, c, h, w]``; returns the velocity ``ε − x0`` in the same layout.
+
+    As ``ZImagePipeline`` calls it: a list of ``b`` latents ``[c, 1, h, w]`` (one frame each), the reversed timestep
+    ``t = (1000 − 1000·s) / 1000`` (the pipeline's ``(1000 - timestep) / 1000``, here on
+    ``FlowSchedule(timestep_scale=1000)``; the model multiplies it by its ``t_scale``), and each prompt's caption
+    states without padding (the real tokens of ``prompt_embeds_mask``). The model predicts ``x0 − ε``; the pipeline
+    negates it before its Euler step, and so does this adapter.
+    """
+    b = x.shape[0]
+    prompt_embeds = _as(_require(cond.prompt_embeds, "prompt_embeds", "Z-Image"), x)
+    mask = cond.prompt_embeds_mask
+    if mask is None:
+        captions = list(prompt_embeds.unbind(0))
+    else:
+        captions = [pe[m.to(pe.device).bool()] for pe, m in zip(prompt_embeds, mask, strict=True)]
+    out = backbone(
+        list(x.unsqueeze(2).unbind(0)),  # b × [c, 1, h, w]
+        ((1000 - timestep) / 1000).expand(b),  # float32, as the pipeline passes it
+        captions,
+        patch_size=ZIMAGE_PATCH_SIZE,
+        return_dict=False,
+    )[0]
+    return -torch.stack(out).squeeze(2)
 
 
 def qwen_image_shapes(b: int, height: int, width: int) -> list[list[tuple[int, int, int]]]:

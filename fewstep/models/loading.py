@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +49,21 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "chroma")  # fmt: skip
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "chroma",
+            "zimage")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
                      "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class",
-                     "cogvideox": "cogvideox", "flux2": "flux2", "chroma": "chroma"}  # fmt: skip
+                     "cogvideox": "cogvideox", "flux2": "flux2", "chroma": "chroma", "zimage": "zimage"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
-# 1000·s; Flux, FLUX.2 and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
-# adapter also applies the model's own timestep_scale). Chroma is fed s, as Flux.
+# 1000·s; Flux, FLUX.2, Chroma and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana
+# 1000·s (its adapter also applies the model's own timestep_scale); Z-Image 1000·s (its adapter reverses it as its
+# pipeline does).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
                        "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
                        "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0,
-                       "chroma": 1.0}  # fmt: skip
+                       "chroma": 1.0, "zimage": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -351,7 +353,8 @@ def detect_family(pipeline: Any) -> str:
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
     ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
     without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) |
-    ``flux2`` (FLUX.2 [dev]) | ``chroma`` from a pipeline's backbone class and config.
+    ``flux2`` (FLUX.2 [dev]) | ``chroma`` | ``zimage`` (Z-Image, Z-Image-Turbo) from a pipeline's backbone class
+    and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -372,6 +375,8 @@ def detect_family(pipeline: Any) -> str:
         return "qwen_image"
     if cls == "ChromaTransformer2DModel":
         return "chroma"
+    if cls == "ZImageTransformer2DModel":
+        return zimage_family(backbone.config)
     if cls == "UNet2DConditionModel":
         return "sdxl" if getattr(backbone.config, "addition_embed_type", None) == "text_time" else "sd15"
     if cls == "UNet2DModel":
@@ -416,8 +421,8 @@ def detect_family(pipeline: Any) -> str:
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel, "
         "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel, "
-        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel, "
-        "ChromaTransformer2DModel. For other models use "
+        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel, ChromaTransformer2DModel, ZImageTransformer2DModel. "
+        "For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
 
@@ -438,6 +443,17 @@ def cogvideox_family(config: Any) -> str:
             "(THUDM/CogVideoX-2b, THUDM/CogVideoX-5b) is."
         )
     return "cogvideox"
+
+
+def zimage_family(config: Any) -> str:
+    """``zimage`` for Z-Image text-to-image (``ZImagePipeline``: Z-Image, Z-Image-Turbo); Z-Image Omni's transformer
+    (SigLIP image features, ``siglip_feat_dim``) is refused by name."""
+    if getattr(config, "siglip_feat_dim", None) is not None:
+        raise ValueError(
+            "Z-Image Omni (a transformer with SigLIP image conditioning, ZImageOmniPipeline) is not supported; Z-Image "
+            "text-to-image (ZImagePipeline: Tongyi-MAI/Z-Image, Tongyi-MAI/Z-Image-Turbo) is."
+        )
+    return "zimage"
 
 
 def schedule_and_prediction(scheduler: Any, family: str) -> tuple[Any, str]:
@@ -468,7 +484,9 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
 
     ``cfg`` fields: ``pretrained``, ``family`` (``auto`` or one of ``FAMILIES``), ``dtype``, ``guidance_scale``
     (Imagen convention, 1 = off), ``revision``, ``variant``; Wan 2.2 also ``guidance_scale_2``, the low-noise
-    expert's guidance (``WanPipeline``'s; default: ``guidance_scale``).
+    expert's guidance (``WanPipeline``'s; default: ``guidance_scale``); Z-Image also ``cfg_normalization`` and
+    ``cfg_truncation`` (``zimage_guidance_options``). Z-Image's pipeline guides as ``pos + g·(pos − neg)``: its
+    ``guidance_scale`` ``g`` is ``w − 1`` here.
 
     Guidance-distilled Flux and FLUX.2 (``guidance_embeds``) take their guidance as an input: there ``guidance_scale``
     is the embedded guidance value (FLUX.1-dev uses 3.5, FLUX.2 [dev] 4.0), stored in ``null_cond.guidance`` and used by
@@ -518,11 +536,56 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
     teacher = Teacher(denoiser, guidance_scale, pipe, null_cond, family)
     if family == "qwen_image":  # its pipeline rescales the guided velocity to the conditional one's norm
         teacher.cfg_rescale = qwen_true_cfg_rescale
+    zimage_guidance_options(teacher, cfg)
     if family == "wan22" and getattr(cfg, "guidance_scale_2", None) is not None:
         teacher.guidance_by_level = expert_guidance(teacher, guidance_scale, float(cfg.guidance_scale_2))
     if "vae" in skip:
         teacher.vae_loader = functools.partial(load_component, cfg.pretrained, "vae", dtype, revision, variant)
     return teacher
+
+
+def zimage_guidance_options(teacher: Teacher, cfg: Any) -> None:
+    """Give a Z-Image teacher ``ZImagePipeline``'s two guidance options from ``cfg``: ``cfg_normalization`` (a
+    ``cfg_rescale``, ``zimage_cfg_normalization``) and ``cfg_truncation`` (``guidance_off``,
+    ``zimage_cfg_truncation``), both acting on every guided teacher call whatever its scale; their defaults (0 and 1,
+    the pipeline's) change nothing. Other families refuse them."""
+    factor = float(getattr(cfg, "cfg_normalization", 0.0) or 0.0)
+    truncation = float(getattr(cfg, "cfg_truncation", 1.0))
+    if teacher.family != "zimage":
+        if factor or truncation != 1.0:
+            raise ValueError(
+                "teacher.cfg_normalization and teacher.cfg_truncation are ZImagePipeline's options; the "
+                f"{teacher.family} teacher has neither. Remove them from the recipe."
+            )
+        return
+    if factor > 0:
+        teacher.cfg_rescale = zimage_cfg_normalization(factor)
+    if truncation < 1.0:
+        teacher.guidance_off = zimage_cfg_truncation(teacher, truncation)
+
+
+def zimage_cfg_normalization(factor: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """``ZImagePipeline``'s ``cfg_normalization``: a guided output whose norm (over the whole sample) exceeds
+    ``factor`` times the conditional one's is scaled down to it; ``(guided, cond) -> guided``, ``[b, ...]``."""
+
+    def rescale(guided: Tensor, cond_out: Tensor) -> Tensor:
+        dims = tuple(range(1, guided.ndim))
+        norm = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+        limit = factor * torch.linalg.vector_norm(cond_out, dim=dims, keepdim=True)
+        return torch.where(norm > limit, guided * (limit / norm), guided)
+
+    return rescale
+
+
+def zimage_cfg_truncation(teacher: Teacher, truncation: float) -> Callable[[Tensor], Tensor]:
+    """``ZImagePipeline``'s ``cfg_truncation`` as ``τ -> [b] bool``: no guidance (the conditional output alone) where
+    the normalised time ``(1000 − t) / 1000`` exceeds ``truncation`` (late, low-noise steps); compared in float64 as
+    the pipeline compares Python floats."""
+
+    def off(tau: Tensor) -> Tensor:
+        return (1000 - teacher.schedule.model_timestep(tau).double()) / 1000 > truncation
+
+    return off
 
 
 def expert_guidance(teacher: Teacher, high: float, low: float) -> Any:

@@ -18,6 +18,9 @@ Per-sample inputs that are not the prompt (SDXL ``time_ids``, Flux ``guidance``)
 so is the first frame of image-to-video teachers (``encode_prompts(..., images=)``, ``first_frame_conditioning``):
 Wan 2.1 I2V's condition latents and CLIP image tokens, Wan 2.2 TI2V-5B's clean first latent frame.
 
+Z-Image encodes ``""`` as its pipeline does without a negative prompt; its captions keep their own lengths (the
+pipeline passes them as a list), padded here with a mask.
+
 FLUX.2 [dev] has no negative branch either (``Flux2Pipeline`` only embeds its guidance): ``""`` is encoded, as for Flux.
 Chroma's true CFG encodes ``""`` as its negative, as ``ChromaPipeline`` does without a negative prompt; both branches
 keep their T5 masks (``_chroma``).
@@ -187,6 +190,34 @@ def _chroma(
     )
 
 
+def padded_captions(captions: list[Tensor]) -> Conditioning:
+    """Caption states of different lengths (``[L_i, d]`` each, Z-Image's list) as one ``prompt_embeds`` ``[b, L, d]``
+    padded with zeros and their ``prompt_embeds_mask`` ``[b, L]`` (1 on each caption's own tokens)."""
+    length = max(c.shape[0] for c in captions)
+    pe = torch.stack([torch.cat([c, c.new_zeros(length - c.shape[0], c.shape[1])]) for c in captions])
+    mask = torch.stack([(torch.arange(length) < c.shape[0]).long() for c in captions]).to(pe.device)
+    return Conditioning(prompt_embeds=pe, prompt_embeds_mask=mask)
+
+
+def _zimage(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    """Qwen3's second-to-last hidden states of the prompt in its chat template (a user turn, the assistant turn
+    opened, thinking enabled), each prompt's padding dropped (``ZImagePipeline.encode_prompt``, default 512 tokens);
+    fewstep pads them again with a mask (``padded_captions``) and the adapter unpads. The negative defaults to the
+    pipeline's ``""``."""
+
+    def enc(texts: list[str]) -> Conditioning:
+        # a copy of the list: the pipeline writes the templated prompts into the list it is given
+        captions, _ = pipe.encode_prompt(
+            prompt=list(texts), device=_device(pipe), do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length or 512,
+        )  # fmt: skip
+        return padded_captions(captions)
+
+    return enc(prompts), enc(negatives or [""] * len(prompts))
+
+
 def _wan(
     pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
 ) -> tuple[Conditioning, Conditioning]:
@@ -287,7 +318,7 @@ def _sana(
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
              "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
              "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox,
-             "flux2": _flux2, "chroma": _chroma}  # fmt: skip
+             "flux2": _flux2, "chroma": _chroma, "zimage": _zimage}  # fmt: skip
 IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
 FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
 
@@ -404,7 +435,8 @@ def encode_prompts(
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
             Mistral tokens for FLUX.2 (default 512), PixArt-Σ (default 300), CogVideoX (default the transformer's
             ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana
-            (default 300), as the pipelines use; T5 tokens for Chroma (default 512).
+            (default 300), Qwen3 tokens for Z-Image (default 512), as the pipelines use; T5 tokens for Chroma
+            (default 512).
         guidance: Flux and FLUX.2 embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5 (Flux)
             or 4.0 (FLUX.2).
         images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1

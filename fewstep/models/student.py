@@ -65,6 +65,9 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
         "ff_context.linear_in",
         "ff_context.linear_out",
         "to_qkv_mlp_proj",
+        "feed_forward.w1",  # Z-Image's SwiGLU MLPs (refiners and main blocks)
+        "feed_forward.w2",
+        "feed_forward.w3",
     ],
 }
 

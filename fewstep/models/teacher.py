@@ -47,6 +47,8 @@ class Teacher:
             (``fewstep.models.loading.vae_loaded``); ``None`` otherwise.
         cfg_rescale: ``(guided, cond) -> guided`` applied to the raw guided output whenever CFG is on, for
             pipelines that renormalise it (Qwen-Image's true CFG, ``qwen_true_cfg_rescale``); ``None``: plain CFG.
+        guidance_off: ``τ -> [b] bool``, the levels at which the pipeline runs no guidance whatever its scale (Z-Image's
+            ``cfg_truncation``): there any ``w`` is 1, the conditional output alone; ``None``: guidance everywhere.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Teacher:
         self.vae_loader: Callable[[], nn.Module] | None = None
         self.cfg_rescale: Callable[[Tensor, Tensor], Tensor] | None = None
         self.guidance_by_level: Callable[[Tensor], Tensor] | None = None
+        self.guidance_off: Callable[[Tensor], Tensor] | None = None
         self._views: list[Callable[[], AbstractContextManager]] = []
         denoiser.eval()
         denoiser.requires_grad_(False)
@@ -135,6 +138,8 @@ class Teacher:
         if guidance_scale is None and self.guidance_by_level is not None:
             w = self.guidance_by_level(tau)
         no_cfg = not isinstance(w, Tensor) and w == 1.0
+        if self.guidance_off is not None and not no_cfg:  # w = 1 where the pipeline would not guide
+            w = torch.where(self.guidance_off(tau), 1.0, torch.as_tensor(w, dtype=torch.float32, device=x.device))
         with torch.no_grad(), self.view():
             if no_cfg:
                 return self.denoiser.raw(x, tau, cond).float()

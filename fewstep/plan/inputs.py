@@ -36,6 +36,7 @@ TEXT_TOKENS: dict[str, int] = {
     "SanaTransformer2DModel": 300,
     "LTXVideoTransformer3DModel": 128,
     "ChromaTransformer2DModel": 512,  # T5 tokens, padded to 512 (ChromaPipeline's max_sequence_length)
+    "ZImageTransformer2DModel": 512,  # Qwen3 tokens: ZImagePipeline drops the padding, 512 is the most a prompt has
 }
 VIDEO_FRAMES = 81  # Wan 2.1's default clip length (5 s at 16 fps)
 
@@ -87,6 +88,8 @@ def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype:
     if adapter == "chroma":  # T5 tokens with their mask; no pooled text, no guidance input
         mask = torch.ones(b, n, dtype=torch.long, device=device)
         return Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim), prompt_embeds_mask=mask)
+    if adapter == "zimage":  # Qwen3 caption states, every token real (the adapter passes them as they are)
+        return Conditioning(prompt_embeds=rand(b, n, int(cfg.cap_feat_dim)))
     if adapter == "flux2":  # three stacked Mistral layers, no pooled text; the embedded guidance (FLUX.2 [dev]: 4)
         cond = Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim))
         return cond.replace(guidance=torch.full((b,), 4.0, device=device)) if cfg.guidance_embeds else cond

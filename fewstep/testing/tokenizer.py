@@ -19,6 +19,10 @@ tokens and padding behaviour, so the ones here are built in memory:
   FLUX.2 [dev] ships a ``PixtralProcessor`` (tokenizer and image processor; transformers builds it only with
   torchvision), and its prompt encoding calls nothing but the processor's ``apply_chat_template`` on text, which the
   tokenizer has itself.
+* ``qwen3_tokenizer``: ``qwen2_tokenizer`` plus Qwen3's thinking tokens (``<think> = 259``, ``</think> = 260``) and a
+  chat template in the layout of Qwen3's (``<|im_start|>role\n…<|im_end|>\n`` per turn, the assistant turn opened by
+  ``add_generation_prompt``, an empty thinking block when ``enable_thinking`` is false), as Z-Image's prompt
+  encoding applies it.
 
 All of them save with ``save_pretrained`` (``tokenizer.json`` and friends) and reload with ``from_pretrained(dir)``
 offline.
@@ -141,4 +145,26 @@ def mistral_tokenizer(model_max_length: int = 131072) -> PreTrainedTokenizerFast
     )  # fmt: skip
     tokenizer.add_special_tokens({"additional_special_tokens": list(MISTRAL_CONTROL_TOKENS[3:])})
     tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+QWEN3_THINKING_TOKENS = ("<think>", "</think>")
+# The layout of Qwen3's chat template for text turns: each turn in <|im_start|>role ... <|im_end|>, then the assistant
+# turn opened; with enable_thinking false an empty thinking block is written into it (Qwen3's "non-thinking" mode).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen3_tokenizer() -> Qwen2Tokenizer:
+    """``qwen2_tokenizer`` with Qwen3's ``<think>`` / ``</think>`` (ids 259, 260; 261 tokens) and a chat template in
+    Qwen3's layout (``QWEN3_CHAT_TEMPLATE``): the tokenizer of Z-Image's Qwen3 text encoder."""
+    tokenizer = qwen2_tokenizer()
+    tokenizer.add_tokens(list(QWEN3_THINKING_TOKENS))
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer

@@ -27,6 +27,10 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
 * ``chroma``: ``ChromaPipeline`` (``ChromaTransformer2DModel`` on Flux's 2×2-packed latents, its modulations from a
   one-layer approximator; FLUX.1's ``AutoencoderKL``; a T5 encoder alone) with ``FlowMatchEulerDiscreteScheduler``
   shifting by resolution as FLUX.1's (the pipeline computes ``μ`` from the token count).
+* ``zimage``: ``ZImagePipeline`` (Z-Image: ``ZImageTransformer2DModel``, a single-stream DiT taking lists of
+  ``[c, 1, h, w]`` latents and of unpadded caption states, patch 2; FLUX.1's ``AutoencoderKL`` layout with its scaling
+  and shift factors; a two-layer ``Qwen3Model`` text encoder read at its second-to-last hidden state;
+  ``qwen3_tokenizer``) with Z-Image's scheduler config (static shift 6.0, as the base model ships it).
 * ``wan21``: ``WanPipeline`` (Wan 2.1 text-to-video: ``WanTransformer3DModel``, ``AutoencoderKLWan`` with Wan's
   4× temporal and 8× spatial compression, a ``UMT5EncoderModel``) with ``FlowMatchEulerDiscreteScheduler`` at Wan's
   480p flow shift 3.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 16, 2, 4, 4]``).
@@ -82,13 +86,13 @@ from fewstep.testing.tokenizer import (
     gemma_tokenizer,
     mistral_tokenizer,
     qwen2_tokenizer,
+    qwen3_tokenizer,
     t5_tokenizer,
 )
 
 FAMILIES: tuple[str, ...] = (
     "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx",
-    "pixart_sigma", "sana", "cogvideox", "flux2",
-    "chroma",
+    "pixart_sigma", "sana", "cogvideox", "flux2", "chroma", "zimage",
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -489,6 +493,40 @@ def _build_flux2() -> Any:
     )
 
 
+def _qwen3() -> Any:
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(  # qwen3_tokenizer's 261 tokens; <|endoftext|> pads, <|im_end|> ends a turn
+        vocab_size=261, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=False, bos_token_id=256, eos_token_id=258, pad_token_id=256,
+    )  # fmt: skip
+    return Qwen3Model(config).eval()
+
+
+def _build_zimage() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,  # = the text encoder's width (Z-Image: Qwen3-4B's 2560)
+        axes_dims=[4, 6, 6],  # (caption/frame, height, width) rotary axes; sums to the head width 16
+        axes_lens=[1024, 64, 64],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0, use_dynamic_shifting=False)
+    return ZImagePipeline(
+        scheduler=scheduler, vae=_vae(0.3611, 0.1159, quant_conv=False), text_encoder=_qwen3(),
+        tokenizer=qwen3_tokenizer(), transformer=transformer,
+    )  # fmt: skip
+
+
 def _wan_vae() -> Any:
     from diffusers import AutoencoderKLWan
 
@@ -790,6 +828,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "cogvideox": _build_cogvideox,
     "flux2": _build_flux2,
     "chroma": _build_chroma,
+    "zimage": _build_zimage,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
@@ -880,7 +919,7 @@ def apply_resolution_marker(pipe: Any, path: str | os.PathLike) -> None:
     if "num_frames" in recorded:
         side = recorded["resolution"]
         pipe.default_video_size = (recorded["num_frames"], side, side)
-    elif hasattr(pipe, "default_sample_size"):
+    elif hasattr(pipe, "default_sample_size") or type(pipe).__name__ == "ZImagePipeline":  # Z-Image: 1024 otherwise
         pipe.default_sample_size = recorded["resolution"] // pipe.vae_scale_factor
 
 

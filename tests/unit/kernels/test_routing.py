@@ -95,6 +95,7 @@ def route(request, monkeypatch):
         "cogvideox",
         "flux2",
         "chroma",
+        "zimage",
     ],
 )
 def test_jvp_through_the_model_equals_math_attention(name, route, monkeypatch):

@@ -55,8 +55,7 @@ def numel(module: nn.Module) -> int:
 
 # Hub teachers of shipped recipes whose architecture configs do not ship yet (the families are new; their configs
 # could not be read offline to be checked): planning them needs the model in the local Hugging Face cache.
-NOT_SHIPPED = {"black-forest-labs/FLUX.2-dev", "THUDM/CogVideoX-5b"}
-NOT_SHIPPED |= {"lodestones/Chroma1-HD"}
+NOT_SHIPPED = {"black-forest-labs/FLUX.2-dev", "THUDM/CogVideoX-5b", "lodestones/Chroma1-HD", "Tongyi-MAI/Z-Image"}
 
 
 def hub_teacher_recipes() -> list[str]:

@@ -22,6 +22,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     WanImageToVideoPipeline,
     WanPipeline,
+    ZImagePipeline,
 )
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
@@ -46,6 +47,7 @@ PIPELINE_CLASS = {
     "cogvideox": CogVideoXPipeline,
     "flux2": Flux2Pipeline,
     "chroma": ChromaPipeline,
+    "zimage": ZImagePipeline,
 }
 
 
@@ -152,6 +154,16 @@ def test_family_configs_match_the_real_models():
     assert chroma.transformer.config.joint_attention_dim == chroma.text_encoder.config.d_model
     assert chroma.default_sample_size * chroma.vae_scale_factor == 16
 
+    zimage = load_tiny_pipeline("zimage")  # Tongyi-MAI/Z-Image's static shift 6 (Z-Image-Turbo's: 3)
+    assert zimage.scheduler.config.shift == 6.0 and not zimage.scheduler.config.use_dynamic_shifting
+    assert zimage.transformer.config.cap_feat_dim == zimage.text_encoder.config.hidden_size
+    assert (zimage.vae.config.scaling_factor, zimage.vae.config.shift_factor) == (0.3611, 0.1159)  # FLUX.1's VAE
+    assert zimage.default_sample_size * zimage.vae_scale_factor == 16
+    template = zimage.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a cat"}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    assert template == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n"  # Qwen3's layout
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
@@ -165,6 +177,8 @@ def test_tiny_pipeline_runs_end_to_end_and_is_fast(family):
     side = 32 if family == "sana" else 16  # SanaPipeline wants sides divisible by 32
     if family in ("pixart_sigma", "sana"):  # tiny sample sizes are none of the pipelines' aspect-ratio bins
         kwargs.update(height=side, width=side, use_resolution_binning=False, max_sequence_length=16)
+    if family == "zimage":  # ZImagePipeline's 1024 px default is its __call__'s, not a default_sample_size
+        kwargs.update(height=side, width=side)
     inputs = {"prompt": "a cat"}
     if family == "wan21_i2v":  # a first frame; the text as embeddings (the I2V pipeline's prompt cleaning needs ftfy)
         from PIL import Image
