@@ -268,8 +268,8 @@ def render_card(
             "",
         ]
     if kohya:
-        out += [f"`{KOHYA_WEIGHT_NAME}` is the same LoRA in the layout ComfyUI (Load LoRA), A1111 / Forge and kohya's "
-                "sd-scripts read; `pipe.load_lora_weights` reads it too."
+        out += [f"`{KOHYA_WEIGHT_NAME}` is the same LoRA in the layout ComfyUI (Load LoRA) reads (for SD and FLUX.1 "
+                "also A1111 / Forge and kohya's sd-scripts); `pipe.load_lora_weights` reads it too."
                 + (f" `{KOHYA_TRANSFORMER_2_WEIGHT_NAME}` is `transformer_2`'s (the low-noise expert's model in "
                    "ComfyUI; `load_into_transformer_2=True` in diffusers)." if lora_2 else ""), ""]  # fmt: skip
     out += ["## Schedules as trained", "", "| steps | pipeline arguments |", "|---|---|"]

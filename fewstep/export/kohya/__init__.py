@@ -1,6 +1,6 @@
-"""The student's LoRA in the file layout ComfyUI, A1111 / Forge, kohya's sd-scripts and musubi-tuner read, for every
-family whose file diffusers reads back too (``pipe.load_lora_weights(file)`` detects and converts it), so each export
-is checked. The key tables are in ``fewstep.export.kohya.layouts``.
+"""The student's LoRA in the file layout ComfyUI's Load LoRA node reads (for SD and FLUX.1 also A1111 / Forge and
+kohya's sd-scripts), for every family whose file diffusers reads back too (``pipe.load_lora_weights(file)`` detects and
+converts it), so each export is checked. The key tables are in ``fewstep.export.kohya.layouts``.
 
 =============  =========================================================================  ==========================
 family         keys                                                                       diffusers reads them with
@@ -11,7 +11,7 @@ Flux           FLUX.1 (BFL) module names: ``lora_unet_double_blocks_<i>_img_attn
                ``..._txt_mlp_0``, ``lora_unet_single_blocks_<i>_linear1``, ...;           ``lora_to_diffusers``
                q, k, v (and a single block's MLP input) are one fused linear there
 FLUX.2         FLUX.2 (BFL) names the same way (``..._img_mlp_0`` is the SwiGLU input,    ``_convert_kohya_flux2_``
-               ``lora_unet_single_blocks_<i>_linear1`` one linear already), and          ``lora_to_diffusers``
+               ``lora_unet_single_blocks_<i>_linear1`` one linear already), and           ``lora_to_diffusers``
                ``lora_unet_img_in``, ``_txt_in``, ``_time_in_*``, ``_final_layer_linear``
 Wan 2.1, 2.2   Wan's names: ``diffusion_model.blocks.<i>.self_attn.q.lora_A.weight``,     ``_convert_non_diffusers_``
                ``.lora_B.weight``; ``cross_attn.k_img``, ``ffn.0``, ``time_embedding.0``, ``wan_lora_to_diffusers``
