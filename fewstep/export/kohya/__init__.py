@@ -105,8 +105,18 @@ def kohya_files(student: Student, teacher: Teacher) -> dict[str, dict[str, Tenso
         ValueError: a full student, per-layer ranks or alphas, DoRA or LoRA biases, a family without such a layout,
             a pipeline without a LoRA loader, or modules the layout cannot hold.
     """
-    backbone = student.denoiser.backbone
-    config = backbone.peft_config[student_adapter_name(student)]
+    state, rank, alpha = _plain_lora(student)
+    if isinstance(student.denoiser.backbone, WanExperts):  # Wan 2.2 A14B: one file per expert, each with Wan's names
+        experts = expert_lora_files(state, KOHYA_WEIGHT_NAME, getattr(student, "component", None))
+        kohya_name = {TRANSFORMER_2_WEIGHT_NAME: KOHYA_TRANSFORMER_2_WEIGHT_NAME}  # transformer's is KOHYA_WEIGHT_NAME
+        return {kohya_name.get(name, name): renamed_state_dict(part, rank, alpha, WAN, teacher.family)
+                for name, (_, part) in experts.items()}  # fmt: skip
+    return {KOHYA_WEIGHT_NAME: _layout_state_dict(state, rank, alpha, teacher)}
+
+
+def _plain_lora(student: Student) -> tuple[dict[str, Tensor], int, float]:
+    """The student's LoRA state dict (peft keys), rank and ``lora_alpha``; refuses what no layout holds."""
+    config = student.denoiser.backbone.peft_config[student_adapter_name(student)]
     if config.alpha_pattern or config.rank_pattern or getattr(config, "use_dora", False):
         raise ValueError(
             "kohya export needs one rank and alpha for every layer and plain LoRA (no rank_pattern / alpha_pattern, "
@@ -116,12 +126,12 @@ def kohya_files(student: Student, teacher: Teacher) -> dict[str, dict[str, Tenso
     extra = sorted(k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight")))
     if extra:
         raise ValueError(f"kohya export holds LoRA down/up weights only; the student also has {extra[:4]}.")
-    family, rank, alpha = teacher.family, config.r, config.lora_alpha
-    if isinstance(backbone, WanExperts):  # Wan 2.2 A14B: one file per expert, each with Wan's names
-        experts = expert_lora_files(state, KOHYA_WEIGHT_NAME, getattr(student, "component", None))
-        return {(KOHYA_TRANSFORMER_2_WEIGHT_NAME if name == TRANSFORMER_2_WEIGHT_NAME else name):
-                renamed_state_dict(part, rank, alpha, WAN, family) for name, (_, part) in experts.items()}  # fmt: skip
-    component = backbone_component(teacher)
+    return state, config.r, config.lora_alpha
+
+
+def _layout_state_dict(state: dict[str, Tensor], rank: int, alpha: float, teacher: Teacher) -> dict[str, Tensor]:
+    """One backbone's LoRA in its family's layout."""
+    family, component = teacher.family, backbone_component(teacher)
     if not hasattr(type(teacher.pipeline), "load_lora_weights"):
         raise ValueError(
             f"No ComfyUI / kohya LoRA file for the {family} family: {type(teacher.pipeline).__name__} has no LoRA "
@@ -129,15 +139,15 @@ def kohya_files(student: Student, teacher: Teacher) -> dict[str, dict[str, Tenso
             "Set export.kohya: false and export.merged: true."
         )
     if component == "unet":
-        return {KOHYA_WEIGHT_NAME: unet_kohya_state_dict(state, alpha)}
+        return unet_kohya_state_dict(state, alpha)
     if family in FOLDED_FAMILIES:
-        return {KOHYA_WEIGHT_NAME: folded_state_dict(state, rank, alpha, component)}
+        return folded_state_dict(state, rank, alpha, component)
     if family in RENAMED:
-        return {KOHYA_WEIGHT_NAME: renamed_state_dict(state, rank, alpha, RENAMED[family], family)}
+        return renamed_state_dict(state, rank, alpha, RENAMED[family], family)
     if family in FUSED:
-        width = backbone.get_submodule  # a module's output width: width(path).out_features
-        return {KOHYA_WEIGHT_NAME: fused_kohya_state_dict(state, rank, alpha, lambda path: width(path).out_features,
-                                                          FUSED[family])}  # fmt: skip
+        backbone = teacher.denoiser.backbone
+        return fused_kohya_state_dict(state, rank, alpha, lambda path: backbone.get_submodule(path).out_features,
+                                      FUSED[family])  # fmt: skip
     raise ValueError(f"No ComfyUI / kohya LoRA layout for the {family} family; set export.kohya: false.")
 
 
