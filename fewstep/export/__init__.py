@@ -2,7 +2,13 @@
 
 from fewstep.export.card import render_card, write_card
 from fewstep.export.hub import PushError, push_export
-from fewstep.export.kohya import KOHYA_WEIGHT_NAME, kohya_state_dict, save_kohya
+from fewstep.export.kohya import (
+    KOHYA_TRANSFORMER_2_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    kohya_files,
+    kohya_state_dict,
+    save_kohya,
+)
 from fewstep.export.lora import (
     TRANSFORMER_2_WEIGHT_NAME,
     WEIGHT_NAME,
@@ -15,6 +21,7 @@ from fewstep.export.run import export_run, export_student, read_source, sampling
 from fewstep.objectives.spec import SamplingSpec, read_schedule, write_schedule
 
 __all__ = [
+    "KOHYA_TRANSFORMER_2_WEIGHT_NAME",
     "KOHYA_WEIGHT_NAME",
     "PushError",
     "WEIGHT_NAME",
@@ -22,6 +29,7 @@ __all__ = [
     "TRANSFORMER_2_WEIGHT_NAME",
     "export_run",
     "export_student",
+    "kohya_files",
     "kohya_state_dict",
     "lora_state_dict",
     "merged_backbone",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from fewstep.export.kohya import KOHYA_WEIGHT_NAME
+from fewstep.export.kohya import KOHYA_TRANSFORMER_2_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from fewstep.export.lora import TRANSFORMER_2_WEIGHT_NAME, WEIGHT_NAME
 from fewstep.models.loading import is_hub_id, resolve_pretrained
 from fewstep.objectives.spec import SamplingSpec
@@ -214,7 +214,8 @@ def render_card(
         student_path: where this export is loaded from: its directory, or the Hub id it is uploaded to.
         lora: whether ``pytorch_lora_weights.safetensors`` is part of the export.
         merged_path: the merged pipeline's folder next to a LoRA (``merged``), if one was written.
-        kohya: whether ``pytorch_lora_weights_kohya.safetensors`` (ComfyUI / kohya keys) is part of the export.
+        kohya: whether ``pytorch_lora_weights_kohya.safetensors`` (ComfyUI / kohya keys) is part of the export (with
+            ``lora_2`` also ``pytorch_lora_weights_kohya_transformer_2.safetensors``).
         description: free text from the recipe.
         evaluation: the evaluation section (Markdown: provenance and table), e.g. ``fewstep.eval.card``'s.
         source: where the weights came from, ``{"run", "checkpoint", "weights"}`` (``weights``: ``ema`` or ``raw``).
@@ -267,8 +268,10 @@ def render_card(
             "",
         ]
     if kohya:
-        out += [f"`{KOHYA_WEIGHT_NAME}` is the same LoRA in the layout ComfyUI (Load LoRA), A1111 / Forge and kohya's "
-                "sd-scripts read; `pipe.load_lora_weights` reads it too.", ""]  # fmt: skip
+        out += [f"`{KOHYA_WEIGHT_NAME}` is the same LoRA in the layout ComfyUI (Load LoRA) reads (for SD and FLUX.1 "
+                "also A1111 / Forge and kohya's sd-scripts); `pipe.load_lora_weights` reads it too."
+                + (f" `{KOHYA_TRANSFORMER_2_WEIGHT_NAME}` is `transformer_2`'s (the low-noise expert's model in "
+                   "ComfyUI; `load_into_transformer_2=True` in diffusers)." if lora_2 else ""), ""]  # fmt: skip
     out += ["## Schedules as trained", "", "| steps | pipeline arguments |", "|---|---|"]
     for n in sorted(spec.steps):
         entry = ", ".join(f"{k}={[round(v, 6) for v in vals]}" for k, vals in spec.steps[n].items())
