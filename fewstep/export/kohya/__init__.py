@@ -63,12 +63,14 @@ from pathlib import Path
 from torch import Tensor
 
 from fewstep.export.kohya.layouts import (
+    CHROMA,
     FLUX1,
     FLUX1_LINEAR1_WIDTHS,
     FLUX2,
     LTX,
     QWEN_IMAGE,
     WAN,
+    ZIMAGE,
     folded_state_dict,
     fused_kohya_state_dict,
     renamed_state_dict,
@@ -93,7 +95,7 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 KOHYA_TRANSFORMER_2_WEIGHT_NAME = "pytorch_lora_weights_kohya_transformer_2.safetensors"
 FOLDED_FAMILIES = ("sd3", "sd35", "sana", "cogvideox")  # no non-diffusers reader in diffusers: diffusers keys
 RENAMED = {"wan21": WAN, "wan21_i2v": WAN, "wan22": WAN, "wan22_ti2v": WAN, "qwen_image": QWEN_IMAGE, "ltx": LTX}
-FUSED = {"flux": FLUX1, "flux2": FLUX2}
+FUSED = {"flux": FLUX1, "chroma": CHROMA, "flux2": FLUX2, "zimage": ZIMAGE}
 
 
 def kohya_files(student: Student, teacher: Teacher) -> dict[str, dict[str, Tensor]]:
