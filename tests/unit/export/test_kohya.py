@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from fewstep.export import KOHYA_WEIGHT_NAME, export_student, lora_state_dict, save_kohya
 from fewstep.export.kohya import FLUX1_LINEAR1_WIDTHS, KOHYA_TRANSFORMER_2_WEIGHT_NAME, kohya_state_dict
-from fewstep.export.kohya.layouts import FLUX1, fused_kohya_state_dict
+from fewstep.export.kohya.layouts import CHROMA, FLUX1, fused_kohya_state_dict
 from fewstep.models.backbones import latent_shape, ltx_pack_latents, pack_latents
 from fewstep.models.loading import load_teacher
 from fewstep.models.student import DEFAULT_LORA_TARGETS, Student
@@ -199,21 +199,36 @@ def test_kohya_file_reloads_in_stock_diffusers_and_samples_as_the_student(family
     assert diff < TOLERANCE
 
 
-def test_flux_single_blocks_fuse_into_linear1_at_flux1_widths(tmp_path):
-    """A single block's q, k, v (and proj_mlp) are one linear in FLUX.1; diffusers splits it at FLUX.1's widths, so
-    this runs a FLUX.1-wide transformer (one single block, no double block) with the tiny encoders and VAE."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-    from peft import LoraConfig, get_peft_model_state_dict
+def flux1_wide_single_block(family: str):
+    """A FLUX.1-wide transformer of ``family`` (24 heads of 128: 3072; one single block, no double block; Chroma's
+    approximator narrow) with the tiny encoders and VAE, and the single block's LoRA targets (its modulation linear
+    for FLUX.1; Chroma has none)."""
+    import diffusers
 
     from fewstep.testing import build_tiny_pipeline
 
-    tiny = build_tiny_pipeline("flux")
+    tiny = build_tiny_pipeline(family)
     torch.manual_seed(0)
-    wide = dict(num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24)  # 24·128 = 3072
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, joint_attention_dim=32, pooled_projection_dim=32,
-                                         guidance_embeds=True, axes_dims_rope=(16, 56, 56), **wide)  # fmt: skip
-    pipe = FluxPipeline(**{**tiny.components, "transformer": transformer})
-    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_out", "norm.linear"]  # proj_mlp: a zero block
+    wide = dict(patch_size=1, in_channels=16, joint_attention_dim=32, axes_dims_rope=(16, 56, 56), num_layers=0,
+                num_single_layers=1, attention_head_dim=128, num_attention_heads=24)  # fmt: skip
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_out"]  # proj_mlp: a zero block
+    if family == "flux":
+        transformer = diffusers.FluxTransformer2DModel(pooled_projection_dim=32, guidance_embeds=True, **wide)
+        targets.append("norm.linear")
+    else:
+        transformer = diffusers.ChromaTransformer2DModel(approximator_num_channels=16, approximator_hidden_dim=32,
+                                                         approximator_layers=1, **wide)  # fmt: skip
+    return type(tiny)(**{**tiny.components, "transformer": transformer}), targets
+
+
+@pytest.mark.parametrize(("family", "layout"), [("flux", FLUX1), ("chroma", CHROMA)])
+def test_flux1_single_blocks_fuse_into_linear1_at_flux1_widths(family, layout, tmp_path):
+    """A single block's q, k, v (and proj_mlp) are one linear in FLUX.1 and Chroma; diffusers splits it at FLUX.1's
+    widths, so this runs a FLUX.1-wide transformer."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe, targets = flux1_wide_single_block(family)
+    transformer = pipe.transformer
     transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[f"single_transformer_blocks.0.{t}"
                                                                                  for t in targets]))  # fmt: skip
     with torch.no_grad():
@@ -224,21 +239,21 @@ def test_flux_single_blocks_fuse_into_linear1_at_flux1_widths(tmp_path):
               for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]  # fmt: skip
     assert tuple(widths) == FLUX1_LINEAR1_WIDTHS
     shape = (1, 4, 8, 8)  # 16 image tokens
-    ours = stock_latents(pipe, "flux", shape)
+    ours = stock_latents(pipe, family, shape)
 
     state = fused_kohya_state_dict(get_peft_model_state_dict(transformer), RANK, ALPHA,
-                                   lambda path: transformer.get_submodule(path).out_features, FLUX1)  # fmt: skip
-    names = ("linear1", "linear2", "modulation_lin")
+                                   lambda path: transformer.get_submodule(path).out_features, layout)  # fmt: skip
+    names = ("linear1", "linear2", "modulation_lin") if family == "flux" else ("linear1", "linear2")
     suffixes = ("alpha", "lora_down.weight", "lora_up.weight")
     assert sorted(state) == sorted(f"lora_unet_single_blocks_0_{n}.{s}" for n in names for s in suffixes)
     assert state["lora_unet_single_blocks_0_linear1.alpha"].item() == 4 * ALPHA
     path = tmp_path / KOHYA_WEIGHT_NAME
     save_file(state, str(path))
     transformer.delete_adapters("default")
-    assert (stock_latents(pipe, "flux", shape) - ours).abs().max() > 1e-3, "without the LoRA the samples differ"
+    assert (stock_latents(pipe, family, shape) - ours).abs().max() > 1e-3, "without the LoRA the samples differ"
     assert load_reporting(pipe, path) == []
-    diff = (stock_latents(pipe, "flux", shape) - ours).abs().max().item()
-    print(f"FLUX.1-wide single block kohya LoRA: max |Δ latents| = {diff:.2e}")
+    diff = (stock_latents(pipe, family, shape) - ours).abs().max().item()
+    print(f"{layout.name}-wide single block kohya LoRA: max |Δ latents| = {diff:.2e}")
     assert diff < TOLERANCE
 
 
