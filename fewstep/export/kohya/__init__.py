@@ -10,6 +10,7 @@ SD1.x, SDXL    ``lora_unet_<diffusers module path, dots as _>.lora_down.weight``
 Flux           FLUX.1 (BFL) module names: ``lora_unet_double_blocks_<i>_img_attn_qkv``,   ``_convert_kohya_flux_``
                ``..._txt_mlp_0``, ``lora_unet_single_blocks_<i>_linear1``, ...;           ``lora_to_diffusers``
                q, k, v (and a single block's MLP input) are one fused linear there
+Chroma         the same (Chroma's blocks are FLUX.1's without the modulation linears)     the same
 FLUX.2         FLUX.2 (BFL) names the same way (``..._img_mlp_0`` is the SwiGLU input,    ``_convert_kohya_flux2_``
                ``lora_unet_single_blocks_<i>_linear1`` one linear already), and           ``lora_to_diffusers``
                ``lora_unet_img_in``, ``_txt_in``, ``_time_in_*``, ``_final_layer_linear``
@@ -20,16 +21,23 @@ Qwen-Image     ``diffusion_model.<module>.lora_A/B.weight`` (Qwen-Image's names 
                diffusers'), ``alpha / rank`` folded into ``lora_B``                       ``qwen_lora_to_diffusers``
 LTX-Video      the same for the modules LTX-Video and diffusers name alike                ``_convert_non_diffusers_``
                                                                                           ``ltxv_lora_to_diffusers``
+Z-Image        Z-Image's (and ComfyUI's) names: ``lora_unet_layers_<i>_attention_qkv``   ``_convert_non_diffusers_``
+               (q, k, v fused), ``..._attention_out``, ``..._feed_forward_w1``,           ``z_image_lora_to_diffusers``
+               ``..._adaLN_modulation_0``, the same for ``noise_refiner_<i>`` and
+               ``context_refiner_<i>``, ``lora_unet_t_embedder_mlp_0/2``,
+               ``lora_unet_cap_embedder_1``; ``.alpha`` (the student's ``lora_alpha``)
 SD3, SD3.5,    diffusers keys (``transformer.<module>.lora_A.weight`` / ``lora_B``) with  the diffusers loader itself
 Sana,          ``alpha / rank`` folded into ``lora_B``, no metadata needed
 CogVideoX
 =============  =========================================================================  ==========================
 
-Fused FLUX linears: the LoRAs of q, k and v (rank ``r`` each) become one LoRA of rank ``3r`` on the fused linear, its
-down matrix the three down matrices stacked and its up matrix block-diagonal (``ΔW_qkv = [B_q A_q; B_k A_k; B_v A_v]``
-exactly), with ``alpha = 3·lora_alpha`` so that ``alpha / rank`` is the student's scale. diffusers' readers recognise
-the block structure and split it back into three rank-``r`` LoRAs. A part without a LoRA (a FLUX.1 single block's
-``proj_mlp`` when only attention was trained) is a zero block: it adds nothing.
+Fused linears (FLUX, Z-Image): the LoRAs of q, k and v (rank ``r`` each) become one LoRA of rank ``3r`` on the fused
+linear, its down matrix the three down matrices stacked and its up matrix block-diagonal
+(``ΔW_qkv = [B_q A_q; B_k A_k; B_v A_v]`` exactly), with ``alpha = 3·lora_alpha`` so that ``alpha / rank`` is the
+student's scale. diffusers' FLUX readers recognise the block structure and split it back into three rank-``r`` LoRAs;
+its Z-Image reader splits the up matrix into three equal parts and gives each the whole down matrix (rank ``3r``, the
+other parts' columns zero: the same update). A part without a LoRA (a FLUX.1 single block's ``proj_mlp`` when only
+attention was trained) is a zero block: it adds nothing.
 
 Wan 2.2 A14B (two experts) gets two files, each loadable on its own: ``transformer``'s in ``KOHYA_WEIGHT_NAME``,
 ``transformer_2``'s in ``KOHYA_TRANSFORMER_2_WEIGHT_NAME``, both with Wan's names (ComfyUI loads each on its expert's
@@ -46,6 +54,11 @@ What the layouts cannot hold (an error at export time, naming the modules or wid
   ``norm_out``, ``proj_out``): diffusers' reader converts them without the ``transformer.`` prefix, so they would
   silently not load (checked with diffusers 0.42). FLUX.1 transformers of another shape: the reader maps 19 double and
   38 single blocks and splits a single block's fused ``linear1`` at FLUX.1's widths (3072, 3072, 3072, 12288).
+* Chroma's approximator (``distilled_guidance_layer.*``), ``x_embedder``, ``context_embedder`` and ``proj_out``:
+  diffusers reads Chroma with its FLUX.1 reader, which converts them without the ``transformer.`` prefix. Chroma's
+  single blocks are FLUX.1's width, so their ``linear1`` splits right.
+* Z-Image's patch embedder and final layer (``all_x_embedder.*``, ``all_final_layer.*``): ComfyUI names them
+  ``x_embedder`` and ``final_layer``, diffusers' reader only by their diffusers names, so no name loads in both.
 * FLUX.2's guidance embedder, shared modulations (``double_stream_modulation_*``, ``single_stream_modulation``) and
   ``norm_out``: diffusers' kohya FLUX.2 reader leaves them unconverted.
 * Wan modules outside its table (``patch_embedding``, a conv), and LTX-Video's ``proj_in`` and ``time_embed.*``
@@ -63,12 +76,14 @@ from pathlib import Path
 from torch import Tensor
 
 from fewstep.export.kohya.layouts import (
+    CHROMA,
     FLUX1,
     FLUX1_LINEAR1_WIDTHS,
     FLUX2,
     LTX,
     QWEN_IMAGE,
     WAN,
+    ZIMAGE,
     folded_state_dict,
     fused_kohya_state_dict,
     renamed_state_dict,
@@ -93,7 +108,7 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 KOHYA_TRANSFORMER_2_WEIGHT_NAME = "pytorch_lora_weights_kohya_transformer_2.safetensors"
 FOLDED_FAMILIES = ("sd3", "sd35", "sana", "cogvideox")  # no non-diffusers reader in diffusers: diffusers keys
 RENAMED = {"wan21": WAN, "wan21_i2v": WAN, "wan22": WAN, "wan22_ti2v": WAN, "qwen_image": QWEN_IMAGE, "ltx": LTX}
-FUSED = {"flux": FLUX1, "flux2": FLUX2}
+FUSED = {"flux": FLUX1, "chroma": CHROMA, "flux2": FLUX2, "zimage": ZIMAGE}
 
 
 def kohya_files(student: Student, teacher: Teacher) -> dict[str, dict[str, Tensor]]:

@@ -152,20 +152,21 @@ def renamed_state_dict(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# BFL (FLUX.1, FLUX.2) names in kohya's form, q, k, v fused
+# Original names in kohya's form, q, k, v fused: BFL's (FLUX.1, Chroma, FLUX.2), Z-Image's
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class FusedLayout:
-    """A FLUX transformer's BFL names as kohya's sd-scripts writes them (``lora_unet_double_blocks_<i>_img_attn_qkv``).
+    """A transformer's original names as kohya's sd-scripts writes them (``lora_unet_double_blocks_<i>_img_attn_qkv``,
+    ``lora_unet_layers_<i>_attention_qkv``), q, k and v one linear there.
 
     Attributes:
         name: the model, for messages.
-        blocks: diffusers block list -> (BFL block list, its table: BFL linear -> its diffusers parts in fused order,
-            the number of blocks diffusers' reader maps or ``None`` for any).
+        blocks: diffusers block list -> (original block list, its table: original linear -> its diffusers parts in
+            fused order, the number of blocks diffusers' reader maps or ``None`` for any).
         top: a diffusers module outside the blocks -> its kohya name.
-        split_at: a fused BFL linear -> the widths at which diffusers' reader splits it (others: equal parts).
+        split_at: a fused original linear -> the widths at which diffusers' reader splits it (others: equal parts).
         unmapped: why the other modules cannot be held (the export error says it).
     """
 
@@ -232,16 +233,51 @@ FLUX2 = FusedLayout(
 )  # fmt: skip
 
 
+# Chroma (ChromaTransformer2DModel): FLUX.1's blocks without their modulation linears (one approximator,
+# distilled_guidance_layer, computes every block's modulation); diffusers reads it with its FLUX.1 reader
+CHROMA = FusedLayout(
+    name="Chroma",
+    blocks=FLUX1.blocks,
+    top={},
+    split_at={"linear1": FLUX1_LINEAR1_WIDTHS},  # Chroma's single blocks are FLUX.1's
+    unmapped="diffusers reads Chroma with its FLUX.1 reader, which knows the double and single transformer blocks and "
+    "converts the other layers (the approximator distilled_guidance_layer, x_embedder, context_embedder, proj_out) "
+    "without the transformer prefix, so they would silently not load",
+)
+# Z-Image (ZImageTransformer2DModel): its original names, which ComfyUI keeps (`attention.qkv`, `attention.out`); the
+# main layers and both refiners are the same block. diffusers' reader splits qkv into three equal parts (q, k, v are
+# always as wide as the model)
+ZIMAGE_BLOCK = {
+    "attention_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+    "attention_out": ("attention.to_out.0",),
+    "feed_forward_w1": ("feed_forward.w1",),
+    "feed_forward_w2": ("feed_forward.w2",),
+    "feed_forward_w3": ("feed_forward.w3",),
+    "adaLN_modulation_0": ("adaLN_modulation.0",),
+}
+ZIMAGE = FusedLayout(
+    name="Z-Image",
+    blocks={blocks: (blocks, ZIMAGE_BLOCK, None) for blocks in ("layers", "noise_refiner", "context_refiner")},
+    top={"t_embedder.mlp.0": "lora_unet_t_embedder_mlp_0", "t_embedder.mlp.2": "lora_unet_t_embedder_mlp_2",
+         "cap_embedder.1": "lora_unet_cap_embedder_1"},
+    split_at={},
+    unmapped="it maps the layers' and refiners' attention, feed-forward and modulation, the timestep and caption "
+    "embedders; ComfyUI names the patch embedder and the final layer x_embedder and final_layer, diffusers' reader "
+    "all_x_embedder and all_final_layer, so no name loads in both",
+)  # fmt: skip
+
+
 def fused_kohya_state_dict(
     state: dict[str, Tensor], rank: int, alpha: float, out_features: Callable[[str], int], layout: FusedLayout
 ) -> dict[str, Tensor]:
-    """FLUX.1 / FLUX.2: BFL keys as kohya's sd-scripts writes them, q/k/v fused (see ``fewstep.export.kohya``).
+    """FLUX.1, Chroma, FLUX.2, Z-Image: original keys as kohya's sd-scripts writes them, q/k/v fused (see
+    ``fewstep.export.kohya``).
 
     Args:
         state: the LoRA with peft keys (``transformer_blocks.0.attn.to_q.lora_A.weight``), one rank for all.
         rank, alpha: the LoRA's rank and ``lora_alpha``.
         out_features: the output width of a transformer module by path (for the zero blocks of parts without LoRA).
-        layout: ``FLUX1`` or ``FLUX2``.
+        layout: ``FLUX1``, ``CHROMA``, ``FLUX2`` or ``ZIMAGE``.
 
     Raises:
         ValueError: modules diffusers' reader cannot load back (named), or a fused linear it would split elsewhere.

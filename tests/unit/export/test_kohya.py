@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from fewstep.export import KOHYA_WEIGHT_NAME, export_student, lora_state_dict, save_kohya
 from fewstep.export.kohya import FLUX1_LINEAR1_WIDTHS, KOHYA_TRANSFORMER_2_WEIGHT_NAME, kohya_state_dict
-from fewstep.export.kohya.layouts import FLUX1, fused_kohya_state_dict
+from fewstep.export.kohya.layouts import CHROMA, FLUX1, fused_kohya_state_dict
 from fewstep.models.backbones import latent_shape, ltx_pack_latents, pack_latents
 from fewstep.models.loading import load_teacher
 from fewstep.models.student import DEFAULT_LORA_TARGETS, Student
@@ -38,16 +38,19 @@ FLUX2_TARGETS = (  # the single blocks' attn.to_out, not the double blocks' to_o
     r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|linear_in|linear_out|to_qkv_mlp_proj"
     r"|single_transformer_blocks\.\d+\.attn\.to_out|x_embedder|context_embedder|timestep_embedder\.linear_\d|proj_out)"
 )
+# the blocks' modulation (the final layer's adaLN_modulation.0 is a SiLU), the timestep and caption embedders
+ZIMAGE_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|feed_forward\.w\d|(layers|refiner)\.\d+\.adaLN_modulation\.0"
+                  r"|t_embedder\.mlp\.[02]|cap_embedder\.1)")  # fmt: skip
 TARGETS = {"sd15": DEFAULT_LORA_TARGETS["unet"], "sdxl": DEFAULT_LORA_TARGETS["unet"], "flux": FLUX_DOUBLE_BLOCKS,
-           "flux2": FLUX2_TARGETS, "wan21": WAN_TARGETS, "wan21_i2v": WAN_TARGETS, "wan22": WAN_TARGETS,
-           "wan22_ti2v": WAN_TARGETS,
+           "chroma": FLUX_DOUBLE_BLOCKS, "flux2": FLUX2_TARGETS, "zimage": ZIMAGE_TARGETS, "wan21": WAN_TARGETS,
+           "wan21_i2v": WAN_TARGETS, "wan22": WAN_TARGETS, "wan22_ti2v": WAN_TARGETS,
            "qwen_image": [*TRANSFORMER, "img_in", "txt_in", "img_mod.1", "txt_mod.1", "norm_out.linear", "proj_out",
                           "timestep_embedder.linear_1"],
            "ltx": [*TRANSFORMER, "caption_projection.linear_1", "caption_projection.linear_2", "proj_out"]}  # fmt: skip
 STEPS = {"wan22": 4}  # the low-noise expert samples from the 4th of 4 steps (shift 12, boundary 875); default 2
 PROMPT = "a red circle"
-FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "flux2", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v",
-            "ltx", "sana", "cogvideox"]  # fmt: skip
+FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "chroma", "flux2", "qwen_image", "zimage", "wan21", "wan21_i2v",
+            "wan22", "wan22_ti2v", "ltx", "sana", "cogvideox"]  # fmt: skip
 
 
 def lora_student(family: str, targets=None) -> tuple:
@@ -81,7 +84,7 @@ def initial_latents(family: str, pipe, shape: tuple[int, ...]) -> tuple[torch.Te
         return x, size
     b, c, h, w = shape
     size = {"height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
-    if family == "flux":
+    if family in ("flux", "chroma"):
         return pack_latents(x), {**size, "max_sequence_length": 8}  # [1, tokens, 4c]; 8 T5 tokens (512 by default)
     if family == "qwen_image":
         return pipe._pack_latents(x, b, c, h, w), {**size, "true_cfg_scale": 1.0}  # no negative prompt: no CFG
@@ -125,9 +128,7 @@ def load_reporting(pipe, path, **kwargs) -> list[str]:
     finally:
         logger.removeHandler(records)
     messages = [str(w.message) for w in caught] + records.messages
-    return [
-        m for m in messages if not (m.startswith("No LoRA keys associated to CLIPTextModel") and "text_encoder" in m)
-    ]
+    return [m for m in messages if not (m.startswith("No LoRA keys associated to ") and "prefix='text_encoder" in m)]
 
 
 # the key each family's file has for peft's first block's to_q up weight (its scale folded in where there is no alpha)
@@ -150,7 +151,15 @@ def check_keys(family: str, state: dict, peft: dict) -> None:
         assert {"diffusion_model.head.head.lora_A.weight", "diffusion_model.time_projection.1.lora_A.weight",
                 "diffusion_model.blocks.1.ffn.0.lora_A.weight"} <= set(state)  # fmt: skip
         assert torch.equal(state[WAN_UP], peft["blocks.0.attn1.to_q.lora_B.weight"] * (ALPHA / RANK))
-    else:  # FLUX.1 / FLUX.2 names; q, k, v fused into one rank-3r LoRA with alpha 3·8
+    elif family == "zimage":  # Z-Image's names; q, k, v fused into attention_qkv, a rank-3r LoRA with alpha 3·8
+        assert all(k.startswith("lora_unet_") for k in state)
+        assert len(state) == 3 * (len(peft) // 2 - 2 * 4)  # 4 blocks, each q, k, v one module; 3 keys a module
+        for blocks in ("layers_1", "noise_refiner_0", "context_refiner_0"):
+            assert state[f"lora_unet_{blocks}_attention_qkv.lora_down.weight"].shape[0] == 3 * RANK
+            assert state[f"lora_unet_{blocks}_attention_qkv.alpha"].item() == 3 * ALPHA
+            assert state[f"lora_unet_{blocks}_feed_forward_w3.alpha"].item() == ALPHA
+        assert {"lora_unet_layers_0_adaLN_modulation_0.alpha", "lora_unet_cap_embedder_1.alpha"} <= set(state)
+    else:  # FLUX.1 / Chroma / FLUX.2 names; q, k, v fused into one rank-3r LoRA with alpha 3·8
         assert all(k.startswith("lora_unet_") for k in state)
         assert state["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 3 * RANK
         assert state["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 3 * ALPHA
@@ -190,21 +199,36 @@ def test_kohya_file_reloads_in_stock_diffusers_and_samples_as_the_student(family
     assert diff < TOLERANCE
 
 
-def test_flux_single_blocks_fuse_into_linear1_at_flux1_widths(tmp_path):
-    """A single block's q, k, v (and proj_mlp) are one linear in FLUX.1; diffusers splits it at FLUX.1's widths, so
-    this runs a FLUX.1-wide transformer (one single block, no double block) with the tiny encoders and VAE."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-    from peft import LoraConfig, get_peft_model_state_dict
+def flux1_wide_single_block(family: str):
+    """A FLUX.1-wide transformer of ``family`` (24 heads of 128: 3072; one single block, no double block; Chroma's
+    approximator narrow) with the tiny encoders and VAE, and the single block's LoRA targets (its modulation linear
+    for FLUX.1; Chroma has none)."""
+    import diffusers
 
     from fewstep.testing import build_tiny_pipeline
 
-    tiny = build_tiny_pipeline("flux")
+    tiny = build_tiny_pipeline(family)
     torch.manual_seed(0)
-    wide = dict(num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24)  # 24·128 = 3072
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, joint_attention_dim=32, pooled_projection_dim=32,
-                                         guidance_embeds=True, axes_dims_rope=(16, 56, 56), **wide)  # fmt: skip
-    pipe = FluxPipeline(**{**tiny.components, "transformer": transformer})
-    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_out", "norm.linear"]  # proj_mlp: a zero block
+    wide = dict(patch_size=1, in_channels=16, joint_attention_dim=32, axes_dims_rope=(16, 56, 56), num_layers=0,
+                num_single_layers=1, attention_head_dim=128, num_attention_heads=24)  # fmt: skip
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_out"]  # proj_mlp: a zero block
+    if family == "flux":
+        transformer = diffusers.FluxTransformer2DModel(pooled_projection_dim=32, guidance_embeds=True, **wide)
+        targets.append("norm.linear")
+    else:
+        transformer = diffusers.ChromaTransformer2DModel(approximator_num_channels=16, approximator_hidden_dim=32,
+                                                         approximator_layers=1, **wide)  # fmt: skip
+    return type(tiny)(**{**tiny.components, "transformer": transformer}), targets
+
+
+@pytest.mark.parametrize(("family", "layout"), [("flux", FLUX1), ("chroma", CHROMA)])
+def test_flux1_single_blocks_fuse_into_linear1_at_flux1_widths(family, layout, tmp_path):
+    """A single block's q, k, v (and proj_mlp) are one linear in FLUX.1 and Chroma; diffusers splits it at FLUX.1's
+    widths, so this runs a FLUX.1-wide transformer."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe, targets = flux1_wide_single_block(family)
+    transformer = pipe.transformer
     transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[f"single_transformer_blocks.0.{t}"
                                                                                  for t in targets]))  # fmt: skip
     with torch.no_grad():
@@ -215,21 +239,21 @@ def test_flux_single_blocks_fuse_into_linear1_at_flux1_widths(tmp_path):
               for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]  # fmt: skip
     assert tuple(widths) == FLUX1_LINEAR1_WIDTHS
     shape = (1, 4, 8, 8)  # 16 image tokens
-    ours = stock_latents(pipe, "flux", shape)
+    ours = stock_latents(pipe, family, shape)
 
     state = fused_kohya_state_dict(get_peft_model_state_dict(transformer), RANK, ALPHA,
-                                   lambda path: transformer.get_submodule(path).out_features, FLUX1)  # fmt: skip
-    names = ("linear1", "linear2", "modulation_lin")
+                                   lambda path: transformer.get_submodule(path).out_features, layout)  # fmt: skip
+    names = ("linear1", "linear2", "modulation_lin") if family == "flux" else ("linear1", "linear2")
     suffixes = ("alpha", "lora_down.weight", "lora_up.weight")
     assert sorted(state) == sorted(f"lora_unet_single_blocks_0_{n}.{s}" for n in names for s in suffixes)
     assert state["lora_unet_single_blocks_0_linear1.alpha"].item() == 4 * ALPHA
     path = tmp_path / KOHYA_WEIGHT_NAME
     save_file(state, str(path))
     transformer.delete_adapters("default")
-    assert (stock_latents(pipe, "flux", shape) - ours).abs().max() > 1e-3, "without the LoRA the samples differ"
+    assert (stock_latents(pipe, family, shape) - ours).abs().max() > 1e-3, "without the LoRA the samples differ"
     assert load_reporting(pipe, path) == []
-    diff = (stock_latents(pipe, "flux", shape) - ours).abs().max().item()
-    print(f"FLUX.1-wide single block kohya LoRA: max |Δ latents| = {diff:.2e}")
+    diff = (stock_latents(pipe, family, shape) - ours).abs().max().item()
+    print(f"{layout.name}-wide single block kohya LoRA: max |Δ latents| = {diff:.2e}")
     assert diff < TOLERANCE
 
 
@@ -249,6 +273,11 @@ def test_what_the_flux_layout_cannot_hold_is_an_error_naming_it(tmp_path):
         ("flux2", ["norm_out.linear", "transformer_blocks.0.attn.to_q"],
          r"kohya FLUX.2 keys: .* back: \['norm_out.linear'\] \(it maps the blocks' attention and MLPs"),
         ("ltx", ["proj_in", "to_q"], r"kohya ltx keys: .* back: \['proj_in'\] \(it keeps the names as they are"),
+        ("chroma", ["distilled_guidance_layer.in_proj", "transformer_blocks.0.attn.to_q"],
+         r"kohya Chroma keys: .* back: \['distilled_guidance_layer.in_proj'\] \(diffusers reads Chroma with its"),
+        ("chroma", None, r"widths \(32, 32, 32, 128\); diffusers' reader splits it at Chroma's \(3072, 3072, 3072"),
+        ("zimage", ["all_x_embedder.2-1", "all_final_layer.2-1.linear", "to_q"],
+         r"kohya Z-Image keys: .* back: \['all_x_embedder.2-1', 'all_final_layer.2-1.linear'\] \(it maps the layers'"),
         ("wan21_i2v", ["to_q", "add_k_proj"], r"cross_attn.k_img \(attn2.add_k_proj / add_v_proj\) without its"),
         ("pixart_sigma", None, r"PixArtSigmaPipeline has no LoRA loader in diffusers.*export.merged: true"),
     ],
