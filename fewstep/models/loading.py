@@ -49,18 +49,19 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2")  # fmt: skip
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "hunyuan15")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
                      "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class",
-                     "cogvideox": "cogvideox", "flux2": "flux2"}  # fmt: skip
+                     "cogvideox": "cogvideox", "flux2": "flux2", "hunyuan15": "hunyuan15"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
 # 1000·s; Flux, FLUX.2 and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
 # adapter also applies the model's own timestep_scale).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
                        "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
-                       "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0}  # fmt: skip
+                       "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0,
+                       "hunyuan15": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -350,7 +351,8 @@ def detect_family(pipeline: Any) -> str:
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
     ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
     without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) |
-    ``flux2`` (FLUX.2 [dev]) from a pipeline's backbone class and config.
+    ``flux2`` (FLUX.2 [dev]) | ``hunyuan15`` (HunyuanVideo 1.5 text-to-video) from a pipeline's backbone class and
+    config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -409,13 +411,61 @@ def detect_family(pipeline: Any) -> str:
         return "sana"
     if cls == "CogVideoXTransformer3DModel":
         return cogvideox_family(backbone.config)
+    if cls == "HunyuanVideo15Transformer3DModel":
+        return hunyuan15_family(pipeline)
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel, "
         "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel, "
-        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel. For other models use "
-        "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
+        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel. For other models "
+        "use Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
+
+
+def hunyuan15_family(pipeline: Any) -> str:
+    """``hunyuan15`` for ``HunyuanVideo15Pipeline`` (text-to-video) with a classifier-free guider the teacher
+    reproduces (Imagen's convention over every step, no rescale). The image-to-video pipeline (a SigLIP image encoder)
+    and the step-distilled MeanFlow transformers (``use_meanflow``: a second timestep) are refused by name, as is a
+    guider of another kind or setting."""
+    if "image_encoder" in getattr(pipeline, "config", {}):
+        raise ValueError(
+            "HunyuanVideo 1.5 image-to-video (HunyuanVideo15ImageToVideoPipeline) is not supported; its text-to-video "
+            "pipeline (HunyuanVideo15Pipeline, e.g. hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v) is."
+        )
+    if getattr(pipeline.transformer.config, "use_meanflow", False):
+        raise ValueError(
+            "The step-distilled HunyuanVideo 1.5 transformers (use_meanflow: a second timestep) are already few-step "
+            "models and not supported as teachers; HunyuanVideo 1.5 text-to-video (480p_t2v, 720p_t2v) is."
+        )
+    problem = hunyuan15_guider_problem(getattr(pipeline, "guider", None))
+    if problem:
+        raise ValueError(problem)
+    return "hunyuan15"
+
+
+def hunyuan15_guider_problem(guider: Any) -> str | None:
+    """Why the teacher cannot reproduce a HunyuanVideo 1.5 pipeline's guider (None: it can). Its CFG is
+    ``ClassifierFreeGuidance`` in Imagen's convention ``v_u + w·(v_c − v_u)`` at every step, the scale being
+    ``teacher.guidance_scale``; a rescale, the original formulation or a step window are not reproduced."""
+    if guider is None:
+        return None
+    config = dict(getattr(guider, "config", {}))
+    changed = {
+        key: config.get(key)
+        for key, default in HUNYUAN15_GUIDER_DEFAULTS.items()
+        if config.get(key, default) != default
+    }
+    if type(guider).__name__ == "ClassifierFreeGuidance" and not changed:
+        return None
+    return (
+        f"This HunyuanVideo 1.5 pipeline guides with {type(guider).__name__} {changed or ''}; the teacher reproduces "
+        "ClassifierFreeGuidance with guidance_rescale 0, use_original_formulation false, start 0 and stop 1 (its "
+        "scale is teacher.guidance_scale). Set pipe.guider = ClassifierFreeGuidance(guidance_scale=...) and save it."
+    )
+
+
+HUNYUAN15_GUIDER_DEFAULTS = {"guidance_rescale": 0.0, "use_original_formulation": False, "start": 0.0, "stop": 1.0,
+                             "enabled": True}  # fmt: skip
 
 
 def cogvideox_family(config: Any) -> str:

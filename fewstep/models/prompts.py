@@ -19,6 +19,10 @@ so is the first frame of image-to-video teachers (``encode_prompts(..., images=)
 Wan 2.1 I2V's condition latents and CLIP image tokens, Wan 2.2 TI2V-5B's clean first latent frame.
 
 FLUX.2 [dev] has no negative branch either (``Flux2Pipeline`` only embeds its guidance): ``""`` is encoded, as for Flux.
+
+HunyuanVideo 1.5 encodes ``""`` as its pipeline does without a negative prompt (its chat template turns it into
+``" "``), each branch with both of its token streams and their masks: Qwen2.5-VL's and ByT5's (zero, mask 0, where a
+prompt quotes no text).
 """
 
 from __future__ import annotations
@@ -221,6 +225,31 @@ def _cogvideox(
     return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
 
 
+def _hunyuan15(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    """``HunyuanVideo15Pipeline.encode_prompt``: Qwen2.5-VL's third-to-last hidden states of the prompt behind the
+    pipeline's system message in the chat template, the template's first tokens cropped, padded to
+    ``max_sequence_length`` (default the pipeline's ``tokenizer_max_length``, 1000) with their mask; and ByT5's states
+    of the text the prompt quotes (``"…"``), padded to 256 with their mask (zero where it quotes none)."""
+
+    def enc(texts: list[str]) -> Conditioning:
+        qwen = qwen_mask = None
+        if max_sequence_length is not None:  # the pipeline's own Qwen encoding at another length
+            qwen, qwen_mask = pipe._get_mllm_prompt_embeds(
+                pipe.text_encoder, pipe.tokenizer, texts, _device(pipe), max_sequence_length,
+                system_message=pipe.system_message, crop_start=pipe.prompt_template_encode_start_idx,
+            )  # fmt: skip
+        pe, mask, pe2, mask2 = pipe.encode_prompt(
+            prompt=texts, device=_device(pipe), batch_size=len(texts), num_videos_per_prompt=1, prompt_embeds=qwen,
+            prompt_embeds_mask=qwen_mask,
+        )  # fmt: skip
+        return Conditioning(prompt_embeds=pe, prompt_embeds_mask=mask.long(), prompt_embeds_2=pe2,
+                            prompt_embeds_mask_2=mask2.long())  # fmt: skip
+
+    return enc(prompts), enc(negatives or [""] * len(prompts))
+
+
 def _caption_cleaning(default: bool) -> bool:
     """The pipeline's ``clean_caption`` default where it can clean (it needs ``bs4`` and ``ftfy``; without them the
     pipeline warns and encodes the raw caption, which is what ``False`` does without the warning)."""
@@ -269,7 +298,7 @@ def _sana(
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
              "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
              "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox,
-             "flux2": _flux2}  # fmt: skip
+             "flux2": _flux2, "hunyuan15": _hunyuan15}  # fmt: skip
 IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
 FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
 
@@ -385,8 +414,8 @@ def encode_prompts(
             frame, the clip's side or ``(height, width)``.
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
             Mistral tokens for FLUX.2 (default 512), PixArt-Σ (default 300), CogVideoX (default the transformer's
-            ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana
-            (default 300), as the pipelines use.
+            ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512) and HunyuanVideo 1.5
+            (default 1000, after its template), Gemma tokens for Sana (default 300), as the pipelines use.
         guidance: Flux and FLUX.2 embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5 (Flux)
             or 4.0 (FLUX.2).
         images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1

@@ -1,0 +1,122 @@
+"""HunyuanVideo 1.5 text-to-video: fewstep's teacher (Euler flow with the pipeline's classifier-free guider) reproduces
+``HunyuanVideo15Pipeline``'s own latents for the same seed, steps and guidance, frame by frame; the prompt encoding
+(Qwen2.5-VL behind the chat template, ByT5 on quoted text, both with masks), the shape rules and the VAE decode follow
+the pipeline.
+
+Measured on the tiny zoo (2 prompts, one quoting text for ByT5, 2 seeds, 4 steps, guidance 6, latents
+``[2, 4, 2, 4, 4]``): see the printed max |Δ| per test.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+from fewstep.models.backbones import latent_shape, pixel_multiple, video_latent_shape
+from fewstep.models.loading import decode_latents, detect_family, load_teacher
+from fewstep.models.prompts import encode_prompts
+from fewstep.noise.schedules import FlowSchedule
+from fewstep.solvers.grids import scheduler_taus, teacher_taus
+
+PROMPTS = ["a cat walking on grass", 'a neon sign that reads "OPEN" at night']
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    cfg = SimpleNamespace(pretrained="tiny:hunyuan15", family="auto", dtype="float32", guidance_scale=6.0,
+                          revision=None, variant=None)  # fmt: skip
+    return load_teacher(cfg)
+
+
+def _pipeline_vs_teacher(teacher, seed: int, guidance: float, negatives=None) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = teacher.pipeline
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=guidance)  # the pipeline's CFG scale lives in its guider
+    b, c, f, h, w = latent_shape(teacher, len(PROMPTS))
+    frames, height, width = 4 * (f - 1) + 1, h * 8, w * 8
+    out = pipe(prompt=PROMPTS, negative_prompt=negatives, height=height, width=width, num_frames=frames,
+               num_inference_steps=STEPS, output_type="latent",
+               generator=torch.Generator().manual_seed(seed)).frames  # fmt: skip
+    noise = pipe.prepare_latents(b, c, height, width, frames, torch.float32, "cpu", torch.Generator().manual_seed(seed))
+    cond, uncond = encode_prompts(teacher, PROMPTS, negatives)
+    sigmas = np.linspace(1.0, 0.0, STEPS + 1)[:-1]  # what HunyuanVideo15Pipeline passes its scheduler
+    taus = scheduler_taus(pipe.scheduler, teacher.schedule, STEPS, sigmas=sigmas)
+    return teacher.sample(noise, cond, taus, uncond, guidance_scale=guidance), out
+
+
+def test_family_schedule_and_shapes(teacher):
+    assert teacher.family == "hunyuan15" and teacher.denoiser.adapter_name == "hunyuan15"
+    assert isinstance(teacher.schedule, FlowSchedule) and teacher.schedule.shift_factor == 5.0
+    assert teacher.schedule.timestep_scale == 1000.0
+    assert latent_shape(teacher, 2) == (2, 4, 2, 4, 4)  # 5 frames of 32×32 pixels
+    assert latent_shape(teacher, 1, 64, num_frames=9) == (1, 4, 3, 8, 8)
+    assert pixel_multiple(teacher) == 8  # the tiny VAE's 8× (HunyuanVideo 1.5: 16×), patch 1
+    with pytest.raises(ValueError, match="4k \\+ 1 frames"):
+        latent_shape(teacher, 1, num_frames=6)
+    pipe = teacher.pipeline
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=16)  # HunyuanVideo 1.5's VAE: 16× in space, 4× in time
+    real = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=16, transformer=pipe.transformer,
+                           video_processor=processor, target_size=640)  # fmt: skip
+    assert video_latent_shape(real, 1) == (1, 4, 31, 30, 53)  # 480p: 121 frames at 480 × 848 (16:9 at target 640)
+    # the pipeline's grid linspace(1, 0, N + 1)[:-1] is the teacher's default uniform grid through the static shift
+    sigmas = np.linspace(1.0, 0.0, STEPS + 1)[:-1]
+    taus = scheduler_taus(pipe.scheduler, teacher.schedule, STEPS, sigmas=sigmas)
+    torch.testing.assert_close(taus, teacher_taus(teacher.schedule, STEPS), atol=1e-6, rtol=0)
+
+
+def test_prompts_carry_both_streams_with_masks(teacher):
+    cond, uncond = encode_prompts(teacher, PROMPTS)
+    assert cond.prompt_embeds.shape == (2, 1000, 32) and cond.prompt_embeds_2.shape == (2, 256, 32)
+    assert cond.prompt_embeds_mask.dtype == torch.long and cond.prompt_embeds_mask_2.dtype == torch.long
+    lengths = cond.prompt_embeds_mask.sum(1)
+    assert lengths[0] < lengths[1] < 1000, "each prompt keeps its own length"
+    glyphs = cond.prompt_embeds_mask_2.sum(1)
+    assert glyphs[0] == 0 and glyphs[1] > 0, "ByT5 reads only the quoted text"
+    assert (cond.prompt_embeds_2[0] == 0).all()
+    assert uncond.prompt_embeds_mask_2.sum() == 0 and (uncond.prompt_embeds_mask.sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hunyuan15_flow_parity_frame_by_frame(teacher, seed):
+    x, ref = _pipeline_vs_teacher(teacher, seed, guidance=6.0)
+    assert x.shape == ref.shape == (2, 4, 2, 4, 4)
+    assert ref.abs().max() > 1, "a trivially small output would make the check meaningless"
+    diffs = [(x[:, :, frame] - ref[:, :, frame]).abs().max().item() for frame in range(x.shape[2])]
+    print(f"hunyuan15 seed {seed}: max |Δ| per latent frame {[f'{d:.1e}' for d in diffs]}, max |x| "
+          f"{ref.abs().max():.1f}")  # fmt: skip
+    assert max(diffs) < 1e-5
+
+
+def test_hunyuan15_parity_with_negative_prompt_and_guidance_matters(teacher):
+    negatives = ["blurry, static", 'a sign that reads "CLOSED"']
+    x, ref = _pipeline_vs_teacher(teacher, 0, guidance=4.0, negatives=negatives)
+    print(f"hunyuan15 with negatives: max |Δ| = {(x - ref).abs().max():.1e}")
+    assert (x - ref).abs().max() < 1e-5
+    unguided, _ = _pipeline_vs_teacher(teacher, 0, guidance=1.0)
+    assert (unguided - ref).abs().max() > 1e-3, "guidance must change the output for the comparison to mean much"
+
+
+def test_hunyuan15_decode_matches_the_pipeline(teacher):
+    pipe = teacher.pipeline
+    latents = torch.randn(latent_shape(teacher, 1), generator=torch.Generator().manual_seed(0))
+    video = decode_latents(teacher, latents)  # [1, 3, 5, 32, 32] in [0, 1]
+    assert video.shape == (1, 3, 5, 32, 32)
+    ref = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]  # the pipeline's decode
+    torch.testing.assert_close(video, ((ref + 1) / 2).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_unsupported_guiders_and_image_to_video_are_refused(teacher):
+    pipe = teacher.pipeline
+    kept = pipe.guider
+    try:
+        pipe.guider = ClassifierFreeGuidance(guidance_scale=6.0, guidance_rescale=0.7)
+        with pytest.raises(ValueError, match="guidance_rescale"):
+            detect_family(pipe)
+    finally:
+        pipe.guider = kept
+    i2v = SimpleNamespace(transformer=pipe.transformer, guider=kept, config={"image_encoder": ("transformers", "X")})
+    with pytest.raises(ValueError, match="image-to-video"):
+        detect_family(i2v)
