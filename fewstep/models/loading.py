@@ -652,6 +652,8 @@ def _decode(vae: Any, x0: Tensor) -> Tensor:
         return _decode(vae, x0[:, :, None])[:, :, 0]
     if is_flux2_vae(vae):
         return _decode_flux2(vae, x0)
+    if is_one_clip_vae(vae) and x0.shape[0] > 1:
+        return torch.cat([_decode(vae, clip) for clip in x0.split(1)])
     param = next(vae.parameters())
     x0 = x0.to(device=param.device, dtype=param.dtype)
     shift, scale = latent_normalization(vae, x0)
@@ -682,6 +684,8 @@ def _encode(vae: Any, images: Tensor) -> Tensor:
         return _encode(vae, images[:, :, None])[:, :, 0]
     if is_flux2_vae(vae):
         return _encode_flux2(vae, images)
+    if is_one_clip_vae(vae) and images.shape[0] > 1:
+        return torch.cat([_encode(vae, clip) for clip in images.split(1)])
     param = next(vae.parameters())
     encoded = vae.encode(images.to(device=param.device, dtype=param.dtype))
     # KL VAEs give a posterior (its mean); Sana's deterministic DC-AE (AutoencoderDC) gives the latent itself
@@ -694,6 +698,13 @@ def is_frame_vae(vae: Any) -> bool:
     """A video-style VAE used on single images (Qwen-Image's ``AutoencoderKLQwenImage``): ``[b, c, frames, h, w]``
     tensors and per-channel ``latents_mean`` / ``latents_std`` instead of one scaling factor."""
     return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def is_one_clip_vae(vae: Any) -> bool:
+    """HunyuanVideo 1.5's ``AutoencoderKLHunyuanVideo15``, which takes one clip at a time: its mid-block attention
+    builds its causal mask as ``[b, L, L]`` against scores ``[b, 1, L, L]`` (diffusers 0.42), which fails for ``b > 1``.
+    fewstep encodes and decodes such clips one by one (the pipeline decodes its whole batch at once)."""
+    return type(vae).__name__ == "AutoencoderKLHunyuanVideo15"
 
 
 def is_flux2_vae(vae: Any) -> bool:
