@@ -295,6 +295,18 @@ def encoder_components(index: Mapping[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+# Pipelines that cannot be built without their VAE: HunyuanVideo15Pipeline reads vae.config in its __init__ (diffusers
+# 0.42), so a teacher trained from a cache keeps it loaded.
+VAE_REQUIRED_PIPELINES = ("HunyuanVideo15Pipeline",)
+
+
+def cache_skipped_components(index: Mapping[str, Any]) -> tuple[str, ...]:
+    """The components a teacher trained from a cache leaves on disk (``encoder_components``), less the VAE of a
+    pipeline that cannot be built without one (``VAE_REQUIRED_PIPELINES``)."""
+    keep_vae = index.get("_class_name") in VAE_REQUIRED_PIPELINES
+    return tuple(name for name in encoder_components(index) if not (keep_vae and name == "vae"))
+
+
 def _component_config(spec: str, name: str, library: str, revision: str | None) -> dict[str, Any]:
     """The ``config.json`` of one component as a dict, read with its library's own loader (no weights)."""
     local = not is_hub_id(spec)
@@ -530,7 +542,7 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
 
     dtype = getattr(cfg, "dtype", "float32")
     revision, variant = getattr(cfg, "revision", None), getattr(cfg, "variant", None)
-    skip = () if encoders else tuple(encoder_components(pipeline_index(cfg.pretrained, revision)))
+    skip = () if encoders else cache_skipped_components(pipeline_index(cfg.pretrained, revision))
     pipe = load_pipeline(cfg.pretrained, dtype, revision, variant, skip=skip)
     pipe.set_progress_bar_config(disable=True)
     family = detect_family(pipe)

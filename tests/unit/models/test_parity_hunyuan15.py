@@ -129,3 +129,15 @@ def test_unsupported_guiders_and_image_to_video_are_refused(teacher):
     i2v = SimpleNamespace(transformer=pipe.transformer, guider=kept, config={"image_encoder": ("transformers", "X")})
     with pytest.raises(ValueError, match="image-to-video"):
         detect_family(i2v)
+
+
+def test_teacher_without_text_encoders_keeps_the_vae_it_cannot_be_built_without(teacher):
+    # training from a cache leaves the text encoders on disk; HunyuanVideo15Pipeline reads vae.config in __init__
+    _, uncond = encode_prompts(teacher, PROMPTS[:1])
+    cfg = SimpleNamespace(pretrained="tiny:hunyuan15", guidance_scale=6.0)
+    cached = load_teacher(cfg, encoders=False, null_cond=uncond)
+    assert cached.pipeline.text_encoder is None and cached.pipeline.text_encoder_2 is None
+    assert cached.pipeline.vae is not None and cached.vae_loader is None
+    x = torch.randn(latent_shape(cached, 1), generator=torch.Generator().manual_seed(0))
+    tau = torch.tensor([0.5])
+    torch.testing.assert_close(cached.denoiser.raw(x, tau, uncond), teacher.denoiser.raw(x, tau, uncond))
