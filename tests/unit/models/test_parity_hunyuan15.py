@@ -15,6 +15,7 @@ import torch
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
 
+from fewstep.eval.samplers import teacher_grid
 from fewstep.models.backbones import latent_shape, pixel_multiple, video_latent_shape
 from fewstep.models.loading import decode_latents, detect_family, encode_images, load_teacher
 from fewstep.models.prompts import encode_prompts
@@ -61,10 +62,13 @@ def test_family_schedule_and_shapes(teacher):
     real = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=16, transformer=pipe.transformer,
                            video_processor=processor, target_size=640)  # fmt: skip
     assert video_latent_shape(real, 1) == (1, 4, 31, 30, 53)  # 480p: 121 frames at 480 × 848 (16:9 at target 640)
-    # the pipeline's grid linspace(1, 0, N + 1)[:-1] is the teacher's default uniform grid through the static shift
+    # the pipeline's grid linspace(1, 0, N + 1)[:-1] is the teacher's default uniform grid through the static shift,
+    # and the grid fewstep's teacher sampler (eval, sample) runs on the pipeline's scheduler
     sigmas = np.linspace(1.0, 0.0, STEPS + 1)[:-1]
     taus = scheduler_taus(pipe.scheduler, teacher.schedule, STEPS, sigmas=sigmas)
     torch.testing.assert_close(taus, teacher_taus(teacher.schedule, STEPS), atol=1e-6, rtol=0)
+    assert torch.equal(teacher_grid(teacher, STEPS)[0], taus)
+    assert not torch.allclose(scheduler_taus(pipe.scheduler, teacher.schedule, STEPS), taus)  # set_timesteps(N)'s
 
 
 def test_prompts_carry_both_streams_with_masks(teacher):
