@@ -5,7 +5,8 @@ diffusers has no LoRA loader for ``HunyuanVideo15Pipeline`` (nor its transformer
 pipeline, which ``HunyuanVideo15Pipeline.from_pretrained`` loads with the exported scheduler and a guider at the
 student's guidance 1 (the pipeline reads its CFG scale from its ``guider`` component, not from a call argument). The
 pipeline takes ``sigmas=``: the student's levels are passed as they are, and its scheduler re-noises between steps from
-the global RNG in fewstep's own ``[b, c, f, h, w]`` layout, so several steps agree draw for draw."""
+the global RNG in fewstep's own ``[b, c, f, h, w]`` layout, so several steps agree draw for draw. Measured on the tiny
+model: DMD2 max |Δ| 3.6e-7 (1, 2 and 4 steps), sCM 7.2e-6 (1 and 2 steps)."""
 
 from __future__ import annotations
 

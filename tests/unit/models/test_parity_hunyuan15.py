@@ -4,7 +4,8 @@
 the pipeline.
 
 Measured on the tiny zoo (2 prompts, one quoting text for ByT5, 2 seeds, 4 steps, guidance 6, latents
-``[2, 4, 2, 4, 4]``): see the printed max |Δ| per test.
+``[2, 4, 2, 4, 4]`` of max |x| ≈ 3.7-4.2): max |Δ| 1.2e-6 to 1.9e-6 per latent frame, 1.1e-6 with negative prompts
+at guidance 4 (the pipeline runs the two CFG branches as two forwards, fewstep as one).
 """
 
 from types import SimpleNamespace
