@@ -117,12 +117,23 @@ class _DropPixelVideoNotice(logging.Filter):
         return not (message.startswith(PIXEL_VIDEO_NOTICE) and PIXEL_VIDEO_BACKBONE in message)
 
 
+# diffusers' notice, each time a guider is built (HunyuanVideo 1.5's pipeline loads one), that guiders are
+# experimental: fewstep reads the guider's config once (hunyuan15_guider_problem) and pins what it reproduces.
+_GUIDER_LOGGER = "diffusers.guiders.guider_utils"
+GUIDER_NOTICE = "Guiders are currently an experimental feature"
+
+
+class _DropGuiderNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(GUIDER_NOTICE)
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Around a pipeline load (``load_pipeline``): drop transformers' image-processor notice above, and when stderr
-    is not a terminal turn diffusers' and transformers' loading bars off (transformers' bar nested inside diffusers'
-    writes cursor-up escapes, ``ESC[A``, into log files). Everything is restored on exit: the notice still shows for
-    other code, and the bars on a terminal or outside the load."""
+    """Around a pipeline load (``load_pipeline``): drop transformers' image-processor notice and diffusers' guider
+    notice above, and when stderr is not a terminal turn diffusers' and transformers' loading bars off (transformers'
+    bar nested inside diffusers' writes cursor-up escapes, ``ESC[A``, into log files). Everything is restored on exit:
+    the notices still show for other code, and the bars on a terminal or outside the load."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
@@ -130,6 +141,8 @@ def quiet_loading() -> Iterator[None]:
     notice_logger.addFilter(drop)
     pipeline_logger, drop_pixel_video = logging.getLogger(_PIPELINE_LOGGER), _DropPixelVideoNotice()
     pipeline_logger.addFilter(drop_pixel_video)
+    guider_logger, drop_guider = logging.getLogger(_GUIDER_LOGGER), _DropGuiderNotice()
+    guider_logger.addFilter(drop_guider)
     restore = []
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         for lib in (diffusers_logging, transformers_logging):
@@ -141,6 +154,7 @@ def quiet_loading() -> Iterator[None]:
     finally:
         notice_logger.removeFilter(drop)
         pipeline_logger.removeFilter(drop_pixel_video)
+        guider_logger.removeFilter(drop_guider)
         for enable in restore:
             enable()
 

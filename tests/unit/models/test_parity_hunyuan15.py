@@ -146,3 +146,15 @@ def test_teacher_without_text_encoders_keeps_the_vae_it_cannot_be_built_without(
     x = torch.randn(latent_shape(cached, 1), generator=torch.Generator().manual_seed(0))
     tau = torch.tensor([0.5])
     torch.testing.assert_close(cached.denoiser.raw(x, tau, uncond), teacher.denoiser.raw(x, tau, uncond))
+
+
+def test_loading_drops_diffusers_experimental_guider_notice():
+    from fewstep.models.loading import load_pipeline
+    from tests.unit.export.test_export_wan22 import diffusers_warnings
+
+    with diffusers_warnings() as warned:
+        load_pipeline("tiny:hunyuan15")
+    assert not [r for r in warned if "Guiders are" in r.getMessage()]
+    with diffusers_warnings() as warned:  # outside a load the notice still shows
+        ClassifierFreeGuidance()
+    assert any("Guiders are" in r.getMessage() for r in warned)
