@@ -37,9 +37,10 @@ name                      model                        inputs
 ``cogvideox``             ``CogVideoXTransformer3DModel``  video latents as ``[b, f, c, h, w]``, ``timestep``
                                                        (VP index), T5 ``encoder_hidden_states``, 3-D rotary
                                                        embeddings (5b)
-``hunyuan15``             ``HunyuanVideo15Transformer3DModel``  video latents with zero condition latents and mask on
-                                                       the channels, ``timestep`` (= 1000·s), Qwen2.5-VL and ByT5
-                                                       tokens with their masks, zero vision tokens
+``hunyuan15``             ``HunyuanVideo15Transformer3DModel``  video latents with condition latents and mask on the
+                                                       channels (zero, or the first frame's), ``timestep`` (=
+                                                       1000·s), Qwen2.5-VL and ByT5 tokens with their masks,
+                                                       vision tokens (zero, or SigLIP's of the first frame)
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -148,7 +149,7 @@ def patch_size(family: str, backbone: Any) -> int:
         return 2
     if family in ("sd3", "sd35"):
         return int(getattr(backbone.config, "patch_size", 2))
-    if family in ("ltx", "cogvideox", "hunyuan15"):  # one int for height and width (``patch_size_t`` for frames)
+    if family in ("ltx", "cogvideox", "hunyuan15", "hunyuan15_i2v"):  # one int for height and width (and ``_t``)
         return int(backbone.config.patch_size)
     if family in VIDEO_FAMILIES or family == "wan_class":
         return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
@@ -224,7 +225,7 @@ def latent_shape(
 
 # Video: latents [b, c, f, h, w]; the VAE keeps the first frame and compresses the rest in time (Wan 4×, LTX 8×),
 # and compresses space (Wan 8×, LTX 32×).
-VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx", "cogvideox", "hunyuan15")
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx", "cogvideox", "hunyuan15", "hunyuan15_i2v")
 WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
 LTX_DEFAULT_VIDEO = (161, 512, 704)  # LTXPipeline's call defaults (6.4 s at 25 fps)
 
@@ -269,7 +270,8 @@ def cogvideox_video_defaults(pipeline: Any) -> tuple[int, int, int]:
 
 
 def is_hunyuan15_pipeline(pipeline: Any) -> bool:
-    """Whether a pipeline denoises with a ``HunyuanVideo15Transformer3DModel`` (``HunyuanVideo15Pipeline``)."""
+    """Whether a pipeline denoises with a ``HunyuanVideo15Transformer3DModel`` (``HunyuanVideo15Pipeline`` and
+    ``HunyuanVideo15ImageToVideoPipeline``)."""
     return type(getattr(pipeline, "transformer", None)).__name__ == "HunyuanVideo15Transformer3DModel"
 
 
@@ -278,7 +280,8 @@ HUNYUAN15_FRAMES = 121  # HunyuanVideo15Pipeline's num_frames default (5 s at 24
 
 def hunyuan15_video_defaults(pipeline: Any) -> tuple[int, int, int]:
     """``HunyuanVideo15Pipeline``'s call defaults: 121 frames at the 16:9 size its video processor picks for the
-    transformer's ``target_size`` (480p: 480 × 848; 720p: 720 × 1280)."""
+    transformer's ``target_size`` (480p: 480 × 848; 720p: 720 × 1280). The image-to-video pipeline picks the size of
+    the first frame's aspect ratio instead; a clip prepared for fewstep has the size given with its first frame."""
     height, width = pipeline.video_processor.calculate_default_height_width(9, 16, pipeline.target_size)
     return HUNYUAN15_FRAMES, int(height), int(width)
 
@@ -877,27 +880,35 @@ HUNYUAN15_VISION_TOKENS = 729  # HunyuanVideo15Pipeline's vision_num_semantic_to
 
 @BACKBONES.register("hunyuan15")
 def hunyuan15_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
-    """``HunyuanVideo15Transformer3DModel`` on video latents ``[b, c, f, h, w]``, as ``HunyuanVideo15Pipeline`` calls it
-    for text-to-video: the latents followed on the channels by zero condition latents and a zero mask (``2c + 1``
+    """``HunyuanVideo15Transformer3DModel`` on video latents ``[b, c, f, h, w]``, as the HunyuanVideo 1.5 pipelines call
+    it: the latents followed on the channels by the condition latents and their one-channel mask (``2c + 1``
     channels), ``timestep = 1000·s`` (``FlowSchedule(timestep_scale=1000)``), Qwen2.5-VL's tokens and ByT5's glyph
     tokens each with its mask (``cond.prompt_embeds``/``_mask``, ``cond.prompt_embeds_2``/``_mask_2``, the masks as
-    float as the pipeline passes them), and all-zero vision tokens, which the transformer reads as text-to-video
-    (it masks them out). Velocity out, ``[b, c, f, h, w]``."""
+    float as the pipelines pass them), and vision tokens. Text-to-video (``HunyuanVideo15Pipeline``): zero condition
+    latents and mask, all-zero vision tokens, which the transformer reads as text-to-video (it masks them out).
+    Image-to-video (``HunyuanVideo15ImageToVideoPipeline``): ``cond.condition_latents`` ``[b, c + 1, f, h, w]`` (the
+    first frame's latents, then zero frames, and the mask 1 on the first frame) and ``cond.image_embeds``, SigLIP's
+    tokens of the first frame (``fewstep.models.prompts.first_frame_conditioning``). Velocity out, ``[b, c, f, h, w]``.
+    """
     b, c, f, h, w = x.shape
     if backbone.config.in_channels != 2 * c + 1:
         raise ValueError(
             f"This HunyuanVideo 1.5 transformer takes {backbone.config.in_channels} input channels, not the "
-            f"{2 * c + 1} of text-to-video on {c}-channel latents (latents, condition latents, mask)."
+            f"{2 * c + 1} of {c}-channel latents (latents, condition latents, mask)."
         )
     names = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
     streams = {n: _require(getattr(cond, n), n, "HunyuanVideo 1.5").to(device=x.device, dtype=x.dtype) for n in names}
+    condition = cond.condition_latents
+    condition = x.new_zeros(b, c + 1, f, h, w) if condition is None else _as(condition, x)
+    image = cond.image_embeds
+    image = x.new_zeros(b, HUNYUAN15_VISION_TOKENS, backbone.config.image_embed_dim) if image is None else _as(image, x)
     return backbone(
-        hidden_states=torch.cat([x, x.new_zeros(b, c + 1, f, h, w)], dim=1),  # [b, 2c + 1, f, h, w]
+        hidden_states=torch.cat([x, condition], dim=1),  # [b, 2c + 1, f, h, w]
         timestep=timestep.to(x.dtype),
         encoder_hidden_states=streams["prompt_embeds"],
         encoder_attention_mask=streams["prompt_embeds_mask"],
         encoder_hidden_states_2=streams["prompt_embeds_2"],
         encoder_attention_mask_2=streams["prompt_embeds_mask_2"],
-        image_embeds=x.new_zeros(b, HUNYUAN15_VISION_TOKENS, backbone.config.image_embed_dim),
+        image_embeds=image,
         return_dict=False,
     )[0]

@@ -49,19 +49,21 @@ from fewstep.models.teacher import Teacher
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
-            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "hunyuan15")  # fmt: skip
+            "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "hunyuan15",
+            "hunyuan15_i2v")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
                      "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class",
-                     "cogvideox": "cogvideox", "flux2": "flux2", "hunyuan15": "hunyuan15"}  # fmt: skip
+                     "cogvideox": "cogvideox", "flux2": "flux2", "hunyuan15": "hunyuan15",
+                     "hunyuan15_i2v": "hunyuan15"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
 # 1000·s; Flux, FLUX.2 and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana 1000·s (its
 # adapter also applies the model's own timestep_scale).
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
                        "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
                        "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0,
-                       "hunyuan15": 1000.0}  # fmt: skip
+                       "hunyuan15": 1000.0, "hunyuan15_i2v": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -309,9 +311,9 @@ def encoder_components(index: Mapping[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-# Pipelines that cannot be built without their VAE: HunyuanVideo15Pipeline reads vae.config in its __init__ (diffusers
+# Pipelines that cannot be built without their VAE: HunyuanVideo 1.5's read vae.config in their __init__ (diffusers
 # 0.42), so a teacher trained from a cache keeps it loaded.
-VAE_REQUIRED_PIPELINES = ("HunyuanVideo15Pipeline",)
+VAE_REQUIRED_PIPELINES = ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
 
 
 def cache_skipped_components(index: Mapping[str, Any]) -> tuple[str, ...]:
@@ -377,8 +379,8 @@ def detect_family(pipeline: Any) -> str:
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
     ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
     without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) |
-    ``flux2`` (FLUX.2 [dev]) | ``hunyuan15`` (HunyuanVideo 1.5 text-to-video) from a pipeline's backbone class and
-    config.
+    ``flux2`` (FLUX.2 [dev]) | ``hunyuan15`` (HunyuanVideo 1.5 text-to-video) | ``hunyuan15_i2v`` (its image-to-video
+    pipeline) from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -449,15 +451,10 @@ def detect_family(pipeline: Any) -> str:
 
 
 def hunyuan15_family(pipeline: Any) -> str:
-    """``hunyuan15`` for ``HunyuanVideo15Pipeline`` (text-to-video) with a classifier-free guider the teacher
-    reproduces (Imagen's convention over every step, no rescale). The image-to-video pipeline (a SigLIP image encoder)
-    and the step-distilled MeanFlow transformers (``use_meanflow``: a second timestep) are refused by name, as is a
-    guider of another kind or setting."""
-    if "image_encoder" in getattr(pipeline, "config", {}):
-        raise ValueError(
-            "HunyuanVideo 1.5 image-to-video (HunyuanVideo15ImageToVideoPipeline) is not supported; its text-to-video "
-            "pipeline (HunyuanVideo15Pipeline, e.g. hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v) is."
-        )
+    """``hunyuan15`` for ``HunyuanVideo15Pipeline`` (text-to-video), ``hunyuan15_i2v`` for
+    ``HunyuanVideo15ImageToVideoPipeline`` (a SigLIP image encoder), each with a classifier-free guider the teacher
+    reproduces (Imagen's convention over every step, no rescale). The step-distilled MeanFlow transformers
+    (``use_meanflow``: a second timestep) are refused by name, as is a guider of another kind or setting."""
     if getattr(pipeline.transformer.config, "use_meanflow", False):
         raise ValueError(
             "The step-distilled HunyuanVideo 1.5 transformers (use_meanflow: a second timestep) are already few-step "
@@ -466,7 +463,7 @@ def hunyuan15_family(pipeline: Any) -> str:
     problem = hunyuan15_guider_problem(getattr(pipeline, "guider", None))
     if problem:
         raise ValueError(problem)
-    return "hunyuan15"
+    return "hunyuan15_i2v" if "image_encoder" in getattr(pipeline, "config", {}) else "hunyuan15"
 
 
 def hunyuan15_guider_problem(guider: Any) -> str | None:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fewstep.models.backbones import (
     default_resolution,
+    is_hunyuan15_pipeline,
     ltx_rope_interpolation_scale,
     video_defaults,
     video_latent_shape,
@@ -298,9 +299,10 @@ def _sana(
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
              "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
              "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox,
-             "flux2": _flux2, "hunyuan15": _hunyuan15}  # fmt: skip
-IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
-FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
+             "flux2": _flux2, "hunyuan15": _hunyuan15, "hunyuan15_i2v": _hunyuan15}  # fmt: skip
+# families that take a first frame: encode_prompts(..., images=)
+IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v", "hunyuan15_i2v")
+FIRST_FRAME_REQUIRED = ("wan21_i2v", "hunyuan15_i2v")  # ... and those that need one (TI2V-5B without one is t2v)
 
 
 def as_pil_images(images: Any) -> list[Any]:
@@ -326,7 +328,9 @@ def first_frame_conditioning(
     * Wan 2.1 I2V: ``image_embeds``, the CLIP vision tower's penultimate states of the image (``encode_image``), and
       ``condition_latents``, the frame mask and the VAE latents of the image followed by zero frames;
     * Wan 2.2 TI2V-5B (``expand_timesteps``): ``first_frame_latents``, the VAE latents of the image alone (one latent
-      frame), which the ``wan_ti2v`` adapter keeps clean.
+      frame), which the ``wan_ti2v`` adapter keeps clean;
+    * HunyuanVideo 1.5 image-to-video: ``condition_latents`` and ``image_embeds`` as
+      ``HunyuanVideo15ImageToVideoPipeline`` makes them (``hunyuan15_first_frame``).
 
     Args:
         pipeline: a ``WanImageToVideoPipeline``, or TI2V-5B's ``WanPipeline`` (the same preparation applies).
@@ -339,6 +343,9 @@ def first_frame_conditioning(
     if resolution is not None:
         height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     pil = as_pil_images(images)
+    if is_hunyuan15_pipeline(pipeline):
+        with torch.no_grad():
+            return Conditioning.cat([hunyuan15_first_frame(pipeline, image, frames, height, width) for image in pil])
     device = _device(pipeline)
     expand = bool(pipeline.config.get("expand_timesteps"))
     shape = video_latent_shape(pipeline, 1, (height, width), frames)
@@ -354,6 +361,24 @@ def first_frame_conditioning(
             return Conditioning(first_frame_latents=torch.cat(rows))
         embeds = pipeline.encode_image(pil, device)  # [b, n, d]
     return Conditioning(condition_latents=torch.cat(rows), image_embeds=embeds)
+
+
+def hunyuan15_first_frame(pipeline: Any, image: Any, num_frames: int, height: int, width: int) -> Conditioning:
+    """One first frame as ``HunyuanVideo15ImageToVideoPipeline`` conditions on it, for a clip of ``num_frames`` at
+    ``height × width`` (a batch of 1): the image resized and center-cropped to the clip (``resize_mode="crop"``), its
+    VAE latents times ``scaling_factor`` on the first latent frame and zeros after it, followed by the mask (1 on the
+    first frame) on the channels (``condition_latents`` ``[1, c + 1, f, h, w]``, ``prepare_cond_latents_and_mask``),
+    and SigLIP's last hidden states of it (``image_embeds``, ``_get_image_embeds``). The pipeline itself picks the
+    clip's size from the image's aspect ratio: give images of the size the clips are trained at."""
+    image = pipeline.video_processor.resize(image, height=height, width=width, resize_mode="crop")
+    device = _device(pipeline)
+    latents = type(pipeline)._get_image_latents(pipeline.vae, pipeline.video_processor, image, height, width, device)
+    shape = video_latent_shape(pipeline, 1, (height, width), num_frames)  # [1, c, f, h, w]
+    condition = latents.new_zeros(1, shape[1] + 1, *shape[2:])
+    condition[:, : shape[1], :1] = latents  # the first frame's latents, zero frames after it
+    condition[:, shape[1], 0] = 1.0  # the mask: the first latent frame is given
+    embeds = type(pipeline)._get_image_embeds(pipeline.image_encoder, pipeline.feature_extractor, image, device)
+    return Conditioning(condition_latents=condition.float(), image_embeds=embeds.float())
 
 
 def encode_with_pipeline(

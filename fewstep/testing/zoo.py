@@ -63,6 +63,9 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   ``T5EncoderModel`` for quoted glyph text behind transformers' own ``ByT5Tokenizer``, which needs no files; the
   ``ClassifierFreeGuidance`` guider at HunyuanVideo 1.5 480p's scale 6) with ``FlowMatchEulerDiscreteScheduler`` at
   its 480p shift 5.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 4, 2, 4, 4]``, one token per latent pixel).
+* ``hunyuan15_i2v``: ``HunyuanVideo15ImageToVideoPipeline`` (HunyuanVideo 1.5 image-to-video: the same transformer
+  reading the first frame's latents and mask on its channels and a one-layer ``SiglipVisionModel``'s tokens of it, 16
+  at 16×16 pixels, with its ``SiglipImageProcessor``), otherwise as ``hunyuan15``.
 
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
@@ -93,7 +96,7 @@ from fewstep.testing.tokenizer import (
 
 FAMILIES: tuple[str, ...] = (
     "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx",
-    "pixart_sigma", "sana", "cogvideox", "flux2", "hunyuan15",
+    "pixart_sigma", "sana", "cogvideox", "flux2", "hunyuan15", "hunyuan15_i2v",
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -769,18 +772,14 @@ def _byt5() -> Any:
 HUNYUAN15_GUIDANCE = 6.0  # HunyuanVideo 1.5 480p text-to-video's guider (diffusers' conversion script)
 
 
-def _build_hunyuan15() -> Any:
-    from diffusers import (
-        AutoencoderKLHunyuanVideo15,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideo15Pipeline,
-        HunyuanVideo15Transformer3DModel,
-    )
+def _hunyuan15_parts(task_type: str) -> dict[str, Any]:
+    """The components both HunyuanVideo 1.5 pipelines share; the transformer for ``task_type`` (``t2v``, ``i2v``)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
     from diffusers.guiders import ClassifierFreeGuidance
     from transformers import ByT5Tokenizer
 
     transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=9,  # noisy latents, condition latents (zero for text-to-video) and their one-channel mask
+        in_channels=9,  # noisy latents, condition latents (the first frame's, or zero) and their one-channel mask
         out_channels=4,
         num_attention_heads=2,
         attention_head_dim=16,
@@ -791,21 +790,42 @@ def _build_hunyuan15() -> Any:
         patch_size_t=1,
         text_embed_dim=32,  # = the Qwen text encoder's width
         text_embed_2_dim=32,  # = the ByT5 encoder's width
-        image_embed_dim=16,  # the (zero) vision tokens of text-to-video
+        image_embed_dim=16,  # = the SigLIP vision width (zero tokens for text-to-video)
         rope_axes_dim=(4, 6, 6),  # (frames, height, width); sums to attention_head_dim
         target_size=VIDEO_RESOLUTION,
-        task_type="t2v",
+        task_type=task_type,
     )
     vae = AutoencoderKLHunyuanVideo15(  # HunyuanVideo 1.5's layout at width 8 and 8× (not 16×) in space, 4× in time
         latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, spatial_compression_ratio=8,
         temporal_compression_ratio=4,
     )  # fmt: skip
-    return HunyuanVideo15Pipeline(
+    return dict(
         text_encoder=_qwen2_5_vl_text(), tokenizer=qwen2_chat_tokenizer(), transformer=transformer, vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0),  # 480p text-to-video's shift
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0),  # 480p's shift (t2v and i2v)
         text_encoder_2=_byt5(), tokenizer_2=ByT5Tokenizer(),
         guider=ClassifierFreeGuidance(guidance_scale=HUNYUAN15_GUIDANCE),
     )  # fmt: skip
+
+
+def _build_hunyuan15() -> Any:
+    from diffusers import HunyuanVideo15Pipeline
+
+    return HunyuanVideo15Pipeline(**_hunyuan15_parts("t2v"))
+
+
+SIGLIP_SIZE = 16  # the tiny SigLIP's input side: 4×4 patches of 4 pixels (HunyuanVideo 1.5's SigLIP: 27×27 of 14)
+
+
+def _build_hunyuan15_i2v() -> Any:
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=SIGLIP_SIZE, patch_size=4)  # fmt: skip
+    processor = SiglipImageProcessor(size={"height": SIGLIP_SIZE, "width": SIGLIP_SIZE})
+    return HunyuanVideo15ImageToVideoPipeline(
+        **_hunyuan15_parts("i2v"), image_encoder=SiglipVisionModel(config).eval(), feature_extractor=processor
+    )
 
 
 _BUILDERS: dict[str, Callable[[], Any]] = {
@@ -825,6 +845,7 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "cogvideox": _build_cogvideox,
     "flux2": _build_flux2,
     "hunyuan15": _build_hunyuan15,
+    "hunyuan15_i2v": _build_hunyuan15_i2v,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
@@ -833,7 +854,7 @@ _VIDEO: dict[str, dict[str, int]] = {
 _VIDEO["wan22_ti2v"] = {"resolution": TI2V_RESOLUTION, "num_frames": VIDEO_FRAMES}
 _VIDEO["ltx"] = {"resolution": LTX_RESOLUTION, "num_frames": LTX_FRAMES}
 _VIDEO["cogvideox"] = {"resolution": VIDEO_RESOLUTION, "num_frames": COGVIDEOX_FRAMES}
-_VIDEO["hunyuan15"] = {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES}
+_VIDEO["hunyuan15"] = _VIDEO["hunyuan15_i2v"] = {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES}
 
 
 def build_tiny_pipeline(family: str, seed: int = SEED) -> Any:

@@ -122,7 +122,7 @@ def test_hunyuan15_vae_decode_and_encode_follow_the_pipeline_one_clip_at_a_time(
     torch.testing.assert_close(encoded[1:], mean * vae.config.scaling_factor, atol=1e-5, rtol=1e-5)
 
 
-def test_unsupported_guiders_and_image_to_video_are_refused(teacher):
+def test_unsupported_guiders_are_refused_and_image_to_video_is_told_apart(teacher):
     pipe = teacher.pipeline
     kept = pipe.guider
     try:
@@ -132,8 +132,7 @@ def test_unsupported_guiders_and_image_to_video_are_refused(teacher):
     finally:
         pipe.guider = kept
     i2v = SimpleNamespace(transformer=pipe.transformer, guider=kept, config={"image_encoder": ("transformers", "X")})
-    with pytest.raises(ValueError, match="image-to-video"):
-        detect_family(i2v)
+    assert detect_family(pipe) == "hunyuan15" and detect_family(i2v) == "hunyuan15_i2v"
 
 
 def test_teacher_without_text_encoders_keeps_the_vae_it_cannot_be_built_without(teacher):
@@ -158,3 +157,51 @@ def test_loading_drops_diffusers_experimental_guider_notice():
     with diffusers_warnings() as warned:  # outside a load the notice still shows
         ClassifierFreeGuidance()
     assert any("Guiders are" in r.getMessage() for r in warned)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image-to-video: HunyuanVideo15ImageToVideoPipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_i2v():
+    cfg = SimpleNamespace(pretrained="tiny:hunyuan15_i2v", guidance_scale=6.0)
+    return load_teacher(cfg)
+
+
+def first_frame(seed: int = 3):
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (32, 32, 3)).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hunyuan15_i2v_parity_frame_by_frame(teacher_i2v, seed):
+    teacher = teacher_i2v
+    assert teacher.family == "hunyuan15_i2v" and teacher.denoiser.adapter_name == "hunyuan15"
+    pipe, image = teacher.pipeline, first_frame()
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=6.0)
+    b, c, f, h, w = latent_shape(teacher, len(PROMPTS))
+    out = pipe(image=image, prompt=PROMPTS, num_frames=4 * (f - 1) + 1, num_inference_steps=STEPS,
+               output_type="latent", generator=torch.Generator().manual_seed(seed)).frames  # fmt: skip
+    noise = pipe.prepare_latents(b, c, 8 * h, 8 * w, 4 * (f - 1) + 1, torch.float32, "cpu",
+                                 torch.Generator().manual_seed(seed))  # fmt: skip
+    cond, uncond = encode_prompts(teacher, PROMPTS, images=[image])
+    assert cond.condition_latents.shape == (2, c + 1, f, h, w) and cond.image_embeds.shape == (2, 16, 16)
+    assert torch.equal(uncond.image_embeds, cond.image_embeds), "both CFG branches see the first frame"
+    x = teacher.sample(noise, cond, teacher_grid(teacher, STEPS)[0], uncond, guidance_scale=6.0)
+    diffs = [(x[:, :, frame] - out[:, :, frame]).abs().max().item() for frame in range(f)]
+    print(f"hunyuan15_i2v seed {seed}: max |Δ| per latent frame {[f'{d:.1e}' for d in diffs]}, max |x| "
+          f"{out.abs().max():.1f}")  # fmt: skip
+    assert out.abs().max() > 1 and max(diffs) < 1e-5
+    no_image = {"condition_latents": None, "image_embeds": None}
+    taus = teacher_grid(teacher, STEPS)[0]
+    t2v = teacher.sample(noise, cond.replace(**no_image), taus, uncond.replace(**no_image), guidance_scale=6.0)
+    assert (t2v - out).abs().max() > 1e-3, "the first frame must matter for the comparison to mean much"
+
+
+def test_hunyuan15_i2v_needs_its_first_frame(teacher_i2v):
+    with pytest.raises(ValueError, match="first frame: pass images="):
+        encode_prompts(teacher_i2v, PROMPTS)
