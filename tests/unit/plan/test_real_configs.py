@@ -59,6 +59,7 @@ NOT_SHIPPED = {
     "black-forest-labs/FLUX.2-dev",
     "THUDM/CogVideoX-5b",
     "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v",
 }
 
 
