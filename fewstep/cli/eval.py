@@ -65,10 +65,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         help='text models: a file with one prompt per line, or .jsonl with {"prompt": ...} per line',
     )
     parser.add_argument("--images", metavar="PATH",
-                        help="image-to-video models (wan21_i2v, wan22_ti2v): the first frames, as an image for every "
-                        "prompt, a folder with one image per prompt (file-name order, with --prompts), or a prompts "
-                        '.jsonl with {"prompt": ..., "image": ...} per line (a --prompts .jsonl with images needs no '
-                        "--images)")  # fmt: skip
+                        help="image-to-video models (wan21_i2v, wan22_ti2v, hunyuan15_i2v): the first frames, as an "
+                        "image for every prompt, a folder with one image per prompt (file-name order, with --prompts), "
+                        'or a prompts .jsonl with {"prompt": ..., "image": ...} per line (a --prompts .jsonl with '
+                        "images needs no --images)")  # fmt: skip
     parser.add_argument("--images-per-prompt", type=int, default=None, metavar="N",
                         help="text models: N seeds per prompt (the image count becomes N x prompts; default: "
                         "--num-samples, prompts cycled)")  # fmt: skip

@@ -36,6 +36,7 @@ class TeacherConfig(BaseModel):
     family: Literal[
         "auto", "sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
         "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "chroma", "zimage",
+        "hunyuan15", "hunyuan15_i2v",
     ] = "auto"  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     guidance_scale: float = Field(1.0, ge=0.0)  # Imagen convention: cfg = uncond + w·(cond − uncond), w = 1 is off

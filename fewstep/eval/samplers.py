@@ -176,16 +176,19 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def teacher_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None) -> tuple[Tensor, str]:
     """The teacher's ``num_steps + 1`` levels and the solver's name: its pipeline scheduler's own grid when fewstep
-    reproduces that scheduler (DDIM, Euler, FlowMatchEuler), else DDIM on the ``trailing`` grid (VP) or Euler on the
+    reproduces that scheduler (DDIM, Euler, FlowMatchEuler; on the sigmas the pipeline passes it, ``pipeline_sigmas``),
+    else DDIM on the ``trailing`` grid (VP) or Euler on the
     shifted uniform grid (flow)."""
-    from fewstep.solvers.grids import SUPPORTED, scheduler_taus, teacher_taus
+    from fewstep.solvers.grids import SUPPORTED, pipeline_sigmas, scheduler_taus, teacher_taus
 
     scheduler = getattr(teacher.pipeline, "scheduler", None)
     name = type(scheduler).__name__
     if scheduler is not None and name in SUPPORTED:
         try:
             solver = "DDIM (η=0)" if teacher.schedule.kind == "vp" else "Euler"
-            return scheduler_taus(scheduler, teacher.schedule, num_steps, num_tokens), f"{solver} on {name}'s timesteps"
+            sigmas = pipeline_sigmas(teacher.pipeline, num_steps)  # HunyuanVideo 1.5 passes its own
+            taus = scheduler_taus(scheduler, teacher.schedule, num_steps, num_tokens, sigmas=sigmas)
+            return taus, f"{solver} on {name}'s timesteps"
         except ValueError:
             pass
     solver = "DDIM (η=0), trailing grid" if teacher.schedule.kind == "vp" else "Euler, uniform shifted grid"

@@ -76,7 +76,8 @@ def _text_snippet(
     exported for that (``fewstep.objectives.pipeline_grid``: ``num_inference_steps`` and no ``sigmas``) is sampled at
     its recommended steps; one whose spec still needs ``sigmas=`` reproduces at one step only, so the snippet samples
     one step and says how to sample more. An image-to-video pipeline (``takes_first_frame``) is called with its first
-    frame, ``pipe(image=..., prompt=...)``."""
+    frame, ``pipe(image=..., prompt=...)``. A pipeline that guides through its ``guider`` component (no
+    ``guidance_scale`` argument) is called without one: the exported pipeline's guider carries the student's."""
     call = _pipeline_call_parameters(pipeline_class)
     first_frame = takes_first_frame(pipeline_class)
     kwargs = spec.call_kwargs(spec.recommended_steps)
@@ -85,6 +86,8 @@ def _text_snippet(
         kwargs = {k: v for k, v in spec.call_kwargs(1).items() if k != "sigmas"} | {"num_inference_steps": 1}
         lines.insert(0, f"# {pipeline_class} takes no sigmas=, so it runs the student's schedule at one step only; for "
                      f"{spec.recommended_steps} steps use `fewstep sample`.")  # fmt: skip
+    if call is not None and "guidance_scale" not in call:  # its guider component holds the scale (HunyuanVideo 1.5)
+        kwargs = {k: v for k, v in kwargs.items() if k != "guidance_scale"}
     output = "frames" if call is not None and "num_frames" in call else "images"
     result = "video" if output == "frames" else "image"
     if lora:

@@ -146,7 +146,9 @@ def merged_backbone(student: Student) -> nn.Module:
     return merged.eval().requires_grad_(False)
 
 
-def save_merged(student: Student, teacher: Teacher, out_dir: str | Path, scheduler: Any = None) -> Path:
+def save_merged(
+    student: Student, teacher: Teacher, out_dir: str | Path, scheduler: Any = None, guidance_scale: float | None = None
+) -> Path:
     """Write a full diffusers pipeline with the student's weights (``save_pretrained``), loadable with
     ``DiffusionPipeline.from_pretrained(out_dir)``.
 
@@ -155,6 +157,8 @@ def save_merged(student: Student, teacher: Teacher, out_dir: str | Path, schedul
         teacher: its teacher; every other component (VAE, encoders, tokenizers) is copied from its pipeline.
         out_dir: the pipeline directory to write.
         scheduler: the student's diffusers scheduler (e.g. an ``LCMScheduler``); the teacher's when ``None``.
+        guidance_scale: the student's guidance, for a pipeline that reads it from its ``guider`` component rather than
+            a call argument (HunyuanVideo 1.5): the exported guider is the teacher's at this scale (1: no CFG).
     """
     pipe = _require_pipeline(teacher, "merged export")
     components = dict(pipe.components)
@@ -165,6 +169,9 @@ def save_merged(student: Student, teacher: Teacher, out_dir: str | Path, schedul
         components[backbone_component(teacher)] = merged
     if scheduler is not None:
         components["scheduler"] = scheduler
+    guider = components.get("guider")
+    if guider is not None and guidance_scale is not None:
+        components["guider"] = type(guider).from_config(guider.config, guidance_scale=float(guidance_scale))
     # Pipeline flags that are config, not components (requires_safety_checker, force_zeros_for_empty_prompt, ...).
     params = inspect.signature(type(pipe).__init__).parameters
     flags = {k: pipe.config[k] for k in params if k not in components and k in pipe.config}

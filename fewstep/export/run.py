@@ -129,7 +129,8 @@ def export_student(
             else:
                 logger.warning("%s cannot load LoRA files; writing a merged pipeline instead.", pipe_cls.__name__)
         if not wrote_lora or merged:
-            save_merged(student, teacher, staging / ("merged" if wrote_lora else ""), scheduler=spec.scheduler())
+            save_merged(student, teacher, staging / ("merged" if wrote_lora else ""), scheduler=spec.scheduler(),
+                        guidance_scale=spec.guidance_scale)  # fmt: skip
         write_schedule(spec, staging)
         if source is not None:
             _write_source(staging, source)

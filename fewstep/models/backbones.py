@@ -42,6 +42,10 @@ name                      model                        inputs
 ``cogvideox``             ``CogVideoXTransformer3DModel``  video latents as ``[b, f, c, h, w]``, ``timestep``
                                                        (VP index), T5 ``encoder_hidden_states``, 3-D rotary
                                                        embeddings (5b)
+``hunyuan15``             ``HunyuanVideo15Transformer3DModel``  video latents with condition latents and mask on the
+                                                       channels (zero, or the first frame's), ``timestep`` (=
+                                                       1000·s), Qwen2.5-VL and ByT5 tokens with their masks,
+                                                       vision tokens (zero, or SigLIP's of the first frame)
 ========================  ===========================  ===============================================================
 
 The shape rules of each family live here too: the latent shape a pipeline denoises (``latent_shape``,
@@ -104,6 +108,7 @@ ADAPTER_BY_CLASS: dict[str, str] = {
     "PixArtTransformer2DModel": "pixart",
     "SanaTransformer2DModel": "sana",
     "CogVideoXTransformer3DModel": "cogvideox",
+    "HunyuanVideo15Transformer3DModel": "hunyuan15",
 }
 
 
@@ -156,7 +161,7 @@ def patch_size(family: str, backbone: Any) -> int:
         return int(getattr(backbone.config, "patch_size", 2))
     if family == "zimage":  # ZImagePipeline calls its transformer with the default patch_size=2
         return ZIMAGE_PATCH_SIZE
-    if family in ("ltx", "cogvideox"):  # one int for height and width (``patch_size_t`` for frames)
+    if family in ("ltx", "cogvideox", "hunyuan15", "hunyuan15_i2v"):  # one int for height and width (and ``_t``)
         return int(backbone.config.patch_size)
     if family in VIDEO_FAMILIES or family == "wan_class":
         return int(backbone.config.patch_size[-1])  # (frames, height, width): Wan's (1, 2, 2)
@@ -237,7 +242,7 @@ def latent_shape(
 
 # Video: latents [b, c, f, h, w]; the VAE keeps the first frame and compresses the rest in time (Wan 4×, LTX 8×),
 # and compresses space (Wan 8×, LTX 32×).
-VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx", "cogvideox")
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx", "cogvideox", "hunyuan15", "hunyuan15_i2v")
 WAN_DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline's call defaults: frames, height, width (5 s at 16 fps, 480p)
 LTX_DEFAULT_VIDEO = (161, 512, 704)  # LTXPipeline's call defaults (6.4 s at 25 fps)
 
@@ -263,6 +268,8 @@ def video_defaults(pipeline: Any) -> tuple[int, int, int]:
     default = LTX_DEFAULT_VIDEO if hasattr(pipeline, "vae_temporal_compression_ratio") else WAN_DEFAULT_VIDEO
     if is_cogvideox_pipeline(pipeline):
         default = cogvideox_video_defaults(pipeline)
+    if is_hunyuan15_pipeline(pipeline):
+        default = hunyuan15_video_defaults(pipeline)
     return tuple(getattr(pipeline, "default_video_size", None) or default)  # type: ignore[return-value]
 
 
@@ -277,6 +284,23 @@ def cogvideox_video_defaults(pipeline: Any) -> tuple[int, int, int]:
     config = pipeline.transformer.config
     spatial = video_compression(pipeline)[1]
     return int(config.sample_frames), int(config.sample_height) * spatial, int(config.sample_width) * spatial
+
+
+def is_hunyuan15_pipeline(pipeline: Any) -> bool:
+    """Whether a pipeline denoises with a ``HunyuanVideo15Transformer3DModel`` (``HunyuanVideo15Pipeline`` and
+    ``HunyuanVideo15ImageToVideoPipeline``)."""
+    return type(getattr(pipeline, "transformer", None)).__name__ == "HunyuanVideo15Transformer3DModel"
+
+
+HUNYUAN15_FRAMES = 121  # HunyuanVideo15Pipeline's num_frames default (5 s at 24 fps)
+
+
+def hunyuan15_video_defaults(pipeline: Any) -> tuple[int, int, int]:
+    """``HunyuanVideo15Pipeline``'s call defaults: 121 frames at the 16:9 size its video processor picks for the
+    transformer's ``target_size`` (480p: 480 × 848; 720p: 720 × 1280). The image-to-video pipeline picks the size of
+    the first frame's aspect ratio instead; a clip prepared for fewstep has the size given with its first frame."""
+    height, width = pipeline.video_processor.calculate_default_height_width(9, 16, pipeline.target_size)
+    return HUNYUAN15_FRAMES, int(height), int(width)
 
 
 def video_latent_shape(
@@ -925,3 +949,46 @@ def sana_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditi
         return_dict=False,
     )[0]
     return learned_sigma_eps(out, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HunyuanVideo 1.5: three token streams, condition channels
+# ---------------------------------------------------------------------------------------------------------------------
+
+HUNYUAN15_VISION_TOKENS = 729  # HunyuanVideo15Pipeline's vision_num_semantic_tokens (SigLIP's 27 × 27), zero for t2v
+
+
+@BACKBONES.register("hunyuan15")
+def hunyuan15_adapter(backbone: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    """``HunyuanVideo15Transformer3DModel`` on video latents ``[b, c, f, h, w]``, as the HunyuanVideo 1.5 pipelines call
+    it: the latents followed on the channels by the condition latents and their one-channel mask (``2c + 1``
+    channels), ``timestep = 1000·s`` (``FlowSchedule(timestep_scale=1000)``), Qwen2.5-VL's tokens and ByT5's glyph
+    tokens each with its mask (``cond.prompt_embeds``/``_mask``, ``cond.prompt_embeds_2``/``_mask_2``, the masks as
+    float as the pipelines pass them), and vision tokens. Text-to-video (``HunyuanVideo15Pipeline``): zero condition
+    latents and mask, all-zero vision tokens, which the transformer reads as text-to-video (it masks them out).
+    Image-to-video (``HunyuanVideo15ImageToVideoPipeline``): ``cond.condition_latents`` ``[b, c + 1, f, h, w]`` (the
+    first frame's latents, then zero frames, and the mask 1 on the first frame) and ``cond.image_embeds``, SigLIP's
+    tokens of the first frame (``fewstep.models.prompts.first_frame_conditioning``). Velocity out, ``[b, c, f, h, w]``.
+    """
+    b, c, f, h, w = x.shape
+    if backbone.config.in_channels != 2 * c + 1:
+        raise ValueError(
+            f"This HunyuanVideo 1.5 transformer takes {backbone.config.in_channels} input channels, not the "
+            f"{2 * c + 1} of {c}-channel latents (latents, condition latents, mask)."
+        )
+    names = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+    streams = {n: _require(getattr(cond, n), n, "HunyuanVideo 1.5").to(device=x.device, dtype=x.dtype) for n in names}
+    condition = cond.condition_latents
+    condition = x.new_zeros(b, c + 1, f, h, w) if condition is None else _as(condition, x)
+    image = cond.image_embeds
+    image = x.new_zeros(b, HUNYUAN15_VISION_TOKENS, backbone.config.image_embed_dim) if image is None else _as(image, x)
+    return backbone(
+        hidden_states=torch.cat([x, condition], dim=1),  # [b, 2c + 1, f, h, w]
+        timestep=timestep.to(x.dtype),
+        encoder_hidden_states=streams["prompt_embeds"],
+        encoder_attention_mask=streams["prompt_embeds_mask"],
+        encoder_hidden_states_2=streams["prompt_embeds_2"],
+        encoder_attention_mask_2=streams["prompt_embeds_mask_2"],
+        image_embeds=image,
+        return_dict=False,
+    )[0]

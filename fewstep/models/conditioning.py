@@ -31,6 +31,8 @@ class Conditioning:
     img_ids: Tensor | None = None  # [h·w, 3] Flux, shared across the batch
     prompt_embeds_mask: Tensor | None = None  # [b, L] long, 1 = a real text token (Qwen-Image: lengths differ)
     rope_interpolation_scale: Tensor | None = None  # [b, 3] LTX-Video: (temporal compression / fps, spatial, spatial)
+    prompt_embeds_2: Tensor | None = None  # [b, L2, D2] a second text stream (HunyuanVideo 1.5: ByT5 glyph tokens)
+    prompt_embeds_mask_2: Tensor | None = None  # [b, L2] long, 1 = a real token of prompt_embeds_2
     # Image-to-video: the first frame, identical in the conditional and the unconditional branch (as the pipelines)
     condition_latents: Tensor | None = None  # [b, 4 + c, f, h, w] Wan 2.1 I2V: frame mask + VAE latents of the first
     #                                          frame and zero frames, concatenated to the noisy latents' channels

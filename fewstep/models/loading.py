@@ -50,12 +50,13 @@ from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
             "wan22_ti2v", "ltx", "pixart_sigma", "sana", "wan_class", "cogvideox", "flux2", "chroma",
-            "zimage")  # fmt: skip
+            "zimage", "hunyuan15", "hunyuan15_i2v")  # fmt: skip
 ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd3": "sd3", "flux": "flux",
                      "unet2d": "unet2d", "sd35": "sd3", "qwen_image": "qwen_image", "wan21": "wan",
                      "wan21_i2v": "wan", "wan22": "wan_experts", "wan22_ti2v": "wan_ti2v", "ltx": "ltx",
                      "pixart_sigma": "pixart", "sana": "sana", "wan_class": "wan_class",
-                     "cogvideox": "cogvideox", "flux2": "flux2", "chroma": "chroma", "zimage": "zimage"}  # fmt: skip
+                     "cogvideox": "cogvideox", "flux2": "flux2", "chroma": "chroma", "zimage": "zimage",
+                     "hunyuan15": "hunyuan15", "hunyuan15_i2v": "hunyuan15"}  # fmt: skip
 # What a flow backbone is fed: SD3 / SD3.5, Wan, LTX-Video (and pixel UNets trained with FlowMatchEuler timesteps)
 # 1000·s; Flux, FLUX.2, Chroma and Qwen-Image s (their pipelines divide by 1000 and the models multiply back); Sana
 # 1000·s (its adapter also applies the model's own timestep_scale); Z-Image 1000·s (its adapter reverses it as its
@@ -63,7 +64,7 @@ ADAPTER_BY_FAMILY = {"sd15": "unet2d_condition", "sdxl": "unet2d_condition", "sd
 FLOW_TIMESTEP_SCALE = {"sd3": 1000.0, "flux": 1.0, "unet2d": 1000.0, "sd35": 1000.0, "qwen_image": 1.0,
                        "wan21": 1000.0, "wan21_i2v": 1000.0, "wan22": 1000.0, "wan22_ti2v": 1000.0,
                        "ltx": 1000.0, "sana": 1000.0, "wan_class": 1000.0, "flux2": 1.0,
-                       "chroma": 1.0, "zimage": 1000.0}  # fmt: skip
+                       "chroma": 1.0, "zimage": 1000.0, "hunyuan15": 1000.0, "hunyuan15_i2v": 1000.0}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CONFIG_VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype")  # config keys that name no architecture
@@ -119,12 +120,23 @@ class _DropPixelVideoNotice(logging.Filter):
         return not (message.startswith(PIXEL_VIDEO_NOTICE) and PIXEL_VIDEO_BACKBONE in message)
 
 
+# diffusers' notice, each time a guider is built (HunyuanVideo 1.5's pipeline loads one), that guiders are
+# experimental: fewstep reads the guider's config once (hunyuan15_guider_problem) and pins what it reproduces.
+_GUIDER_LOGGER = "diffusers.guiders.guider_utils"
+GUIDER_NOTICE = "Guiders are currently an experimental feature"
+
+
+class _DropGuiderNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(GUIDER_NOTICE)
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Around a pipeline load (``load_pipeline``): drop transformers' image-processor notice above, and when stderr
-    is not a terminal turn diffusers' and transformers' loading bars off (transformers' bar nested inside diffusers'
-    writes cursor-up escapes, ``ESC[A``, into log files). Everything is restored on exit: the notice still shows for
-    other code, and the bars on a terminal or outside the load."""
+    """Around a pipeline load (``load_pipeline``): drop transformers' image-processor notice and diffusers' guider
+    notice above, and when stderr is not a terminal turn diffusers' and transformers' loading bars off (transformers'
+    bar nested inside diffusers' writes cursor-up escapes, ``ESC[A``, into log files). Everything is restored on exit:
+    the notices still show for other code, and the bars on a terminal or outside the load."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
@@ -132,6 +144,8 @@ def quiet_loading() -> Iterator[None]:
     notice_logger.addFilter(drop)
     pipeline_logger, drop_pixel_video = logging.getLogger(_PIPELINE_LOGGER), _DropPixelVideoNotice()
     pipeline_logger.addFilter(drop_pixel_video)
+    guider_logger, drop_guider = logging.getLogger(_GUIDER_LOGGER), _DropGuiderNotice()
+    guider_logger.addFilter(drop_guider)
     restore = []
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         for lib in (diffusers_logging, transformers_logging):
@@ -143,6 +157,7 @@ def quiet_loading() -> Iterator[None]:
     finally:
         notice_logger.removeFilter(drop)
         pipeline_logger.removeFilter(drop_pixel_video)
+        guider_logger.removeFilter(drop_guider)
         for enable in restore:
             enable()
 
@@ -297,6 +312,18 @@ def encoder_components(index: Mapping[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+# Pipelines that cannot be built without their VAE: HunyuanVideo 1.5's read vae.config in their __init__ (diffusers
+# 0.42), so a teacher trained from a cache keeps it loaded.
+VAE_REQUIRED_PIPELINES = ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
+
+
+def cache_skipped_components(index: Mapping[str, Any]) -> tuple[str, ...]:
+    """The components a teacher trained from a cache leaves on disk (``encoder_components``), less the VAE of a
+    pipeline that cannot be built without one (``VAE_REQUIRED_PIPELINES``)."""
+    keep_vae = index.get("_class_name") in VAE_REQUIRED_PIPELINES
+    return tuple(name for name in encoder_components(index) if not (keep_vae and name == "vae"))
+
+
 def _component_config(spec: str, name: str, library: str, revision: str | None) -> dict[str, Any]:
     """The ``config.json`` of one component as a dict, read with its library's own loader (no weights)."""
     local = not is_hub_id(spec)
@@ -353,8 +380,8 @@ def detect_family(pipeline: Any) -> str:
     (image-to-video) | ``wan22`` (two experts) | ``wan22_ti2v`` (TI2V-5B, ``expand_timesteps``) | ``ltx`` |
     ``pixart_sigma`` | ``sana`` | ``wan_class`` (a class-conditional Wan transformer on pixel clips, in a pipeline
     without a text encoder: the moving-digits teacher) | ``cogvideox`` (CogVideoX 1.0 text-to-video, 2b and 5b) |
-    ``flux2`` (FLUX.2 [dev]) | ``chroma`` | ``zimage`` (Z-Image, Z-Image-Turbo) from a pipeline's backbone class
-    and config.
+    ``flux2`` (FLUX.2 [dev]) | ``chroma`` | ``zimage`` (Z-Image, Z-Image-Turbo) | ``hunyuan15`` (HunyuanVideo 1.5
+    text-to-video) | ``hunyuan15_i2v`` (its image-to-video pipeline) from a pipeline's backbone class and config.
 
     Stable Diffusion 3.5 shares SD3's classes; its transformer is told apart by its RMS-normalised queries and keys
     (``qk_norm``, set in 3.5 Large, Large Turbo and Medium, absent in SD3 Medium)."""
@@ -417,14 +444,57 @@ def detect_family(pipeline: Any) -> str:
         return "sana"
     if cls == "CogVideoXTransformer3DModel":
         return cogvideox_family(backbone.config)
+    if cls == "HunyuanVideo15Transformer3DModel":
+        return hunyuan15_family(pipeline)
     raise ValueError(
         f"Cannot tell the model family of {type(pipeline).__name__} (backbone {cls}); supported backbones: "
         "UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel, "
         "QwenImageTransformer2DModel, WanTransformer3DModel, PixArtTransformer2DModel, SanaTransformer2DModel, "
-        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel, ChromaTransformer2DModel, ZImageTransformer2DModel. "
-        "For other models use "
+        "LTXVideoTransformer3DModel, CogVideoXTransformer3DModel, ChromaTransformer2DModel, ZImageTransformer2DModel, "
+        "HunyuanVideo15Transformer3DModel. For other models use "
         "Teacher.from_module(module, schedule, prediction_type, adapter=...)."
     )
+
+
+def hunyuan15_family(pipeline: Any) -> str:
+    """``hunyuan15`` for ``HunyuanVideo15Pipeline`` (text-to-video), ``hunyuan15_i2v`` for
+    ``HunyuanVideo15ImageToVideoPipeline`` (a SigLIP image encoder), each with a classifier-free guider the teacher
+    reproduces (Imagen's convention over every step, no rescale). The step-distilled MeanFlow transformers
+    (``use_meanflow``: a second timestep) are refused by name, as is a guider of another kind or setting."""
+    if getattr(pipeline.transformer.config, "use_meanflow", False):
+        raise ValueError(
+            "The step-distilled HunyuanVideo 1.5 transformers (use_meanflow: a second timestep) are already few-step "
+            "models and not supported as teachers; HunyuanVideo 1.5 text-to-video (480p_t2v, 720p_t2v) is."
+        )
+    problem = hunyuan15_guider_problem(getattr(pipeline, "guider", None))
+    if problem:
+        raise ValueError(problem)
+    return "hunyuan15_i2v" if "image_encoder" in getattr(pipeline, "config", {}) else "hunyuan15"
+
+
+def hunyuan15_guider_problem(guider: Any) -> str | None:
+    """Why the teacher cannot reproduce a HunyuanVideo 1.5 pipeline's guider (None: it can). Its CFG is
+    ``ClassifierFreeGuidance`` in Imagen's convention ``v_u + w·(v_c − v_u)`` at every step, the scale being
+    ``teacher.guidance_scale``; a rescale, the original formulation or a step window are not reproduced."""
+    if guider is None:
+        return None
+    config = dict(getattr(guider, "config", {}))
+    changed = {
+        key: config.get(key)
+        for key, default in HUNYUAN15_GUIDER_DEFAULTS.items()
+        if config.get(key, default) != default
+    }
+    if type(guider).__name__ == "ClassifierFreeGuidance" and not changed:
+        return None
+    return (
+        f"This HunyuanVideo 1.5 pipeline guides with {type(guider).__name__} {changed or ''}; the teacher reproduces "
+        "ClassifierFreeGuidance with guidance_rescale 0, use_original_formulation false, start 0 and stop 1 (its "
+        "scale is teacher.guidance_scale). Set pipe.guider = ClassifierFreeGuidance(guidance_scale=...) and save it."
+    )
+
+
+HUNYUAN15_GUIDER_DEFAULTS = {"guidance_rescale": 0.0, "use_original_formulation": False, "start": 0.0, "stop": 1.0,
+                             "enabled": True}  # fmt: skip
 
 
 def cogvideox_family(config: Any) -> str:
@@ -502,7 +572,7 @@ def load_teacher(cfg: Any, encoders: bool = True, null_cond: Conditioning | None
 
     dtype = getattr(cfg, "dtype", "float32")
     revision, variant = getattr(cfg, "revision", None), getattr(cfg, "variant", None)
-    skip = () if encoders else tuple(encoder_components(pipeline_index(cfg.pretrained, revision)))
+    skip = () if encoders else cache_skipped_components(pipeline_index(cfg.pretrained, revision))
     pipe = load_pipeline(cfg.pretrained, dtype, revision, variant, skip=skip)
     pipe.set_progress_bar_config(disable=True)
     family = detect_family(pipe)
@@ -669,6 +739,8 @@ def _decode(vae: Any, x0: Tensor) -> Tensor:
         return _decode(vae, x0[:, :, None])[:, :, 0]
     if is_flux2_vae(vae):
         return _decode_flux2(vae, x0)
+    if is_one_clip_vae(vae) and x0.shape[0] > 1:
+        return torch.cat([_decode(vae, clip) for clip in x0.split(1)])
     param = next(vae.parameters())
     x0 = x0.to(device=param.device, dtype=param.dtype)
     shift, scale = latent_normalization(vae, x0)
@@ -699,6 +771,8 @@ def _encode(vae: Any, images: Tensor) -> Tensor:
         return _encode(vae, images[:, :, None])[:, :, 0]
     if is_flux2_vae(vae):
         return _encode_flux2(vae, images)
+    if is_one_clip_vae(vae) and images.shape[0] > 1:
+        return torch.cat([_encode(vae, clip) for clip in images.split(1)])
     param = next(vae.parameters())
     encoded = vae.encode(images.to(device=param.device, dtype=param.dtype))
     # KL VAEs give a posterior (its mean); Sana's deterministic DC-AE (AutoencoderDC) gives the latent itself
@@ -711,6 +785,13 @@ def is_frame_vae(vae: Any) -> bool:
     """A video-style VAE used on single images (Qwen-Image's ``AutoencoderKLQwenImage``): ``[b, c, frames, h, w]``
     tensors and per-channel ``latents_mean`` / ``latents_std`` instead of one scaling factor."""
     return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def is_one_clip_vae(vae: Any) -> bool:
+    """HunyuanVideo 1.5's ``AutoencoderKLHunyuanVideo15``, which takes one clip at a time: its mid-block attention
+    builds its causal mask as ``[b, L, L]`` against scores ``[b, 1, L, L]`` (diffusers 0.42), which fails for ``b > 1``.
+    fewstep encodes and decodes such clips one by one (the pipeline decodes its whole batch at once)."""
+    return type(vae).__name__ == "AutoencoderKLHunyuanVideo15"
 
 
 def is_flux2_vae(vae: Any) -> bool:

@@ -24,6 +24,10 @@ pipeline passes them as a list), padded here with a mask.
 FLUX.2 [dev] has no negative branch either (``Flux2Pipeline`` only embeds its guidance): ``""`` is encoded, as for Flux.
 Chroma's true CFG encodes ``""`` as its negative, as ``ChromaPipeline`` does without a negative prompt; both branches
 keep their T5 masks (``_chroma``).
+
+HunyuanVideo 1.5 encodes ``""`` as its pipeline does without a negative prompt (its chat template turns it into
+``" "``), each branch with both of its token streams and their masks: Qwen2.5-VL's and ByT5's (zero, mask 0, where a
+prompt quotes no text).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import Tensor
 
 from fewstep.models.backbones import (
     default_resolution,
+    is_hunyuan15_pipeline,
     ltx_rope_interpolation_scale,
     video_defaults,
     video_latent_shape,
@@ -270,6 +275,31 @@ def _cogvideox(
     return Conditioning(prompt_embeds=pe), Conditioning(prompt_embeds=npe)
 
 
+def _hunyuan15(
+    pipe: Any, prompts: list[str], negatives: list[str] | None, max_sequence_length: int | None, **_: Any
+) -> tuple[Conditioning, Conditioning]:
+    """``HunyuanVideo15Pipeline.encode_prompt``: Qwen2.5-VL's third-to-last hidden states of the prompt behind the
+    pipeline's system message in the chat template, the template's first tokens cropped, padded to
+    ``max_sequence_length`` (default the pipeline's ``tokenizer_max_length``, 1000) with their mask; and ByT5's states
+    of the text the prompt quotes (``"…"``), padded to 256 with their mask (zero where it quotes none)."""
+
+    def enc(texts: list[str]) -> Conditioning:
+        qwen = qwen_mask = None
+        if max_sequence_length is not None:  # the pipeline's own Qwen encoding at another length
+            qwen, qwen_mask = pipe._get_mllm_prompt_embeds(
+                pipe.text_encoder, pipe.tokenizer, texts, _device(pipe), max_sequence_length,
+                system_message=pipe.system_message, crop_start=pipe.prompt_template_encode_start_idx,
+            )  # fmt: skip
+        pe, mask, pe2, mask2 = pipe.encode_prompt(
+            prompt=texts, device=_device(pipe), batch_size=len(texts), num_videos_per_prompt=1, prompt_embeds=qwen,
+            prompt_embeds_mask=qwen_mask,
+        )  # fmt: skip
+        return Conditioning(prompt_embeds=pe, prompt_embeds_mask=mask.long(), prompt_embeds_2=pe2,
+                            prompt_embeds_mask_2=mask2.long())  # fmt: skip
+
+    return enc(prompts), enc(negatives or [""] * len(prompts))
+
+
 def _caption_cleaning(default: bool) -> bool:
     """The pipeline's ``clean_caption`` default where it can clean (it needs ``bs4`` and ``ftfy``; without them the
     pipeline warns and encodes the raw caption, which is what ``False`` does without the warning)."""
@@ -318,9 +348,11 @@ def _sana(
 _ENCODERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sd35": _sd3, "qwen_image": _qwen_image,
              "wan21": _wan, "wan21_i2v": _wan, "wan22": _wan, "wan22_ti2v": _wan, "ltx": _ltx,
              "pixart_sigma": _pixart_sigma, "sana": _sana, "cogvideox": _cogvideox,
-             "flux2": _flux2, "chroma": _chroma, "zimage": _zimage}  # fmt: skip
-IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v")  # families that take a first frame: encode_prompts(..., images=)
-FIRST_FRAME_REQUIRED = ("wan21_i2v",)  # ... and those that need one (TI2V-5B without one is text-to-video)
+             "flux2": _flux2, "chroma": _chroma, "zimage": _zimage, "hunyuan15": _hunyuan15,
+             "hunyuan15_i2v": _hunyuan15}  # fmt: skip
+# families that take a first frame: encode_prompts(..., images=)
+IMAGE_TO_VIDEO_FAMILIES = ("wan21_i2v", "wan22_ti2v", "hunyuan15_i2v")
+FIRST_FRAME_REQUIRED = ("wan21_i2v", "hunyuan15_i2v")  # ... and those that need one (TI2V-5B without one is t2v)
 
 
 def as_pil_images(images: Any) -> list[Any]:
@@ -346,7 +378,9 @@ def first_frame_conditioning(
     * Wan 2.1 I2V: ``image_embeds``, the CLIP vision tower's penultimate states of the image (``encode_image``), and
       ``condition_latents``, the frame mask and the VAE latents of the image followed by zero frames;
     * Wan 2.2 TI2V-5B (``expand_timesteps``): ``first_frame_latents``, the VAE latents of the image alone (one latent
-      frame), which the ``wan_ti2v`` adapter keeps clean.
+      frame), which the ``wan_ti2v`` adapter keeps clean;
+    * HunyuanVideo 1.5 image-to-video: ``condition_latents`` and ``image_embeds`` as
+      ``HunyuanVideo15ImageToVideoPipeline`` makes them (``hunyuan15_first_frame``).
 
     Args:
         pipeline: a ``WanImageToVideoPipeline``, or TI2V-5B's ``WanPipeline`` (the same preparation applies).
@@ -359,6 +393,9 @@ def first_frame_conditioning(
     if resolution is not None:
         height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     pil = as_pil_images(images)
+    if is_hunyuan15_pipeline(pipeline):
+        with torch.no_grad():
+            return Conditioning.cat([hunyuan15_first_frame(pipeline, image, frames, height, width) for image in pil])
     device = _device(pipeline)
     expand = bool(pipeline.config.get("expand_timesteps"))
     shape = video_latent_shape(pipeline, 1, (height, width), frames)
@@ -374,6 +411,24 @@ def first_frame_conditioning(
             return Conditioning(first_frame_latents=torch.cat(rows))
         embeds = pipeline.encode_image(pil, device)  # [b, n, d]
     return Conditioning(condition_latents=torch.cat(rows), image_embeds=embeds)
+
+
+def hunyuan15_first_frame(pipeline: Any, image: Any, num_frames: int, height: int, width: int) -> Conditioning:
+    """One first frame as ``HunyuanVideo15ImageToVideoPipeline`` conditions on it, for a clip of ``num_frames`` at
+    ``height × width`` (a batch of 1): the image resized and center-cropped to the clip (``resize_mode="crop"``), its
+    VAE latents times ``scaling_factor`` on the first latent frame and zeros after it, followed by the mask (1 on the
+    first frame) on the channels (``condition_latents`` ``[1, c + 1, f, h, w]``, ``prepare_cond_latents_and_mask``),
+    and SigLIP's last hidden states of it (``image_embeds``, ``_get_image_embeds``). The pipeline itself picks the
+    clip's size from the image's aspect ratio: give images of the size the clips are trained at."""
+    image = pipeline.video_processor.resize(image, height=height, width=width, resize_mode="crop")
+    device = _device(pipeline)
+    latents = type(pipeline)._get_image_latents(pipeline.vae, pipeline.video_processor, image, height, width, device)
+    shape = video_latent_shape(pipeline, 1, (height, width), num_frames)  # [1, c, f, h, w]
+    condition = latents.new_zeros(1, shape[1] + 1, *shape[2:])
+    condition[:, : shape[1], :1] = latents  # the first frame's latents, zero frames after it
+    condition[:, shape[1], 0] = 1.0  # the mask: the first latent frame is given
+    embeds = type(pipeline)._get_image_embeds(pipeline.image_encoder, pipeline.feature_extractor, image, device)
+    return Conditioning(condition_latents=condition.float(), image_embeds=embeds.float())
 
 
 def encode_with_pipeline(
@@ -434,9 +489,9 @@ def encode_prompts(
             frame, the clip's side or ``(height, width)``.
         max_sequence_length: T5 tokens for SD3 (default 256), Flux and Wan (default 512), LTX-Video (default 128),
             Mistral tokens for FLUX.2 (default 512), PixArt-Σ (default 300), CogVideoX (default the transformer's
-            ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512), Gemma tokens for Sana
-            (default 300), Qwen3 tokens for Z-Image (default 512), as the pipelines use; T5 tokens for Chroma
-            (default 512).
+            ``max_text_seq_length``, 226), Qwen2.5-VL tokens for Qwen-Image (default 512) and HunyuanVideo 1.5
+            (default 1000, after its template), Gemma tokens for Sana (default 300), Qwen3 tokens for Z-Image
+            (default 512), as the pipelines use; T5 tokens for Chroma (default 512).
         guidance: Flux and FLUX.2 embedded guidance; default the teacher's (``null_cond.guidance``), else 3.5 (Flux)
             or 4.0 (FLUX.2).
         images: image-to-video teachers (``IMAGE_TO_VIDEO_FAMILIES``; required by ``FIRST_FRAME_REQUIRED``, Wan 2.1

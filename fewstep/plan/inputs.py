@@ -37,7 +37,9 @@ TEXT_TOKENS: dict[str, int] = {
     "LTXVideoTransformer3DModel": 128,
     "ChromaTransformer2DModel": 512,  # T5 tokens, padded to 512 (ChromaPipeline's max_sequence_length)
     "ZImageTransformer2DModel": 512,  # Qwen3 tokens: ZImagePipeline drops the padding, 512 is the most a prompt has
+    "HunyuanVideo15Transformer3DModel": 1000,  # Qwen2.5-VL tokens after the template (and HUNYUAN15_GLYPH_TOKENS)
 }
+HUNYUAN15_GLYPH_TOKENS = 256  # HunyuanVideo15Pipeline's tokenizer_2_max_length (ByT5)
 VIDEO_FRAMES = 81  # Wan 2.1's default clip length (5 s at 16 fps)
 
 
@@ -90,6 +92,13 @@ def _conditioning(backbone: nn.Module, shape: TrainingShape, device: Any, dtype:
         return Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim), prompt_embeds_mask=mask)
     if adapter == "zimage":  # Qwen3 caption states, every token real (the adapter passes them as they are)
         return Conditioning(prompt_embeds=rand(b, n, int(cfg.cap_feat_dim)))
+    if adapter == "hunyuan15":  # Qwen2.5-VL and ByT5 tokens, each with its mask (all real: the longest prompts)
+        glyphs = HUNYUAN15_GLYPH_TOKENS
+        return Conditioning(
+            prompt_embeds=rand(b, n, cfg.text_embed_dim), prompt_embeds_mask=torch.ones(b, n, device=device).long(),
+            prompt_embeds_2=rand(b, glyphs, cfg.text_embed_2_dim),
+            prompt_embeds_mask_2=torch.ones(b, glyphs, device=device).long(),
+        )  # fmt: skip
     if adapter == "flux2":  # three stacked Mistral layers, no pooled text; the embedded guidance (FLUX.2 [dev]: 4)
         cond = Conditioning(prompt_embeds=rand(b, n, cfg.joint_attention_dim))
         return cond.replace(guidance=torch.full((b,), 4.0, device=device)) if cfg.guidance_embeds else cond
@@ -174,6 +183,12 @@ def _qwen_image(
     )[0]
 
 
+# Backbones whose forward reads the values of its inputs, which the meta device does not have.
+VALUE_DEPENDENT = {
+    "HunyuanVideo15Transformer3DModel": "it tells text-to-video by all-zero vision tokens (a branch on their values) "
+    "and gathers each sample's real text tokens by their masks (shapes that depend on values). Size the run with a "
+    "short measured one on your hardware (train.max_steps=2) instead.",
+}
 DIRECT: dict[str, Callable[..., Callable[[], Any]]] = {
     "WanTransformer3DModel": _wan,
     "QwenImageTransformer2DModel": _qwen_image,
@@ -197,6 +212,8 @@ def backbone_forward(
     """
     dtype = dtype or next(backbone.parameters()).dtype
     name = type(backbone).__name__
+    if name in VALUE_DEPENDENT and torch.device(device).type == "meta":
+        raise ValueError(f"`fewstep plan` cannot run {name} on the meta device: {VALUE_DEPENDENT[name]}")
     if name in DIRECT:
         return DIRECT[name](backbone, teacher, shape, device, dtype)
     if name in ADAPTER_BY_CLASS:

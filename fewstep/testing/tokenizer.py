@@ -7,6 +7,9 @@ tokens and padding behaviour, so the ones here are built in memory:
   the vocabulary exactly as CLIP places them, ``model_max_length = 77``.
 * ``qwen2_tokenizer``: byte-level BPE with no merges plus Qwen's chat special tokens (``<|im_start|>``,
   ``<|im_end|>``; ``<|endoftext|>`` pads), as Qwen-Image's prompt template needs them.
+* ``qwen2_chat_tokenizer``: ``qwen2_tokenizer`` with the layout of Qwen2.5's chat template (``<|im_start|>role\n…
+  <|im_end|>\n`` turns, ``<|im_start|>assistant\n`` as the generation prompt): HunyuanVideo 1.5 encodes its prompt
+  through ``apply_chat_template``.
 * ``t5_tokenizer``: a SentencePiece-style Unigram tokenizer over printable ASCII characters (T5's ``<pad>=0``,
   ``</s>=1``, ``<unk>=2`` layout, no sentinel tokens).
 * ``gemma_tokenizer``: Gemma's layout (``<pad>=0``, ``<eos>=1``, ``<bos>=2``, ``<unk>=3``, ``<mask>=4``, then the 256
@@ -86,6 +89,26 @@ def qwen2_tokenizer() -> Qwen2Tokenizer:
     vocab = {t: i for i, t in enumerate(symbols + list(QWEN_SPECIAL_TOKENS))}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=32768)
     tokenizer.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)  # matched whole, never split into bytes
+    return tokenizer
+
+
+# The layout of Qwen2.5's chat template for text turns (string contents, no tools): each turn as
+# <|im_start|>role\ncontent<|im_end|>\n, a default system turn when none is given, then the generation prompt.
+QWEN_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def qwen2_chat_tokenizer() -> Qwen2Tokenizer:
+    """``qwen2_tokenizer`` with Qwen2.5's chat template (``QWEN_CHAT_TEMPLATE``), for pipelines that encode their
+    prompt with ``apply_chat_template`` (HunyuanVideo 1.5)."""
+    tokenizer = qwen2_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
 

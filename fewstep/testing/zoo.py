@@ -63,6 +63,17 @@ milliseconds: latents are 8×8 (16×16 pixel images, VAE factor 2), text encoder
   9 frames of 32×32 pixels (latents ``[b, 4, 3, 4, 4]`` in fewstep's layout); the transformer reads 16 T5 tokens
   (``max_text_seq_length``, the pipeline's 226).
 
+* ``hunyuan15``: ``HunyuanVideo15Pipeline`` (HunyuanVideo 1.5 text-to-video: ``HunyuanVideo15Transformer3DModel`` taking
+  the noisy latents, zero condition latents and a zero mask on its channels (``2c + 1``) and three token streams;
+  ``AutoencoderKLHunyuanVideo15``, here 8× instead of 16× in space and 4× in time; a three-layer
+  ``Qwen2_5_VLTextModel`` read at its third-to-last hidden state behind ``qwen2_chat_tokenizer``; a ByT5-style
+  ``T5EncoderModel`` for quoted glyph text behind transformers' own ``ByT5Tokenizer``, which needs no files; the
+  ``ClassifierFreeGuidance`` guider at HunyuanVideo 1.5 480p's scale 6) with ``FlowMatchEulerDiscreteScheduler`` at
+  its 480p shift 5.0. Videos are 5 frames of 32×32 pixels (latents ``[b, 4, 2, 4, 4]``, one token per latent pixel).
+* ``hunyuan15_i2v``: ``HunyuanVideo15ImageToVideoPipeline`` (HunyuanVideo 1.5 image-to-video: the same transformer
+  reading the first frame's latents and mask on its channels and a one-layer ``SiglipVisionModel``'s tokens of it, 16
+  at 16×16 pixels, with its ``SiglipImageProcessor``), otherwise as ``hunyuan15``.
+
 Weights are seeded (the same bytes on every machine). A pipeline is saved once with ``save_pretrained`` into
 ``$FEWSTEP_CACHE/tiny/<family>`` (default ``~/.cache/fewstep/tiny/<family>``), written to a temporary directory and
 renamed into place, and loaded back with ``DiffusionPipeline.from_pretrained(dir, local_files_only=True)``.
@@ -85,6 +96,7 @@ from fewstep.testing.tokenizer import (
     clip_tokenizer,
     gemma_tokenizer,
     mistral_tokenizer,
+    qwen2_chat_tokenizer,
     qwen2_tokenizer,
     qwen3_tokenizer,
     t5_tokenizer,
@@ -92,7 +104,7 @@ from fewstep.testing.tokenizer import (
 
 FAMILIES: tuple[str, ...] = (
     "sd15", "sdxl", "sd3", "flux", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22", "wan22_ti2v", "ltx",
-    "pixart_sigma", "sana", "cogvideox", "flux2", "chroma", "zimage",
+    "pixart_sigma", "sana", "cogvideox", "flux2", "chroma", "zimage", "hunyuan15", "hunyuan15_i2v",
 )  # fmt: skip
 ZOO_VERSION = 1  # bump when a config below changes: cached directories of another version are rebuilt
 MARKER = "fewstep_tiny.json"  # written last into every tiny directory: {"family", "version", "resolution"}
@@ -811,6 +823,87 @@ def _build_cogvideox() -> Any:
                              transformer=transformer, scheduler=scheduler)  # fmt: skip
 
 
+def _qwen2_5_vl_text() -> Any:
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    config = Qwen2_5_VLTextConfig(  # three layers: the pipeline reads the third-to-last hidden state (layer 1's)
+        vocab_size=259, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1e6,
+        rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [1, 1, 2]},  # sums to head_dim / 2
+        bos_token_id=256, eos_token_id=258, pad_token_id=256,  # qwen2_tokenizer's special tokens
+    )  # fmt: skip
+    return Qwen2_5_VLTextModel(config).eval()
+
+
+def _byt5() -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(  # over ByT5Tokenizer's 384 ids (3 specials, 256 bytes, 125 extra ids)
+        vocab_size=384, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+HUNYUAN15_GUIDANCE = 6.0  # HunyuanVideo 1.5 480p text-to-video's guider (diffusers' conversion script)
+
+
+def _hunyuan15_parts(task_type: str) -> dict[str, Any]:
+    """The components both HunyuanVideo 1.5 pipelines share; the transformer for ``task_type`` (``t2v``, ``i2v``)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer
+
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,  # noisy latents, condition latents (the first frame's, or zero) and their one-channel mask
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=32,  # = the Qwen text encoder's width
+        text_embed_2_dim=32,  # = the ByT5 encoder's width
+        image_embed_dim=16,  # = the SigLIP vision width (zero tokens for text-to-video)
+        rope_axes_dim=(4, 6, 6),  # (frames, height, width); sums to attention_head_dim
+        target_size=VIDEO_RESOLUTION,
+        task_type=task_type,
+    )
+    vae = AutoencoderKLHunyuanVideo15(  # HunyuanVideo 1.5's layout at width 8 and 8× (not 16×) in space, 4× in time
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    )  # fmt: skip
+    return dict(
+        text_encoder=_qwen2_5_vl_text(), tokenizer=qwen2_chat_tokenizer(), transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0),  # 480p's shift (t2v and i2v)
+        text_encoder_2=_byt5(), tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=HUNYUAN15_GUIDANCE),
+    )  # fmt: skip
+
+
+def _build_hunyuan15() -> Any:
+    from diffusers import HunyuanVideo15Pipeline
+
+    return HunyuanVideo15Pipeline(**_hunyuan15_parts("t2v"))
+
+
+SIGLIP_SIZE = 16  # the tiny SigLIP's input side: 4×4 patches of 4 pixels (HunyuanVideo 1.5's SigLIP: 27×27 of 14)
+
+
+def _build_hunyuan15_i2v() -> Any:
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=SIGLIP_SIZE, patch_size=4)  # fmt: skip
+    processor = SiglipImageProcessor(size={"height": SIGLIP_SIZE, "width": SIGLIP_SIZE})
+    return HunyuanVideo15ImageToVideoPipeline(
+        **_hunyuan15_parts("i2v"), image_encoder=SiglipVisionModel(config).eval(), feature_extractor=processor
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -829,6 +922,8 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
     "flux2": _build_flux2,
     "chroma": _build_chroma,
     "zimage": _build_zimage,
+    "hunyuan15": _build_hunyuan15,
+    "hunyuan15_i2v": _build_hunyuan15_i2v,
 }
 # Video families: their marker also records the default frame count (``num_frames``).
 _VIDEO: dict[str, dict[str, int]] = {
@@ -837,6 +932,7 @@ _VIDEO: dict[str, dict[str, int]] = {
 _VIDEO["wan22_ti2v"] = {"resolution": TI2V_RESOLUTION, "num_frames": VIDEO_FRAMES}
 _VIDEO["ltx"] = {"resolution": LTX_RESOLUTION, "num_frames": LTX_FRAMES}
 _VIDEO["cogvideox"] = {"resolution": VIDEO_RESOLUTION, "num_frames": COGVIDEOX_FRAMES}
+_VIDEO["hunyuan15"] = _VIDEO["hunyuan15_i2v"] = {"resolution": VIDEO_RESOLUTION, "num_frames": VIDEO_FRAMES}
 
 
 def build_tiny_pipeline(family: str, seed: int = SEED) -> Any:

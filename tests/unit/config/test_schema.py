@@ -141,7 +141,8 @@ def test_a_scalar_where_a_block_belongs():
             "teacher.family",
             "sd5",
             "'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'unet2d', 'sd35', 'qwen_image', 'wan21', 'wan21_i2v', 'wan22', "
-            "'wan22_ti2v', 'ltx', 'pixart_sigma', 'sana', 'wan_class', 'cogvideox', 'flux2', 'chroma', 'zimage'",
+            "'wan22_ti2v', 'ltx', 'pixart_sigma', 'sana', 'wan_class', 'cogvideox', 'flux2', 'chroma', 'zimage', "
+            "'hunyuan15', 'hunyuan15_i2v'",
         ),
         ("optim.lr_scheduler", "cosin", "'constant', 'constant_with_warmup', 'linear', 'cosine'"),
         (

@@ -45,9 +45,9 @@ def tiny_wan():
 # Sana's linear attention takes ReLU of queries and keys: central differences there are only O(h) accurate across the
 # kinks (measured error 0.055 at h = 1e-2, 6e-4 at 3e-4, for a derivative of magnitude 1.4), so a smaller step.
 FD_STEP = {"sana": 3e-4}
-# LTX-Video, PixArt-Σ and Sana pass the prompt mask to their cross-attention: masked attention always takes
-# fewstep's route.
-MASKED = {"ltx", "pixart_sigma", "sana"}
+# LTX-Video, PixArt-Σ and Sana pass the prompt mask to their cross-attention, HunyuanVideo 1.5 its joint mask over
+# video and text tokens: masked attention always takes fewstep's route.
+MASKED = {"ltx", "pixart_sigma", "sana", "hunyuan15"}
 MASKED |= {"chroma"}  # its joint mask over T5 padding and image tokens, added to every attention's scores
 
 
@@ -96,6 +96,7 @@ def route(request, monkeypatch):
         "flux2",
         "chroma",
         "zimage",
+        "hunyuan15",
     ],
 )
 def test_jvp_through_the_model_equals_math_attention(name, route, monkeypatch):

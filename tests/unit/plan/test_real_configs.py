@@ -55,7 +55,14 @@ def numel(module: nn.Module) -> int:
 
 # Hub teachers of shipped recipes whose architecture configs do not ship yet (the families are new; their configs
 # could not be read offline to be checked): planning them needs the model in the local Hugging Face cache.
-NOT_SHIPPED = {"black-forest-labs/FLUX.2-dev", "THUDM/CogVideoX-5b", "lodestones/Chroma1-HD", "Tongyi-MAI/Z-Image"}
+NOT_SHIPPED = {
+    "black-forest-labs/FLUX.2-dev",
+    "THUDM/CogVideoX-5b",
+    "lodestones/Chroma1-HD",
+    "Tongyi-MAI/Z-Image",
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v",
+}
 
 
 def hub_teacher_recipes() -> list[str]:
