@@ -312,8 +312,24 @@ def _build_sd35() -> Any:
     )
 
 
+def _flux1_scheduler() -> Any:
+    """FLUX.1's scheduler config: shift by resolution between 256 and 4,096 image tokens (also Chroma's and FLUX.2's
+    constants; their pipelines compute ``μ`` themselves)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def _build_flux() -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -327,15 +343,7 @@ def _build_flux() -> Any:
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1's scheduler config
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _flux1_scheduler()
     return FluxPipeline(
         transformer=transformer,
         scheduler=scheduler,
@@ -348,7 +356,7 @@ def _build_flux() -> Any:
 
 
 def _build_chroma() -> Any:
-    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
     transformer = ChromaTransformer2DModel(
         patch_size=1,
@@ -363,15 +371,7 @@ def _build_chroma() -> Any:
         approximator_hidden_dim=32,
         approximator_layers=1,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1's constants; ChromaPipeline passes its own μ
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _flux1_scheduler()  # ChromaPipeline passes its own μ
     return ChromaPipeline(
         transformer=transformer,
         scheduler=scheduler,
@@ -466,7 +466,7 @@ def _mistral3() -> Any:
 
 
 def _build_flux2() -> Any:
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel
 
     transformer = Flux2Transformer2DModel(
         patch_size=1,
@@ -491,15 +491,7 @@ def _build_flux2() -> Any:
     )
     vae.bn.running_mean.normal_(0.0, 0.5)  # statistics of the patchified latents, away from (0, 1) so they count
     vae.bn.running_var.uniform_(0.5, 2.0)
-    scheduler = FlowMatchEulerDiscreteScheduler(  # shifts by resolution; Flux2Pipeline computes μ itself
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _flux1_scheduler()  # shifts by resolution; Flux2Pipeline computes μ itself
     return Flux2Pipeline(
         scheduler=scheduler, vae=vae, text_encoder=_mistral3(), tokenizer=mistral_tokenizer(), transformer=transformer
     )
