@@ -280,6 +280,7 @@ def test_what_the_flux_layout_cannot_hold_is_an_error_naming_it(tmp_path):
          r"kohya Z-Image keys: .* back: \['all_x_embedder.2-1', 'all_final_layer.2-1.linear'\] \(it maps the layers'"),
         ("wan21_i2v", ["to_q", "add_k_proj"], r"cross_attn.k_img \(attn2.add_k_proj / add_v_proj\) without its"),
         ("pixart_sigma", None, r"PixArtSigmaPipeline has no LoRA loader in diffusers.*export.merged: true"),
+        ("hunyuan15", None, r"HunyuanVideo15Pipeline has no LoRA loader in diffusers.*export.merged: true"),
     ],
 )  # fmt: skip
 def test_what_a_layout_cannot_hold_is_an_error_naming_it(family, targets, message, tmp_path):
