@@ -7,7 +7,9 @@ Fixtures defined here take effect in a test module (or ``conftest.py``) that imp
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -319,3 +321,48 @@ def move_lora_away(student: Any, std: float = 0.05) -> Any:
             if "lora_B" in name:
                 param.normal_(0, std)
     return student
+
+
+@contextlib.contextmanager
+def diffusers_warnings():
+    """The warnings diffusers logs in the block (its loggers do not propagate to the root logger)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    root = logging.getLogger("diffusers")
+    root.addHandler(handler)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+
+
+def stock_lora_pipeline(pipeline_class: Any, teacher: Teacher, out: Path, spec: Any, expected: tuple[str, ...] = ()):
+    """The stock ``pipeline_class`` of the tiny ``teacher`` with the exported LoRA (``load_lora_weights``) and
+    scheduler of ``out``. Loading must warn of nothing (no unexpected or missing keys) but notices that start with one
+    of ``expected`` (e.g. a text encoder that got no LoRA keys: fewstep trains the backbone only)."""
+    import diffusers
+
+    from fewstep.export import WEIGHT_NAME
+
+    pipe = pipeline_class.from_pretrained(str(teacher.pipeline.name_or_path), local_files_only=True)
+    with diffusers_warnings() as warned:
+        pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME)
+    messages = [r.getMessage() for r in warned]
+    assert [m for m in messages if not m.startswith(expected or ("\0",))] == [], messages
+    pipe.scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(str(out), subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def first_levels(run: Any, num_steps: int) -> torch.Tensor:
+    """The ``num_steps`` input levels a stock pipeline steps through: ``run(callback_on_step_end=...)`` calls it, and
+    the callback reads its scheduler's sigmas at the first step."""
+    seen = []
+
+    def record(pipeline, i, t, kwargs):
+        seen.append(pipeline.scheduler.sigmas.clone())
+        return kwargs
+
+    run(callback_on_step_end=record)
+    return seen[0][:num_steps]

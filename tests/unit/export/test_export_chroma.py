@@ -14,6 +14,7 @@ agree in distribution, not draw for draw: the levels it runs are checked instead
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import diffusers
@@ -27,9 +28,18 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.consistency.scm import SCM, SCMConfig
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
-from tests.helpers import TOLERANCE, move_lora_away, single_thread, train_dmd2_adapters  # noqa: F401 (fixture)
-from tests.unit.export.test_export_wan22 import diffusers_warnings
+from tests.helpers import (  # noqa: F401 (single_thread: a fixture)
+    TOLERANCE,
+    first_levels,
+    move_lora_away,
+    single_thread,
+    stock_lora_pipeline,
+    train_dmd2_adapters,
+)
 
+# Flux's LoRA loader always tries the text encoder; its notice that the T5 got no LoRA keys is expected (fewstep
+# trains the transformer only).
+T5_NOTICE = ("No LoRA keys associated to T5EncoderModel",)
 PROMPTS = ["a red circle", "a small blue square on a table"]
 
 
@@ -43,31 +53,6 @@ def stock_chroma_latents(pipe, spec, cond, noise: torch.Tensor, num_steps: int, 
         output_type="latent", **spec.call_kwargs(num_steps), **extra,
     ).images  # fmt: skip
     return unpack_latents(out, h, w)
-
-
-def _stock_pipeline(teacher, out, spec):
-    pipe = diffusers.ChromaPipeline.from_pretrained(str(teacher.pipeline.name_or_path), local_files_only=True)
-    with diffusers_warnings() as warned:
-        pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME)
-    messages = [r.getMessage() for r in warned]
-    # Flux's loader always tries the text encoder; its notice that the T5 got no LoRA keys is expected (fewstep
-    # trains the transformer only). Nothing else: no unexpected or missing keys.
-    assert [m for m in messages if not m.startswith("No LoRA keys associated to T5EncoderModel")] == [], messages
-    pipe.scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(str(out), subfolder="scheduler")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _levels_run(pipe, spec, cond, noise, num_steps: int) -> torch.Tensor:
-    """The input levels the stock pipeline steps through at ``num_steps`` (its μ computed from the image size)."""
-    seen = []
-
-    def record(pipeline, i, t, kwargs):
-        seen.append(pipeline.scheduler.sigmas.clone())
-        return kwargs
-
-    stock_chroma_latents(pipe, spec, cond, noise, num_steps, callback_on_step_end=record)
-    return seen[0][:num_steps]
 
 
 def test_stock_chroma_pipeline_reproduces_the_dmd2_lora_student(tmp_path):
@@ -91,14 +76,14 @@ def test_stock_chroma_pipeline_reproduces_the_dmd2_lora_student(tmp_path):
     assert any("single_transformer_blocks" in k for k in keys), "the single-stream blocks' attention"
     assert not any(".fake." in k for k in keys), "only the student's adapter is exported"
 
-    pipe = _stock_pipeline(teacher, out, spec)
+    pipe = stock_lora_pipeline(diffusers.ChromaPipeline, teacher, out, spec, expected=T5_NOTICE)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(11))
     ours = objective.sampler()(noise, cond, 1, torch.Generator().manual_seed(1))
     theirs = stock_chroma_latents(pipe, spec, cond, noise, 1)
     diff = (theirs - ours).abs().max().item()
     print(f"chroma DMD2 LoRA, 1 step: max |stock − fewstep| = {diff:.2e}")
     assert ours.abs().max() > 0.1 and diff < TOLERANCE
-    levels = _levels_run(pipe, spec, cond, noise, 4)
+    levels = first_levels(partial(stock_chroma_latents, pipe, spec, cond, noise, 4), 4)
     trained = objective.sampler().timesteps(4, shape)
     assert (levels - trained).abs().max() < 1e-6, (levels, trained)
     pipe.unload_lora_weights()
@@ -120,7 +105,7 @@ def test_stock_chroma_pipeline_runs_the_trained_levels_of_an_scm_student(tmp_pat
     u = torch.tensor(1.1)
     assert spec.steps[2]["sigmas"] == levels and abs(levels[1] - float(u.sin() / (u.sin() + u.cos()))) < 1e-6
 
-    pipe = _stock_pipeline(teacher, out, spec)
+    pipe = stock_lora_pipeline(diffusers.ChromaPipeline, teacher, out, spec, expected=T5_NOTICE)
     cond, _ = encode_prompts(teacher, PROMPTS)
     noise = torch.randn(latent_shape(teacher, 2), generator=torch.Generator().manual_seed(1))
     ours = objective.sampler()(noise, cond, 1, torch.Generator().manual_seed(1))
@@ -128,4 +113,6 @@ def test_stock_chroma_pipeline_runs_the_trained_levels_of_an_scm_student(tmp_pat
     diff = float((theirs - ours).abs().max())
     print(f"chroma sCM LoRA, 1 step: max |stock − fewstep| = {diff:.2e}")
     assert ours.abs().max() > 0.1 and diff < TOLERANCE
-    assert torch.allclose(_levels_run(pipe, spec, cond, noise, 2), torch.tensor(levels), atol=1e-6)
+    assert torch.allclose(
+        first_levels(partial(stock_chroma_latents, pipe, spec, cond, noise, 2), 2), torch.tensor(levels), atol=1e-6
+    )

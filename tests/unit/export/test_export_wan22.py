@@ -7,9 +7,7 @@ scheduler's own ``set_timesteps(4)`` and the re-noise comes from the global RNG 
 
 from __future__ import annotations
 
-import logging
 import re
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import diffusers
@@ -24,23 +22,9 @@ from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
 from fewstep.objectives.dmd.phased_dmd import PhasedDMD, PhasedDMDConfig
 from fewstep.objectives.protocol import Batch
-from tests.helpers import TOLERANCE, single_thread  # noqa: F401 (fixture)
+from tests.helpers import TOLERANCE, diffusers_warnings, single_thread  # noqa: F401 (fixture)
 
 SEED = 3
-
-
-@contextmanager
-def diffusers_warnings():
-    """The warnings diffusers logs in the block (its loggers do not propagate to the root logger)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    root = logging.getLogger("diffusers")
-    root.addHandler(handler)
-    try:
-        yield records
-    finally:
-        root.removeHandler(handler)
 
 
 def stock_latents(pipe, spec, cond, noise: torch.Tensor) -> torch.Tensor:

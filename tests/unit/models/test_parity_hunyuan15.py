@@ -150,7 +150,7 @@ def test_teacher_without_text_encoders_keeps_the_vae_it_cannot_be_built_without(
 
 def test_loading_drops_diffusers_experimental_guider_notice():
     from fewstep.models.loading import load_pipeline
-    from tests.unit.export.test_export_wan22 import diffusers_warnings
+    from tests.helpers import diffusers_warnings
 
     with diffusers_warnings() as warned:
         load_pipeline("tiny:hunyuan15")
