@@ -46,6 +46,7 @@ from fewstep.models.backbones import (
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.teacher import Teacher
+from fewstep.noise.convert import cap_to_norm
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "unet2d", "sd35", "qwen_image", "wan21", "wan21_i2v", "wan22",
@@ -639,10 +640,7 @@ def zimage_cfg_normalization(factor: float) -> Callable[[Tensor, Tensor], Tensor
     ``factor`` times the conditional one's is scaled down to it; ``(guided, cond) -> guided``, ``[b, ...]``."""
 
     def rescale(guided: Tensor, cond_out: Tensor) -> Tensor:
-        dims = tuple(range(1, guided.ndim))
-        norm = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
-        limit = factor * torch.linalg.vector_norm(cond_out, dim=dims, keepdim=True)
-        return torch.where(norm > limit, guided * (limit / norm), guided)
+        return cap_to_norm(guided, cond_out, factor, dim=tuple(range(1, guided.ndim)))
 
     return rescale
 

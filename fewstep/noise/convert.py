@@ -42,10 +42,19 @@ def rescale_to_norm(x: Tensor, ref: Tensor, dim: int | tuple[int, ...] = -1, min
     option ``real_cfg_normalize`` (over each sample). ``min_norm`` clamps ``‖x‖`` from below (0: no clamp, the
     pipeline's own arithmetic).
     """
-    x_norm = x.norm(dim=dim, keepdim=True)
+    x_norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
     if min_norm > 0:
         x_norm = x_norm.clamp(min=min_norm)
-    return x * (ref.norm(dim=dim, keepdim=True) / x_norm)
+    return x * (torch.linalg.vector_norm(ref, dim=dim, keepdim=True) / x_norm)
+
+
+def cap_to_norm(x: Tensor, ref: Tensor, factor: float, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """``x`` where ``‖x‖ ≤ factor·‖ref‖``, else ``rescale_to_norm(x, factor·ref)``: the norm capped, never raised.
+
+    Z-Image's ``cfg_normalization`` (over each sample), a one-sided form of the true-CFG rescale above."""
+    limit = factor * ref
+    over = torch.linalg.vector_norm(x, dim=dim, keepdim=True) > torch.linalg.vector_norm(limit, dim=dim, keepdim=True)
+    return torch.where(over, rescale_to_norm(x, limit, dim), x)
 
 
 def check_prediction_type(prediction_type: str) -> str:
