@@ -366,3 +366,13 @@ def first_levels(run: Any, num_steps: int) -> torch.Tensor:
 
     run(callback_on_step_end=record)
     return seen[0][:num_steps]
+
+
+def one_step_diff(objective: Any, stock: Any, cond: Any, noise: torch.Tensor, label: str) -> tuple[torch.Tensor, float]:
+    """The student's one-step sample from ``noise`` and its largest difference to ``stock()`` (the stock pipeline's
+    one-step latents from the same noise), printed under ``label``; both must be a real sample within ``TOLERANCE``."""
+    ours = objective.sampler()(noise, cond, 1, torch.Generator().manual_seed(1))
+    diff = float((stock() - ours).abs().max())
+    print(f"{label}, 1 step: max |stock − fewstep| = {diff:.2e}")
+    assert ours.abs().max() > 0.1 and diff < TOLERANCE, diff
+    return ours, diff

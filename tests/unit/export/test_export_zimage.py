@@ -31,6 +31,7 @@ from tests.helpers import (  # noqa: F401 (single_thread: a fixture)
     TOLERANCE,
     first_levels,
     move_lora_away,
+    one_step_diff,
     single_thread,
     stock_lora_pipeline,
     train_dmd2_adapters,
@@ -75,11 +76,9 @@ def test_stock_zimage_pipeline_reproduces_the_dmd2_lora_student(tmp_path):
 
     pipe = stock_lora_pipeline(diffusers.ZImagePipeline, teacher, out, spec)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(11))
-    ours = objective.sampler()(noise, cond, 1, torch.Generator().manual_seed(1))
-    theirs = stock_zimage_latents(pipe, spec, cond, noise, 1)
-    diff = (theirs - ours).abs().max().item()
-    print(f"zimage DMD2 LoRA, 1 step: max |stock − fewstep| = {diff:.2e}")
-    assert ours.abs().max() > 0.1 and diff < TOLERANCE
+    ours, _ = one_step_diff(
+        objective, partial(stock_zimage_latents, pipe, spec, cond, noise, 1), cond, noise, "zimage DMD2 LoRA"
+    )
     levels = first_levels(partial(stock_zimage_latents, pipe, spec, cond, noise, 4), 4)
     trained = objective.sampler().timesteps(4, shape)
     assert (levels - trained).abs().max() < 1e-6, (levels, trained)
@@ -107,11 +106,9 @@ def test_stock_zimage_pipeline_runs_the_trained_levels_of_an_scm_student(tmp_pat
     pipe = stock_lora_pipeline(diffusers.ZImagePipeline, teacher, out, spec)
     cond, _ = encode_prompts(teacher, PROMPTS)
     noise = torch.randn(latent_shape(teacher, 2), generator=torch.Generator().manual_seed(1))
-    ours = objective.sampler()(noise, cond, 1, torch.Generator().manual_seed(1))
-    theirs = stock_zimage_latents(pipe, spec, cond, noise, 1)
-    diff = float((theirs - ours).abs().max())
-    print(f"zimage sCM LoRA, 1 step: max |stock − fewstep| = {diff:.2e}")
-    assert ours.abs().max() > 0.1 and diff < TOLERANCE
+    ours, _ = one_step_diff(
+        objective, partial(stock_zimage_latents, pipe, spec, cond, noise, 1), cond, noise, "zimage sCM LoRA"
+    )
     assert torch.allclose(
         first_levels(partial(stock_zimage_latents, pipe, spec, cond, noise, 2), 2), torch.tensor(levels), atol=1e-6
     )
