@@ -312,6 +312,19 @@ def _build_sd35() -> Any:
     )
 
 
+# The tiny FLUX.1-shaped transformer's dimensions (Flux, and Chroma, which keeps FLUX.1's blocks)
+FLUX1_TINY_DIMS: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,  # 4 latent channels packed in 2×2 patches
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,  # = T5 width
+    "axes_dims_rope": (4, 4, 8),  # sums to attention_head_dim
+}
+
+
 def _flux1_scheduler() -> Any:
     """FLUX.1's scheduler config: shift by resolution between 256 and 4,096 image tokens (also Chroma's and FLUX.2's
     constants; their pipelines compute ``μ`` themselves)."""
@@ -332,16 +345,9 @@ def _build_flux() -> Any:
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels packed in 2×2 patches
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # = T5 width
+        **FLUX1_TINY_DIMS,
         pooled_projection_dim=32,  # = CLIP width (Flux uses the pooled output, no projection)
         guidance_embeds=True,
-        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
     )
     scheduler = _flux1_scheduler()
     return FluxPipeline(
@@ -359,14 +365,7 @@ def _build_chroma() -> Any:
     from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
     transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels packed in 2×2 patches
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # = T5 width
-        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+        **FLUX1_TINY_DIMS,
         approximator_num_channels=16,  # timestep (4), guidance (4) and modulation-index (8) embeddings
         approximator_hidden_dim=32,
         approximator_layers=1,
