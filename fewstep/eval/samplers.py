@@ -179,7 +179,8 @@ def teacher_grid(teacher: Teacher, num_steps: int, num_tokens: int | None = None
     reproduces that scheduler (DDIM, Euler, FlowMatchEuler; on the sigmas the pipeline passes it, ``pipeline_sigmas``),
     else DDIM on the ``trailing`` grid (VP) or Euler on the
     shifted uniform grid (flow)."""
-    from fewstep.solvers.grids import SUPPORTED, pipeline_sigmas, scheduler_taus, teacher_taus
+    from fewstep.models.backbones import pipeline_sigmas
+    from fewstep.solvers.grids import SUPPORTED, scheduler_taus, teacher_taus
 
     scheduler = getattr(teacher.pipeline, "scheduler", None)
     name = type(scheduler).__name__

@@ -195,16 +195,6 @@ def _copy(scheduler: Any) -> Any:
     return type(scheduler).from_config(scheduler.config)
 
 
-def pipeline_sigmas(pipeline: Any, num_inference_steps: int) -> list[float] | None:
-    """The flow ``sigmas`` a pipeline hands its scheduler itself at ``num_inference_steps`` where its grid is not the
-    scheduler's own ``set_timesteps(num_inference_steps)``: HunyuanVideo 1.5's ``linspace(1, 0, K + 1)[:-1]`` (both
-    pipelines; float64, as they build them). ``None`` for every other pipeline (Flux's and FLUX.2's sigmas
-    ``scheduler_taus`` computes from their dynamic shift)."""
-    if type(pipeline).__name__ not in ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"):
-        return None
-    return np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist()
-
-
 def scheduler_taus(
     scheduler: Any,
     schedule: Schedule,

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from fewstep.models.backbones.common import (
     Adapted,
     FromPipeline,
@@ -187,6 +189,16 @@ def hunyuan15_video_defaults(pipeline: Any) -> tuple[int, int, int]:
     the first frame's aspect ratio instead; a clip prepared for fewstep has the size given with its first frame."""
     height, width = pipeline.video_processor.calculate_default_height_width(9, 16, pipeline.target_size)
     return HUNYUAN15_FRAMES, int(height), int(width)
+
+
+def pipeline_sigmas(pipeline: Any, num_inference_steps: int) -> list[float] | None:
+    """The flow ``sigmas`` a pipeline hands its scheduler itself at ``num_inference_steps`` where its grid is not the
+    scheduler's own ``set_timesteps(num_inference_steps)``: HunyuanVideo 1.5's ``linspace(1, 0, K + 1)[:-1]`` (both
+    pipelines; float64, as they build them). ``None`` for every other pipeline (Flux's and FLUX.2's sigmas
+    ``fewstep.solvers.grids.scheduler_taus`` computes from their dynamic shift)."""
+    if not is_hunyuan15_pipeline(pipeline):
+        return None
+    return np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist()
 
 
 def video_latent_shape(
