@@ -105,7 +105,8 @@ def _draw_images(recipe: object, prompts: list[str], args: argparse.Namespace) -
 
     from fewstep.data.reflow.generate import TEXT_FAMILIES
     from fewstep.data.teacher_images import check_not_foreign, write_teacher_images
-    from fewstep.models.loading import detect_family, load_pipeline
+    from fewstep.models.families import detect_family
+    from fewstep.models.loading import load_pipeline
 
     teacher, data = recipe.teacher, recipe.data
     check_not_foreign(data.path)  # before the teacher loads

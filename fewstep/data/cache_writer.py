@@ -151,8 +151,8 @@ def encode_shard(
 
     Raises:
         ValueError: a video that passed the folder's probe fails to decode (a cache holds every item it lists)."""
-    from fewstep.models.loading import encode_images
     from fewstep.models.prompts import encode_prompts
+    from fewstep.models.vae import encode_images
 
     device = next(teacher.denoiser.backbone.parameters()).device
     parts: list[dict[str, Tensor]] = []

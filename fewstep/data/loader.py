@@ -328,7 +328,7 @@ class BatchStream:
         )
 
     def _encode(self, images: Tensor) -> Tensor:
-        from fewstep.models.loading import encode_images
+        from fewstep.models.vae import encode_images
 
         return encode_images(self.teacher, images)
 

@@ -338,7 +338,7 @@ class ShardStream:
 
     def _batch(self, items: list[Item], size: Any) -> Batch:
         """Encode ``items``; ``extra["keys"]`` names each sample (``<shard file>/<key>``)."""
-        from fewstep.models.loading import encode_images
+        from fewstep.models.vae import encode_images
 
         pixels = torch.stack([pixels for pixels, _, _ in items]).to(self.device)  # [b, 3, h, w] or [b, 3, f, h, w]
         with torch.no_grad():

@@ -44,7 +44,7 @@ def conditioning_kind(pipeline: Any) -> tuple[str, int | None, int | None]:
     class of CFG), ``text`` (a text encoder) or ``none``."""
     if getattr(pipeline, "text_encoder", None) is not None or getattr(pipeline, "tokenizer", None) is not None:
         return "text", None, None
-    from fewstep.models.loading import detect_family
+    from fewstep.models.families import detect_family
 
     config = backbone_of(pipeline).config
     n = getattr(config, "num_class_embeds", None)
@@ -67,7 +67,7 @@ def teacher_conditioning(teacher: Teacher) -> tuple[str, int | None]:
 
 def noise_shape(pipeline: Any, resolution: int | None = None) -> tuple[int, ...]:
     """One image's initial noise: the (unpacked) latent ``[c, h, w]`` of ``pipeline`` at ``resolution``."""
-    from fewstep.models.loading import detect_family
+    from fewstep.models.families import detect_family
 
     view = SimpleNamespace(pipeline=pipeline, family=detect_family(pipeline))
     return tuple(latent_shape(view, 1, resolution)[1:])  # type: ignore[arg-type]
@@ -246,7 +246,7 @@ def teacher_sampler(
     device = _device_of(teacher.denoiser)
 
     def fn(noise: Tensor, inputs: EvalInputs, num_steps: int, generator: torch.Generator) -> Tensor:
-        from fewstep.models.loading import decode_latents
+        from fewstep.models.vae import decode_latents
 
         cond, uncond = _conditions(teacher, inputs, device, images, noise.shape)
         taus = levels(num_steps)[0].to(device)
@@ -310,7 +310,7 @@ def student_sampler(
     device = _device_of(denoiser)
 
     def fn(noise: Tensor, inputs: EvalInputs, num_steps: int, generator: torch.Generator) -> Tensor:
-        from fewstep.models.loading import decode_latents
+        from fewstep.models.vae import decode_latents
 
         cond, _ = _conditions(teacher, inputs, device, images, noise.shape)
         return decode_latents(teacher, sampler(noise.to(device), cond, num_steps, generator))

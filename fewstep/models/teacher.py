@@ -44,7 +44,7 @@ class Teacher:
             ``None``: ``guidance_scale`` everywhere.
         vae_loader: for a teacher loaded without its VAE (training from a cache, ``load_teacher(cfg,
             encoders=False)``): loads the VAE from disk when images are decoded
-            (``fewstep.models.loading.vae_loaded``); ``None`` otherwise.
+            (``fewstep.models.vae.vae_loaded``); ``None`` otherwise.
         cfg_rescale: ``(guided, cond) -> guided`` applied to the raw guided output whenever CFG is on, for
             pipelines that renormalise it (Qwen-Image's true CFG, ``qwen_true_cfg_rescale``); ``None``: plain CFG.
         guidance_off: ``τ -> [b] bool``, the levels at which the pipeline runs no guidance whatever its scale (Z-Image's

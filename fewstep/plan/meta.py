@@ -23,15 +23,8 @@ import torch
 from fewstep.models.backbones import ADAPTER_BY_CLASS, WanExperts, pipeline_backbone
 from fewstep.models.conditioning import Conditioning
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.loading import (
-    FAMILIES,
-    FLOW_TIMESTEP_SCALE,
-    detect_family,
-    encoder_components,
-    quiet_loading,
-    schedule_and_prediction,
-    to_dtype,
-)
+from fewstep.models.families import FAMILIES, FLOW_TIMESTEP_SCALE, detect_family, schedule_and_prediction
+from fewstep.models.loading import encoder_components, quiet_loading, to_dtype
 from fewstep.models.teacher import Teacher
 from fewstep.plan.sources import INDEX, config_directory
 from fewstep.train.build import Components, build_components

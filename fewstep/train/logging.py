@@ -64,7 +64,7 @@ def write_samples(
     labelled with its step count; ``labels`` (default: the class labels in ``cond``) head the columns. Returns the
     rows: images ``[n, c, H, W]`` in ``[0, 1]`` (a video's first frame), one per step count. ``save=False`` samples
     without writing (the other processes of a sharded run, whose forwards the main one needs)."""
-    from fewstep.models.loading import decode_latents, vae_loaded
+    from fewstep.models.vae import decode_latents, vae_loaded
 
     sampler = objective.sampler()
     rows = []

@@ -482,8 +482,8 @@ def sampling_pairs(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitSt
     from peft.utils import get_peft_model_state_dict
 
     from fewstep.models.backbones import latent_shape
-    from fewstep.models.loading import decode_latents
     from fewstep.models.prompts import encode_prompts
+    from fewstep.models.vae import decode_latents
     from fewstep.testing import load_tiny_pipeline
 
     trainer, plain = lora_student(args, tmp, "sample"), lora_student(args, tmp, "sample_plain")  # equal weights

@@ -62,7 +62,8 @@ def test_teacher_configs_follow_the_documented_conventions():
 def test_teacher_samples_are_recognisable_digits(name):
     from fewstep.config import TeacherConfig
     from fewstep.eval.digits import DigitsMetrics
-    from fewstep.models.loading import decode_latents, load_teacher
+    from fewstep.models.loading import load_teacher
+    from fewstep.models.vae import decode_latents
 
     teacher = load_teacher(TeacherConfig(pretrained=f"fewstep:{name}", guidance_scale=2.0))
     assert teacher.family == "unet2d" and teacher.null_cond.class_labels.tolist() == [10]

@@ -54,7 +54,8 @@ def test_classifier_recognises_real_test_images():
 @pytest.mark.parametrize("name", ["fashion-vp", "fashion-flow"])
 def test_teacher_samples_are_class_correct(name):
     from fewstep.config import TeacherConfig
-    from fewstep.models.loading import decode_latents, load_teacher
+    from fewstep.models.loading import load_teacher
+    from fewstep.models.vae import decode_latents
 
     teacher = load_teacher(TeacherConfig(pretrained=f"fewstep:{name}", guidance_scale=2.0))
     assert teacher.family == "unet2d" and teacher.null_cond.class_labels.tolist() == [10]

@@ -20,7 +20,8 @@ from fewstep.data.cache import MANIFEST, NULL_FILE, CachedDataset, StaleCacheErr
 from fewstep.data.cache_writer import build_cache
 from fewstep.data.loader import BatchStream
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import decode_latents, load_teacher
+from fewstep.models.loading import load_teacher
+from fewstep.models.vae import decode_latents
 from fewstep.train.loop import train
 from tests.helpers import captioned_noise_images, fresh_accelerate_state, single_thread  # noqa: F401 (fixtures)
 

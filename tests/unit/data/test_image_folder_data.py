@@ -14,8 +14,9 @@ from fewstep.config.schema import DataConfig
 from fewstep.data.image_folder import ImageFolderDataset, LatentCache, load_image
 from fewstep.data.loader import BatchStream
 from fewstep.data.prompts import PromptDataset
-from fewstep.models.loading import encode_images, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import encode_images
 
 
 @pytest.fixture(scope="module")

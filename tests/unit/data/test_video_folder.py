@@ -28,7 +28,8 @@ from fewstep.data.image_folder import crop_to  # noqa: E402
 from fewstep.data.loader import BatchStream  # noqa: E402
 from fewstep.data.video import write_video  # noqa: E402
 from fewstep.data.video_folder import VideoFolderDataset, prepare_video_data  # noqa: E402
-from fewstep.models.loading import encode_images, load_teacher  # noqa: E402
+from fewstep.models.loading import load_teacher
+from fewstep.models.vae import encode_images  # noqa: E402
 from fewstep.train.build import build_components  # noqa: E402
 from fewstep.train.loop import train  # noqa: E402
 from tests.helpers import fresh_accelerate_state, single_thread  # noqa: E402, F401 (fixtures)

@@ -14,9 +14,10 @@ from PIL import Image
 from fewstep.eval.harness import EvalInputs
 from fewstep.eval.samplers import clip_size_of, student_sampler, teacher_sampler
 from fewstep.models.backbones import latent_shape
-from fewstep.models.loading import decode_latents, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.models.student import Student
+from fewstep.models.vae import decode_latents
 from fewstep.objectives.dmd.dmd2 import DMD2, DMD2Config
 from tests.helpers import single_thread  # noqa: F401 (fixture)
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from fewstep.models.backbones import chroma_attention_mask, latent_shape, num_tokens, unpack_latents
-from fewstep.models.loading import decode_latents, detect_family, load_teacher
+from fewstep.models.families import detect_family
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents
 from fewstep.solvers.grids import scheduler_taus
 from tests.helpers import single_thread  # noqa: F401 (fixture)
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from fewstep.models.backbones import latent_shape, num_tokens
-from fewstep.models.loading import decode_latents, detect_family, encode_images, load_teacher
+from fewstep.models.families import detect_family
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents, encode_images
 from fewstep.noise.schedules import flux2_empirical_mu
 from fewstep.solvers.grids import scheduler_taus, teacher_taus
 from tests.helpers import single_thread  # noqa: F401 (fixture)

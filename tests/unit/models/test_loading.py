@@ -6,15 +6,10 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from fewstep.models.backbones import default_resolution, latent_shape
-from fewstep.models.loading import (
-    decode_latents,
-    detect_family,
-    encode_images,
-    load_pipeline,
-    load_teacher,
-    resolve_pretrained,
-)
+from fewstep.models.families import detect_family
+from fewstep.models.loading import load_pipeline, load_teacher, resolve_pretrained
 from fewstep.models.prompts import class_conditioning, encode_prompts
+from fewstep.models.vae import decode_latents, encode_images
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 from fewstep.testing import load_tiny_pipeline, tiny_path
 

@@ -21,8 +21,10 @@ from fewstep.models.backbones import (
     pixel_multiple,
     video_latent_shape,
 )
-from fewstep.models.loading import cogvideox_family, decode_latents, detect_family, load_teacher
+from fewstep.models.families import cogvideox_family, detect_family
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents
 from fewstep.noise.schedules import VPSchedule
 from fewstep.solvers.grids import scheduler_taus
 

@@ -19,8 +19,10 @@ from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15I
 
 from fewstep.eval.samplers import teacher_grid
 from fewstep.models.backbones import latent_shape, pixel_multiple, video_latent_shape
-from fewstep.models.loading import decode_latents, detect_family, encode_images, load_teacher
+from fewstep.models.families import detect_family
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents, encode_images
 from fewstep.noise.schedules import FlowSchedule
 from fewstep.solvers.grids import scheduler_taus, teacher_taus
 

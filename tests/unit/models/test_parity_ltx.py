@@ -22,8 +22,10 @@ from fewstep.models.backbones import (
     pixel_multiple,
     video_latent_shape,
 )
-from fewstep.models.loading import decode_latents, detect_family, encode_images, load_teacher
+from fewstep.models.families import detect_family
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents, encode_images
 from fewstep.noise.schedules import FlowSchedule
 from fewstep.solvers.grids import scheduler_taus
 

@@ -13,8 +13,10 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from fewstep.models.backbones import latent_shape, num_tokens, pixel_multiple, video_latent_shape
-from fewstep.models.loading import decode_latents, encode_images, load_teacher, schedule_and_prediction
+from fewstep.models.families import schedule_and_prediction
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents, encode_images
 from fewstep.noise.schedules import FlowSchedule
 from fewstep.solvers.grids import scheduler_taus
 

@@ -13,8 +13,9 @@ from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
 from fewstep.models.backbones import latent_shape, num_tokens, pixel_multiple
-from fewstep.models.loading import decode_latents, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents
 from fewstep.solvers.grids import scheduler_taus
 
 PROMPTS = ["a cat walking on grass", "a red car at night"]

@@ -17,8 +17,10 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from fewstep.models.backbones import latent_shape
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import decode_latents, detect_family, encode_images, load_teacher
+from fewstep.models.families import detect_family
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents, encode_images
 from fewstep.noise.schedules import FlowSchedule, VPSchedule
 from fewstep.plan.inputs import TrainingShape, backbone_forward
 from fewstep.solvers.grids import scheduler_taus

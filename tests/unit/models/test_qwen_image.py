@@ -11,8 +11,9 @@ import torch
 
 from fewstep.models.backbones import latent_shape, num_tokens, unpack_latents
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import decode_latents, load_teacher
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import QWEN_NULL_PROMPT, encode_prompts
+from fewstep.models.vae import decode_latents
 from fewstep.solvers.grids import scheduler_taus
 from tests.helpers import single_thread  # noqa: F401 (fixture)
 

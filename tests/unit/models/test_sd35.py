@@ -15,7 +15,8 @@ from diffusers import SD3Transformer2DModel
 
 import fewstep
 from fewstep.models.backbones import latent_shape, num_tokens
-from fewstep.models.loading import detect_family, load_teacher
+from fewstep.models.families import detect_family
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
 from fewstep.solvers.grids import scheduler_taus
 from tests.helpers import single_thread  # noqa: F401 (fixture)

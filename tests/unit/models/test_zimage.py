@@ -15,8 +15,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fewstep.kernels import route_attention
 from fewstep.models.backbones import latent_shape, num_tokens
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import decode_latents, encode_images, load_teacher, zimage_guidance_options
+from fewstep.models.families import zimage_guidance_options
+from fewstep.models.loading import load_teacher
 from fewstep.models.prompts import encode_prompts
+from fewstep.models.vae import decode_latents, encode_images
 from fewstep.solvers.grids import teacher_taus
 from tests.helpers import single_thread  # noqa: F401 (fixture)
 from tests.unit.kernels.test_routing import CountingRoute

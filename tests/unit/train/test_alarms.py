@@ -14,7 +14,8 @@ from fewstep.config.load import validate_recipe
 from fewstep.config.schema import AlarmsConfig
 from fewstep.data.digits import DigitsDataset
 from fewstep.models.conditioning import Conditioning
-from fewstep.models.loading import decode_latents, load_teacher
+from fewstep.models.loading import load_teacher
+from fewstep.models.vae import decode_latents
 from fewstep.solvers.grids import teacher_taus
 from fewstep.train.alarms import ADVICE, AlarmMonitor, gap_condition, saturated_share, seed_variance, solid_share
 from fewstep.train.loop import train
