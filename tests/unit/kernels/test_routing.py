@@ -19,12 +19,20 @@ def tiny_denoiser_fn(family: str):
     """``x ↦ raw output`` of the tiny teacher of ``family`` at τ = 0.5 for one prompt, through fewstep's adapter."""
     from fewstep.models.backbones import latent_shape
     from fewstep.models.loading import load_teacher
-    from fewstep.models.prompts import encode_prompts
+    from fewstep.models.prompts import FIRST_FRAME_REQUIRED, encode_prompts
 
     cfg = SimpleNamespace(pretrained=f"tiny:{family}", family="auto", dtype="float32", guidance_scale=1.0,
                           revision=None, variant=None)  # fmt: skip
     teacher = load_teacher(cfg)
-    cond, _ = encode_prompts(teacher, ["a red square"])
+    images = None
+    if family in FIRST_FRAME_REQUIRED:  # image-to-video: the first frame's latents and image tokens join the input
+        from PIL import Image
+
+        side = latent_shape(teacher, 1)[-1] * 8
+        pixels = torch.randint(0, 256, (side, side, 3), generator=torch.Generator().manual_seed(3))
+        images = [Image.fromarray(pixels.byte().numpy())]
+    cond, _ = encode_prompts(teacher, ["a red square"], images=images)
+    assert images is None or (cond.image_embeds is not None and cond.condition_latents is not None)
     tau = torch.tensor([0.5])
     x = torch.randn(latent_shape(teacher, 1), generator=torch.Generator().manual_seed(0))
     return (lambda x: teacher.denoiser.raw(x, tau, cond)), x, teacher.denoiser.backbone
@@ -47,7 +55,7 @@ def tiny_wan():
 FD_STEP = {"sana": 3e-4}
 # LTX-Video, PixArt-Σ and Sana pass the prompt mask to their cross-attention, HunyuanVideo 1.5 its joint mask over
 # video and text tokens: masked attention always takes fewstep's route.
-MASKED = {"ltx", "pixart_sigma", "sana", "hunyuan15"}
+MASKED = {"ltx", "pixart_sigma", "sana", "hunyuan15", "hunyuan15_i2v"}
 MASKED |= {"chroma"}  # its joint mask over T5 padding and image tokens, added to every attention's scores
 
 
@@ -97,6 +105,7 @@ def route(request, monkeypatch):
         "chroma",
         "zimage",
         "hunyuan15",
+        "hunyuan15_i2v",
     ],
 )
 def test_jvp_through_the_model_equals_math_attention(name, route, monkeypatch):
