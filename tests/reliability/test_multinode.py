@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import digits_lora_recipe, free_port, launch_two, subprocess_env
+from tests.helpers import GLOO_ABORT, digits_lora_recipe, free_port, launch_two, subprocess_env
 
 STEPS = 3
 TIMEOUT_S = 300
@@ -33,10 +34,8 @@ def write_recipe(tmp_path: Path, name: str) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_two_machines_train_the_weights_of_one_machine_with_two_processes(tmp_path):
-    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
-    recipe = write_recipe(tmp_path, "two_machines")
+def run_two_machines(recipe: Path, env: dict[str, str]) -> list[tuple[int, str]]:
+    """Both machines' ``(exit code, output)``, launched at once on a fresh port."""
     port = free_port()
     machines = [
         subprocess.Popen(
@@ -49,8 +48,19 @@ def test_two_machines_train_the_weights_of_one_machine_with_two_processes(tmp_pa
     finally:
         for machine in machines:
             machine.kill()
-    for rank, (machine, output) in enumerate(zip(machines, outputs)):
-        assert machine.returncode == 0, f"machine {rank}:\n{output[-3000:]}"
+    return [(machine.returncode, output) for machine, output in zip(machines, outputs)]
+
+
+@pytest.mark.slow
+def test_two_machines_train_the_weights_of_one_machine_with_two_processes(tmp_path):
+    env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
+    recipe = write_recipe(tmp_path, "two_machines")
+    results = run_two_machines(recipe, env)
+    if any(code != 0 and GLOO_ABORT in output for code, output in results):  # gloo's rare abort: once more
+        shutil.rmtree(tmp_path / "two_machines", ignore_errors=True)
+        results = run_two_machines(recipe, env)
+    for rank, (code, output) in enumerate(results):
+        assert code == 0, f"machine {rank}:\n{output[-3000:]}"
     summary = json.loads((tmp_path / "two_machines" / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == STEPS
     prints = summary["weight_fingerprints"]
