@@ -246,6 +246,9 @@ def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> t
     seconds = time.perf_counter() - start + float(previous.get("training_seconds") or 0.0)
     info = {"training_seconds": round(seconds, 1), "hardware": hardware(device), "steps": bench.cfg.train.max_steps}
     (run_dir / TRAINING_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if not finished(bench):  # stopped by a signal: its checkpoint is saved, but it is not the recipe's run
+        raise SystemExit(f"{bench.path.name}: training stopped before train.max_steps={bench.cfg.train.max_steps}, so "
+                         f"{run_dir} is not evaluated; the same command resumes it.")  # fmt: skip
     return run_dir, info["training_seconds"], info["hardware"]
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,28 @@ def test_unknown_variant_is_refused(ablation, tmp_path):
     study.write_text(STUDY)
     with pytest.raises(SystemExit, match="no variant named nope"):
         ablation.main([str(study), "--variants", "nope", "--runs-dir", str(tmp_path / "runs")])
+
+
+def test_a_run_stopped_before_max_steps_is_not_evaluated(ablation, tmp_path, monkeypatch):
+    """A run stopped early (here: trained to step 1 of 2, as a signal would leave it) is refused with how to resume,
+    and the same call later resumes it to ``train.max_steps``."""
+    import fewstep.train.loop as loop
+
+    study_path = tmp_path / "tiny.yaml"
+    study_path.write_text(STUDY)
+    study = ablation.load_study(study_path)
+    bench = ablation.variant_recipe(study, "tiny", study.variants[0], tmp_path / "runs")
+    real_train = loop.train
+
+    def stopped_at_step_1(cfg, **kwargs):
+        return real_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 1})}), **kwargs)
+
+    monkeypatch.setattr(loop, "train", stopped_at_step_1)
+    with pytest.raises(SystemExit, match="stopped before train.max_steps=2.*resumes it"):
+        ablation.train_or_reuse(bench, False, torch.device("cpu"))
+    assert not ablation.finished(bench)
+
+    monkeypatch.setattr(loop, "train", real_train)
+    run_dir, seconds, _ = ablation.train_or_reuse(bench, False, torch.device("cpu"))
+    assert ablation.finished(bench) and seconds > 0
+    assert json.loads((run_dir / "bench_training.json").read_text())["training_seconds"] == seconds
