@@ -211,12 +211,17 @@ def prepare(bench: BenchRecipe, all_recipes: dict[str, BenchRecipe], args: argpa
         pairs_for_recipe(bench.cfg, args.num_pairs, args.pair_steps, batch_size=256, seed=args.seed)
 
 
-def finished(bench: BenchRecipe) -> bool:
-    """Whether the recipe's run already reached ``train.max_steps``."""
+def reached_step(bench: BenchRecipe) -> int:
+    """The last step the recipe's run wrote its summary at (0 before the first)."""
     from fewstep.train.loop import SUMMARY
 
     summary = Path(bench.cfg.output_dir) / SUMMARY
-    return summary.is_file() and json.loads(summary.read_text()).get("step", 0) >= bench.cfg.train.max_steps
+    return int(json.loads(summary.read_text()).get("step", 0)) if summary.is_file() else 0
+
+
+def finished(bench: BenchRecipe) -> bool:
+    """Whether the recipe's run already reached ``train.max_steps``."""
+    return reached_step(bench) >= bench.cfg.train.max_steps
 
 
 def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> tuple[Path, float | None, str | None]:
@@ -244,11 +249,13 @@ def train_or_reuse(bench: BenchRecipe, retrain: bool, device: torch.device) -> t
     start = time.perf_counter()
     run_dir = Path(train(bench.cfg, evaluator=periodic_evaluator))
     seconds = time.perf_counter() - start + float(previous.get("training_seconds") or 0.0)
-    info = {"training_seconds": round(seconds, 1), "hardware": hardware(device), "steps": bench.cfg.train.max_steps}
+    step = reached_step(bench)
+    info = {"training_seconds": round(seconds, 1), "hardware": hardware(device), "steps": step}
     (run_dir / TRAINING_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    if not finished(bench):  # stopped by a signal: its checkpoint is saved, but it is not the recipe's run
-        raise SystemExit(f"{bench.path.name}: training stopped before train.max_steps={bench.cfg.train.max_steps}, so "
-                         f"{run_dir} is not evaluated; the same command resumes it.")  # fmt: skip
+    if step < bench.cfg.train.max_steps:  # stopped by a signal: its checkpoint is saved, but it is not the recipe's run
+        raise SystemExit(f"{bench.path.name}: training stopped at step {step} of train.max_steps="
+                         f"{bench.cfg.train.max_steps}, so {run_dir} is not evaluated; the same command resumes "
+                         "it.")  # fmt: skip
     return run_dir, info["training_seconds"], info["hardware"]
 
 

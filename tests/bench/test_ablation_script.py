@@ -112,11 +112,15 @@ def test_a_run_stopped_before_max_steps_is_not_evaluated(ablation, tmp_path, mon
         return real_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 1})}), **kwargs)
 
     monkeypatch.setattr(loop, "train", stopped_at_step_1)
-    with pytest.raises(SystemExit, match="stopped before train.max_steps=2.*resumes it"):
+    with pytest.raises(SystemExit, match="stopped at step 1 of train.max_steps=2.*resumes it"):
         ablation.train_or_reuse(bench, False, torch.device("cpu"))
     assert not ablation.finished(bench)
+    log = Path(bench.cfg.output_dir) / "bench_training.json"
+    first = json.loads(log.read_text())
+    assert first["steps"] == 1 and first["training_seconds"] > 0
 
     monkeypatch.setattr(loop, "train", real_train)
     run_dir, seconds, _ = ablation.train_or_reuse(bench, False, torch.device("cpu"))
-    assert ablation.finished(bench) and seconds > 0
-    assert json.loads((run_dir / "bench_training.json").read_text())["training_seconds"] == seconds
+    assert ablation.finished(bench) and seconds > first["training_seconds"]  # the resumed run's time adds up
+    resumed = json.loads((run_dir / "bench_training.json").read_text())
+    assert resumed == {**first, "steps": 2, "training_seconds": seconds}
