@@ -227,18 +227,26 @@ GLOO_ABORT = "terminate called without an active exception"  # a rare gloo abort
 
 
 def launch_two(recipe: Path, tmp_path: Path) -> dict[str, Any]:
-    """``launch_two_command``, run; the run's summary. A launch killed by gloo's rare abort is run once more from
-    scratch (its run directory removed), so the test judges the training, not that abort."""
+    """``launch_two_command``, run; the run's summary. A launch killed by gloo's rare abort is run once more from the
+    run directory as it was before the launch (a copy restored: a launch that resumes a checkpoint resumes it again),
+    so the test judges the training, not that abort."""
     import shutil
 
     from fewstep.config import load_recipe
 
     env = dict(subprocess_env(tmp_path), ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"))
     run_dir = Path(load_recipe(recipe).output_dir)
+    before = run_dir.with_name(run_dir.name + ".before_launch")
+    shutil.rmtree(before, ignore_errors=True)
+    if run_dir.exists():
+        shutil.copytree(run_dir, before)
     result = subprocess.run(launch_two_command(recipe), env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and GLOO_ABORT in result.stderr:
         shutil.rmtree(run_dir, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, run_dir)
         result = subprocess.run(launch_two_command(recipe), env=env, capture_output=True, text=True, timeout=300)
+    shutil.rmtree(before, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((run_dir / "run_summary.json").read_text())
 
