@@ -609,6 +609,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="student step counts (default: each recipe's eval.steps)")  # fmt: skip
     parser.add_argument("--no-teacher", action="store_true",
                         help="no teacher rows (keep those already in docs/results.json)")  # fmt: skip
+    parser.add_argument("--no-real", action="store_true",
+                        help="no test-split (real) row (keep the one already in docs/results.json)")  # fmt: skip
     parser.add_argument("--num-pairs", type=int, default=8192, help="reflow pairs per pairs recipe")
     parser.add_argument("--pair-steps", type=int, default=16, help="teacher ODE steps per reflow pair")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps of every recipe")
@@ -679,9 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     records, date, where = [], today(), hardware(args.device)
     for dataset in dict.fromkeys(b.dataset for b in recipes):
         metrics = dataset_metrics(dataset, args)
-        raw = [data_record(dataset, metrics, args.num_images)]
         inception = reference_images_count(dataset, args.inception_reference_images) if args.inception else None
-        extras = [{"hardware": where, "date": date, "inception_reference_images": inception}]
+        raw, extras = [], []
+        if not args.no_real:
+            raw.append(data_record(dataset, metrics, args.num_images))
+            extras.append({"hardware": where, "date": date, "inception_reference_images": inception})
         seen_teachers = set()
         for bench in (b for b in recipes if b.dataset == dataset and args.teachers_only):
             key = (bench.cfg.teacher.pretrained, bench.cfg.teacher.guidance_scale)

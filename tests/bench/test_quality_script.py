@@ -165,13 +165,13 @@ def test_the_instaflow_chain_writes_pairs_exports_the_2rf_run_and_evaluates(qual
     js = tmp_path / "results.json"
     argv = ["--recipes", "digits_flow_instaflow", "--max-steps", "2", "--num-images", "10", "--num-pairs", "16",
             "--pair-steps", "2", "--eval-batch-size", "10", "--out-dir", str(tmp_path / "out"), "--no-teacher",
-            "--results-md", str(tmp_path / "results.md"), "--results-json", str(js),
+            "--no-real", "--results-md", str(tmp_path / "results.md"), "--results-json", str(js),
             "--set", "train.progress=false"]  # fmt: skip
     assert quality.main(argv) == 0
     assert json.loads((tmp_path / "out" / "pairs" / "digits_flow" / MANIFEST).read_text())["complete"]
     assert (tmp_path / "out" / "runs" / "digits_flow_reflow" / "export" / "model_index.json").is_file()
     assert json.loads((tmp_path / "out" / "pairs" / "digits_flow_2rf" / MANIFEST).read_text())["complete"]
-    rows = [r for r in json.loads(js.read_text())["rows"] if r["kind"] == "student"]
-    assert [(r["objective"], r["steps"], r["teacher"]) for r in rows] == [
-        ("instaflow", 1, "digits_flow_reflow (exported run)")
-    ]
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["kind"], r["objective"], r["steps"], r["teacher"]) for r in rows] == [
+        ("student", "instaflow", 1, "digits_flow_reflow (exported run)")
+    ]  # --no-teacher and --no-real: neither teacher nor test-split rows
